@@ -1,0 +1,27 @@
+# Every target does its own set-up: a .venv with CPU torch 2.13.0 (never a multi-GB CUDA wheel) and
+# fastflow installed editable. Re-running is quick: the install step is skipped while pyproject.toml is
+# unchanged.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastflow-installed
+
+.PHONY: demo test bench gpu-check lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m fastflow.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,81 @@
+"""Backend choice: the one place that decides whether an op runs its Triton kernel or its eager twin.
+
+Backends:
+- ``"eager"``: pure PyTorch reference (the CPU fallback and the benchmark baseline).
+- ``"triton"``: compiled Triton kernels on CUDA tensors.
+- ``"interpret"``: the same Triton kernels run by Triton's interpreter on CPU tensors (tests only; needs
+  ``TRITON_INTERPRET=1`` in the environment before ``fastflow`` is imported).
+- ``"auto"`` (default): ``"triton"`` for CUDA tensors when Triton imports, ``"eager"`` otherwise.
+
+``with fastflow.backend("eager"): ...`` overrides the choice in a block; the environment variable
+``FASTFLOW_BACKEND`` sets the default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+
+__all__ = ["BackendName", "backend", "resolve_backend", "triton_available", "interpreter_enabled"]
+
+BackendName = Literal["auto", "eager", "triton", "interpret"]
+_NAMES = ("auto", "eager", "triton", "interpret")
+_overrides: list[str] = []
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when ``triton`` imports on this machine."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels are decorated for the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_name(name: str) -> str:
+    if name not in _NAMES:
+        raise ValueError(f"backend must be one of {_NAMES}, got {name!r}")
+    return name
+
+
+def resolve_backend(x: torch.Tensor) -> Literal["eager", "triton", "interpret"]:
+    """The backend an op runs for input ``x`` under the current override."""
+    name = _overrides[-1] if _overrides else _check_name(os.environ.get("FASTFLOW_BACKEND", "auto"))
+    if name == "auto":
+        if x.is_cuda and triton_available() and not interpreter_enabled():
+            return "triton"
+        return "eager"
+    if name == "triton":
+        if not x.is_cuda:
+            raise ValueError(f"backend 'triton' needs CUDA tensors, got a tensor on {x.device}")
+        if not triton_available():
+            raise RuntimeError("backend 'triton' requested but triton is not installed")
+        return "triton"
+    if name == "interpret":
+        if x.is_cuda:
+            raise ValueError("backend 'interpret' runs Triton kernels on CPU tensors, got a CUDA tensor")
+        if not (triton_available() and interpreter_enabled()):
+            raise RuntimeError("backend 'interpret' needs triton and TRITON_INTERPRET=1 set before import")
+        return "interpret"
+    return "eager"
+
+
+@contextlib.contextmanager
+def backend(name: BackendName) -> Iterator[None]:
+    """Context manager that forces ``name`` as the backend of every fastflow op inside the block."""
+    _overrides.append(_check_name(name))
+    try:
+        yield
+    finally:
+        _overrides.pop()

@@ -1,0 +1,71 @@
+"""Glow (Kingma & Dhariwal, 2018): multi-scale flow of ActNorm -> 1x1 conv -> coupling steps."""
+
+from __future__ import annotations
+
+from fastflow.models.base import FlowModel
+from fastflow.models.priors import GaussianPrior
+from fastflow.nn.flow_step import CouplingKind, FlowStep
+from fastflow.nn.sequential import FlowSequential
+from fastflow.nn.split import Split
+from fastflow.nn.squeeze import Squeeze
+from fastflow.ops.coupling import ScaleKind
+
+__all__ = ["Glow"]
+
+
+def image_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(H, W)`` from an int or a pair."""
+    return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+
+
+class Glow(FlowModel):
+    """Glow with ``levels`` levels of (squeeze, ``steps`` flow steps, split); the last level has no split.
+
+    Args:
+        in_channels, image_size: input image shape ``(in_channels, H, W)``; H and W divisible by
+            ``2 ** levels``.
+        levels (L), steps (K), hidden: depth and coupling-network width (Glow: L=3, K=32, 512 for 32x32).
+        lu: LU-parameterised 1x1 convolutions (O(C) log-det) instead of plain ones.
+        coupling, scale: ``"affine"`` with ``"sigmoid"`` (Glow) or ``"exp"`` (RealNVP) scale, or
+            ``"additive"``.
+        learn_top: learned mean and log-std of the top prior (else standard normal).
+        num_classes: > 0 conditions the top prior on class labels ``y``.
+        n_bins: pixel levels of the data (256 for 8-bit images), used by ``bits_per_dim``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        image_size: int | tuple[int, int] = 32,
+        levels: int = 3,
+        steps: int = 32,
+        hidden: int = 512,
+        lu: bool = True,
+        coupling: CouplingKind = "affine",
+        scale: ScaleKind = "sigmoid",
+        learn_top: bool = True,
+        num_classes: int = 0,
+        n_bins: int = 256,
+    ) -> None:
+        h, w = image_hw(image_size)
+        if levels < 1 or steps < 1:
+            raise ValueError(f"levels and steps must be >= 1, got levels={levels}, steps={steps}")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        if h % 2**levels or w % 2**levels:
+            raise ValueError(f"image_size {(h, w)} must be divisible by 2**levels = {2**levels}")
+        config = dict(
+            in_channels=in_channels, image_size=(h, w), levels=levels, steps=steps, hidden=hidden, lu=lu,
+            coupling=coupling, scale=scale, learn_top=learn_top, num_classes=num_classes, n_bins=n_bins,
+        )  # fmt: skip
+        blocks, splits = [], []
+        c, hh, ww = in_channels, h, w
+        for level in range(levels):
+            c, hh, ww = c * 4, hh // 2, ww // 2
+            flow_steps = [FlowStep(c, hidden, lu=lu, coupling=coupling, scale=scale) for _ in range(steps)]
+            blocks.append(FlowSequential(Squeeze(), *flow_steps))
+            if level < levels - 1:
+                splits.append(Split(c, learned_prior=True))
+                c = splits[-1].keep_channels
+        prior = GaussianPrior((c, hh, ww), learned=learn_top, num_classes=num_classes)
+        super().__init__(blocks, splits, prior, (in_channels, h, w), n_bins, config)

@@ -1,0 +1,95 @@
+"""NICE (Dinh et al., 2015): additive couplings on the flattened image, a diagonal scaling, logistic prior."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastflow.models.base import FlowModel
+from fastflow.models.glow import image_hw
+from fastflow.models.priors import LogisticPrior
+from fastflow.nn.base import FlowLayer
+from fastflow.nn.sequential import FlowSequential
+from fastflow.ops.coupling import additive_coupling, additive_coupling_inverse
+
+__all__ = ["NICE", "NICECoupling", "DiagonalScaling"]
+
+
+def _mlp(in_features: int, hidden: int, depth: int, out_features: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = in_features
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    last = nn.Linear(width, out_features)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(*layers, last)
+
+
+class NICECoupling(FlowLayer):
+    """Additive coupling on the flattened image: ``x_b += mlp(x_a)`` where ``a`` and ``b`` are the even and
+    odd elements (swapped for ``parity=1``). Log-det 0."""
+
+    def __init__(self, num_features: int, hidden: int, depth: int, parity: int) -> None:
+        super().__init__()
+        if num_features % 2:
+            raise ValueError(f"NICE needs an even number of dimensions C*H*W, got {num_features}")
+        self.num_features = num_features
+        self.parity = parity
+        self.mlp = _mlp(num_features // 2, hidden, depth, num_features // 2)
+
+    def _couple(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = x.reshape(x.shape[0], self.num_features // 2, 2)
+        a, b = pairs[:, :, self.parity], pairs[:, :, 1 - self.parity]
+        op = additive_coupling_inverse if inverse else additive_coupling
+        b_out, logdet = op(b, self.mlp(a))
+        out = torch.stack([a, b_out] if self.parity == 0 else [b_out, a], dim=2)
+        return out.reshape(x.shape), logdet
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, 0)``."""
+        return self._couple(x, inverse=False)
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, 0)``."""
+        return self._couple(y, inverse=True)
+
+
+class DiagonalScaling(FlowLayer):
+    """``y = x * exp(s)`` per dimension; log-det ``sum(s)``."""
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(1, *shape))
+
+    def _logdet(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return self.log_scale.to(dtype).sum().expand(x.shape[0])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x * exp(s), sum(s))``."""
+        return x * torch.exp(self.log_scale).to(x.dtype), self._logdet(x)
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y * exp(-s), -sum(s))``."""
+        return y * torch.exp(-self.log_scale).to(y.dtype), -self._logdet(y)
+
+
+class NICE(FlowModel):
+    """NICE: ``couplings`` additive couplings with ``depth``-layer ReLU MLPs of width ``hidden`` alternating
+    even/odd halves of the flattened image, then a diagonal scaling; standard logistic prior."""
+
+    def __init__(
+        self, in_channels: int = 1, image_size: int | tuple[int, int] = 28, couplings: int = 4, hidden: int = 1000,
+        depth: int = 5, n_bins: int = 256,
+    ) -> None:  # fmt: skip
+        h, w = image_hw(image_size)
+        d = in_channels * h * w
+        config = dict(
+            in_channels=in_channels, image_size=(h, w), couplings=couplings, hidden=hidden, depth=depth, n_bins=n_bins
+        )
+        layers: list[FlowLayer] = [NICECoupling(d, hidden, depth, parity=i % 2) for i in range(couplings)]
+        layers.append(DiagonalScaling((in_channels, h, w)))
+        prior = LogisticPrior((in_channels, h, w))
+        super().__init__([FlowSequential(*layers)], [], prior, (in_channels, h, w), n_bins, config)

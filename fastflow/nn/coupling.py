@@ -1,0 +1,138 @@
+"""Affine (Glow / RealNVP) and additive (NICE) coupling layers with channel or checkerboard masks."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from fastflow.nn.base import FlowLayer, check_image
+from fastflow.nn.coupling_network import coupling_network
+from fastflow.ops.coupling import (
+    SCALE_KINDS,
+    ScaleKind,
+    additive_coupling,
+    additive_coupling_inverse,
+    affine_coupling,
+    affine_coupling_inverse,
+)
+
+__all__ = ["AffineCoupling", "AdditiveCoupling", "MaskKind"]
+
+MaskKind = Literal["channel", "checkerboard"]
+
+
+class _Coupling(FlowLayer):
+    """Shared masking logic: which part conditions the network (``a``) and which is transformed (``b``).
+
+    ``mask="channel"``: ``a`` is ``C // 2`` channels (the first ones for ``parity=0``, the last ones for
+    ``parity=1``) and ``b`` the rest. ``mask="checkerboard"``: the network sees ``x * m`` with
+    ``m[h, w] = (h + w + parity) % 2 == 0`` and the transform acts where ``m == 0`` (the network's outputs
+    are multiplied by ``1 - m``, so positions under the mask pass through with log-scale 0).
+    """
+
+    outputs_per_channel: int
+
+    def __init__(self, num_channels: int, hidden: int, mask: MaskKind, parity: int) -> None:
+        super().__init__()
+        if mask not in ("channel", "checkerboard"):
+            raise ValueError(f"mask must be 'channel' or 'checkerboard', got {mask!r}")
+        if parity not in (0, 1):
+            raise ValueError(f"parity must be 0 or 1, got {parity}")
+        if mask == "channel" and num_channels < 2:
+            raise ValueError(f"a channel-mask coupling needs num_channels >= 2, got {num_channels}")
+        if hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {hidden}")
+        self.num_channels = num_channels
+        self.mask = mask
+        self.parity = parity
+        self.cond_channels = num_channels // 2 if mask == "channel" else num_channels
+        self.out_channels = num_channels - num_channels // 2 if mask == "channel" else num_channels
+        self.net = coupling_network(self.cond_channels, hidden, self.outputs_per_channel * self.out_channels)
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n_a = self.cond_channels
+        if self.parity == 0:
+            return x[:, :n_a], x[:, n_a:]
+        return x[:, x.shape[1] - n_a :], x[:, : x.shape[1] - n_a]
+
+    def _join(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a, b] if self.parity == 0 else [b, a], dim=1)
+
+    def _checkerboard(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.arange(x.shape[2], device=x.device).view(-1, 1)
+        w = torch.arange(x.shape[3], device=x.device).view(1, -1)
+        return ((h + w + self.parity) % 2 == 0).to(x.dtype).view(1, 1, x.shape[2], x.shape[3])
+
+    def _net_outputs(self, a: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.net(a).chunk(self.outputs_per_channel, dim=1))
+
+    def _couple(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        check_image("y" if inverse else "x", x, self.num_channels)
+        if self.mask == "channel":
+            a, b = self._split(x)
+            b_out, logdet = self._transform(b, self._net_outputs(a), inverse)
+            return self._join(a, b_out), logdet
+        m = self._checkerboard(x)
+        outs = [o * (1.0 - m) for o in self._net_outputs(x * m)]
+        return self._transform(x, outs, inverse)
+
+    def _transform(
+        self, b: torch.Tensor, outs: list[torch.Tensor], inverse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, logdet)`` for ``x`` of shape ``(B, C, H, W)``."""
+        return self._couple(x, inverse=False)
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, -logdet)`` for ``y`` of shape ``(B, C, H, W)``."""
+        return self._couple(y, inverse=True)
+
+
+class AffineCoupling(_Coupling):
+    """Affine coupling ``y_b = (x_b + t) * sigmoid(r + 2)`` (Glow) or ``x_b * exp(tanh(r)) + t`` (RealNVP).
+
+    ``(t, r) = net(x_a)`` where ``net`` is Glow's conv3x3-ReLU-conv1x1-ReLU-zero-init conv3x3; log-det is
+    ``sum(log s)`` per sample. The checkerboard mask needs ``scale="exp"`` (log-scale 0 off the mask).
+    """
+
+    outputs_per_channel = 2
+
+    def __init__(
+        self,
+        num_channels: int,
+        hidden: int = 512,
+        scale: ScaleKind = "sigmoid",
+        mask: MaskKind = "channel",
+        parity: int = 0,
+    ) -> None:
+        if scale not in SCALE_KINDS:
+            raise ValueError(f"scale must be one of {SCALE_KINDS}, got {scale!r}")
+        if mask == "checkerboard" and scale != "exp":
+            raise ValueError("mask='checkerboard' needs scale='exp': sigmoid(0 + 2) != 1 off the mask")
+        super().__init__(num_channels, hidden, mask, parity)
+        self.scale = scale
+
+    def _transform(
+        self, b: torch.Tensor, outs: list[torch.Tensor], inverse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        shift, raw = outs
+        op = affine_coupling_inverse if inverse else affine_coupling
+        return op(b, shift, raw, self.scale)
+
+
+class AdditiveCoupling(_Coupling):
+    """Additive (NICE) coupling ``y_b = x_b + t`` with ``t = net(x_a)``; log-det 0."""
+
+    outputs_per_channel = 1
+
+    def __init__(self, num_channels: int, hidden: int = 512, mask: MaskKind = "channel", parity: int = 0) -> None:
+        super().__init__(num_channels, hidden, mask, parity)
+
+    def _transform(
+        self, b: torch.Tensor, outs: list[torch.Tensor], inverse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        op = additive_coupling_inverse if inverse else additive_coupling
+        return op(b, outs[0])

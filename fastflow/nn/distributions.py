@@ -1,0 +1,24 @@
+"""Diagonal Gaussian log-density and sampling used by the priors of split and top latents."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["gaussian_log_prob", "gaussian_sample"]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, logs: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``sum log N(z; mean, exp(logs)^2)`` in float32 (float64 for float64 ``z``), shape ``(B,)``."""
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    z, mean, logs = z.to(dtype), mean.to(dtype), logs.to(dtype)
+    log_p = -0.5 * (_LOG_2PI + 2.0 * logs + (z - mean) ** 2 * torch.exp(-2.0 * logs))
+    return log_p.reshape(z.shape[0], -1).sum(dim=1)
+
+
+def gaussian_sample(mean: torch.Tensor, logs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Draw ``mean + temperature * exp(logs) * eps`` with ``eps ~ N(0, I)``."""
+    return mean + temperature * torch.exp(logs) * torch.randn_like(mean)

@@ -1,0 +1,78 @@
+"""Invertible 1x1 convolution, plain or LU-parameterised (Glow)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastflow.nn.base import FlowLayer, check_image
+from fastflow.ops._checks import logdet_dtype
+from fastflow.ops.channel_mix import channel_mix
+from fastflow.ops.invconv import lu_inverse_weight, lu_weight_and_logdet
+
+__all__ = ["InvConv1x1"]
+
+
+def _random_rotation(num_channels: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(num_channels, num_channels))
+    return q
+
+
+class InvConv1x1(FlowLayer):
+    """Per-pixel channel mix ``y = W x`` with an invertible ``C x C`` weight.
+
+    ``lu=True`` stores ``W = P @ L @ (U + diag(sign_s * exp(log_s)))``: fixed ``perm`` (P) and ``sign_s``
+    buffers, parameters ``lower`` (strict lower part of L), ``upper`` (strict upper part of U) and ``log_s``;
+    log-det ``H * W * sum(log_s)`` and the inverse from triangular solves. ``lu=False`` stores ``weight``
+    and uses ``slogdet``/``inverse`` (the reference parameterisation). Both start from a random rotation.
+    """
+
+    def __init__(self, num_channels: int, lu: bool = True) -> None:
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError(f"num_channels must be >= 1, got {num_channels}")
+        self.num_channels = num_channels
+        self.lu = lu
+        w0 = _random_rotation(num_channels)
+        if lu:
+            p, lower, upper = torch.linalg.lu(w0)
+            diag = torch.diagonal(upper)
+            self.register_buffer("perm", p.argmax(dim=1))
+            self.register_buffer("sign_s", torch.sign(diag))
+            self.lower = nn.Parameter(torch.tril(lower, diagonal=-1))
+            self.upper = nn.Parameter(torch.triu(upper, diagonal=1))
+            self.log_s = nn.Parameter(torch.log(diag.abs()))
+        else:
+            self.weight = nn.Parameter(w0)
+
+    def weight_and_logdet(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W, log|det W|)``: the ``(C, C)`` weight and its log-det (a scalar, per pixel)."""
+        if self.lu:
+            return lu_weight_and_logdet(self.perm, self.lower, self.upper, self.sign_s, self.log_s)
+        return self.weight, torch.linalg.slogdet(self.weight)[1]
+
+    def weight_logdet(self) -> torch.Tensor:
+        """``log|det W|`` (a scalar): ``sum(log_s)`` in LU form, ``slogdet`` otherwise."""
+        return self.log_s.sum() if self.lu else torch.linalg.slogdet(self.weight)[1]
+
+    def inverse_weight(self) -> torch.Tensor:
+        """``W^-1``: by triangular solves in LU form, ``torch.linalg.inv`` otherwise."""
+        if self.lu:
+            return lu_inverse_weight(self.perm, self.lower, self.upper, self.sign_s, self.log_s)
+        return torch.linalg.inv(self.weight)
+
+    @staticmethod
+    def _layer_logdet(weight_logdet: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        total = weight_logdet.to(logdet_dtype(x.dtype)) * (x.shape[2] * x.shape[3])
+        return total.expand(x.shape[0])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W x, H * W * log|det W|)`` for ``x`` of shape ``(B, C, H, W)``."""
+        check_image("x", x, self.num_channels)
+        weight, weight_logdet = self.weight_and_logdet()
+        return channel_mix(x, weight), self._layer_logdet(weight_logdet, x)
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W^-1 y, -H * W * log|det W|)``."""
+        check_image("y", y, self.num_channels)
+        return channel_mix(y, self.inverse_weight()), -self._layer_logdet(self.weight_logdet(), y)

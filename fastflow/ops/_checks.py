@@ -1,0 +1,33 @@
+"""Argument checks shared by the ops: raised at the public boundary, naming the argument."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_tensor(name: str, t: object, min_dim: int = 1) -> torch.Tensor:
+    """Raise TypeError/ValueError unless ``t`` is a floating tensor of a supported dtype and rank."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_same_shape(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """Raise ValueError unless ``t`` matches ``ref`` in shape, dtype and device."""
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref.device} like {ref_name}, got {t.device}")
+
+
+def logdet_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Log-dets accumulate in float32 for half inputs and keep float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

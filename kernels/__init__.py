@@ -1,0 +1,1 @@
+"""Triton kernels and their thin launchers on raw tensors (installed as ``fastflow.kernels``)."""

@@ -1,0 +1,139 @@
+"""Model presets: brute-force log-det of the whole map, exact encode/decode, likelihood, sampling, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastflow.models import NICE, Glow, RealNVP, dequantize
+from tests.helpers import brute_force_logdet, perturb_parameters
+
+PRESETS = {
+    "glow_affine_lu": lambda: Glow(2, 4, levels=2, steps=2, hidden=8),
+    "glow_additive_plain": lambda: Glow(2, 4, levels=2, steps=2, hidden=8, lu=False, coupling="additive"),
+    "glow_exp_fixed_top": lambda: Glow(2, 4, levels=1, steps=3, hidden=8, scale="exp", learn_top=False),
+    "glow_conditional": lambda: Glow(2, 4, levels=2, steps=1, hidden=8, num_classes=3),
+    "realnvp": lambda: RealNVP(2, 4, scales=2, hidden=8),
+    "nice": lambda: NICE(2, 4, couplings=4, hidden=16, depth=2),
+}
+
+
+def _model(name: str, scale: float = 0.1):
+    torch.manual_seed(1)
+    model = PRESETS[name]().double()
+    model.train()
+    model.log_prob(torch.rand(16, *model.image_shape, dtype=torch.float64) - 0.5, _labels(model, 16))
+    perturb_parameters(model, scale)
+    return model.eval()
+
+
+def _labels(model, n: int):
+    return torch.arange(n) % model.config["num_classes"] if model.config.get("num_classes") else None
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_model_logdet_matches_brute_force_jacobian(name):
+    model = _model(name, scale=0.2)
+    x = torch.rand(2, *model.image_shape, dtype=torch.float64) - 0.5
+
+    def to_flat_latents(v: torch.Tensor) -> torch.Tensor:
+        latents, _, _ = model.encode_with_logdet(v, _labels(model, v.shape[0]))
+        return torch.cat([z.reshape(v.shape[0], -1) for z in latents], dim=1)
+
+    _, logdet, _ = model.encode_with_logdet(x, _labels(model, 2))
+    torch.testing.assert_close(logdet, brute_force_logdet(to_flat_latents, x), atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_decode_inverts_encode(name):
+    model = _model(name).float()
+    x = torch.rand(3, *model.image_shape) - 0.5
+    y = _labels(model, 3)
+    latents = model.encode(x, y)
+    assert len(latents) == len(model.blocks)
+    assert sum(z[0].numel() for z in latents) == model.num_dims
+    torch.testing.assert_close(model.decode(latents, y), x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_bits_per_dim_convention(name):
+    model = _model(name).float()
+    x = torch.rand(4, *model.image_shape) - 0.5
+    y = _labels(model, 4)
+    log_p = model.log_prob(x, y)
+    d = model.num_dims
+    expected = (-log_p + d * math.log(model.n_bins)) / (d * math.log(2))
+    torch.testing.assert_close(model.bits_per_dim(x, y), expected)
+    assert log_p.shape == (4,) and log_p.dtype == torch.float32 and torch.isfinite(log_p).all()
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_samples_have_the_image_shape_and_are_not_constant(name):
+    model = _model(name).float()
+    samples = model.sample(5, temperature=0.7, y=_labels(model, 5))
+    assert samples.shape == (5, *model.image_shape)
+    assert torch.isfinite(samples).all()
+    assert samples.std() > 1e-3
+    assert (samples[0] - samples[1]).abs().max() > 1e-4
+
+
+def test_temperature_zero_gives_the_prior_mode():
+    model = _model("glow_affine_lu").float()
+    torch.testing.assert_close(model.sample(2, temperature=0.0)[0], model.sample(2, temperature=0.0)[1])
+
+
+def test_dequantize_maps_levels_into_their_bins():
+    levels = torch.randint(0, 17, (100, 1, 2, 2))
+    x = dequantize(levels, 17)
+    assert (x >= -0.5).all() and (x < 0.5).all()
+    torch.testing.assert_close(torch.floor((x + 0.5) * 17).long(), levels)
+
+
+def test_nonfinite_likelihood_names_the_layer():
+    model = _model("glow_affine_lu").float()
+    with torch.no_grad():
+        model.blocks[1].layers[1].actnorm.logs.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"blocks\.1\.layers\.1 \(FlowStep\)"):
+        model.log_prob(torch.rand(2, *model.image_shape) - 0.5)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda m: m.log_prob(torch.rand(2, 3, 4, 4)), ValueError, "channel mismatch"),
+        (lambda m: m.log_prob(torch.rand(2, 2, 8, 8)), ValueError, r"x must have shape \(B, 2, 4, 4\)"),
+        (lambda m: m.log_prob(torch.rand(2, 2, 4)), ValueError, "rank 3"),
+        (lambda m: m.decode([torch.zeros(1)]), ValueError, "latents must be a list of 2"),
+        (lambda m: m.sample(0), ValueError, "n must be >= 1"),
+        (lambda m: m.log_prob(torch.rand(2, 2, 4, 4), torch.tensor([0, 1])), ValueError, "no class conditioning"),
+    ],
+)
+def test_bad_model_inputs_raise(call, error, match):
+    with pytest.raises(error, match=match):
+        call(_model("glow_affine_lu").float())
+
+
+def test_conditional_model_requires_valid_labels():
+    model = _model("glow_conditional").float()
+    x = torch.rand(2, *model.image_shape) - 0.5
+    with pytest.raises(ValueError, match="y .class labels. is required"):
+        model.log_prob(x)
+    with pytest.raises(ValueError, match=r"y must be in \[0, 3\)"):
+        model.log_prob(x, torch.tensor([0, 5]))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: Glow(1, 6, levels=2), "divisible by 2\\*\\*levels"),
+        (lambda: Glow(1, 8, levels=0), "levels and steps must be >= 1"),
+        (lambda: RealNVP(1, 6, scales=3), "divisible by 2\\*\\*\\(scales-1\\)"),
+        (lambda: NICE(1, 3), "even number of dimensions"),
+        (lambda: Glow(1, 8, levels=1, n_bins=1), "n_bins must be >= 2"),
+    ],
+)
+def test_bad_model_config_raises(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
