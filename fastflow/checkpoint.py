@@ -13,6 +13,7 @@ from fastflow.models import NICE, FlowModel, Glow, RealNVP
 
 __all__ = ["save_checkpoint", "load_checkpoint", "build_model"]
 
+RUNTIME_OPTIONS = ("reversible",)
 MODEL_CLASSES: dict[str, type[FlowModel]] = {"Glow": Glow, "RealNVP": RealNVP, "NICE": NICE}
 
 
@@ -21,6 +22,11 @@ def build_model(name: str, config: dict[str, Any]) -> FlowModel:
     if name not in MODEL_CLASSES:
         raise ValueError(f"unknown model class {name!r}; expected one of {sorted(MODEL_CLASSES)}")
     return MODEL_CLASSES[name](**config)
+
+
+def _architecture(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without run-time switches (``reversible``) that leave the parameters unchanged."""
+    return {k: v for k, v in config.items() if k not in RUNTIME_OPTIONS}
 
 
 def save_checkpoint(
@@ -63,7 +69,9 @@ def load_checkpoint(
         raise ValueError(f"{os.fspath(path)!r} is not a fastflow checkpoint")
     if model is None:
         model = build_model(payload["model_class"], payload["config"])
-    elif type(model).__name__ != payload["model_class"] or model.config != payload["config"]:
+    elif type(model).__name__ != payload["model_class"] or _architecture(model.config) != _architecture(
+        payload["config"]
+    ):
         raise ValueError(
             f"checkpoint {os.fspath(path)!r} holds a {payload['model_class']} with config {payload['config']}, "
             f"which does not match the {type(model).__name__} with config {model.config}"

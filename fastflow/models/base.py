@@ -35,7 +35,9 @@ class FlowModel(nn.Module):
     (see :func:`dequantize`), from ``n_bins`` levels per pixel. ``bits_per_dim`` is the discrete
     negative log-likelihood ``(-log p(x) + D * log(n_bins)) / (D * log 2)`` with ``D = C * H * W``.
     ``check_finite`` (default on) raises ``FloatingPointError`` naming the first layer with a non-finite
-    output or log-det instead of returning a NaN likelihood.
+    output or log-det instead of returning a NaN likelihood. ``reversible`` (settable at any time) trains
+    every block with memory-saving reversible backprop; latents that leave at a split are outputs of their
+    block, not activations.
     """
 
     def __init__(
@@ -59,6 +61,18 @@ class FlowModel(nn.Module):
         self.n_bins = n_bins
         self.config = dict(config)
         self.check_finite = True
+        self.reversible = bool(config.get("reversible", False))
+
+    @property
+    def reversible(self) -> bool:
+        """Whether the blocks train with memory-saving reversible backprop."""
+        return all(block.reversible for block in self.blocks)
+
+    @reversible.setter
+    def reversible(self, value: bool) -> None:
+        for block in self.blocks:
+            block.reversible = value
+        self.config["reversible"] = value
 
     @property
     def num_dims(self) -> int:

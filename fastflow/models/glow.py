@@ -31,6 +31,7 @@ class Glow(FlowModel):
         learn_top: learned mean and log-std of the top prior (else standard normal).
         num_classes: > 0 conditions the top prior on class labels ``y``.
         n_bins: pixel levels of the data (256 for 8-bit images), used by ``bits_per_dim``.
+        reversible: train with memory-saving reversible backprop (same parameters and gradients).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class Glow(FlowModel):
         learn_top: bool = True,
         num_classes: int = 0,
         n_bins: int = 256,
+        reversible: bool = False,
     ) -> None:
         h, w = image_hw(image_size)
         if levels < 1 or steps < 1:
@@ -57,6 +59,7 @@ class Glow(FlowModel):
         config = dict(
             in_channels=in_channels, image_size=(h, w), levels=levels, steps=steps, hidden=hidden, lu=lu,
             coupling=coupling, scale=scale, learn_top=learn_top, num_classes=num_classes, n_bins=n_bins,
+            reversible=reversible,
         )  # fmt: skip
         blocks, splits = [], []
         c, hh, ww = in_channels, h, w

@@ -82,12 +82,13 @@ class NICE(FlowModel):
 
     def __init__(
         self, in_channels: int = 1, image_size: int | tuple[int, int] = 28, couplings: int = 4, hidden: int = 1000,
-        depth: int = 5, n_bins: int = 256,
+        depth: int = 5, n_bins: int = 256, reversible: bool = False,
     ) -> None:  # fmt: skip
         h, w = image_hw(image_size)
         d = in_channels * h * w
         config = dict(
-            in_channels=in_channels, image_size=(h, w), couplings=couplings, hidden=hidden, depth=depth, n_bins=n_bins
+            in_channels=in_channels, image_size=(h, w), couplings=couplings, hidden=hidden, depth=depth, n_bins=n_bins,
+            reversible=reversible,
         )
         layers: list[FlowLayer] = [NICECoupling(d, hidden, depth, parity=i % 2) for i in range(couplings)]
         layers.append(DiagonalScaling((in_channels, h, w)))

@@ -32,14 +32,16 @@ class RealNVP(FlowModel):
 
     def __init__(
         self, in_channels: int = 3, image_size: int | tuple[int, int] = 32, scales: int = 2, hidden: int = 64,
-        n_bins: int = 256,
+        n_bins: int = 256, reversible: bool = False,
     ) -> None:  # fmt: skip
         h, w = image_hw(image_size)
         if scales < 1:
             raise ValueError(f"scales must be >= 1, got {scales}")
         if h % 2 ** (scales - 1) or w % 2 ** (scales - 1):
             raise ValueError(f"image_size {(h, w)} must be divisible by 2**(scales-1) = {2 ** (scales - 1)}")
-        config = dict(in_channels=in_channels, image_size=(h, w), scales=scales, hidden=hidden, n_bins=n_bins)
+        config = dict(
+            in_channels=in_channels, image_size=(h, w), scales=scales, hidden=hidden, n_bins=n_bins, reversible=reversible
+        )
         blocks, splits = [], []
         c, hh, ww = in_channels, h, w
         for _ in range(scales - 1):

@@ -65,7 +65,8 @@ class _Coupling(FlowLayer):
         return ((h + w + self.parity) % 2 == 0).to(x.dtype).view(1, 1, x.shape[2], x.shape[3])
 
     def _net_outputs(self, a: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.net(a).chunk(self.outputs_per_channel, dim=1))
+        # Under autocast the network may answer in another dtype; the transform runs in the input's dtype.
+        return list(self.net(a).to(a.dtype).chunk(self.outputs_per_channel, dim=1))
 
     def _couple(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         check_image("y" if inverse else "x", x, self.num_channels)

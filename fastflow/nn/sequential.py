@@ -6,15 +6,25 @@ import torch
 from torch import nn
 
 from fastflow.nn.base import FlowLayer
+from fastflow.nn.reversible import reversible_chain
 
 __all__ = ["FlowSequential"]
 
 
 class FlowSequential(FlowLayer):
-    """``forward`` runs the layers in order and sums log-dets; ``inverse`` runs them in reverse."""
+    """``forward`` runs the layers in order and sums log-dets; ``inverse`` runs them in reverse.
 
-    def __init__(self, *layers: FlowLayer) -> None:
+    ``reversible=True`` trains with memory-saving reversible backprop (:mod:`fastflow.nn.reversible`):
+    only the chain's input and output are kept, each layer's input is rebuilt by its inverse during
+    backward. Same parameters, outputs and gradients (within ``max_drift``) as standard backprop. Like
+    reentrant checkpointing, parameter gradients reach ``.grad`` through ``backward()`` and
+    ``torch.autograd.grad`` w.r.t. the parameters.
+    """
+
+    def __init__(self, *layers: FlowLayer, reversible: bool = False, max_drift: float | None = None) -> None:
         super().__init__()
+        self.reversible = reversible
+        self.max_drift = max_drift
         for i, layer in enumerate(layers):
             if not (isinstance(layer, nn.Module) and callable(getattr(layer, "inverse", None))):
                 raise TypeError(f"layers[{i}] ({type(layer).__name__}) is not invertible: it has no inverse()")
@@ -25,6 +35,8 @@ class FlowSequential(FlowLayer):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, sum of log-dets)``."""
+        if self.reversible and torch.is_grad_enabled() and len(self.layers) > 0:
+            return reversible_chain(self.layers, x, self.max_drift)
         total: torch.Tensor | None = None
         for layer in self.layers:
             x, logdet = layer(x)

@@ -1,0 +1,150 @@
+"""Reversible backprop: same loss and gradients as standard backprop, flat saved memory, drift guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastflow.models import Glow, RealNVP
+from fastflow.nn import FlowSequential, FlowStep
+from fastflow.nn.reversible import ReconstructionError
+from tests.helpers import perturb_parameters
+
+
+def _initialised(model, dtype=torch.float64, scale=0.05):
+    model = model.to(dtype).train()
+    model.log_prob(torch.rand(16, *model.image_shape, dtype=dtype) - 0.5)
+    perturb_parameters(model, scale)
+    return model
+
+
+def _loss_and_grads(model, x, reversible):
+    model.reversible = reversible
+    model.zero_grad(set_to_none=True)
+    loss = model.bits_per_dim(x).mean()
+    loss.backward()
+    return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+
+def _assert_same_training_step(model, x, rtol):
+    loss_std, grads_std = _loss_and_grads(model, x, reversible=False)
+    loss_rev, grads_rev = _loss_and_grads(model, x, reversible=True)
+    torch.testing.assert_close(loss_rev, loss_std, rtol=rtol, atol=0)
+    for (name, _), g_std, g_rev in zip(model.named_parameters(), grads_std, grads_rev):
+        scale = g_std.abs().max().clamp_min(1e-12)
+        assert (g_rev - g_std).abs().max() / scale <= rtol, name
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-5), (torch.float32, 1e-3)])
+def test_glow_k32_gradients_equal_standard_backprop(dtype, rtol):
+    torch.manual_seed(0)
+    model = _initialised(Glow(2, 4, levels=2, steps=32, hidden=8), dtype)
+    x = torch.rand(4, 2, 4, 4, dtype=dtype) - 0.5
+    _assert_same_training_step(model, x, rtol)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Glow(2, 4, levels=2, steps=3, hidden=8, coupling="additive", lu=False),
+        lambda: Glow(2, 4, levels=1, steps=3, hidden=8, scale="exp"),
+        lambda: RealNVP(2, 4, scales=2, hidden=8),
+    ],
+)
+def test_other_presets_gradients_equal_standard_backprop(make):
+    model = _initialised(make())
+    _assert_same_training_step(model, torch.rand(3, *model.image_shape, dtype=torch.float64) - 0.5, 1e-5)
+
+
+def test_gradient_accumulation_matches_standard():
+    model = _initialised(Glow(2, 4, levels=2, steps=2, hidden=8))
+    batches = [torch.rand(3, 2, 4, 4, dtype=torch.float64) - 0.5 for _ in range(2)]
+    accumulated = {}
+    for reversible in (False, True):
+        model.reversible = reversible
+        model.zero_grad(set_to_none=True)
+        for x in batches:
+            model.bits_per_dim(x).mean().backward()
+        accumulated[reversible] = [p.grad.clone() for p in model.parameters()]
+    for g_std, g_rev in zip(accumulated[False], accumulated[True]):
+        torch.testing.assert_close(g_rev, g_std, rtol=1e-7, atol=1e-10)
+
+
+def _saved_bytes(model, x):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if not isinstance(t, torch.nn.Parameter):
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.bits_per_dim(x).mean()
+    return total
+
+
+def test_saved_activation_memory_is_flat_in_depth():
+    x = torch.rand(2, 2, 8, 8) - 0.5
+    saved = {}
+    for steps in (8, 64):
+        for reversible in (False, True):
+            model = _initialised(Glow(2, 8, levels=2, steps=steps, hidden=16, reversible=reversible), torch.float32)
+            saved[steps, reversible] = _saved_bytes(model, x)
+    assert saved[64, True] < 1.1 * saved[8, True]
+    assert saved[64, False] > 4 * saved[8, False]
+    assert saved[64, True] * 20 < saved[64, False]
+
+
+def test_reconstruction_drift_through_64_steps_is_small():
+    torch.manual_seed(0)
+    chain = FlowSequential(*[FlowStep(4, hidden=16) for _ in range(64)]).train()
+    x = torch.randn(4, 4, 8, 8)
+    chain(x)
+    perturb_parameters(chain, 0.05)
+    chain.eval()
+    with torch.no_grad():
+        y, _ = chain(x)
+        x_back, _ = chain.inverse(y)
+    drift = float((x_back - x).abs().max() / x.abs().max())
+    assert drift < 1e-4, f"float32 drift through 64 Glow steps: {drift:.2e}"
+
+
+def test_drift_guard_raises_instead_of_returning_bad_gradients(monkeypatch):
+    chain = FlowSequential(FlowStep(4, hidden=8), FlowStep(4, hidden=8), reversible=True).train()
+    x = torch.randn(2, 4, 4, 4, requires_grad=True)
+    y, logdet = chain(x)
+    step = chain.layers[1]
+    original_inverse = step.inverse
+    monkeypatch.setattr(step, "inverse", lambda v: (original_inverse(v)[0] + 0.1, original_inverse(v)[1]))
+    with pytest.raises(ReconstructionError, match="relative drift"):
+        (y.sum() + logdet.sum()).backward()
+
+
+def test_autocast_bf16_reversible_matches_standard_within_bf16_tolerance():
+    torch.manual_seed(0)
+    model = _initialised(Glow(2, 4, levels=2, steps=4, hidden=8), torch.float32)
+    x = torch.rand(4, 2, 4, 4) - 0.5
+    results = {}
+    for reversible in (False, True):
+        model.reversible = reversible
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.bits_per_dim(x).mean()
+        loss.backward()
+        results[reversible] = (loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-2, atol=0)
+    g_std, g_rev = results[False][1], results[True][1]
+    assert (g_rev - g_std).norm() / g_std.norm() < 0.05
+
+
+def test_non_invertible_layer_is_rejected():
+    with pytest.raises(TypeError, match="not invertible"):
+        FlowSequential(FlowStep(4, hidden=8), torch.nn.Conv2d(4, 4, 1), reversible=True)
+
+
+def test_reversible_flag_keeps_the_state_dict():
+    model = Glow(1, 4, levels=1, steps=2, hidden=8)
+    keys = list(model.state_dict())
+    model.reversible = True
+    assert list(model.state_dict()) == keys and model.config["reversible"] is True
