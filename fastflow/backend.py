@@ -8,13 +8,14 @@ Backends:
 - ``"auto"`` (default): ``"triton"`` for CUDA tensors when Triton imports, ``"eager"`` otherwise.
 
 ``with fastflow.backend("eager"): ...`` overrides the choice in a block; the environment variable
-``FASTFLOW_BACKEND`` sets the default.
+``FASTFLOW_BACKEND`` sets the default. The environment is read once, at import, so that
+:func:`resolve_backend` reads only module globals and ``torch.compile`` traces it without a graph break.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import importlib.util
 import os
 from collections.abc import Iterator
 from typing import Literal
@@ -28,44 +29,44 @@ _NAMES = ("auto", "eager", "triton", "interpret")
 _overrides: list[str] = []
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """True when ``triton`` imports on this machine."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton kernels are decorated for the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _check_name(name: str) -> str:
     if name not in _NAMES:
         raise ValueError(f"backend must be one of {_NAMES}, got {name!r}")
     return name
 
 
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+_INTERPRETER_ENABLED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DEFAULT = _check_name(os.environ.get("FASTFLOW_BACKEND", "auto"))
+
+
+def triton_available() -> bool:
+    """True when ``triton`` is installed on this machine."""
+    return _TRITON_AVAILABLE
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels are decorated for the CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _INTERPRETER_ENABLED
+
+
 def resolve_backend(x: torch.Tensor) -> Literal["eager", "triton", "interpret"]:
     """The backend an op runs for input ``x`` under the current override."""
-    name = _overrides[-1] if _overrides else _check_name(os.environ.get("FASTFLOW_BACKEND", "auto"))
+    name = _overrides[-1] if _overrides else _DEFAULT
     if name == "auto":
-        if x.is_cuda and triton_available() and not interpreter_enabled():
+        if x.is_cuda and _TRITON_AVAILABLE and not _INTERPRETER_ENABLED:
             return "triton"
         return "eager"
     if name == "triton":
         if not x.is_cuda:
             raise ValueError(f"backend 'triton' needs CUDA tensors, got a tensor on {x.device}")
-        if not triton_available():
+        if not _TRITON_AVAILABLE:
             raise RuntimeError("backend 'triton' requested but triton is not installed")
         return "triton"
     if name == "interpret":
         if x.is_cuda:
             raise ValueError("backend 'interpret' runs Triton kernels on CPU tensors, got a CUDA tensor")
-        if not (triton_available() and interpreter_enabled()):
+        if not (_TRITON_AVAILABLE and _INTERPRETER_ENABLED):
             raise RuntimeError("backend 'interpret' needs triton and TRITON_INTERPRET=1 set before import")
         return "interpret"
     return "eager"

@@ -1,0 +1,1 @@
+"""fastflow benchmark suite: eager vs fused vs torch.compile, speed and memory (``python -m benchmarks``)."""

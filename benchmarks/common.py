@@ -1,0 +1,125 @@
+"""Shared benchmark plumbing: median timing, the device's copy bandwidth, environment facts, result files."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "median_ms",
+    "copy_bandwidth_gbs",
+    "environment",
+    "device_slug",
+    "markdown_table",
+    "write_results",
+    "check_close",
+    "MismatchError",
+]
+
+
+class MismatchError(AssertionError):
+    """A fused result differs from eager on the benchmark's own inputs: no speed is reported for it."""
+
+
+def check_close(name: str, fused: torch.Tensor, eager: torch.Tensor, atol: float, rtol: float) -> None:
+    """Raise :class:`MismatchError` unless ``fused`` matches ``eager`` within tolerance."""
+    try:
+        torch.testing.assert_close(fused.float(), eager.float(), atol=atol, rtol=rtol)
+    except AssertionError as err:
+        raise MismatchError(f"{name}: fused result differs from eager, refusing to time it\n{err}") from err
+
+
+def median_ms(fn: Callable[[], Any], device: torch.device, reps: int = 20, warmup: int = 3) -> float:
+    """Median wall time of ``fn`` in milliseconds over warm runs: ``triton.testing.do_bench`` (CUDA events)
+    on CUDA, ``time.perf_counter`` around each call on the CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 << 20, reps: int = 10) -> float:
+    """Measured device-memory copy bandwidth in GB/s (read + write) of a ``nbytes`` buffer copy: the ceiling
+    memory-bound kernels are compared against."""
+    n = nbytes // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, reps=reps)
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device name, library versions and date for a results file."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    )
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def device_slug(env: dict[str, Any]) -> str:
+    """A file-name-safe name for the device, e.g. ``nvidia-h100-80gb-hbm3`` or ``cpu``."""
+    name = env["device"].lower()
+    if name.startswith("cpu"):
+        return "cpu"
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "" if v is None else str(v)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A GitHub markdown table of ``rows`` restricted to ``columns``."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_results(payload: dict[str, Any], tables: dict[str, str], out_dir: str, slug: str) -> tuple[str, str]:
+    """Write ``<out_dir>/<slug>.json`` and ``<out_dir>/<slug>.md``; returns both paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, f"{slug}.json")
+    md_path = os.path.join(out_dir, f"{slug}.md")
+    with open(json_path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    env = payload["environment"]
+    header = f"# fastflow benchmarks on {env['device']} ({env['date']}, torch {env['torch']}, triton {env['triton']})\n"
+    with open(md_path, "w") as f:
+        f.write(header)
+        for title, table in tables.items():
+            f.write(f"\n## {title}\n\n{table}\n")
+    return json_path, md_path
