@@ -2,6 +2,13 @@
 
 Backward: ``grad_x = weight^T @ grad_y`` per pixel, ``grad_weight = sum_{b,h,w} grad_y x^T``,
 ``grad_bias = sum_{b,h,w} grad_y``.
+
+:func:`channel_mix` dispatches on :func:`fastflow.backend.resolve_backend` (traceable by ``torch.compile``):
+on ``"eager"``, and for more than :data:`KERNEL_MAX_CHANNELS` channels, it is :func:`channel_mix_ref`
+(cuDNN / ATen, ATen autograd); on ``"triton"`` / ``"interpret"`` it is the torch.library custom op
+``fastflow::channel_mix`` running the Triton kernels of :mod:`fastflow.kernels.channel_mix` (fake kernel
+and autograd registered, so ``torch.compile(fullgraph=True)`` traces it), whose backward is the custom op
+``fastflow::channel_mix_backward``. The fused path is not differentiable twice (no double backward).
 """
 
 from __future__ import annotations
@@ -9,15 +16,142 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["channel_mix", "channel_mix_ref"]
+from fastflow.backend import resolve_backend
+from fastflow.ops._checks import check_float_tensor
+
+__all__ = ["KERNEL_MAX_CHANNELS", "channel_mix", "channel_mix_ref"]
+
+KERNEL_MAX_CHANNELS = 128
+"""Largest channel count (``max(C_in, C_out)``) for which the Triton backends run the fused kernel; above
+it they call :func:`channel_mix_ref` (cuDNN). 128 is a placeholder, not a measurement: set it to the largest
+``C`` where ``benchmarks/bench_actnorm_invconv.py`` shows the kernel beating eager on the target GPU."""
 
 
-def channel_mix_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Eager per-pixel channel mix ``weight @ x + bias`` for ``x`` of shape ``(B, C, H, W)``."""
-    b = None if bias is None else bias.to(x.dtype)
-    return F.conv2d(x, weight.to(x.dtype)[:, :, None, None], b)
+def channel_mix_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, upcast: bool = False
+) -> torch.Tensor:
+    """Eager per-pixel channel mix ``weight @ x + bias`` for ``x`` of shape ``(B, C, H, W)``.
+
+    ``weight`` ``(C_out, C_in)`` and ``bias`` ``(C_out,)`` are cast to ``x``'s dtype (as the kernel does);
+    ``upcast`` computes in float32 (float64 stays float64) and casts the result back to ``x``'s dtype.
+    """
+    out_dtype = x.dtype
+    compute = _accumulate_dtype(out_dtype) if upcast else out_dtype
+    x = x.to(compute)
+    b = None if bias is None else bias.to(compute)
+    return F.conv2d(x, weight.to(compute)[:, :, None, None], b).to(out_dtype)
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _output_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for channels_last inputs, else contiguous: the layout of every output built from ``x``
+    (the fake kernels use it too, so traced and real strides agree)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _empty_pixels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    batch, _, height, width = x.shape
+    return torch.empty(
+        (batch, channels, height, width), dtype=x.dtype, device=x.device, memory_format=_output_format(x)
+    )
+
+
+def _allow_tf32(x: torch.Tensor) -> bool:
+    # the eager twin is a cuDNN convolution, which uses TF32 for float32 under this flag (on by default)
+    return x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+
+
+@torch.library.custom_op(
+    "fastflow::channel_mix", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
+)
+def _channel_mix_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    from fastflow.kernels.channel_mix import channel_mix_forward  # triton is optional: import on use
+
+    return channel_mix_forward(x, weight, bias, _empty_pixels(x, weight.shape[0]), _allow_tf32(x))
+
+
+@_channel_mix_op.register_fake
+def _channel_mix_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _empty_pixels(x, weight.shape[0])
+
+
+@torch.library.custom_op(
+    "fastflow::channel_mix_backward",
+    mutates_args=(),
+    schema="(Tensor grad_y, Tensor x, Tensor weight) -> (Tensor, Tensor, Tensor)",
+)
+def _channel_mix_backward_op(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_weight, grad_bias)``; the last two in float32 (float64 for float64 ``x``)."""
+    from fastflow.kernels.channel_mix import channel_mix_backward  # triton is optional: import on use
+
+    return channel_mix_backward(grad_y, x, weight, _empty_pixels(x, x.shape[1]), _allow_tf32(x))
+
+
+@_channel_mix_backward_op.register_fake
+def _channel_mix_backward_fake(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc = _accumulate_dtype(x.dtype)
+    c_out, c_in = weight.shape
+    return _empty_pixels(x, c_in), x.new_empty((c_out, c_in), dtype=acc), x.new_empty((c_out,), dtype=acc)
+
+
+def _setup_context(
+    ctx: torch.autograd.function.FunctionCtx, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(
+    ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    x, weight = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = torch.ops.fastflow.channel_mix_backward(grad_y, x, weight)
+    grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
+    return grad_x, grad_weight.to(weight.dtype), grad_bias
+
+
+_channel_mix_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    check_float_tensor("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}")
+    check_float_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (C_out, C_in), got {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"channel mismatch: weight has C_in={weight.shape[1]} but x has {x.shape[1]} channels")
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on {x.device} like x, got {weight.device}")
+    if bias is not None:
+        check_float_tensor("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape (C_out,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"bias must be on {x.device} like x, got {bias.device}")
 
 
 def channel_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Channel mix on the backend chosen by :mod:`fastflow.backend`."""
-    return channel_mix_ref(x, weight, bias)
+    """Channel mix ``weight @ x[b, :, h, w] + bias`` on the backend chosen by :mod:`fastflow.backend`.
+
+    ``x`` ``(B, C_in, H, W)`` float16/bfloat16/float32/float64, any strides (NCHW, channels_last and channel
+    slices run without a copy); ``weight`` ``(C_out, C_in)`` and ``bias`` ``(C_out,)`` of any float dtype
+    (cast to ``x``'s dtype as in :func:`channel_mix_ref`). Returns ``(B, C_out, H, W)`` in ``x``'s dtype,
+    channels_last when ``x`` is. Accumulates in float32 (float64 for float64). Differentiable in all three
+    arguments.
+    """
+    _check_args(x, weight, bias)
+    if resolve_backend(x) == "eager" or max(weight.shape) > KERNEL_MAX_CHANNELS:
+        return channel_mix_ref(x, weight, bias)
+    return torch.ops.fastflow.channel_mix(x, weight, bias)

@@ -1,0 +1,139 @@
+"""ActNorm folded into the invertible 1x1 convolution: one channel-mix pass instead of two passes.
+
+ActNorm ``y1 = (x + bias) * exp(logs)`` then ``y = W @ y1`` per pixel equals ``y = W' @ x + b'`` with
+``W' = W diag(exp(logs))`` and ``b' = W' @ bias``. Inverse: ``x = W'^-1 @ y - bias`` with
+``W'^-1 = diag(exp(-logs)) @ W^-1``; ``W^-1`` comes from the caller (LU solves,
+:func:`fastflow.ops.invconv.lu_inverse_weight`), never ``torch.inverse``. Log-det per sample:
+``H * W * (sum(logs) + log|det W|)``, negated for the inverse. The fold is plain torch ops on ``C x C``
+tensors around :func:`fastflow.ops.channel_mix.channel_mix`, so gradients reach ``bias``, ``logs``,
+``weight`` and ``weight_logdet`` through autograd.
+
+Precision: ``b'`` is added in the float32 accumulator, but ``W'`` multiplies ``x`` rather than
+``x + bias``; where the operands are rounded (bfloat16/float16 inputs, TF32 under
+``torch.backends.cudnn.allow_tf32``) the rounding error scales with ``|x|`` instead of ``|x + bias|``, so
+channels whose mean is large against their spread lose up to ``|mean| / std`` times more relative
+precision than ActNorm-then-conv. Exact float32 (``allow_tf32 = False``) is unaffected.
+
+Shapes: ``x`` ``(B, C, H, W)``; ``bias`` and ``logs`` ``(1, C, 1, 1)``; ``weight`` and ``weight_inverse``
+``(C, C)``; ``weight_logdet`` a scalar tensor (``log|det W|``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastflow.ops._checks import check_float_tensor, logdet_dtype
+from fastflow.ops.actnorm import actnorm_inverse_ref, actnorm_ref
+from fastflow.ops.channel_mix import channel_mix, channel_mix_ref
+
+__all__ = [
+    "actnorm_invconv",
+    "actnorm_invconv_inverse",
+    "actnorm_invconv_ref",
+    "actnorm_invconv_inverse_ref",
+]
+
+
+def _check_args(
+    x_name: str,
+    x: torch.Tensor,
+    bias: torch.Tensor,
+    logs: torch.Tensor,
+    weight_name: str,
+    weight: torch.Tensor,
+    weight_logdet: torch.Tensor,
+) -> None:
+    check_float_tensor(x_name, x)
+    if x.dim() != 4:
+        raise ValueError(f"{x_name} must have shape (B, C, H, W), got {tuple(x.shape)}")
+    channels = x.shape[1]
+    for name, t in (("bias", bias), ("logs", logs)):
+        check_float_tensor(name, t)
+        if tuple(t.shape) != (1, channels, 1, 1):
+            raise ValueError(f"{name} must have shape (1, {channels}, 1, 1) for {x_name}, got {tuple(t.shape)}")
+    check_float_tensor(weight_name, weight)
+    if tuple(weight.shape) != (channels, channels):
+        raise ValueError(
+            f"channel mismatch: {weight_name} must have shape ({channels}, {channels}) for {x_name}, "
+            f"got {tuple(weight.shape)}"
+        )
+    check_float_tensor("weight_logdet", weight_logdet, min_dim=0)
+    if weight_logdet.numel() != 1:
+        raise ValueError(f"weight_logdet must be a scalar tensor, got shape {tuple(weight_logdet.shape)}")
+
+
+def _logdet(x: torch.Tensor, logs: torch.Tensor, weight_logdet: torch.Tensor) -> torch.Tensor:
+    """``H * W * (sum(logs) + log|det W|)`` per sample, shape ``(B,)``, float32 (float64 for float64)."""
+    dtype = logdet_dtype(x.dtype)
+    per_pixel = logs.to(dtype).sum() + weight_logdet.to(dtype).reshape(())
+    return (per_pixel * (x.shape[2] * x.shape[3])).expand(x.shape[0])
+
+
+def actnorm_invconv(
+    x: torch.Tensor, bias: torch.Tensor, logs: torch.Tensor, weight: torch.Tensor, weight_logdet: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward ``(W diag(exp(logs)) @ x + W diag(exp(logs)) @ bias, logdet)`` in one channel mix.
+
+    Equals ActNorm then the 1x1 convolution (:func:`actnorm_invconv_ref`). ``y`` has ``x``'s dtype and
+    layout; ``logdet`` is ``(B,)`` float32 (float64 for float64 ``x``).
+    """
+    _check_args("x", x, bias, logs, "weight", weight, weight_logdet)
+    weight_folded = weight * torch.exp(logs.to(weight.dtype)).reshape(1, -1)
+    bias_folded = weight_folded @ bias.to(weight.dtype).reshape(-1)
+    return channel_mix(x, weight_folded, bias_folded), _logdet(x, logs, weight_logdet)
+
+
+def actnorm_invconv_inverse(
+    y: torch.Tensor,
+    bias: torch.Tensor,
+    logs: torch.Tensor,
+    weight_inverse: torch.Tensor,
+    weight_logdet: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused inverse ``(diag(exp(-logs)) W^-1 @ y - bias, -logdet)`` in one channel mix.
+
+    ``weight_inverse`` is ``W^-1`` and ``weight_logdet`` is ``log|det W|`` (of ``W``, not of its inverse).
+    """
+    _check_args("y", y, bias, logs, "weight_inverse", weight_inverse, weight_logdet)
+    inverse_folded = torch.exp(-logs.to(weight_inverse.dtype)).reshape(-1, 1) * weight_inverse
+    x = channel_mix(y, inverse_folded, -bias.to(weight_inverse.dtype).reshape(-1))
+    return x, -_logdet(y, logs, weight_logdet)
+
+
+def actnorm_invconv_ref(
+    x: torch.Tensor,
+    bias: torch.Tensor,
+    logs: torch.Tensor,
+    weight: torch.Tensor,
+    weight_logdet: torch.Tensor,
+    upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager twin: :func:`~fastflow.ops.actnorm.actnorm_ref` then :func:`channel_mix_ref`, two passes.
+
+    ``upcast`` computes in float32 (float64 stays float64) and casts ``y`` back to ``x``'s dtype.
+    """
+    out_dtype = x.dtype
+    if upcast:
+        x = x.to(logdet_dtype(out_dtype))
+    y, actnorm_logdet = actnorm_ref(x, bias, logs)
+    y = channel_mix_ref(y, weight)
+    pixels = x.shape[2] * x.shape[3]
+    return y.to(out_dtype), actnorm_logdet + weight_logdet.to(actnorm_logdet.dtype).reshape(()) * pixels
+
+
+def actnorm_invconv_inverse_ref(
+    y: torch.Tensor,
+    bias: torch.Tensor,
+    logs: torch.Tensor,
+    weight_inverse: torch.Tensor,
+    weight_logdet: torch.Tensor,
+    upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager twin of the inverse: :func:`channel_mix_ref` with ``W^-1``, then the ActNorm inverse."""
+    out_dtype = y.dtype
+    if upcast:
+        y = y.to(logdet_dtype(out_dtype))
+    x = channel_mix_ref(y, weight_inverse)
+    x, actnorm_logdet = actnorm_inverse_ref(x, bias, logs)
+    pixels = y.shape[2] * y.shape[3]
+    return x.to(out_dtype), actnorm_logdet - weight_logdet.to(actnorm_logdet.dtype).reshape(()) * pixels

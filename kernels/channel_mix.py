@@ -1,0 +1,405 @@
+"""Per-pixel channel mix (a 1x1 convolution): Triton kernels and their launchers on raw tensors.
+
+Math, for ``x`` of shape ``(B, C_in, H, W)``, ``weight`` ``(C_out, C_in)``, optional ``bias`` ``(C_out,)``,
+with pixels ``p = h * W + w``:
+
+- forward   ``y[b, :, p] = weight @ x[b, :, p] + bias``
+- inverse   the same kernel with ``weight^-1`` (and ``-weight^-1 @ bias`` as bias); the caller supplies it
+- backward  ``grad_x[b, :, p] = weight^T @ grad_y[b, :, p]``,
+  ``grad_weight = sum_{b, p} grad_y[b, :, p] x[b, :, p]^T``, ``grad_bias = sum_{b, p} grad_y[b, :, p]``
+
+Bytes moved (``e`` = element size of ``x``, ``N = B * H * W`` pixels; the ``C_out * C_in`` weight is
+read once per program and is negligible):
+
+- forward:  ``N * (C_in + C_out) * e``  (read ``x`` once, write ``y`` once)
+- backward: ``N * (2 * C_in + C_out) * e`` (read ``x`` and ``grad_y`` once, write ``grad_x`` once) plus
+  ``P * C_out * (C_in + 1) * a`` for the per-program partial sums (``P`` programs, ``a`` = 4 or 8 bytes),
+  which the launcher keeps below a quarter of the size of ``x``.
+
+Layout: a program owns ``BLOCK_P`` pixels of one sample and every channel. ``H`` and ``W`` are merged into
+one pixel axis with a single stride, which covers NCHW-contiguous, channels_last and channel slices of a
+bigger tensor without a copy; only a spatially cropped view (``H``, ``W`` not mergeable) is copied by
+``Tensor.flatten``. Offsets are int64, so tensors above 2^31 elements are fine.
+
+Two compute paths, chosen by the launcher (``USE_DOT``):
+
+- ``tl.dot`` when both padded channel counts are >= 16 (the tensor-core minimum) and the dtype is not
+  float64; fp16/bf16 operands with the weight rounded to the input dtype (as ``F.conv2d`` does), float32
+  operands with ``PRECISION`` = ``"ieee"`` or ``"tf32"`` (the ops layer mirrors
+  ``torch.backends.cudnn.allow_tf32``, i.e. what cuDNN does for the eager 1x1 convolution).
+- an outer-product loop over channels (FMA) otherwise: small ``C`` (padding 3 channels to 16 would multiply
+  the arithmetic 28x on a memory-bound op) and float64 (``tl.dot`` has no float64 path everywhere).
+
+Accumulation is float32 (float64 when ``FP64``). The weight gradient and bias gradient are reduced per
+program into partial buffers that the caller sums with ``torch.sum``: deterministic, no atomics, and the
+whole backward is one pass over ``x`` and ``grad_y`` (a cuBLAS ``grad_y @ x^T`` would read both again).
+
+Block sizes (a heuristic, not autotuned; see :func:`_launch_params`): ``BLOCK_P`` keeps the fp32 tile
+``C_pad x BLOCK_P`` at about 8K elements (4K in the backward, which holds three tiles plus the weight-grad
+accumulator), clamped to ``[16, 1024]`` and to the image size; 8 warps from 64 padded channels up, else 4.
+Under Triton's CPU interpreter (tests) the ``tl.dot`` operands are multiplied as float32 copies
+(``DOT_FP32``): the interpreter's dot reads bfloat16 bits as integers.
+"""
+
+# Triton types @triton.jit arguments at launch; Python annotations on them would change their meaning.
+# ruff: noqa: ANN001, ANN201, ANN202
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "channel_mix_fwd_kernel",
+    "channel_mix_bwd_kernel",
+    "channel_mix_forward",
+    "channel_mix_backward",
+    "aot_specs",
+]
+
+
+@triton.jit
+def _mix_dot(a, b, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``a @ b`` accumulated in float32; ``DOT_FP32`` multiplies float32 copies of the operands instead."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION, out_dtype=tl.float32)
+
+
+@triton.jit
+def channel_mix_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    C_IN,
+    C_OUT,
+    HW,
+    N_PBLOCKS,
+    stride_xb,
+    stride_xc,
+    stride_xp,
+    stride_wo,
+    stride_wi,
+    stride_yb,
+    stride_yc,
+    stride_yp,
+    CI_PAD: tl.constexpr,
+    CO_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    FP64: tl.constexpr,
+):
+    """``y[b, :, p] = W @ x[b, :, p] (+ bias)`` for ``BLOCK_P`` pixels of one sample per program."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // N_PBLOCKS
+    p = (pid % N_PBLOCKS) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < HW
+    co = tl.arange(0, CO_PAD)
+    co_mask = co < C_OUT
+    x_pix = x_ptr + b * stride_xb + p * stride_xp
+    if USE_DOT:
+        ci = tl.arange(0, CI_PAD)
+        ci_mask = ci < C_IN
+        x = tl.load(
+            x_pix[None, :] + ci.to(tl.int64)[:, None] * stride_xc,
+            mask=ci_mask[:, None] & p_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + co[:, None] * stride_wo + ci[None, :] * stride_wi,
+            mask=co_mask[:, None] & ci_mask[None, :],
+            other=0.0,
+        )
+        acc = _mix_dot(w.to(x.dtype), x, PRECISION, DOT_FP32)
+    else:
+        acc_dtype = tl.float64 if FP64 else tl.float32
+        acc = tl.zeros((CO_PAD, BLOCK_P), dtype=acc_dtype)
+        w_col = w_ptr + co * stride_wo
+        # pointers advance by one channel stride per step: no int32 product of channel index and stride
+        for _ in range(C_IN):
+            x_row = tl.load(x_pix, mask=p_mask, other=0.0).to(acc_dtype)
+            w_c = tl.load(w_col, mask=co_mask, other=0.0).to(acc_dtype)
+            acc += w_c[:, None] * x_row[None, :]
+            x_pix += stride_xc
+            w_col += stride_wi
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=co_mask, other=0.0).to(acc.dtype)[:, None]
+    y_off = b * stride_yb + co.to(tl.int64)[:, None] * stride_yc + p[None, :] * stride_yp
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=co_mask[:, None] & p_mask[None, :])
+
+
+@triton.jit
+def channel_mix_bwd_kernel(
+    x_ptr,
+    gy_ptr,
+    w_ptr,
+    gx_ptr,
+    gw_part_ptr,
+    gb_part_ptr,
+    C_IN,
+    C_OUT,
+    HW,
+    N_PBLOCKS,
+    N_TILES,
+    stride_xb,
+    stride_xc,
+    stride_xp,
+    stride_gyb,
+    stride_gyc,
+    stride_gyp,
+    stride_wo,
+    stride_wi,
+    stride_gxb,
+    stride_gxc,
+    stride_gxp,
+    CI_PAD: tl.constexpr,
+    CO_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    FP64: tl.constexpr,
+):
+    """One pass over ``x`` and ``grad_y``: writes ``grad_x``, and this program's partial sums of
+    ``grad_y x^T`` (``gw_part[pid]``, ``(C_OUT, C_IN)``) and ``grad_y`` (``gb_part[pid]``, ``(C_OUT,)``).
+
+    Programs stride over the ``N_TILES = B * N_PBLOCKS`` pixel tiles (persistent loop).
+    """
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    ci = tl.arange(0, CI_PAD)
+    co = tl.arange(0, CO_PAD)
+    ci_mask = ci < C_IN
+    co_mask = co < C_OUT
+    ci64 = ci.to(tl.int64)
+    co64 = co.to(tl.int64)
+    w_mask = co_mask[:, None] & ci_mask[None, :]
+    gw_acc = tl.zeros((CO_PAD, CI_PAD), dtype=acc_dtype)
+    gb_acc = tl.zeros((CO_PAD,), dtype=acc_dtype)
+    if USE_DOT:
+        w = tl.load(w_ptr + co[:, None] * stride_wo + ci[None, :] * stride_wi, mask=w_mask, other=0.0)
+    for t in range(pid, N_TILES, n_prog):
+        b = (t // N_PBLOCKS).to(tl.int64)
+        p = (t % N_PBLOCKS).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = p < HW
+        x_pix = x_ptr + b * stride_xb + p * stride_xp
+        gy_pix = gy_ptr + b * stride_gyb + p * stride_gyp
+        x_tile_mask = ci_mask[:, None] & p_mask[None, :]
+        x = tl.load(x_pix[None, :] + ci64[:, None] * stride_xc, mask=x_tile_mask, other=0.0)
+        if USE_DOT:
+            gy = tl.load(
+                gy_pix[None, :] + co64[:, None] * stride_gyc,
+                mask=co_mask[:, None] & p_mask[None, :],
+                other=0.0,
+            )
+            gx = _mix_dot(tl.trans(w.to(gy.dtype)), gy, PRECISION, DOT_FP32)
+            gw_acc += _mix_dot(gy, tl.trans(x.to(gy.dtype)), PRECISION, DOT_FP32)
+            gb_acc += tl.sum(gy.to(tl.float32), axis=1)
+        else:
+            x = x.to(acc_dtype)
+            gx = tl.zeros((CI_PAD, BLOCK_P), dtype=acc_dtype)
+            w_row = w_ptr + ci * stride_wi
+            for o in range(C_OUT):
+                gy_o = tl.load(gy_pix, mask=p_mask, other=0.0).to(acc_dtype)
+                w_o = tl.load(w_row, mask=ci_mask, other=0.0).to(acc_dtype)
+                gx += w_o[:, None] * gy_o[None, :]
+                gw_o = tl.sum(x * gy_o[None, :], axis=1)
+                gw_acc += tl.where(co[:, None] == o, gw_o[None, :], 0.0)
+                gb_acc += tl.where(co == o, tl.sum(gy_o, axis=0), 0.0)
+                gy_pix += stride_gyc
+                w_row += stride_wo
+        gx_off = b * stride_gxb + ci64[:, None] * stride_gxc + p[None, :] * stride_gxp
+        tl.store(gx_ptr + gx_off, gx.to(gx_ptr.dtype.element_ty), mask=x_tile_mask)
+    part = pid.to(tl.int64) * C_OUT
+    tl.store(gw_part_ptr + (part + co[:, None]) * C_IN + ci[None, :], gw_acc.to(acc_dtype), mask=w_mask)
+    tl.store(gb_part_ptr + part + co, gb_acc.to(acc_dtype), mask=co_mask)
+
+
+def _launch_params(c_in: int, c_out: int, hw: int, dtype: torch.dtype, on_cpu: bool, backward: bool) -> dict[str, Any]:
+    """Constexprs and warps for a launch: the tile heuristic described in the module docstring."""
+    ci_pad, co_pad = triton.next_power_of_2(c_in), triton.next_power_of_2(c_out)
+    use_dot = dtype != torch.float64 and min(ci_pad, co_pad) >= 16
+    if use_dot:
+        ci_pad, co_pad = max(ci_pad, 16), max(co_pad, 16)
+    widest = max(ci_pad, co_pad)
+    block_p = max(16, min(1024, (4096 if backward else 8192) // widest))
+    block_p = min(block_p, max(16, triton.next_power_of_2(hw)))
+    return {
+        "CI_PAD": ci_pad,
+        "CO_PAD": co_pad,
+        "BLOCK_P": block_p,
+        "USE_DOT": use_dot,
+        "FP64": dtype == torch.float64,
+        # CPU tensors only reach a kernel under Triton's interpreter, whose tl.dot multiplies the raw
+        # uint16 bits of bfloat16 operands: float32 copies of the (already rounded) operands give the
+        # products a bfloat16 tensor-core dot gives, so the tests still exercise the tl.dot path.
+        "DOT_FP32": use_dot and on_cpu,
+        "num_warps": 8 if widest >= 64 else 4,
+    }
+
+
+def _pixels(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """``t`` as ``(B, C, H*W)`` (a view unless H and W cannot merge) and its three strides."""
+    t3 = t.flatten(2)
+    return t3, t3.stride(0), t3.stride(1), t3.stride(2)
+
+
+def channel_mix_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, allow_tf32: bool
+) -> torch.Tensor:
+    """Launch the forward kernel: ``out[b, :, h, w] = weight @ x[b, :, h, w] + bias``; returns ``out``.
+
+    ``x`` ``(B, C_in, H, W)`` and ``out`` ``(B, C_out, H, W)`` with any strides, ``weight`` ``(C_out, C_in)``
+    of any float dtype, ``bias`` ``(C_out,)`` or ``None`` (made contiguous: ``C_out`` elements).
+    ``allow_tf32`` applies to float32 inputs on the ``tl.dot`` path only.
+    """
+    batch, c_in, height, width = x.shape
+    c_out = weight.shape[0]
+    hw = height * width
+    if batch * hw == 0 or c_out == 0:
+        return out
+    params = _launch_params(c_in, c_out, hw, x.dtype, x.device.type == "cpu", backward=False)
+    n_pblocks = triton.cdiv(hw, params["BLOCK_P"])
+    x3, sxb, sxc, sxp = _pixels(x)
+    y3 = out.view(batch, c_out, hw)  # raises unless out's H and W merge (the kernel writes through it)
+    channel_mix_fwd_kernel[(batch * n_pblocks,)](
+        x3,
+        weight,
+        x3 if bias is None else bias.contiguous(),
+        y3,
+        c_in,
+        c_out,
+        hw,
+        n_pblocks,
+        sxb,
+        sxc,
+        sxp,
+        weight.stride(0),
+        weight.stride(1),
+        y3.stride(0),
+        y3.stride(1),
+        y3.stride(2),
+        HAS_BIAS=bias is not None,
+        PRECISION="tf32" if allow_tf32 else "ieee",
+        **params,
+    )
+    return out
+
+
+def _backward_programs(x: torch.Tensor, n_tiles: int, c_in: int, c_out: int) -> int:
+    """Persistent programs for the backward: up to 4 per SM (2 on the CPU interpreter), no more than the
+    tiles, and few enough that the float32 partial buffers stay under a quarter of the bytes of ``x``."""
+    per_device = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+    partial_budget = (x.numel() * x.element_size()) // (4 * 4 * c_out * (c_in + 1))
+    return max(1, min(n_tiles, per_device, partial_budget))
+
+
+def channel_mix_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor, allow_tf32: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel; returns ``(grad_x, grad_weight, grad_bias)``.
+
+    ``grad_x`` (the caller's output buffer, shaped like ``x`` with mergeable H and W) receives
+    ``weight^T @ grad_y`` per pixel. ``grad_weight`` ``(C_out, C_in)`` and ``grad_bias`` ``(C_out,)`` come
+    back in float32 (float64 for float64 ``x``): the caller casts them to the parameters' dtypes.
+    """
+    batch, c_in, height, width = x.shape
+    c_out = weight.shape[0]
+    hw = height * width
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    params = _launch_params(c_in, c_out, hw, x.dtype, x.device.type == "cpu", backward=True)
+    n_pblocks = triton.cdiv(hw, params["BLOCK_P"])
+    n_tiles = batch * n_pblocks
+    if n_tiles == 0 or c_in == 0 or c_out == 0:
+        grad_x.zero_()
+        return grad_x, x.new_zeros((c_out, c_in), dtype=acc_dtype), x.new_zeros((c_out,), dtype=acc_dtype)
+    n_prog = _backward_programs(x, n_tiles, c_in, c_out)
+    gw_part = torch.empty((n_prog, c_out, c_in), dtype=acc_dtype, device=x.device)
+    gb_part = torch.empty((n_prog, c_out), dtype=acc_dtype, device=x.device)
+    x3, sxb, sxc, sxp = _pixels(x)
+    gy3, sgb, sgc, sgp = _pixels(grad_y)
+    gx3 = grad_x.view(batch, c_in, hw)  # raises unless grad_x's H and W merge (the kernel writes through it)
+    channel_mix_bwd_kernel[(n_prog,)](
+        x3,
+        gy3,
+        weight,
+        gx3,
+        gw_part,
+        gb_part,
+        c_in,
+        c_out,
+        hw,
+        n_pblocks,
+        n_tiles,
+        sxb,
+        sxc,
+        sxp,
+        sgb,
+        sgc,
+        sgp,
+        weight.stride(0),
+        weight.stride(1),
+        gx3.stride(0),
+        gx3.stride(1),
+        gx3.stride(2),
+        PRECISION="tf32" if allow_tf32 else "ieee",
+        **params,
+    )
+    return grad_x, gw_part.sum(0), gb_part.sum(0)
+
+
+_INT_ARGS = ("C_IN", "C_OUT", "HW", "N_PBLOCKS", "N_TILES")
+
+
+def _aot_signature(
+    fn: Any, pointers: dict[str, str], constexprs: dict[str, Any]
+) -> tuple[Any, dict[str, str], dict[str, Any]]:
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+        else:
+            assert name in _INT_ARGS or name.startswith("stride_"), name
+            signature[name] = "i32"
+    return fn, signature, constexprs
+
+
+def aot_specs() -> list[tuple[Any, dict[str, str], dict[str, Any]]]:
+    """``(jit_function, signature, constexprs)`` for each kernel in representative configurations, for
+    ahead-of-time compile checks with ``triton.compile(ASTSource(fn, signature, constexprs), target)``.
+
+    Covers both compute paths (``tl.dot`` at C=48, FMA loop at C=6) for float32 and bfloat16 activations
+    with float32 parameters, forward (with bias) and backward, as the GPU launchers would build them.
+    """
+    specs = []
+    for act, precision in (("fp32", "tf32"), ("bf16", "tf32")):
+        for channels in (48, 6):
+            dtype = torch.float32 if act == "fp32" else torch.bfloat16
+            params = _launch_params(channels, channels, 64 * 64, dtype, on_cpu=False, backward=False)
+            params.pop("num_warps")
+            fwd = {"HAS_BIAS": True, "PRECISION": precision, **params}
+            fwd_ptrs = {"x_ptr": f"*{act}", "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": f"*{act}"}
+            specs.append(_aot_signature(channel_mix_fwd_kernel, fwd_ptrs, fwd))
+            params = _launch_params(channels, channels, 64 * 64, dtype, on_cpu=False, backward=True)
+            params.pop("num_warps")
+            bwd = {"PRECISION": precision, **params}
+            bwd_ptrs = {
+                "x_ptr": f"*{act}",
+                "gy_ptr": f"*{act}",
+                "w_ptr": "*fp32",
+                "gx_ptr": f"*{act}",
+                "gw_part_ptr": "*fp32",
+                "gb_part_ptr": "*fp32",
+            }
+            specs.append(_aot_signature(channel_mix_bwd_kernel, bwd_ptrs, bwd))
+    return specs

@@ -1,0 +1,175 @@
+"""Tests for fastflow/ops/actnorm_invconv.py: the fold, its inverse, log-dets and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastflow
+from fastflow.ops.actnorm_invconv import (
+    actnorm_invconv,
+    actnorm_invconv_inverse,
+    actnorm_invconv_inverse_ref,
+    actnorm_invconv_ref,
+)
+from fastflow.ops.invconv import lu_inverse_weight, lu_weight_and_logdet
+
+BACKENDS = ["eager", "interpret"]
+
+
+def _params(channels: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """ActNorm parameters and an LU-parameterised 1x1 weight with its inverse and log|det|."""
+    g = torch.Generator().manual_seed(channels)
+    lu = {
+        "perm": torch.randperm(channels, generator=g),
+        "lower": 0.3 * torch.randn(channels, channels, generator=g, dtype=torch.float64),
+        "upper": 0.3 * torch.randn(channels, channels, generator=g, dtype=torch.float64),
+        "sign_s": torch.where(torch.rand(channels, generator=g) < 0.5, -1.0, 1.0).double(),
+        "log_s": 0.1 * torch.randn(channels, generator=g, dtype=torch.float64),
+    }
+    weight, weight_logdet = lu_weight_and_logdet(**lu)
+    return {
+        "bias": torch.randn(1, channels, 1, 1, generator=g, dtype=torch.float64).to(dtype),
+        "logs": (0.2 * torch.randn(1, channels, 1, 1, generator=g, dtype=torch.float64)).to(dtype),
+        "weight": weight.to(dtype),
+        "weight_inverse": lu_inverse_weight(**lu).to(dtype),
+        "weight_logdet": weight_logdet.to(dtype),
+    }
+
+
+def _forward(fn, x, p):
+    return fn(x, p["bias"], p["logs"], p["weight"], p["weight_logdet"])
+
+
+def _inverse(fn, y, p):
+    return fn(y, p["bias"], p["logs"], p["weight_inverse"], p["weight_logdet"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels", [3, 6, 12, 48])
+def test_fold_matches_actnorm_then_conv(channels, backend):
+    p = _params(channels)
+    x = torch.randn(2, channels, 5, 7)
+    with fastflow.backend(backend):
+        y, logdet = _forward(actnorm_invconv, x, p)
+    y_ref, logdet_ref = _forward(actnorm_invconv_ref, x, p)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logdet, logdet_ref)
+    assert logdet.shape == (2,) and logdet.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels", [3, 24])
+def test_inverse_of_forward(channels, backend):
+    p = _params(channels)
+    x = torch.randn(2, channels, 6, 5).to(memory_format=torch.channels_last)
+    with fastflow.backend(backend):
+        y, logdet = _forward(actnorm_invconv, x, p)
+        x_back, inverse_logdet = _inverse(actnorm_invconv_inverse, y, p)
+    torch.testing.assert_close(x_back, x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inverse_logdet, -logdet)
+    x_ref, inverse_logdet_ref = _inverse(actnorm_invconv_inverse_ref, y, p)
+    torch.testing.assert_close(x_back, x_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inverse_logdet, inverse_logdet_ref)
+
+
+def test_logdet_matches_jacobian():
+    """Brute force: log|det| of the float64 Jacobian of the whole (C*H*W) map equals the op's log-det."""
+    p = _params(3, torch.float64)
+    x = torch.randn(1, 3, 2, 2, dtype=torch.float64)
+    with fastflow.backend("interpret"):
+        jac = torch.autograd.functional.jacobian(lambda t: _forward(actnorm_invconv, t, p)[0], x)
+        _, logdet = _forward(actnorm_invconv, x, p)
+    torch.testing.assert_close(logdet[0], torch.linalg.slogdet(jac.reshape(12, 12))[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels", [6, 24])
+def test_low_precision_three_way(channels, dtype):
+    """Fused error vs the float32 reference <= 2x the same-dtype ActNorm-then-conv error + atol."""
+    p = _params(channels)
+    x = torch.randn(2, channels, 9, 7).to(dtype)
+    with fastflow.backend("interpret"):
+        y, logdet = _forward(actnorm_invconv, x, p)
+    y_eager, _ = _forward(actnorm_invconv_ref, x, p)
+    y_ref, logdet_ref = _forward(lambda *a: actnorm_invconv_ref(*a, upcast=True), x, p)
+    assert y.dtype == dtype and logdet.dtype == torch.float32
+    torch.testing.assert_close(logdet, logdet_ref)
+    # bfloat16: one ulp at the largest magnitude, for the interpreter's truncating float32 -> bfloat16 casts
+    atol = 1e-3 if dtype == torch.float16 else 2.0 ** (torch.log2(y_ref.abs().max()).floor().item() - 7)
+    kernel_err = (y.double() - y_ref.double()).abs().max().item()
+    eager_err = (y_eager.double() - y_ref.double()).abs().max().item()
+    assert kernel_err <= 2 * eager_err + atol, (kernel_err, eager_err)
+
+
+def test_gradcheck_float64():
+    """Gradients reach x, bias, logs, weight and weight_logdet, forward and inverse."""
+    p = _params(3, torch.float64)
+    x = torch.randn(1, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    names = ["bias", "logs", "weight", "weight_logdet"]
+    leaves = [p[n].clone().requires_grad_() for n in names]
+    inverse_leaves = [leaves[0], leaves[1], p["weight_inverse"].clone().requires_grad_(), leaves[3]]
+    with fastflow.backend("interpret"):
+        assert torch.autograd.gradcheck(lambda *a: actnorm_invconv(*a), (x, *leaves))
+        assert torch.autograd.gradcheck(lambda *a: actnorm_invconv_inverse(*a), (x, *inverse_leaves))
+
+
+@pytest.mark.parametrize("channels", [6, 24])
+def test_grads_match_reference(channels):
+    p = _params(channels)
+    x = torch.randn(2, channels, 5, 7, requires_grad=True)
+    leaves = [p[n].clone().requires_grad_() for n in ("bias", "logs", "weight", "weight_logdet")]
+
+    def loss(fn):
+        y, logdet = fn(x, *leaves)
+        return y.square().sum() + logdet.sum()
+
+    with fastflow.backend("interpret"):
+        grads = torch.autograd.grad(loss(actnorm_invconv), (x, *leaves))
+    grads_ref = torch.autograd.grad(loss(actnorm_invconv_ref), (x, *leaves))
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_float64_logdet_dtype():
+    p = _params(3, torch.float64)
+    _, logdet = _forward(actnorm_invconv, torch.randn(2, 3, 2, 2, dtype=torch.float64), p)
+    assert logdet.dtype == torch.float64
+
+
+def test_torch_compile_fullgraph():
+    p = _params(12)
+    compiled = torch.compile(lambda x: _forward(actnorm_invconv, x, p), fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 12, 4, 5)
+    with fastflow.backend("interpret"):
+        y, logdet = compiled(x)
+    y_ref, logdet_ref = _forward(actnorm_invconv_ref, x, p)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logdet, logdet_ref)
+
+
+@pytest.mark.parametrize(
+    "field, value, error, match",
+    [
+        ("x", torch.randn(2, 3, 4), ValueError, "x must"),
+        ("x", torch.ones(2, 3, 4, 4, dtype=torch.int64), TypeError, "x must"),
+        ("bias", torch.randn(3), ValueError, "bias must"),
+        ("logs", torch.randn(1, 4, 1, 1), ValueError, "logs must"),
+        ("weight", torch.randn(4, 3), ValueError, "channel mismatch"),
+        ("weight", torch.ones(3, 3, dtype=torch.int32), TypeError, "weight must"),
+        ("weight_logdet", torch.randn(3), ValueError, "weight_logdet must"),
+    ],
+)
+def test_bad_inputs(field, value, error, match):
+    args = {"x": torch.randn(2, 3, 4, 4), **_params(3)}
+    args[field] = value
+    with pytest.raises(error, match=match):
+        actnorm_invconv(args["x"], args["bias"], args["logs"], args["weight"], args["weight_logdet"])
+
+
+def test_bad_inverse_inputs_name_the_argument():
+    p = _params(3)
+    with pytest.raises(ValueError, match="weight_inverse"):
+        actnorm_invconv_inverse(torch.randn(2, 3, 4, 4), p["bias"], p["logs"], torch.randn(2, 2), p["weight_logdet"])
+    with pytest.raises(ValueError, match="y must"):
+        actnorm_invconv_inverse(torch.randn(3, 4, 4), p["bias"], p["logs"], p["weight_inverse"], p["weight_logdet"])

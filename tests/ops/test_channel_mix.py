@@ -1,0 +1,256 @@
+"""Tests for fastflow/ops/channel_mix.py and kernels/channel_mix.py (kernels under Triton's interpreter)."""
+
+from __future__ import annotations
+
+import fastflow.kernels.channel_mix as kernels
+import pytest
+import torch
+
+import fastflow
+from fastflow.ops import channel_mix as ops
+from fastflow.ops.channel_mix import channel_mix, channel_mix_ref
+
+# (dtype, atol, rtol) for kernel vs eager in the same dtype, outputs of order 1
+DTYPE_TOL = [
+    (torch.float32, 1e-5, 1e-5),
+    (torch.float64, 1e-12, 1e-12),
+    (torch.float16, 4e-3, 4e-3),
+    (torch.bfloat16, 3e-2, 2e-2),
+]
+CHANNELS = [1, 3, 5, 6, 12, 24, 48, 96]
+
+
+def _weight(c_out: int, c_in: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Weights scaled so outputs stay of order 1 for any channel count."""
+    return (torch.randn(c_out, c_in, dtype=torch.float64) / c_in**0.5).to(dtype)
+
+
+def _param_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def low_precision_atol(reference: torch.Tensor, dtype: torch.dtype) -> float:
+    """atol of the three-way check. bfloat16 gets one ulp at the reference's largest magnitude: Triton's
+    interpreter truncates float32 -> bfloat16 casts (a GPU rounds to nearest), up to one ulp per cast."""
+    if dtype == torch.float16:
+        return 1e-3
+    return 2.0 ** (torch.log2(reference.abs().max().double()).floor().item() - 7)
+
+
+def _interpret(fn, *args):
+    with fastflow.backend("interpret"):
+        return fn(*args)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOL)
+@pytest.mark.parametrize("channels", CHANNELS)
+def test_forward_matches_eager(channels, dtype, atol, rtol):
+    x = torch.randn(2, channels, 5, 7).to(dtype)
+    weight = _weight(channels, channels, _param_dtype(dtype))
+    bias = torch.randn(channels, dtype=_param_dtype(dtype))
+    y = _interpret(channel_mix, x, weight, bias)
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y, channel_mix_ref(x, weight, bias), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("shape", [(1, 12, 1, 1), (1, 5, 3, 1), (1, 24, 1, 9), (3, 6, 17, 9), (1, 48, 33, 31)])
+def test_odd_shapes(shape):
+    x = torch.randn(shape)
+    weight = _weight(shape[1], shape[1])
+    torch.testing.assert_close(_interpret(channel_mix, x, weight), channel_mix_ref(x, weight))
+
+
+@pytest.mark.parametrize("c_in, c_out", [(5, 20), (20, 5), (16, 3), (3, 16), (130, 7)])
+def test_rectangular_weight(c_in, c_out):
+    """C_in != C_out, including a width above KERNEL_MAX_CHANNELS run through the launcher directly."""
+    x = torch.randn(2, c_in, 3, 5)
+    weight, bias = _weight(c_out, c_in), torch.randn(c_out)
+    out = torch.empty(2, c_out, 3, 5)
+    kernels.channel_mix_forward(x, weight, bias, out, allow_tf32=False)
+    torch.testing.assert_close(out, channel_mix_ref(x, weight, bias), atol=1e-5, rtol=1e-5)
+
+
+def _layouts(channels: int) -> dict[str, torch.Tensor]:
+    big = torch.randn(2, channels + 5, 6, 7)
+    return {
+        "channel_slice": big[:, 2 : 2 + channels],
+        "channels_last": torch.randn(2, channels, 6, 7).to(memory_format=torch.channels_last),
+        "channel_slice_of_channels_last": big.to(memory_format=torch.channels_last)[:, 1 : 1 + channels],
+        "spatial_crop": big[:, :channels, 1:-1, 2:],
+    }
+
+
+@pytest.mark.parametrize("layout", ["channel_slice", "channels_last", "channel_slice_of_channels_last", "spatial_crop"])
+@pytest.mark.parametrize("channels", [3, 24])
+def test_layouts_forward_and_backward(layout, channels):
+    x = _layouts(channels)[layout].requires_grad_()
+    weight = _weight(channels, channels).requires_grad_()
+    bias = torch.randn(channels, requires_grad=True)
+    grad_y = torch.randn(2, channels, *x.shape[2:])
+    with fastflow.backend("interpret"):
+        y = channel_mix(x, weight, bias)
+        grads = torch.autograd.grad(y, (x, weight, bias), grad_y)
+    y_ref = channel_mix_ref(x, weight, bias)
+    grads_ref = torch.autograd.grad(y_ref, (x, weight, bias), grad_y)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-5)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("channels", [1, 3, 6, 24, 96])
+def test_backward_matches_eager(channels, with_bias):
+    x = torch.randn(2, channels, 5, 7, requires_grad=True)
+    weight = _weight(channels, channels).requires_grad_()
+    bias = torch.randn(channels, requires_grad=True) if with_bias else None
+    inputs = (x, weight) + ((bias,) if with_bias else ())
+    with fastflow.backend("interpret"):
+        grads = torch.autograd.grad(channel_mix(x, weight, bias).square().sum(), inputs)
+    grads_ref = torch.autograd.grad(channel_mix_ref(x, weight, bias).square().sum(), inputs)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-5)
+
+
+def test_backward_with_broadcast_grad_and_is_deterministic():
+    """``y.sum().backward()`` hands the kernel a stride-0 grad; two runs give bitwise-equal gradients."""
+    x = torch.randn(3, 24, 9, 11, requires_grad=True)
+    weight = _weight(24, 24).requires_grad_()
+    runs = []
+    for _ in range(2):
+        with fastflow.backend("interpret"):
+            runs.append(torch.autograd.grad(channel_mix(x, weight).sum(), (x, weight)))
+    ref = torch.autograd.grad(channel_mix_ref(x, weight).sum(), (x, weight))
+    for g0, g1, g_ref in zip(*runs, ref):
+        assert torch.equal(g0, g1)
+        torch.testing.assert_close(g0, g_ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels", [6, 24, 96])
+def test_low_precision_three_way(channels, dtype):
+    """Kernel error vs the float32 reference <= 2x eager's same-dtype error + atol (forward and grads)."""
+    x = torch.randn(2, channels, 9, 7).to(dtype)
+    weight, bias = _weight(channels, channels), torch.randn(channels)
+    grad_y = torch.randn(2, channels, 9, 7).to(dtype)
+
+    def run(fn, inp):
+        inp = inp.detach().requires_grad_()
+        w = weight.detach().requires_grad_()
+        y = fn(inp, w, bias)
+        return (y, *torch.autograd.grad(y, (inp, w), grad_y.to(y.dtype)))
+
+    with fastflow.backend("interpret"):
+        kernel = run(channel_mix, x)
+    eager = run(channel_mix_ref, x)
+    reference = run(channel_mix_ref, x.float())
+    for name, k, e, r in zip(("y", "grad_x", "grad_weight"), kernel, eager, reference):
+        kernel_err = (k.double() - r.double()).abs().max().item()
+        eager_err = (e.double() - r.double()).abs().max().item()
+        assert kernel_err <= 2 * eager_err + low_precision_atol(r, dtype), (name, kernel_err, eager_err)
+
+
+@pytest.mark.parametrize("c_in, c_out", [(3, 3), (2, 5)])
+def test_gradcheck_float64(c_in, c_out):
+    x = torch.randn(1, c_in, 2, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(c_out, c_in, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(c_out, dtype=torch.float64, requires_grad=True)
+    with fastflow.backend("interpret"):
+        assert torch.autograd.gradcheck(channel_mix, (x, weight, bias))
+        x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+        assert torch.autograd.gradcheck(channel_mix, (x_cl, weight, None))
+
+
+@pytest.mark.parametrize("channels, channels_last", [(3, False), (20, True)])
+def test_opcheck(channels, channels_last):
+    """Schema, fake kernel (strides included), autograd registration and AOT dispatch of both custom ops
+    (the backward op with inputs that need no grad: it has no double backward)."""
+    x = torch.randn(2, channels, 4, 5, requires_grad=True)
+    if channels_last:
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    weight = _weight(channels, channels).requires_grad_()
+    bias = torch.randn(channels, requires_grad=True)
+    with fastflow.backend("interpret"):
+        torch.library.opcheck(torch.ops.fastflow.channel_mix.default, (x, weight, bias))
+        torch.library.opcheck(
+            torch.ops.fastflow.channel_mix_backward.default,
+            (torch.randn(2, channels, 4, 5), x.detach(), weight.detach()),
+        )
+
+
+def test_torch_compile_fullgraph():
+    def step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(channel_mix(x * 2.0, weight, bias)) + 1.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 12, 5, 6, requires_grad=True)
+    weight = _weight(12, 12).requires_grad_()
+    bias = torch.randn(12, requires_grad=True)
+    with fastflow.backend("interpret"):
+        y = compiled(x, weight, bias)
+        grads = torch.autograd.grad(y.sum(), (x, weight, bias))
+    with fastflow.backend("eager"):
+        y_ref = step(x, weight, bias)
+        grads_ref = torch.autograd.grad(y_ref.sum(), (x, weight, bias))
+    torch.testing.assert_close(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-5)
+
+
+def test_dispatch(monkeypatch):
+    """The kernel runs on the interpret backend up to KERNEL_MAX_CHANNELS, never on eager."""
+    calls = []
+    launch = kernels.channel_mix_forward
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape[1])
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "channel_mix_forward", spy)
+    monkeypatch.setattr(ops, "KERNEL_MAX_CHANNELS", 8)
+    x6, x12 = torch.randn(1, 6, 3, 3), torch.randn(1, 12, 3, 3)
+    w6, w12 = _weight(6, 6), _weight(12, 12)
+    with fastflow.backend("eager"):
+        y_eager = channel_mix(x6, w6)
+    with fastflow.backend("interpret"):
+        y6 = channel_mix(x6, w6)
+        y12 = channel_mix(x12, w12)
+    assert calls == [6]
+    torch.testing.assert_close(y6, y_eager)
+    torch.testing.assert_close(y12, channel_mix_ref(x12, w12))
+
+
+def test_empty_batch():
+    x = torch.randn(0, 6, 3, 3, requires_grad=True)
+    weight = _weight(6, 6).requires_grad_()
+    with fastflow.backend("interpret"):
+        y = channel_mix(x, weight)
+        grad_x, grad_w = torch.autograd.grad(y.sum(), (x, weight))
+    assert y.shape == (0, 6, 3, 3) and grad_x.shape == x.shape
+    assert torch.equal(grad_w, torch.zeros_like(grad_w))
+
+
+@pytest.mark.parametrize(
+    "x, weight, bias, error, match",
+    [
+        (torch.randn(2, 3, 4), torch.randn(3, 3), None, ValueError, "x must"),
+        (torch.randn(2, 3, 4, 4), torch.randn(3, 3, 1, 1), None, ValueError, "weight must"),
+        (torch.randn(2, 3, 4, 4), torch.randn(3, 4), None, ValueError, "channel mismatch"),
+        (torch.randn(2, 3, 4, 4), torch.randn(5, 3), torch.randn(3), ValueError, "bias must"),
+        (torch.ones(2, 3, 4, 4, dtype=torch.int64), torch.randn(3, 3), None, TypeError, "x must"),
+        (torch.randn(2, 3, 4, 4), torch.ones(3, 3, dtype=torch.int32), None, TypeError, "weight must"),
+        (
+            torch.randn(2, 3, 4, 4),
+            torch.randn(3, 3),
+            torch.ones(3, dtype=torch.int64),
+            TypeError,
+            "bias must",
+        ),
+        ([[1.0]], torch.randn(3, 3), None, TypeError, "x must"),
+    ],
+)
+def test_bad_inputs(x, weight, bias, error, match):
+    with fastflow.backend("interpret"), pytest.raises(error, match=match):
+        channel_mix(x, weight, bias)
