@@ -12,8 +12,10 @@ from fastflow.ops.coupling import (
     SCALE_KINDS,
     ScaleKind,
     additive_coupling,
+    additive_coupling_backward_from_output,
     additive_coupling_inverse,
     affine_coupling,
+    affine_coupling_backward_from_output,
     affine_coupling_inverse,
 )
 
@@ -83,6 +85,43 @@ class _Coupling(FlowLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _transform_backward_from_output(
+        self, y_b: torch.Tensor, outs: list[torch.Tensor], grad_y_b: torch.Tensor, grad_logdet: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward_from_output(
+        self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reversible backward from the output: ``(x, grad_x)``; parameter gradients go to ``.grad``.
+
+        The conditioning part passes through unchanged, so the network runs once (with a graph) on it; one
+        fused pass then rebuilds ``x_b`` from ``y_b`` and gives the gradients w.r.t. ``x_b`` and the network
+        outputs, which are backpropagated through the network.
+        """
+        check_image("y", y, self.num_channels)
+        if self.mask == "channel":
+            y_a, y_b = self._split(y)
+            grad_a, grad_b = self._split(grad_y)
+            mask = None
+        else:
+            mask = self._checkerboard(y)
+            y_a, y_b, grad_a, grad_b = y * mask, y, None, grad_y
+        with torch.enable_grad():
+            net_in = y_a.detach().requires_grad_(True)
+            outs = self._net_outputs(net_in)
+            if mask is not None:
+                outs = [o * (1.0 - mask) for o in outs]
+        with torch.no_grad():
+            x_b, grad_x_b, grad_outs = self._transform_backward_from_output(
+                y_b, [o.detach() for o in outs], grad_b, grad_logdet
+            )
+        params = [p for p in self.parameters() if p.requires_grad]
+        torch.autograd.backward(outs, grad_outs, inputs=[net_in, *params])
+        if mask is None:
+            return self._join(y_a, x_b), self._join(grad_a + net_in.grad, grad_x_b)
+        return x_b, grad_x_b + net_in.grad * mask
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, logdet)`` for ``x`` of shape ``(B, C, H, W)``."""
         return self._couple(x, inverse=False)
@@ -116,12 +155,19 @@ class AffineCoupling(_Coupling):
         super().__init__(num_channels, hidden, mask, parity)
         self.scale = scale
 
-    def _transform(
-        self, b: torch.Tensor, outs: list[torch.Tensor], inverse: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _transform(self, b: torch.Tensor, outs: list[torch.Tensor], inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         shift, raw = outs
         op = affine_coupling_inverse if inverse else affine_coupling
         return op(b, shift, raw, self.scale)
+
+    def _transform_backward_from_output(
+        self, y_b: torch.Tensor, outs: list[torch.Tensor], grad_y_b: torch.Tensor, grad_logdet: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        shift, raw = outs
+        x_b, grad_x, grad_shift, grad_raw = affine_coupling_backward_from_output(
+            y_b, shift, raw, grad_y_b, grad_logdet, self.scale
+        )
+        return x_b, grad_x, [grad_shift, grad_raw]
 
 
 class AdditiveCoupling(_Coupling):
@@ -132,8 +178,12 @@ class AdditiveCoupling(_Coupling):
     def __init__(self, num_channels: int, hidden: int = 512, mask: MaskKind = "channel", parity: int = 0) -> None:
         super().__init__(num_channels, hidden, mask, parity)
 
-    def _transform(
-        self, b: torch.Tensor, outs: list[torch.Tensor], inverse: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _transform(self, b: torch.Tensor, outs: list[torch.Tensor], inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         op = additive_coupling_inverse if inverse else additive_coupling
         return op(b, outs[0])
+
+    def _transform_backward_from_output(
+        self, y_b: torch.Tensor, outs: list[torch.Tensor], grad_y_b: torch.Tensor, grad_logdet: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        x_b, grad_x, grad_shift = additive_coupling_backward_from_output(y_b, outs[0], grad_y_b)
+        return x_b, grad_x, [grad_shift]

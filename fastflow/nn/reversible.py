@@ -5,6 +5,8 @@ walks the layers from the last: it rebuilds each layer's input from its output w
 recomputes that one layer with a graph, and backpropagates through it, so activation memory does not grow
 with depth. A layer may provide ``backward_from_output(y, grad_y, grad_logdet)`` to rebuild its input and
 compute its gradients in one fused pass (the couplings do); others use ``inverse`` then recompute.
+Parameter gradients are accumulated into ``.grad`` by nested backward calls, as reentrant checkpointing does:
+``loss.backward()`` (and DDP) see them, ``torch.autograd.grad(loss, params)`` does not.
 
 Drift guard: after the walk, the rebuilt chain input is compared with the saved one; a relative drift above
 ``max_drift`` raises :class:`ReconstructionError` instead of returning gradients computed at wrong points.
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ReconstructionError", "reversible_chain", "DEFAULT_MAX_DRIFT"]
+__all__ = ["ReconstructionError", "reversible_chain", "chain_backward_from_output", "DEFAULT_MAX_DRIFT"]
 
 # Relative drift max|x_rebuilt - x| / max|x| tolerated per chain, by dtype of the chain input.
 DEFAULT_MAX_DRIFT = {torch.float64: 1e-8, torch.float32: 1e-3, torch.bfloat16: 1e-1, torch.float16: 5e-2}
@@ -28,12 +30,14 @@ class ReconstructionError(RuntimeError):
 
 
 def _layer_backward(
-    layer: nn.Module, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor, params: list[nn.Parameter]
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
-    """``(x, grad_x, grads of params)`` for one layer, from its output ``y``."""
+    layer: nn.Module, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, grad_x)`` for one layer from its output ``y``; parameter gradients are accumulated into
+    ``.grad`` by a nested backward (through the parameters' AccumulateGrad nodes, so DDP hooks fire) and
+    never held for more than one layer."""
     fused = getattr(layer, "backward_from_output", None)
     if fused is not None:
-        return fused(y, grad_y, grad_logdet, params)
+        return fused(y, grad_y, grad_logdet)
     with torch.no_grad():
         x, _ = layer.inverse(y)
     with torch.enable_grad():
@@ -43,8 +47,18 @@ def _layer_backward(
         if logdet.requires_grad:
             outputs.append(logdet)
             grads.append(grad_logdet.to(logdet.dtype))
-        grad_x, *grad_params = torch.autograd.grad(outputs, [x, *params], grads, allow_unused=True)
-    return x.detach(), grad_x, tuple(grad_params)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        torch.autograd.backward(outputs, grads, inputs=[x, *params])
+    return x.detach(), x.grad
+
+
+def chain_backward_from_output(
+    layers: nn.ModuleList, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, grad_x)`` of a chain of layers from its output, one layer at a time from the last."""
+    for layer in reversed(layers):
+        y, grad_y = _layer_backward(layer, y, grad_y, grad_logdet)
+    return y, grad_y
 
 
 class _ReversibleChain(torch.autograd.Function):
@@ -53,6 +67,7 @@ class _ReversibleChain(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, layers: nn.ModuleList, max_drift: float | None, *params: nn.Parameter
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.layers = layers
+        ctx.num_params = len(params)
         ctx.max_drift = max_drift
         ctx.device_type = x.device.type
         ctx.autocast, ctx.autocast_dtype = _autocast_state(x.device.type)
@@ -68,23 +83,14 @@ class _ReversibleChain(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor, grad_logdet: torch.Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
         x_in, y = ctx.saved_tensors
-        params = _params(ctx.layers)
-        index = {id(p): i for i, p in enumerate(params)}
-        grads: list[torch.Tensor | None] = [None] * len(params)
         if grad_y is None:
             grad_y = torch.zeros_like(y)
         if grad_logdet is None:
             grad_logdet = y.new_zeros(y.shape[0], dtype=torch.float32)
         with torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast):
-            for layer in reversed(ctx.layers):
-                layer_params = [p for p in layer.parameters() if p.requires_grad]
-                y, grad_y, layer_grads = _layer_backward(layer, y, grad_y, grad_logdet, layer_params)
-                for p, g in zip(layer_params, layer_grads):
-                    if g is not None:
-                        k = index[id(p)]
-                        grads[k] = g if grads[k] is None else grads[k] + g
+            y, grad_y = chain_backward_from_output(ctx.layers, y, grad_y, grad_logdet)
         _check_drift(y, x_in, ctx.max_drift)
-        return (grad_y, None, None, *grads)
+        return (grad_y, None, None) + (None,) * ctx.num_params
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:

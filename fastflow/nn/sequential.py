@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fastflow.nn.base import FlowLayer
-from fastflow.nn.reversible import reversible_chain
+from fastflow.nn.reversible import chain_backward_from_output, reversible_chain
 
 __all__ = ["FlowSequential"]
 
@@ -54,3 +54,9 @@ class FlowSequential(FlowLayer):
         if total is None:
             raise ValueError("FlowSequential has no layers")
         return y, total
+
+    def backward_from_output(
+        self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reversible backward of the chain from its output (nested chains keep their layers' fused paths)."""
+        return chain_backward_from_output(self.layers, y, grad_y, grad_logdet)

@@ -110,13 +110,12 @@ def test_reconstruction_drift_through_64_steps_is_small():
     assert drift < 1e-4, f"float32 drift through 64 Glow steps: {drift:.2e}"
 
 
-def test_drift_guard_raises_instead_of_returning_bad_gradients(monkeypatch):
+def test_drift_guard_raises_instead_of_returning_bad_gradients():
     chain = FlowSequential(FlowStep(4, hidden=8), FlowStep(4, hidden=8), reversible=True).train()
     x = torch.randn(2, 4, 4, 4, requires_grad=True)
     y, logdet = chain(x)
-    step = chain.layers[1]
-    original_inverse = step.inverse
-    monkeypatch.setattr(step, "inverse", lambda v: (original_inverse(v)[0] + 0.1, original_inverse(v)[1]))
+    with torch.no_grad():  # the map changes between forward and backward: the rebuilt input is wrong
+        chain.layers[1].actnorm.bias.add_(0.5)
     with pytest.raises(ReconstructionError, match="relative drift"):
         (y.sum() + logdet.sum()).backward()
 

@@ -1,0 +1,117 @@
+"""One Glow training step (forward + backward): time and peak memory, standard vs reversible backprop.
+
+Peak memory is what the step adds on top of the model, its gradient buffers and its inputs:
+``max_memory_allocated`` on CUDA;
+on the CPU the growth of peak RSS (``ru_maxrss``) in a fresh subprocess per configuration, so one
+configuration's allocations never hide another's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from typing import Any
+
+import torch
+
+from benchmarks.common import median_ms
+from fastflow.models import Glow
+
+__all__ = ["measure", "measure_isolated", "depth_sweep", "largest_batch"]
+
+
+def _model_and_batch(cfg: dict[str, Any], device: torch.device) -> tuple[Glow, torch.Tensor]:
+    model = Glow(
+        in_channels=3, image_size=cfg["resolution"], levels=cfg["levels"], steps=cfg["steps"], hidden=cfg["hidden"],
+        reversible=cfg["reversible"],
+    ).to(device)  # fmt: skip
+    x = torch.rand(cfg["batch"], 3, cfg["resolution"], cfg["resolution"], device=device) - 0.5
+    with torch.no_grad():
+        model.train()
+        model.log_prob(x)  # data-dependent ActNorm init, outside the measured step
+    for p in model.parameters():  # gradients are model state, not activations: allocate them up front
+        p.grad = torch.zeros_like(p)
+    return model, x
+
+
+def _step(model: Glow, x: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=False)
+    model.bits_per_dim(x).mean().backward()
+
+
+def measure(cfg: dict[str, Any], device: torch.device, reps: int = 3) -> dict[str, Any]:
+    """Peak extra memory (MB) and median time (ms) of one training step for ``cfg`` in this process."""
+    model, x = _model_and_batch(cfg, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        _step(model, x)
+        torch.cuda.synchronize()
+        peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        _step(model, x)
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    ms = median_ms(lambda: _step(model, x), device, reps=reps, warmup=1)
+    return {**cfg, "peak_mb": peak_mb, "ms": ms}
+
+
+def measure_isolated(cfg: dict[str, Any], device: torch.device, reps: int = 3) -> dict[str, Any]:
+    """:func:`measure` in a fresh subprocess (CPU peak RSS must not see other configurations)."""
+    if device.type == "cuda":
+        return measure(cfg, device, reps)
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--config", json.dumps(cfg), "--reps", str(reps)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def depth_sweep(device: torch.device, quick: bool) -> list[dict[str, Any]]:
+    """Standard vs reversible over K in {8, 16, 32, 64} at a fixed resolution."""
+    if device.type == "cuda":
+        base = {"resolution": 64, "levels": 3, "hidden": 512, "batch": 16}
+    else:
+        base = {"resolution": 32, "levels": 3, "hidden": 64, "batch": 8}
+    rows = []
+    for steps in (8, 16, 32, 64) if not quick else (8, 32, 64):
+        pair = {}
+        for reversible in (False, True):
+            pair[reversible] = measure_isolated({**base, "steps": steps, "reversible": reversible}, device)
+        for reversible, row in pair.items():
+            row["mode"] = "reversible" if reversible else "standard"
+            row["memory_vs_standard"] = row["peak_mb"] / pair[False]["peak_mb"]
+            row["time_vs_standard"] = row["ms"] / pair[False]["ms"]
+            rows.append(row)
+    return rows
+
+
+def largest_batch(cfg: dict[str, Any], device: torch.device, limit: int = 256) -> int:
+    """Largest power-of-two batch whose training step fits in CUDA memory (0 if batch 1 does not)."""
+    best, batch = 0, 1
+    while batch <= limit:
+        try:
+            model, x = _model_and_batch({**cfg, "batch": batch}, device)
+            _step(model, x)
+            best = batch
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            model = x = None  # noqa: F841 - release before the next try
+            torch.cuda.empty_cache()
+        batch *= 2
+    return best
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    print(json.dumps(measure(json.loads(args.config), torch.device("cpu"), args.reps)))
+
+
+if __name__ == "__main__":
+    _main()
