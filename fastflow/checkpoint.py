@@ -30,7 +30,10 @@ def _architecture(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_checkpoint(
-    path: str | os.PathLike[str], model: FlowModel, optimizer: torch.optim.Optimizer | None = None, **extra: Any
+    path: str | os.PathLike[str],
+    model: FlowModel,
+    optimizer: torch.optim.Optimizer | None = None,
+    **extra: Any,
 ) -> None:
     """Write ``{model class, config, state_dict, optimizer state, extra}`` to ``path`` via a temporary file
     in the same folder and an atomic rename, so a run killed mid-write leaves the previous file intact."""

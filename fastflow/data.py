@@ -9,7 +9,9 @@ __all__ = ["DIGITS_N_BINS", "load_digits"]
 DIGITS_N_BINS = 17
 
 
-def load_digits(test_fraction: float = 0.15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_digits(
+    test_fraction: float = 0.15, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(train_levels, train_labels, test_levels, test_labels)``: integer pixel levels in ``[0, 17)`` of
     shape ``(N, 1, 8, 8)`` and digit labels, split at random (fixed ``seed``) with ``test_fraction`` held out."""
     if not 0.0 < test_fraction < 1.0:

@@ -25,7 +25,11 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int | No
     pixels = (images.detach().float().cpu() + 0.5).clamp(0.0, 1.0)
     for i in range(n):
         r, col = divmod(i, nrow)
-        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = pixels[i]
+        grid[
+            :,
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + col * (w + pad) : pad + col * (w + pad) + w,
+        ] = pixels[i]
     array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     img = Image.fromarray(array[:, :, 0] if c == 1 else array)
     if scale > 1:

@@ -29,7 +29,11 @@ class TrainConfig:
 
 @torch.no_grad()
 def evaluate_bits_per_dim(
-    model: FlowModel, levels: torch.Tensor, labels: torch.Tensor | None = None, batch: int = 256, seed: int = 1
+    model: FlowModel,
+    levels: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    batch: int = 256,
+    seed: int = 1,
 ) -> float:
     """Mean bits/dim of integer ``levels`` under ``model`` with one fixed-seed uniform dequantization."""
     was_training = model.training

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastflow.models.priors import TopPrior
 from fastflow.nn.base import check_image
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.split import Split
-from fastflow.models.priors import TopPrior
 
 __all__ = ["FlowModel", "dequantize"]
 
@@ -51,7 +51,9 @@ class FlowModel(nn.Module):
     ) -> None:
         super().__init__()
         if len(splits) != len(blocks) - 1:
-            raise ValueError(f"need one split between consecutive blocks, got {len(blocks)} blocks, {len(splits)} splits")
+            raise ValueError(
+                f"need one split between consecutive blocks, got {len(blocks)} blocks, {len(splits)} splits"
+            )
         if n_bins < 2:
             raise ValueError(f"n_bins must be >= 2, got {n_bins}")
         self.blocks = nn.ModuleList(blocks)

@@ -87,7 +87,12 @@ class NICE(FlowModel):
         h, w = image_hw(image_size)
         d = in_channels * h * w
         config = dict(
-            in_channels=in_channels, image_size=(h, w), couplings=couplings, hidden=hidden, depth=depth, n_bins=n_bins,
+            in_channels=in_channels,
+            image_size=(h, w),
+            couplings=couplings,
+            hidden=hidden,
+            depth=depth,
+            n_bins=n_bins,
             reversible=reversible,
         )
         layers: list[FlowLayer] = [NICECoupling(d, hidden, depth, parity=i % 2) for i in range(couplings)]

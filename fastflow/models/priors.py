@@ -51,11 +51,15 @@ class GaussianPrior(TopPrior):
             params = params + self.params.to(dtype)
         if self.class_proj is not None:
             if y is None:
-                raise ValueError(f"y (class labels) is required: the model is conditioned on {self.num_classes} classes")
+                raise ValueError(
+                    f"y (class labels) is required: the model is conditioned on {self.num_classes} classes"
+                )
             if y.shape != (n,) or y.dtype not in (torch.int32, torch.int64):
                 raise ValueError(f"y must be integer labels of shape ({n},), got {y.dtype} {tuple(y.shape)}")
             if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
-                raise ValueError(f"y must be in [0, {self.num_classes}), got values in [{int(y.min())}, {int(y.max())}]")
+                raise ValueError(
+                    f"y must be in [0, {self.num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
+                )
             one_hot = F.one_hot(y.to(device).long(), self.num_classes).to(dtype)
             params = params + self.class_proj(one_hot).to(dtype)[:, :, None, None]
         elif y is not None:

@@ -40,7 +40,12 @@ class RealNVP(FlowModel):
         if h % 2 ** (scales - 1) or w % 2 ** (scales - 1):
             raise ValueError(f"image_size {(h, w)} must be divisible by 2**(scales-1) = {2 ** (scales - 1)}")
         config = dict(
-            in_channels=in_channels, image_size=(h, w), scales=scales, hidden=hidden, n_bins=n_bins, reversible=reversible
+            in_channels=in_channels,
+            image_size=(h, w),
+            scales=scales,
+            hidden=hidden,
+            n_bins=n_bins,
+            reversible=reversible,
         )
         blocks, splits = [], []
         c, hh, ww = in_channels, h, w

@@ -26,9 +26,7 @@ def actnorm_ref(x: torch.Tensor, bias: torch.Tensor, logs: torch.Tensor) -> tupl
     return y, actnorm_logdet(logs, x)
 
 
-def actnorm_inverse_ref(
-    y: torch.Tensor, bias: torch.Tensor, logs: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def actnorm_inverse_ref(y: torch.Tensor, bias: torch.Tensor, logs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager inverse ``(y * exp(-logs) - bias, -logdet)``."""
     x = y * torch.exp(-logs).to(y.dtype) - bias.to(y.dtype)
     return x, -actnorm_logdet(logs, y)

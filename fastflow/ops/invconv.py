@@ -39,4 +39,3 @@ def lu_inverse_weight(
     eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
     lower_inv = torch.linalg.solve_triangular(unit_lower, eye, upper=False, unitriangular=True)
     return torch.linalg.solve_triangular(upper_diag, lower_inv, upper=True)[:, perm]
-

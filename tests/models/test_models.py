@@ -107,7 +107,11 @@ def test_nonfinite_likelihood_names_the_layer():
         (lambda m: m.log_prob(torch.rand(2, 2, 4)), ValueError, "rank 3"),
         (lambda m: m.decode([torch.zeros(1)]), ValueError, "latents must be a list of 2"),
         (lambda m: m.sample(0), ValueError, "n must be >= 1"),
-        (lambda m: m.log_prob(torch.rand(2, 2, 4, 4), torch.tensor([0, 1])), ValueError, "no class conditioning"),
+        (
+            lambda m: m.log_prob(torch.rand(2, 2, 4, 4), torch.tensor([0, 1])),
+            ValueError,
+            "no class conditioning",
+        ),
     ],
 )
 def test_bad_model_inputs_raise(call, error, match):
