@@ -10,10 +10,10 @@ from fastflow.ops._checks import logdet_dtype
 from fastflow.ops.channel_mix import channel_mix
 from fastflow.ops.invconv import lu_inverse_weight, lu_weight_and_logdet
 
-__all__ = ["InvConv1x1"]
+__all__ = ["InvConv1x1", "exact_dtype"]
 
 
-def _exact_dtype(x: torch.Tensor) -> torch.autocast:
+def exact_dtype(x: torch.Tensor) -> torch.autocast:
     """Autocast off: the mix must run in the input's dtype to stay invertible to its rounding."""
     return torch.autocast(device_type=x.device.type, enabled=False)
 
@@ -74,12 +74,12 @@ class InvConv1x1(FlowLayer):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W x, H * W * log|det W|)`` for ``x`` of shape ``(B, C, H, W)``."""
         check_image("x", x, self.num_channels)
-        with _exact_dtype(x):
+        with exact_dtype(x):
             weight, weight_logdet = self.weight_and_logdet()
             return channel_mix(x, weight), self._layer_logdet(weight_logdet, x)
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W^-1 y, -H * W * log|det W|)``."""
         check_image("y", y, self.num_channels)
-        with _exact_dtype(y):
+        with exact_dtype(y):
             return channel_mix(y, self.inverse_weight()), -self._layer_logdet(self.weight_logdet(), y)

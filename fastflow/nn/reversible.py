@@ -14,12 +14,19 @@ Drift guard: after the walk, the rebuilt chain input is compared with the saved 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ReconstructionError", "reversible_chain", "chain_backward_from_output", "DEFAULT_MAX_DRIFT"]
+__all__ = [
+    "DEFAULT_MAX_DRIFT",
+    "ReconstructionError",
+    "chain_backward_from_output",
+    "recompute_backward",
+    "reversible_chain",
+]
 
 # Relative drift max|x_rebuilt - x| / max|x| tolerated per chain, by dtype of the chain input.
 DEFAULT_MAX_DRIFT = {torch.float64: 1e-8, torch.float32: 1e-3, torch.bfloat16: 1e-1, torch.float16: 5e-2}
@@ -29,27 +36,39 @@ class ReconstructionError(RuntimeError):
     """The input rebuilt by the inverse drifted from the true input beyond the tolerance."""
 
 
-def _layer_backward(
-    layer: nn.Module, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor
+def recompute_backward(
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    inverse: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    params: list[nn.Parameter],
+    y: torch.Tensor,
+    grad_y: torch.Tensor,
+    grad_logdet: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, grad_x)`` for one layer from its output ``y``; parameter gradients are accumulated into
-    ``.grad`` by a nested backward (through the parameters' AccumulateGrad nodes, so DDP hooks fire) and
-    never held for more than one layer."""
-    fused = getattr(layer, "backward_from_output", None)
-    if fused is not None:
-        return fused(y, grad_y, grad_logdet)
+    """``(x, grad_x)`` of the map ``forward`` from its output: rebuild ``x = inverse(y)``, recompute
+    ``forward(x)`` with a graph and backpropagate. Parameter gradients are accumulated into ``.grad`` by the
+    nested backward (through the parameters' AccumulateGrad nodes, so DDP hooks fire)."""
     with torch.no_grad():
-        x, _ = layer.inverse(y)
+        x, _ = inverse(y)
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        y_again, logdet = layer(x)
+        y_again, logdet = forward(x)
         outputs, grads = [y_again], [grad_y]
         if logdet.requires_grad:
             outputs.append(logdet)
             grads.append(grad_logdet.to(logdet.dtype))
-        params = [p for p in layer.parameters() if p.requires_grad]
-        torch.autograd.backward(outputs, grads, inputs=[x, *params])
+        torch.autograd.backward(outputs, grads, inputs=[x, *(p for p in params if p.requires_grad)])
     return x.detach(), x.grad
+
+
+def _layer_backward(
+    layer: nn.Module, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, grad_x)`` for one layer from its output ``y``: its fused ``backward_from_output`` where it has
+    one, else :func:`recompute_backward`."""
+    fused = getattr(layer, "backward_from_output", None)
+    if fused is not None:
+        return fused(y, grad_y, grad_logdet)
+    return recompute_backward(layer, layer.inverse, list(layer.parameters()), y, grad_y, grad_logdet)
 
 
 def chain_backward_from_output(

@@ -14,6 +14,9 @@ Precision: ``b'`` is added in the float32 accumulator, but ``W'`` multiplies ``x
 channels whose mean is large against their spread lose up to ``|mean| / std`` times more relative
 precision than ActNorm-then-conv. Exact float32 (``allow_tf32 = False``) is unaffected.
 
+Dispatch: on the ``"eager"`` backend the two functions are their eager twins (ActNorm, then the conv: two
+passes); on ``"triton"`` / ``"interpret"`` they fold and run one fused channel mix.
+
 Shapes: ``x`` ``(B, C, H, W)``; ``bias`` and ``logs`` ``(1, C, 1, 1)``; ``weight`` and ``weight_inverse``
 ``(C, C)``; ``weight_logdet`` a scalar tensor (``log|det W|``).
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from fastflow.backend import resolve_backend
 from fastflow.ops._checks import check_float_tensor, logdet_dtype
 from fastflow.ops.actnorm import actnorm_inverse_ref, actnorm_ref
 from fastflow.ops.channel_mix import channel_mix, channel_mix_ref
@@ -78,6 +82,8 @@ def actnorm_invconv(
     layout; ``logdet`` is ``(B,)`` float32 (float64 for float64 ``x``).
     """
     _check_args("x", x, bias, logs, "weight", weight, weight_logdet)
+    if resolve_backend(x) == "eager":
+        return actnorm_invconv_ref(x, bias, logs, weight, weight_logdet)
     weight_folded = weight * torch.exp(logs.to(weight.dtype)).reshape(1, -1)
     bias_folded = weight_folded @ bias.to(weight.dtype).reshape(-1)
     return channel_mix(x, weight_folded, bias_folded), _logdet(x, logs, weight_logdet)
@@ -95,6 +101,8 @@ def actnorm_invconv_inverse(
     ``weight_inverse`` is ``W^-1`` and ``weight_logdet`` is ``log|det W|`` (of ``W``, not of its inverse).
     """
     _check_args("y", y, bias, logs, "weight_inverse", weight_inverse, weight_logdet)
+    if resolve_backend(y) == "eager":
+        return actnorm_invconv_inverse_ref(y, bias, logs, weight_inverse, weight_logdet)
     inverse_folded = torch.exp(-logs.to(weight_inverse.dtype)).reshape(-1, 1) * weight_inverse
     x = channel_mix(y, inverse_folded, -bias.to(weight_inverse.dtype).reshape(-1))
     return x, -_logdet(y, logs, weight_logdet)
