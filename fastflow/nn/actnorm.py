@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -29,6 +31,19 @@ class ActNorm(FlowLayer):
         self.bias = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
         self.logs = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
         self.register_buffer("initialized", torch.tensor(False))
+        # Python mirror of the buffer: checking it needs no device sync and no graph break under compile.
+        self._initialized = False
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether the data-dependent initialisation has run (or was loaded from a state_dict)."""
+        return self._initialized
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        key = prefix + "initialized"
+        if key in state_dict:
+            self._initialized = bool(state_dict[key])
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -43,11 +58,12 @@ class ActNorm(FlowLayer):
         self.bias.copy_(-mean.view_as(self.bias))
         self.logs.copy_(-torch.log(std + self.eps).view_as(self.logs))
         self.initialized.fill_(True)
+        self._initialized = True
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, logdet)`` for ``x`` of shape ``(B, C, H, W)``."""
         check_image("x", x, self.num_channels)
-        if self.training and not bool(self.initialized):
+        if self.training and not self.is_initialized:
             self.initialize(x)
         return actnorm_ref(x, self.bias, self.logs)
 

@@ -63,7 +63,7 @@ class FlowStep(FlowSequential):
     def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ActNorm then the 1x1 convolution, as one op."""
         actnorm, invconv = self.actnorm, self.invconv
-        if actnorm.training and not bool(actnorm.initialized):
+        if actnorm.training and not actnorm.is_initialized:
             actnorm.initialize(x)
         with exact_dtype(x):
             weight, weight_logdet = invconv.weight_and_logdet()
