@@ -20,6 +20,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+bench: $(STAMP)
+	$(PY) -m benchmarks --device cpu --quick
+
+# On a CUDA machine, with its own torch and triton: the gpu-marked tests, then every benchmark.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	FASTFLOW_TEST_GPU=1 $(GPU_PY) -m pytest -q -m gpu tests
+	$(GPU_PY) -m benchmarks --device cuda
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 

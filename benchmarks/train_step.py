@@ -1,16 +1,17 @@
 """One Glow training step (forward + backward): time and peak memory, standard vs reversible backprop.
 
 Peak memory is what the step adds on top of the model, its gradient buffers and its inputs:
-``max_memory_allocated`` on CUDA;
-on the CPU the growth of peak RSS (``ru_maxrss``) in a fresh subprocess per configuration, so one
-configuration's allocations never hide another's.
+``max_memory_allocated`` on CUDA; on the CPU the peak RSS (``VmHWM``, reset just before the step) above the
+RSS before it, in a fresh subprocess per configuration so one configuration's allocations never hide
+another's, with large allocations served by mmap so that RSS tracks live tensors. Both are measured on the
+second step (steady state).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 from typing import Any
@@ -42,31 +43,63 @@ def _step(model: Glow, x: torch.Tensor) -> None:
     model.bits_per_dim(x).mean().backward()
 
 
-def measure(cfg: dict[str, Any], device: torch.device, reps: int = 3) -> dict[str, Any]:
-    """Peak extra memory (MB) and median time (ms) of one training step for ``cfg`` in this process."""
-    model, x = _model_and_batch(cfg, device)
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss_kb() -> int:
+    """Reset the process's peak RSS (VmHWM) to its current RSS and return that RSS in KiB (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS")
+
+
+def _peak_mb(model: Glow, x: torch.Tensor, device: torch.device) -> float:
+    _step(model, x)  # warm-up: allocator caches, thread pools and gradients exist before the measured step
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         _step(model, x)
         torch.cuda.synchronize()
-        peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        _step(model, x)
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    ms = median_ms(lambda: _step(model, x), device, reps=reps, warmup=1)
-    return {**cfg, "peak_mb": peak_mb, "ms": ms}
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    base_kb = _reset_peak_rss_kb()
+    _step(model, x)
+    return (_status_kb("VmHWM") - base_kb) / 1024
+
+
+def measure(cfg: dict[str, Any], device: torch.device, reps: int = 3, what: str = "both") -> dict[str, Any]:
+    """Peak extra memory (MB, of a step after a warm-up step) and median time (ms) of one training step for
+    ``cfg`` in this process; ``what`` is ``"memory"``, ``"time"`` or ``"both"``."""
+    model, x = _model_and_batch(cfg, device)
+    row = dict(cfg)
+    if what in ("memory", "both"):
+        row["peak_mb"] = _peak_mb(model, x, device)
+    if what in ("time", "both"):
+        row["ms"] = median_ms(lambda: _step(model, x), device, reps=reps, warmup=1)
+    return row
+
+
+def _child(cfg: dict[str, Any], reps: int, what: str, env: dict[str, str]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--config", json.dumps(cfg), "--reps", str(reps)]
+    out = subprocess.run(
+        [*cmd, "--what", what], check=True, capture_output=True, text=True, env={**os.environ, **env}
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def measure_isolated(cfg: dict[str, Any], device: torch.device, reps: int = 3) -> dict[str, Any]:
-    """:func:`measure` in a fresh subprocess (CPU peak RSS must not see other configurations)."""
+    """:func:`measure` on CUDA; on the CPU two fresh subprocesses: one for memory, with glibc serving every
+    allocation of 16 KiB or more by mmap so that freed memory leaves the RSS (which then tracks live tensors),
+    and one for time, with the default allocator."""
     if device.type == "cuda":
         return measure(cfg, device, reps)
-    cmd = [sys.executable, "-m", "benchmarks.train_step", "--config", json.dumps(cfg), "--reps", str(reps)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    memory = _child(cfg, reps, "memory", {"MALLOC_MMAP_THRESHOLD_": "16384"})
+    return {**memory, **_child(cfg, reps, "time", {})}
 
 
 def depth_sweep(device: torch.device, quick: bool) -> list[dict[str, Any]]:
@@ -109,8 +142,9 @@ def _main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--what", choices=("memory", "time", "both"), default="both")
     args = parser.parse_args()
-    print(json.dumps(measure(json.loads(args.config), torch.device("cpu"), args.reps)))
+    print(json.dumps(measure(json.loads(args.config), torch.device("cpu"), args.reps, args.what)))
 
 
 if __name__ == "__main__":

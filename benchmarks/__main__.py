@@ -1,0 +1,81 @@
+"""``python -m benchmarks``: run the suite, print and write the markdown tables, JSON and a PNG plot.
+
+Cases: ``coupling`` (the coupling op), ``actnorm_invconv`` (ActNorm + 1x1 conv), ``flowstep`` (one Glow
+step), ``train_step`` (a Glow training step over depth, standard vs reversible, time and peak memory; on
+CUDA also the largest batch that fits at 256x256). Each timed case checks the fused result against eager
+first and refuses to report a speed for a wrong answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import torch
+
+from benchmarks import bench_actnorm_invconv, bench_coupling, bench_flowstep, train_step
+from benchmarks.common import copy_bandwidth_gbs, device_slug, environment, markdown_table, write_results
+from benchmarks.plot import plot_results
+
+CASES = ("coupling", "actnorm_invconv", "flowstep", "train_step")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _run_case(name: str, device: torch.device, dtype: torch.dtype, quick: bool) -> list[dict[str, Any]]:
+    if name == "coupling":
+        kwargs = {} if not quick else {"sizes": bench_coupling.GLOW_SIZES[:2]}
+        return bench_coupling.run(device, dtype, quick=quick, **kwargs)
+    if name == "actnorm_invconv":
+        return bench_actnorm_invconv.run(device.type, dtype, None, quick)
+    if name == "flowstep":
+        return bench_flowstep.run(device, dtype, quick)
+    rows = train_step.depth_sweep(device, quick)
+    if device.type == "cuda" and not quick:
+        for reversible in (False, True):
+            cfg = {"resolution": 256, "levels": 6, "steps": 32, "hidden": 512, "reversible": reversible}
+            rows.append({**cfg, "mode": "largest batch", "batch": train_step.largest_batch(cfg, device)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {CASES}")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for <device>.json/.md/.png")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; choose from {CASES}")
+    env = environment(device)
+    env["copy_bandwidth_gbs"] = copy_bandwidth_gbs(device)
+    print(
+        f"fastflow benchmarks on {env['device']} | copy bandwidth {env['copy_bandwidth_gbs']:.0f} GB/s",
+        flush=True,
+    )
+    results: dict[str, list[dict[str, Any]]] = {}
+    tables: dict[str, str] = {}
+    for case in cases:
+        start = time.perf_counter()
+        rows = _run_case(case, device, DTYPES[args.dtype], args.quick)
+        results[case] = rows
+        columns = list(dict.fromkeys(k for row in rows for k in row if k not in ("device",)))
+        tables[case] = markdown_table(rows, columns)
+        print(f"\n## {case} ({time.perf_counter() - start:.0f} s)\n\n{tables[case]}", flush=True)
+    slug = device_slug(env) + ("" if args.dtype == "float32" else f"-{args.dtype}")
+    payload = {"environment": env, "quick": args.quick, "results": results}
+    json_path, md_path = write_results(payload, tables, args.out, slug)
+    png_path = plot_results(results, f"{args.out}/{slug}.png", env["device"])
+    print(f"\nwrote {json_path}, {md_path}" + (f", {png_path}" if png_path else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
