@@ -12,6 +12,7 @@ from fastflow.models.priors import TopPrior
 from fastflow.nn.base import check_image
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.split import Split
+from fastflow.nn.tiling import Tiling
 
 __all__ = ["FlowModel", "dequantize"]
 
@@ -64,6 +65,18 @@ class FlowModel(nn.Module):
         self.config = dict(config)
         self.check_finite = True
         self.reversible = bool(config.get("reversible", False))
+
+    def set_tiling(self, tile_size: int | None = None, memory_budget_mb: float | None = None) -> None:
+        """Run every coupling network in spatial tiles (with the halo its convolutions need, exact) when it
+        runs without a graph: in reversible backprop's forward and recompute, in ``inverse``/``sample``, and
+        under ``torch.no_grad``. ``tile_size`` fixes the tile side; otherwise it is the largest side whose
+        network activations fit in ``memory_budget_mb`` per coupling. Both None turns tiling off."""
+        tiling = None
+        if tile_size is not None or memory_budget_mb is not None:
+            tiling = Tiling(tile_size=tile_size, memory_budget_mb=memory_budget_mb or 1024.0)
+        for module in self.modules():
+            if hasattr(module, "tiling"):
+                module.tiling = tiling
 
     @property
     def reversible(self) -> bool:

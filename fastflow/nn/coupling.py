@@ -8,6 +8,7 @@ import torch
 
 from fastflow.nn.base import FlowLayer, check_image
 from fastflow.nn.coupling_network import coupling_network
+from fastflow.nn.tiling import Tile, Tiling, tiles
 from fastflow.ops.coupling import (
     SCALE_KINDS,
     ScaleKind,
@@ -50,7 +51,9 @@ class _Coupling(FlowLayer):
         self.parity = parity
         self.cond_channels = num_channels // 2 if mask == "channel" else num_channels
         self.out_channels = num_channels - num_channels // 2 if mask == "channel" else num_channels
+        self.hidden = hidden
         self.net = coupling_network(self.cond_channels, hidden, self.outputs_per_channel * self.out_channels)
+        self.tiling: Tiling | None = None
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n_a = self.cond_channels
@@ -70,15 +73,36 @@ class _Coupling(FlowLayer):
         # Under autocast the network may answer in another dtype; the transform runs in the input's dtype.
         return list(self.net(a).to(a.dtype).chunk(self.outputs_per_channel, dim=1))
 
+    def _tiles(self, x: torch.Tensor) -> list[Tile]:
+        """One tile for the whole image without tiling, else the tiles of :attr:`tiling`."""
+        height, width = x.shape[2], x.shape[3]
+        if self.tiling is None:
+            return [Tile(0, height, 0, width, 0, height, 0, width)]
+        return list(tiles(height, width, self.tiling.side(x.shape[0], self.hidden, x.element_size())))
+
+    def _net_outputs_no_grad(self, a: torch.Tensor) -> list[torch.Tensor]:
+        """The network's outputs without a graph, tile by tile under :attr:`tiling` (exact; see tiling)."""
+        parts = self._tiles(a)
+        if len(parts) == 1:
+            return self._net_outputs(a)
+        out = a.new_empty(a.shape[0], self.outputs_per_channel * self.out_channels, *a.shape[2:])
+        for tile in parts:
+            window = self.net(a[(..., *tile.window)]).to(a.dtype)
+            out[(..., *tile.core)] = window[(..., *tile.core_in_window)]
+        return list(out.chunk(self.outputs_per_channel, dim=1))
+
+    def _masked_outputs(self, net_in: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+        outs = self._net_outputs(net_in) if torch.is_grad_enabled() else self._net_outputs_no_grad(net_in)
+        return outs if mask is None else [o * (1.0 - mask) for o in outs]
+
     def _couple(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         check_image("y" if inverse else "x", x, self.num_channels)
         if self.mask == "channel":
             a, b = self._split(x)
-            b_out, logdet = self._transform(b, self._net_outputs(a), inverse)
+            b_out, logdet = self._transform(b, self._masked_outputs(a, None), inverse)
             return self._join(a, b_out), logdet
         m = self._checkerboard(x)
-        outs = [o * (1.0 - m) for o in self._net_outputs(x * m)]
-        return self._transform(x, outs, inverse)
+        return self._transform(x, self._masked_outputs(x * m, m), inverse)
 
     def _transform(
         self, b: torch.Tensor, outs: list[torch.Tensor], inverse: bool
@@ -97,30 +121,36 @@ class _Coupling(FlowLayer):
 
         The conditioning part passes through unchanged, so the network runs once (with a graph) on it; one
         fused pass then rebuilds ``x_b`` from ``y_b`` and gives the gradients w.r.t. ``x_b`` and the network
-        outputs, which are backpropagated through the network.
+        outputs, which are backpropagated through the network. Under :attr:`tiling` this runs tile by tile,
+        so the network's activations are those of one tile (plus halo), not of the whole image.
         """
         check_image("y", y, self.num_channels)
         if self.mask == "channel":
-            y_a, y_b = self._split(y)
+            net_in_full, y_b = self._split(y)
             grad_a, grad_b = self._split(grad_y)
             mask = None
         else:
             mask = self._checkerboard(y)
-            y_a, y_b, grad_a, grad_b = y * mask, y, None, grad_y
-        with torch.enable_grad():
-            net_in = y_a.detach().requires_grad_(True)
-            outs = self._net_outputs(net_in)
-            if mask is not None:
-                outs = [o * (1.0 - mask) for o in outs]
-        with torch.no_grad():
-            x_b, grad_x_b, grad_outs = self._transform_backward_from_output(
-                y_b, [o.detach() for o in outs], grad_b, grad_logdet
-            )
+            net_in_full, y_b, grad_a, grad_b = y * mask, y, None, grad_y
         params = [p for p in self.parameters() if p.requires_grad]
-        torch.autograd.backward(outs, grad_outs, inputs=[net_in, *params])
+        x_b, grad_x_b = torch.empty_like(y_b), torch.empty_like(y_b)
+        grad_net_in = torch.zeros_like(net_in_full)
+        for tile in self._tiles(y):
+            core = (..., *tile.core)
+            with torch.enable_grad():
+                net_in = net_in_full[(..., *tile.window)].detach().requires_grad_(True)
+                outs = [o[(..., *tile.core_in_window)] for o in self._net_outputs(net_in)]
+                if mask is not None:
+                    outs = [o * (1.0 - mask[core]) for o in outs]
+            with torch.no_grad():
+                x_b[core], grad_x_b[core], grad_outs = self._transform_backward_from_output(
+                    y_b[core], [o.detach() for o in outs], grad_b[core], grad_logdet
+                )
+            torch.autograd.backward(outs, grad_outs, inputs=[net_in, *params])
+            grad_net_in[(..., *tile.window)] += net_in.grad
         if mask is None:
-            return self._join(y_a, x_b), self._join(grad_a + net_in.grad, grad_x_b)
-        return x_b, grad_x_b + net_in.grad * mask
+            return self._join(net_in_full, x_b), self._join(grad_a + grad_net_in, grad_x_b)
+        return x_b, grad_x_b + grad_net_in * mask
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, logdet)`` for ``x`` of shape ``(B, C, H, W)``."""

@@ -1,0 +1,91 @@
+"""Spatial tiling of the coupling network: exact tiles with the halo its 3x3 convolutions need.
+
+The coupling network (conv3x3 -> ReLU -> conv1x1 -> ReLU -> conv3x3) has a receptive-field radius of
+``HALO = 2`` pixels. Its output on a tile ``[h0, h1) x [w0, w1)`` is computed exactly from the input on the
+tile grown by the halo and clipped to the image: inside the image the halo supplies the real neighbours;
+at the image border the clipped edge coincides with the image edge, where both convolutions zero-pad exactly
+as on the whole image. Only the tile's own rows and columns of the output are kept.
+
+The tile side is ``tile_size`` when given, else the largest side whose network activations fit in
+``memory_budget_mb`` (see :func:`choose_tile_size`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+__all__ = ["HALO", "Tile", "Tiling", "choose_tile_size", "tiles"]
+
+HALO = 2
+# Hidden-width tensors alive at once while one tile is recomputed and backpropagated (two conv outputs, two
+# ReLU outputs, their gradients): the per-pixel cost model behind the automatic tile size.
+ACTIVE_HIDDEN_TENSORS = 6
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tiling policy of a coupling network: a fixed ``tile_size`` or a ``memory_budget_mb`` to fit."""
+
+    tile_size: int | None = None
+    memory_budget_mb: float = 1024.0
+
+    def __post_init__(self) -> None:
+        if self.tile_size is not None and self.tile_size < 1:
+            raise ValueError(f"tile_size must be >= 1, got {self.tile_size}")
+        if self.memory_budget_mb <= 0:
+            raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
+
+    def side(self, batch: int, hidden: int, element_size: int) -> int:
+        """The tile side for a batch of ``batch`` images through a network of width ``hidden``."""
+        if self.tile_size is not None:
+            return self.tile_size
+        return choose_tile_size(batch, hidden, element_size, self.memory_budget_mb)
+
+
+def choose_tile_size(batch: int, hidden: int, element_size: int, memory_budget_mb: float) -> int:
+    """Largest tile side ``t`` with ``batch * hidden * (t + 2 * HALO)^2 * element_size * 6 <= budget``
+    (at least 1)."""
+    per_pixel = batch * hidden * element_size * ACTIVE_HIDDEN_TENSORS
+    side_with_halo = math.isqrt(int(memory_budget_mb * 2**20 // per_pixel))
+    return max(side_with_halo - 2 * HALO, 1)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A tile ``[h0, h1) x [w0, w1)`` and its halo window ``[hh0, hh1) x [ww0, ww1)`` clipped to the image."""
+
+    h0: int
+    h1: int
+    w0: int
+    w1: int
+    hh0: int
+    hh1: int
+    ww0: int
+    ww1: int
+
+    @property
+    def core(self) -> tuple[slice, slice]:
+        """Slices of the tile in image coordinates."""
+        return slice(self.h0, self.h1), slice(self.w0, self.w1)
+
+    @property
+    def window(self) -> tuple[slice, slice]:
+        """Slices of the halo window in image coordinates."""
+        return slice(self.hh0, self.hh1), slice(self.ww0, self.ww1)
+
+    @property
+    def core_in_window(self) -> tuple[slice, slice]:
+        """Slices of the tile in the coordinates of its halo window."""
+        return slice(self.h0 - self.hh0, self.h1 - self.hh0), slice(self.w0 - self.ww0, self.w1 - self.ww0)
+
+
+def tiles(height: int, width: int, side: int) -> Iterator[Tile]:
+    """Tiles of at most ``side x side`` covering the image row by row (the last ones may be smaller)."""
+    for h0 in range(0, height, side):
+        for w0 in range(0, width, side):
+            h1, w1 = min(h0 + side, height), min(w0 + side, width)
+            yield Tile(
+                h0, h1, w0, w1, max(h0 - HALO, 0), min(h1 + HALO, height), max(w0 - HALO, 0), min(w1 + HALO, width)
+            )
