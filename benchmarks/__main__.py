@@ -1,9 +1,10 @@
 """``python -m benchmarks``: run the suite, print and write the markdown tables, JSON and a PNG plot.
 
 Cases: ``coupling`` (the coupling op), ``actnorm_invconv`` (ActNorm + 1x1 conv), ``flowstep`` (one Glow
-step), ``train_step`` (a Glow training step over depth, standard vs reversible, time and peak memory; on
-CUDA also the largest batch that fits at 256x256). Each timed case checks the fused result against eager
-first and refuses to report a speed for a wrong answer.
+step), ``train_depth`` (a Glow training step over depth K, standard vs reversible, time and peak memory),
+``train_resolution`` (a Glow training step at growing resolution for standard, per-step checkpointing,
+reversible and reversible+tiled; on CUDA also the largest batch that fits at 256 and 1024 pixels). Each
+timed case checks the fused result against eager first and refuses to report a speed for a wrong answer.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from benchmarks import bench_actnorm_invconv, bench_coupling, bench_flowstep, tr
 from benchmarks.common import copy_bandwidth_gbs, device_slug, environment, markdown_table, write_results
 from benchmarks.plot import plot_results
 
-CASES = ("coupling", "actnorm_invconv", "flowstep", "train_step")
+CASES = ("coupling", "actnorm_invconv", "flowstep", "train_depth", "train_resolution")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -31,11 +32,14 @@ def _run_case(name: str, device: torch.device, dtype: torch.dtype, quick: bool) 
         return bench_actnorm_invconv.run(device.type, dtype, None, quick)
     if name == "flowstep":
         return bench_flowstep.run(device, dtype, quick)
-    rows = train_step.depth_sweep(device, quick)
+    if name == "train_depth":
+        return train_step.depth_sweep(device, quick)
+    rows = train_step.resolution_sweep(device, quick)
     if device.type == "cuda" and not quick:
-        for reversible in (False, True):
-            cfg = {"resolution": 256, "levels": 6, "steps": 32, "hidden": 512, "reversible": reversible}
-            rows.append({**cfg, "mode": "largest batch", "batch": train_step.largest_batch(cfg, device)})
+        for resolution, levels in ((256, 6), (1024, 8)):
+            for mode in train_step.MODES:
+                cfg = {"resolution": resolution, "levels": levels, "steps": 32, "hidden": 512, "mode": mode}
+                rows.append({**cfg, "largest_batch": train_step.largest_batch({**cfg, "tile_budget_mb": 1024}, device)})
     return rows
 
 

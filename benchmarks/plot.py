@@ -16,8 +16,8 @@ def plot_results(results: dict[str, list[dict[str, Any]]], path: str, device: st
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    speed_cases = [c for c in results if c != "train_step" and results[c]]
-    panels = len(speed_cases) + (1 if results.get("train_step") else 0)
+    speed_cases = [c for c in results if not c.startswith("train_") and results[c]]
+    panels = len(speed_cases) + (1 if results.get("train_depth") else 0)
     if panels == 0:
         return None
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
@@ -43,10 +43,10 @@ def plot_results(results: dict[str, list[dict[str, Any]]], path: str, device: st
         ax.set_ylabel("speed-up vs eager (best pass)")
         ax.set_title(case)
         ax.legend(fontsize=7)
-    if results.get("train_step"):
+    if results.get("train_depth"):
         ax = axes[0][-1]
         for mode in ("standard", "reversible"):
-            rows = [r for r in results["train_step"] if r.get("mode") == mode]
+            rows = [r for r in results["train_depth"] if r.get("mode") == mode]
             ax.plot([r["steps"] for r in rows], [r["peak_mb"] for r in rows], marker="o", label=mode)
         ax.set_xlabel("steps per level K")
         ax.set_ylabel("peak memory of one training step (MB)")

@@ -1,4 +1,8 @@
-"""One Glow training step (forward + backward): time and peak memory, standard vs reversible backprop.
+"""One Glow training step (forward + backward): time and peak memory by backprop mode.
+
+Modes: ``standard`` backprop; ``checkpoint``: per-step gradient checkpointing (``torch.utils.checkpoint`` of
+every FlowStep, what openai/glow used); ``reversible``: fastflow's reversible backprop; ``tiled``: reversible
+with the coupling networks run in spatial tiles (``set_tiling(memory_budget_mb=tile_budget_mb)``).
 
 Peak memory is what the step adds on top of the model, its gradient buffers and its inputs:
 ``max_memory_allocated`` on CUDA; on the CPU the peak RSS (``VmHWM``, reset just before the step) above the
@@ -17,18 +21,43 @@ import sys
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from benchmarks.common import median_ms
 from fastflow.models import Glow
+from fastflow.nn import FlowSequential
 
-__all__ = ["measure", "measure_isolated", "depth_sweep", "largest_batch"]
+__all__ = ["MODES", "measure", "measure_isolated", "depth_sweep", "resolution_sweep", "largest_batch"]
+
+MODES = ("standard", "checkpoint", "reversible", "tiled")
+
+
+def _checkpoint_every_layer(block: FlowSequential) -> None:
+    """Make ``block`` run each of its layers under ``torch.utils.checkpoint`` (recompute in backward)."""
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        total = None
+        for layer in block.layers:
+            x, logdet = checkpoint(layer, x, use_reentrant=False)
+            total = logdet if total is None else total + logdet
+        return x, total
+
+    block.forward = forward  # type: ignore[method-assign]
 
 
 def _model_and_batch(cfg: dict[str, Any], device: torch.device) -> tuple[Glow, torch.Tensor]:
+    mode = cfg["mode"]
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     model = Glow(
         in_channels=3, image_size=cfg["resolution"], levels=cfg["levels"], steps=cfg["steps"], hidden=cfg["hidden"],
-        reversible=cfg["reversible"],
+        reversible=mode in ("reversible", "tiled"),
     ).to(device)  # fmt: skip
+    if mode == "tiled":
+        model.set_tiling(memory_budget_mb=cfg.get("tile_budget_mb", 256))
+    if mode == "checkpoint":
+        for block in model.blocks:
+            _checkpoint_every_layer(block)
     x = torch.rand(cfg["batch"], 3, cfg["resolution"], cfg["resolution"], device=device) - 0.5
     with torch.no_grad():
         model.train()
@@ -102,6 +131,15 @@ def measure_isolated(cfg: dict[str, Any], device: torch.device, reps: int = 3) -
     return {**memory, **_child(cfg, reps, "time", {})}
 
 
+def _relative_to_standard(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    standard = next(r for r in rows if r["mode"] == "standard")
+    for row in rows:
+        if "peak_mb" in standard:
+            row["memory_vs_standard"] = row["peak_mb"] / standard["peak_mb"]
+        row["time_vs_standard"] = row["ms"] / standard["ms"]
+    return rows
+
+
 def depth_sweep(device: torch.device, quick: bool) -> list[dict[str, Any]]:
     """Standard vs reversible over K in {8, 16, 32, 64} at a fixed resolution."""
     if device.type == "cuda":
@@ -110,14 +148,32 @@ def depth_sweep(device: torch.device, quick: bool) -> list[dict[str, Any]]:
         base = {"resolution": 32, "levels": 3, "hidden": 64, "batch": 8}
     rows = []
     for steps in (8, 16, 32, 64) if not quick else (8, 32, 64):
-        pair = {}
-        for reversible in (False, True):
-            pair[reversible] = measure_isolated({**base, "steps": steps, "reversible": reversible}, device)
-        for reversible, row in pair.items():
-            row["mode"] = "reversible" if reversible else "standard"
-            row["memory_vs_standard"] = row["peak_mb"] / pair[False]["peak_mb"]
-            row["time_vs_standard"] = row["ms"] / pair[False]["ms"]
-            rows.append(row)
+        pair = [measure_isolated({**base, "steps": steps, "mode": mode}, device) for mode in ("standard", "reversible")]
+        rows += _relative_to_standard(pair)
+    return rows
+
+
+def resolution_sweep(device: torch.device, quick: bool) -> list[dict[str, Any]]:
+    """Every mode at growing resolution: on CUDA Glow K=32 hidden 512 at 256 (L=6), 512 (L=7) and 1024 (L=8)
+    pixels, batch 1, skipping a mode where the step does not fit; on the CPU small stand-ins."""
+    if device.type == "cuda":
+        sizes = [(256, 6), (512, 7), (1024, 8)]
+        base = {"steps": 32, "hidden": 512, "batch": 1, "tile_budget_mb": 1024}
+    else:
+        sizes = [(32, 3), (64, 4)] if quick else [(32, 3), (64, 4), (128, 5)]
+        base = {"steps": 4, "hidden": 64, "batch": 2, "tile_budget_mb": 1}
+    rows = []
+    for resolution, levels in sizes:
+        group = []
+        for mode in MODES:
+            try:
+                group.append(
+                    measure_isolated({**base, "resolution": resolution, "levels": levels, "mode": mode}, device)
+                )
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                group.append({**base, "resolution": resolution, "levels": levels, "mode": mode, "ms": float("nan")})
+        rows += _relative_to_standard(group)
     return rows
 
 
@@ -129,7 +185,7 @@ def largest_batch(cfg: dict[str, Any], device: torch.device, limit: int = 256) -
             model, x = _model_and_batch({**cfg, "batch": batch}, device)
             _step(model, x)
             best = batch
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             break
         finally:
             model = x = None  # noqa: F841 - release before the next try
