@@ -114,6 +114,30 @@ class _Coupling(FlowLayer):
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _tile_backward(
+        self,
+        tile: Tile,
+        net_in_full: torch.Tensor,
+        y_b: torch.Tensor,
+        grad_b: torch.Tensor,
+        grad_logdet: torch.Tensor,
+        mask: torch.Tensor | None,
+        params: list[torch.nn.Parameter],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_b, grad_x_b, grad of the network input)`` on one tile (the last over the tile's halo window)."""
+        core = (..., *tile.core)
+        with torch.enable_grad():
+            net_in = net_in_full[(..., *tile.window)].detach().requires_grad_(True)
+            outs = [o[(..., *tile.core_in_window)] for o in self._net_outputs(net_in)]
+            if mask is not None:
+                outs = [o * (1.0 - mask[core]) for o in outs]
+        with torch.no_grad():
+            x_b, grad_x_b, grad_outs = self._transform_backward_from_output(
+                y_b[core], [o.detach() for o in outs], grad_b[core], grad_logdet
+            )
+        torch.autograd.backward(outs, grad_outs, inputs=[net_in, *params])
+        return x_b, grad_x_b, net_in.grad
+
     def backward_from_output(
         self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,21 +157,20 @@ class _Coupling(FlowLayer):
             mask = self._checkerboard(y)
             net_in_full, y_b, grad_a, grad_b = y * mask, y, None, grad_y
         params = [p for p in self.parameters() if p.requires_grad]
-        x_b, grad_x_b = torch.empty_like(y_b), torch.empty_like(y_b)
-        grad_net_in = torch.zeros_like(net_in_full)
-        for tile in self._tiles(y):
-            core = (..., *tile.core)
-            with torch.enable_grad():
-                net_in = net_in_full[(..., *tile.window)].detach().requires_grad_(True)
-                outs = [o[(..., *tile.core_in_window)] for o in self._net_outputs(net_in)]
-                if mask is not None:
-                    outs = [o * (1.0 - mask[core]) for o in outs]
-            with torch.no_grad():
-                x_b[core], grad_x_b[core], grad_outs = self._transform_backward_from_output(
-                    y_b[core], [o.detach() for o in outs], grad_b[core], grad_logdet
+        parts = self._tiles(y)
+        if len(parts) == 1:
+            x_b, grad_x_b, grad_net_in = self._tile_backward(
+                parts[0], net_in_full, y_b, grad_b, grad_logdet, mask, params
+            )
+        else:
+            x_b, grad_x_b = torch.empty_like(y_b), torch.empty_like(y_b)
+            grad_net_in = torch.zeros_like(net_in_full)
+            for tile in parts:
+                core = (..., *tile.core)
+                x_b[core], grad_x_b[core], grad_window = self._tile_backward(
+                    tile, net_in_full, y_b, grad_b, grad_logdet, mask, params
                 )
-            torch.autograd.backward(outs, grad_outs, inputs=[net_in, *params])
-            grad_net_in[(..., *tile.window)] += net_in.grad
+                grad_net_in[(..., *tile.window)] += grad_window
         if mask is None:
             return self._join(net_in_full, x_b), self._join(grad_a + grad_net_in, grad_x_b)
         return x_b, grad_x_b + grad_net_in * mask
