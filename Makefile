@@ -22,6 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks --device cpu --quick
+	$(PY) -m pytest -q benchmarks/test_cpu_timings.py --benchmark-only --benchmark-columns=min,median,max,rounds
 
 # On a CUDA machine, with its own torch and triton: the gpu-marked tests, then every benchmark.
 GPU_PY ?= python3
