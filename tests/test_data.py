@@ -1,0 +1,65 @@
+"""Embedded data: quantization, photo crops with a disjoint held-out strip, image specs for trained models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastflow.data import (
+    DIGITS_N_BINS,
+    digits_of_class,
+    load_digits,
+    load_image_spec,
+    load_photo_crops,
+    load_photos,
+    quantize,
+    split_heldout,
+)
+
+
+def test_quantize_keeps_the_top_bits():
+    pixels = torch.arange(256, dtype=torch.uint8)
+    torch.testing.assert_close(quantize(pixels, 32), pixels.long() >> 3)
+    assert quantize(pixels, DIGITS_N_BINS).max() == DIGITS_N_BINS - 1
+
+
+def test_photo_crops_come_from_the_training_part_and_heldout_from_the_strip():
+    train, heldout = load_photo_crops(16, 32, heldout_crops=4)
+    photos = [quantize(p, 32) for p in load_photos()]
+    width = photos[0].shape[2]
+    assert [p.shape[2] for p in train.photos] == [width - round(width / 6)] * 2
+    levels, labels = train.draw(5, torch.Generator().manual_seed(0))
+    assert levels.shape == (5, 3, 16, 16) and labels is None
+    assert heldout.levels.shape == (8, 3, 16, 16) and int(heldout.levels.max()) < 32
+    with pytest.raises(ValueError, match="--resolution must be in"):
+        load_photo_crops(400, 32)
+
+
+def test_split_keeps_at_least_one_image_on_each_side():
+    train, test = split_heldout(2)
+    assert len(train) == 1 and len(test) == 1
+    assert sorted(torch.cat([train, test]).tolist()) == [0, 1]
+    with pytest.raises(ValueError, match="at least 2"):
+        split_heldout(1)
+
+
+def test_image_specs_resolve_embedded_images_and_files(tmp_path):
+    torch.testing.assert_close(load_image_spec("digits:3", (1, 8, 8), 17), load_digits()[2][3:4])
+    Image.fromarray(np.full((10, 12, 3), 255, dtype=np.uint8)).save(tmp_path / "white.png")
+    assert torch.all(load_image_spec(str(tmp_path / "white.png"), (3, 8, 8), 4) == 3)
+    with pytest.raises(ValueError, match=r"digits:3 is a 1x8x8 image with 17 levels.*3x8x8 images with 4"):
+        load_image_spec("digits:3", (3, 8, 8), 4)
+    with pytest.raises(ValueError, match="digits:9999: there are 270 held-out digits"):
+        load_image_spec("digits:9999", (1, 8, 8), 17)
+    with pytest.raises(ValueError, match="white.png.*3 channel"):
+        load_image_spec(str(tmp_path / "white.png"), (1, 8, 8), 17)
+
+
+def test_digits_of_a_class():
+    sevens = digits_of_class(7)
+    levels, labels, _, _ = load_digits()
+    assert len(sevens) == int((labels == 7).sum()) > 0
+    with pytest.raises(ValueError, match="digit label"):
+        digits_of_class(10)

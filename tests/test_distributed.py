@@ -1,0 +1,128 @@
+"""Data-parallel training on the CPU with the gloo backend and two processes: ActNorm's initialisation uses the
+statistics of both shards, both ranks end with the same parameters, and those match a single process that
+trains on the whole global batch."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fastflow import distributed
+from fastflow.checkpoint import load_checkpoint
+from fastflow.cli import main
+from fastflow.data import TensorImages, batch_at_step
+from fastflow.models import Glow
+from fastflow.nn import ActNorm
+from fastflow.train import TrainConfig, initialize_actnorm, train
+
+BATCH, N_BINS, STEPS = 8, 17, 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model() -> Glow:
+    torch.manual_seed(0)
+    return Glow(1, 4, levels=2, steps=2, hidden=8, n_bins=N_BINS)
+
+
+def _source() -> TensorImages:
+    return TensorImages(torch.randint(0, N_BINS, (40, 1, 4, 4), generator=torch.Generator().manual_seed(5)))
+
+
+def _actnorm_state(model: Glow) -> list[torch.Tensor]:
+    return [torch.cat([m.bias.flatten(), m.logs.flatten()]) for m in model.modules() if isinstance(m, ActNorm)]
+
+
+def _worker(rank: int, world_size: int, port: int, folder: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    context = distributed.setup("cpu")
+    try:
+        model, source = _model(), _source()
+        x = distributed.shard(batch_at_step(source, 0, BATCH, N_BINS)[0], context.rank, context.world_size)
+        initialised = copy.deepcopy(model)
+        initialize_actnorm(initialised, x)
+        seen, bits_per_dim = [], model.bits_per_dim
+
+        def recording_bits_per_dim(batch: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            seen.append(batch.clone())
+            return bits_per_dim(batch, y)
+
+        model.bits_per_dim = recording_bits_per_dim  # what each rank trains on: ActNorm init, then each step
+        history = train(model, source, TrainConfig(steps=STEPS, batch=BATCH, warmup=1, progress=False))
+        del model.bits_per_dim
+        result = {"init": _actnorm_state(initialised), "state": model.state_dict(), "history": history, "seen": seen}
+        torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        distributed.teardown()
+
+
+def test_shards_are_disjoint_and_cover_the_batch():
+    x = torch.arange(12)
+    torch.testing.assert_close(torch.cat([distributed.shard(x, r, 3) for r in range(3)]), x)
+    with pytest.raises(ValueError, match="does not split evenly over 5 ranks"):
+        distributed.shard(x, 0, 5)
+
+
+def test_two_ranks_match_one_process_on_the_global_batch(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    batches = [batch_at_step(_source(), step, BATCH, N_BINS)[0] for step in range(STEPS)]
+    for rank, result in enumerate(ranks):
+        expected = [distributed.shard(batches[0], rank, 2)] + [distributed.shard(b, rank, 2) for b in batches]
+        torch.testing.assert_close(result["seen"], expected, rtol=0, atol=0, msg=f"rank {rank} trained on")
+    single = _model()
+    initialize_actnorm(single, batches[0])  # the union of both shards
+    for rank in ranks:
+        torch.testing.assert_close(rank["init"], _actnorm_state(single), rtol=1e-5, atol=1e-6)
+    single = _model()
+    history = train(single, _source(), TrainConfig(steps=STEPS, batch=BATCH, warmup=1, progress=False))
+
+    assert ranks[0]["history"] == ranks[1]["history"]
+    torch.testing.assert_close(torch.tensor(ranks[0]["history"]), torch.tensor(history), rtol=1e-4, atol=0)
+    # Adam's first steps move each parameter by about +-lr whatever the gradient's size, so a near-zero gradient
+    # summed in another order can move a parameter by up to 2 lr per step: compare at that scale.
+    step_bound = 2 * TrainConfig().lr * STEPS
+    for name, value in ranks[0]["state"].items():
+        torch.testing.assert_close(ranks[1]["state"][name], value, rtol=0, atol=0, msg=f"ranks differ at {name}")
+        torch.testing.assert_close(value, single.state_dict()[name], rtol=0, atol=step_bound, msg=name)
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
+def test_torchrun_cli_trains_like_one_process_and_only_rank_0_writes(tmp_path, capsys):
+    args = ["--levels", "1", "--steps", "1", "--hidden", "8", "--batch", "8", "--iterations", "3", "--device", "cpu"]
+    launcher = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*launcher, "-m", "fastflow.cli", "train", *args, "--reversible", "--out", str(tmp_path / "ddp")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1, done.stdout
+    assert "2 rank(s)" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["checkpoint.pt", "samples-000003.png"]
+
+    assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
+    heldout = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(heldout) == 1 and heldout == [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    ddp, _ = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
+    one, _ = load_checkpoint(tmp_path / "one" / "checkpoint.pt")
+    for name, value in one.state_dict().items():
+        torch.testing.assert_close(ddp.state_dict()[name], value, rtol=0, atol=2 * TrainConfig().lr * 3, msg=name)
