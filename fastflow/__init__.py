@@ -1,7 +1,21 @@
 """fastflow: normalizing flows (NICE, RealNVP, Glow) for PyTorch with fused Triton kernels."""
 
 from fastflow.backend import backend
+from fastflow.checkpoint import load_checkpoint, save_checkpoint
+from fastflow.models import NICE, FlowModel, Glow, RealNVP, dequantize
+from fastflow.nn.reversible import ReconstructionError
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "backend"]
+__all__ = [
+    "NICE",
+    "FlowModel",
+    "Glow",
+    "RealNVP",
+    "ReconstructionError",
+    "__version__",
+    "backend",
+    "dequantize",
+    "load_checkpoint",
+    "save_checkpoint",
+]
