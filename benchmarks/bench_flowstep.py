@@ -1,5 +1,6 @@
 """One Glow FlowStep (ActNorm -> LU 1x1 conv -> affine coupling), forward and forward+backward:
-eager vs fused (Triton, CUDA only) vs torch.compile of the eager step."""
+eager vs fused (Triton, CUDA only) vs torch.compile of the eager step (mode default; on CUDA also
+max-autotune)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ def _time_variants(step: FlowStep, x: torch.Tensor, device: torch.device) -> dic
     if device.type == "cuda":
         variants["fused"] = (step, "triton")
     variants["compile"] = (torch.compile(step), "eager")
+    if device.type == "cuda":  # autotuning takes minutes per shape: only where a GPU makes it meaningful
+        variants["compile-max-autotune"] = (torch.compile(step, mode="max-autotune"), "eager")
     timings = {}
     for name, (module, backend) in variants.items():
         with fastflow.backend(backend):
