@@ -27,3 +27,19 @@ def perturb_parameters(module: nn.Module, scale: float = 0.1) -> None:
     """Move every parameter away from its (often identity) initialisation so tests exercise real maps."""
     for p in module.parameters():
         p.add_(scale * torch.randn_like(p))
+
+
+def loss_and_grads(
+    model: nn.Module, x: torch.Tensor, backend: str = "eager", reversible: bool | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One training step's bits/dim loss and every parameter gradient, on ``backend`` and, unless None,
+    with ``model.reversible`` set to ``reversible``."""
+    import fastflow
+
+    if reversible is not None:
+        model.reversible = reversible
+    model.zero_grad(set_to_none=True)
+    with fastflow.backend(backend):
+        loss = model.bits_per_dim(x).mean()
+        loss.backward()
+    return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]

@@ -9,7 +9,7 @@ import fastflow
 from fastflow.models import Glow
 from fastflow.ops.actnorm_invconv import actnorm_invconv, actnorm_invconv_ref
 from fastflow.ops.coupling import affine_coupling, affine_coupling_ref
-from tests.helpers import perturb_parameters
+from tests.helpers import loss_and_grads, perturb_parameters
 
 pytestmark = pytest.mark.gpu
 
@@ -51,14 +51,8 @@ def test_glow_training_step_on_cuda_matches_eager(reversible):
     x = torch.rand(4, 3, 16, 16, device="cuda") - 0.5
     model.log_prob(x)
     perturb_parameters(model, 0.05)
-    results = {}
-    for backend, rev in (("eager", False), ("triton", reversible)):
-        model.reversible = rev
-        model.zero_grad(set_to_none=True)
-        with fastflow.backend(backend):
-            loss = model.bits_per_dim(x).mean()
-            loss.backward()
-        results[backend] = (loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]))
-    torch.testing.assert_close(results["triton"][0], results["eager"][0], rtol=1e-5, atol=0)
-    g_fused, g_eager = results["triton"][1], results["eager"][1]
+    loss_eager, grads_eager = loss_and_grads(model, x, "eager", reversible=False)
+    loss_fused, grads_fused = loss_and_grads(model, x, "triton", reversible=reversible)
+    torch.testing.assert_close(loss_fused, loss_eager, rtol=1e-5, atol=0)
+    g_fused, g_eager = (torch.cat([g.flatten() for g in grads]) for grads in (grads_fused, grads_eager))
     assert (g_fused - g_eager).norm() / g_eager.norm() < 1e-3

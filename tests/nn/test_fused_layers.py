@@ -10,7 +10,7 @@ import fastflow
 from fastflow.backend import interpreter_enabled
 from fastflow.models import Glow, RealNVP
 from fastflow.nn import ActNorm, AdditiveCoupling, AffineCoupling, FlowSequential, FlowStep, InvConv1x1
-from tests.helpers import perturb_parameters
+from tests.helpers import loss_and_grads, perturb_parameters
 
 pytestmark = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (CPU interpreter)")
 
@@ -90,14 +90,10 @@ def test_model_reversible_on_kernels_matches_standard_eager(make):
     x = torch.rand(3, *model.image_shape) - 0.5
     model.log_prob(x)
     perturb_parameters(model, 0.05)
-    results = {}
-    for backend, reversible in (("eager", False), ("interpret", True)):
-        model.reversible = reversible
-        model.zero_grad(set_to_none=True)
-        with fastflow.backend(backend):
-            loss = model.bits_per_dim(x).mean()
-            loss.backward()
-        results[backend] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    results = {
+        "eager": loss_and_grads(model, x, "eager", reversible=False),
+        "interpret": loss_and_grads(model, x, "interpret", reversible=True),
+    }
     torch.testing.assert_close(results["interpret"][0], results["eager"][0], rtol=1e-5, atol=0)
     for g_fused, g_eager in zip(results["interpret"][1], results["eager"][1]):
         torch.testing.assert_close(g_fused, g_eager, rtol=1e-3, atol=1e-5)

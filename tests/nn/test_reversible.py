@@ -8,7 +8,7 @@ import torch
 from fastflow.models import Glow, RealNVP
 from fastflow.nn import FlowSequential, FlowStep
 from fastflow.nn.reversible import ReconstructionError
-from tests.helpers import perturb_parameters
+from tests.helpers import loss_and_grads, perturb_parameters
 
 
 def _initialised(model, dtype=torch.float64, scale=0.05):
@@ -18,17 +18,9 @@ def _initialised(model, dtype=torch.float64, scale=0.05):
     return model
 
 
-def _loss_and_grads(model, x, reversible):
-    model.reversible = reversible
-    model.zero_grad(set_to_none=True)
-    loss = model.bits_per_dim(x).mean()
-    loss.backward()
-    return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
-
-
 def _assert_same_training_step(model, x, rtol):
-    loss_std, grads_std = _loss_and_grads(model, x, reversible=False)
-    loss_rev, grads_rev = _loss_and_grads(model, x, reversible=True)
+    loss_std, grads_std = loss_and_grads(model, x, reversible=False)
+    loss_rev, grads_rev = loss_and_grads(model, x, reversible=True)
     torch.testing.assert_close(loss_rev, loss_std, rtol=rtol, atol=0)
     for (name, _), g_std, g_rev in zip(model.named_parameters(), grads_std, grads_rev):
         scale = g_std.abs().max().clamp_min(1e-12)

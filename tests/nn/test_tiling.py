@@ -8,7 +8,7 @@ import torch
 from fastflow.models import Glow, RealNVP
 from fastflow.nn import AffineCoupling
 from fastflow.nn.tiling import HALO, Tiling, choose_tile_size, tiles
-from tests.helpers import perturb_parameters
+from tests.helpers import loss_and_grads, perturb_parameters
 
 
 @pytest.mark.parametrize("height, width, side", [(7, 9, 3), (5, 5, 1), (8, 6, 4), (3, 11, 16)])
@@ -37,13 +37,6 @@ def test_tiled_network_outputs_are_exact(mask, scale, side):
     torch.testing.assert_close(x_back, x, atol=1e-5, rtol=1e-5)
 
 
-def _loss_and_grads(model, x):
-    model.zero_grad(set_to_none=True)
-    loss = model.bits_per_dim(x).mean()
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-
 @pytest.mark.parametrize(
     "make, shape",
     [
@@ -59,12 +52,12 @@ def test_tiled_reversible_gradients_equal_untiled(make, shape, side):
     x = torch.rand(2, *shape) - 0.5
     model.log_prob(x)
     perturb_parameters(model, 0.05)
-    loss_full, grads_full = _loss_and_grads(model, x)
+    loss_full, grads_full = loss_and_grads(model, x)
     model.set_tiling(tile_size=side)
     net = next(m for m in model.modules() if hasattr(m, "tiling")).net
     calls = []
     hook = net.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
-    loss_tiled, grads_tiled = _loss_and_grads(model, x)
+    loss_tiled, grads_tiled = loss_and_grads(model, x)
     hook.remove()
     assert len(calls) > 2, "the network must run tile by tile in the forward and the backward"
     torch.testing.assert_close(loss_tiled, loss_full, rtol=1e-6, atol=0)
