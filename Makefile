@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(PY) -m fastflow.demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
