@@ -26,11 +26,13 @@ bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks/test_cpu_timings.py --benchmark-only --benchmark-columns=min,median,max,rounds
 
 # On a CUDA machine, with its own torch and triton: the gpu-marked tests, then every benchmark.
+# BENCH_ARGS="--cases coupling,flowstep" runs a subset; results of earlier cases stay in the results file.
 GPU_PY ?= python3
+BENCH_ARGS ?=
 gpu-check:
 	$(GPU_PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	FASTFLOW_TEST_GPU=1 $(GPU_PY) -m pytest -q -m gpu tests
-	$(GPU_PY) -m benchmarks --device cuda
+	$(GPU_PY) -m benchmarks --device cuda $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -10,6 +10,8 @@ timed case checks the fused result against eager first and refuses to report a s
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from typing import Any
@@ -43,6 +45,20 @@ def _run_case(name: str, device: torch.device, dtype: torch.dtype, quick: bool) 
     return rows
 
 
+def _table(rows: list[dict[str, Any]]) -> str:
+    return markdown_table(rows, list(dict.fromkeys(k for row in rows for k in row if k != "device")))
+
+
+def _earlier_results(path: str, device: str) -> dict[str, list[dict[str, Any]]]:
+    """Cases already in this device's results file: a run of some ``--cases`` adds to them (so the suite
+    can be run case by case within a time limit) instead of dropping the others."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        earlier = json.load(f)
+    return earlier["results"] if earlier.get("environment", {}).get("device") == device else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
@@ -64,16 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         f"fastflow benchmarks on {env['device']} | copy bandwidth {env['copy_bandwidth_gbs']:.0f} GB/s",
         flush=True,
     )
-    results: dict[str, list[dict[str, Any]]] = {}
-    tables: dict[str, str] = {}
+    slug = device_slug(env) + ("" if args.dtype == "float32" else f"-{args.dtype}")
+    results = _earlier_results(os.path.join(args.out, f"{slug}.json"), env["device"])
     for case in cases:
         start = time.perf_counter()
-        rows = _run_case(case, device, DTYPES[args.dtype], args.quick)
-        results[case] = rows
-        columns = list(dict.fromkeys(k for row in rows for k in row if k not in ("device",)))
-        tables[case] = markdown_table(rows, columns)
-        print(f"\n## {case} ({time.perf_counter() - start:.0f} s)\n\n{tables[case]}", flush=True)
-    slug = device_slug(env) + ("" if args.dtype == "float32" else f"-{args.dtype}")
+        results[case] = _run_case(case, device, DTYPES[args.dtype], args.quick)
+        print(f"\n## {case} ({time.perf_counter() - start:.0f} s)\n\n{_table(results[case])}", flush=True)
+    tables = {case: _table(rows) for case, rows in results.items()}
     payload = {"environment": env, "quick": args.quick, "results": results}
     json_path, md_path = write_results(payload, tables, args.out, slug)
     png_path = plot_results(results, f"{args.out}/{slug}.png", env["device"])
