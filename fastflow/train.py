@@ -112,7 +112,7 @@ def initialize_actnorm(
     if all(m.is_initialized for m in model.modules() if isinstance(m, ActNorm)):
         return
     model.train()
-    with _autocast(x.device, amp):
+    with torch.no_grad(), _autocast(x.device, amp):
         model.bits_per_dim(x, y)
 
 

@@ -60,11 +60,15 @@ class ActNorm(FlowLayer):
         self.initialized.fill_(True)
         self._initialized = True
 
+    def initialize_once(self, x: torch.Tensor) -> None:
+        """:meth:`initialize` from ``x`` if in training mode and not yet initialised (the first batch)."""
+        if self.training and not self.is_initialized:
+            self.initialize(x)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, logdet)`` for ``x`` of shape ``(B, C, H, W)``."""
         check_image("x", x, self.num_channels)
-        if self.training and not self.is_initialized:
-            self.initialize(x)
+        self.initialize_once(x)
         return actnorm_ref(x, self.bias, self.logs)
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,8 +63,7 @@ class FlowStep(FlowSequential):
     def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ActNorm then the 1x1 convolution, as one op."""
         actnorm, invconv = self.actnorm, self.invconv
-        if actnorm.training and not actnorm.is_initialized:
-            actnorm.initialize(x)
+        actnorm.initialize_once(x)
         with exact_dtype(x):
             weight, weight_logdet = invconv.weight_and_logdet()
             return actnorm_invconv(x, actnorm.bias, actnorm.logs, weight, weight_logdet)
