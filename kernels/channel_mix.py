@@ -16,9 +16,11 @@ read once per program and is negligible):
   ``P * C_out * (C_in + 1) * a`` for the per-program partial sums (``P`` programs, ``a`` = 4 or 8 bytes),
   which the launcher keeps below a quarter of the size of ``x``.
 
-Layout: a program owns ``BLOCK_P`` pixels of one sample and every channel. ``H`` and ``W`` are merged into
-one pixel axis with a single stride, which covers NCHW-contiguous, channels_last and channel slices of a
-bigger tensor without a copy; only a spatially cropped view (``H``, ``W`` not mergeable) is copied by
+Layout: a forward program owns ``BLOCK_P`` pixels of one sample and every channel; a backward program
+owns ``CI_BLOCK`` input channels (grid axis 0) of the tiles it visits (axis 1), so the weight-gradient
+accumulator it keeps in registers is ``C_out x CI_BLOCK``, not ``C_out x C_in``. ``H`` and ``W`` are merged
+into one pixel axis with a single stride, which covers NCHW-contiguous, channels_last and channel slices of
+a bigger tensor without a copy; only a spatially cropped view (``H``, ``W`` not mergeable) is copied by
 ``Tensor.flatten``. Offsets are int64, so tensors above 2^31 elements are fine.
 
 Two compute paths, chosen by the launcher (``USE_DOT``):
@@ -32,11 +34,19 @@ Two compute paths, chosen by the launcher (``USE_DOT``):
 
 Accumulation is float32 (float64 when ``FP64``). The weight gradient and bias gradient are reduced per
 program into partial buffers that the caller sums with ``torch.sum``: deterministic, no atomics, and the
-whole backward is one pass over ``x`` and ``grad_y`` (a cuBLAS ``grad_y @ x^T`` would read both again).
+whole backward is one pass over ``x`` and ``grad_y`` (a cuBLAS ``grad_y @ x^T`` would read both again):
+each input-channel block reads the ``grad_y`` tile, but the blocks of a tile are neighbours in launch order
+and run side by side, so the repeats come from L2.
 
-Block sizes (a heuristic, not autotuned; see :func:`_launch_params`): ``BLOCK_P`` keeps the fp32 tile
-``C_pad x BLOCK_P`` at about 8K elements (4K in the backward, which holds three tiles plus the weight-grad
-accumulator), clamped to ``[16, 1024]`` and to the image size; 8 warps from 64 padded channels up, else 4.
+Block sizes (a heuristic, not autotuned; see :func:`_launch_params`). Forward: ``BLOCK_P`` keeps the fp32
+tile ``C_pad x BLOCK_P`` at about 8K elements, clamped to ``[16, 1024]`` and to the image size; 8 warps
+from 64 padded channels up, else 4. Backward on the ``tl.dot`` path: 8 warps, ``CI_BLOCK`` 16 (up to 32
+padded output channels) or 32, ``BLOCK_P = clamp(2048 / C_out_pad, 16, 64)``; on the FMA path one channel
+block and ``BLOCK_P`` = 4K elements / ``C_pad``. They were picked from a sweep of registers and spills
+(``cuobjdump -res-usage`` of the sm_80 / sm_90 cubins, no GPU needed) as large tiles that do not spill at
+any padded width up to 128, in float32 and bfloat16; the earlier ``C_out x C_in`` backward spilled from 24
+channels on. ``tests/kernels/aot_compile.py`` checks every configuration of :func:`aot_specs` for spills.
+They are not timed yet: a GPU benchmark may still move them.
 Under Triton's CPU interpreter (tests) the ``tl.dot`` operands are multiplied as float32 copies
 (``DOT_FP32``): the interpreter's dot reads bfloat16 bits as integers.
 """
@@ -51,12 +61,14 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from fastflow.kernels.aot import AotSpec
 
 __all__ = [
     "channel_mix_fwd_kernel",
     "channel_mix_bwd_kernel",
     "channel_mix_forward",
     "channel_mix_backward",
+    "AOT_CHANNELS",
     "aot_specs",
 ]
 
@@ -159,7 +171,7 @@ def channel_mix_bwd_kernel(
     stride_gxb,
     stride_gxc,
     stride_gxp,
-    CI_PAD: tl.constexpr,
+    CI_BLOCK: tl.constexpr,
     CO_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr,
     USE_DOT: tl.constexpr,
@@ -167,22 +179,26 @@ def channel_mix_bwd_kernel(
     DOT_FP32: tl.constexpr,
     FP64: tl.constexpr,
 ):
-    """One pass over ``x`` and ``grad_y``: writes ``grad_x``, and this program's partial sums of
-    ``grad_y x^T`` (``gw_part[pid]``, ``(C_OUT, C_IN)``) and ``grad_y`` (``gb_part[pid]``, ``(C_OUT,)``).
+    """One pass over ``x`` and ``grad_y`` for the input channels ``ci`` of block ``program_id(0)``: writes
+    ``grad_x[:, ci]`` and this program's partial sums of ``(grad_y x^T)[:, ci]`` (``gw_part[pid, :, ci]``)
+    and, in input-channel block 0, of ``grad_y`` (``gb_part[pid]``), ``pid = program_id(1)``.
 
-    Programs stride over the ``N_TILES = B * N_PBLOCKS`` pixel tiles (persistent loop).
+    The programs of one ``pid`` stride over the ``N_TILES = B * N_PBLOCKS`` pixel tiles together
+    (persistent loop); each reads the whole ``grad_y`` tile, which its neighbours in launch order read at
+    the same time, so ``grad_y`` comes from DRAM about once.
     """
-    pid = tl.program_id(0)
-    n_prog = tl.num_programs(0)
+    ci_block = tl.program_id(0)
+    pid = tl.program_id(1)
+    n_prog = tl.num_programs(1)
     acc_dtype = tl.float64 if FP64 else tl.float32
-    ci = tl.arange(0, CI_PAD)
+    ci = ci_block * CI_BLOCK + tl.arange(0, CI_BLOCK)
     co = tl.arange(0, CO_PAD)
     ci_mask = ci < C_IN
     co_mask = co < C_OUT
     ci64 = ci.to(tl.int64)
     co64 = co.to(tl.int64)
     w_mask = co_mask[:, None] & ci_mask[None, :]
-    gw_acc = tl.zeros((CO_PAD, CI_PAD), dtype=acc_dtype)
+    gw_acc = tl.zeros((CO_PAD, CI_BLOCK), dtype=acc_dtype)
     gb_acc = tl.zeros((CO_PAD,), dtype=acc_dtype)
     if USE_DOT:
         w = tl.load(w_ptr + co[:, None] * stride_wo + ci[None, :] * stride_wi, mask=w_mask, other=0.0)
@@ -205,7 +221,7 @@ def channel_mix_bwd_kernel(
             gb_acc += tl.sum(gy.to(tl.float32), axis=1)
         else:
             x = x.to(acc_dtype)
-            gx = tl.zeros((CI_PAD, BLOCK_P), dtype=acc_dtype)
+            gx = tl.zeros((CI_BLOCK, BLOCK_P), dtype=acc_dtype)
             w_row = w_ptr + ci * stride_wi
             for o in range(C_OUT):
                 gy_o = tl.load(gy_pix, mask=p_mask, other=0.0).to(acc_dtype)
@@ -220,7 +236,8 @@ def channel_mix_bwd_kernel(
         tl.store(gx_ptr + gx_off, gx.to(gx_ptr.dtype.element_ty), mask=x_tile_mask)
     part = pid.to(tl.int64) * C_OUT
     tl.store(gw_part_ptr + (part + co[:, None]) * C_IN + ci[None, :], gw_acc.to(acc_dtype), mask=w_mask)
-    tl.store(gb_part_ptr + part + co, gb_acc.to(acc_dtype), mask=co_mask)
+    if ci_block == 0:
+        tl.store(gb_part_ptr + part + co, gb_acc.to(acc_dtype), mask=co_mask)
 
 
 def _launch_params(c_in: int, c_out: int, hw: int, dtype: torch.dtype, on_cpu: bool, backward: bool) -> dict[str, Any]:
@@ -230,19 +247,24 @@ def _launch_params(c_in: int, c_out: int, hw: int, dtype: torch.dtype, on_cpu: b
     if use_dot:
         ci_pad, co_pad = max(ci_pad, 16), max(co_pad, 16)
     widest = max(ci_pad, co_pad)
-    block_p = max(16, min(1024, (4096 if backward else 8192) // widest))
-    block_p = min(block_p, max(16, triton.next_power_of_2(hw)))
+    if backward and use_dot:
+        ci_block = min(ci_pad, 16 if co_pad <= 32 else 32)
+        block_p, num_warps = max(16, min(64, 2048 // co_pad)), 8
+    else:
+        ci_block = ci_pad
+        block_p = max(16, min(1024, (4096 if backward else 8192) // widest))
+        num_warps = 8 if widest >= 64 else 4
     return {
-        "CI_PAD": ci_pad,
+        ("CI_BLOCK" if backward else "CI_PAD"): ci_block,
         "CO_PAD": co_pad,
-        "BLOCK_P": block_p,
+        "BLOCK_P": min(block_p, max(16, triton.next_power_of_2(hw))),
         "USE_DOT": use_dot,
         "FP64": dtype == torch.float64,
         # CPU tensors only reach a kernel under Triton's interpreter, whose tl.dot multiplies the raw
         # uint16 bits of bfloat16 operands: float32 copies of the (already rounded) operands give the
         # products a bfloat16 tensor-core dot gives, so the tests still exercise the tl.dot path.
         "DOT_FP32": use_dot and on_cpu,
-        "num_warps": 8 if widest >= 64 else 4,
+        "num_warps": num_warps,
     }
 
 
@@ -294,12 +316,13 @@ def channel_mix_forward(
     return out
 
 
-def _backward_programs(x: torch.Tensor, n_tiles: int, c_in: int, c_out: int) -> int:
-    """Persistent programs for the backward: up to 4 per SM (2 on the CPU interpreter), no more than the
-    tiles, and few enough that the float32 partial buffers stay under a quarter of the bytes of ``x``."""
+def _backward_programs(x: torch.Tensor, n_tiles: int, n_ci_blocks: int, c_in: int, c_out: int) -> int:
+    """Persistent programs per input-channel block for the backward: about 4 per SM in all (2 on the CPU
+    interpreter), no more than the tiles, and few enough that the float32 partial buffers stay under a
+    quarter of the bytes of ``x``."""
     per_device = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
     partial_budget = (x.numel() * x.element_size()) // (4 * 4 * c_out * (c_in + 1))
-    return max(1, min(n_tiles, per_device, partial_budget))
+    return max(1, min(n_tiles, per_device // n_ci_blocks, partial_budget))
 
 
 def channel_mix_backward(
@@ -321,13 +344,14 @@ def channel_mix_backward(
     if n_tiles == 0 or c_in == 0 or c_out == 0:
         grad_x.zero_()
         return grad_x, x.new_zeros((c_out, c_in), dtype=acc_dtype), x.new_zeros((c_out,), dtype=acc_dtype)
-    n_prog = _backward_programs(x, n_tiles, c_in, c_out)
+    n_ci_blocks = triton.cdiv(c_in, params["CI_BLOCK"])
+    n_prog = _backward_programs(x, n_tiles, n_ci_blocks, c_in, c_out)
     gw_part = torch.empty((n_prog, c_out, c_in), dtype=acc_dtype, device=x.device)
     gb_part = torch.empty((n_prog, c_out), dtype=acc_dtype, device=x.device)
     x3, sxb, sxc, sxp = _pixels(x)
     gy3, sgb, sgc, sgp = _pixels(grad_y)
     gx3 = grad_x.view(batch, c_in, hw)  # raises unless grad_x's H and W merge (the kernel writes through it)
-    channel_mix_bwd_kernel[(n_prog,)](
+    channel_mix_bwd_kernel[(n_ci_blocks, n_prog)](
         x3,
         gy3,
         weight,
@@ -357,13 +381,15 @@ def channel_mix_backward(
 
 
 _INT_ARGS = ("C_IN", "C_OUT", "HW", "N_PBLOCKS", "N_TILES")
+_ACTIVATIONS = ("x_ptr", "gy_ptr", "gx_ptr", "y_ptr")  # pointers in the activations' dtype, the rest float32
+AOT_CHANNELS = (6, 12, 24, 48, 128)
+"""Channel counts of :func:`aot_specs`: one per launch configuration class up to 128 (FMA loop, then
+``tl.dot`` with 16, 32, 64 and 128 padded channels)."""
 
 
-def _aot_signature(
-    fn: Any, pointers: dict[str, str], constexprs: dict[str, Any]
-) -> tuple[Any, dict[str, str], dict[str, Any]]:
+def _aot_spec(kernel: Any, pointers: dict[str, str], constexprs: dict[str, Any], num_warps: int) -> AotSpec:
     signature = {}
-    for name in fn.arg_names:
+    for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in pointers:
@@ -371,35 +397,25 @@ def _aot_signature(
         else:
             assert name in _INT_ARGS or name.startswith("stride_"), name
             signature[name] = "i32"
-    return fn, signature, constexprs
+    return AotSpec(kernel, signature, constexprs, num_warps)
 
 
-def aot_specs() -> list[tuple[Any, dict[str, str], dict[str, Any]]]:
-    """``(jit_function, signature, constexprs)`` for each kernel in representative configurations, for
-    ahead-of-time compile checks with ``triton.compile(ASTSource(fn, signature, constexprs), target)``.
-
-    Covers both compute paths (``tl.dot`` at C=48, FMA loop at C=6) for float32 and bfloat16 activations
-    with float32 parameters, forward (with bias) and backward, as the GPU launchers would build them.
-    """
+def aot_specs() -> list[AotSpec]:
+    """Launch configurations of both kernels as the GPU launchers build them, for ahead-of-time compile
+    checks: every :data:`AOT_CHANNELS` (square weights, 256x256 images), float32 (TF32 dot) and bfloat16
+    activations with float32 parameters, forward (with bias) and backward."""
     specs = []
-    for act, precision in (("fp32", "tf32"), ("bf16", "tf32")):
-        for channels in (48, 6):
-            dtype = torch.float32 if act == "fp32" else torch.bfloat16
-            params = _launch_params(channels, channels, 64 * 64, dtype, on_cpu=False, backward=False)
-            params.pop("num_warps")
-            fwd = {"HAS_BIAS": True, "PRECISION": precision, **params}
-            fwd_ptrs = {"x_ptr": f"*{act}", "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": f"*{act}"}
-            specs.append(_aot_signature(channel_mix_fwd_kernel, fwd_ptrs, fwd))
-            params = _launch_params(channels, channels, 64 * 64, dtype, on_cpu=False, backward=True)
-            params.pop("num_warps")
-            bwd = {"PRECISION": precision, **params}
-            bwd_ptrs = {
-                "x_ptr": f"*{act}",
-                "gy_ptr": f"*{act}",
-                "w_ptr": "*fp32",
-                "gx_ptr": f"*{act}",
-                "gw_part_ptr": "*fp32",
-                "gb_part_ptr": "*fp32",
-            }
-            specs.append(_aot_signature(channel_mix_bwd_kernel, bwd_ptrs, bwd))
+    for act, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for channels in AOT_CHANNELS:
+            for backward in (False, True):
+                params = _launch_params(channels, channels, 256 * 256, dtype, on_cpu=False, backward=backward)
+                num_warps = params.pop("num_warps")
+                if backward:
+                    kernel, constexprs = channel_mix_bwd_kernel, {"PRECISION": "tf32", **params}
+                    names = ("x_ptr", "gy_ptr", "w_ptr", "gx_ptr", "gw_part_ptr", "gb_part_ptr")
+                else:
+                    kernel, constexprs = channel_mix_fwd_kernel, {"HAS_BIAS": True, "PRECISION": "tf32", **params}
+                    names = ("x_ptr", "w_ptr", "b_ptr", "y_ptr")
+                pointers = {name: f"*{act}" if name in _ACTIVATIONS else "*fp32" for name in names}
+                specs.append(_aot_spec(kernel, pointers, constexprs, num_warps))
     return specs

@@ -51,6 +51,7 @@ from typing import Any, NamedTuple
 import torch
 import triton
 import triton.language as tl
+from fastflow.kernels.aot import AotSpec
 
 __all__ = [
     "SIGMOID",
@@ -401,8 +402,8 @@ def _signature(kernel: Any, elem: str, int_type: str) -> dict[str, str]:
     return {name: arg_type(name) for name in kernel.arg_names}
 
 
-def aot_specs() -> list[tuple[Any, dict[str, str], dict[str, Any]]]:
-    """``(kernel, signature, constexprs)`` for every kernel here, to compile ahead of time for a GPU target.
+def aot_specs() -> list[AotSpec]:
+    """Launch configurations of every kernel here, to compile ahead of time for a GPU target.
 
     Every ``SCALE`` and direction in float32 (int64 strides, three runs, one sample per tile) and bfloat16
     (int32 strides, two runs, 64 samples per tile); float64 (gradcheck on GPU) with one element per sample.
@@ -418,5 +419,5 @@ def aot_specs() -> list[tuple[Any, dict[str, str], dict[str, Any]]]:
             for flag in flags:
                 for kernel, flag_name in ((coupling_fwd_kernel, "INVERSE"), (coupling_bwd_kernel, "REBUILD")):
                     constexprs = {**tile, "SCALE": scale, flag_name: flag}
-                    specs.append((kernel, _signature(kernel, elem, int_type), constexprs))
+                    specs.append(AotSpec(kernel, _signature(kernel, elem, int_type), constexprs, NUM_WARPS))
     return specs

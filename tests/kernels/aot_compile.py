@@ -1,7 +1,11 @@
-"""Compile every ``aot_specs()`` entry of every ``fastflow.kernels`` module for CUDA targets, without a GPU.
+"""Compile every ``aot_specs()`` entry of every ``fastflow.kernels`` module for CUDA targets, without a GPU,
+and check that no configuration spills registers.
 
 Usage: ``python tests/kernels/aot_compile.py [CC ...]`` (default 80 90). Exits non-zero, naming the kernel,
-its constexprs and the error, on the first failure. Must run with ``TRITON_INTERPRET`` unset or ``0``:
+its constexprs and the error, on the first compile failure, and after the loop if any configuration spills
+(a non-zero ``STACK`` in ``cuobjdump -res-usage`` of the cubin: the kernels make no calls and hold no local
+arrays, so stack is spill space, and a memory-bound kernel that spills moves extra bytes per element).
+Prints registers per thread of every configuration. Must run with ``TRITON_INTERPRET`` unset or ``0``:
 under the interpreter ``@triton.jit`` does not produce compilable functions.
 """
 
@@ -10,14 +14,19 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import fastflow.kernels
 import triton
+from fastflow.kernels.aot import AotSpec
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -30,10 +39,29 @@ def kernel_modules() -> Iterator[ModuleType]:
             yield module
 
 
-def compile_spec(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], cc: int) -> None:
-    """Compile one spec; ASTSource's third parameter is ``constants`` in triton 3.2, ``constexprs`` later."""
-    source = ASTSource(fn, signature, constexprs)
-    triton.compile(source, target=GPUTarget("cuda", cc, 32), options={"num_warps": 4})
+def compile_spec(spec: AotSpec, cc: int) -> bytes:
+    """The cubin of one spec; ASTSource's third parameter is ``constants`` in triton 3.2, ``constexprs`` later."""
+    source = ASTSource(spec.kernel, spec.signature, spec.constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32), options={"num_warps": spec.num_warps})
+    return compiled.asm["cubin"]
+
+
+def find_cuobjdump() -> str | None:
+    """The cuobjdump that ships with Triton's NVIDIA backend, else one on PATH."""
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.is_file() else shutil.which("cuobjdump")
+
+
+def registers_and_stack(cubin: bytes, cuobjdump: str) -> tuple[int, int]:
+    """``(registers per thread, stack bytes)`` of the one kernel in ``cubin``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        report = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True)
+    match = re.search(r"REG:(\d+) STACK:(\d+)", report.stdout)
+    if match is None:
+        raise RuntimeError(f"no resource usage in cuobjdump output: {report.stdout[:500]}")
+    return int(match.group(1)), int(match.group(2))
 
 
 def main(argv: list[str]) -> int:
@@ -41,18 +69,33 @@ def main(argv: list[str]) -> int:
         print("needs TRITON_INTERPRET=0: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
     ccs = [int(a) for a in argv] or [80, 90]
-    count, start = 0, time.perf_counter()
+    cuobjdump = find_cuobjdump()
+    count, spills, start = 0, [], time.perf_counter()
     for module in kernel_modules():
-        for fn, signature, constexprs in module.aot_specs():
+        for spec in module.aot_specs():
+            name = f"{module.__name__}.{spec.kernel.__name__}"
             for cc in ccs:
                 try:
-                    compile_spec(fn, signature, constexprs, cc)
+                    cubin = compile_spec(spec, cc)
                 except Exception as err:  # any compiler error fails the spec
-                    name = f"{module.__name__}.{fn.__name__}"
-                    print(f"FAILED {name} sm_{cc} {constexprs}: {err!r}", file=sys.stderr)
+                    print(f"FAILED {name} sm_{cc} {spec.constexprs}: {err!r}", file=sys.stderr)
                     return 1
                 count += 1
+                if cuobjdump is None:
+                    continue
+                registers, stack = registers_and_stack(cubin, cuobjdump)
+                line = f"{name} sm_{cc} warps={spec.num_warps} {spec.constexprs}: {registers} registers"
+                print(line + (f", SPILLS {stack} bytes" if stack else ""))
+                if stack:
+                    spills.append(line)
     print(f"compiled {count} kernel specs for sm_{ccs} in {time.perf_counter() - start:.1f}s")
+    if cuobjdump is None:
+        print("spill check skipped: no cuobjdump")
+    elif spills:
+        print(f"{len(spills)} configurations spill registers:\n" + "\n".join(spills), file=sys.stderr)
+        return 1
+    else:
+        print("no configuration spills registers")
     return 0
 
 

@@ -70,6 +70,24 @@ def test_rectangular_weight(c_in, c_out):
     torch.testing.assert_close(out, channel_mix_ref(x, weight, bias), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("c_in, c_out", [(40, 72), (72, 20), (33, 16)])
+def test_backward_rectangular_over_input_channel_blocks(c_in, c_out, monkeypatch):
+    """The backward splits input channels into blocks (last one partly masked): every block's grad_x rows
+    and grad_weight columns, and grad_bias written once, match eager."""
+    params = kernels._launch_params(c_in, c_out, 15, torch.float32, on_cpu=True, backward=True)
+    assert params["CI_BLOCK"] < c_in and c_in % params["CI_BLOCK"] != 0
+    x = torch.randn(2, c_in, 3, 5, requires_grad=True)
+    weight = _weight(c_out, c_in).requires_grad_()
+    bias = torch.randn(c_out, requires_grad=True)
+    grad_y = torch.randn(2, c_out, 3, 5)
+    monkeypatch.setattr(ops, "KERNEL_MAX_CHANNELS", max(c_in, c_out))  # the kernel runs, whatever the threshold
+    with fastflow.backend("interpret"):
+        grads = torch.autograd.grad(channel_mix(x, weight, bias), (x, weight, bias), grad_y)
+    grads_ref = torch.autograd.grad(channel_mix_ref(x, weight, bias), (x, weight, bias), grad_y)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-5)
+
+
 def _layouts(channels: int) -> dict[str, torch.Tensor]:
     big = torch.randn(2, channels + 5, 6, 7)
     return {
