@@ -26,12 +26,14 @@ CASES = ("coupling", "actnorm_invconv", "flowstep", "train_depth", "train_resolu
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _run_case(name: str, device: torch.device, dtype: torch.dtype, quick: bool) -> list[dict[str, Any]]:
+def _run_case(
+    name: str, device: torch.device, dtype: torch.dtype, quick: bool, channels: tuple[int, ...] | None
+) -> list[dict[str, Any]]:
     if name == "coupling":
         kwargs = {} if not quick else {"sizes": bench_coupling.GLOW_SIZES[:2]}
         return bench_coupling.run(device, dtype, quick=quick, **kwargs)
     if name == "actnorm_invconv":
-        return bench_actnorm_invconv.run(device.type, dtype, None, quick)
+        return bench_actnorm_invconv.run(device, dtype, quick, channels)
     if name == "flowstep":
         return bench_flowstep.run(device, dtype, quick)
     if name == "train_depth":
@@ -47,6 +49,17 @@ def _run_case(name: str, device: torch.device, dtype: torch.dtype, quick: bool) 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(rows, list(dict.fromkeys(k for row in rows for k in row if k != "device")))
+
+
+def _threshold_note(rows: list[dict[str, Any]]) -> str:
+    """The channel-mix kernel threshold these results support, as a line under the case's table."""
+    threshold = bench_actnorm_invconv.kernel_max_channels(rows)
+    if threshold is None:
+        return "\nNo fused (Triton) timings here: this run says nothing of KERNEL_MAX_CHANNELS.\n"
+    return (
+        f"\nKERNEL_MAX_CHANNELS supported by this run: {threshold} (largest C where fused beats eager at every "
+        "size, forward and forward+backward, and at every smaller C).\n"
+    )
 
 
 def _earlier_results(path: str, device: str) -> dict[str, list[dict[str, Any]]]:
@@ -66,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {CASES}")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser.add_argument(
+        "--channels",
+        type=lambda v: tuple(int(c) for c in v.split(",")),
+        help="actnorm_invconv only: these C (comma-separated) instead of the default grid; rows of other C "
+        "already in the results file are kept, so the grid can be run in parts within a time limit",
+    )
     parser.add_argument("--out", default="benchmarks/results", help="folder for <device>.json/.md/.png")
     args = parser.parse_args(argv)
 
@@ -84,9 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     results = _earlier_results(os.path.join(args.out, f"{slug}.json"), env["device"])
     for case in cases:
         start = time.perf_counter()
-        results[case] = _run_case(case, device, DTYPES[args.dtype], args.quick)
+        rows = _run_case(case, device, DTYPES[args.dtype], args.quick, args.channels)
+        if case == "actnorm_invconv" and args.channels:
+            earlier = [r for r in results.get(case, []) if r["channels"] not in args.channels]
+            rows = sorted(earlier + rows, key=lambda r: (r["channels"], r["height"]))  # stable: mode, variant
+        results[case] = rows
         print(f"\n## {case} ({time.perf_counter() - start:.0f} s)\n\n{_table(results[case])}", flush=True)
     tables = {case: _table(rows) for case, rows in results.items()}
+    if "actnorm_invconv" in results:
+        tables["actnorm_invconv"] += _threshold_note(results["actnorm_invconv"])
+        print(_threshold_note(results["actnorm_invconv"]))
     payload = {"environment": env, "quick": args.quick, "results": results}
     json_path, md_path = write_results(payload, tables, args.out, slug)
     png_path = plot_results(results, f"{args.out}/{slug}.png", env["device"])

@@ -8,53 +8,52 @@ What is timed, per size ``(B, C, H, W)``, forward and forward+backward (gradient
   Triton channel-mix pass; on a CPU the fold runs as one conv2d, i.e. the eager backend);
 - ``compiled``: ``torch.compile`` of the eager twin.
 
-Median times come from ``triton.testing.do_bench`` (CUDA events) on CUDA and a ``timeit`` median on CPU;
+Median times come from :func:`benchmarks.common.median_ms` (``triton.testing.do_bench`` on CUDA);
 speed-ups are against eager in the same run. GB/s is reported against the bytes the fused kernel must
 move, ``B*H*W*2C*e`` forward and ``B*H*W*5C*e`` forward+backward (``e`` the element size: read ``x``,
 write ``y``; then read ``x`` and ``grad_y``, write ``grad_x``), for every variant, and as a percentage
 of a measured device-to-device copy. Peak memory is measured on CUDA. The fused outputs and gradients are
 checked against eager before any timing; a mismatch raises instead of reporting.
 
-The run raises :data:`fastflow.ops.channel_mix.KERNEL_MAX_CHANNELS` to the largest ``C`` benchmarked, so
-the kernel is timed at every size: read that threshold off the results (the largest ``C`` where
-``fused`` beats ``eager``).
+Channels: the issue's grid ``C in {6, 12, 24, 48, 96}`` plus 128, the widest launch class of the kernel
+(wider tiles spill registers; see ``kernels/channel_mix.py``). The run raises
+:data:`fastflow.ops.channel_mix.KERNEL_MAX_CHANNELS` to the largest ``C`` benchmarked, so the kernel is
+timed at every size, and :func:`kernel_max_channels` reads the threshold off the results.
 
-Usage: ``python benchmarks/bench_actnorm_invconv.py --device cuda --dtype bfloat16 [--quick]
-[--out results/actnorm_invconv]`` writes ``<out>.json`` and ``<out>.md``.
+Run it with ``python -m benchmarks --cases actnorm_invconv`` (see ``benchmarks/__main__.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
-import json
-import statistics
-import timeit
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 
 import fastflow
+from benchmarks.common import MismatchError, copy_bandwidth_gbs, median_ms, peak_mib
 from fastflow.ops import channel_mix as channel_mix_ops
 from fastflow.ops.actnorm_invconv import actnorm_invconv, actnorm_invconv_ref
 from fastflow.ops.invconv import lu_weight_and_logdet
 
-CHANNELS = (6, 12, 24, 48, 96)
+__all__ = ["CHANNELS", "RESOLUTIONS", "default_sizes", "kernel_max_channels", "run"]
+
+CHANNELS = (6, 12, 24, 48, 96, 128)
 RESOLUTIONS = (32, 64, 128, 256)
 # max |fused - eager| / max |eager| allowed before timing; float32 allows for TF32 (cuDNN's default)
 RELATIVE_TOL = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-def default_sizes(device: str, quick: bool) -> list[tuple[int, int, int, int]]:
-    """``(B, C, H, W)`` grid: C in {6..96} x 32^2..256^2 (quick: C in {12, 48} x {32^2, 128^2})."""
+def default_sizes(device: str, quick: bool, channels: tuple[int, ...] | None = None) -> list[tuple[int, int, int, int]]:
+    """``(B, C, H, W)`` grid: C in ``channels`` (default {6..128}) x 32^2..256^2 (quick: C in {12, 48} x
+    {32^2, 128^2})."""
     batch = 16 if device == "cuda" else 4
-    channels, resolutions = ((12, 48), (32, 128)) if quick else (CHANNELS, RESOLUTIONS)
-    return [(batch, c, r, r) for c in channels for r in resolutions]
+    quick_channels, resolutions = ((12, 48), (32, 128)) if quick else (CHANNELS, RESOLUTIONS)
+    return [(batch, c, r, r) for c in channels or quick_channels for r in resolutions]
 
 
-def _params(channels: int, device: str) -> dict[str, torch.Tensor]:
+def _params(channels: int, device: torch.device) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(channels)
     weight, weight_logdet = lu_weight_and_logdet(
         torch.randperm(channels, generator=g),
@@ -72,40 +71,11 @@ def _params(channels: int, device: str) -> dict[str, torch.Tensor]:
     return {k: v.to(device).requires_grad_() for k, v in params.items()}
 
 
-def _time_ms(fn: Callable[[], object], device: str) -> float:
-    """Median milliseconds of ``fn``."""
-    if device == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, return_mode="median"))
-    fn()
-    number = max(1, int(0.05 / max(timeit.timeit(fn, number=1), 1e-6)))
-    return 1e3 * statistics.median(timeit.repeat(fn, number=number, repeat=7)) / number
-
-
-def _copy_gbps(device: str) -> float:
-    """Achieved GB/s of a 256 MiB tensor copy (bytes read + written)."""
-    src = torch.empty(64 * 2**20, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / (_time_ms(lambda: dst.copy_(src), device) * 1e6)
-
-
-def _peak_mib(fn: Callable[[], object], device: str) -> float | None:
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def _check(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     err = (got.double() - want.double()).abs().max().item()
     scale = want.double().abs().max().item() or 1.0
     if not err <= RELATIVE_TOL[dtype] * scale:
-        raise RuntimeError(f"fused {name} differs from eager: max error {err:.3g} at scale {scale:.3g}")
+        raise MismatchError(f"fused {name} differs from eager: max error {err:.3g} at scale {scale:.3g}")
 
 
 @contextlib.contextmanager
@@ -141,13 +111,12 @@ def _forward_backward(fn: Callable, x: torch.Tensor, params: tuple, grad_y: torc
     return torch.autograd.grad(fn(x, *params)[0], (x, *params[:3]), grad_y)
 
 
-def run(device: str, dtype: torch.dtype, sizes: list[tuple[int, int, int, int]] | None, quick: bool) -> list[dict]:
-    """Benchmark every ``(B, C, H, W)`` size (default: :func:`default_sizes`); one dict per
-    (size, mode, variant) with median ms, speed-up vs eager, GB/s, % of copy bandwidth and peak MiB."""
-    sizes = sizes or default_sizes(device, quick)
-    backend = "triton" if device == "cuda" else "eager"
-    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    copy_gbps = _copy_gbps(device)
+def run(device: torch.device, dtype: torch.dtype, quick: bool, channels: tuple[int, ...] | None = None) -> list[dict]:
+    """Benchmark every ``(B, C, H, W)`` size of :func:`default_sizes`; one dict per (size, mode, variant)
+    with median ms, speed-up vs eager, GB/s, % of copy bandwidth and peak MiB."""
+    sizes = default_sizes(device.type, quick, channels)
+    backend = "triton" if device.type == "cuda" else "eager"
+    copy_gbps = copy_bandwidth_gbs(device)
     results = []
     with _kernel_up_to(max(c for _, c, _, _ in sizes)), fastflow.backend(backend):
         for batch, channels, height, width in sizes:
@@ -173,8 +142,8 @@ def run(device: str, dtype: torch.dtype, sizes: list[tuple[int, int, int, int]] 
                     timed = functools.partial(step, fn, x, params, grad_y)
                     try:
                         timed()  # warm-up, and the compile of the compiled variant
-                        times[name] = _time_ms(timed, device)
-                        peak, error = _peak_mib(timed, device), None
+                        times[name] = median_ms(timed, device)
+                        peak, error = peak_mib(timed, device), None
                     except Exception as err:  # a torch.compile failure is reported, not fatal
                         times[name], peak, error = None, None, repr(err)[:200]
                     ms, eager_ms = times[name], times.get("eager")
@@ -182,7 +151,6 @@ def run(device: str, dtype: torch.dtype, sizes: list[tuple[int, int, int, int]] 
                     results.append(
                         {
                             "op": "actnorm_invconv",
-                            "device": device_name,
                             "dtype": str(dtype).replace("torch.", ""),
                             "batch": batch,
                             "channels": channels,
@@ -204,41 +172,22 @@ def run(device: str, dtype: torch.dtype, sizes: list[tuple[int, int, int, int]] 
     return results
 
 
-def to_markdown(results: list[dict]) -> str:
-    """One table row per (size, mode, variant)."""
-    lines = [
-        "| dtype | B | C | HxW | mode | variant | median ms | speed-up | GB/s | % copy BW | peak MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-
-    def fmt(v: float | None, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
-    for r in results:
-        lines.append(
-            f"| {r['dtype']} | {r['batch']} | {r['channels']} | {r['height']}x{r['width']} | {r['mode']} "
-            f"| {r['variant']} | {fmt(r['median_ms'], '.4f')} | {fmt(r['speedup_vs_eager'], '.2f')} "
-            f"| {fmt(r['gbps'], '.1f')} | {fmt(r['pct_of_copy_bandwidth'], '.0f')} "
-            f"| {fmt(r['peak_mib'], '.1f')} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--quick", action="store_true", help="a few sizes only")
-    parser.add_argument("--out", default="bench_actnorm_invconv", help="path prefix of the .json and .md")
-    args = parser.parse_args()
-    results = run(args.device, getattr(torch, args.dtype), None, args.quick)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    table = to_markdown(results)
-    out.with_suffix(".md").write_text(table)
-    print(table)
-
-
-if __name__ == "__main__":
-    main()
+def kernel_max_channels(results: list[dict]) -> int | None:
+    """The threshold these results support for :data:`fastflow.ops.channel_mix.KERNEL_MAX_CHANNELS`: the
+    largest benchmarked ``C`` such that at it and at every smaller benchmarked ``C``, ``fused`` is faster
+    than ``eager`` at every size, forward and forward+backward (0 when the smallest ``C`` already loses).
+    None when the results hold no fused timings from a Triton backend (a CPU run times eager twice)."""
+    wins: dict[int, bool] = {}
+    for fused in results:
+        if fused["variant"] != "fused" or fused["fused_backend"] == "eager":
+            continue
+        speedup = fused["speedup_vs_eager"]
+        wins[fused["channels"]] = wins.get(fused["channels"], True) and speedup is not None and speedup > 1.0
+    if not wins:
+        return None
+    threshold = 0
+    for channels in sorted(wins):
+        if not wins[channels]:
+            break
+        threshold = channels
+    return threshold

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 import fastflow
-from benchmarks.common import check_close, copy_bandwidth_gbs, median_ms
+from benchmarks.common import check_close, copy_bandwidth_gbs, median_ms, peak_mib
 from fastflow.backend import interpreter_enabled, triton_available
 from fastflow.ops.coupling import additive_coupling, affine_coupling
 
@@ -66,18 +66,6 @@ def _fwd_bwd(
         return torch.autograd.grad((y, logdet), (x, t, r), (grad_y, grad_logdet))
 
     return step
-
-
-def _peak_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
-    """Memory one call adds at its peak, in MiB (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def _providers(kind: str, device: torch.device) -> dict[str, tuple[str, Callable[..., tuple[torch.Tensor, ...]]]]:
@@ -128,7 +116,7 @@ def _bench_pass(
             for i, (got, ref) in enumerate(zip(fn(x, t, r), want)):
                 check_close(f"coupling {kind} {pass_name} {name} output {i}", got, ref, atol, rtol)
             ms = median_ms(lambda fn=fn: fn(x, t, r), device, reps=_REPS[quick])
-            peak = _peak_mb(lambda fn=fn: fn(x, t, r), device)
+            peak = peak_mib(lambda fn=fn: fn(x, t, r), device)
         gbs = nbytes / ms / 1e6
         rows.append(
             {

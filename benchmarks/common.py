@@ -15,6 +15,7 @@ import torch
 
 __all__ = [
     "median_ms",
+    "peak_mib",
     "copy_bandwidth_gbs",
     "environment",
     "device_slug",
@@ -52,6 +53,18 @@ def median_ms(fn: Callable[[], Any], device: torch.device, reps: int = 20, warmu
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def peak_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Memory one call of ``fn`` adds at its peak, in MiB (CUDA only; None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 << 20, reps: int = 10) -> float:

@@ -1,0 +1,56 @@
+"""Tests for benchmarks/: the channel-mix threshold read off results, and a quick CPU run of one case."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from benchmarks import bench_actnorm_invconv
+from benchmarks.__main__ import main
+from benchmarks.common import environment
+
+
+def _rows(speedups: dict[int, list[float | None]], backend: str = "triton") -> list[dict]:
+    """Fused and eager rows per channel count, one fused row per given speed-up."""
+    rows = []
+    for channels, values in speedups.items():
+        for speedup in values:
+            rows.append({"channels": channels, "variant": "eager", "fused_backend": backend, "speedup_vs_eager": 1.0})
+            rows.append(
+                {"channels": channels, "variant": "fused", "fused_backend": backend, "speedup_vs_eager": speedup}
+            )
+    return rows
+
+
+def test_kernel_max_channels_is_the_last_c_of_the_winning_prefix():
+    rows = _rows({6: [2.0, 1.5], 12: [3.0, 1.1], 24: [2.0, 2.0], 48: [1.2, 0.9], 96: [2.0, 2.0]})
+    assert bench_actnorm_invconv.kernel_max_channels(rows) == 24  # one loss at 48; 96 beyond it does not count
+
+
+def test_kernel_max_channels_edge_cases():
+    assert bench_actnorm_invconv.kernel_max_channels(_rows({6: [2.0], 128: [1.01]})) == 128
+    assert bench_actnorm_invconv.kernel_max_channels(_rows({6: [0.8], 12: [3.0]})) == 0
+    assert bench_actnorm_invconv.kernel_max_channels(_rows({6: [2.0], 12: [None]})) == 6  # a failed timing loses
+    assert bench_actnorm_invconv.kernel_max_channels(_rows({6: [2.0]}, backend="eager")) is None
+    assert bench_actnorm_invconv.kernel_max_channels([]) is None
+
+
+def test_cpu_run_of_some_channels_keeps_the_other_channels_rows(tmp_path):
+    env = environment(torch.device("cpu"))
+    earlier_row = {"channels": 12, "height": 32, "variant": "eager", "fused_backend": "eager", "median_ms": 1.0}
+    (tmp_path / "cpu.json").write_text(json.dumps({"environment": env, "results": {"actnorm_invconv": [earlier_row]}}))
+
+    assert (
+        main(["--device", "cpu", "--quick", "--cases", "actnorm_invconv", "--channels", "6", "--out", str(tmp_path)])
+        == 0
+    )
+
+    rows = json.loads((tmp_path / "cpu.json").read_text())["results"]["actnorm_invconv"]
+    assert rows[-1] == earlier_row  # kept, and sorted after the C=6 rows
+    new = [r for r in rows if r["channels"] == 6]
+    assert {(r["height"], r["mode"], r["variant"]) for r in new} == {
+        (h, m, v) for h in (32, 128) for m in ("forward", "forward+backward") for v in ("eager", "fused", "compiled")
+    }
+    assert all(r["median_ms"] > 0 for r in new if r["error"] is None)
+    assert "says nothing of KERNEL_MAX_CHANNELS" in (tmp_path / "cpu.md").read_text()
