@@ -405,10 +405,14 @@ def _signature(kernel: Any, elem: str, int_type: str) -> dict[str, str]:
 def aot_specs() -> list[AotSpec]:
     """Launch configurations of every kernel here, to compile ahead of time for a GPU target.
 
-    Every ``SCALE`` and direction in float32 (int64 strides, three runs, one sample per tile) and bfloat16
-    (int32 strides, two runs, 64 samples per tile); float64 (gradcheck on GPU) with one element per sample.
+    Every ``SCALE`` and direction for Glow's usual launch (a channel slice of an NCHW tensor: one run per
+    sample, 1024-element strips) in float32 and bfloat16, and in float32 with int64 strides and three runs
+    (channels_last slices of huge tensors) and bfloat16 with two runs and 64 samples per tile; float64
+    (gradcheck on GPU) with one element per sample.
     """
     variants = (
+        ("fp32", "i32", {"NDIM": 1, "ROWS": 1, "BLOCK": TILE}, (False, True)),
+        ("bf16", "i32", {"NDIM": 1, "ROWS": 1, "BLOCK": TILE}, (False, True)),
         ("fp32", "i64", {"NDIM": 3, "ROWS": 1, "BLOCK": TILE}, (False, True)),
         ("bf16", "i32", {"NDIM": 2, "ROWS": 64, "BLOCK": 16}, (False, True)),
         ("fp64", "i32", {"NDIM": 1, "ROWS": TILE, "BLOCK": 1}, (False,)),
