@@ -39,14 +39,17 @@ each input-channel block reads the ``grad_y`` tile, but the blocks of a tile are
 and run side by side, so the repeats come from L2.
 
 Block sizes (a heuristic, not autotuned; see :func:`_launch_params`). Forward: ``BLOCK_P`` keeps the fp32
-tile ``C_pad x BLOCK_P`` at about 8K elements, clamped to ``[16, 1024]`` and to the image size; 8 warps
-from 64 padded channels up, else 4. Backward on the ``tl.dot`` path: 8 warps, ``CI_BLOCK`` 16 (up to 32
-padded output channels) or 32, ``BLOCK_P = clamp(2048 / C_out_pad, 16, 64)``; on the FMA path one channel
-block and ``BLOCK_P`` = 4K elements / ``C_pad``. They were picked from a sweep of registers and spills
-(``cuobjdump -res-usage`` of the sm_80 / sm_90 cubins, no GPU needed) as large tiles that do not spill at
-any padded width up to 128, in float32 and bfloat16; the earlier ``C_out x C_in`` backward spilled from 24
-channels on. ``tests/kernels/aot_compile.py`` checks every configuration of :func:`aot_specs` for spills.
-They are not timed yet: a GPU benchmark may still move them.
+tile ``C_pad x BLOCK_P`` at about 8K elements, clamped to ``[16, 1024]`` and to the image size, so each
+program's weight load is small next to its pixels; 8 warps on the ``tl.dot`` path and from 64 padded
+channels up, else 4. Backward on the ``tl.dot`` path (persistent: the weight is loaded once per program):
+8 warps, ``CI_BLOCK`` 16 and ``BLOCK_P`` 32 up to 32 padded output channels, ``CI_BLOCK`` 32 and
+``BLOCK_P`` 16 above; on the FMA path one channel block and ``BLOCK_P`` = 4K elements / ``C_pad``. These
+come from a sweep of registers and spills (``cuobjdump -res-usage`` of the cubins, no GPU needed) over
+Triton 3.2, 3.6 and 3.9 for sm_80 and sm_90 in float32 and bfloat16: the chosen tiles spill nowhere there,
+while the earlier 4-warp forward tiles spilled under Triton 3.2 / 3.6 at 16 and 32 channels and the
+``C_out x C_in`` backward spilled from 24 channels on. ``tests/kernels/aot_compile.py`` checks every
+configuration of :func:`aot_specs` for spills with the installed Triton. Not timed yet: a GPU benchmark
+may still move them.
 Under Triton's CPU interpreter (tests) the ``tl.dot`` operands are multiplied as float32 copies
 (``DOT_FP32``): the interpreter's dot reads bfloat16 bits as integers.
 """
@@ -247,13 +250,12 @@ def _launch_params(c_in: int, c_out: int, hw: int, dtype: torch.dtype, on_cpu: b
     if use_dot:
         ci_pad, co_pad = max(ci_pad, 16), max(co_pad, 16)
     widest = max(ci_pad, co_pad)
+    ci_block = ci_pad
+    block_p = max(16, min(1024, (4096 if backward else 8192) // widest))
+    num_warps = 8 if use_dot or widest >= 64 else 4
     if backward and use_dot:
         ci_block = min(ci_pad, 16 if co_pad <= 32 else 32)
-        block_p, num_warps = max(16, min(64, 2048 // co_pad)), 8
-    else:
-        ci_block = ci_pad
-        block_p = max(16, min(1024, (4096 if backward else 8192) // widest))
-        num_warps = 8 if widest >= 64 else 4
+        block_p = 32 if co_pad <= 32 else 16
     return {
         ("CI_BLOCK" if backward else "CI_PAD"): ci_block,
         "CO_PAD": co_pad,
