@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastflow-installed
 
-.PHONY: demo test bench gpu-check lint clean
+.PHONY: demo test bench gpu-check aot-old-tritons lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,8 +34,23 @@ gpu-check:
 	FASTFLOW_TEST_GPU=1 $(GPU_PY) -m pytest -q -m gpu tests
 	$(GPU_PY) -m benchmarks --device cuda $(BENCH_ARGS)
 
+# Ahead-of-time compile + register-spill check (tests/kernels/aot_compile.py) under the oldest supported
+# Triton and the GPU machine's, each in a throwaway venv (.venv-triton-*; CPU torch, no GPU needed): make
+# test checks only the installed Triton, and codegen (so register use) differs between releases.
+OLD_TRITONS ?= 3.2.0 3.6.0
+aot-old-tritons:
+	for v in $(OLD_TRITONS); do \
+		test -x .venv-triton-$$v/bin/python || $(PYTHON) -m venv .venv-triton-$$v || exit 1; \
+		.venv-triton-$$v/bin/python -m pip install --quiet torch==2.13.0 numpy triton==$$v || exit 1; \
+		.venv-triton-$$v/bin/python -m pip install --quiet --no-deps --no-build-isolation -e . || exit 1; \
+		echo "triton $$v:"; \
+		TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1 .venv-triton-$$v/bin/python tests/kernels/aot_compile.py 80 90 \
+			> .venv-triton-$$v/aot.log || { tail -40 .venv-triton-$$v/aot.log; exit 1; }; \
+		tail -2 .venv-triton-$$v/aot.log; \
+	done
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-triton-* runs .pytest_cache
