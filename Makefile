@@ -43,7 +43,9 @@ gpu-bench: gpu-install
 
 # Ahead-of-time compile + register-spill check (tests/kernels/aot_compile.py) under the oldest supported
 # Triton and the GPU machine's, each in a throwaway venv (.venv-triton-*; CPU torch, no GPU needed): make
-# test checks only the installed Triton, and codegen (so register use) differs between releases.
+# test checks only the installed Triton, and codegen (so register use) differs between releases. Pairing
+# an old Triton with torch 2.13 relies on the CPU torch wheel this project's machines carry (PyPI's Linux
+# torch wheels pin their own Triton).
 OLD_TRITONS ?= 3.2.0 3.6.0
 aot-old-tritons:
 	for v in $(OLD_TRITONS); do \

@@ -56,9 +56,13 @@ def _threshold_note(rows: list[dict[str, Any]]) -> str:
     threshold = bench_actnorm_invconv.kernel_max_channels(rows)
     if threshold is None:
         return "\nNo fused (Triton) timings here: this run says nothing of KERNEL_MAX_CHANNELS.\n"
+    timed = sorted({r["channels"] for r in rows})
+    missing = sorted(set(bench_actnorm_invconv.CHANNELS) - set(timed))
     return (
         f"\nKERNEL_MAX_CHANNELS supported by this run: {threshold} (largest C where fused beats eager at every "
-        "size, forward and forward+backward, and at every smaller C).\n"
+        f"size, forward and forward+backward, and at every smaller C timed; C timed: {timed}"
+        + (f"; not timed: {missing}" if missing else "")
+        + ").\n"
     )
 
 
@@ -93,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         parser.error(f"unknown cases {unknown}; choose from {CASES}")
+    if args.channels and "actnorm_invconv" not in cases:
+        parser.error("--channels applies to the actnorm_invconv case only; add it to --cases")
+    if args.channels and not all(0 < c <= max(bench_actnorm_invconv.CHANNELS) for c in args.channels):
+        parser.error(
+            f"--channels must lie in 1..{max(bench_actnorm_invconv.CHANNELS)}: wider channel mixes are not "
+            "checked for register spills and always run on cuDNN"
+        )
     env = environment(device)
     env["copy_bandwidth_gbs"] = copy_bandwidth_gbs(device)
     print(

@@ -13,9 +13,12 @@ class AotSpec(NamedTuple):
 
     ``signature`` maps every argument name to a Triton type (``"*fp32"``, ``"i32"``, ``"constexpr"``);
     ``constexprs`` gives the values of the ``constexpr`` ones; ``num_warps`` is what the launcher uses.
+    ``spill_free`` says the compiled code must not spill registers (float64 launches, a dtype for gradient
+    checks rather than speed, are only required to compile).
     """
 
     kernel: Any
     signature: dict[str, str]
     constexprs: dict[str, Any]
     num_warps: int
+    spill_free: bool = True

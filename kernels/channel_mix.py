@@ -36,20 +36,21 @@ Accumulation is float32 (float64 when ``FP64``). The weight gradient and bias gr
 program into partial buffers that the caller sums with ``torch.sum``: deterministic, no atomics, and the
 whole backward is one pass over ``x`` and ``grad_y`` (a cuBLAS ``grad_y @ x^T`` would read both again):
 each input-channel block reads the ``grad_y`` tile, but the blocks of a tile are neighbours in launch order
-and run side by side, so the repeats come from L2.
+and meant to run side by side, so that the repeats come from L2 (not measured yet).
 
-Block sizes (a heuristic, not autotuned; see :func:`_launch_params`). Forward: ``BLOCK_P`` keeps the fp32
-tile ``C_pad x BLOCK_P`` at about 8K elements, clamped to ``[16, 1024]`` and to the image size, so each
-program's weight load is small next to its pixels; 8 warps on the ``tl.dot`` path and from 64 padded
-channels up, else 4. Backward on the ``tl.dot`` path (persistent: the weight is loaded once per program):
-8 warps, ``CI_BLOCK`` 16 and ``BLOCK_P`` 32 up to 32 padded output channels, ``CI_BLOCK`` 32 and
-``BLOCK_P`` 16 above; on the FMA path one channel block and ``BLOCK_P`` = 4K elements / ``C_pad``. These
-come from a sweep of registers and spills (``cuobjdump -res-usage`` of the cubins, no GPU needed) over
-Triton 3.2, 3.6 and 3.9 for sm_80 and sm_90 in float32 and bfloat16: the chosen tiles spill nowhere there,
-while the earlier 4-warp forward tiles spilled under Triton 3.2 / 3.6 at 16 and 32 channels and the
-``C_out x C_in`` backward spilled from 24 channels on. ``tests/kernels/aot_compile.py`` checks every
-configuration of :func:`aot_specs` for spills with the installed Triton. Not timed yet: a GPU benchmark
-may still move them.
+Block sizes (a heuristic, not autotuned; see :func:`_launch_params`). Forward: ``BLOCK_P`` keeps the tile
+``C_pad x BLOCK_P`` at about 8K elements (4K in float64), clamped to ``[16, 1024]`` and to the image size,
+so each program's weight load is small next to its pixels; 8 warps on the ``tl.dot`` path and from 64
+padded channels up, else 4. Backward (persistent: the weight block is loaded once per program): on the
+``tl.dot`` path ``CI_BLOCK = min(C_in_pad, 16)`` and ``BLOCK_P`` 32 up to 32 padded output channels,
+``CI_BLOCK = min(C_in_pad, 32)`` and ``BLOCK_P`` 16 above, 8 warps; on the FMA path
+``CI_BLOCK = min(C_in_pad, 16)`` and ``BLOCK_P`` = 4K elements (2K in float64) / ``max(CI_BLOCK, C_out_pad)``.
+These come from a sweep of registers and spills of the AOT cubins (no GPU needed) over Triton 3.2, 3.6
+and 3.9 for sm_80 and sm_90: in float32 and bfloat16 they spill nowhere, while the earlier 4-warp
+forward tiles spilled under Triton 3.2 / 3.6 at 16 and 32 channels and the ``C_out x C_in`` backward
+spilled from 24 channels on. ``tests/kernels/aot_compile.py`` checks every configuration of
+:func:`aot_specs` with the installed Triton (``make aot-old-tritons`` with 3.2 and 3.6); float64 (for
+gradient checks, not speed) is only required to compile. Not timed yet: a GPU benchmark may move them.
 Under Triton's CPU interpreter (tests) the ``tl.dot`` operands are multiplied as float32 copies
 (``DOT_FP32``): the interpreter's dot reads bfloat16 bits as integers.
 """
@@ -72,6 +73,7 @@ __all__ = [
     "channel_mix_forward",
     "channel_mix_backward",
     "AOT_CHANNELS",
+    "AOT_RECTANGULAR",
     "aot_specs",
 ]
 
@@ -188,7 +190,7 @@ def channel_mix_bwd_kernel(
 
     The programs of one ``pid`` stride over the ``N_TILES = B * N_PBLOCKS`` pixel tiles together
     (persistent loop); each reads the whole ``grad_y`` tile, which its neighbours in launch order read at
-    the same time, so ``grad_y`` comes from DRAM about once.
+    about the same time, so the repeats should mostly hit L2 (not measured yet).
     """
     ci_block = tl.program_id(0)
     pid = tl.program_id(1)
@@ -250,23 +252,27 @@ def _launch_params(c_in: int, c_out: int, hw: int, dtype: torch.dtype, on_cpu: b
     if use_dot:
         ci_pad, co_pad = max(ci_pad, 16), max(co_pad, 16)
     widest = max(ci_pad, co_pad)
-    ci_block = ci_pad
-    block_p = max(16, min(1024, (4096 if backward else 8192) // widest))
-    num_warps = 8 if use_dot or widest >= 64 else 4
-    if backward and use_dot:
+    fp64 = dtype == torch.float64
+    if not backward:
+        ci_block, block_p = ci_pad, (4096 if fp64 else 8192) // widest
+    elif use_dot:
         ci_block = min(ci_pad, 16 if co_pad <= 32 else 32)
         block_p = 32 if co_pad <= 32 else 16
+    else:
+        ci_block = min(ci_pad, 16)
+        block_p = (2048 if fp64 else 4096) // max(ci_block, co_pad)
+    block_p = min(max(16, min(1024, block_p)), max(16, triton.next_power_of_2(hw)))
     return {
         ("CI_BLOCK" if backward else "CI_PAD"): ci_block,
         "CO_PAD": co_pad,
-        "BLOCK_P": min(block_p, max(16, triton.next_power_of_2(hw))),
+        "BLOCK_P": block_p,
         "USE_DOT": use_dot,
-        "FP64": dtype == torch.float64,
+        "FP64": fp64,
         # CPU tensors only reach a kernel under Triton's interpreter, whose tl.dot multiplies the raw
         # uint16 bits of bfloat16 operands: float32 copies of the (already rounded) operands give the
         # products a bfloat16 tensor-core dot gives, so the tests still exercise the tl.dot path.
         "DOT_FP32": use_dot and on_cpu,
-        "num_warps": num_warps,
+        "num_warps": 8 if use_dot or widest >= 64 else 4,
     }
 
 
@@ -387,6 +393,9 @@ _ACTIVATIONS = ("x_ptr", "gy_ptr", "gx_ptr", "y_ptr")  # pointers in the activat
 AOT_CHANNELS = (6, 12, 24, 48, 128)
 """Channel counts of :func:`aot_specs`: one per launch configuration class up to 128 (FMA loop, then
 ``tl.dot`` with 16, 32, 64 and 128 padded channels)."""
+AOT_RECTANGULAR = ((128, 8), (8, 128), (16, 128), (128, 16))
+"""``(C_in, C_out)`` pairs of :func:`aot_specs` beyond square weights: the FMA loop and ``tl.dot`` at their
+most lopsided, where one channel count sets the tile and the other the loop or the block count."""
 
 
 def _aot_spec(kernel: Any, pointers: dict[str, str], constexprs: dict[str, Any], num_warps: int) -> AotSpec:
@@ -399,25 +408,35 @@ def _aot_spec(kernel: Any, pointers: dict[str, str], constexprs: dict[str, Any],
         else:
             assert name in _INT_ARGS or name.startswith("stride_"), name
             signature[name] = "i32"
-    return AotSpec(kernel, signature, constexprs, num_warps)
+    return AotSpec(kernel, signature, constexprs, num_warps, spill_free=not constexprs["FP64"])
+
+
+def _aot_launch(c_in: int, c_out: int, act: str, dtype: torch.dtype, backward: bool) -> AotSpec:
+    """The spec of one launch as the GPU launcher builds it for a 256x256 image, parameters in float32
+    (float64 for float64 activations)."""
+    params = _launch_params(c_in, c_out, 256 * 256, dtype, on_cpu=False, backward=backward)
+    num_warps = params.pop("num_warps")
+    if backward:
+        kernel, constexprs = channel_mix_bwd_kernel, {"PRECISION": "tf32", **params}
+        names = ("x_ptr", "gy_ptr", "w_ptr", "gx_ptr", "gw_part_ptr", "gb_part_ptr")
+    else:
+        kernel, constexprs = channel_mix_fwd_kernel, {"HAS_BIAS": True, "PRECISION": "tf32", **params}
+        names = ("x_ptr", "w_ptr", "b_ptr", "y_ptr")
+    param = "*fp64" if act == "fp64" else "*fp32"
+    pointers = {name: f"*{act}" if name in _ACTIVATIONS else param for name in names}
+    return _aot_spec(kernel, pointers, constexprs, num_warps)
 
 
 def aot_specs() -> list[AotSpec]:
     """Launch configurations of both kernels as the GPU launchers build them, for ahead-of-time compile
-    checks: every :data:`AOT_CHANNELS` (square weights, 256x256 images), float32 (TF32 dot) and bfloat16
-    activations with float32 parameters, forward (with bias) and backward."""
-    specs = []
-    for act, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        for channels in AOT_CHANNELS:
-            for backward in (False, True):
-                params = _launch_params(channels, channels, 256 * 256, dtype, on_cpu=False, backward=backward)
-                num_warps = params.pop("num_warps")
-                if backward:
-                    kernel, constexprs = channel_mix_bwd_kernel, {"PRECISION": "tf32", **params}
-                    names = ("x_ptr", "gy_ptr", "w_ptr", "gx_ptr", "gw_part_ptr", "gb_part_ptr")
-                else:
-                    kernel, constexprs = channel_mix_fwd_kernel, {"HAS_BIAS": True, "PRECISION": "tf32", **params}
-                    names = ("x_ptr", "w_ptr", "b_ptr", "y_ptr")
-                pointers = {name: f"*{act}" if name in _ACTIVATIONS else "*fp32" for name in names}
-                specs.append(_aot_spec(kernel, pointers, constexprs, num_warps))
-    return specs
+    checks, forward (with bias) and backward: square weights of every :data:`AOT_CHANNELS` in float32 (TF32
+    dot), bfloat16 and float64 activations, and the :data:`AOT_RECTANGULAR` weights in float32. All but the
+    float64 ones must not spill registers."""
+    shapes = [(c, c, act) for act in ("fp32", "bf16", "fp64") for c in AOT_CHANNELS]
+    shapes += [(c_in, c_out, "fp32") for c_in, c_out in AOT_RECTANGULAR]
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+    return [
+        _aot_launch(c_in, c_out, act, dtypes[act], backward)
+        for c_in, c_out, act in shapes
+        for backward in (False, True)
+    ]

@@ -408,7 +408,7 @@ def aot_specs() -> list[AotSpec]:
     Every ``SCALE`` and direction for Glow's usual launch (a channel slice of an NCHW tensor: one run per
     sample, 1024-element strips) in float32 and bfloat16, and in float32 with int64 strides and three runs
     (channels_last slices of huge tensors) and bfloat16 with two runs and 64 samples per tile; float64
-    (gradcheck on GPU) with one element per sample.
+    (gradcheck on GPU) with one element per sample, which need only compile (the others must not spill).
     """
     variants = (
         ("fp32", "i32", {"NDIM": 1, "ROWS": 1, "BLOCK": TILE}, (False, True)),
@@ -423,5 +423,6 @@ def aot_specs() -> list[AotSpec]:
             for flag in flags:
                 for kernel, flag_name in ((coupling_fwd_kernel, "INVERSE"), (coupling_bwd_kernel, "REBUILD")):
                     constexprs = {**tile, "SCALE": scale, flag_name: flag}
-                    specs.append(AotSpec(kernel, _signature(kernel, elem, int_type), constexprs, NUM_WARPS))
+                    signature = _signature(kernel, elem, int_type)
+                    specs.append(AotSpec(kernel, signature, constexprs, NUM_WARPS, spill_free=elem != "fp64"))
     return specs

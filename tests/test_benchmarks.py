@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import bench_actnorm_invconv
@@ -54,3 +55,23 @@ def test_cpu_run_of_some_channels_keeps_the_other_channels_rows(tmp_path):
     }
     assert all(r["median_ms"] > 0 for r in new if r["error"] is None)
     assert "says nothing of KERNEL_MAX_CHANNELS" in (tmp_path / "cpu.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--cases", "coupling", "--channels", "12"], "applies to the actnorm_invconv case only"),
+        (["--cases", "actnorm_invconv", "--channels", "12,256"], "must lie in 1..128"),
+    ],
+)
+def test_bad_channels_argument(argv, match, capsys):
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", *argv])
+    assert match in capsys.readouterr().err
+
+
+def test_threshold_note_names_the_channels_timed():
+    from benchmarks.__main__ import _threshold_note
+
+    note = _threshold_note(_rows({48: [2.0], 96: [1.5]}))
+    assert "supported by this run: 96" in note and "C timed: [48, 96]" in note and "not timed: [6, 12, 24, 128]" in note

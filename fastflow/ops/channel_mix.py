@@ -23,9 +23,9 @@ __all__ = ["KERNEL_MAX_CHANNELS", "channel_mix", "channel_mix_ref"]
 
 KERNEL_MAX_CHANNELS = 128
 """Largest channel count (``max(C_in, C_out)``) for which the Triton backends run the fused kernel; above
-it they call :func:`channel_mix_ref` (cuDNN). 128 is an upper bound, not a timing: it is the widest launch
-class of the kernels that compiles without register spills (checked for sm_80 / sm_90 by
-``tests/kernels/aot_compile.py``). The timed crossover is unmeasured (no GPU yet): set this to the value
+it they call :func:`channel_mix_ref` (cuDNN). 128 is an upper bound, not a timing: it is the widest padded
+width whose float32 / bfloat16 launches ``tests/kernels/aot_compile.py`` checks to compile for sm_80 /
+sm_90 without register spills. The timed crossover is unmeasured (no GPU yet): set this to the value
 ``python -m benchmarks --cases actnorm_invconv`` prints as "KERNEL_MAX_CHANNELS supported by this run" on
 the target GPU (:func:`benchmarks.bench_actnorm_invconv.kernel_max_channels`)."""
 

@@ -70,16 +70,19 @@ def test_rectangular_weight(c_in, c_out):
     torch.testing.assert_close(out, channel_mix_ref(x, weight, bias), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("c_in, c_out", [(40, 72), (72, 20), (33, 16)])
-def test_backward_rectangular_over_input_channel_blocks(c_in, c_out, monkeypatch):
-    """The backward splits input channels into blocks (last one partly masked): every block's grad_x rows
-    and grad_weight columns, and grad_bias written once, match eager."""
-    params = kernels._launch_params(c_in, c_out, 15, torch.float32, on_cpu=True, backward=True)
+@pytest.mark.parametrize("programs", [1, 3, 40])
+@pytest.mark.parametrize("c_in, c_out", [(40, 72), (72, 20), (33, 16), (130, 7)])
+def test_backward_rectangular_over_input_channel_blocks(c_in, c_out, programs, monkeypatch):
+    """The backward splits input channels into blocks (last one partly masked) and runs ``programs``
+    persistent programs per block (40: more than the pixel tiles, so some get none): every block's grad_x
+    rows and grad_weight columns, and grad_bias written once per program, match eager."""
+    params = kernels._launch_params(c_in, c_out, 63, torch.float32, on_cpu=True, backward=True)
     assert params["CI_BLOCK"] < c_in and c_in % params["CI_BLOCK"] != 0
-    x = torch.randn(2, c_in, 3, 5, requires_grad=True)
+    monkeypatch.setattr(kernels, "_backward_programs", lambda x, n_tiles, *args: min(programs, 2 * n_tiles))
+    x = torch.randn(2, c_in, 7, 9, requires_grad=True)
     weight = _weight(c_out, c_in).requires_grad_()
     bias = torch.randn(c_out, requires_grad=True)
-    grad_y = torch.randn(2, c_out, 3, 5)
+    grad_y = torch.randn(2, c_out, 7, 9)
     monkeypatch.setattr(ops, "KERNEL_MAX_CHANNELS", max(c_in, c_out))  # the kernel runs, whatever the threshold
     with fastflow.backend("interpret"):
         grads = torch.autograd.grad(channel_mix(x, weight, bias), (x, weight, bias), grad_y)
