@@ -13,8 +13,8 @@ class AotSpec(NamedTuple):
 
     ``signature`` maps every argument name to a Triton type (``"*fp32"``, ``"i32"``, ``"constexpr"``);
     ``constexprs`` gives the values of the ``constexpr`` ones; ``num_warps`` is what the launcher uses.
-    ``spill_free`` says the compiled code must not spill registers (float64 launches, a dtype for gradient
-    checks rather than speed, are only required to compile).
+    ``spill_free`` says the compiled code must not spill under register pressure (float64 launches, a dtype
+    for gradient checks rather than speed, are only required to compile).
     """
 
     kernel: Any

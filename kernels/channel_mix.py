@@ -21,7 +21,10 @@ owns ``CI_BLOCK`` input channels (grid axis 0) of the tiles it visits (axis 1), 
 accumulator it keeps in registers is ``C_out x CI_BLOCK``, not ``C_out x C_in``. ``H`` and ``W`` are merged
 into one pixel axis with a single stride, which covers NCHW-contiguous, channels_last and channel slices of
 a bigger tensor without a copy; only a spatially cropped view (``H``, ``W`` not mergeable) is copied by
-``Tensor.flatten``. Offsets are int64, so tensors above 2^31 elements are fine.
+``Tensor.flatten``. A tile's offset is int64 (tensors above 2^31 elements are fine), offsets within it are
+int32, which takes a third to a half of the registers off the 64- and 128-channel tiles: the launchers copy
+an input view whose sample spans 2^31 elements or more (a dense copy may fit) and raise ``ValueError``
+where even that does not fit (``fastflow.ops.channel_mix`` sends such sizes to cuDNN instead).
 
 Two compute paths, chosen by the launcher (``USE_DOT``):
 
@@ -42,11 +45,12 @@ Block sizes (a heuristic, not autotuned; see :func:`_launch_params`). Forward: `
 ``C_pad x BLOCK_P`` at about 8K elements (4K in float64), clamped to ``[16, 1024]`` and to the image size,
 so each program's weight load is small next to its pixels; 8 warps on the ``tl.dot`` path and from 64
 padded channels up, else 4. Backward (persistent: the weight block is loaded once per program): on the
-``tl.dot`` path ``CI_BLOCK = min(C_in_pad, 16)`` and ``BLOCK_P`` 32 up to 32 padded output channels,
-``CI_BLOCK = min(C_in_pad, 32)`` and ``BLOCK_P`` 16 above, 8 warps; on the FMA path
-``CI_BLOCK = min(C_in_pad, 16)`` and ``BLOCK_P`` = 4K elements (2K in float64) / ``max(CI_BLOCK, C_out_pad)``.
+``tl.dot`` path 8 warps, ``CI_BLOCK = min(C_in_pad, 16)`` up to 32 padded output channels and
+``min(C_in_pad, 32)`` above, ``BLOCK_P`` 32 at 16 padded output channels and 16 above; on the FMA path
+``CI_BLOCK = min(C_in_pad, 16)`` and ``BLOCK_P`` = 2K elements (1K in float64) / ``max(CI_BLOCK, C_out_pad)``.
 These come from a sweep of registers and spills of the AOT cubins (no GPU needed) over Triton 3.2, 3.6
-and 3.9 for sm_80 and sm_90: in float32 and bfloat16 they spill nowhere, while the earlier 4-warp
+and 3.9 for sm_80 and sm_90: in float32 and bfloat16 none spills under register pressure (ptxas still
+trades a handful of spill instructions for occupancy in a few FMA-path launches), while the earlier 4-warp
 forward tiles spilled under Triton 3.2 / 3.6 at 16 and 32 channels and the ``C_out x C_in`` backward
 spilled from 24 channels on. ``tests/kernels/aot_compile.py`` checks every configuration of
 :func:`aot_specs` with the installed Triton (``make aot-old-tritons`` with 3.2 and 3.6); float64 (for
@@ -72,6 +76,7 @@ __all__ = [
     "channel_mix_bwd_kernel",
     "channel_mix_forward",
     "channel_mix_backward",
+    "MAX_TILE_SPAN",
     "AOT_CHANNELS",
     "AOT_RECTANGULAR",
     "aot_specs",
@@ -116,16 +121,19 @@ def channel_mix_fwd_kernel(
     """``y[b, :, p] = W @ x[b, :, p] (+ bias)`` for ``BLOCK_P`` pixels of one sample per program."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // N_PBLOCKS
-    p = (pid % N_PBLOCKS) * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < HW
+    p0 = (pid % N_PBLOCKS) * BLOCK_P
+    pl = tl.arange(0, BLOCK_P)
+    p_mask = p0 + pl < HW
     co = tl.arange(0, CO_PAD)
     co_mask = co < C_OUT
-    x_pix = x_ptr + b * stride_xb + p * stride_xp
+    # int64 offset of the tile, int32 offsets within it (the launcher checks a sample's span fits int32)
+    x_tile = x_ptr + b * stride_xb + p0 * stride_xp
+    x_pl = pl * stride_xp
     if USE_DOT:
         ci = tl.arange(0, CI_PAD)
         ci_mask = ci < C_IN
         x = tl.load(
-            x_pix[None, :] + ci.to(tl.int64)[:, None] * stride_xc,
+            x_tile + (ci[:, None] * stride_xc + x_pl[None, :]),
             mask=ci_mask[:, None] & p_mask[None, :],
             other=0.0,
         )
@@ -139,17 +147,17 @@ def channel_mix_fwd_kernel(
         acc_dtype = tl.float64 if FP64 else tl.float32
         acc = tl.zeros((CO_PAD, BLOCK_P), dtype=acc_dtype)
         w_col = w_ptr + co * stride_wo
-        # pointers advance by one channel stride per step: no int32 product of channel index and stride
         for _ in range(C_IN):
-            x_row = tl.load(x_pix, mask=p_mask, other=0.0).to(acc_dtype)
+            x_row = tl.load(x_tile + x_pl, mask=p_mask, other=0.0).to(acc_dtype)
             w_c = tl.load(w_col, mask=co_mask, other=0.0).to(acc_dtype)
             acc += w_c[:, None] * x_row[None, :]
-            x_pix += stride_xc
+            x_tile += stride_xc
             w_col += stride_wi
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=co_mask, other=0.0).to(acc.dtype)[:, None]
-    y_off = b * stride_yb + co.to(tl.int64)[:, None] * stride_yc + p[None, :] * stride_yp
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=co_mask[:, None] & p_mask[None, :])
+    y_tile = y_ptr + b * stride_yb + p0 * stride_yp
+    y_off = co[:, None] * stride_yc + pl[None, :] * stride_yp
+    tl.store(y_tile + y_off, acc.to(y_ptr.dtype.element_ty), mask=co_mask[:, None] & p_mask[None, :])
 
 
 @triton.jit
@@ -200,8 +208,7 @@ def channel_mix_bwd_kernel(
     co = tl.arange(0, CO_PAD)
     ci_mask = ci < C_IN
     co_mask = co < C_OUT
-    ci64 = ci.to(tl.int64)
-    co64 = co.to(tl.int64)
+    pl = tl.arange(0, BLOCK_P)
     w_mask = co_mask[:, None] & ci_mask[None, :]
     gw_acc = tl.zeros((CO_PAD, CI_BLOCK), dtype=acc_dtype)
     gb_acc = tl.zeros((CO_PAD,), dtype=acc_dtype)
@@ -209,15 +216,17 @@ def channel_mix_bwd_kernel(
         w = tl.load(w_ptr + co[:, None] * stride_wo + ci[None, :] * stride_wi, mask=w_mask, other=0.0)
     for t in range(pid, N_TILES, n_prog):
         b = (t // N_PBLOCKS).to(tl.int64)
-        p = (t % N_PBLOCKS).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_mask = p < HW
-        x_pix = x_ptr + b * stride_xb + p * stride_xp
-        gy_pix = gy_ptr + b * stride_gyb + p * stride_gyp
+        p0 = (t % N_PBLOCKS).to(tl.int64) * BLOCK_P
+        p_mask = p0 + pl < HW
+        # int64 offset of the tile, int32 offsets within it (the launcher checks a sample's span fits int32)
+        x_tile = x_ptr + b * stride_xb + p0 * stride_xp
+        gy_tile = gy_ptr + b * stride_gyb + p0 * stride_gyp
+        gy_pl = pl * stride_gyp
         x_tile_mask = ci_mask[:, None] & p_mask[None, :]
-        x = tl.load(x_pix[None, :] + ci64[:, None] * stride_xc, mask=x_tile_mask, other=0.0)
+        x = tl.load(x_tile + (ci[:, None] * stride_xc + (pl * stride_xp)[None, :]), mask=x_tile_mask, other=0.0)
         if USE_DOT:
             gy = tl.load(
-                gy_pix[None, :] + co64[:, None] * stride_gyc,
+                gy_tile + (co[:, None] * stride_gyc + gy_pl[None, :]),
                 mask=co_mask[:, None] & p_mask[None, :],
                 other=0.0,
             )
@@ -229,16 +238,17 @@ def channel_mix_bwd_kernel(
             gx = tl.zeros((CI_BLOCK, BLOCK_P), dtype=acc_dtype)
             w_row = w_ptr + ci * stride_wi
             for o in range(C_OUT):
-                gy_o = tl.load(gy_pix, mask=p_mask, other=0.0).to(acc_dtype)
+                gy_o = tl.load(gy_tile + gy_pl, mask=p_mask, other=0.0).to(acc_dtype)
                 w_o = tl.load(w_row, mask=ci_mask, other=0.0).to(acc_dtype)
                 gx += w_o[:, None] * gy_o[None, :]
                 gw_o = tl.sum(x * gy_o[None, :], axis=1)
                 gw_acc += tl.where(co[:, None] == o, gw_o[None, :], 0.0)
                 gb_acc += tl.where(co == o, tl.sum(gy_o, axis=0), 0.0)
-                gy_pix += stride_gyc
+                gy_tile += stride_gyc
                 w_row += stride_wo
-        gx_off = b * stride_gxb + ci64[:, None] * stride_gxc + p[None, :] * stride_gxp
-        tl.store(gx_ptr + gx_off, gx.to(gx_ptr.dtype.element_ty), mask=x_tile_mask)
+        gx_tile = gx_ptr + b * stride_gxb + p0 * stride_gxp
+        gx_off = ci[:, None] * stride_gxc + pl[None, :] * stride_gxp
+        tl.store(gx_tile + gx_off, gx.to(gx_ptr.dtype.element_ty), mask=x_tile_mask)
     part = pid.to(tl.int64) * C_OUT
     tl.store(gw_part_ptr + (part + co[:, None]) * C_IN + ci[None, :], gw_acc.to(acc_dtype), mask=w_mask)
     if ci_block == 0:
@@ -257,10 +267,10 @@ def _launch_params(c_in: int, c_out: int, hw: int, dtype: torch.dtype, on_cpu: b
         ci_block, block_p = ci_pad, (4096 if fp64 else 8192) // widest
     elif use_dot:
         ci_block = min(ci_pad, 16 if co_pad <= 32 else 32)
-        block_p = 32 if co_pad <= 32 else 16
+        block_p = 32 if co_pad <= 16 else 16
     else:
         ci_block = min(ci_pad, 16)
-        block_p = (2048 if fp64 else 4096) // max(ci_block, co_pad)
+        block_p = (1024 if fp64 else 2048) // max(ci_block, co_pad)
     block_p = min(max(16, min(1024, block_p)), max(16, triton.next_power_of_2(hw)))
     return {
         ("CI_BLOCK" if backward else "CI_PAD"): ci_block,
@@ -276,10 +286,41 @@ def _launch_params(c_in: int, c_out: int, hw: int, dtype: torch.dtype, on_cpu: b
     }
 
 
-def _pixels(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-    """``t`` as ``(B, C, H*W)`` (a view unless H and W cannot merge) and its three strides."""
+MAX_TILE_SPAN = 2**31
+"""In-tile offsets are int32: every tile's largest offset (:func:`_tile_span`) must stay below this."""
+
+
+def _tile_span(t3: torch.Tensor, block_p: int) -> int:
+    """The largest in-tile offset the kernels form for ``t3`` ``(B, C, P)``: every channel and a whole tile of
+    pixels (masked lanes past ``P`` included). They form it in int32."""
+    return (t3.shape[1] - 1) * t3.stride(1) + (max(t3.shape[2], block_p) - 1) * t3.stride(2)
+
+
+def _int32_error(name: str, t: torch.Tensor, span: int) -> ValueError:
+    return ValueError(
+        f"{name}: the channel-mix kernels address a sample with int32 offsets, but a sample of shape "
+        f"{tuple(t.shape[1:])} spans {span} elements; run it on the eager backend (fastflow.backend('eager'))"
+    )
+
+
+def _pixels(t: torch.Tensor, block_p: int, name: str) -> tuple[torch.Tensor, int, int, int]:
+    """Input ``t`` as ``(B, C, H*W)`` and its three strides: a view, unless H and W cannot merge or the view
+    spans too far for int32 in-tile offsets (then a dense copy)."""
     t3 = t.flatten(2)
+    if _tile_span(t3, block_p) >= MAX_TILE_SPAN:
+        t3 = t3.contiguous()
+        if _tile_span(t3, block_p) >= MAX_TILE_SPAN:
+            raise _int32_error(name, t, _tile_span(t3, block_p))
     return t3, t3.stride(0), t3.stride(1), t3.stride(2)
+
+
+def _output_pixels(out: torch.Tensor, block_p: int, name: str) -> torch.Tensor:
+    """Output ``out`` as a ``(B, C, H*W)`` view the kernel writes through (raises unless H and W merge)."""
+    batch, channels, height, width = out.shape
+    out3 = out.view(batch, channels, height * width)
+    if _tile_span(out3, block_p) >= MAX_TILE_SPAN:
+        raise _int32_error(name, out, _tile_span(out3, block_p))
+    return out3
 
 
 def channel_mix_forward(
@@ -298,8 +339,8 @@ def channel_mix_forward(
         return out
     params = _launch_params(c_in, c_out, hw, x.dtype, x.device.type == "cpu", backward=False)
     n_pblocks = triton.cdiv(hw, params["BLOCK_P"])
-    x3, sxb, sxc, sxp = _pixels(x)
-    y3 = out.view(batch, c_out, hw)  # raises unless out's H and W merge (the kernel writes through it)
+    x3, sxb, sxc, sxp = _pixels(x, params["BLOCK_P"], "x")
+    y3 = _output_pixels(out, params["BLOCK_P"], "out")
     channel_mix_fwd_kernel[(batch * n_pblocks,)](
         x3,
         weight,
@@ -356,9 +397,9 @@ def channel_mix_backward(
     n_prog = _backward_programs(x, n_tiles, n_ci_blocks, c_in, c_out)
     gw_part = torch.empty((n_prog, c_out, c_in), dtype=acc_dtype, device=x.device)
     gb_part = torch.empty((n_prog, c_out), dtype=acc_dtype, device=x.device)
-    x3, sxb, sxc, sxp = _pixels(x)
-    gy3, sgb, sgc, sgp = _pixels(grad_y)
-    gx3 = grad_x.view(batch, c_in, hw)  # raises unless grad_x's H and W merge (the kernel writes through it)
+    x3, sxb, sxc, sxp = _pixels(x, params["BLOCK_P"], "x")
+    gy3, sgb, sgc, sgp = _pixels(grad_y, params["BLOCK_P"], "grad_y")
+    gx3 = _output_pixels(grad_x, params["BLOCK_P"], "grad_x")
     channel_mix_bwd_kernel[(n_ci_blocks, n_prog)](
         x3,
         gy3,
@@ -431,7 +472,7 @@ def aot_specs() -> list[AotSpec]:
     """Launch configurations of both kernels as the GPU launchers build them, for ahead-of-time compile
     checks, forward (with bias) and backward: square weights of every :data:`AOT_CHANNELS` in float32 (TF32
     dot), bfloat16 and float64 activations, and the :data:`AOT_RECTANGULAR` weights in float32. All but the
-    float64 ones must not spill registers."""
+    float64 ones must not spill under register pressure."""
     shapes = [(c, c, act) for act in ("fp32", "bf16", "fp64") for c in AOT_CHANNELS]
     shapes += [(c_in, c_out, "fp32") for c_in, c_out in AOT_RECTANGULAR]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}

@@ -4,11 +4,12 @@ Backward: ``grad_x = weight^T @ grad_y`` per pixel, ``grad_weight = sum_{b,h,w} 
 ``grad_bias = sum_{b,h,w} grad_y``.
 
 :func:`channel_mix` dispatches on :func:`fastflow.backend.resolve_backend` (traceable by ``torch.compile``):
-on ``"eager"``, and for more than :data:`KERNEL_MAX_CHANNELS` channels, it is :func:`channel_mix_ref`
-(cuDNN / ATen, ATen autograd); on ``"triton"`` / ``"interpret"`` it is the torch.library custom op
-``fastflow::channel_mix`` running the Triton kernels of :mod:`fastflow.kernels.channel_mix` (fake kernel
-and autograd registered, so ``torch.compile(fullgraph=True)`` traces it), whose backward is the custom op
-``fastflow::channel_mix_backward``. The fused path is not differentiable twice (no double backward).
+on ``"eager"``, for more than :data:`KERNEL_MAX_CHANNELS` channels and for samples of 2^31 elements or more
+it is :func:`channel_mix_ref` (cuDNN / ATen, ATen autograd); on ``"triton"`` / ``"interpret"`` it is the
+torch.library custom op ``fastflow::channel_mix`` running the Triton kernels of
+:mod:`fastflow.kernels.channel_mix` (fake kernel and autograd registered, so ``torch.compile(fullgraph=True)``
+traces it), whose backward is the custom op ``fastflow::channel_mix_backward``. The fused path is not
+differentiable twice (no double backward).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ KERNEL_MAX_CHANNELS = 128
 """Largest channel count (``max(C_in, C_out)``) for which the Triton backends run the fused kernel; above
 it they call :func:`channel_mix_ref` (cuDNN). 128 is an upper bound, not a timing: it is the widest padded
 width whose float32 / bfloat16 launches ``tests/kernels/aot_compile.py`` checks to compile for sm_80 /
-sm_90 without register spills. The timed crossover is unmeasured (no GPU yet): set this to the value
-``python -m benchmarks --cases actnorm_invconv`` prints as "KERNEL_MAX_CHANNELS supported by this run" on
-the target GPU (:func:`benchmarks.bench_actnorm_invconv.kernel_max_channels`)."""
+sm_90 without spilling under register pressure. The timed crossover is unmeasured (no GPU yet): set this
+to the value ``python -m benchmarks --cases actnorm_invconv`` prints as "KERNEL_MAX_CHANNELS supported by
+this run" on the target GPU (:func:`benchmarks.bench_actnorm_invconv.kernel_max_channels`)."""
 
 
 def channel_mix_ref(
@@ -145,6 +146,16 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             raise ValueError(f"bias must be on {x.device} like x, got {bias.device}")
 
 
+INT32_SAMPLE_LIMIT = 2**31
+"""The kernels' in-tile offsets are int32: a sample (with a tile of padding) must have fewer elements."""
+
+
+def _fits_int32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a dense sample of ``x`` and of the output, with a tile of up to 1024 pixels of padding, is
+    addressable with the kernels' int32 in-tile offsets (more than 2^31 elements per sample go to cuDNN)."""
+    return max(weight.shape) * (x.shape[2] * x.shape[3] + 1024) < INT32_SAMPLE_LIMIT
+
+
 def channel_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Channel mix ``weight @ x[b, :, h, w] + bias`` on the backend chosen by :mod:`fastflow.backend`.
 
@@ -155,6 +166,6 @@ def channel_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     arguments.
     """
     _check_args(x, weight, bias)
-    if resolve_backend(x) == "eager" or max(weight.shape) > KERNEL_MAX_CHANNELS:
+    if resolve_backend(x) == "eager" or max(weight.shape) > KERNEL_MAX_CHANNELS or not _fits_int32(x, weight):
         return channel_mix_ref(x, weight, bias)
     return torch.ops.fastflow.channel_mix(x, weight, bias)

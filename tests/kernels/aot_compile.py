@@ -3,8 +3,9 @@ and check that no configuration spills registers (float64 ones excepted).
 
 Usage: ``python tests/kernels/aot_compile.py [CC ...]`` (default 80 90). Exits non-zero, naming the kernel,
 its constexprs and the error, on the first compile failure, and after the loop if any configuration held to
-``AotSpec.spill_free`` spills registers (local-memory loads or stores in the SASS of the cubin,
-``cuobjdump -sass``: a memory-bound kernel that spills moves extra bytes per element).
+``AotSpec.spill_free`` spills under register pressure (local-memory loads or stores in the SASS of the
+cubin, ``cuobjdump -sass``, at the register ceiling or in numbers: see :func:`spills_under_pressure`; a
+memory-bound kernel that spills moves extra bytes per element).
 Prints registers per thread of every configuration. Must run with ``TRITON_INTERPRET`` unset or ``0``:
 under the interpreter ``@triton.jit`` does not produce compilable functions.
 """
@@ -69,6 +70,18 @@ def registers_and_spills(cubin: bytes, cuobjdump: str) -> tuple[int, int]:
     return int(match.group(1)), len(re.findall(r"\b(?:STL|LDL)\b", sass.stdout))
 
 
+REGISTER_CEILING = 255
+MANY_SPILL_INSTRUCTIONS = 32
+
+
+def spills_under_pressure(registers: int, spill_ops: int) -> bool:
+    """Whether a kernel spills because its tile does not fit in registers: any spill at the register
+    ceiling, or many spill instructions at any register count. ptxas also trades a handful of spills for
+    occupancy at a low register count (seen: 2 to 6 local-memory instructions at 32 to 128 registers,
+    varying between Triton releases and launch sizes); that is its choice, not a tile that is too big."""
+    return spill_ops > 0 and (registers >= REGISTER_CEILING or spill_ops >= MANY_SPILL_INSTRUCTIONS)
+
+
 def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("needs TRITON_INTERPRET=0: interpreted kernels cannot be compiled", file=sys.stderr)
@@ -89,18 +102,19 @@ def main(argv: list[str]) -> int:
                 if cuobjdump is None or not spec.spill_free:
                     continue
                 registers, spill_ops = registers_and_spills(cubin, cuobjdump)
-                line = f"{name} sm_{cc} warps={spec.num_warps} {spec.constexprs}: {registers} registers"
-                print(line + (f", SPILLS ({spill_ops} local-memory instructions)" if spill_ops else ""))
-                if spill_ops:
+                pointers = sorted({t for t in spec.signature.values() if t.startswith("*")})
+                line = f"{name} sm_{cc} {pointers} warps={spec.num_warps} {spec.constexprs}: {registers} registers"
+                print(line + (f", {spill_ops} local-memory instructions" if spill_ops else ""))
+                if spills_under_pressure(registers, spill_ops):
                     spills.append(line)
     print(f"compiled {count} kernel specs for sm_{ccs} in {time.perf_counter() - start:.1f}s")
     if cuobjdump is None:
         print("spill check skipped: no cuobjdump")
     elif spills:
-        print(f"{len(spills)} configurations spill registers:\n" + "\n".join(spills), file=sys.stderr)
+        print(f"{len(spills)} configurations spill under register pressure:\n" + "\n".join(spills), file=sys.stderr)
         return 1
     else:
-        print("no configuration spills registers")
+        print("no configuration spills under register pressure")
     return 0
 
 

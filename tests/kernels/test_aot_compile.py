@@ -26,4 +26,16 @@ def test_aot_compile_all_kernels_sm80_sm90() -> None:
     assert "compiled" in proc.stdout
     # triton's wheels ship cuobjdump: where it is, the spill check must have run
     if (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").is_file():
-        assert "no configuration spills registers" in proc.stdout
+        assert "no configuration spills under register pressure" in proc.stdout
+
+
+def test_spills_under_pressure_tells_pressure_from_ptxas_occupancy_trades() -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from aot_compile import spills_under_pressure
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert not spills_under_pressure(200, 0)
+    assert spills_under_pressure(255, 1)  # at the ceiling: the tile does not fit
+    assert spills_under_pressure(32, 8489)  # capped and spilling thousands (a 128 x 512 tile, Triton 3.2)
+    assert not spills_under_pressure(128, 6)  # a few spills ptxas chose for occupancy

@@ -243,6 +243,46 @@ def test_dispatch(monkeypatch):
     torch.testing.assert_close(y12, channel_mix_ref(x12, w12))
 
 
+def test_samples_too_large_for_int32_offsets_go_to_eager(monkeypatch):
+    """Samples with more elements than the kernels' int32 in-tile offsets address run on cuDNN/ATen."""
+    calls = []
+    launch = kernels.channel_mix_forward
+    monkeypatch.setattr(kernels, "channel_mix_forward", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    x, weight = torch.randn(2, 6, 5, 7), _weight(6, 6)
+    with fastflow.backend("interpret"):
+        channel_mix(x, weight)
+        monkeypatch.setattr(ops, "INT32_SAMPLE_LIMIT", 6 * (35 + 1024))  # this sample no longer fits
+        y = channel_mix(x, weight)
+    assert calls == [1]
+    torch.testing.assert_close(y, channel_mix_ref(x, weight))
+
+
+def test_launcher_copies_an_input_view_that_spans_too_far(monkeypatch):
+    """A channel slice of a wide tensor spans more than a dense sample: the launchers copy it once its span
+    passes MAX_TILE_SPAN (a dense copy fits), and raise ValueError for an output they cannot copy."""
+    big = torch.randn(2, 40, 5, 7)
+    x = big[:, ::8]  # 5 channels, channel stride 8 * 35
+    weight, grad_y = _weight(5, 5), torch.randn(2, 5, 5, 7)
+    block_p = 64  # both launches' BLOCK_P: the image's 35 pixels rounded up to a power of two
+    dense_span = kernels._tile_span(x.contiguous().flatten(2), block_p)
+    assert kernels._tile_span(x.flatten(2), block_p) > dense_span
+    monkeypatch.setattr(kernels, "MAX_TILE_SPAN", dense_span + 1)
+    out = torch.empty(2, 5, 5, 7)
+    kernels.channel_mix_forward(x, weight, None, out, allow_tf32=False)
+    torch.testing.assert_close(out, channel_mix_ref(x, weight), atol=1e-5, rtol=1e-5)
+    grad_x, grad_weight, _ = kernels.channel_mix_backward(grad_y, x, weight, torch.empty(2, 5, 5, 7), False)
+    x_ref = x.detach().requires_grad_()
+    weight_ref = weight.detach().requires_grad_()
+    want = torch.autograd.grad(channel_mix_ref(x_ref, weight_ref), (x_ref, weight_ref), grad_y)
+    torch.testing.assert_close(grad_x, want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_weight, want[1], atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="out: the channel-mix kernels address a sample with int32 offsets"):
+        kernels.channel_mix_forward(x, weight, None, torch.empty(2, 40, 5, 7)[:, ::8], allow_tf32=False)
+    monkeypatch.setattr(kernels, "MAX_TILE_SPAN", dense_span)  # not even a dense copy fits
+    with pytest.raises(ValueError, match="x: the channel-mix kernels address a sample with int32 offsets"):
+        kernels.channel_mix_forward(x, weight, None, out, allow_tf32=False)
+
+
 def test_empty_batch():
     x = torch.randn(0, 6, 3, 3, requires_grad=True)
     weight = _weight(6, 6).requires_grad_()
