@@ -52,8 +52,8 @@ These come from a sweep of registers and spills of the AOT cubins (no GPU needed
 and 3.9 for sm_80 and sm_90: in float32 and bfloat16 none spills under register pressure (ptxas still
 trades a handful of spill instructions for occupancy in a few FMA-path launches), while the earlier 4-warp
 forward tiles spilled under Triton 3.2 / 3.6 at 16 and 32 channels and the ``C_out x C_in`` backward
-spilled from 24 channels on. ``tests/kernels/aot_compile.py`` checks every configuration of
-:func:`aot_specs` with the installed Triton (``make aot-old-tritons`` with 3.2 and 3.6); float64 (for
+spilled from 12 (float32) or 24 (bfloat16) channels on. ``tests/kernels/aot_compile.py`` checks every
+configuration of :func:`aot_specs` with the installed Triton (``make aot-old-tritons`` with 3.2 and 3.6); float64 (for
 gradient checks, not speed) is only required to compile. Not timed yet: a GPU benchmark may move them.
 Under Triton's CPU interpreter (tests) the ``tl.dot`` operands are multiplied as float32 copies
 (``DOT_FP32``): the interpreter's dot reads bfloat16 bits as integers.
