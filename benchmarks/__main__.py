@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n## {case} ({time.perf_counter() - start:.0f} s)\n\n{_table(results[case])}", flush=True)
     tables = {case: _table(rows) for case, rows in results.items()}
     if "actnorm_invconv" in results:
-        tables["actnorm_invconv"] += _threshold_note(results["actnorm_invconv"])
-        print(_threshold_note(results["actnorm_invconv"]))
+        note = _threshold_note(results["actnorm_invconv"])
+        tables["actnorm_invconv"] += note
+        print(note)
     payload = {"environment": env, "quick": args.quick, "results": results}
     json_path, md_path = write_results(payload, tables, args.out, slug)
     png_path = plot_results(results, f"{args.out}/{slug}.png", env["device"])
