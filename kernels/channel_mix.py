@@ -30,8 +30,9 @@ Two compute paths, chosen by the launcher (``USE_DOT``):
 
 - ``tl.dot`` when both padded channel counts are >= 16 (the tensor-core minimum) and the dtype is not
   float64; fp16/bf16 operands with the weight rounded to the input dtype (as ``F.conv2d`` does), float32
-  operands with ``PRECISION`` = ``"ieee"`` or ``"tf32"`` (the ops layer mirrors
-  ``torch.backends.cudnn.allow_tf32``, i.e. what cuDNN does for the eager 1x1 convolution).
+  operands in IEEE precision whatever ``torch.backends.cudnn.allow_tf32`` says: TF32 rounds the operands
+  to a 10-bit mantissa, and an invertible mix computed so loses invertibility (a reversible backward
+  rebuilds its inputs with a relative drift of 1e-2 over a few dozen Glow steps).
 - an outer-product loop over channels (FMA) otherwise: small ``C`` (padding 3 channels to 16 would multiply
   the arithmetic 28x on a memory-bound op) and float64 (``tl.dot`` has no float64 path everywhere).
 
@@ -84,11 +85,12 @@ __all__ = [
 
 
 @triton.jit
-def _mix_dot(a, b, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-    """``a @ b`` accumulated in float32; ``DOT_FP32`` multiplies float32 copies of the operands instead."""
+def _mix_dot(a, b, DOT_FP32: tl.constexpr):
+    """``a @ b`` accumulated in float32, float32 operands in IEEE precision (never TF32: the mix must stay
+    invertible); ``DOT_FP32`` multiplies float32 copies of the operands instead."""
     if DOT_FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
-    return tl.dot(a, b, input_precision=PRECISION, out_dtype=tl.float32)
+    return tl.dot(a, b, input_precision="ieee", out_dtype=tl.float32)
 
 
 @triton.jit
@@ -114,7 +116,6 @@ def channel_mix_fwd_kernel(
     BLOCK_P: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
     FP64: tl.constexpr,
 ):
@@ -142,7 +143,7 @@ def channel_mix_fwd_kernel(
             mask=co_mask[:, None] & ci_mask[None, :],
             other=0.0,
         )
-        acc = _mix_dot(w.to(x.dtype), x, PRECISION, DOT_FP32)
+        acc = _mix_dot(w.to(x.dtype), x, DOT_FP32)
     else:
         acc_dtype = tl.float64 if FP64 else tl.float32
         acc = tl.zeros((CO_PAD, BLOCK_P), dtype=acc_dtype)
@@ -188,7 +189,6 @@ def channel_mix_bwd_kernel(
     CO_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr,
     USE_DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
     FP64: tl.constexpr,
 ):
@@ -230,8 +230,8 @@ def channel_mix_bwd_kernel(
                 mask=co_mask[:, None] & p_mask[None, :],
                 other=0.0,
             )
-            gx = _mix_dot(tl.trans(w.to(gy.dtype)), gy, PRECISION, DOT_FP32)
-            gw_acc += _mix_dot(gy, tl.trans(x.to(gy.dtype)), PRECISION, DOT_FP32)
+            gx = _mix_dot(tl.trans(w.to(gy.dtype)), gy, DOT_FP32)
+            gw_acc += _mix_dot(gy, tl.trans(x.to(gy.dtype)), DOT_FP32)
             gb_acc += tl.sum(gy.to(tl.float32), axis=1)
         else:
             x = x.to(acc_dtype)
@@ -324,13 +324,12 @@ def _output_pixels(out: torch.Tensor, block_p: int, name: str) -> torch.Tensor:
 
 
 def channel_mix_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, allow_tf32: bool
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
 ) -> torch.Tensor:
     """Launch the forward kernel: ``out[b, :, h, w] = weight @ x[b, :, h, w] + bias``; returns ``out``.
 
     ``x`` ``(B, C_in, H, W)`` and ``out`` ``(B, C_out, H, W)`` with any strides, ``weight`` ``(C_out, C_in)``
     of any float dtype, ``bias`` ``(C_out,)`` or ``None`` (made contiguous: ``C_out`` elements).
-    ``allow_tf32`` applies to float32 inputs on the ``tl.dot`` path only.
     """
     batch, c_in, height, width = x.shape
     c_out = weight.shape[0]
@@ -359,7 +358,6 @@ def channel_mix_forward(
         y3.stride(1),
         y3.stride(2),
         HAS_BIAS=bias is not None,
-        PRECISION="tf32" if allow_tf32 else "ieee",
         **params,
     )
     return out
@@ -375,7 +373,7 @@ def _backward_programs(x: torch.Tensor, n_tiles: int, n_ci_blocks: int, c_in: in
 
 
 def channel_mix_backward(
-    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor, allow_tf32: bool
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernel; returns ``(grad_x, grad_weight, grad_bias)``.
 
@@ -423,7 +421,6 @@ def channel_mix_backward(
         gx3.stride(0),
         gx3.stride(1),
         gx3.stride(2),
-        PRECISION="tf32" if allow_tf32 else "ieee",
         **params,
     )
     return grad_x, gw_part.sum(0), gb_part.sum(0)
@@ -458,10 +455,10 @@ def _aot_launch(c_in: int, c_out: int, act: str, dtype: torch.dtype, backward: b
     params = _launch_params(c_in, c_out, 256 * 256, dtype, on_cpu=False, backward=backward)
     num_warps = params.pop("num_warps")
     if backward:
-        kernel, constexprs = channel_mix_bwd_kernel, {"PRECISION": "tf32", **params}
+        kernel, constexprs = channel_mix_bwd_kernel, dict(params)
         names = ("x_ptr", "gy_ptr", "w_ptr", "gx_ptr", "gw_part_ptr", "gb_part_ptr")
     else:
-        kernel, constexprs = channel_mix_fwd_kernel, {"HAS_BIAS": True, "PRECISION": "tf32", **params}
+        kernel, constexprs = channel_mix_fwd_kernel, {"HAS_BIAS": True, **params}
         names = ("x_ptr", "w_ptr", "b_ptr", "y_ptr")
     param = "*fp64" if act == "fp64" else "*fp32"
     pointers = {name: f"*{act}" if name in _ACTIVATIONS else param for name in names}

@@ -1,4 +1,8 @@
-"""GPU checks (``make gpu-check``): the compiled Triton kernels on CUDA against the eager twins."""
+"""GPU checks (``make gpu-check``): the compiled Triton kernels on CUDA against the eager twins.
+
+They run with TF32 on (``torch.backends.cudnn.allow_tf32`` and ``torch.backends.cuda.matmul.allow_tf32``),
+the setting users get or choose for speed: the invertible mixes must stay IEEE float32 under it.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,20 @@ import torch
 import fastflow
 from fastflow.models import Glow
 from fastflow.ops.actnorm_invconv import actnorm_invconv, actnorm_invconv_ref
+from fastflow.ops.channel_mix import channel_mix, channel_mix_ref
 from fastflow.ops.coupling import affine_coupling, affine_coupling_ref
 from tests.helpers import loss_and_grads, perturb_parameters
 
 pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _tf32_on():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
 
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 
@@ -30,7 +44,6 @@ def test_coupling_kernel_on_cuda(dtype, scale):
 
 @pytest.mark.parametrize("channels", [6, 12, 48, 96])
 def test_actnorm_invconv_kernel_on_cuda(channels):
-    torch.backends.cudnn.allow_tf32 = False
     x = torch.randn(2, channels, 31, 9, device="cuda")
     bias, logs = torch.randn(2, 1, channels, 1, 1, device="cuda") * 0.3
     weight = torch.linalg.qr(torch.randn(channels, channels, device="cuda"))[0]
@@ -44,8 +57,6 @@ def test_actnorm_invconv_kernel_on_cuda(channels):
 
 @pytest.mark.parametrize("reversible", [False, True])
 def test_glow_training_step_on_cuda_matches_eager(reversible):
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     model = Glow(3, 16, levels=2, steps=4, hidden=32).cuda().train()
     x = torch.rand(4, 3, 16, 16, device="cuda") - 0.5
@@ -56,3 +67,45 @@ def test_glow_training_step_on_cuda_matches_eager(reversible):
     torch.testing.assert_close(loss_fused, loss_eager, rtol=1e-5, atol=0)
     g_fused, g_eager = (torch.cat([g.flatten() for g in grads]) for grads in (grads_fused, grads_eager))
     assert (g_fused - g_eager).norm() / g_eager.norm() < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("channels", [12, 48, 200])
+def test_channel_mix_is_ieee_float32_with_tf32_on(backend, channels):
+    x = torch.randn(2, channels, 17, 9, device="cuda")
+    weight = torch.randn(channels, channels, device="cuda") / channels**0.5
+    with fastflow.backend(backend):
+        y = channel_mix(x, weight)
+    y_ref = channel_mix_ref(x.double(), weight.double())
+    assert ((y.double() - y_ref).norm() / y_ref.norm()).item() < 1e-6  # TF32 gives ~3e-4
+
+
+def _perturbed_glow(reversible: bool) -> tuple[Glow, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Glow(3, 16, levels=1, steps=32, hidden=32, reversible=reversible).cuda().train()
+    x = torch.rand(4, 3, 16, 16, device="cuda") - 0.5
+    model.log_prob(x)
+    perturb_parameters(model, 0.05)
+    return model, x
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_reversible_glow_trains_with_tf32_on(backend):
+    """32 steps of 12 channels with TF32 on: the drift guard (TF32_MAX_DRIFT) lets the step through and
+    the gradients match standard backprop to TF32 precision."""
+    model, x = _perturbed_glow(reversible=True)
+    loss_rev, grads_rev = loss_and_grads(model, x, backend, reversible=True)
+    loss_std, grads_std = loss_and_grads(model, x, backend, reversible=False)
+    torch.testing.assert_close(loss_rev, loss_std, rtol=1e-4, atol=0)
+    g_rev, g_std = (torch.cat([g.flatten() for g in grads]) for grads in (grads_rev, grads_std))
+    assert ((g_rev - g_std).norm() / g_std.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_glow_inverse_is_exact_to_float32_with_tf32_off(backend):
+    """With the coupling networks in IEEE float32 too, 32 steps invert to float32 rounding."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    model, x = _perturbed_glow(reversible=False)
+    with fastflow.backend(backend), torch.no_grad():
+        x_back = model.decode(model.encode(x))
+    assert ((x_back - x).abs().max() / x.abs().max()).item() < 1e-4

@@ -8,7 +8,7 @@ from torch import nn
 from fastflow.nn.base import FlowLayer, check_image
 from fastflow.ops._checks import logdet_dtype
 from fastflow.ops.channel_mix import channel_mix
-from fastflow.ops.invconv import lu_inverse_weight, lu_weight_and_logdet
+from fastflow.ops.invconv import dense_inverse_weight, lu_inverse_weight, lu_weight_and_logdet
 
 __all__ = ["InvConv1x1", "exact_dtype"]
 
@@ -61,10 +61,10 @@ class InvConv1x1(FlowLayer):
         return self.log_s.sum() if self.lu else torch.linalg.slogdet(self.weight)[1]
 
     def inverse_weight(self) -> torch.Tensor:
-        """``W^-1``: by triangular solves in LU form, ``torch.linalg.inv`` otherwise."""
+        """``W^-1``: by triangular solves in LU form, ``torch.linalg.inv`` otherwise (both in float64)."""
         if self.lu:
             return lu_inverse_weight(self.perm, self.lower, self.upper, self.sign_s, self.log_s)
-        return torch.linalg.inv(self.weight)
+        return dense_inverse_weight(self.weight)
 
     @staticmethod
     def _layer_logdet(weight_logdet: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,11 @@ tensors around :func:`fastflow.ops.channel_mix.channel_mix`, so gradients reach 
 ``weight`` and ``weight_logdet`` through autograd.
 
 Precision: ``b'`` is added in the float32 accumulator, but ``W'`` multiplies ``x`` rather than
-``x + bias``; where the operands are rounded (bfloat16/float16 inputs, TF32 under
-``torch.backends.cudnn.allow_tf32``) the rounding error scales with ``|x|`` instead of ``|x + bias|``, so
-channels whose mean is large against their spread lose up to ``|mean| / std`` times more relative
-precision than ActNorm-then-conv. Exact float32 (``allow_tf32 = False``) is unaffected.
+``x + bias``; where the operands are rounded (bfloat16/float16 inputs) the rounding error scales with
+``|x|`` instead of ``|x + bias|``, so channels whose mean is large against their spread lose up to
+``|mean| / std`` times more relative precision than ActNorm-then-conv. float32 is IEEE float32 on every
+path, whatever the TF32 flags say (:mod:`fastflow.ops.channel_mix`); ``b'`` is a sum of elementwise
+products, not a matmul that TF32 could round.
 
 Dispatch: on the ``"eager"`` backend the two functions are their eager twins (ActNorm, then the conv: two
 passes); on ``"triton"`` / ``"interpret"`` they fold and run one fused channel mix.
@@ -85,7 +86,7 @@ def actnorm_invconv(
     if resolve_backend(x) == "eager":
         return actnorm_invconv_ref(x, bias, logs, weight, weight_logdet)
     weight_folded = weight * torch.exp(logs.to(weight.dtype)).reshape(1, -1)
-    bias_folded = weight_folded @ bias.to(weight.dtype).reshape(-1)
+    bias_folded = (weight_folded * bias.to(weight.dtype).reshape(1, -1)).sum(1)
     return channel_mix(x, weight_folded, bias_folded), _logdet(x, logs, weight_logdet)
 
 

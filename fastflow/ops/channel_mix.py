@@ -10,9 +10,17 @@ torch.library custom op ``fastflow::channel_mix`` running the Triton kernels of
 :mod:`fastflow.kernels.channel_mix` (fake kernel and autograd registered, so ``torch.compile(fullgraph=True)``
 traces it), whose backward is the custom op ``fastflow::channel_mix_backward``. The fused path is not
 differentiable twice (no double backward).
+
+Precision: float32 mixes are IEEE float32 on every path, whatever ``torch.backends.cudnn.allow_tf32`` /
+``torch.backends.cuda.matmul.allow_tf32`` say (both kernels use IEEE ``tl.dot``; the eager path runs its
+convolution with TF32 off). Every caller is an invertible mix (the 1x1 convolution and its ActNorm fold),
+and TF32 would break invertibility: the reversible backward's drift guard fires under it.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +28,7 @@ import torch.nn.functional as F
 from fastflow.backend import resolve_backend
 from fastflow.ops._checks import check_float_tensor
 
-__all__ = ["KERNEL_MAX_CHANNELS", "channel_mix", "channel_mix_ref"]
+__all__ = ["KERNEL_MAX_CHANNELS", "channel_mix", "channel_mix_ref", "ieee_float32"]
 
 KERNEL_MAX_CHANNELS = 128
 """Largest channel count (``max(C_in, C_out)``) for which the Triton backends run the fused kernel; above
@@ -38,12 +46,68 @@ def channel_mix_ref(
 
     ``weight`` ``(C_out, C_in)`` and ``bias`` ``(C_out,)`` are cast to ``x``'s dtype (as the kernel does);
     ``upcast`` computes in float32 (float64 stays float64) and casts the result back to ``x``'s dtype.
+    A 1x1 convolution (cuDNN / ATen) run through the custom op ``fastflow::conv1x1_ieee``: float32 stays
+    IEEE float32 whatever the TF32 flags say (see :func:`ieee_float32`), and ``torch.compile`` keeps the
+    op whole instead of lowering it to a convolution that would follow the flags.
     """
     out_dtype = x.dtype
     compute = _accumulate_dtype(out_dtype) if upcast else out_dtype
     x = x.to(compute)
     b = None if bias is None else bias.to(compute)
-    return F.conv2d(x, weight.to(compute)[:, :, None, None], b).to(out_dtype)
+    return torch.ops.fastflow.conv1x1_ieee(x, weight.to(compute), b).to(out_dtype)
+
+
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """Turn TF32 off for cuDNN convolutions and cuBLAS matmuls inside the block, restoring the flags after.
+
+    TF32 rounds float32 operands to a 10-bit mantissa (relative error ~5e-4 per product): fine for a
+    coupling network, fatal for an invertible mix, whose inverse must undo the forward to float32 rounding
+    (a reversible backward rebuilds inputs through dozens of such mixes).
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@torch.library.custom_op(
+    "fastflow::conv1x1_ieee", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
+)
+def _conv1x1_ieee_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    with ieee_float32():
+        return F.conv2d(x, weight[:, :, None, None], bias)
+
+
+@_conv1x1_ieee_op.register_fake
+def _conv1x1_ieee_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _empty_pixels(x, weight.shape[0])
+
+
+def _conv1x1_ieee_setup(
+    ctx: torch.autograd.function.FunctionCtx, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _conv1x1_ieee_backward(
+    ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    # grad_x = weight^T @ grad_y per pixel (the same IEEE op, so twice differentiable);
+    # grad_weight = sum_{b,h,w} grad_y x^T; grad_bias = sum_{b,h,w} grad_y
+    x, weight = ctx.saved_tensors
+    grad_x = torch.ops.fastflow.conv1x1_ieee(grad_y, weight.t(), None)
+    with ieee_float32():
+        grad_weight = torch.einsum("bohw,bihw->oi", grad_y, x)
+    grad_bias = grad_y.sum((0, 2, 3)) if ctx.has_bias else None
+    return grad_x, grad_weight, grad_bias
+
+
+_conv1x1_ieee_op.register_autograd(_conv1x1_ieee_backward, setup_context=_conv1x1_ieee_setup)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,18 +129,13 @@ def _empty_pixels(x: torch.Tensor, channels: int) -> torch.Tensor:
     )
 
 
-def _allow_tf32(x: torch.Tensor) -> bool:
-    # the eager twin is a cuDNN convolution, which uses TF32 for float32 under this flag (on by default)
-    return x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-
-
 @torch.library.custom_op(
     "fastflow::channel_mix", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
 )
 def _channel_mix_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     from fastflow.kernels.channel_mix import channel_mix_forward  # triton is optional: import on use
 
-    return channel_mix_forward(x, weight, bias, _empty_pixels(x, weight.shape[0]), _allow_tf32(x))
+    return channel_mix_forward(x, weight, bias, _empty_pixels(x, weight.shape[0]))
 
 
 @_channel_mix_op.register_fake
@@ -95,7 +154,7 @@ def _channel_mix_backward_op(
     """``(grad_x, grad_weight, grad_bias)``; the last two in float32 (float64 for float64 ``x``)."""
     from fastflow.kernels.channel_mix import channel_mix_backward  # triton is optional: import on use
 
-    return channel_mix_backward(grad_y, x, weight, _empty_pixels(x, x.shape[1]), _allow_tf32(x))
+    return channel_mix_backward(grad_y, x, weight, _empty_pixels(x, x.shape[1]))
 
 
 @_channel_mix_backward_op.register_fake

@@ -5,37 +5,57 @@ permutation, ``L`` unit lower triangular, ``U`` strictly upper triangular. Then
 ``log|det W| = sum(log_s)`` (O(C)) and ``W^-1 = (U + diag)^-1 @ L^-1 @ P^T`` from two triangular solves:
 no ``slogdet`` or ``inverse`` of ``W``. Log-det of the layer per sample: ``H * W * log|det W|``.
 ``perm`` is an index vector with ``P[i, perm[i]] = 1``, so ``P @ A = A[perm]`` and ``A @ P^T = A[:, perm]``.
+
+Precision: the ``C x C`` products and solves run in float64 (float32 on MPS, which has none) and the
+results are cast back to the factors' dtype. TF32 (``torch.backends.cuda.matmul.allow_tf32``, or
+``torch.set_float32_matmul_precision("high")``) never touches float64, so ``W`` and ``W^-1`` are each the
+correctly rounded values of the exact products and stay inverse to float32 rounding whatever the flags
+say; half-precision factors solve too (CPU ``solve_triangular`` has no bfloat16 kernel). The cost is
+``O(C^3)`` on a ``C x C`` matrix, nothing next to one pass over the activations.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["lu_weight_and_logdet", "lu_inverse_weight"]
+__all__ = ["dense_inverse_weight", "lu_weight_and_logdet", "lu_inverse_weight"]
+
+
+def _algebra_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _lu_factors(
     lower: torch.Tensor, upper: torch.Tensor, sign_s: torch.Tensor, log_s: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
-    unit_lower = torch.tril(lower, diagonal=-1) + eye
-    upper_diag = torch.triu(upper, diagonal=1) + torch.diag(sign_s * torch.exp(log_s))
-    return unit_lower, upper_diag
+    """``(L, U + diag(sign_s * exp(log_s)))`` in the algebra dtype (float64 where the device has it)."""
+    dtype = _algebra_dtype(lower.device)
+    eye = torch.eye(lower.shape[0], dtype=dtype, device=lower.device)
+    unit_lower = torch.tril(lower.to(dtype), diagonal=-1) + eye
+    diag = torch.diag(sign_s.to(dtype) * torch.exp(log_s.to(dtype)))
+    return unit_lower, torch.triu(upper.to(dtype), diagonal=1) + diag
 
 
 def lu_weight_and_logdet(
     perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign_s: torch.Tensor, log_s: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W, log|det W|)`` from the LU factors; ``W`` is ``(C, C)``, the log-det a scalar."""
+    """``(W, log|det W|)`` from the LU factors; ``W`` is ``(C, C)`` in ``lower``'s dtype, the log-det a
+    scalar in ``log_s``'s dtype."""
     unit_lower, upper_diag = _lu_factors(lower, upper, sign_s, log_s)
-    return (unit_lower @ upper_diag)[perm], log_s.sum()
+    return (unit_lower @ upper_diag)[perm].to(lower.dtype), log_s.sum()
 
 
 def lu_inverse_weight(
     perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign_s: torch.Tensor, log_s: torch.Tensor
 ) -> torch.Tensor:
-    """``W^-1`` from two triangular solves against the identity, then the inverse permutation."""
+    """``W^-1`` (in ``lower``'s dtype) from two triangular solves against the identity, then the inverse
+    permutation."""
     unit_lower, upper_diag = _lu_factors(lower, upper, sign_s, log_s)
-    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    eye = torch.eye(lower.shape[0], dtype=unit_lower.dtype, device=lower.device)
     lower_inv = torch.linalg.solve_triangular(unit_lower, eye, upper=False, unitriangular=True)
-    return torch.linalg.solve_triangular(upper_diag, lower_inv, upper=True)[:, perm]
+    return torch.linalg.solve_triangular(upper_diag, lower_inv, upper=True)[:, perm].to(lower.dtype)
+
+
+def dense_inverse_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``W^-1`` of a plain (not LU) ``C x C`` weight, by ``torch.linalg.inv`` in the algebra dtype."""
+    return torch.linalg.inv(weight.to(_algebra_dtype(weight.device))).to(weight.dtype)

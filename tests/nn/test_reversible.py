@@ -139,3 +139,43 @@ def test_reversible_flag_keeps_the_state_dict():
     keys = list(model.state_dict())
     model.reversible = True
     assert list(model.state_dict()) == keys and model.config["reversible"] is True
+
+
+def _round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """Round float32 to TF32's 10-bit mantissa (round to nearest), as tensor cores read their operands;
+    gradients pass straight through."""
+    bits = t.detach().contiguous().view(torch.int32)
+    return t + (((bits + 0x1000) & ~0x1FFF).view(torch.float32) - t).detach()
+
+
+def _tf32_channel_mix(x, weight, bias=None, upcast=False):
+    y = torch.nn.functional.conv2d(_round_to_tf32(x), _round_to_tf32(weight.to(x.dtype))[:, :, None, None])
+    return y if bias is None else y + bias.to(y.dtype).reshape(1, -1, 1, 1)
+
+
+def _deep_reversible_step(monkeypatch, tf32: bool):
+    """A reversible training step through 32 Glow steps of 12 channels, its 1x1 mixes TF32-rounded or not."""
+    import fastflow.ops.actnorm_invconv as actnorm_invconv_ops
+    import fastflow.ops.channel_mix as channel_mix_ops
+
+    if tf32:
+        monkeypatch.setattr(channel_mix_ops, "channel_mix_ref", _tf32_channel_mix)
+        monkeypatch.setattr(actnorm_invconv_ops, "channel_mix_ref", _tf32_channel_mix)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # the flags users get: must not matter
+    torch.manual_seed(0)
+    chain = FlowSequential(*[FlowStep(12, hidden=16) for _ in range(32)], reversible=True).train()
+    x = torch.randn(4, 12, 8, 8)
+    chain(x)  # ActNorm init
+    perturb_parameters(chain, 0.05)
+    y, logdet = chain(x.requires_grad_(True))
+    (y.square().sum() + logdet.sum()).backward()
+    return x.grad
+
+
+def test_tf32_mixes_would_trip_the_drift_guard_and_the_op_path_never_uses_them(monkeypatch):
+    """TF32 rounding of the 1x1 mixes (emulated: operands rounded to a 10-bit mantissa) moves the rebuilt
+    input of 32 Glow steps past the float32 guard; the real op path, with the TF32 flags on, does not."""
+    with monkeypatch.context() as patched:
+        with pytest.raises(ReconstructionError, match="relative drift"):
+            _deep_reversible_step(patched, tf32=True)
+    assert torch.isfinite(_deep_reversible_step(monkeypatch, tf32=False)).all()

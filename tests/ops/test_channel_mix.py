@@ -66,7 +66,7 @@ def test_rectangular_weight(c_in, c_out):
     x = torch.randn(2, c_in, 3, 5)
     weight, bias = _weight(c_out, c_in), torch.randn(c_out)
     out = torch.empty(2, c_out, 3, 5)
-    kernels.channel_mix_forward(x, weight, bias, out, allow_tf32=False)
+    kernels.channel_mix_forward(x, weight, bias, out)
     torch.testing.assert_close(out, channel_mix_ref(x, weight, bias), atol=1e-5, rtol=1e-5)
 
 
@@ -268,19 +268,19 @@ def test_launcher_copies_an_input_view_that_spans_too_far(monkeypatch):
     assert kernels._tile_span(x.flatten(2), block_p) > dense_span
     monkeypatch.setattr(kernels, "MAX_TILE_SPAN", dense_span + 1)
     out = torch.empty(2, 5, 5, 7)
-    kernels.channel_mix_forward(x, weight, None, out, allow_tf32=False)
+    kernels.channel_mix_forward(x, weight, None, out)
     torch.testing.assert_close(out, channel_mix_ref(x, weight), atol=1e-5, rtol=1e-5)
-    grad_x, grad_weight, _ = kernels.channel_mix_backward(grad_y, x, weight, torch.empty(2, 5, 5, 7), False)
+    grad_x, grad_weight, _ = kernels.channel_mix_backward(grad_y, x, weight, torch.empty(2, 5, 5, 7))
     x_ref = x.detach().requires_grad_()
     weight_ref = weight.detach().requires_grad_()
     want = torch.autograd.grad(channel_mix_ref(x_ref, weight_ref), (x_ref, weight_ref), grad_y)
     torch.testing.assert_close(grad_x, want[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad_weight, want[1], atol=1e-4, rtol=1e-5)
     with pytest.raises(ValueError, match="out: the channel-mix kernels address a sample with int32 offsets"):
-        kernels.channel_mix_forward(x, weight, None, torch.empty(2, 40, 5, 7)[:, ::8], allow_tf32=False)
+        kernels.channel_mix_forward(x, weight, None, torch.empty(2, 40, 5, 7)[:, ::8])
     monkeypatch.setattr(kernels, "MAX_TILE_SPAN", dense_span)  # not even a dense copy fits
     with pytest.raises(ValueError, match="x: the channel-mix kernels address a sample with int32 offsets"):
-        kernels.channel_mix_forward(x, weight, None, out, allow_tf32=False)
+        kernels.channel_mix_forward(x, weight, None, out)
 
 
 def test_empty_batch():
@@ -315,3 +315,40 @@ def test_empty_batch():
 def test_bad_inputs(x, weight, bias, error, match):
     with fastflow.backend("interpret"), pytest.raises(error, match=match):
         channel_mix(x, weight, bias)
+
+
+def test_eager_mix_runs_with_tf32_off_whatever_the_flags_say(monkeypatch):
+    """The eager twin's convolution runs with both TF32 flags off and leaves them as it found them."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        _check_mix_flags(monkeypatch)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _check_mix_flags(monkeypatch):
+    seen = []
+    conv2d = torch.nn.functional.conv2d
+
+    def recording_conv2d(*args, **kwargs):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return conv2d(*args, **kwargs)
+
+    monkeypatch.setattr(ops.F, "conv2d", recording_conv2d)
+    x, weight = torch.randn(2, 5, 3, 4, requires_grad=True), _weight(5, 5).requires_grad_(True)
+    y = channel_mix_ref(x, weight, torch.randn(5))
+    torch.autograd.grad(y.square().sum(), (x, weight))
+    assert seen and all(flags == (False, False) for flags in seen)
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+
+
+def test_eager_mix_gradcheck_and_opcheck():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(channel_mix_ref, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(channel_mix_ref, (x, weight, bias))
+    torch.library.opcheck(torch.ops.fastflow.conv1x1_ieee.default, (x, weight, bias))
+    x_cl = x.detach().to(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.fastflow.conv1x1_ieee.default, (x_cl, weight.detach(), None))
