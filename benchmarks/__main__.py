@@ -27,7 +27,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _run_case(
-    name: str, device: torch.device, dtype: torch.dtype, quick: bool, channels: tuple[int, ...] | None
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    quick: bool,
+    channels: tuple[int, ...] | None,
+    resolutions: tuple[int, ...] | None,
 ) -> list[dict[str, Any]]:
     if name == "coupling":
         kwargs = {} if not quick else {"sizes": bench_coupling.GLOW_SIZES[:2]}
@@ -38,9 +43,11 @@ def _run_case(
         return bench_flowstep.run(device, dtype, quick)
     if name == "train_depth":
         return train_step.depth_sweep(device, quick)
-    rows = train_step.resolution_sweep(device, quick)
+    rows = train_step.resolution_sweep(device, quick, resolutions)
     if device.type == "cuda" and not quick:
         for resolution, levels in ((256, 6), (1024, 8)):
+            if resolutions and resolution not in resolutions:
+                continue
             for mode in train_step.MODES:
                 cfg = {"resolution": resolution, "levels": levels, "steps": 32, "hidden": 512, "mode": mode}
                 rows.append({**cfg, "largest_batch": train_step.largest_batch({**cfg, "tile_budget_mb": 1024}, device)})
@@ -89,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         help="actnorm_invconv only: these C (comma-separated) instead of the default grid; rows of other C "
         "already in the results file are kept, so the grid can be run in parts within a time limit",
     )
+    parser.add_argument(
+        "--resolutions",
+        type=lambda v: tuple(int(r) for r in v.split(",")),
+        help="train_resolution only: these resolutions (comma-separated) of the sweep; rows of others already in "
+        "the results file are kept, so the sweep can be run in parts within a time limit",
+    )
     parser.add_argument("--out", default="benchmarks/results", help="folder for <device>.json/.md/.png")
     args = parser.parse_args(argv)
 
@@ -104,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--channels must lie in 1..{max(bench_actnorm_invconv.CHANNELS)}: wider channel mixes are not "
             "checked for register spills and always run on cuDNN"
         )
+    if args.resolutions and "train_resolution" not in cases:
+        parser.error("--resolutions applies to the train_resolution case only; add it to --cases")
     env = environment(device)
     env["copy_bandwidth_gbs"] = copy_bandwidth_gbs(device)
     print(
@@ -114,10 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     results = _earlier_results(os.path.join(args.out, f"{slug}.json"), env["device"])
     for case in cases:
         start = time.perf_counter()
-        rows = _run_case(case, device, DTYPES[args.dtype], args.quick, args.channels)
+        rows = _run_case(case, device, DTYPES[args.dtype], args.quick, args.channels, args.resolutions)
         if case == "actnorm_invconv" and args.channels:
             earlier = [r for r in results.get(case, []) if r["channels"] not in args.channels]
             rows = sorted(earlier + rows, key=lambda r: (r["channels"], r["height"]))  # stable: mode, variant
+        if case == "train_resolution" and args.resolutions:
+            earlier = [r for r in results.get(case, []) if r["resolution"] not in args.resolutions]
+            rows = sorted(earlier + rows, key=lambda r: ("largest_batch" in r, r["resolution"]))  # stable: mode
         results[case] = rows
         print(f"\n## {case} ({time.perf_counter() - start:.0f} s)\n\n{_table(results[case])}", flush=True)
     tables = {case: _table(rows) for case, rows in results.items()}

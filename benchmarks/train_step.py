@@ -153,15 +153,24 @@ def depth_sweep(device: torch.device, quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def resolution_sweep(device: torch.device, quick: bool) -> list[dict[str, Any]]:
+RESOLUTIONS_CUDA = ((256, 6), (512, 7), (1024, 8))
+"""``(resolution, levels)`` of :func:`resolution_sweep` on CUDA."""
+
+
+def resolution_sweep(
+    device: torch.device, quick: bool, resolutions: tuple[int, ...] | None = None
+) -> list[dict[str, Any]]:
     """Every mode at growing resolution: on CUDA Glow K=32 hidden 512 at 256 (L=6), 512 (L=7) and 1024 (L=8)
-    pixels, batch 1, skipping a mode where the step does not fit; on the CPU small stand-ins."""
+    pixels, batch 1, skipping a mode where the step does not fit; on the CPU small stand-ins. ``resolutions``
+    keeps only those sizes (to split the sweep over several commands)."""
     if device.type == "cuda":
-        sizes = [(256, 6), (512, 7), (1024, 8)]
+        sizes = list(RESOLUTIONS_CUDA)
         base = {"steps": 32, "hidden": 512, "batch": 1, "tile_budget_mb": 1024}
     else:
         sizes = [(32, 3), (64, 4)] if quick else [(32, 3), (64, 4), (128, 5)]
         base = {"steps": 4, "hidden": 64, "batch": 2, "tile_budget_mb": 1}
+    if resolutions:
+        sizes = [(r, levels) for r, levels in sizes if r in resolutions]
     rows = []
     for resolution, levels in sizes:
         group = []
