@@ -28,13 +28,14 @@ where even that does not fit (``fastflow.ops.channel_mix`` sends such sizes to c
 
 Two compute paths, chosen by the launcher (``USE_DOT``):
 
-- ``tl.dot`` when both padded channel counts are >= 16 (the tensor-core minimum) and the dtype is not
-  float64; fp16/bf16 operands with the weight rounded to the input dtype (as ``F.conv2d`` does), float32
-  operands in IEEE precision whatever ``torch.backends.cudnn.allow_tf32`` says: TF32 rounds the operands
-  to a 10-bit mantissa, and an invertible mix computed so loses invertibility (a reversible backward
-  rebuilds its inputs with a relative drift of 1e-2 over a few dozen Glow steps).
+- ``tl.dot`` (tensor cores) for float16/bfloat16 when both padded channel counts are >= 16 (the
+  tensor-core minimum), with the weight rounded to the input dtype (as ``F.conv2d`` does).
 - an outer-product loop over channels (FMA) otherwise: small ``C`` (padding 3 channels to 16 would multiply
-  the arithmetic 28x on a memory-bound op) and float64 (``tl.dot`` has no float64 path everywhere).
+  the arithmetic 28x on a memory-bound op), float64, and float32, which must be IEEE whatever
+  ``torch.backends.cudnn.allow_tf32`` says (TF32 rounds the operands to a 10-bit mantissa, and a mix so
+  computed is no longer inverted by its inverse to float32 rounding: a reversible backward rebuilds its
+  inputs with a relative drift of 1e-2 over a few dozen Glow steps). ``tl.dot``'s IEEE float32 mode is an
+  FMA loop too, but holds both operand tiles and spills thousands of registers at 64 and 128 channels.
 
 Accumulation is float32 (float64 when ``FP64``). The weight gradient and bias gradient are reduced per
 program into partial buffers that the caller sums with ``torch.sum``: deterministic, no atomics, and the
@@ -258,7 +259,7 @@ def channel_mix_bwd_kernel(
 def _launch_params(c_in: int, c_out: int, hw: int, dtype: torch.dtype, on_cpu: bool, backward: bool) -> dict[str, Any]:
     """Constexprs and warps for a launch: the tile heuristic described in the module docstring."""
     ci_pad, co_pad = triton.next_power_of_2(c_in), triton.next_power_of_2(c_out)
-    use_dot = dtype != torch.float64 and min(ci_pad, co_pad) >= 16
+    use_dot = dtype in (torch.float16, torch.bfloat16) and min(ci_pad, co_pad) >= 16
     if use_dot:
         ci_pad, co_pad = max(ci_pad, 16), max(co_pad, 16)
     widest = max(ci_pad, co_pad)

@@ -387,19 +387,35 @@ def coupling_backward(
     return grad_x, grad_shift, grad_raw, x
 
 
+_CONSTEXPRS = ("SCALE", "INVERSE", "REBUILD", "NDIM", "ROWS", "BLOCK")
+
+
 def _signature(kernel: Any, elem: str, int_type: str) -> dict[str, str]:
     """``triton.compile`` signature: ``elem`` data pointers, log-det pointers in the compute dtype."""
     acc = "fp64" if elem == "fp64" else "fp32"
-    constexprs = {"SCALE", "INVERSE", "REBUILD", "NDIM", "ROWS", "BLOCK"}
 
     def arg_type(name: str) -> str:
-        if name in constexprs:
+        if name in _CONSTEXPRS:
             return "constexpr"
         if name.endswith("_ptr"):
             return f"*{acc}" if name in ("part_ptr", "gl_ptr") else f"*{elem}"
         return int_type
 
     return {name: arg_type(name) for name in kernel.arg_names}
+
+
+def _glow_launch_ints(kernel: Any) -> dict[str, int]:
+    """The integer arguments of ``kernel`` in Glow's usual launch: ``x_b`` a channel slice of a contiguous
+    ``(16, 96, 32, 32)`` activation, ``shift``/``raw`` the two halves of the network output, a dense upstream
+    gradient and a ``(B,)`` log-det gradient. Computed by the launcher's own helpers on CPU tensors."""
+    h, net = torch.empty(16, 96, 32, 32), torch.empty(16, 96, 32, 32)
+    inputs = [h[:, 48:], *net.chunk(2, dim=1)]
+    if kernel is coupling_bwd_kernel:
+        inputs.append(torch.empty(16, 48, 32, 32))
+    inputs, runs = _prepare(inputs)
+    values = _launch_args(inputs, runs) + ([1] if kernel is coupling_bwd_kernel else [])  # gl_sb
+    names = [n for n in kernel.arg_names if not n.endswith("_ptr") and n not in _CONSTEXPRS]
+    return dict(zip(names, values, strict=True))
 
 
 def aot_specs() -> list[AotSpec]:
@@ -410,19 +426,20 @@ def aot_specs() -> list[AotSpec]:
     (channels_last slices of huge tensors) and bfloat16 with two runs and 64 samples per tile; float64
     (gradcheck on GPU) with one element per sample, which need only compile (the others must not spill).
     """
-    variants = (
-        ("fp32", "i32", {"NDIM": 1, "ROWS": 1, "BLOCK": TILE}, (False, True)),
-        ("bf16", "i32", {"NDIM": 1, "ROWS": 1, "BLOCK": TILE}, (False, True)),
-        ("fp32", "i64", {"NDIM": 3, "ROWS": 1, "BLOCK": TILE}, (False, True)),
-        ("bf16", "i32", {"NDIM": 2, "ROWS": 64, "BLOCK": 16}, (False, True)),
-        ("fp64", "i32", {"NDIM": 1, "ROWS": TILE, "BLOCK": 1}, (False,)),
+    variants = (  # the first two are Glow's usual launch, compiled with its integer arguments
+        ("fp32", "i32", {"NDIM": 1, "ROWS": 1, "BLOCK": TILE}, (False, True), True),
+        ("bf16", "i32", {"NDIM": 1, "ROWS": 1, "BLOCK": TILE}, (False, True), True),
+        ("fp32", "i64", {"NDIM": 3, "ROWS": 1, "BLOCK": TILE}, (False, True), False),
+        ("bf16", "i32", {"NDIM": 2, "ROWS": 64, "BLOCK": 16}, (False, True), False),
+        ("fp64", "i32", {"NDIM": 1, "ROWS": TILE, "BLOCK": 1}, (False,), False),
     )
     specs = []
-    for elem, int_type, tile, flags in variants:
+    for elem, int_type, tile, flags, glow_launch in variants:
         for scale in (SIGMOID, EXP, ADDITIVE):
             for flag in flags:
                 for kernel, flag_name in ((coupling_fwd_kernel, "INVERSE"), (coupling_bwd_kernel, "REBUILD")):
                     constexprs = {**tile, "SCALE": scale, flag_name: flag}
                     signature = _signature(kernel, elem, int_type)
-                    specs.append(AotSpec(kernel, signature, constexprs, NUM_WARPS, spill_free=elem != "fp64"))
+                    ints = _glow_launch_ints(kernel) if glow_launch else None
+                    specs.append(AotSpec(kernel, signature, constexprs, NUM_WARPS, elem != "fp64", ints))
     return specs

@@ -40,9 +40,23 @@ def kernel_modules() -> Iterator[ModuleType]:
             yield module
 
 
+def divisibility_attrs(kernel: object, divisible: list[str]) -> object:
+    """ASTSource ``attrs`` marking the ``divisible`` arguments as multiples of 16, in the installed Triton's
+    format: ``{(index,): [["tt.divisibility", 16]]}`` from 3.3 on, an ``AttrsDescriptor`` in 3.2."""
+    indices = sorted(kernel.arg_names.index(name) for name in divisible)
+    try:
+        from triton.backends.compiler import AttrsDescriptor  # triton 3.2
+    except ImportError:
+        return {(i,): [["tt.divisibility", 16]] for i in indices}
+    properties = {"tt.divisibility": indices, "tt.equal_to": []}
+    return AttrsDescriptor.from_dict({"arg_properties": properties, "cls": AttrsDescriptor.__name__})
+
+
 def compile_spec(spec: AotSpec, cc: int) -> bytes:
-    """The cubin of one spec; ASTSource's third parameter is ``constants`` in triton 3.2, ``constexprs`` later."""
-    source = ASTSource(spec.kernel, spec.signature, spec.constexprs)
+    """The cubin of one spec, specialised as a real launch is (:meth:`AotSpec.specialised`); ASTSource's third
+    parameter is ``constants`` in triton 3.2, ``constexprs`` later."""
+    signature, constexprs, divisible = spec.specialised()
+    source = ASTSource(spec.kernel, signature, constexprs, divisibility_attrs(spec.kernel, divisible))
     compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32), options={"num_warps": spec.num_warps})
     return compiled.asm["cubin"]
 
@@ -51,6 +65,22 @@ def find_cuobjdump() -> str | None:
     """The cuobjdump that ships with Triton's NVIDIA backend, else one on PATH."""
     bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     return str(bundled) if bundled.is_file() else shutil.which("cuobjdump")
+
+
+def widest_global_load(sass: str) -> int:
+    """The widest global load in a SASS listing, in bits: ``LDG.E.128`` is 128, ``LDG.E.64`` 64,
+    ``LDG.E.U16`` 16, a plain ``LDG.E`` 32 (0 without global loads)."""
+    widths = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
+    loads = [suffix.split(".") for suffix in re.findall(r"\bLDG((?:\.[A-Z0-9_]+)*)", sass)]
+    return max((next((widths[p] for p in parts if p in widths), 32) for parts in loads), default=0)
+
+
+def sass_of(cubin: bytes, cuobjdump: str) -> str:
+    """The SASS listing of ``cubin`` (``cuobjdump -sass``)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
 
 
 def registers_and_spills(cubin: bytes, cuobjdump: str) -> tuple[int, int]:
@@ -103,7 +133,11 @@ def main(argv: list[str]) -> int:
                     continue
                 registers, spill_ops = registers_and_spills(cubin, cuobjdump)
                 pointers = sorted({t for t in spec.signature.values() if t.startswith("*")})
-                line = f"{name} sm_{cc} {pointers} warps={spec.num_warps} {spec.constexprs}: {registers} registers"
+                launch = "real launch" if spec.int_args else "pointers aligned"
+                line = (
+                    f"{name} sm_{cc} {pointers} warps={spec.num_warps} {spec.constexprs} ({launch}): "
+                    f"{registers} registers, loads up to {widest_global_load(sass_of(cubin, cuobjdump))} bits"
+                )
                 print(line + (f", {spill_ops} local-memory instructions" if spill_ops else ""))
                 if spills_under_pressure(registers, spill_ops):
                     spills.append(line)

@@ -39,3 +39,39 @@ def test_spills_under_pressure_tells_pressure_from_ptxas_occupancy_trades() -> N
     assert spills_under_pressure(255, 1)  # at the ceiling: the tile does not fit
     assert spills_under_pressure(32, 8489)  # capped and spilling thousands (a 128 x 512 tile, Triton 3.2)
     assert not spills_under_pressure(128, 6)  # a few spills ptxas chose for occupancy
+
+
+def test_glow_coupling_launch_compiles_as_launched_with_128_bit_loads() -> None:
+    """The AOT check compiles Glow's usual coupling launch with the specialisation a real launch gets
+    (aligned pointers, 16-divisible sizes, unit strides as constants): 128-bit loads and few registers,
+    not the scalar loads and ~65 registers of an unspecialised compile."""
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "import aot_compile as a\n"
+        "from fastflow.kernels import coupling\n"
+        "tool = a.find_cuobjdump()\n"
+        "for spec in coupling.aot_specs()[:2]:\n"
+        "    assert spec.int_args, spec\n"
+        "    cubin = a.compile_spec(spec, 90)\n"
+        "    print(a.registers_and_spills(cubin, tool)[0], a.widest_global_load(a.sass_of(cubin, tool)))\n"
+    ) % str(SCRIPT.parent)
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").is_file():
+        pytest.skip("no cuobjdump in this Triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for line in proc.stdout.split("\n")[:2]:
+        registers, load_bits = map(int, line.split())
+        assert load_bits == 128 and registers <= 48, proc.stdout
+
+
+def test_widest_global_load_reads_the_sass_width() -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from aot_compile import widest_global_load
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert widest_global_load("LDG.E R2, desc[UR4][R2.64] ;\n LDG.E.128 R4, desc[UR4][R6.64] ;") == 128
+    assert widest_global_load("LDG.E.U16 R2, [R2.64] ;") == 16
+    assert widest_global_load("LDG.E R2, [R2.64] ;") == 32
+    assert widest_global_load("STG.E [R2], R3 ;") == 0
