@@ -1,32 +1,226 @@
-"""Checkpoints: model architecture + weights (+ optimizer state), written atomically."""
+"""Checkpoints: model architecture + weights (+ optimizer state), written atomically and loaded without running
+any code from the file; shareable ``model.safetensors`` + ``config.json`` folders."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import inspect
+import json
 import os
 import pickle
-import tempfile
+import re
+import secrets
+import types
+import typing
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from fastflow.models import NICE, FlowModel, Glow, RealNVP
 
-__all__ = ["save_checkpoint", "load_checkpoint", "build_model"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "build_model",
+    "load_checkpoint",
+    "load_pretrained",
+    "save_checkpoint",
+    "save_pretrained",
+]
 
 RUNTIME_OPTIONS = ("reversible",)
 MODEL_CLASSES: dict[str, type[FlowModel]] = {"Glow": Glow, "RealNVP": RealNVP, "NICE": NICE}
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+MAX_LISTED = 5  # error messages name at most this many parameters of each kind, then give the count
 
 
-def build_model(name: str, config: dict[str, Any]) -> FlowModel:
-    """Construct a model of class ``name`` from its ``config``."""
-    if name not in MODEL_CLASSES:
-        raise ValueError(f"unknown model class {name!r}; expected one of {sorted(MODEL_CLASSES)}")
-    return MODEL_CLASSES[name](**config)
+def _where(source: str, message: str) -> str:
+    return f"{source}: {message}" if source else message
 
 
-def _architecture(config: dict[str, Any]) -> dict[str, Any]:
-    """The config without run-time switches (``reversible``) that leave the parameters unchanged."""
-    return {k: v for k, v in config.items() if k not in RUNTIME_OPTIONS}
+def _hint_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether the plain (JSON-like) ``value`` fits the constructor annotation ``hint``; a list stands for a
+    tuple, as JSON has no tuples. Unknown annotations accept any value (the constructor checks it)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None) or hint is None:
+        return value is None
+    if origin is typing.Union or origin is getattr(types, "UnionType", typing.Union):
+        return any(_matches(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return any(type(value) is type(arg) and value == arg for arg in args)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return _is_plain(value)
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether ``value`` is built from JSON's types only (tuples allowed for lists)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _model_class(name: Any, config: Any, source: str = "") -> type[FlowModel]:
+    """The class ``name`` names, after checking that ``config`` holds only its constructor's arguments, each of
+    the annotated plain type (``ValueError`` naming the first bad key, prefixed by ``source``)."""
+    if not isinstance(name, str) or name not in MODEL_CLASSES:
+        raise ValueError(_where(source, f"unknown model class {name!r}; expected one of {sorted(MODEL_CLASSES)}"))
+    if not isinstance(config, dict):
+        raise ValueError(_where(source, f"the config of a {name} must be a dict, got {type(config).__name__}"))
+    cls = MODEL_CLASSES[name]
+    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # annotations this Python cannot evaluate: leave the checks to the constructor
+        hints = {}
+    for key, value in config.items():
+        if key not in params:
+            raise ValueError(_where(source, f"config key {key!r} is not an argument of {name} (one of {params})"))
+        if not _matches(value, hints.get(key, Any)):
+            expected = _hint_name(hints[key]) if key in hints else "a plain JSON value"
+            raise ValueError(_where(source, f"config key {key!r} of {name} must be {expected}, got {value!r}"))
+    return cls
+
+
+def build_model(name: str, config: dict[str, Any], source: str = "") -> FlowModel:
+    """Construct a model of class ``name`` (a key of ``MODEL_CLASSES``) from its ``config``: only the
+    constructor's arguments, each a plain value of its annotated type (a list for a tuple); missing ones take
+    the constructor's defaults. A bad class, key or value is a ``ValueError`` naming it, prefixed by ``source``
+    (e.g. the file it came from)."""
+    cls = _model_class(name, config, source)
+    try:
+        return cls(**config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(_where(source, f"invalid config for {name}: {err}")) from err
+
+
+def _config_differences(stored: dict[str, Any], current: dict[str, Any], cls: type[FlowModel]) -> list[str]:
+    """``"key: A in the file, B in the model"`` for each architecture key whose values differ (missing keys
+    count as the constructor's default; tuples and lists compare equal)."""
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if p.default is not p.empty}
+    stored, current = {**defaults, **stored}, {**defaults, **current}
+    return [
+        f"{key}: {stored.get(key)!r} in the file, {current.get(key)!r} in the model"
+        for key in sorted(set(stored) | set(current))
+        if key not in RUNTIME_OPTIONS and json.dumps(stored.get(key)) != json.dumps(current.get(key))
+    ]
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(names[:MAX_LISTED])
+    return shown + (f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else "")
+
+
+def _load_weights(model: FlowModel, state_dict: Any, source: str) -> None:
+    """``model.load_state_dict(state_dict)`` with a short ``ValueError`` on a mismatch: only the missing,
+    unexpected and wrongly shaped parameter names, a handful of each with the count."""
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
+    ):
+        raise ValueError(f"{source}: the weights are not a mapping of parameter names to tensors")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    reshaped = [
+        f"{k} {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in the model"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    problems = [
+        f"{len(names)} {kind} ({_few(names)})"
+        for kind, names in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
+        if names
+    ]
+    if problems:
+        raise ValueError(
+            f"{source}: the weights do not match the {type(model).__name__} architecture: {'; '.join(problems)}"
+        )
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise ValueError(f"{source}: cannot load the weights: {' '.join(str(err).split())[:300]}") from err
+
+
+def _check_loadable(value: Any, name: str) -> None:
+    """``TypeError`` naming ``name`` unless ``value`` is made of what ``torch.load(weights_only=True)`` reads
+    back: plain Python values, tensors, dtypes, devices and containers of them."""
+    if value is None or isinstance(
+        value, (bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype, torch.device, torch.Size)
+    ):
+        return
+    if type(value) in (dict, collections.OrderedDict):
+        for k, v in value.items():
+            _check_loadable(k, f"{name} key")
+            _check_loadable(v, f"{name}[{k!r}]")
+    elif isinstance(value, (list, tuple, set, frozenset)) and type(value) in (list, tuple, set, frozenset):
+        for i, v in enumerate(value):
+            _check_loadable(v, f"{name}[{i}]")
+    else:
+        raise TypeError(
+            f"{name} is a {type(value).__module__}.{type(value).__qualname__}, which a checkpoint cannot hold "
+            "(it loads with weights_only=True): store plain Python values, tensors, lists and dicts"
+        )
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield a new empty temporary file next to ``path`` (mode 0666 less the umask, like any other output);
+    after the body writes it, flush it to disk and rename it over ``path``, so the previous file survives a
+    crash or a full disk. On failure the temporary file is removed and an ``OSError`` names ``path``."""
+    target = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(target)
+    tmp = os.path.join(folder, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
+    binary = getattr(os, "O_BINARY", 0)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | binary, 0o666))
+        try:
+            yield tmp
+            fd = os.open(tmp, os.O_RDWR | binary)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as err:
+        if err.errno is None:
+            raise OSError(f"cannot write {os.fspath(path)!r}: {err}") from err
+        raise OSError(err.errno, f"cannot write {os.fspath(path)!r}: {err.strerror or err}") from err
+    if os.name == "posix":  # make the rename itself durable
+        with contextlib.suppress(OSError):
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def save_checkpoint(
@@ -36,48 +230,131 @@ def save_checkpoint(
     **extra: Any,
 ) -> None:
     """Write ``{model class, config, state_dict, optimizer state, extra}`` to ``path`` via a temporary file
-    in the same folder and an atomic rename, so a run killed mid-write leaves the previous file intact."""
+    in the same folder and an atomic rename, so a run killed mid-write or a full disk leaves the previous file
+    intact (``OSError`` naming ``path``). The file gets the mode of any new file (0666 less the umask).
+
+    Everything must load back with ``torch.load(weights_only=True)``: ``extra`` values are plain Python values,
+    tensors, lists, tuples and dicts of them (a ``TypeError`` naming the entry otherwise, before writing)."""
     payload = {
         "model_class": type(model).__name__,
-        "config": model.config,
+        "config": dict(model.config),
         "state_dict": model.state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "extra": extra,
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _check_loadable(payload["config"], "the model config")
+    _check_loadable(payload["optimizer"], "the optimizer state")
+    for key, value in extra.items():
+        _check_loadable(value, f"extra {key!r}")
+    with _atomic_file(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
+
+
+def _refusal(err: BaseException) -> str:
+    """The reason ``torch.load(weights_only=True)`` gave, in a few words (not its advice to load unsafely)."""
+    found = re.search(r"GLOBAL (\S+)", str(err))
+    if found:
+        return f"it would call {found.group(1)}, which is refused without running it"
+    return "it holds pickle instructions that safe (weights-only) loading refuses"
 
 
 def load_checkpoint(
     path: str | os.PathLike[str], model: FlowModel | None = None, map_location: str | torch.device = "cpu"
 ) -> tuple[FlowModel, dict[str, Any]]:
-    """Load ``path``; build the model from the stored config, or load into ``model`` after checking that its
-    architecture matches (``ValueError`` naming the file otherwise). Returns ``(model, payload)``."""
+    """Load ``path`` with ``torch.load(weights_only=True)``, so a crafted file cannot run code: it fails with a
+    one-line ``ValueError`` naming the file. Builds the model from the stored (validated) config and moves it to
+    ``map_location``, or loads into ``model`` after checking that its architecture matches (``ValueError``
+    naming the config keys that differ, or the missing, unexpected and wrongly shaped parameters). Returns
+    ``(model, payload)`` with payload keys ``model_class``, ``config``, ``state_dict``, ``optimizer``,
+    ``extra``."""
+    where = f"checkpoint {os.fspath(path)!r}"
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise ValueError(f"cannot read checkpoint {os.fspath(path)!r}: {err}") from err
-    if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # stderr stays one line
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{os.fspath(path)!r} is not a safe fastflow checkpoint: {_refusal(err)}") from err
+    except Exception as err:  # untrusted bytes may fail in any way: one line naming the file
+        message = " ".join(str(err).split())[:300] or type(err).__name__
+        raise ValueError(f"cannot read {where}: {message}") from err
+    if not isinstance(payload, dict) or not {"model_class", "config", "state_dict"} <= payload.keys():
         raise ValueError(f"{os.fspath(path)!r} is not a fastflow checkpoint")
+    payload.setdefault("optimizer", None)
+    payload.setdefault("extra", {})
+    if not isinstance(payload["extra"], dict):
+        raise ValueError(f"{where}: 'extra' must be a dict, got {type(payload['extra']).__name__}")
+    name, config = payload["model_class"], payload["config"]
     if model is None:
-        model = build_model(payload["model_class"], payload["config"])
-    elif type(model).__name__ != payload["model_class"] or _architecture(model.config) != _architecture(
-        payload["config"]
-    ):
-        raise ValueError(
-            f"checkpoint {os.fspath(path)!r} holds a {payload['model_class']} with config {payload['config']}, "
-            f"which does not match the {type(model).__name__} with config {model.config}"
-        )
-    model.load_state_dict(payload["state_dict"])
+        model = build_model(name, config, where)
+        _load_weights(model, payload["state_dict"], where)
+        return model.to(map_location), payload
+    cls = _model_class(name, config, where)
+    if type(model) is not cls:
+        raise ValueError(f"{where} holds a {name}, which does not match the {type(model).__name__} model")
+    differences = _config_differences(config, model.config, cls)
+    if differences:
+        raise ValueError(f"{where} holds a {name} that does not match the model: {'; '.join(differences)}")
+    _load_weights(model, payload["state_dict"], where)
     return model, payload
+
+
+def save_pretrained(directory: str | os.PathLike[str], model: FlowModel) -> None:
+    """Write ``directory/model.safetensors`` (the ``state_dict``, contiguous CPU tensors) and
+    ``directory/config.json`` (``{"model_class", "config", "fastflow_version"}``, tuples as lists), each
+    atomically; the format models are shared in, loaded by :func:`load_pretrained` without running code."""
+    from safetensors.torch import save_file
+
+    from fastflow import __version__
+
+    config = json.loads(json.dumps(model.config))  # tuples -> lists, and a TypeError for non-JSON values
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for key, value in model.state_dict().items():
+        tensor = value.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage()
+        if tensor.numel() and (
+            storage.data_ptr() in storages or storage.nbytes() != tensor.numel() * tensor.element_size()
+        ):
+            tensor = tensor.clone()  # safetensors refuses tensors that share or view a larger storage
+        storages.add(tensor.untyped_storage().data_ptr())
+        tensors[key] = tensor
+    meta = {"model_class": type(model).__name__, "config": config, "fastflow_version": __version__}
+    with _atomic_file(os.path.join(directory, WEIGHTS_NAME)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with _atomic_file(os.path.join(directory, CONFIG_NAME)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(meta, indent=2) + "\n")
+
+
+def load_pretrained(
+    directory: str | os.PathLike[str],
+    map_location: str | torch.device = "cpu",
+    expected_class: type[FlowModel] | None = None,
+) -> FlowModel:
+    """The model saved by :func:`save_pretrained` in ``directory``, on ``map_location``. ``config.json`` is
+    validated (known class, only constructor arguments of plain types; a bad key is named) and, with
+    ``expected_class``, must hold that class or a subclass; the weights must match the architecture exactly
+    (``ValueError`` naming only the differing parameters)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config_path = os.path.join(directory, CONFIG_NAME)
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except OSError as err:
+        raise ValueError(f"cannot read {config_path!r}: {err.strerror or err}") from err
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{config_path!r} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict) or "model_class" not in meta or "config" not in meta:
+        raise ValueError(f"{config_path!r} is not a fastflow config (needs 'model_class' and 'config')")
+    cls = _model_class(meta["model_class"], meta["config"], repr(config_path))
+    if expected_class is not None and not issubclass(cls, expected_class):
+        raise ValueError(f"{os.fspath(directory)!r} holds a {meta['model_class']}, not a {expected_class.__name__}")
+    model = build_model(meta["model_class"], meta["config"], repr(config_path))
+    try:
+        state_dict = load_file(weights_path, device=str(map_location))
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"cannot read {weights_path!r}: {' '.join(str(err).split())[:300]}") from err
+    _load_weights(model, state_dict, repr(weights_path))
+    return model.to(map_location)

@@ -1,14 +1,21 @@
-"""Checkpoints: exact round trip, architecture mismatch named, atomic writes."""
+"""Checkpoints: exact round trip, architecture mismatch named, atomic writes, no code run from the file."""
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
+import shlex
+import stat
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from fastflow.checkpoint import load_checkpoint, save_checkpoint
+from fastflow.cli import main
 from fastflow.models import Glow, RealNVP
+from fastflow.train import TrainConfig
 from tests.helpers import perturb_parameters
 
 
@@ -66,3 +73,178 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, model, step=2)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
+class _RunsCode:
+    """Pickles as a call of ``func(arg)``: what a crafted checkpoint does to run code when unpickled."""
+
+    def __init__(self, func, arg):
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return self.func, (self.arg,)
+
+
+def _malicious_file(path, marker, how: str) -> None:
+    if how == "os.system":
+        evil = _RunsCode(os.system, f"touch {shlex.quote(str(marker))}")
+    else:
+        evil = _RunsCode(exec, f"open({str(marker)!r}, 'w').close()")
+    payload = {"model_class": "Glow", "config": {}, "state_dict": evil, "optimizer": None, "extra": {}}
+    if how.startswith("pickle"):
+        with open(path, "wb") as f:
+            pickle.dump(payload, f, protocol=int(how[-1]))
+    else:
+        torch.save(payload, path)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the os.system payload uses touch")
+@pytest.mark.parametrize("how", ["os.system", "exec", "pickle2", "pickle4"])
+def test_malicious_pickle_is_refused_without_running(tmp_path, how):
+    path, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+    _malicious_file(path, marker, how)
+    with pytest.raises(ValueError, match="evil.pt.* not a safe fastflow checkpoint") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
+    assert not marker.exists(), "the checkpoint's code ran"
+    # The file really is malicious: unsafe unpickling runs it.
+    with open(path, "rb") as f:
+        if how.startswith("pickle"):
+            pickle.load(f)
+        else:
+            torch.load(f, weights_only=False)
+    assert marker.exists()
+
+
+def test_cli_sample_of_a_malicious_checkpoint_exits_2_with_one_line(tmp_path, capsys):
+    path, marker, out = tmp_path / "evil.pt", tmp_path / "pwned", tmp_path / "samples.png"
+    _malicious_file(path, marker, "exec")
+    assert main(["sample", str(path), "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "evil.pt" in err[0] and "not a safe fastflow checkpoint" in err[0], err
+    assert not marker.exists() and not out.exists()
+
+
+def test_training_extras_round_trip_under_weights_only(tmp_path):
+    model = _trained_glow()
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    extra = {
+        "step": 3,
+        "scaler": scaler.state_dict(),
+        "train_config": asdict(TrainConfig(steps=5, amp="fp16", out="runs/x")),
+        "heldout_bits_per_dim": 1.5,
+        "rng": torch.random.get_rng_state(),
+        "history": [1.0, 2.0],
+    }
+    save_checkpoint(tmp_path / "ckpt.pt", model, torch.optim.Adam(model.parameters()), **extra)
+    torch.load(tmp_path / "ckpt.pt", weights_only=True)  # the same load as load_checkpoint's, with no fallback
+    _, payload = load_checkpoint(tmp_path / "ckpt.pt")
+    assert torch.equal(payload["extra"].pop("rng"), extra.pop("rng")) and payload["extra"] == extra
+
+
+def test_extras_that_would_not_load_are_refused_before_writing(tmp_path):
+    with pytest.raises(TypeError, match=r"extra 'stats'\['mean'\] is a .*_RunsCode"):
+        save_checkpoint(tmp_path / "ckpt.pt", _trained_glow(), stats={"mean": _RunsCode(print, "x")})
+    assert list(tmp_path.iterdir()) == []
+
+
+def _write_payload(path, **changes):
+    model = Glow(1, 4, levels=1, steps=1, hidden=8)
+    payload = {"model_class": "Glow", "config": dict(model.config), "state_dict": model.state_dict()}
+    payload.update(changes)
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize(
+    ("config_change", "named"),
+    [
+        ({"bogus": 1}, "config key 'bogus' is not an argument of Glow"),
+        ({"levels": "1"}, "config key 'levels' of Glow must be int, got '1'"),
+        ({"coupling": "spline"}, "config key 'coupling' of Glow must be"),
+        ({"image_size": [4, 4, 4]}, "config key 'image_size'"),
+        ({"steps": 0}, "invalid config for Glow: levels and steps must be >= 1"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, config_change, named):
+    path = tmp_path / "bad.pt"
+    config = dict(Glow(1, 4, levels=1, steps=1, hidden=8).config, **config_change)
+    _write_payload(path, config=config)
+    with pytest.raises(ValueError, match="bad.pt") as info:
+        load_checkpoint(path)
+    assert named in str(info.value)
+
+
+def test_unknown_model_class_is_named(tmp_path):
+    _write_payload(tmp_path / "bad.pt", model_class="os.system")
+    with pytest.raises(ValueError, match="bad.pt.*unknown model class 'os.system'"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_architecture_mismatch_names_only_the_keys_that_differ(tmp_path):
+    path = tmp_path / "glow.pt"
+    save_checkpoint(path, _trained_glow())
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(path, Glow(1, 4, levels=2, steps=3, hidden=8, n_bins=17, reversible=True))
+    message = str(info.value)
+    assert "steps: 2 in the file, 3 in the model" in message
+    for same in ("hidden", "levels", "n_bins", "in_channels", "reversible"):
+        assert same not in message, message
+
+
+def test_state_dict_mismatch_names_only_the_differing_parameters(tmp_path):
+    model = Glow(1, 4, levels=1, steps=1, hidden=8)
+    state = model.state_dict()
+    names = list(state)
+    removed = names[:8]
+    for name in removed:
+        del state[name]
+    state["bogus.weight"] = torch.zeros(2)
+    reshaped = names[-1]
+    state[reshaped] = torch.zeros(*state[reshaped].shape, 2)
+    path = tmp_path / "bad.pt"
+    _write_payload(path, state_dict=state)
+    with pytest.raises(ValueError, match="bad.pt") as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "8 missing" in message and "and 3 more" in message and removed[0] in message and removed[-1] not in message
+    assert "1 unexpected (bogus.weight)" in message and f"1 of another shape ({reshaped} " in message
+    assert names[8] not in message and len(message) < 600, message
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoint_gets_the_mode_of_other_outputs(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path / "ckpt.pt", _trained_glow())
+        (tmp_path / "other.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ckpt.pt").stat().st_mode) == 0o666 & ~umask
+    assert (tmp_path / "ckpt.pt").stat().st_mode == (tmp_path / "other.txt").stat().st_mode
+
+
+def test_disk_full_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    model = _trained_glow()
+    save_checkpoint(path, model, step=1)
+    before = path.read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError) as info:
+        save_checkpoint(path, model, step=2)
+    assert info.value.errno == errno.ENOSPC
+    assert str(path) in str(info.value) and "No space left" in str(info.value)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
+@pytest.mark.gpu
+def test_built_model_moves_to_map_location(tmp_path):
+    save_checkpoint(tmp_path / "ckpt.pt", _trained_glow())
+    model, payload = load_checkpoint(tmp_path / "ckpt.pt", map_location="cuda")
+    assert all(p.is_cuda for p in model.parameters()) and payload["state_dict"]["prior.params"].is_cuda

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+import operator
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from fastflow.models.priors import TopPrior
+from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.base import check_image
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.split import Split
-from fastflow.nn.tiling import Tiling
+from fastflow.nn.tiling import DEFAULT_TILE_BUDGET_MB, Tiling
 
 __all__ = ["FlowModel", "dequantize"]
 
@@ -20,10 +23,17 @@ __all__ = ["FlowModel", "dequantize"]
 def dequantize(levels: torch.Tensor, n_bins: int) -> torch.Tensor:
     """Uniform dequantization of integer pixel levels in ``[0, n_bins)`` to ``(k + u) / n_bins - 0.5``.
 
-    This is the input convention of every model: continuous values in ``[-0.5, 0.5)``.
+    This is the input convention of every model: continuous values in ``[-0.5, 0.5)``. ``ValueError`` for
+    levels outside ``[0, n_bins)`` (a check that reads two numbers back from the device).
     """
-    if levels.is_floating_point():
-        raise TypeError(f"levels must be an integer tensor, got {levels.dtype}")
+    if not isinstance(levels, torch.Tensor) or levels.is_floating_point() or levels.dtype == torch.bool:
+        raise TypeError(f"levels must be an integer tensor, got {getattr(levels, 'dtype', type(levels).__name__)}")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 2:
+        raise ValueError(f"n_bins must be an int >= 2, got {n_bins!r}")
+    if levels.numel():
+        low, high = levels.aminmax()
+        if int(low) < 0 or int(high) >= n_bins:
+            raise ValueError(f"levels must lie in [0, n_bins) = [0, {n_bins}), got values in [{int(low)}, {int(high)}]")
     u = torch.rand(levels.shape, device=levels.device)
     return (levels.float() + u) / n_bins - 0.5
 
@@ -64,7 +74,11 @@ class FlowModel(nn.Module):
         self.n_bins = n_bins
         self.config = dict(config)
         self.check_finite = True
+        self._range_checked = False
         self.reversible = bool(config.get("reversible", False))
+        for name, module in self.named_modules():
+            if isinstance(module, ActNorm):
+                module.name = name  # warnings name the layer by its path in the model
 
     def set_tiling(self, tile_size: int | None = None, memory_budget_mb: float | None = None) -> None:
         """Run every coupling network in spatial tiles (with the halo its convolutions need, exact) when it
@@ -73,7 +87,8 @@ class FlowModel(nn.Module):
         network activations fit in ``memory_budget_mb`` per coupling. Both None turns tiling off."""
         tiling = None
         if tile_size is not None or memory_budget_mb is not None:
-            tiling = Tiling(tile_size=tile_size, memory_budget_mb=memory_budget_mb or 1024.0)
+            budget = DEFAULT_TILE_BUDGET_MB if memory_budget_mb is None else memory_budget_mb
+            tiling = Tiling(tile_size=tile_size, memory_budget_mb=budget)
         for module in self.modules():
             if hasattr(module, "tiling"):
                 module.tiling = tiling
@@ -89,6 +104,13 @@ class FlowModel(nn.Module):
             block.reversible = value
         self.config["reversible"] = value
 
+    def floating_parameter(self) -> torch.Tensor:
+        """A floating-point parameter of the model: its dtype and device are the model's."""
+        for parameter in self.parameters():
+            if parameter.is_floating_point():
+                return parameter
+        raise RuntimeError(f"{type(self).__name__} has no floating-point parameters")
+
     @property
     def num_dims(self) -> int:
         """``D = C * H * W``."""
@@ -98,6 +120,22 @@ class FlowModel(nn.Module):
         check_image("x", x, self.image_shape[0])
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"x must have shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}): pass at least one image")
+        dtype = self.floating_parameter().dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x is {x.dtype} but the model is {dtype}: convert one, e.g. x.to({dtype})")
+        if not self._range_checked:  # the first batch only: a check per step would sync with the device
+            self._range_checked = True
+            low, high = x.aminmax()
+            if float(low) < -0.5 or float(high) > 0.5:
+                warnings.warn(
+                    f"x lies in [{float(low):.3g}, {float(high):.3g}], outside [-0.5, 0.5]: models expect "
+                    "dequantized pixels, (k + u) / n_bins - 0.5 (fastflow.models.dequantize); images in [0, 1) "
+                    "give wrong bits/dim",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
     def _encode(
         self, x: torch.Tensor, y: torch.Tensor | None, diagnose: bool = False
@@ -105,6 +143,9 @@ class FlowModel(nn.Module):
         zeros = x.new_zeros(x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
         logdet_total, log_prior = zeros, zeros
         latents: list[torch.Tensor] = []
+        if diagnose and not bool(torch.isfinite(x).all()):
+            count = int((~torch.isfinite(x)).sum())
+            raise ValueError(f"x holds {count} non-finite values (NaN/Inf): the model needs finite pixels")
         for i, block in enumerate(self.blocks):
             if diagnose:
                 for j, layer in enumerate(block.layers):
@@ -117,7 +158,7 @@ class FlowModel(nn.Module):
             if i < len(self.splits):
                 x, z_out, split_log_p = self.splits[i](x)
                 if diagnose:
-                    _raise_if_nonfinite(f"splits.{i}", z_out, split_log_p)
+                    _raise_if_nonfinite(f"splits.{i}", z_out, split_log_p, "prior log-density")
                 latents.append(z_out)
                 log_prior = log_prior + split_log_p
         latents.append(x)
@@ -164,6 +205,9 @@ class FlowModel(nn.Module):
         x = latents[-1]
         if x is None:
             raise ValueError("latents[-1] (the top latent) must be a tensor")
+        sizes = {i: z.shape[0] for i, z in enumerate(latents) if isinstance(z, torch.Tensor)}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"latents must share one batch size, got batch sizes {sizes} (index: size)")
         for i in reversed(range(len(self.blocks))):
             if i < len(self.splits):
                 x = self.splits[i].inverse(x, latents[i], temperature)
@@ -172,19 +216,45 @@ class FlowModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 0.7, y: torch.Tensor | None = None) -> torch.Tensor:
-        """``n`` images from the model at ``temperature`` (0.7 by default: 1.0 gives noisy samples)."""
+        """``n`` images from the model at ``temperature`` (0.7 by default: 1.0 gives noisy samples), in the
+        model's dtype and on its device."""
+        if isinstance(n, bool) or not hasattr(n, "__index__"):
+            raise TypeError(f"n must be an int, got {type(n).__name__} {n!r}")
+        n = operator.index(n)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        device = next(self.parameters()).device
-        top = self.prior.sample(n, temperature, y, device)
+        _check_temperature(temperature)
+        parameter = self.floating_parameter()
+        top = self.prior.sample(n, temperature, y, parameter.device, parameter.dtype)
         latents: list[torch.Tensor | None] = [None] * len(self.splits) + [top]
         return self.decode(latents, y, temperature)
 
+    def save_pretrained(self, directory: str) -> None:
+        """Write ``directory/model.safetensors`` (weights) and ``directory/config.json`` (class and config),
+        the shareable format (``directory`` a str or path-like); see :func:`fastflow.checkpoint.save_pretrained`."""
+        from fastflow.checkpoint import save_pretrained  # local: checkpoint imports the models
 
-def _raise_if_nonfinite(where: str, out: torch.Tensor, logdet: torch.Tensor) -> None:
+        save_pretrained(directory, self)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, map_location: str | torch.device = "cpu") -> FlowModel:
+        """The model that :meth:`save_pretrained` wrote to ``directory`` (a str or path-like), on
+        ``map_location``; loads no code, validates ``config.json`` and the weights, and on a subclass
+        (``Glow.from_pretrained``) refuses a folder holding another class (``ValueError``)."""
+        from fastflow.checkpoint import load_pretrained  # local: checkpoint imports the models
+
+        return load_pretrained(directory, map_location=map_location, expected_class=cls)
+
+
+def _check_temperature(temperature: object) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__} {temperature!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+
+
+def _raise_if_nonfinite(where: str, out: torch.Tensor, log_term: torch.Tensor, what: str = "log-det") -> None:
     if not bool(torch.isfinite(out).all()):
         raise FloatingPointError(f"non-finite output at {where}")
-    if not bool(torch.isfinite(logdet).all()):
-        raise FloatingPointError(f"non-finite log-det at {where}")
+    if not bool(torch.isfinite(log_term).all()):
+        raise FloatingPointError(f"non-finite {what} at {where}")

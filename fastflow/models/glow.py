@@ -14,8 +14,14 @@ __all__ = ["Glow"]
 
 
 def image_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
-    """``(H, W)`` from an int or a pair."""
-    return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+    """``(H, W)`` from an int or a pair of ints, each >= 1 (``TypeError``/``ValueError`` naming
+    ``image_size`` otherwise)."""
+    sides = [image_size, image_size] if not isinstance(image_size, (tuple, list)) else list(image_size)
+    if len(sides) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in sides):
+        raise TypeError(f"image_size must be an int or a pair of ints (H, W), got {image_size!r}")
+    if min(sides) < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size!r}")
+    return sides[0], sides[1]
 
 
 class Glow(FlowModel):

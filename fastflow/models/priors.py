@@ -22,7 +22,12 @@ class TopPrior(nn.Module):
         raise NotImplementedError
 
     def sample(
-        self, n: int, temperature: float, y: torch.Tensor | None = None, device: torch.device | None = None
+        self,
+        n: int,
+        temperature: float,
+        y: torch.Tensor | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -73,10 +78,17 @@ class GaussianPrior(TopPrior):
         return gaussian_log_prob(z, mean, logs)
 
     def sample(
-        self, n: int, temperature: float, y: torch.Tensor | None = None, device: torch.device | None = None
+        self,
+        n: int,
+        temperature: float,
+        y: torch.Tensor | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """``n`` draws at ``temperature`` (the standard deviation is scaled by it)."""
-        dtype = self.params.dtype if self.params is not None else torch.float32
+        """``n`` draws at ``temperature`` (the standard deviation is scaled by it), in ``dtype`` on ``device``
+        (default: the learned parameters' dtype, else float32, on the CPU)."""
+        if dtype is None:
+            dtype = self.params.dtype if self.params is not None else torch.float32
         mean, logs = self.mean_logs(n, y, device or torch.device("cpu"), dtype)
         return gaussian_sample(mean, logs, temperature)
 
@@ -93,10 +105,17 @@ class LogisticPrior(TopPrior):
         return -(F.softplus(zf) + F.softplus(-zf)).reshape(z.shape[0], -1).sum(dim=1)
 
     def sample(
-        self, n: int, temperature: float, y: torch.Tensor | None = None, device: torch.device | None = None
+        self,
+        n: int,
+        temperature: float,
+        y: torch.Tensor | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """``n`` draws ``temperature * logit(u)`` with ``u ~ U(0, 1)``."""
+        """``n`` draws ``temperature * logit(u)`` with ``u ~ U(0, 1)``, in ``dtype`` (default float32)."""
         if y is not None:
             raise ValueError("y was given but the logistic prior has no class conditioning")
-        u = torch.rand(n, *self.shape, device=device).clamp(1e-6, 1 - 1e-6)
-        return temperature * (torch.log(u) - torch.log1p(-u))
+        dtype = dtype or torch.float32
+        u = torch.rand(n, *self.shape, device=device, dtype=torch.promote_types(dtype, torch.float32))
+        u = u.clamp(1e-6, 1 - 1e-6)
+        return (temperature * (torch.log(u) - torch.log1p(-u))).to(dtype)

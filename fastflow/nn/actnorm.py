@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -14,12 +15,23 @@ from fastflow.ops.actnorm import actnorm_inverse_ref, actnorm_ref
 __all__ = ["ActNorm"]
 
 
+def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``t`` averaged over the ranks of ``torch.distributed`` (unchanged without it)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
 class ActNorm(FlowLayer):
     """``y = (x + bias) * exp(logs)`` per channel; log-det ``H * W * sum(logs)``.
 
     On the first forward in training mode, ``bias`` and ``logs`` are set so that the batch's output has zero
     mean and unit variance per channel (statistics all-reduced across ranks under ``torch.distributed``).
-    The ``initialized`` flag is a buffer, so loading a checkpoint never re-initialises.
+    The ``initialized`` flag is a buffer, so loading a checkpoint never re-initialises. A channel that holds
+    a single value in that batch (standard deviation <= ``eps``, e.g. batch 1 at a 1x1 level) keeps scale 1
+    (``logs = 0``; its bias still centres it) and a ``RuntimeWarning`` names the layer: ``1 / eps`` would
+    scale it by 1e6. ``name`` is what warnings call the layer (models set it to the module path).
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
@@ -30,6 +42,7 @@ class ActNorm(FlowLayer):
         self.eps = eps
         self.bias = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
         self.logs = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+        self.name = "ActNorm"
         self.register_buffer("initialized", torch.tensor(False))
         # Python mirror of the buffer: checking it needs no device sync and no graph break under compile.
         self._initialized = False
@@ -47,16 +60,31 @@ class ActNorm(FlowLayer):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
-        """Set ``bias = -mean`` and ``logs = -log(std + eps)`` from the batch ``x`` (once)."""
-        xf = x.detach().float()
-        stats = torch.stack([xf.mean(dim=(0, 2, 3)), (xf * xf).mean(dim=(0, 2, 3))])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)
-            stats /= dist.get_world_size()
-        mean, sq_mean = stats[0], stats[1]
-        std = (sq_mean - mean * mean).clamp_min(0.0).sqrt()
+        """Set ``bias = -mean`` and ``logs = -log(std)`` from the batch ``x`` (once; ``logs = 0`` where
+        ``std <= eps``).
+
+        Two passes (the mean, then the mean squared deviation from it) in the parameters' dtype, at least
+        float32: a one-pass ``E[x^2] - E[x]^2`` cancels catastrophically when the mean is large against the
+        spread.
+        """
+        dtype = torch.promote_types(self.bias.dtype, torch.float32)
+        xf = x.detach().to(dtype)
+        mean = _mean_over_ranks(xf.mean(dim=(0, 2, 3)))
+        var = _mean_over_ranks((xf - mean.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3)))
+        std = var.sqrt()
+        degenerate = std <= self.eps
+        logs = torch.where(degenerate, torch.zeros_like(std), -torch.log(std.clamp_min(self.eps)))
+        if bool(degenerate.any()):  # once per layer, at initialisation: a host sync is fine here
+            channels = degenerate.nonzero().flatten().tolist()
+            warnings.warn(
+                f"{self.name}: channel(s) {channels} hold a single value in the initialisation batch of shape "
+                f"{tuple(x.shape)}; their scale stays 1 (logs = 0) instead of 1/eps. Initialise with a larger "
+                "or more varied first batch.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.bias.copy_(-mean.view_as(self.bias))
-        self.logs.copy_(-torch.log(std + self.eps).view_as(self.logs))
+        self.logs.copy_(logs.view_as(self.logs))
         self.initialized.fill_(True)
         self._initialized = True
 

@@ -107,6 +107,14 @@ def test_nonfinite_likelihood_names_the_layer():
         (lambda m: m.log_prob(torch.rand(2, 2, 4)), ValueError, "rank 3"),
         (lambda m: m.decode([torch.zeros(1)]), ValueError, "latents must be a list of 2"),
         (lambda m: m.sample(0), ValueError, "n must be >= 1"),
+        (lambda m: m.sample(2.5), TypeError, "n must be an int, got float 2.5"),
+        (lambda m: m.sample(2, temperature=float("nan")), ValueError, "temperature must be finite"),
+        (lambda m: m.sample(2, temperature=float("inf")), ValueError, "temperature must be finite"),
+        (lambda m: m.sample(2, temperature="hot"), TypeError, "temperature must be a real number"),
+        (lambda m: m.log_prob(torch.rand(2, 2, 4, 4, dtype=torch.float64) - 0.5), TypeError, "x is torch.float64 but"),
+        (lambda m: m.log_prob(torch.rand(2, 2, 4, 4, dtype=torch.bfloat16) - 0.5), TypeError, "model is torch.float32"),
+        (lambda m: m.log_prob(torch.rand(0, 2, 4, 4) - 0.5), ValueError, "empty batch"),
+        (lambda m: m.decode([torch.zeros(2, 4, 2, 2), torch.zeros(3, 4, 1, 1)]), ValueError, "share one batch size"),
         (
             lambda m: m.log_prob(torch.rand(2, 2, 4, 4), torch.tensor([0, 1])),
             ValueError,
@@ -117,6 +125,60 @@ def test_nonfinite_likelihood_names_the_layer():
 def test_bad_model_inputs_raise(call, error, match):
     with pytest.raises(error, match=match):
         call(_model("glow_affine_lu").float())
+
+
+def test_nonfinite_input_is_blamed_on_the_input_not_a_layer():
+    model = _model("glow_affine_lu").float()
+    x = torch.rand(2, *model.image_shape) - 0.5
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x holds 1 non-finite values"):
+        model.log_prob(x)
+
+
+def test_nonfinite_split_prior_is_called_a_log_density():
+    model = _model("glow_affine_lu").float()
+    with torch.no_grad():
+        model.splits[0].prior.conv.bias.fill_(float("inf"))  # the split prior's mean and log-std: infinite
+    with pytest.raises(FloatingPointError, match=r"non-finite prior log-density at splits\.0"):
+        model.log_prob(torch.rand(2, *model.image_shape) - 0.5)
+
+
+def test_inputs_outside_the_dequantized_range_warn_once_naming_dequantize():
+    model = _model("glow_affine_lu").float()
+    model._range_checked = False
+    with pytest.warns(UserWarning, match="outside \\[-0.5, 0.5\\].*dequantize"):
+        model.log_prob(torch.rand(2, *model.image_shape))  # [0, 1): not dequantized
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.log_prob(torch.rand(2, *model.image_shape))  # once only: later batches are not checked
+
+
+def test_dequantize_rejects_levels_outside_the_bins():
+    with pytest.raises(ValueError, match=r"levels must lie in \[0, n_bins\) = \[0, 17\), got values in \[0, 17\]"):
+        dequantize(torch.tensor([0, 17]), 17)
+    with pytest.raises(ValueError, match="got values in \\[-1, 3\\]"):
+        dequantize(torch.tensor([-1, 3]), 17)
+    with pytest.raises(TypeError, match="integer tensor"):
+        dequantize(torch.rand(3), 17)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: RealNVP(3, 4, scales=2, hidden=8),
+        lambda: NICE(1, 4, couplings=2, hidden=8, depth=2),
+        lambda: Glow(3, 8, levels=2, steps=1, hidden=8, learn_top=False),
+        lambda: Glow(3, 8, levels=2, steps=1, hidden=8),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_sample_and_decode_in_the_model_dtype_on_the_cpu(make, dtype):
+    """Priors sample in the model's dtype; the 1x1 convolutions solve in float64 (CPU has no half solves)."""
+    model = make().to(dtype).eval()
+    x = model.sample(2)
+    assert x.dtype == dtype and torch.isfinite(x).all()
 
 
 def test_conditional_model_requires_valid_labels():
@@ -136,8 +198,15 @@ def test_conditional_model_requires_valid_labels():
         (lambda: RealNVP(1, 6, scales=3), "divisible by 2\\*\\*\\(scales-1\\)"),
         (lambda: NICE(1, 3), "even number of dimensions"),
         (lambda: Glow(1, 8, levels=1, n_bins=1), "n_bins must be >= 2"),
+        (lambda: Glow(1, 0, levels=1), "image_size must be >= 1, got 0"),
     ],
 )
 def test_bad_model_config_raises(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("image_size", [8.0, (8, 8.0), True, "8"])
+def test_non_integer_image_size_raises_type_error(image_size):
+    with pytest.raises(TypeError, match="image_size must be an int or a pair of ints"):
+        Glow(1, image_size, levels=1)

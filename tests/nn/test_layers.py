@@ -79,6 +79,37 @@ def test_actnorm_data_dependent_init_normalises_first_batch_once():
     torch.testing.assert_close(layer.bias.detach(), bias)
 
 
+def test_actnorm_init_is_exact_for_a_large_mean_in_float64():
+    """Two-pass statistics in the layer's dtype: a one-pass E[x^2] - E[x]^2 in float32 gives std ~1e4 or ~0.02."""
+    torch.manual_seed(0)
+    layer = ActNorm(4).double().train()
+    y, _ = layer(1000 + 0.01 * torch.randn(8, 4, 8, 8, dtype=torch.float64))
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(
+        y.std(dim=(0, 2, 3), unbiased=False), torch.ones(4, dtype=torch.float64), atol=1e-6, rtol=0
+    )
+
+
+def test_actnorm_init_is_accurate_for_a_large_mean_in_float32():
+    torch.manual_seed(0)
+    layer = ActNorm(4).train()
+    y, _ = layer(1000 + torch.randn(16, 4, 16, 16))
+    torch.testing.assert_close(y.std(dim=(0, 2, 3), unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
+
+
+def test_actnorm_single_valued_channel_keeps_scale_one_and_warns_naming_the_layer():
+    from fastflow.models import Glow
+
+    model = Glow(1, 4, levels=2, steps=1, hidden=8).train()
+    with pytest.warns(RuntimeWarning, match=r"blocks\.1\.layers\.1\.layers\.0: channel.*single value"):
+        model.log_prob(torch.rand(1, 1, 4, 4) - 0.5)  # batch 1: the second level is 1x1
+    top = model.blocks[1].layers[1].layers[0]
+    assert isinstance(top, ActNorm) and top.logs.abs().max() == 0
+    x = torch.rand(8, 1, 4, 4) - 0.5
+    assert torch.isfinite(model.eval().bits_per_dim(x)).all()
+    assert model.bits_per_dim(x).mean() < 100
+
+
 def test_actnorm_initialized_flag_survives_state_dict():
     trained = ActNorm(2).train()
     trained(torch.randn(8, 2, 4, 4) * 5)
