@@ -9,11 +9,16 @@ Parameter gradients are accumulated into ``.grad`` by nested backward calls, as 
 ``loss.backward()`` (and DDP) see them, ``torch.autograd.grad(loss, params)`` does not.
 
 Drift guard: after the walk, the rebuilt chain input is compared with the saved one; a relative drift above
-``max_drift`` raises :class:`ReconstructionError` instead of returning gradients computed at wrong points.
+``max_drift`` raises :class:`ReconstructionError` instead of returning gradients computed at wrong points,
+and the chain's parameters keep the ``.grad`` they had before the backward: the walk accumulates into fresh
+gradients that are added to existing ones (in place) only after the check passes. With ``None`` gradients
+(``zero_grad()``'s default) that costs nothing; accumulated gradients need one chain's worth of parameter
+gradients more while its backward runs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +31,7 @@ __all__ = [
     "ReconstructionError",
     "default_max_drift",
     "chain_backward_from_output",
+    "check_max_drift",
     "recompute_backward",
     "reversible_chain",
 ]
@@ -114,9 +120,26 @@ class _ReversibleChain(torch.autograd.Function):
             grad_y = torch.zeros_like(y)
         if grad_logdet is None:
             grad_logdet = y.new_zeros(y.shape[0], dtype=torch.float32)
-        with torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast):
-            y, grad_y = chain_backward_from_output(ctx.layers, y, grad_y, grad_logdet)
-        _check_drift(y, x_in, ctx.max_drift)
+        params = _params(ctx.layers)
+        grads_before = [p.grad for p in params]
+        for p in params:  # the walk accumulates into fresh gradients, committed only once the drift check passes
+            p.grad = None
+        try:
+            # the weight cache off: with it, autocast's low-precision copy of every weight of the chain would
+            # stay alive until the whole chain's backward ends, memory that grows with depth
+            autocast = torch.autocast(
+                ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast, cache_enabled=False
+            )
+            with autocast:
+                y, grad_y = chain_backward_from_output(ctx.layers, y, grad_y, grad_logdet)
+            _check_drift(y, x_in, ctx.max_drift)
+        except BaseException:
+            for p, before in zip(params, grads_before):  # no gradients computed at wrong points reach .grad
+                p.grad = before
+            raise
+        for p, before in zip(params, grads_before):
+            if before is not None:
+                p.grad = before if p.grad is None else before.add_(p.grad)
         return (grad_y, None, None) + (None,) * ctx.num_params
 
 
@@ -138,9 +161,21 @@ def default_max_drift(x: torch.Tensor) -> float:
     return DEFAULT_MAX_DRIFT.get(x.dtype, 1e-3)
 
 
+def check_max_drift(max_drift: float | None) -> float | None:
+    """Validate a ``max_drift`` argument: ``None`` (the default by dtype), a number > 0, or ``math.inf`` to
+    turn the guard off. ``0`` is refused rather than read as "off": no rebuilt input is exact."""
+    if max_drift is None:
+        return None
+    if isinstance(max_drift, bool) or not isinstance(max_drift, (int, float)):
+        raise TypeError(f"max_drift must be a number or None, got {max_drift!r}")
+    if math.isnan(max_drift) or max_drift <= 0:
+        raise ValueError(f"max_drift must be > 0 (math.inf turns the drift guard off), got {max_drift}")
+    return float(max_drift)
+
+
 def _check_drift(rebuilt: torch.Tensor, original: torch.Tensor, max_drift: float | None) -> None:
     tol = default_max_drift(original) if max_drift is None else max_drift
-    if tol <= 0 or tol == float("inf"):
+    if tol == math.inf:
         return
     scale = original.detach().abs().max().float().clamp_min(1e-12)
     drift = float((rebuilt.float() - original.detach().float()).abs().max() / scale)
@@ -156,5 +191,6 @@ def reversible_chain(
     layers: nn.ModuleList, x: torch.Tensor, max_drift: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``layers`` on ``x`` with memory-saving reversible backprop; returns ``(y, summed logdet)``."""
+    max_drift = check_max_drift(max_drift)
     params = _params(layers)
     return _ReversibleChain.apply(x, layers, max_drift, *params)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fastflow.nn.base import FlowLayer
-from fastflow.nn.reversible import chain_backward_from_output, reversible_chain
+from fastflow.nn.reversible import chain_backward_from_output, check_max_drift, reversible_chain
 
 __all__ = ["FlowSequential"]
 
@@ -24,7 +24,7 @@ class FlowSequential(FlowLayer):
     def __init__(self, *layers: FlowLayer, reversible: bool = False, max_drift: float | None = None) -> None:
         super().__init__()
         self.reversible = reversible
-        self.max_drift = max_drift
+        self.max_drift = check_max_drift(max_drift)
         for i, layer in enumerate(layers):
             if not (isinstance(layer, nn.Module) and callable(getattr(layer, "inverse", None))):
                 raise TypeError(f"layers[{i}] ({type(layer).__name__}) is not invertible: it has no inverse()")

@@ -7,7 +7,7 @@ import torch
 
 from fastflow.models import Glow, RealNVP
 from fastflow.nn import AffineCoupling
-from fastflow.nn.tiling import HALO, Tiling, choose_tile_size, tiles
+from fastflow.nn.tiling import ACTIVE_HIDDEN_TENSORS, HALO, Tiling, choose_tile_size, tiles
 from tests.helpers import loss_and_grads, perturb_parameters
 
 
@@ -67,7 +67,7 @@ def test_tiled_reversible_gradients_equal_untiled(make, shape, side):
 
 def test_tile_size_from_memory_budget():
     side = choose_tile_size(batch=4, hidden=512, element_size=4, memory_budget_mb=1024)
-    per_pixel = 4 * 512 * 4 * 6
+    per_pixel = 4 * 512 * 4 * ACTIVE_HIDDEN_TENSORS
     assert (side + 2 * HALO) ** 2 * per_pixel <= 1024 * 2**20 < (side + 2 * HALO + 1) ** 2 * per_pixel
     assert choose_tile_size(batch=64, hidden=4096, element_size=4, memory_budget_mb=1) == 1
     assert Tiling(memory_budget_mb=1024).side(4, 512, 4) == side
@@ -87,3 +87,19 @@ def test_set_tiling_reaches_every_coupling_and_turns_off():
 def test_bad_tiling_arguments_raise(kwargs):
     with pytest.raises(ValueError, match="must be"):
         Tiling(**kwargs)
+
+
+@pytest.mark.parametrize("budget", [0, -5, float("nan"), float("inf")])
+def test_set_tiling_refuses_a_budget_that_is_not_positive_and_finite(budget):
+    model = Glow(1, 8, levels=1, steps=1, hidden=8)
+    with pytest.raises(ValueError, match="memory_budget_mb must be a finite number > 0"):
+        model.set_tiling(memory_budget_mb=budget)
+
+
+def test_tile_cost_model_matches_a_measured_peak():
+    """The automatic tile size's cost model is a measurement: one tile's backward peaks at most at
+    ACTIVE_HIDDEN_TENSORS hidden-width tensors per pixel, and not far below (else tiles are needlessly small)."""
+    from benchmarks.tile_memory import measure_isolated
+
+    measured = measure_isolated(batch=2, hidden=128, side=48)
+    assert ACTIVE_HIDDEN_TENSORS - 1.5 < measured <= ACTIVE_HIDDEN_TENSORS
