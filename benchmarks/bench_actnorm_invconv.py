@@ -81,12 +81,13 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype)
 @contextlib.contextmanager
 def _kernel_up_to(channels: int) -> Iterator[None]:
     """Raise the kernel's channel threshold for the block, so the kernel is timed at every size."""
-    saved = channel_mix_ops.KERNEL_MAX_CHANNELS
-    channel_mix_ops.KERNEL_MAX_CHANNELS = max(saved, channels)
+    saved = channel_mix_ops.KERNEL_MAX_CHANNELS, channel_mix_ops.KERNEL_MAX_CHANNELS_FLOAT32
+    channel_mix_ops.KERNEL_MAX_CHANNELS = max(saved[0], channels)
+    channel_mix_ops.KERNEL_MAX_CHANNELS_FLOAT32 = max(saved[1], channels)
     try:
         yield
     finally:
-        channel_mix_ops.KERNEL_MAX_CHANNELS = saved
+        channel_mix_ops.KERNEL_MAX_CHANNELS, channel_mix_ops.KERNEL_MAX_CHANNELS_FLOAT32 = saved
 
 
 def _check_fused(x: torch.Tensor, params: tuple[torch.Tensor, ...], grad_y: torch.Tensor) -> None:

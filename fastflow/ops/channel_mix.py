@@ -4,7 +4,7 @@ Backward: ``grad_x = weight^T @ grad_y`` per pixel, ``grad_weight = sum_{b,h,w} 
 ``grad_bias = sum_{b,h,w} grad_y``.
 
 :func:`channel_mix` dispatches on :func:`fastflow.backend.resolve_backend` (traceable by ``torch.compile``):
-on ``"eager"``, for more than :data:`KERNEL_MAX_CHANNELS` channels and for samples of 2^31 elements or more
+on ``"eager"``, for more than :func:`kernel_max_channels` channels and for samples of 2^31 elements or more
 it is :func:`channel_mix_ref` (cuDNN / ATen, ATen autograd); on ``"triton"`` / ``"interpret"`` it is the
 torch.library custom op ``fastflow::channel_mix`` running the Triton kernels of
 :mod:`fastflow.kernels.channel_mix` (fake kernel and autograd registered, so ``torch.compile(fullgraph=True)``
@@ -28,15 +28,35 @@ import torch.nn.functional as F
 from fastflow.backend import resolve_backend
 from fastflow.ops._checks import check_float_tensor
 
-__all__ = ["KERNEL_MAX_CHANNELS", "channel_mix", "channel_mix_ref", "ieee_float32"]
+__all__ = [
+    "KERNEL_MAX_CHANNELS",
+    "KERNEL_MAX_CHANNELS_FLOAT32",
+    "channel_mix",
+    "channel_mix_ref",
+    "ieee_float32",
+    "kernel_max_channels",
+]
 
 KERNEL_MAX_CHANNELS = 128
-"""Largest channel count (``max(C_in, C_out)``) for which the Triton backends run the fused kernel; above
-it they call :func:`channel_mix_ref` (cuDNN). 128 is an upper bound, not a timing: it is the widest padded
-width whose float32 / bfloat16 launches ``tests/kernels/aot_compile.py`` checks to compile for sm_80 /
-sm_90 without spilling under register pressure. The timed crossover is unmeasured (no GPU yet): set this
-to the value ``python -m benchmarks --cases actnorm_invconv`` prints as "KERNEL_MAX_CHANNELS supported by
-this run" on the target GPU (:func:`benchmarks.bench_actnorm_invconv.kernel_max_channels`)."""
+"""Largest channel count (``max(C_in, C_out)``) for which the Triton backends run the fused kernel on
+float16 / bfloat16 (tensor cores) and float64; above it they call :func:`channel_mix_ref` (cuDNN). 128 is
+the widest padded width whose launches ``tests/kernels/aot_compile.py`` checks to compile for sm_80 / sm_90
+without spilling; on an H100 (2026-11-25, before the float32 path became IEEE) the kernel beat eager from
+128x128 pixels up and lost below, where both are host-bound (``benchmarks/results/``). ``python -m
+benchmarks --cases actnorm_invconv`` prints the threshold a run supports."""
+
+KERNEL_MAX_CHANNELS_FLOAT32 = 8
+"""The same threshold for float32, which must be IEEE (no TF32) and so runs on the kernels' FMA loop: on an
+H100 (2026-11-25) that loop against cuDNN's IEEE 1x1 convolution, at 256x256: forward 1.67x at 12 channels
+but 0.76x at 48 and 0.39x at 128, forward+backward 0.82x, 0.39x and 0.09x. Up to 8 channels (no tensor-core
+tile to miss) the kernel runs; wider float32 mixes go to cuDNN with TF32 off."""
+
+
+def kernel_max_channels(dtype: torch.dtype) -> int:
+    """The widest mix (``max(C_in, C_out)``) the fused kernel takes in ``dtype``."""
+    if dtype == torch.float32:
+        return min(KERNEL_MAX_CHANNELS, KERNEL_MAX_CHANNELS_FLOAT32)
+    return KERNEL_MAX_CHANNELS
 
 
 def channel_mix_ref(
@@ -100,7 +120,7 @@ def _conv1x1_ieee_backward(
     # grad_x = weight^T @ grad_y per pixel (the same IEEE op, so twice differentiable);
     # grad_weight = sum_{b,h,w} grad_y x^T; grad_bias = sum_{b,h,w} grad_y
     x, weight = ctx.saved_tensors
-    grad_x = torch.ops.fastflow.conv1x1_ieee(grad_y, weight.t(), None)
+    grad_x = torch.ops.fastflow.conv1x1_ieee(grad_y, weight.t(), None).contiguous(memory_format=_output_format(x))
     with ieee_float32():
         grad_weight = torch.einsum("bohw,bihw->oi", grad_y, x)
     grad_bias = grad_y.sum((0, 2, 3)) if ctx.has_bias else None
@@ -225,6 +245,7 @@ def channel_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     arguments.
     """
     _check_args(x, weight, bias)
-    if resolve_backend(x) == "eager" or max(weight.shape) > KERNEL_MAX_CHANNELS or not _fits_int32(x, weight):
+    too_wide = max(weight.shape) > kernel_max_channels(x.dtype)
+    if resolve_backend(x) == "eager" or too_wide or not _fits_int32(x, weight):
         return channel_mix_ref(x, weight, bias)
     return torch.ops.fastflow.channel_mix(x, weight, bias)

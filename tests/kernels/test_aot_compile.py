@@ -45,16 +45,18 @@ def test_glow_coupling_launch_compiles_as_launched_with_128_bit_loads() -> None:
     """The AOT check compiles Glow's usual coupling launch with the specialisation a real launch gets
     (aligned pointers, 16-divisible sizes, unit strides as constants): 128-bit loads and few registers,
     not the scalar loads and ~65 registers of an unspecialised compile."""
-    code = (
-        "import sys; sys.path.insert(0, %r)\n"
-        "import aot_compile as a\n"
-        "from fastflow.kernels import coupling\n"
-        "tool = a.find_cuobjdump()\n"
-        "for spec in coupling.aot_specs()[:2]:\n"
-        "    assert spec.int_args, spec\n"
-        "    cubin = a.compile_spec(spec, 90)\n"
-        "    print(a.registers_and_spills(cubin, tool)[0], a.widest_global_load(a.sass_of(cubin, tool)))\n"
-    ) % str(SCRIPT.parent)
+    code = "\n".join(
+        [
+            f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r})",
+            "import aot_compile as a",
+            "from fastflow.kernels import coupling",
+            "tool = a.find_cuobjdump()",
+            "for spec in coupling.aot_specs()[:2]:",
+            "    assert spec.int_args, spec",
+            "    cubin = a.compile_spec(spec, 90)",
+            "    print(a.registers_and_spills(cubin, tool)[0], a.widest_global_load(a.sass_of(cubin, tool)))",
+        ]
+    )
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").is_file():
         pytest.skip("no cuobjdump in this Triton")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}

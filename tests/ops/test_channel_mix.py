@@ -20,6 +20,13 @@ DTYPE_TOL = [
 CHANNELS = [1, 3, 5, 6, 12, 24, 48, 96]
 
 
+@pytest.fixture(autouse=True)
+def _float32_kernel_at_every_width(monkeypatch):
+    """The kernels are under test here: float32 runs them up to KERNEL_MAX_CHANNELS too (by default wider
+    float32 mixes go to cuDNN, see test_wide_float32_mixes_go_to_cudnn_half_ones_to_the_kernel)."""
+    monkeypatch.setattr(ops, "KERNEL_MAX_CHANNELS_FLOAT32", ops.KERNEL_MAX_CHANNELS)
+
+
 def _weight(c_out: int, c_in: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Weights scaled so outputs stay of order 1 for any channel count."""
     return (torch.randn(c_out, c_in, dtype=torch.float64) / c_in**0.5).to(dtype)
@@ -84,6 +91,7 @@ def test_backward_rectangular_over_input_channel_blocks(c_in, c_out, programs, m
     bias = torch.randn(c_out, requires_grad=True)
     grad_y = torch.randn(2, c_out, 7, 9)
     monkeypatch.setattr(ops, "KERNEL_MAX_CHANNELS", max(c_in, c_out))  # the kernel runs, whatever the threshold
+    monkeypatch.setattr(ops, "KERNEL_MAX_CHANNELS_FLOAT32", max(c_in, c_out))
     with fastflow.backend("interpret"):
         grads = torch.autograd.grad(channel_mix(x, weight, bias), (x, weight, bias), grad_y)
     grads_ref = torch.autograd.grad(channel_mix_ref(x, weight, bias), (x, weight, bias), grad_y)
@@ -221,7 +229,7 @@ def test_torch_compile_fullgraph():
 
 
 def test_dispatch(monkeypatch):
-    """The kernel runs on the interpret backend up to KERNEL_MAX_CHANNELS, never on eager."""
+    """The kernel runs on the interpret backend up to kernel_max_channels(dtype), never on eager."""
     calls = []
     launch = kernels.channel_mix_forward
 
@@ -231,6 +239,7 @@ def test_dispatch(monkeypatch):
 
     monkeypatch.setattr(kernels, "channel_mix_forward", spy)
     monkeypatch.setattr(ops, "KERNEL_MAX_CHANNELS", 8)
+    monkeypatch.setattr(ops, "KERNEL_MAX_CHANNELS_FLOAT32", 100)  # the smaller of the two applies
     x6, x12 = torch.randn(1, 6, 3, 3), torch.randn(1, 12, 3, 3)
     w6, w12 = _weight(6, 6), _weight(12, 12)
     with fastflow.backend("eager"):
@@ -352,3 +361,17 @@ def test_eager_mix_gradcheck_and_opcheck():
     torch.library.opcheck(torch.ops.fastflow.conv1x1_ieee.default, (x, weight, bias))
     x_cl = x.detach().to(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.fastflow.conv1x1_ieee.default, (x_cl, weight.detach(), None))
+
+
+def test_wide_float32_mixes_go_to_cudnn_half_ones_to_the_kernel(monkeypatch):
+    """float32 runs the kernel only up to KERNEL_MAX_CHANNELS_FLOAT32 (its IEEE FMA loop loses to cuDNN
+    above); bfloat16 up to KERNEL_MAX_CHANNELS."""
+    monkeypatch.setattr(ops, "KERNEL_MAX_CHANNELS_FLOAT32", 8)
+    calls = []
+    launch = kernels.channel_mix_forward
+    monkeypatch.setattr(kernels, "channel_mix_forward", lambda *a, **k: calls.append(a[0].dtype) or launch(*a, **k))
+    with fastflow.backend("interpret"):
+        channel_mix(torch.randn(1, 8, 3, 3), _weight(8, 8))
+        channel_mix(torch.randn(1, 12, 3, 3), _weight(12, 12))
+        channel_mix(torch.randn(1, 12, 3, 3, dtype=torch.bfloat16), _weight(12, 12))
+    assert calls == [torch.float32, torch.bfloat16]
