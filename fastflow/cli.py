@@ -1,15 +1,22 @@
-"""The ``fastflow`` command: ``train``, ``sample``, ``interpolate`` and ``manipulate``.
+"""The ``fastflow`` command: ``train``, ``sample``, ``interpolate``, ``manipulate`` and ``export``.
 
-Bad input (an unreadable or too small image, a wrong channel count, a checkpoint of another architecture, a
-missing file) prints one line naming the file to stderr and exits with status 2 before anything is written.
+Every failure is one line on stderr, never a traceback (set ``FASTFLOW_DEBUG=1`` to get one), with a non-zero
+exit status: 2 for bad input (a flag out of range, an unreadable or too small image, a wrong channel count, a
+checkpoint of another architecture, a missing file, an unwritable ``--out``), found before anything is written;
+1 when a run fails (training diverged, images that came out NaN/Inf, a full disk); 130 when Ctrl-C interrupts
+(``train`` first saves a checkpoint at the current step and prints the command that resumes it).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shlex
 import sys
+import tempfile
 from collections.abc import Callable
+from typing import Any, NoReturn
 
 import torch
 
@@ -26,14 +33,149 @@ from fastflow.data import (
     quantize,
     split_heldout,
 )
-from fastflow.image_folder import load_image_folder
+from fastflow.image_folder import image_size, list_classes, list_images, load_image_folder, load_labelled_folder
 from fastflow.latent import attribute_direction, interpolate, manipulate
 from fastflow.models import FlowModel, Glow
-from fastflow.train import CHECKPOINT_NAME, TrainConfig, save_image_grid, train
+from fastflow.train import (
+    CHECKPOINT_NAME,
+    TrainConfig,
+    TrainingDiverged,
+    TrainingInterrupted,
+    save_image_grid,
+    train,
+)
 
 __all__ = ["main"]
 
 DEFAULT_N_BITS = 5
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg")  # the image format of --out follows its extension
+# Defaults of the train flags. Their argparse default is None, so that a flag the user gave can be told apart
+# from a default: --resume takes every flag not given from the checkpoint, and a given one that contradicts
+# the checkpoint is an error unless it is in RESUME_OVERRIDES (--device and --quiet are never stored).
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "data": None, "resolution": None, "n_bits": None, "levels": 2, "steps": 8, "hidden": 64, "reversible": False,
+    "tile_memory_mb": 1024.0, "tile_size": None, "amp": None, "iterations": 1500, "batch": 64, "lr": 2e-3,
+    "warmup": 100, "clip": 50.0, "seed": 0, "save_every": 500, "eval_every": 250, "samples": 64, "temperature": 0.7,
+}  # fmt: skip
+RESUME_OVERRIDES = ("iterations", "save_every", "eval_every", "samples", "temperature", "tile_size", "tile_memory_mb")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr with status 2, like every other failure."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``prog: error: message`` and exit with status 2."""
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(cast: type, low: float, strict: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a finite ``cast`` (int or float) ``>= low`` (``> low`` when ``strict``)."""
+    kind = "an integer" if cast is int else "a finite number"
+    bound = f"{'>' if strict else '>='} {low:g}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {kind} {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _image_out(text: str) -> str:
+    """An argparse type: an output image path whose extension names the format."""
+    if os.path.splitext(text)[1].lower() not in OUTPUT_SUFFIXES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the extension sets the format and must be one of {OUTPUT_SUFFIXES}"
+        )
+    return text
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _infer_resolution(folder: str) -> int:
+    """The shorter side shared by every image of ``folder``; ``ValueError`` asking for --resolution otherwise."""
+    sides = {min(image_size(path)) for path in list_images(folder)}
+    if len(sides) > 1:
+        raise ValueError(
+            f"--data {folder!r} holds images of several sizes (shorter sides {min(sides)} to {max(sides)} pixels): "
+            "pass --resolution, the side every image is resized and center-cropped to"
+        )
+    return sides.pop()
+
+
+def _stored_flags(extra: dict[str, Any]) -> dict[str, Any]:
+    """The train flags a checkpoint was written with (those of an older checkpoint: from its TrainConfig)."""
+    if isinstance(extra.get("cli"), dict):
+        return {k: v for k, v in extra["cli"].items() if k in TRAIN_DEFAULTS}
+    config = extra.get("train_config") or {}
+    renamed = {("iterations" if k == "steps" else k): v for k, v in config.items()}
+    return {k: v for k, v in renamed.items() if k in TRAIN_DEFAULTS}
+
+
+def _resolve_train_flags(args: argparse.Namespace) -> int:
+    """Fill in the train flags not given, from the checkpoint with --resume (after refusing given flags that
+    contradict it, see RESUME_OVERRIDES) and from TRAIN_DEFAULTS otherwise; returns the step to start from."""
+    given = {name for name in TRAIN_DEFAULTS if getattr(args, name) is not None}
+    if args.data is not None:
+        args.data = os.path.abspath(args.data)  # so that --resume finds it from any folder
+    checkpoint = os.path.join(args.out, CHECKPOINT_NAME)
+    start = 0
+    if args.resume:
+        if not os.path.exists(checkpoint):
+            raise ValueError(f"cannot resume: no checkpoint {checkpoint!r}")
+        extra = load_checkpoint(checkpoint)[1].get("extra") or {}
+        stored = _stored_flags(extra)
+        differ = [
+            n for n in sorted(given) if n not in RESUME_OVERRIDES and n in stored and getattr(args, n) != stored[n]
+        ]
+        if differ:
+            shown = ", ".join(
+                f"{_flag(n)}{'' if isinstance(stored[n], bool) else ' ' + str(getattr(args, n))} (the run's: "
+                f"{stored[n]})"
+                for n in differ
+            )
+            allowed = ", ".join(_flag(n) for n in RESUME_OVERRIDES)
+            raise ValueError(
+                f"{shown} contradicts {checkpoint!r}, which --resume continues: drop it or train into another "
+                f"--out (with --resume only {allowed}, --device and --quiet may change)"
+            )
+        for name, value in stored.items():
+            if name not in given:
+                setattr(args, name, value)
+        start = int(extra.get("step", 0))
+    elif os.path.exists(checkpoint):
+        raise ValueError(f"{checkpoint!r} exists: pass --resume to continue that run, or choose another --out")
+    for name, value in TRAIN_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if not args.reversible and ("tile_size" in given or "tile_memory_mb" in given):
+        raise ValueError("--tile-size and --tile-memory-mb only apply with --reversible")
+    if args.resolution is None:
+        args.resolution = 8 if args.data is None else _infer_resolution(args.data)
+        if args.data is not None and not args.quiet:
+            print(f"--resolution {args.resolution}: the shorter side of every image in {args.data}")
+    if args.resolution % 2**args.levels:
+        raise ValueError(
+            f"--resolution {args.resolution} must be divisible by 2**levels = {2**args.levels} (--levels {args.levels})"
+        )
+    return start
+
+
+def _check_writable(folder: str) -> None:
+    """Create ``folder`` and write a scratch file in it, so an unwritable --out fails before the first step."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out {folder!r} is not a writable folder: {err.strerror or err}") from err
 
 
 def _training_data(args: argparse.Namespace) -> tuple[ImageSource, torch.Tensor, int, str]:
@@ -45,7 +187,9 @@ def _training_data(args: argparse.Namespace) -> tuple[ImageSource, torch.Tensor,
     if args.data is not None:
         levels = quantize(load_image_folder(args.data, res), n_bins)
         train_idx, test_idx = split_heldout(len(levels))
-        return TensorImages(levels[train_idx]), levels[test_idx], n_bins, f"{args.data} at {res}x{res}"
+        classes = list_classes(args.data)
+        labelled = f" ({len(classes)} class folders, labels unused)" if classes else ""
+        return TensorImages(levels[train_idx]), levels[test_idx], n_bins, f"{args.data}{labelled} at {res}x{res}"
     if res == 8:
         if args.n_bits is not None:
             raise ValueError("--n-bits does not apply to the embedded digits, which have 17 levels per pixel")
@@ -55,18 +199,19 @@ def _training_data(args: argparse.Namespace) -> tuple[ImageSource, torch.Tensor,
     return source, heldout.levels, n_bins, f"{res}x{res} crops of the bundled photos"
 
 
-def _train(args: argparse.Namespace) -> None:
-    if args.iterations < 0:
-        raise ValueError(f"--iterations must be >= 0, got {args.iterations}")
+def _train(args: argparse.Namespace) -> int:
+    start = _resolve_train_flags(args)
     checkpoint = os.path.join(args.out, CHECKPOINT_NAME)
-    if not args.resume and os.path.exists(checkpoint):
-        raise ValueError(f"{checkpoint!r} exists: pass --resume to continue that run, or choose another --out")
+    if args.resume and start >= args.iterations:
+        print(f"already at step {start} of {args.iterations}: nothing to do (a larger --iterations trains further)")
+        return 0
     config = TrainConfig(
         steps=args.iterations, batch=args.batch, lr=args.lr, warmup=args.warmup, clip=args.clip, seed=args.seed,
         amp=args.amp, out=args.out, save_every=args.save_every, eval_every=args.eval_every,
-        samples=args.samples, temperature=args.temperature,
+        samples=args.samples, temperature=args.temperature, progress=not args.quiet, quiet=args.quiet,
     )  # fmt: skip
     source, heldout, n_bins, description = _training_data(args)
+    _check_writable(args.out)
     context = distributed.setup(args.device)
     try:
         torch.manual_seed(args.seed)
@@ -76,62 +221,126 @@ def _train(args: argparse.Namespace) -> None:
         ).to(context.device)  # fmt: skip
         if args.reversible:
             model.set_tiling(tile_size=args.tile_size, memory_budget_mb=args.tile_memory_mb)
-        if context.is_main:
+        if context.is_main and not args.quiet:
             print(
                 f"Glow L={args.levels} K={args.steps} hidden={args.hidden} on {description}, {n_bins} levels, "
                 f"{len(heldout)} held-out images, {context.world_size} rank(s) on {context.device.type}"
             )
-        history = train(model, source, config, heldout=heldout, resume=args.resume)
+        flags = {name: getattr(args, name) for name in TRAIN_DEFAULTS}  # plain values, for --resume
+        try:
+            history = train(model, source, config, heldout=heldout, resume=args.resume, checkpoint_extra={"cli": flags})
+        except TrainingInterrupted as stop:
+            if context.is_main:
+                resume = f"fastflow train --out {shlex.quote(args.out)} --resume"
+                print(f"interrupted at step {stop.step}; resume with: {resume}", file=sys.stderr)
+            return EXIT_INTERRUPTED
         if context.is_main and history:
             print(f"wrote {checkpoint} and {args.out}/samples-{args.iterations:06d}.png")
+        return 0
     finally:
         distributed.teardown()
 
 
-def _load(args: argparse.Namespace) -> FlowModel:
+def _load(args: argparse.Namespace) -> tuple[FlowModel, dict[str, Any]]:
+    """``(model in eval mode, checkpoint payload)``; ``ValueError`` if the weights hold NaN or Inf."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_checkpoint(args.checkpoint, map_location=device)
-    return model.eval()
+    model, payload = load_checkpoint(args.checkpoint, map_location=device)
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"checkpoint {args.checkpoint!r} holds NaN/Inf values in {', '.join(bad[:3])}{more}")
+    return model.eval(), payload
 
 
-def _write(images: torch.Tensor, path: str, nrow: int | None = None) -> None:
+def _write(images: torch.Tensor, path: str, nrow: int | None = None, what: str = "images", hint: str = "") -> None:
+    """Write the grid of ``images`` to ``path``, unless some are not finite: then ``FloatingPointError`` saying
+    how many, and nothing is written."""
+    bad = int((~torch.isfinite(images.detach().flatten(1))).any(dim=1).sum())
+    if bad:
+        raise FloatingPointError(
+            f"{bad} of {len(images)} {what} came out NaN/Inf, so nothing was written to {path!r}{hint}"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_image_grid(images, path, nrow=nrow)
     print(f"wrote {path}")
 
 
 def _sample(args: argparse.Namespace) -> None:
-    model = _load(args)
+    model, _ = _load(args)
     torch.manual_seed(args.seed)
-    _write(model.sample(args.n, temperature=args.temperature), args.out)
+    samples = model.sample(args.n, temperature=args.temperature)
+    _write(samples, args.out, what="samples", hint=f": try a --temperature below {args.temperature:g}")
 
 
 def _interpolate(args: argparse.Namespace) -> None:
-    model = _load(args)
+    model, _ = _load(args)
     a, b = (load_image_spec(spec, model.image_shape, model.n_bins) for spec in (args.a, args.b))
     _write(interpolate(model, a, b, args.steps), args.out, nrow=args.steps)
 
 
-def _manipulate(args: argparse.Namespace) -> None:
-    model = _load(args)
-    image = load_image_spec(args.image, model.image_shape, model.n_bins)
-    if args.label_from is not None:
+def _class_index(flag: str, spec: str, classes: list[str], folder: str) -> int:
+    """The index of class ``spec`` (a sub-folder name, else an index) of the labelled ``folder``."""
+    if spec in classes:
+        return classes.index(spec)
+    if spec.isdigit() and int(spec) < len(classes):
+        return int(spec)
+    raise ValueError(
+        f"{flag} {spec!r} is not a class of {folder!r}: its classes are {', '.join(classes)} "
+        f"(or their indices 0 to {len(classes) - 1})"
+    )
+
+
+def _class_images(args: argparse.Namespace, model: FlowModel, payload: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """``(images of --label-to, images of --label-from)`` as levels: classes of --data (else of the class folders
+    the model was trained on), or digit classes for a model of the 8x8 digits."""
+    folder = args.data
+    if folder is None:
+        trained_on = ((payload.get("extra") or {}).get("cli") or {}).get("data")
+        folder = trained_on if isinstance(trained_on, str) and list_classes(trained_on) else None
+    if folder is None:
         if tuple(model.image_shape) != (1, 8, 8) or model.n_bins != DIGITS_N_BINS:
             raise ValueError(
-                f"--label-from/--label-to need a model of the 8x8 digits, but {args.checkpoint!r} models "
-                f"{'x'.join(map(str, model.image_shape))} images with {model.n_bins} levels"
+                f"--label-from/--label-to need --data DIR (a folder of class sub-folders) or a model of the 8x8 "
+                f"digits, but {args.checkpoint!r} models {'x'.join(map(str, model.image_shape))} images with "
+                f"{model.n_bins} levels"
             )
-        with_attribute, without = digits_of_class(args.label_to), digits_of_class(args.label_from)
+        for flag, spec in (("--label-from", args.label_from), ("--label-to", args.label_to)):
+            if not spec.isdigit():
+                raise ValueError(f"{flag} must be a digit class 0 to 9 for a digits model, got {spec!r}")
+        return digits_of_class(int(args.label_to)), digits_of_class(int(args.label_from))
+    channels, res = model.image_shape[0], model.image_shape[1]
+    images, labels, classes = load_labelled_folder(folder, res, channels)
+    levels = quantize(images, model.n_bins)
+    to, from_ = (
+        _class_index(f, s, classes, folder)
+        for f, s in (("--label-to", args.label_to), ("--label-from", args.label_from))
+    )
+    return levels[labels == to], levels[labels == from_]
+
+
+def _manipulate(args: argparse.Namespace) -> None:
+    model, payload = _load(args)
+    image = load_image_spec(args.image, model.image_shape, model.n_bins)
+    if args.label_from is not None:
+        with_attribute, without = _class_images(args, model, payload)
     else:
         channels, res = model.image_shape[0], model.image_shape[1]
         with_attribute = quantize(load_image_folder(args.attribute_dir, res, channels), model.n_bins)
         without = quantize(load_image_folder(args.without_dir, res, channels), model.n_bins)
     direction = attribute_direction(model, with_attribute, without)
-    _write(manipulate(model, image, direction, args.strengths), args.out, nrow=len(args.strengths))
+    edits = manipulate(model, image, direction, args.strengths)
+    _write(edits, args.out, nrow=len(args.strengths), hint=": try smaller --strengths")
+
+
+def _export(args: argparse.Namespace) -> None:
+    model, _ = load_checkpoint(args.checkpoint)
+    model.save_pretrained(args.directory)
+    weights, config = (os.path.join(args.directory, name) for name in ("model.safetensors", "config.json"))
+    print(f"wrote {weights} and {config}")
 
 
 def _checkpoint_command(
-    commands: argparse._SubParsersAction, name: str, help: str, run: Callable[[argparse.Namespace], None]
+    commands: argparse._SubParsersAction, name: str, help: str, run: Callable[[argparse.Namespace], int | None]
 ) -> argparse.ArgumentParser:
     """A sub-command whose first argument is a checkpoint."""
     sub = commands.add_parser(name, help=help)
@@ -142,66 +351,91 @@ def _checkpoint_command(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastflow", description=__doc__)
+    parser = _Parser(prog="fastflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    count, positive, at_least_0 = _number(int, 1), _number(float, 0, strict=True), _number(float, 0)
+    steps = _number(int, 0)
 
     t = commands.add_parser("train", help="train a Glow; resumable, data-parallel under torchrun")
-    t.add_argument("--data", help="folder of PNG/JPEG images (default: embedded digits at --resolution 8, "
-                   "else crops of the photos bundled with scikit-learn)")  # fmt: skip
-    t.add_argument("--resolution", type=int, default=8, help="image side in pixels (default 8: the digits)")
+    t.add_argument("--data", help="folder of PNG/JPEG images, or of class sub-folders of them (default: embedded "
+                   "digits at --resolution 8, else crops of the photos bundled with scikit-learn)")  # fmt: skip
+    t.add_argument("--resolution", type=count, help="image side in pixels (default: 8, the digits; with --data the "
+                   "shorter side shared by its images)")  # fmt: skip
     t.add_argument("--n-bits", type=int, help=f"bits per colour channel for images (default {DEFAULT_N_BITS})")
-    t.add_argument("--levels", type=int, default=2, help="Glow levels L (default 2)")
-    t.add_argument("--steps", type=int, default=8, help="flow steps per level K (default 8)")
-    t.add_argument("--hidden", type=int, default=64, help="coupling network width (default 64)")
-    t.add_argument("--reversible", action="store_true", help="memory-saving reversible backprop")
+    t.add_argument("--levels", type=count, help="Glow levels L (default 2)")
+    t.add_argument("--steps", type=count, help="flow steps per level K (default 8)")
+    t.add_argument("--hidden", type=count, help="coupling network width (default 64)")
+    t.add_argument("--reversible", action="store_true", default=None, help="memory-saving reversible backprop")
     t.add_argument(
-        "--tile-memory-mb", type=float, default=1024.0,
+        "--tile-memory-mb", type=positive,
         help="with --reversible: memory budget of one coupling network's activations; the network runs in "
         "spatial tiles that fit it (default 1024, which leaves small images untiled)",
     )  # fmt: skip
-    t.add_argument("--tile-size", type=int, help="with --reversible: fixed tile side instead of the budget")
+    t.add_argument("--tile-size", type=count, help="with --reversible: fixed tile side instead of the budget")
     t.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (fp16 with loss scaling)")
-    t.add_argument("--iterations", type=int, default=1500, help="training steps (default 1500)")
-    t.add_argument("--batch", type=int, default=64, help="global batch, split over the ranks (default 64)")
-    t.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate after warm-up (default 2e-3)")
-    t.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps (default 100)")
-    t.add_argument("--clip", type=float, default=50.0, help="gradient-norm clipping, 0 disables (default 50)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the weights and of every batch (default 0)")
+    t.add_argument("--iterations", type=steps, help="training steps (default 1500)")
+    t.add_argument("--batch", type=count, help="global batch, split over the ranks (default 64)")
+    t.add_argument("--lr", type=positive, help="Adam learning rate after warm-up (default 2e-3)")
+    t.add_argument("--warmup", type=steps, help="linear learning-rate warm-up steps (default 100)")
+    t.add_argument("--clip", type=at_least_0, help="gradient-norm clipping, 0 disables (default 50)")
+    t.add_argument("--seed", type=steps, help="seed of the weights and of every batch (default 0)")
     t.add_argument("--out", default="runs/train", help="folder for checkpoint.pt and samples-STEP.png")
-    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    t.add_argument("--save-every", type=int, default=500, help="checkpoint and sample grid interval (default 500)")
-    t.add_argument("--eval-every", type=int, default=250, help="held-out bits/dim interval (default 250)")
-    t.add_argument("--samples", type=int, default=64, help="images per sample grid (default 64)")
-    t.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    overrides = ", ".join(map(_flag, RESUME_OVERRIDES))
+    t.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out, with its "
+                   f"flags; only {overrides}, --device and --quiet may change")  # fmt: skip
+    t.add_argument("--save-every", type=steps, help="checkpoint and sample grid interval, 0: at the end (default 500)")
+    t.add_argument("--eval-every", type=steps, help="held-out bits/dim interval, 0: at the end (default 250)")
+    t.add_argument("--samples", type=count, help="images per sample grid (default 64)")
+    t.add_argument("--temperature", type=positive, help="sampling temperature (default 0.7)")
     t.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    t.add_argument("--quiet", action="store_true", help="print only errors and the final line")
     t.set_defaults(run=_train)
 
     s = _checkpoint_command(commands, "sample", "write a grid of samples from a checkpoint", _sample)
-    s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--out", default="samples.png", help="PNG to write (default samples.png)")
+    s.add_argument("--n", type=count, default=64, help="number of samples (default 64)")
+    s.add_argument("--temperature", type=positive, default=0.7, help="sampling temperature (default 0.7)")
+    s.add_argument("--seed", type=steps, default=0, help="random seed (default 0)")
+    s.add_argument("--out", type=_image_out, default="samples.png", help="PNG or JPEG to write (default samples.png)")
 
     i = _checkpoint_command(commands, "interpolate", "decode a line between the latents of two images", _interpolate)
     i.add_argument("a", help="first image: a PNG/JPEG file, digits:N or photos:N (N-th held-out image)")
     i.add_argument("b", help="second image, as A")
-    i.add_argument("--steps", type=int, default=8, help="images in the strip, ends included (default 8)")
-    i.add_argument("--out", default="interpolation.png", help="PNG to write (default interpolation.png)")
+    i.add_argument("--steps", type=_number(int, 2), default=8, help="images in the strip, ends included (default 8)")
+    i.add_argument("--out", type=_image_out, default="interpolation.png",
+                   help="PNG or JPEG to write (default interpolation.png)")  # fmt: skip
 
     m = _checkpoint_command(commands, "manipulate", "move an image along a latent attribute direction", _manipulate)
     m.add_argument("image", help="a PNG/JPEG file, digits:N or photos:N (N-th held-out image)")
     m.add_argument("--attribute-dir", help="folder of images with the attribute")
     m.add_argument("--without-dir", help="folder of images without it")
-    m.add_argument("--label-from", type=int, help="digits model: direction from this class ...")
-    m.add_argument("--label-to", type=int, help="... to this class")
-    m.add_argument("--strengths", type=float, nargs="+", default=[-1.0, -0.5, 0.0, 0.5, 1.0],
+    m.add_argument("--label-from", help="direction from this class (a sub-folder name or index of --data; a digit "
+                   "for a digits model) ...")  # fmt: skip
+    m.add_argument("--label-to", help="... to this class")
+    m.add_argument("--data", help="with --label-from/--label-to: folder of class sub-folders (default: the one the "
+                   "model was trained on, if it was one)")  # fmt: skip
+    m.add_argument("--strengths", type=_number(float, -math.inf), nargs="+", default=[-1.0, -0.5, 0.0, 0.5, 1.0],
                    help="multiples of the direction to add (default -1 -0.5 0 0.5 1)")  # fmt: skip
-    m.add_argument("--out", default="manipulation.png", help="PNG to write (default manipulation.png)")
+    m.add_argument("--out", type=_image_out, default="manipulation.png",
+                   help="PNG or JPEG to write (default manipulation.png)")  # fmt: skip
+
+    e = commands.add_parser("export", help="write a checkpoint's model as model.safetensors + config.json")
+    e.add_argument("checkpoint", help="checkpoint.pt written by fastflow train")
+    e.add_argument("directory", help="folder to write (FlowModel.from_pretrained loads it)")
+    e.set_defaults(run=_export)
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    message = " ".join(str(err).split())
+    if isinstance(err, TrainingDiverged):
+        return f"{message}: try a lower --lr or a longer --warmup"
+    if isinstance(err, (ValueError, OSError, FloatingPointError)):
+        return message
+    return f"{type(err).__name__}: {message}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``fastflow`` command line; returns the exit status (2 for bad input)."""
+    """Run the ``fastflow`` command line; returns the exit status (0, or 1, 2, 130: see the module docstring)."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "manipulate":
@@ -209,13 +443,19 @@ def main(argv: list[str] | None = None) -> int:
         labels = [v is not None for v in (args.label_from, args.label_to)]
         if not ((all(dirs) and not any(labels)) or (all(labels) and not any(dirs))):
             parser.error("manipulate needs either --attribute-dir and --without-dir, or --label-from and --label-to")
+        if args.data is not None and args.label_from is None:
+            parser.error("manipulate --data goes with --label-from and --label-to")
     try:
-        args.run(args)
-    except (ValueError, OSError) as err:
-        message = " ".join(str(err).split())
-        print(f"fastflow {args.command}: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+        status = args.run(args)
+    except KeyboardInterrupt:
+        print(f"fastflow {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if os.environ.get("FASTFLOW_DEBUG"):
+            raise
+        print(f"fastflow {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT if isinstance(err, ValueError) else EXIT_FAILED
+    return status or 0
 
 
 if __name__ == "__main__":

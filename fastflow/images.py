@@ -1,4 +1,4 @@
-"""Writing image grids as PNG files."""
+"""Writing image grids as PNG or JPEG files (the format follows the extension)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,21 @@ import os
 
 import torch
 
-__all__ = ["save_grid"]
+__all__ = ["IMAGE_FORMATS", "save_grid"]
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # file extension -> PIL format
+JPEG_QUALITY = 95
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int | None = None, scale: int = 1) -> None:
-    """Write ``images`` (``(N, C, H, W)`` in ``[-0.5, 0.5]``, C = 1 or 3) as one PNG grid, each image
-    enlarged ``scale`` times with nearest-neighbour upsampling; the file is written atomically."""
+    """Write ``images`` (``(N, C, H, W)`` in ``[-0.5, 0.5]``, C = 1 or 3) as one grid, each image enlarged
+    ``scale`` times with nearest-neighbour upsampling; the file is written atomically, as PNG or JPEG
+    (quality 95) by the extension of ``path`` (``ValueError`` for another extension)."""
     from PIL import Image
 
+    image_format = IMAGE_FORMATS.get(os.path.splitext(os.fspath(path))[1].lower())
+    if image_format is None:
+        raise ValueError(f"cannot write {os.fspath(path)!r}: the file name must end in one of {sorted(IMAGE_FORMATS)}")
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
     n, c, h, w = images.shape
@@ -35,5 +42,5 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int | No
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     tmp = f"{os.fspath(path)}.tmp"
-    img.save(tmp, format="PNG")
+    img.save(tmp, format=image_format, **({"quality": JPEG_QUALITY} if image_format == "JPEG" else {}))
     os.replace(tmp, path)

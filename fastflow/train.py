@@ -1,12 +1,21 @@
 """Training loop for flow models: Adam with linear warm-up, gradient clipping, mixed precision, data-parallel
-ranks, periodic held-out bits/dim, sample grids and resumable checkpoints."""
+ranks, periodic held-out bits/dim, sample grids and resumable checkpoints.
+
+Failures name the step: a non-finite loss raises :class:`TrainingDiverged`; the first Ctrl-C (SIGINT) lets
+the current step finish, saves a checkpoint at it and raises :class:`TrainingInterrupted` (a second Ctrl-C
+stops at once, without saving)."""
 
 from __future__ import annotations
 
 import math
 import os
-from contextlib import AbstractContextManager
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,11 +27,14 @@ from fastflow.distributed import rank_and_world_size, shard
 from fastflow.images import save_grid
 from fastflow.models import FlowModel, dequantize
 from fastflow.nn import ActNorm
-from fastflow.progress import ProgressBar
+from fastflow.progress import Progress
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "RUN_KEYS",
     "TrainConfig",
+    "TrainingDiverged",
+    "TrainingInterrupted",
     "evaluate_bits_per_dim",
     "initialize_actnorm",
     "save_image_grid",
@@ -31,13 +43,34 @@ __all__ = [
 
 CHECKPOINT_NAME = "checkpoint.pt"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+RUN_KEYS = ("batch", "seed", "lr", "warmup", "clip", "amp")  # settings a resumed run must share with its checkpoint
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss of global step ``step`` (1-based) was not finite; ``reason`` says where it was found."""
+
+    def __init__(self, step: int, reason: str) -> None:
+        super().__init__(f"training diverged at step {step} ({reason})")
+        self.step = step
+        self.reason = reason
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after global step ``step``; ``checkpoint`` is the checkpoint saved at that step
+    (``None`` without ``config.out``)."""
+
+    def __init__(self, step: int, checkpoint: str | None) -> None:
+        super().__init__(f"interrupted at step {step}")
+        self.step = step
+        self.checkpoint = checkpoint
 
 
 @dataclass
 class TrainConfig:
     """Optimisation settings: ``steps`` of a global ``batch`` of images (split evenly over the ranks), Adam at
     ``lr`` after ``warmup`` linear steps, gradient-norm clipping at ``clip`` (0 disables it), autocast to
-    ``amp`` (``"bf16"``, ``"fp16"`` with loss scaling, or ``None``), progress bar on stderr when ``progress``.
+    ``amp`` (``"bf16"``, ``"fp16"`` with loss scaling, or ``None``), progress on stderr when ``progress``
+    (:class:`~fastflow.progress.Progress`), and neither progress nor held-out lines on stdout when ``quiet``.
 
     With ``out`` set, rank 0 writes ``out/checkpoint.pt`` and a grid of ``samples`` samples at
     ``temperature`` every ``save_every`` steps (0: only at the end) and at the end; with held-out data it
@@ -57,6 +90,7 @@ class TrainConfig:
     eval_every: int = 0
     samples: int = 64
     temperature: float = 0.7
+    quiet: bool = False
 
     def __post_init__(self) -> None:
         if self.amp is not None and self.amp not in AMP_DTYPES:
@@ -66,6 +100,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch < 1 or self.lr <= 0 or self.samples < 1:
             raise ValueError(f"batch, lr and samples must be positive, got {self.batch}, {self.lr}, {self.samples}")
+        for name in ("lr", "clip", "temperature"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of ``step`` (0-based): linear warm-up over ``warmup`` steps, then constant."""
@@ -137,17 +175,64 @@ def _due(done: int, every: int, last: bool) -> bool:
     return last or (every > 0 and done % every == 0)
 
 
+@contextmanager
+def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Within the block the first Ctrl-C (SIGINT) only sets a flag, read by the function it yields, so the loop
+    can finish its step and save; a second Ctrl-C raises ``KeyboardInterrupt`` at once. Outside the main thread
+    (where Python runs no signal handlers) nothing is deferred."""
+    requested: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(True)
+        print("\nstopping after this step to save a checkpoint (Ctrl-C again stops at once)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+@contextmanager
+def _closing(progress: Progress | None) -> Iterator[None]:
+    """Close ``progress`` however the block ends, so an error message starts on a line of its own."""
+    try:
+        yield
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def _check_same_run(path: str, config: TrainConfig, stored: dict[str, Any] | None) -> None:
+    """``ValueError`` naming the settings of :data:`RUN_KEYS` in which ``config`` differs from the run saved."""
+    if not stored:
+        return
+    ours = asdict(config)
+    differ = [f"{k}={ours[k]!r} (checkpoint: {stored[k]!r})" for k in RUN_KEYS if k in stored and stored[k] != ours[k]]
+    if differ:
+        raise ValueError(
+            f"cannot resume from {path!r} with other run settings: {', '.join(differ)}; {', '.join(RUN_KEYS)} must "
+            "match the checkpoint's"
+        )
+
+
 def _restore(
-    path: str, model: FlowModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+    path: str, model: FlowModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, config: TrainConfig
 ) -> tuple[int, float | None]:
-    """Load ``path`` (written by :func:`train`) into the model, optimizer and loss scaler; returns
-    ``(steps done, last held-out bits/dim)``."""
+    """Load ``path`` (written by :func:`train`) into the model, optimizer and loss scaler after checking that
+    ``config`` continues the same run (:data:`RUN_KEYS`); returns ``(steps done, last held-out bits/dim)``."""
     if not os.path.exists(path):
         raise ValueError(f"cannot resume: no checkpoint {path!r}")
     _, payload = load_checkpoint(path, model, map_location=next(model.parameters()).device)
     extra = payload["extra"]
     if payload["optimizer"] is None or "step" not in extra:
         raise ValueError(f"cannot resume from {path!r}: it holds no training state (optimizer, step)")
+    _check_same_run(path, config, extra.get("train_config"))
     optimizer.load_state_dict(payload["optimizer"])
     scaler.load_state_dict(extra["scaler"])
     return int(extra["step"]), extra.get("heldout_bits_per_dim")
@@ -161,17 +246,21 @@ def _write_outputs(
     config: TrainConfig,
     step: int,
     heldout_bpd: float | None,
+    extra: dict[str, Any],
+    samples: bool = True,
 ) -> None:
-    """Checkpoint (model, optimizer, loss scaler, step) and a sample grid drawn with a fixed seed, so grids of
-    successive checkpoints show the same latents; the training RNG streams are left untouched."""
-    device = next(model.parameters()).device
-    model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed)
-        samples = model.sample(config.samples, temperature=config.temperature)
-    model.train()
+    """Checkpoint (model, optimizer, loss scaler, step, ``extra``) and, with ``samples``, a sample grid drawn
+    with a fixed seed, so grids of successive checkpoints show the same latents; the training RNG streams are
+    left untouched."""
     os.makedirs(out, exist_ok=True)
-    save_image_grid(samples, os.path.join(out, f"samples-{step:06d}.png"))
+    if samples:
+        device = next(model.parameters()).device
+        model.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(config.seed)
+            grid = model.sample(config.samples, temperature=config.temperature)
+        model.train()
+        save_image_grid(grid, os.path.join(out, f"samples-{step:06d}.png"))
     save_checkpoint(
         os.path.join(out, CHECKPOINT_NAME),
         model,
@@ -180,6 +269,7 @@ def _write_outputs(
         scaler=scaler.state_dict(),
         train_config=asdict(config),
         heldout_bits_per_dim=heldout_bpd,
+        **extra,
     )
 
 
@@ -190,6 +280,7 @@ def train(
     labels: torch.Tensor | None = None,
     heldout: torch.Tensor | None = None,
     resume: bool = False,
+    checkpoint_extra: dict[str, Any] | None = None,
 ) -> list[float]:
     """Train ``model`` (already on its device) and return the training bits/dim of each step run.
 
@@ -198,6 +289,10 @@ def train(
     (:func:`~fastflow.data.batch_at_step`), so ``resume=True`` (continue from ``config.out``'s checkpoint:
     weights, optimizer, loss scaler, step) reproduces the loss curve of an uninterrupted run. ``heldout``:
     integer levels for the periodic held-out bits/dim. The first batch initialises ActNorm.
+    ``checkpoint_extra``: more entries (plain Python values) for every checkpoint's ``extra``.
+
+    Raises :class:`TrainingDiverged` naming the global step when the loss is not finite, and
+    :class:`TrainingInterrupted` after saving a checkpoint when Ctrl-C stops the run (see the module docstring).
 
     Under ``torch.distributed`` (see :mod:`fastflow.distributed`) each rank trains on its shard of every
     batch inside DDP, the reported loss is the mean over ranks, and only rank 0 evaluates, prints and writes.
@@ -215,7 +310,7 @@ def train(
     if resume:
         if config.out is None:
             raise ValueError("resume=True needs config.out, the folder holding the checkpoint")
-        start, heldout_bpd = _restore(os.path.join(config.out, CHECKPOINT_NAME), model, optimizer, scaler)
+        start, heldout_bpd = _restore(os.path.join(config.out, CHECKPOINT_NAME), model, optimizer, scaler, config)
 
     def local_batch(step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, y = batch_at_step(source, step, config.batch, model.n_bins, config.seed)
@@ -230,43 +325,56 @@ def train(
         device_ids = [device.index] if device.type == "cuda" else None
         objective = DistributedDataParallel(objective, device_ids=device_ids)
     main = rank == 0
-    bar = ProgressBar(config.steps - start, "train") if config.progress and main else None
+    extra = checkpoint_extra or {}
+    progress = Progress(config.steps, start) if config.progress and main and not config.quiet else None
     history: list[float] = []
-    for step in range(start, config.steps):
-        x, y = local_batch(step)
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr_at(step)
-        with _autocast(device, config.amp):
-            loss = objective(x, y).mean()
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if config.clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-        scaler.step(optimizer)
-        scaler.update()
-        reported = loss.detach().float()
-        if world_size > 1:
-            torch.distributed.all_reduce(reported)
-            reported /= world_size
-        history.append(float(reported))
-        if not math.isfinite(history[-1]):
-            raise FloatingPointError(f"non-finite training loss {history[-1]} at step {step}")
-        done = step + 1
-        last = done == config.steps
-        if main and heldout is not None and _due(done, config.eval_every, last):
-            heldout_bpd = evaluate_bits_per_dim(model, heldout)
-            if bar is not None:
-                bar.stream.write("\n")
-            print(f"step {done}: held-out {heldout_bpd:.3f} bits/dim", flush=True)
-        if main and config.out is not None and _due(done, config.save_every, last):
-            _write_outputs(config.out, model, optimizer, scaler, config, done, heldout_bpd)
-        if bar is not None:
-            recent = history[-50:]
-            held = "" if heldout_bpd is None else f", held-out {heldout_bpd:.3f}"
-            bar.update(done - start, f"loss {sum(recent) / len(recent):.3f} bits/dim{held}", force=last)
-    if bar is not None:
-        bar.close()
+    with _deferred_interrupt() as interrupt_requested, _closing(progress):
+        for step in range(start, config.steps):
+            try:
+                x, y = local_batch(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr_at(step)
+                with _autocast(device, config.amp):
+                    loss = objective(x, y).mean()
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+                scaler.step(optimizer)
+                scaler.update()
+                reported = loss.detach().float()
+                stop = interrupt_requested()
+                if world_size > 1:  # the loss is averaged and a Ctrl-C on any rank stops all, at the same step
+                    stats = torch.stack([reported, torch.tensor(float(stop), device=device)])
+                    torch.distributed.all_reduce(stats)
+                    reported, stop = stats[0] / world_size, bool(stats[1] > 0)
+                history.append(float(reported))
+                if not math.isfinite(history[-1]):
+                    raise FloatingPointError(f"non-finite training loss {history[-1]}")
+            except FloatingPointError as err:
+                raise TrainingDiverged(step + 1, str(err)) from err
+            done = step + 1
+            last = done == config.steps
+            if main and heldout is not None and _due(done, config.eval_every, last):
+                heldout_bpd = evaluate_bits_per_dim(model, heldout)
+                line = f"step {done}: held-out {heldout_bpd:.3f} bits/dim"
+                if progress is not None:
+                    progress.write(line)
+                elif not config.quiet:
+                    print(line, flush=True)
+            if main and config.out is not None and (_due(done, config.save_every, last) or stop):
+                due = _due(done, config.save_every, last)
+                _write_outputs(config.out, model, optimizer, scaler, config, done, heldout_bpd, extra, samples=due)
+            if progress is not None:
+                recent = history[-50:]
+                held = "" if heldout_bpd is None else f", held-out {heldout_bpd:.3f}"
+                progress.update(done, f"loss {sum(recent) / len(recent):.3f} bits/dim{held}")
+            if stop and not last:
+                if world_size > 1:
+                    torch.distributed.barrier()
+                saved = None if config.out is None else os.path.join(config.out, CHECKPOINT_NAME)
+                raise TrainingInterrupted(done, saved)
     if world_size > 1:
         torch.distributed.barrier()  # ranks leave together, after rank 0's last writes
     return history

@@ -34,7 +34,7 @@ def digits_run(tmp_path_factory):
 def rgb_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("rgb")
     data = _folder(root / "data", [(12, 9), (8, 8), (20, 30), (9, 16), (10, 10), (16, 8)])
-    args = ["--data", str(data), "--n-bits", "3", "--out", str(root / "run")]
+    args = ["--data", str(data), "--resolution", "8", "--n-bits", "3", "--out", str(root / "run")]
     assert main(["train", *TINY, "--levels", "1", *args]) == 0
     return root
 
@@ -158,3 +158,205 @@ def test_reversible_training_runs_the_coupling_networks_in_tiles(tmp_path, monke
     assert tile_sides and set(tile_sides) == {1}
     _, payload = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert payload["config"]["reversible"] is True
+
+
+def _one_line_error(capsys, argv, status, names):
+    """Run ``argv``, expect ``status`` and one line on stderr containing each of ``names``; returns it."""
+    capsys.readouterr()
+    assert main(argv) == status
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "error" in err[0] and all(name in err[0] for name in names), err[0]
+    return err[0]
+
+
+def _usage_error(capsys, argv, names):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(name in err[0] for name in names), err
+
+
+def test_samples_that_come_out_nan_exit_1_and_write_nothing(digits_run, tmp_path, capsys, monkeypatch):
+    from fastflow.models import FlowModel
+
+    real = FlowModel.sample
+
+    def partly_nan(self, n, temperature=0.7, y=None):
+        x = real(self, n, temperature=temperature)
+        x[:4, 0, 0, 0] = float("nan")
+        return x
+
+    monkeypatch.setattr(FlowModel, "sample", partly_nan)
+    out = tmp_path / "grid.png"
+    argv = ["sample", str(digits_run / "checkpoint.pt"), "--n", "8", "--temperature", "2", "--out", str(out)]
+    line = _one_line_error(capsys, argv, 1, ["4 of 8 samples", "NaN", "grid.png", "--temperature below 2"])
+    assert "nothing was written" in line and not out.exists()
+
+
+def test_a_checkpoint_with_a_nan_weight_is_refused(digits_run, tmp_path, capsys):
+    import torch
+
+    payload = torch.load(digits_run / "checkpoint.pt", weights_only=True)
+    name = next(k for k, v in payload["state_dict"].items() if v.is_floating_point())
+    payload["state_dict"][name] = torch.full_like(payload["state_dict"][name], float("nan"))
+    torch.save(payload, tmp_path / "nan.pt")
+    argv = ["sample", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "g.png")]
+    _one_line_error(capsys, argv, 2, ["nan.pt", "NaN/Inf", name])
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_flags_out_of_range_are_one_line_usage_errors(digits_run, tmp_path, capsys):
+    ckpt = str(digits_run / "checkpoint.pt")
+    for value in ("nan", "inf", "-1", "0"):
+        _usage_error(capsys, ["sample", ckpt, "--temperature", value], ["--temperature", "finite number > 0", value])
+    out = ["--out", str(tmp_path / "run")]
+    _usage_error(capsys, ["train", *TINY, "--temperature", "nan", *out], ["--temperature"])
+    _usage_error(capsys, ["train", *TINY, "--lr", "-0.1", *out], ["--lr", "> 0"])
+    _usage_error(capsys, ["train", *TINY, "--clip", "nan", *out], ["--clip", ">= 0"])
+    _usage_error(capsys, ["train", *TINY, "--batch", "0", *out], ["--batch", "integer >= 1"])
+    _usage_error(capsys, ["sample", ckpt, "--out", str(tmp_path / "grid.gif")], ["grid.gif", ".jpg"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_jpg_writes_a_jpeg(digits_run, tmp_path):
+    ckpt = str(digits_run / "checkpoint.pt")
+    assert main(["sample", ckpt, "--n", "4", "--out", str(tmp_path / "grid.jpg")]) == 0
+    assert (tmp_path / "grid.jpg").read_bytes()[:2] == b"\xff\xd8"
+    assert Image.open(tmp_path / "grid.jpg").format == "JPEG"
+    assert main(["interpolate", ckpt, "digits:0", "digits:1", "--steps", "3", "--out", str(tmp_path / "i.JPEG")]) == 0
+    assert Image.open(tmp_path / "i.JPEG").format == "JPEG"
+
+
+def test_training_divergence_is_one_line_naming_the_step(tmp_path, capsys, monkeypatch):
+    import fastflow.train as train_module
+
+    real = train_module.batch_at_step
+
+    def fetch(source, step, *args, **kwargs):
+        if step == 2:
+            raise FloatingPointError("non-finite output at blocks.0.layers.1 (FlowStep)")
+        return real(source, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "batch_at_step", fetch)
+    argv = ["train", *TINY, "--lr", "10", "--quiet", "--out", str(tmp_path / "run")]
+    line = _one_line_error(capsys, argv, 1, ["diverged at step 3", "blocks.0.layers.1", "lower --lr", "--warmup"])
+    assert "Traceback" not in line
+
+
+def test_disk_full_is_one_line_naming_the_path(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import fastflow.train as train_module
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, f"cannot write {str(path)!r}: No space left on device")
+
+    monkeypatch.setattr(train_module, "save_checkpoint", full)
+    argv = ["train", *TINY, "--quiet", "--out", str(tmp_path / "run")]
+    _one_line_error(capsys, argv, 1, ["checkpoint.pt", "No space left"])
+
+
+def test_ctrl_c_saves_prints_the_resume_command_and_resume_finishes_the_run(tmp_path, capsys, monkeypatch):
+    import signal
+
+    import torch
+
+    import fastflow.train as train_module
+
+    full = tmp_path / "full"
+    assert main(["train", *TINY, "--seed", "3", "--out", str(full)]) == 0
+    real = train_module.batch_at_step
+
+    def fetch(source, step, *args, **kwargs):
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)
+        return real(source, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "batch_at_step", fetch)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", *TINY, "--seed", "3", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted at step 2; resume with: fastflow train --out {out} --resume" in err
+    assert load_checkpoint(out / "checkpoint.pt")[1]["extra"]["step"] == 2
+    monkeypatch.undo()
+    assert main(["train", "--out", str(out), "--resume"]) == 0  # every other flag comes from the checkpoint
+    resumed, payload = load_checkpoint(out / "checkpoint.pt")
+    assert payload["extra"]["step"] == 4 and payload["extra"]["train_config"]["seed"] == 3
+    reference = load_checkpoint(full / "checkpoint.pt")[0].state_dict()
+    for name, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_resume_restores_the_run_flags_and_refuses_contradictions(tmp_path, capsys):
+    out = tmp_path / "run"
+    run = ["--batch", "8", "--lr", "0.01", "--warmup", "3", "--clip", "5", "--seed", "2", "--iterations", "2"]
+    assert main(["train", *TINY, *run, "--out", str(out)]) == 0
+    ckpt = out / "checkpoint.pt"
+    line = _one_line_error(capsys, ["train", "--out", str(out), "--resume", "--lr", "0.1"], 2, ["--lr 0.1", "0.01"])
+    assert "--iterations" in line, "the error lists the flags that may change"
+    _one_line_error(capsys, ["train", "--out", str(out), "--resume", "--reversible"], 2, ["--reversible"])
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--lr", "0.01", "--iterations", "3", "--device", "cpu"]) == 0
+    config = load_checkpoint(ckpt)[1]["extra"]["train_config"]
+    assert {k: config[k] for k in ("batch", "lr", "warmup", "clip", "seed", "steps")} == {
+        "batch": 8, "lr": 0.01, "warmup": 3, "clip": 5.0, "seed": 2, "steps": 3,
+    }  # fmt: skip
+    progress = capsys.readouterr().err
+    assert "train 3/3 (100%)" in progress and "\r" not in progress, "the progress shows the global step"
+    before = ckpt.read_bytes()
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert "already at step 3 of 3" in capsys.readouterr().out
+    assert ckpt.read_bytes() == before
+
+
+def test_progress_in_a_log_is_bounded_and_quiet_prints_only_the_final_line(tmp_path, capsys):
+    assert main(["train", *TINY, "--iterations", "3", "--eval-every", "1", "--out", str(tmp_path / "a")]) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and len(captured.err.splitlines()) == 3
+    assert main(["train", *TINY, "--iterations", "3", "--quiet", "--out", str(tmp_path / "b")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.splitlines() == [
+        f"wrote {tmp_path / 'b' / 'checkpoint.pt'} and {tmp_path / 'b'}/samples-000003.png"
+    ]
+
+
+def test_settings_are_checked_before_the_first_step(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    _one_line_error(capsys, ["train", *TINY, "--out", str(blocker / "run")], 2, ["--out", "not a writable folder"])
+    out = ["--out", str(tmp_path / "run")]
+    _one_line_error(capsys, ["train", *TINY, "--tile-size", "2", *out], 2, ["--tile-size", "--reversible"])
+    _one_line_error(
+        capsys, ["train", *TINY, "--resolution", "12", "--levels", "3", *out], 2, ["divisible by 2**levels = 8"]
+    )
+    data = _folder(tmp_path / "mixed", [(8, 8), (16, 16)])
+    _one_line_error(capsys, ["train", *TINY, "--data", str(data), *out], 2, ["several sizes", "--resolution"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_without_resolution_uses_the_image_size_and_says_so(tmp_path, capsys):
+    data = _folder(tmp_path / "data", [(16, 16)] * 3)
+    assert (
+        main(["train", *TINY, "--levels", "1", "--iterations", "1", "--data", str(data), "--out", str(tmp_path / "r")])
+        == 0
+    )
+    assert f"--resolution 16: the shorter side of every image in {data}" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.pt")[0].image_shape == (3, 16, 16)
+
+
+def test_manipulate_with_the_classes_of_a_labelled_folder(rgb_run, tmp_path, capsys):
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    _folder(classes / "cats", [(8, 8)] * 3, seed=1)
+    _folder(classes / "dogs", [(8, 8)] * 2, seed=2)
+    ckpt, image = str(rgb_run / "run" / "checkpoint.pt"), str(rgb_run / "data" / "img0.png")
+    argv = ["manipulate", ckpt, image, "--data", str(classes), "--strengths", "-1", "1"]
+    assert main([*argv, "--label-from", "cats", "--label-to", "dogs", "--out", str(tmp_path / "m.png")]) == 0
+    assert main([*argv, "--label-from", "0", "--label-to", "1", "--out", str(tmp_path / "n.png")]) == 0
+    assert (tmp_path / "m.png").read_bytes() == (tmp_path / "n.png").read_bytes(), "a class by name or by index"
+    line = _one_line_error(capsys, [*argv, "--label-from", "cats", "--label-to", "birds"], 2, ["birds", "cats, dogs"])
+    assert "--label-to" in line

@@ -63,3 +63,8 @@ def test_digits_of_a_class():
     assert len(sevens) == int((labels == 7).sum()) > 0
     with pytest.raises(ValueError, match="digit label"):
         digits_of_class(10)
+
+
+def test_a_sixteen_bit_image_spec_keeps_its_grey_level(tmp_path):
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    assert torch.all(load_image_spec(str(tmp_path / "grey16.png"), (1, 8, 8), 4) == 2), "mid-grey, not white"

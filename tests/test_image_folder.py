@@ -1,4 +1,5 @@
-"""Image folders: resize + center-crop policy, channel counts, and errors that name the file."""
+"""Image folders: resize + center-crop policy, channel counts, 16-bit and EXIF-rotated images, hidden files, class
+sub-folders, and errors that name the file."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from fastflow.image_folder import list_images, load_image, load_image_folder
+from fastflow.image_folder import (
+    image_size,
+    list_classes,
+    list_images,
+    load_image,
+    load_image_folder,
+    load_labelled_folder,
+)
 
 
 def _save(path, array: np.ndarray, mode: str | None = None) -> None:
@@ -69,3 +77,52 @@ def test_folder_without_images_is_an_error(tmp_path):
         list_images(tmp_path)
     with pytest.raises(ValueError, match="is not a folder"):
         list_images(tmp_path / "missing")
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    assert Image.open(tmp_path / "ramp16.png").mode in ("I;16", "I")
+    pixels = load_image(tmp_path / "ramp16.png", 64)
+    assert pixels.shape == (1, 64, 64)
+    expected = torch.from_numpy((ramp / 257).round().astype(np.uint8))
+    assert (pixels[0].int() - expected.int()).abs().max() <= 1
+    assert float((pixels == 255).float().mean()) < 0.01, "a 0..65535 ramp must not be clipped at 255"
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    array = np.zeros((8, 16, 3), dtype=np.uint8)  # stored 16 wide, 8 high; the left half white
+    array[:, :8] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(array).save(tmp_path / "turned.jpg", exif=exif, quality=100)
+    assert image_size(tmp_path / "turned.jpg") == (8, 16)
+    image = load_image(tmp_path / "turned.jpg", 8)  # displayed 8 wide, 16 high: the white half is on top
+    top, bottom = image[:, :4].float().mean(), image[:, 4:].float().mean()
+    assert top > 200 and bottom < 50
+
+
+def test_hidden_files_are_skipped(tmp_path):
+    _save(tmp_path / "a.png", np.zeros((8, 8)))
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    (tmp_path / ".hidden.png").write_bytes(b"junk")
+    assert [p.name for p in list_images(tmp_path)] == ["a.png"]
+    assert load_image_folder(tmp_path, 8).shape == (1, 1, 8, 8)
+
+
+def test_a_folder_of_class_folders_is_labelled_data(tmp_path):
+    for name, count, value in (("dogs", 2, 200), ("cats", 3, 20)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            _save(tmp_path / name / f"{i}.png", np.full((8, 8, 3), value))
+    (tmp_path / ".git").mkdir()  # hidden: not a class
+    (tmp_path / "cats" / "._0.png").write_bytes(b"junk")
+    assert list_classes(tmp_path) == ["cats", "dogs"]
+    images, labels, classes = load_labelled_folder(tmp_path, 8)
+    assert classes == ["cats", "dogs"] and labels.tolist() == [0, 0, 0, 1, 1]
+    assert torch.all(images[labels == 0] == 20) and torch.all(images[labels == 1] == 200)
+    assert load_image_folder(tmp_path, 8).shape == (5, 3, 8, 8), "training reads every class"
+    assert list_classes(tmp_path / "cats") == [], "a folder of images is not labelled"
+    (tmp_path / "birds").mkdir()
+    with pytest.raises(ValueError, match="class folder .*birds' holds no"):
+        load_labelled_folder(tmp_path, 8)

@@ -11,7 +11,14 @@ import torch
 from fastflow.checkpoint import load_checkpoint
 from fastflow.data import TensorImages, batch_at_step
 from fastflow.models import Glow
-from fastflow.train import CHECKPOINT_NAME, TrainConfig, initialize_actnorm, train
+from fastflow.train import (
+    CHECKPOINT_NAME,
+    TrainConfig,
+    TrainingDiverged,
+    TrainingInterrupted,
+    initialize_actnorm,
+    train,
+)
 
 N_BINS = 17
 
@@ -79,7 +86,7 @@ def test_a_run_killed_while_writing_keeps_the_previous_checkpoint(tmp_path, monk
 
     _, payload = load_checkpoint(out / CHECKPOINT_NAME)
     assert payload["extra"]["step"] == 2
-    assert not [name for name in os.listdir(out) if name.startswith(".ckpt-")], "temporary file left behind"
+    assert not [name for name in os.listdir(out) if name.startswith(".")], "temporary file left behind"
     rest = train(_model(seed=1), _data(), _config(out, 6, save_every=2), resume=True)
     torch.testing.assert_close(torch.tensor(rest), torch.tensor(full[2:]), rtol=1e-6, atol=1e-6)
 
@@ -124,3 +131,109 @@ def test_actnorm_initialisation_runs_once_on_the_given_batch():
 def test_data_of_the_wrong_shape_is_refused():
     with pytest.raises(ValueError, match=r"shape \(1, 8, 8\).*\(1, 4, 4\)"):
         train(_model(), torch.zeros(4, 1, 8, 8, dtype=torch.long), TrainConfig(steps=1, progress=False))
+
+
+def _interrupt_at(monkeypatch, at_step: int) -> None:
+    """Send ourselves SIGINT (Ctrl-C) while the loop fetches the batch of 0-based step ``at_step``."""
+    import signal
+
+    import fastflow.train as train_module
+
+    real = train_module.batch_at_step
+
+    def fetch(source, step, *args, **kwargs):
+        if step == at_step:
+            signal.raise_signal(signal.SIGINT)
+        return real(source, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "batch_at_step", fetch)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes_to_the_same_curve(tmp_path, monkeypatch, capsys):
+    full = train(_model(), _data(), _config(tmp_path / "full", 6))
+    out = tmp_path / "run"
+    _interrupt_at(monkeypatch, 2)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(_model(), _data(), _config(out, 6, save_every=5))
+    assert info.value.step == 3 and info.value.checkpoint == str(out / CHECKPOINT_NAME)
+    assert isinstance(info.value, KeyboardInterrupt)
+    assert load_checkpoint(out / CHECKPOINT_NAME)[1]["extra"]["step"] == 3
+    assert "Ctrl-C again" in capsys.readouterr().err
+    monkeypatch.undo()
+    rest = train(_model(seed=1), _data(), _config(out, 6, save_every=5), resume=True)
+    assert len(rest) == 3
+    torch.testing.assert_close(torch.tensor(rest), torch.tensor(full[3:]), rtol=1e-6, atol=1e-6)
+
+
+def test_a_non_finite_loss_names_the_global_step(tmp_path, monkeypatch):
+    import fastflow.train as train_module
+
+    real, model = train_module.batch_at_step, _model()
+
+    def poisoned(source, step, *args, **kwargs):
+        if step == 4:  # as if the update of step 4 had blown a weight up
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return real(source, step, *args, **kwargs)
+
+    train(_model(), _data(), _config(tmp_path, 3))
+    monkeypatch.setattr(train_module, "batch_at_step", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step 5 \(non-finite") as info:
+        train(model, _data(), _config(tmp_path, 6), resume=True)
+    assert info.value.step == 5 and isinstance(info.value, FloatingPointError)
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1]["extra"]["step"] == 3, "the last checkpoint survives"
+
+
+def test_resume_refuses_other_run_settings(tmp_path):
+    train(_model(), _data(), _config(tmp_path, 2))
+    with pytest.raises(ValueError, match=r"lr=0.5 \(checkpoint: 0.01\), batch|batch=4 \(checkpoint: 8\), .*lr=0.5"):
+        train(_model(), _data(), TrainConfig(steps=4, batch=4, lr=0.5, warmup=2, out=str(tmp_path)), resume=True)
+
+
+@pytest.mark.parametrize("bad", [{"lr": float("nan")}, {"clip": float("inf")}, {"temperature": float("nan")}])
+def test_non_finite_settings_are_refused(bad):
+    with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a finite number"):
+        TrainConfig(**bad)
+
+
+def test_progress_in_a_log_is_plain_lines_with_global_steps(tmp_path, capsys):
+    train(_model(), _data(), _config(tmp_path, 2))
+    capsys.readouterr()
+    config = TrainConfig(steps=5, batch=8, lr=1e-2, warmup=2, out=str(tmp_path), samples=4)
+    train(_model(), _data(), config, resume=True)  # progress=True, stderr captured: not a terminal
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["train 3/5", "train 4/5", "train 5/5"]
+    assert all("steps/s" in line and "bits/dim" in line for line in lines)
+
+
+def test_progress_lines_are_few_whatever_the_run_length():
+    import io
+
+    from fastflow.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress(1000, initial=0, stream=stream)
+    for step in range(1, 1001):
+        progress.update(step, "loss 1.0")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 20 and lines[0].startswith("train 50/1000 (5%)") and "\r" not in stream.getvalue()
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar_at_the_global_step():
+    import io
+
+    from fastflow.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress(300, initial=100, stream=stream, bar=True)
+    progress.update(101, "loss 1.0")
+    progress.close()
+    assert "101/300" in stream.getvalue() and "\r" in stream.getvalue()
+
+
+def test_quiet_prints_nothing(tmp_path, capsys):
+    train(_model(), _data(), _config(tmp_path, 4, eval_every=2, quiet=True), heldout=_data()[:8])
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
