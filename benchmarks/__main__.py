@@ -3,7 +3,8 @@
 Cases: ``coupling`` (the coupling op), ``actnorm_invconv`` (ActNorm + 1x1 conv), ``flowstep`` (one Glow
 step), ``train_depth`` (a Glow training step over depth K, standard vs reversible, time and peak memory),
 ``train_resolution`` (a Glow training step at growing resolution for standard, per-step checkpointing,
-reversible and reversible+tiled; on CUDA also the largest batch that fits at 256 and 1024 pixels). Each
+reversible and reversible+tiled; on CUDA also the largest batch that fits at 256 and 1024 pixels), ``census``
+(launches and bytes per pixel of one FlowStep and one training step, :mod:`benchmarks.census`). Each
 timed case checks the fused result against eager first and refuses to report a speed for a wrong answer.
 """
 
@@ -18,11 +19,11 @@ from typing import Any
 
 import torch
 
-from benchmarks import bench_actnorm_invconv, bench_coupling, bench_flowstep, train_step
+from benchmarks import bench_actnorm_invconv, bench_coupling, bench_flowstep, census, train_step
 from benchmarks.common import copy_bandwidth_gbs, device_slug, environment, markdown_table, write_results
 from benchmarks.plot import plot_results
 
-CASES = ("coupling", "actnorm_invconv", "flowstep", "train_depth", "train_resolution")
+CASES = ("coupling", "actnorm_invconv", "flowstep", "train_depth", "train_resolution", "census")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,6 +44,8 @@ def _run_case(
         return bench_flowstep.run(device, dtype, quick)
     if name == "train_depth":
         return train_step.depth_sweep(device, quick)
+    if name == "census":
+        return census.census_rows(device)
     rows = train_step.resolution_sweep(device, quick, resolutions)
     if device.type == "cuda" and not quick:
         for resolution, levels in ((256, 6), (1024, 8)):

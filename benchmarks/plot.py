@@ -16,7 +16,7 @@ def plot_results(results: dict[str, list[dict[str, Any]]], path: str, device: st
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    speed_cases = [c for c in results if not c.startswith("train_") and results[c]]
+    speed_cases = [c for c in results if any("speedup_vs_eager" in r for r in results[c])]
     panels = len(speed_cases) + (1 if results.get("train_depth") else 0)
     if panels == 0:
         return None

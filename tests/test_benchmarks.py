@@ -75,3 +75,16 @@ def test_threshold_note_names_the_channels_timed():
 
     note = _threshold_note(_rows({48: [2.0], 96: [1.5]}))
     assert "supported by this run: 96" in note and "C timed: [48, 96]" in note and "not timed: [6, 12, 24, 128]" in note
+
+
+def test_census_counts_launches_and_bytes_per_pixel():
+    """The census of issue 13: reversible backprop launches more in backward (it recomputes each layer) and
+    the same in forward; every row counts something."""
+    from benchmarks.census import census_rows
+
+    rows = {(r["case"], r["mode"]): r for r in census_rows(torch.device("cpu"))}
+    assert len(rows) == 4
+    for (case, _), row in rows.items():
+        assert row["forward_launches"] > 0 and row["backward_values_per_pixel"] > 0
+        assert rows[case, "reversible"]["forward_launches"] == rows[case, "eager"]["forward_launches"]
+        assert rows[case, "reversible"]["backward_launches"] > rows[case, "eager"]["backward_launches"]
