@@ -34,6 +34,7 @@ from fastflow.data import (
     split_heldout,
 )
 from fastflow.image_folder import image_size, list_classes, list_images, load_image_folder, load_labelled_folder
+from fastflow.images import IMAGE_FORMATS
 from fastflow.latent import attribute_direction, interpolate, manipulate
 from fastflow.models import FlowModel, Glow
 from fastflow.train import (
@@ -49,7 +50,7 @@ __all__ = ["main"]
 
 DEFAULT_N_BITS = 5
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
-OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg")  # the image format of --out follows its extension
+OUTPUT_SUFFIXES = tuple(IMAGE_FORMATS)  # the image format of --out follows its extension
 # Defaults of the train flags. Their argparse default is None, so that a flag the user gave can be told apart
 # from a default: --resume takes every flag not given from the checkpoint, and a given one that contradicts
 # the checkpoint is an error unless it is in RESUME_OVERRIDES (--device and --quiet are never stored).

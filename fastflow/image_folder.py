@@ -143,8 +143,14 @@ def load_image(path: str | os.PathLike[str], resolution: int, channels: int | No
 def load_image_folder(folder: str | os.PathLike[str], resolution: int, channels: int | None = None) -> torch.Tensor:
     """Every image in ``folder`` as uint8 ``(N, C, resolution, resolution)``; ``channels`` defaults to that of
     the first image."""
+    return _load_images(list_images(folder), resolution, channels)
+
+
+def _load_images(files: list[Path], resolution: int, channels: int | None) -> torch.Tensor:
+    """``files`` stacked as uint8 ``(N, C, resolution, resolution)``, all with the first one's channels
+    unless ``channels`` is given."""
     images = []
-    for path in list_images(folder):
+    for path in files:
         images.append(load_image(path, resolution, channels))
         channels = images[0].shape[0]
     return torch.stack(images)
@@ -156,8 +162,4 @@ def load_labelled_folder(
     """``(images uint8 (N, C, resolution, resolution), labels int64 (N,), class names)`` of a labelled
     ``folder`` (see the module docstring); ``channels`` defaults to that of the first image."""
     files, labels, classes = list_labelled_images(folder)
-    images = []
-    for path in files:
-        images.append(load_image(path, resolution, channels))
-        channels = images[0].shape[0]
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes
+    return _load_images(files, resolution, channels), torch.tensor(labels, dtype=torch.int64), classes

@@ -363,8 +363,8 @@ def train(
                     progress.write(line)
                 elif not config.quiet:
                     print(line, flush=True)
-            if main and config.out is not None and (_due(done, config.save_every, last) or stop):
-                due = _due(done, config.save_every, last)
+            due = _due(done, config.save_every, last)
+            if main and config.out is not None and (due or stop):
                 _write_outputs(config.out, model, optimizer, scaler, config, done, heldout_bpd, extra, samples=due)
             if progress is not None:
                 recent = history[-50:]

@@ -415,7 +415,8 @@ def _glow_launch_ints(kernel: Any) -> dict[str, int]:
     inputs, runs = _prepare(inputs)
     values = _launch_args(inputs, runs) + ([1] if kernel is coupling_bwd_kernel else [])  # gl_sb
     names = [n for n in kernel.arg_names if not n.endswith("_ptr") and n not in _CONSTEXPRS]
-    return dict(zip(names, values, strict=True))
+    assert len(names) == len(values), (names, values)
+    return dict(zip(names, values))
 
 
 def aot_specs() -> list[AotSpec]:
@@ -433,6 +434,7 @@ def aot_specs() -> list[AotSpec]:
         ("bf16", "i32", {"NDIM": 2, "ROWS": 64, "BLOCK": 16}, (False, True), False),
         ("fp64", "i32", {"NDIM": 1, "ROWS": TILE, "BLOCK": 1}, (False,), False),
     )
+    glow_ints = {kernel: _glow_launch_ints(kernel) for kernel in (coupling_fwd_kernel, coupling_bwd_kernel)}
     specs = []
     for elem, int_type, tile, flags, glow_launch in variants:
         for scale in (SIGMOID, EXP, ADDITIVE):
@@ -440,6 +442,6 @@ def aot_specs() -> list[AotSpec]:
                 for kernel, flag_name in ((coupling_fwd_kernel, "INVERSE"), (coupling_bwd_kernel, "REBUILD")):
                     constexprs = {**tile, "SCALE": scale, flag_name: flag}
                     signature = _signature(kernel, elem, int_type)
-                    ints = _glow_launch_ints(kernel) if glow_launch else None
+                    ints = glow_ints[kernel] if glow_launch else None
                     specs.append(AotSpec(kernel, signature, constexprs, NUM_WARPS, elem != "fp64", ints))
     return specs

@@ -75,16 +75,9 @@ def widest_global_load(sass: str) -> int:
     return max((next((widths[p] for p in parts if p in widths), 32) for parts in loads), default=0)
 
 
-def sass_of(cubin: bytes, cuobjdump: str) -> str:
-    """The SASS listing of ``cubin`` (``cuobjdump -sass``)."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-
-
-def registers_and_spills(cubin: bytes, cuobjdump: str) -> tuple[int, int]:
-    """``(registers per thread, local-memory instructions)`` of the one kernel in ``cubin``.
+def resource_usage(cubin: bytes, cuobjdump: str) -> tuple[int, int, int]:
+    """``(registers per thread, local-memory instructions, widest global load in bits)`` of the one kernel in
+    ``cubin``, from ``cuobjdump -res-usage`` and ``-sass``.
 
     The kernels hold no local arrays and make no calls, so every ``STL`` / ``LDL`` in the SASS is a register
     spill or its reload (a reserved but unused stack frame, which ptxas sometimes leaves, costs nothing).
@@ -97,7 +90,8 @@ def registers_and_spills(cubin: bytes, cuobjdump: str) -> tuple[int, int]:
     match = re.search(r"REG:(\d+)", usage.stdout)
     if match is None:
         raise RuntimeError(f"no resource usage in cuobjdump output: {usage.stdout[:500]}")
-    return int(match.group(1)), len(re.findall(r"\b(?:STL|LDL)\b", sass.stdout))
+    spill_ops = len(re.findall(r"\b(?:STL|LDL)\b", sass.stdout))
+    return int(match.group(1)), spill_ops, widest_global_load(sass.stdout)
 
 
 REGISTER_CEILING = 255
@@ -131,12 +125,12 @@ def main(argv: list[str]) -> int:
                 count += 1
                 if cuobjdump is None or not spec.spill_free:
                     continue
-                registers, spill_ops = registers_and_spills(cubin, cuobjdump)
+                registers, spill_ops, load_bits = resource_usage(cubin, cuobjdump)
                 pointers = sorted({t for t in spec.signature.values() if t.startswith("*")})
                 launch = "real launch" if spec.int_args else "pointers aligned"
                 line = (
                     f"{name} sm_{cc} {pointers} warps={spec.num_warps} {spec.constexprs} ({launch}): "
-                    f"{registers} registers, loads up to {widest_global_load(sass_of(cubin, cuobjdump))} bits"
+                    f"{registers} registers, loads up to {load_bits} bits"
                 )
                 print(line + (f", {spill_ops} local-memory instructions" if spill_ops else ""))
                 if spills_under_pressure(registers, spill_ops):

@@ -54,7 +54,8 @@ def test_glow_coupling_launch_compiles_as_launched_with_128_bit_loads() -> None:
             "for spec in coupling.aot_specs()[:2]:",
             "    assert spec.int_args, spec",
             "    cubin = a.compile_spec(spec, 90)",
-            "    print(a.registers_and_spills(cubin, tool)[0], a.widest_global_load(a.sass_of(cubin, tool)))",
+            "    registers, _, load_bits = a.resource_usage(cubin, tool)",
+            "    print(registers, load_bits)",
         ]
     )
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").is_file():
