@@ -86,6 +86,19 @@ def _earlier_results(path: str, device: str) -> dict[str, list[dict[str, Any]]]:
     return earlier["results"] if earlier.get("environment", {}).get("device") == device else {}
 
 
+def _write(
+    results: dict[str, list[dict[str, Any]]], env: dict[str, Any], quick: bool, out: str, slug: str
+) -> list[str]:
+    """Write ``<slug>.json``, ``.md`` and ``.png`` under ``out`` from every case in ``results``."""
+    tables = {case: _table(rows) for case, rows in results.items()}
+    if "actnorm_invconv" in results:
+        tables["actnorm_invconv"] += _threshold_note(results["actnorm_invconv"])
+    payload = {"environment": env, "quick": quick, "results": results}
+    json_path, md_path = write_results(payload, tables, out, slug)
+    png_path = plot_results(results, f"{out}/{slug}.png", env["device"])
+    return [json_path, md_path] + ([png_path] if png_path else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
@@ -141,15 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             rows = sorted(earlier + rows, key=lambda r: ("largest_batch" in r, r["resolution"]))  # stable: mode
         results[case] = rows
         print(f"\n## {case} ({time.perf_counter() - start:.0f} s)\n\n{_table(results[case])}", flush=True)
-    tables = {case: _table(rows) for case, rows in results.items()}
+        # Written after every case: a time limit loses only the case in hand.
+        paths = _write(results, env, args.quick, args.out, slug)
     if "actnorm_invconv" in results:
-        note = _threshold_note(results["actnorm_invconv"])
-        tables["actnorm_invconv"] += note
-        print(note)
-    payload = {"environment": env, "quick": args.quick, "results": results}
-    json_path, md_path = write_results(payload, tables, args.out, slug)
-    png_path = plot_results(results, f"{args.out}/{slug}.png", env["device"])
-    print(f"\nwrote {json_path}, {md_path}" + (f", {png_path}" if png_path else ""))
+        print(_threshold_note(results["actnorm_invconv"]))
+    print("\nwrote " + ", ".join(paths))
     return 0
 
 
