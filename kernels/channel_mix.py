@@ -59,6 +59,10 @@ configuration of :func:`aot_specs` with the installed Triton (``make aot-old-tri
 gradient checks, not speed) is only required to compile. Not timed yet: a GPU benchmark may move them.
 Under Triton's CPU interpreter (tests) the ``tl.dot`` operands are multiplied as float32 copies
 (``DOT_FP32``): the interpreter's dot reads bfloat16 bits as integers.
+
+The launchers take a ``wrap_triton`` callable applied to each kernel before its launch: the identity by
+default, ``torch.library.wrap_triton`` when :mod:`fastflow.ops.channel_mix` registers them as
+``torch.library.triton_op`` (so ``torch.compile`` traces the launch).
 """
 
 # Triton types @triton.jit arguments at launch; Python annotations on them would change their meaning.
@@ -66,6 +70,7 @@ Under Triton's CPU interpreter (tests) the ``tl.dot`` operands are multiplied as
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -324,13 +329,23 @@ def _output_pixels(out: torch.Tensor, block_p: int, name: str) -> torch.Tensor:
     return out3
 
 
+def _launch_directly(kernel: Any) -> Any:
+    """The default ``wrap_triton`` of the launchers: launch the kernel itself."""
+    return kernel
+
+
 def channel_mix_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    wrap_triton: Callable[[Any], Any] = _launch_directly,
 ) -> torch.Tensor:
     """Launch the forward kernel: ``out[b, :, h, w] = weight @ x[b, :, h, w] + bias``; returns ``out``.
 
     ``x`` ``(B, C_in, H, W)`` and ``out`` ``(B, C_out, H, W)`` with any strides, ``weight`` ``(C_out, C_in)``
     of any float dtype, ``bias`` ``(C_out,)`` or ``None`` (made contiguous: ``C_out`` elements).
+    ``wrap_triton`` is applied to the kernel before its launch (see the module docstring).
     """
     batch, c_in, height, width = x.shape
     c_out = weight.shape[0]
@@ -341,7 +356,9 @@ def channel_mix_forward(
     n_pblocks = triton.cdiv(hw, params["BLOCK_P"])
     x3, sxb, sxc, sxp = _pixels(x, params["BLOCK_P"], "x")
     y3 = _output_pixels(out, params["BLOCK_P"], "out")
-    channel_mix_fwd_kernel[(batch * n_pblocks,)](
+    # without a bias, b_ptr gets an input, never another output: a traced launch (wrap_triton) may take every
+    # pointer as written
+    wrap_triton(channel_mix_fwd_kernel)[(batch * n_pblocks,)](
         x3,
         weight,
         x3 if bias is None else bias.contiguous(),
@@ -374,13 +391,18 @@ def _backward_programs(x: torch.Tensor, n_tiles: int, n_ci_blocks: int, c_in: in
 
 
 def channel_mix_backward(
-    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    grad_x: torch.Tensor,
+    wrap_triton: Callable[[Any], Any] = _launch_directly,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernel; returns ``(grad_x, grad_weight, grad_bias)``.
 
     ``grad_x`` (the caller's output buffer, shaped like ``x`` with mergeable H and W) receives
     ``weight^T @ grad_y`` per pixel. ``grad_weight`` ``(C_out, C_in)`` and ``grad_bias`` ``(C_out,)`` come
     back in float32 (float64 for float64 ``x``): the caller casts them to the parameters' dtypes.
+    ``wrap_triton`` is applied to the kernel before its launch (see the module docstring).
     """
     batch, c_in, height, width = x.shape
     c_out = weight.shape[0]
@@ -399,7 +421,7 @@ def channel_mix_backward(
     x3, sxb, sxc, sxp = _pixels(x, params["BLOCK_P"], "x")
     gy3, sgb, sgc, sgp = _pixels(grad_y, params["BLOCK_P"], "grad_y")
     gx3 = _output_pixels(grad_x, params["BLOCK_P"], "grad_x")
-    channel_mix_bwd_kernel[(n_ci_blocks, n_prog)](
+    wrap_triton(channel_mix_bwd_kernel)[(n_ci_blocks, n_prog)](
         x3,
         gy3,
         weight,

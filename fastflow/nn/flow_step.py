@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 import torch
 
 from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.base import check_image
 from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling
-from fastflow.nn.invconv import InvConv1x1, exact_dtype
+from fastflow.nn.invconv import InvConv1x1, exact_dtype, stack_tensors, stacked_weights, unstack_tensor
 from fastflow.nn.reversible import recompute_backward
 from fastflow.nn.sequential import FlowSequential
-from fastflow.ops.actnorm_invconv import actnorm_invconv, actnorm_invconv_inverse
+from fastflow.ops.actnorm_invconv import (
+    FoldedMix,
+    actnorm_invconv,
+    actnorm_invconv_inverse,
+    actnorm_is_folded,
+    fold_actnorm,
+    fold_actnorm_inverse,
+)
 from fastflow.ops.coupling import ScaleKind
 
-__all__ = ["FlowStep", "CouplingKind"]
+__all__ = ["FlowStep", "CouplingKind", "StepWeights"]
 
 CouplingKind = Literal["affine", "additive"]
+
+
+class StepWeights(NamedTuple):
+    """The ``C x C`` side of a step's ActNorm + 1x1 convolution in one direction: ``weight`` is ``W`` (forward)
+    or ``W^-1`` (inverse), ``weight_logdet`` is ``log|det W|`` (a scalar) and ``folded`` ActNorm folded into
+    them on the backends that fold (:func:`~fastflow.ops.actnorm_invconv.actnorm_is_folded`), else None."""
+
+    weight: torch.Tensor
+    weight_logdet: torch.Tensor
+    folded: FoldedMix | None
 
 
 class FlowStep(FlowSequential):
@@ -26,7 +44,9 @@ class FlowStep(FlowSequential):
     ActNorm and the 1x1 convolution run as one op (:mod:`fastflow.ops.actnorm_invconv`): on the Triton
     backends ActNorm is folded into the mixing weight and the pair is one pass over memory; on the eager
     backend it is ActNorm then the convolution. The parameters, ``state_dict`` and outputs are those of the
-    three layers run in sequence.
+    three layers run in sequence. The parameter-only ``C x C`` work (the LU weight or its inverse, the log-det,
+    the fold) runs once for all the steps of a :class:`~fastflow.nn.FlowSequential` (a Glow level), batched
+    (:meth:`batched_weights`); a step on its own, or in reversible training, does its own.
     """
 
     def __init__(
@@ -60,36 +80,85 @@ class FlowStep(FlowSequential):
         """The step's coupling layer."""
         return self.layers[2]  # type: ignore[return-value]
 
-    def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ActNorm then the 1x1 convolution, as one op."""
-        actnorm, invconv = self.actnorm, self.invconv
-        actnorm.initialize_once(x)
-        with exact_dtype(x):
-            weight, weight_logdet = invconv.weight_and_logdet()
-            return actnorm_invconv(x, actnorm.bias, actnorm.logs, weight, weight_logdet)
+    @staticmethod
+    def batched_weights(steps: Sequence[FlowStep], x: torch.Tensor, inverse: bool = False) -> list[StepWeights | None]:
+        """The :class:`StepWeights` of every step in ``steps`` (a level), computed together: the steps'
+        parameters are stacked and the LU assembly (or the solves of the inverse), the log-dets and the
+        ActNorm fold run once for all of them, one launch per operation instead of one per step. Gradients
+        reach each step's parameters as if it had computed its own.
 
-    def _unmix(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ``x`` is the level's input (it picks the backend, so whether to fold). Steps are batched in groups
+        of one channel count, ``lu`` setting, dtype and device. An entry is None where the step computes its
+        own weights, all in the forward direction: while some ActNorm of the level still has to initialise
+        from this batch (its data-dependent init runs inside the step, on the step's input, and the fold needs
+        the initialised parameters), and for a step that trains reversibly itself (its layers run one by
+        one).
+        """
+        if not inverse and any(step.actnorm.training and not step.actnorm.is_initialized for step in steps):
+            return [None] * len(steps)
+        groups: dict[tuple, list[int]] = {}
+        for i, step in enumerate(steps):
+            if inverse or not (step.reversible and torch.is_grad_enabled()):
+                logs = step.actnorm.logs
+                key = (step.actnorm.num_channels, step.invconv.lu, logs.dtype, logs.device)
+                groups.setdefault(key, []).append(i)
+        weights: list[StepWeights | None] = [None] * len(steps)
+        for indices in groups.values():
+            group = [steps[i] for i in indices]
+            for i, step_weights in zip(indices, FlowStep._compute_weights(group, x, inverse)):
+                weights[i] = step_weights
+        return weights
+
+    @staticmethod
+    def _compute_weights(steps: Sequence[FlowStep], x: torch.Tensor, inverse: bool) -> list[StepWeights]:
+        """:meth:`batched_weights` for steps of one configuration whose ActNorms are ready."""
+        with exact_dtype(x):
+            weight, weight_logdet = stacked_weights([step.invconv for step in steps], inverse)
+            if not actnorm_is_folded(x):
+                return [
+                    StepWeights(w, ld, None) for w, ld in zip(unstack_tensor(weight), unstack_tensor(weight_logdet))
+                ]
+            bias = stack_tensors([step.actnorm.bias.reshape(-1) for step in steps])
+            logs = stack_tensors([step.actnorm.logs.reshape(-1) for step in steps])
+            fold = fold_actnorm_inverse if inverse else fold_actnorm
+            folded = fold(bias, logs, weight, weight_logdet)
+            per_step = zip(unstack_tensor(weight), unstack_tensor(weight_logdet), *map(unstack_tensor, folded))
+            return [StepWeights(w, ld, FoldedMix(fw, fb, fld)) for w, ld, fw, fb, fld in per_step]
+
+    def _mix(self, x: torch.Tensor, weights: StepWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ActNorm then the 1x1 convolution, as one op; ``weights`` from the level, or computed here."""
+        actnorm = self.actnorm
+        actnorm.initialize_once(x)
+        if weights is None:
+            (weights,) = self._compute_weights([self], x, inverse=False)
+        with exact_dtype(x):
+            return actnorm_invconv(x, actnorm.bias, actnorm.logs, weights.weight, weights.weight_logdet, weights.folded)
+
+    def _unmix(self, y: torch.Tensor, weights: StepWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Inverse of :meth:`_mix`."""
-        actnorm, invconv = self.actnorm, self.invconv
+        actnorm = self.actnorm
+        if weights is None:
+            (weights,) = self._compute_weights([self], y, inverse=True)
         with exact_dtype(y):
             return actnorm_invconv_inverse(
-                y, actnorm.bias, actnorm.logs, invconv.inverse_weight(), invconv.weight_logdet()
+                y, actnorm.bias, actnorm.logs, weights.weight, weights.weight_logdet, weights.folded
             )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(y, logdet)`` of the three layers in sequence."""
+    def forward(self, x: torch.Tensor, weights: StepWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, logdet)`` of the three layers in sequence; ``weights`` are the step's share of its level's
+        :meth:`batched_weights` (computed here when None)."""
         check_image("x", x, self.actnorm.num_channels)
         if self.reversible and torch.is_grad_enabled():
             return super().forward(x)
-        h, mix_logdet = self._mix(x)
+        h, mix_logdet = self._mix(x, weights)
         y, coupling_logdet = self.coupling(h)
         return y, mix_logdet + coupling_logdet
 
-    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, logdet)`` of the inverse, coupling first."""
+    def inverse(self, y: torch.Tensor, weights: StepWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, logdet)`` of the inverse, coupling first; ``weights`` as in :meth:`forward`, inverse direction."""
         check_image("y", y, self.actnorm.num_channels)
         h, coupling_logdet = self.coupling.inverse(y)
-        x, mix_logdet = self._unmix(h)
+        x, mix_logdet = self._unmix(h, weights)
         return x, mix_logdet + coupling_logdet
 
     def backward_from_output(

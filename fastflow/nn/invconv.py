@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -10,7 +12,7 @@ from fastflow.ops._checks import logdet_dtype
 from fastflow.ops.channel_mix import channel_mix
 from fastflow.ops.invconv import dense_inverse_weight, lu_inverse_weight, lu_weight_and_logdet
 
-__all__ = ["InvConv1x1", "exact_dtype"]
+__all__ = ["InvConv1x1", "exact_dtype", "stack_tensors", "stacked_weights", "unstack_tensor"]
 
 
 def exact_dtype(x: torch.Tensor) -> torch.autocast:
@@ -83,3 +85,34 @@ class InvConv1x1(FlowLayer):
         check_image("y", y, self.num_channels)
         with exact_dtype(y):
             return channel_mix(y, self.inverse_weight()), -self._layer_logdet(self.weight_logdet(), y)
+
+
+def stack_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)``; for one tensor a view with a leading dimension of 1 (no copy, no launch)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def unstack_tensor(stacked: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``stacked.unbind(0)``, whose backward stacks the gradients (one launch); for a leading dimension of 1
+    a view whose backward is a view too."""
+    return (stacked.squeeze(0),) if stacked.shape[0] == 1 else stacked.unbind(0)
+
+
+def stacked_weights(convs: Sequence[InvConv1x1], inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W, log|det W|)`` of ``K`` convolutions at once: ``(K, C, C)`` weights (``W^-1`` for ``inverse``)
+    and ``(K,)`` log-dets (of ``W`` in both directions), from their stacked parameters in one batched
+    computation (one launch per operation instead of one per convolution), equal to each one's
+    :meth:`~InvConv1x1.weight_and_logdet` / :meth:`~InvConv1x1.inverse_weight`. Gradients reach every
+    convolution's parameters. The convolutions must agree on ``num_channels`` and ``lu``.
+    """
+    if len({(conv.num_channels, conv.lu) for conv in convs}) != 1:
+        raise ValueError("stacked_weights needs convolutions of one num_channels and lu setting")
+    if convs[0].lu:
+        names = ("perm", "lower", "upper", "sign_s", "log_s")
+        perm, lower, upper, sign_s, log_s = (stack_tensors([getattr(conv, name) for conv in convs]) for name in names)
+        if inverse:
+            return lu_inverse_weight(perm, lower, upper, sign_s, log_s), log_s.sum(-1)
+        return lu_weight_and_logdet(perm, lower, upper, sign_s, log_s)
+    weight = stack_tensors([conv.weight for conv in convs])
+    logdet = torch.linalg.slogdet(weight)[1]
+    return (dense_inverse_weight(weight) if inverse else weight), logdet

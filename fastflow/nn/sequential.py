@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -19,6 +22,12 @@ class FlowSequential(FlowLayer):
     backward. Same parameters, outputs and gradients (within ``max_drift``) as standard backprop. Like
     reentrant checkpointing, parameter gradients reach ``.grad`` through ``backward()`` and
     ``torch.autograd.grad`` w.r.t. the parameters.
+
+    Layers that share parameter-only work (the ``C x C`` weights of :class:`~fastflow.nn.FlowStep`) define a
+    static ``batched_weights(layers, x, inverse)`` returning one entry per layer, and take theirs as
+    ``forward(x, weights=...)`` / ``inverse(y, weights=...)``: ``forward`` and ``inverse`` compute it once
+    for all such layers of the chain (a Glow level: one launch per operation, not one per step). In
+    reversible training the layers compute their own.
     """
 
     def __init__(self, *layers: FlowLayer, reversible: bool = False, max_drift: float | None = None) -> None:
@@ -33,13 +42,27 @@ class FlowSequential(FlowLayer):
     def __len__(self) -> int:
         return len(self.layers)
 
+    def _batched_weights(self, x: torch.Tensor, inverse: bool) -> list[Any]:
+        """One entry per layer: its share of ``batched_weights`` of all the layers of its type that have one,
+        None for the others (and wherever ``batched_weights`` says None)."""
+        weights: list[Any] = [None] * len(self.layers)
+        groups: dict[Callable, list[int]] = {}
+        for i, layer in enumerate(self.layers):
+            batched = getattr(type(layer), "batched_weights", None)
+            if batched is not None:
+                groups.setdefault(batched, []).append(i)
+        for batched, indices in groups.items():
+            for i, layer_weights in zip(indices, batched([self.layers[i] for i in indices], x, inverse)):
+                weights[i] = layer_weights
+        return weights
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, sum of log-dets)``."""
         if self.reversible and torch.is_grad_enabled() and len(self.layers) > 0:
             return reversible_chain(self.layers, x, self.max_drift)
         total: torch.Tensor | None = None
-        for layer in self.layers:
-            x, logdet = layer(x)
+        for layer, weights in zip(self.layers, self._batched_weights(x, inverse=False)):
+            x, logdet = layer(x) if weights is None else layer(x, weights=weights)
             total = logdet if total is None else total + logdet
         if total is None:
             raise ValueError("FlowSequential has no layers")
@@ -48,8 +71,8 @@ class FlowSequential(FlowLayer):
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, sum of inverse log-dets)``."""
         total: torch.Tensor | None = None
-        for layer in reversed(self.layers):
-            y, logdet = layer.inverse(y)
+        for layer, weights in zip(reversed(self.layers), reversed(self._batched_weights(y, inverse=True))):
+            y, logdet = layer.inverse(y) if weights is None else layer.inverse(y, weights=weights)
             total = logdet if total is None else total + logdet
         if total is None:
             raise ValueError("FlowSequential has no layers")

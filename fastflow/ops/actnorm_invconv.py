@@ -16,13 +16,20 @@ path, whatever the TF32 flags say (:mod:`fastflow.ops.channel_mix`); ``b'`` is a
 products, not a matmul that TF32 could round.
 
 Dispatch: on the ``"eager"`` backend the two functions are their eager twins (ActNorm, then the conv: two
-passes); on ``"triton"`` / ``"interpret"`` they fold and run one fused channel mix.
+passes); on ``"triton"`` / ``"interpret"`` they fold and run one fused channel mix
+(:func:`actnorm_is_folded`).
+
+Batched fold: :func:`fold_actnorm` and :func:`fold_actnorm_inverse` take parameters with leading batch
+dimensions, so a level of ``K`` flow steps folds its ``K`` pairs in one launch per operation and hands each
+step its :class:`FoldedMix` (the ``folded`` argument of the two ops), instead of each step folding its own.
 
 Shapes: ``x`` ``(B, C, H, W)``; ``bias`` and ``logs`` ``(1, C, 1, 1)``; ``weight`` and ``weight_inverse``
 ``(C, C)``; ``weight_logdet`` a scalar tensor (``log|det W|``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -32,11 +39,61 @@ from fastflow.ops.actnorm import actnorm_inverse_ref, actnorm_ref
 from fastflow.ops.channel_mix import channel_mix, channel_mix_ref
 
 __all__ = [
+    "FoldedMix",
     "actnorm_invconv",
     "actnorm_invconv_inverse",
     "actnorm_invconv_ref",
     "actnorm_invconv_inverse_ref",
+    "actnorm_is_folded",
+    "fold_actnorm",
+    "fold_actnorm_inverse",
 ]
+
+
+class FoldedMix(NamedTuple):
+    """ActNorm folded into the 1x1 convolution, one direction: per pixel ``out = weight @ in + bias``, log-det
+    ``logdet`` per pixel (``H * W * logdet`` per sample). Shapes ``(..., C, C)``, ``(..., C)`` and ``(...)``:
+    leading dimensions batch the steps of a level."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    logdet: torch.Tensor
+
+
+def actnorm_is_folded(x: torch.Tensor) -> bool:
+    """Whether :func:`actnorm_invconv` and its inverse fold ActNorm into the weight for input ``x`` (the
+    Triton backends) rather than run their eager twins: a caller batching the fold does it only then."""
+    return resolve_backend(x) != "eager"
+
+
+def _logdet_per_pixel(logs: torch.Tensor, weight_logdet: torch.Tensor) -> torch.Tensor:
+    """``sum(logs) + log|det W|`` over the last dimension of ``logs``, in float32 (float64 for float64)."""
+    dtype = logdet_dtype(logs.dtype)
+    return logs.to(dtype).sum(-1) + weight_logdet.to(dtype)
+
+
+def fold_actnorm(
+    bias: torch.Tensor, logs: torch.Tensor, weight: torch.Tensor, weight_logdet: torch.Tensor
+) -> FoldedMix:
+    """Forward fold ``W' = W diag(exp(logs))``, ``b' = W' @ bias``, log-det ``sum(logs) + log|det W|``.
+
+    ``bias`` and ``logs`` ``(..., C)``, ``weight`` ``(..., C, C)``, ``weight_logdet`` ``(...)``: any leading
+    dimensions, shared by all four. ``W'`` and ``b'`` are in ``weight``'s dtype.
+    """
+    weight_folded = weight * torch.exp(logs.to(weight.dtype)).unsqueeze(-2)
+    bias_folded = (weight_folded * bias.to(weight.dtype).unsqueeze(-2)).sum(-1)
+    return FoldedMix(weight_folded, bias_folded, _logdet_per_pixel(logs, weight_logdet))
+
+
+def fold_actnorm_inverse(
+    bias: torch.Tensor, logs: torch.Tensor, weight_inverse: torch.Tensor, weight_logdet: torch.Tensor
+) -> FoldedMix:
+    """Inverse fold ``W'^-1 = diag(exp(-logs)) W^-1``, bias ``-bias``, log-det ``-(sum(logs) + log|det W|)``.
+
+    Shapes as in :func:`fold_actnorm`; ``weight_logdet`` is ``log|det W|`` (of ``W``, not of its inverse).
+    """
+    inverse_folded = torch.exp(-logs.to(weight_inverse.dtype)).unsqueeze(-1) * weight_inverse
+    return FoldedMix(inverse_folded, -bias.to(weight_inverse.dtype), -_logdet_per_pixel(logs, weight_logdet))
 
 
 def _check_args(
@@ -67,27 +124,37 @@ def _check_args(
         raise ValueError(f"weight_logdet must be a scalar tensor, got shape {tuple(weight_logdet.shape)}")
 
 
-def _logdet(x: torch.Tensor, logs: torch.Tensor, weight_logdet: torch.Tensor) -> torch.Tensor:
-    """``H * W * (sum(logs) + log|det W|)`` per sample, shape ``(B,)``, float32 (float64 for float64)."""
-    dtype = logdet_dtype(x.dtype)
-    per_pixel = logs.to(dtype).sum() + weight_logdet.to(dtype).reshape(())
-    return (per_pixel * (x.shape[2] * x.shape[3])).expand(x.shape[0])
+def _per_sample(logdet: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-pixel log-det times ``H * W``, expanded to ``(B,)``, float32 (float64 for float64 ``x``)."""
+    return (logdet.to(logdet_dtype(x.dtype)) * (x.shape[2] * x.shape[3])).expand(x.shape[0])
+
+
+def _channels(t: torch.Tensor) -> torch.Tensor:
+    """ActNorm's ``(1, C, 1, 1)`` parameter as a ``(C,)`` view."""
+    return t.reshape(-1)
 
 
 def actnorm_invconv(
-    x: torch.Tensor, bias: torch.Tensor, logs: torch.Tensor, weight: torch.Tensor, weight_logdet: torch.Tensor
+    x: torch.Tensor,
+    bias: torch.Tensor,
+    logs: torch.Tensor,
+    weight: torch.Tensor,
+    weight_logdet: torch.Tensor,
+    folded: FoldedMix | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward ``(W diag(exp(logs)) @ x + W diag(exp(logs)) @ bias, logdet)`` in one channel mix.
 
     Equals ActNorm then the 1x1 convolution (:func:`actnorm_invconv_ref`). ``y`` has ``x``'s dtype and
-    layout; ``logdet`` is ``(B,)`` float32 (float64 for float64 ``x``).
+    layout; ``logdet`` is ``(B,)`` float32 (float64 for float64 ``x``). ``folded``, where given, is
+    :func:`fold_actnorm` of these parameters, done by the caller (batched over a level's steps): the op then
+    skips its own fold. The eager backend does not fold and ignores it.
     """
     _check_args("x", x, bias, logs, "weight", weight, weight_logdet)
-    if resolve_backend(x) == "eager":
+    if not actnorm_is_folded(x):
         return actnorm_invconv_ref(x, bias, logs, weight, weight_logdet)
-    weight_folded = weight * torch.exp(logs.to(weight.dtype)).reshape(1, -1)
-    bias_folded = (weight_folded * bias.to(weight.dtype).reshape(1, -1)).sum(1)
-    return channel_mix(x, weight_folded, bias_folded), _logdet(x, logs, weight_logdet)
+    if folded is None:
+        folded = fold_actnorm(_channels(bias), _channels(logs), weight, weight_logdet.reshape(()))
+    return channel_mix(x, folded.weight, folded.bias), _per_sample(folded.logdet, x)
 
 
 def actnorm_invconv_inverse(
@@ -96,17 +163,20 @@ def actnorm_invconv_inverse(
     logs: torch.Tensor,
     weight_inverse: torch.Tensor,
     weight_logdet: torch.Tensor,
+    folded: FoldedMix | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused inverse ``(diag(exp(-logs)) W^-1 @ y - bias, -logdet)`` in one channel mix.
 
     ``weight_inverse`` is ``W^-1`` and ``weight_logdet`` is ``log|det W|`` (of ``W``, not of its inverse).
+    ``folded``, where given, is :func:`fold_actnorm_inverse` of these parameters (see
+    :func:`actnorm_invconv`).
     """
     _check_args("y", y, bias, logs, "weight_inverse", weight_inverse, weight_logdet)
-    if resolve_backend(y) == "eager":
+    if not actnorm_is_folded(y):
         return actnorm_invconv_inverse_ref(y, bias, logs, weight_inverse, weight_logdet)
-    inverse_folded = torch.exp(-logs.to(weight_inverse.dtype)).reshape(-1, 1) * weight_inverse
-    x = channel_mix(y, inverse_folded, -bias.to(weight_inverse.dtype).reshape(-1))
-    return x, -_logdet(y, logs, weight_logdet)
+    if folded is None:
+        folded = fold_actnorm_inverse(_channels(bias), _channels(logs), weight_inverse, weight_logdet.reshape(()))
+    return channel_mix(y, folded.weight, folded.bias), _per_sample(folded.logdet, y)
 
 
 def actnorm_invconv_ref(

@@ -6,10 +6,16 @@ Backward: ``grad_x = weight^T @ grad_y`` per pixel, ``grad_weight = sum_{b,h,w} 
 :func:`channel_mix` dispatches on :func:`fastflow.backend.resolve_backend` (traceable by ``torch.compile``):
 on ``"eager"``, for more than :func:`kernel_max_channels` channels and for samples of 2^31 elements or more
 it is :func:`channel_mix_ref` (cuDNN / ATen, ATen autograd); on ``"triton"`` / ``"interpret"`` it is the
-torch.library custom op ``fastflow::channel_mix`` running the Triton kernels of
-:mod:`fastflow.kernels.channel_mix` (fake kernel and autograd registered, so ``torch.compile(fullgraph=True)``
-traces it), whose backward is the custom op ``fastflow::channel_mix_backward``. The fused path is not
+torch.library op ``fastflow::channel_mix`` running the Triton kernels of :mod:`fastflow.kernels.channel_mix`,
+with autograd registered, whose backward is the op ``fastflow::channel_mix_backward``. The fused path is not
 differentiable twice (no double backward).
+
+Registration (:data:`fastflow.ops._registration.TRACEABLE`): on torch >= 2.6 built with CUDA, with compiled
+kernels, both ops are ``torch.library.triton_op`` ops launching through ``torch.library.wrap_triton``, so
+``torch.compile`` traces into them and Inductor fuses the neighbouring ops around the kernels; otherwise
+(older torch, a CPU build, the interpreter) they are opaque ``torch.library.custom_op`` ops with fake kernels.
+``torch.compile(fullgraph=True)`` traces either without a graph break. On CPU tensors (the interpreter)
+Inductor could not compile a user Triton kernel, so there the opaque op runs it as it runs eagerly.
 
 Precision: float32 mixes are IEEE float32 on every path, whatever ``torch.backends.cudnn.allow_tf32`` /
 ``torch.backends.cuda.matmul.allow_tf32`` say (both kernels use IEEE ``tl.dot``; the eager path runs its
@@ -20,13 +26,15 @@ and TF32 would break invertibility: the reversible backward's drift guard fires 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from fastflow.backend import resolve_backend
 from fastflow.ops._checks import check_float_tensor
+from fastflow.ops._registration import TRACEABLE, registration
 
 __all__ = [
     "KERNEL_MAX_CHANNELS",
@@ -117,17 +125,50 @@ def _conv1x1_ieee_setup(
 def _conv1x1_ieee_backward(
     ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    # grad_x = weight^T @ grad_y per pixel (the same IEEE op, so twice differentiable);
-    # grad_weight = sum_{b,h,w} grad_y x^T; grad_bias = sum_{b,h,w} grad_y
+    # grad_x = weight^T @ grad_y per pixel and grad_weight = sum_{b,h,w} grad_y x^T, both IEEE ops (so twice
+    # differentiable, and opaque to torch.compile: a traced matmul would follow the TF32 flags);
+    # grad_bias = sum_{b,h,w} grad_y
     x, weight = ctx.saved_tensors
     grad_x = torch.ops.fastflow.conv1x1_ieee(grad_y, weight.t(), None).contiguous(memory_format=_output_format(x))
-    with ieee_float32():
-        grad_weight = torch.einsum("bohw,bihw->oi", grad_y, x)
+    grad_weight = torch.ops.fastflow.conv1x1_ieee_grad_weight(grad_y, x)
     grad_bias = grad_y.sum((0, 2, 3)) if ctx.has_bias else None
     return grad_x, grad_weight, grad_bias
 
 
 _conv1x1_ieee_op.register_autograd(_conv1x1_ieee_backward, setup_context=_conv1x1_ieee_setup)
+
+
+@torch.library.custom_op(
+    "fastflow::conv1x1_ieee_grad_weight", mutates_args=(), schema="(Tensor grad_y, Tensor x) -> Tensor"
+)
+def _conv1x1_ieee_grad_weight_op(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sum_{b,h,w} grad_y x^T`` ``(C_out, C_in)``, IEEE float32 whatever the TF32 flags say."""
+    with ieee_float32():
+        return torch.einsum("bohw,bihw->oi", grad_y, x)
+
+
+@_conv1x1_ieee_grad_weight_op.register_fake
+def _conv1x1_ieee_grad_weight_fake(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return grad_y.new_empty((grad_y.shape[1], x.shape[1]))
+
+
+def _conv1x1_ieee_grad_weight_setup(
+    ctx: torch.autograd.function.FunctionCtx, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _conv1x1_ieee_grad_weight_backward(
+    ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # d/d grad_y = grad @ x per pixel, d/dx = grad^T @ grad_y per pixel: the IEEE mix again
+    grad_y, x = ctx.saved_tensors
+    return torch.ops.fastflow.conv1x1_ieee(x, grad, None), torch.ops.fastflow.conv1x1_ieee(grad_y, grad.t(), None)
+
+
+_conv1x1_ieee_grad_weight_op.register_autograd(
+    _conv1x1_ieee_grad_weight_backward, setup_context=_conv1x1_ieee_grad_weight_setup
+)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -149,35 +190,10 @@ def _empty_pixels(x: torch.Tensor, channels: int) -> torch.Tensor:
     )
 
 
-@torch.library.custom_op(
-    "fastflow::channel_mix", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
-)
-def _channel_mix_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    from fastflow.kernels.channel_mix import channel_mix_forward  # triton is optional: import on use
-
-    return channel_mix_forward(x, weight, bias, _empty_pixels(x, weight.shape[0]))
-
-
-@_channel_mix_op.register_fake
 def _channel_mix_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return _empty_pixels(x, weight.shape[0])
 
 
-@torch.library.custom_op(
-    "fastflow::channel_mix_backward",
-    mutates_args=(),
-    schema="(Tensor grad_y, Tensor x, Tensor weight) -> (Tensor, Tensor, Tensor)",
-)
-def _channel_mix_backward_op(
-    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_x, grad_weight, grad_bias)``; the last two in float32 (float64 for float64 ``x``)."""
-    from fastflow.kernels.channel_mix import channel_mix_backward  # triton is optional: import on use
-
-    return channel_mix_backward(grad_y, x, weight, _empty_pixels(x, x.shape[1]))
-
-
-@_channel_mix_backward_op.register_fake
 def _channel_mix_backward_fake(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -194,16 +210,72 @@ def _setup_context(
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(
-    ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    x, weight = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = torch.ops.fastflow.channel_mix_backward(grad_y, x, weight)
-    grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
-    return grad_x, grad_weight.to(weight.dtype), grad_bias
+def _on_use(name: str) -> Callable[..., Any]:
+    """``fastflow.kernels.channel_mix.<name>``, imported at its first call: triton is optional."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        from fastflow.kernels import channel_mix
+
+        return getattr(channel_mix, name)(*args, **kwargs)
+
+    return call
 
 
-_channel_mix_op.register_autograd(_backward, setup_context=_setup_context)
+class _ChannelMixOps(NamedTuple):
+    """The fused ops of one registration (:func:`_define_ops`)."""
+
+    mix: Any
+    backward: Any
+
+
+def _define_ops(namespace: str, traceable: bool) -> _ChannelMixOps:
+    """Register ``{namespace}::channel_mix`` (with its autograd) and ``{namespace}::channel_mix_backward``.
+
+    ``traceable``: as ``torch.library.triton_op`` launching through ``torch.library.wrap_triton``; else as
+    ``torch.library.custom_op`` with fake kernels (:mod:`fastflow.ops._registration`). Both give the same
+    schemas, results, strides and gradients. The package's ops are ``_define_ops("fastflow", TRACEABLE)``;
+    tests build the other registration under another namespace.
+    """
+    define, launch = registration(traceable)
+    if traceable:
+        # bound by name here: triton_op scans the op's source for the kernels it launches (torch.compile's
+        # caches key on their source), following calls by name into the launchers
+        from fastflow.kernels.channel_mix import channel_mix_backward, channel_mix_forward
+    else:
+        channel_mix_forward, channel_mix_backward = _on_use("channel_mix_forward"), _on_use("channel_mix_backward")
+
+    # Optional[...] rather than "X | None" in the op signatures: torch infers the schema from these strings
+    # and must evaluate them on Python 3.9 too
+    @define(f"{namespace}::channel_mix", mutates_args=())
+    def mix(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """``weight @ x + bias`` per pixel (:func:`channel_mix`)."""
+        return channel_mix_forward(x, weight, bias, _empty_pixels(x, weight.shape[0]), **launch)
+
+    @define(f"{namespace}::channel_mix_backward", mutates_args=())
+    def backward(
+        grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(grad_x, grad_weight, grad_bias)``; the last two in float32 (float64 for float64 ``x``)."""
+        return channel_mix_backward(grad_y, x, weight, _empty_pixels(x, x.shape[1]), **launch)
+
+    if not traceable:
+        mix.register_fake(_channel_mix_fake)
+        backward.register_fake(_channel_mix_backward_fake)
+    backward_op = getattr(torch.ops, namespace).channel_mix_backward.default
+
+    def mix_backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = backward_op(grad_y, x, weight)
+        grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
+        return grad_x, grad_weight.to(weight.dtype), grad_bias
+
+    mix.register_autograd(mix_backward, setup_context=_setup_context)
+    return _ChannelMixOps(mix, backward)
+
+
+_define_ops("fastflow", TRACEABLE)
 
 
 def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -6,6 +6,10 @@ permutation, ``L`` unit lower triangular, ``U`` strictly upper triangular. Then
 no ``slogdet`` or ``inverse`` of ``W``. Log-det of the layer per sample: ``H * W * log|det W|``.
 ``perm`` is an index vector with ``P[i, perm[i]] = 1``, so ``P @ A = A[perm]`` and ``A @ P^T = A[:, perm]``.
 
+Batched: every function takes factors with leading batch dimensions (``lower`` ``(..., C, C)``, ``perm``
+and ``log_s`` ``(..., C)``) and answers for each matrix of the batch at once, so a level of ``K`` flow steps
+assembles, inverts and log-dets its ``K`` weights in one launch per operation instead of one per step.
+
 Precision: the ``C x C`` products and solves run in float64 (float32 on MPS, which has none) and the
 results are cast back to the factors' dtype. TF32 (``torch.backends.cuda.matmul.allow_tf32``, or
 ``torch.set_float32_matmul_precision("high")``) never touches float64, so ``W`` and ``W^-1`` are each the
@@ -30,32 +34,35 @@ def _lu_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L, U + diag(sign_s * exp(log_s)))`` in the algebra dtype (float64 where the device has it)."""
     dtype = _algebra_dtype(lower.device)
-    eye = torch.eye(lower.shape[0], dtype=dtype, device=lower.device)
+    eye = torch.eye(lower.shape[-1], dtype=dtype, device=lower.device)
     unit_lower = torch.tril(lower.to(dtype), diagonal=-1) + eye
-    diag = torch.diag(sign_s.to(dtype) * torch.exp(log_s.to(dtype)))
+    diag = torch.diag_embed(sign_s.to(dtype) * torch.exp(log_s.to(dtype)))
     return unit_lower, torch.triu(upper.to(dtype), diagonal=1) + diag
 
 
 def lu_weight_and_logdet(
     perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign_s: torch.Tensor, log_s: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W, log|det W|)`` from the LU factors; ``W`` is ``(C, C)`` in ``lower``'s dtype, the log-det a
-    scalar in ``log_s``'s dtype."""
+    """``(W, log|det W|)`` from the LU factors; ``W`` is ``(..., C, C)`` in ``lower``'s dtype, the log-det
+    ``(...)`` in ``log_s``'s dtype."""
     unit_lower, upper_diag = _lu_factors(lower, upper, sign_s, log_s)
-    return (unit_lower @ upper_diag)[perm].to(lower.dtype), log_s.sum()
+    product = unit_lower @ upper_diag
+    weight = torch.gather(product, -2, perm.unsqueeze(-1).expand_as(product))  # rows: P @ (L U)
+    return weight.to(lower.dtype), log_s.sum(-1)
 
 
 def lu_inverse_weight(
     perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign_s: torch.Tensor, log_s: torch.Tensor
 ) -> torch.Tensor:
-    """``W^-1`` (in ``lower``'s dtype) from two triangular solves against the identity, then the inverse
-    permutation."""
+    """``W^-1`` (``(..., C, C)`` in ``lower``'s dtype) from two triangular solves against the identity, then
+    the inverse permutation."""
     unit_lower, upper_diag = _lu_factors(lower, upper, sign_s, log_s)
-    eye = torch.eye(lower.shape[0], dtype=unit_lower.dtype, device=lower.device)
+    eye = torch.eye(lower.shape[-1], dtype=unit_lower.dtype, device=lower.device)
     lower_inv = torch.linalg.solve_triangular(unit_lower, eye, upper=False, unitriangular=True)
-    return torch.linalg.solve_triangular(upper_diag, lower_inv, upper=True)[:, perm].to(lower.dtype)
+    inverse = torch.linalg.solve_triangular(upper_diag, lower_inv, upper=True)
+    return torch.gather(inverse, -1, perm.unsqueeze(-2).expand_as(inverse)).to(lower.dtype)  # columns: @ P^T
 
 
 def dense_inverse_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``W^-1`` of a plain (not LU) ``C x C`` weight, by ``torch.linalg.inv`` in the algebra dtype."""
+    """``W^-1`` of plain (not LU) ``(..., C, C)`` weights, by ``torch.linalg.inv`` in the algebra dtype."""
     return torch.linalg.inv(weight.to(_algebra_dtype(weight.device))).to(weight.dtype)

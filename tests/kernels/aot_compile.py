@@ -1,7 +1,8 @@
 """Compile every ``aot_specs()`` entry of every ``fastflow.kernels`` module for CUDA targets, without a GPU,
 and check that no configuration spills registers (float64 ones excepted).
 
-Usage: ``python tests/kernels/aot_compile.py [CC ...]`` (default 80 90). Exits non-zero, naming the kernel,
+Usage: ``python tests/kernels/aot_compile.py [CC ...] [MODULE ...]`` (default 80 90, every module; a module
+is named as under ``fastflow.kernels``, e.g. ``channel_mix``). Exits non-zero, naming the kernel,
 its constexprs and the error, on the first compile failure, and after the loop if any configuration held to
 ``AotSpec.spill_free`` spills under register pressure (local-memory loads or stores in the SASS of the
 cubin, ``cuobjdump -sass``, at the register ceiling or in numbers: see :func:`spills_under_pressure`; a
@@ -32,10 +33,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 
-def kernel_modules() -> Iterator[ModuleType]:
-    """Every module under ``fastflow.kernels`` that defines ``aot_specs()``."""
-    for info in pkgutil.iter_modules(fastflow.kernels.__path__, prefix="fastflow.kernels."):
-        module = importlib.import_module(info.name)
+def kernel_modules(names: list[str]) -> Iterator[ModuleType]:
+    """Every module under ``fastflow.kernels`` that defines ``aot_specs()``, or only those in ``names``."""
+    for info in pkgutil.iter_modules(fastflow.kernels.__path__):
+        if names and info.name not in names:
+            continue
+        module = importlib.import_module(f"fastflow.kernels.{info.name}")
         if callable(getattr(module, "aot_specs", None)):
             yield module
 
@@ -110,10 +113,10 @@ def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("needs TRITON_INTERPRET=0: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
-    ccs = [int(a) for a in argv] or [80, 90]
+    ccs = [int(a) for a in argv if a.isdigit()] or [80, 90]
     cuobjdump = find_cuobjdump()
     count, spills, start = 0, [], time.perf_counter()
-    for module in kernel_modules():
+    for module in kernel_modules([a for a in argv if not a.isdigit()]):
         for spec in module.aot_specs():
             name = f"{module.__name__}.{spec.kernel.__name__}"
             for cc in ccs:

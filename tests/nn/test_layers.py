@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastflow
+from fastflow.backend import interpreter_enabled
 from fastflow.nn import (
     ActNorm,
     AdditiveCoupling,
@@ -15,6 +20,8 @@ from fastflow.nn import (
     Split,
     Squeeze,
 )
+from fastflow.nn.invconv import stacked_weights
+from fastflow.nn.tiling import Tiling
 from tests.helpers import brute_force_logdet, perturb_parameters
 
 LAYERS = {
@@ -127,6 +134,77 @@ def test_lu_invconv_logdet_is_sum_of_log_s_times_pixels():
     torch.testing.assert_close(layer.inverse_weight() @ weight, torch.eye(6), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lu", [True, False])
+def test_stacked_weights_match_each_convolution(lu):
+    convs = [InvConv1x1(5, lu=lu).double() for _ in range(3)]
+    for conv in convs:
+        perturb_parameters(conv)
+    weights, logdets = stacked_weights(convs)
+    inverses, inverse_logdets = stacked_weights(convs, inverse=True)
+    exact = {"atol": 1e-12, "rtol": 1e-12}  # a batched solve, slogdet or inv may round differently
+    for conv, weight, logdet, inverse, inverse_logdet in zip(convs, weights, logdets, inverses, inverse_logdets):
+        torch.testing.assert_close(weight, conv.weight_and_logdet()[0], **exact)
+        torch.testing.assert_close(logdet, conv.weight_and_logdet()[1], **exact)
+        torch.testing.assert_close(inverse, conv.inverse_weight(), **exact)
+        torch.testing.assert_close(inverse_logdet, conv.weight_logdet(), **exact)
+    with pytest.raises(ValueError, match="one num_channels and lu"):
+        stacked_weights([InvConv1x1(5, lu=lu), InvConv1x1(5, lu=not lu)])
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched inside the block, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _one_by_one(layers, inverse=False):
+    """The chain ``layers`` run layer by layer (each FlowStep computing its own weights)."""
+
+    def run(x):
+        total = 0
+        for layer in reversed(layers) if inverse else layers:
+            x, logdet = layer.inverse(x) if inverse else layer(x)
+            total = total + logdet
+        return x, total
+
+    return run
+
+
+@pytest.mark.parametrize("lu", [True, False])
+def test_level_computes_its_step_weights_once_for_all_steps(lu):
+    """A chain of FlowSteps (a Glow level) assembles, inverts and log-dets the 1x1 weights of all its steps in one
+    batched computation, with the outputs, log-dets, gradients and inverse of the steps run one by one."""
+    level = FlowSequential(Squeeze(), *[FlowStep(8, hidden=4, lu=lu) for _ in range(3)]).double().train()
+    x = torch.randn(2, 2, 4, 6, dtype=torch.float64)
+    level(x)  # ActNorm init
+    perturb_parameters(level, 0.2)
+    # an op each step's weight needs once (forward), and once or twice (inverse: two triangular solves)
+    forward_op, inverse_op, per_step = (
+        ("triu", "linalg_solve_triangular", 2) if lu else ("_linalg_slogdet", "linalg_inv_ex", 1)
+    )
+    results, counts = [], []
+    for forward, inverse in ((level, level.inverse), (_one_by_one(level.layers), _one_by_one(level.layers, True))):
+        level.zero_grad(set_to_none=True)
+        x_in = x.clone().requires_grad_()
+        with OpCounter() as forward_ops:
+            y, logdet = forward(x_in)
+        (y.square().sum() + (logdet * torch.tensor([1.0, 2.0], dtype=torch.float64)).sum()).backward()
+        with OpCounter() as inverse_ops:
+            x_back, inverse_logdet = inverse(y.detach())
+        results.append([y, logdet, x_in.grad, *(p.grad for p in level.parameters()), x_back, inverse_logdet])
+        counts.append((forward_ops.counts[forward_op], inverse_ops.counts[inverse_op]))
+    for batched, one_by_one in zip(*results):
+        torch.testing.assert_close(batched, one_by_one, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(results[0][-2], x)
+    assert counts == [(1, per_step), (3, 3 * per_step)]
+
+
 def test_split_round_trip_and_prior():
     split = Split(6).double()
     perturb_parameters(split)
@@ -171,3 +249,116 @@ def test_bad_inputs_raise_clear_errors(make, bad, error, match):
 def test_bad_constructor_arguments_raise(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+def _zero_conv_old_formula(layer, x):
+    """``ZeroConv2d``'s output as it was computed before the scale was folded into the convolution."""
+    return layer.conv(x) * torch.exp(layer.logs * layer.logscale_factor)
+
+
+def test_zero_conv_folds_its_output_scale_into_the_convolution():
+    """Same outputs and gradients as ``conv(x) * exp(3 * logs)`` in float64, the same ``state_dict`` (a saved
+    one loads unchanged), and the only activation-sized work is the convolution and its backward."""
+    from fastflow.nn import ZeroConv2d
+
+    layer = ZeroConv2d(6, 4).double()
+    perturb_parameters(layer, 0.3)
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 4, 5, 7, dtype=torch.float64)
+    params = [x, *layer.parameters()]
+    new = torch.autograd.grad(layer(x), params, grad)
+    old = torch.autograd.grad(_zero_conv_old_formula(layer, x), params, grad)
+    torch.testing.assert_close(layer(x), _zero_conv_old_formula(layer, x), atol=1e-13, rtol=1e-13)
+    for a, b in zip(new, old):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+    saved = {name: t.clone() for name, t in layer.state_dict().items()}
+    assert sorted(saved) == ["conv.bias", "conv.weight", "logs"]
+    fresh = ZeroConv2d(6, 4).double()
+    fresh.load_state_dict(saved)
+    torch.testing.assert_close(fresh(x), _zero_conv_old_formula(layer, x), atol=1e-13, rtol=1e-13)
+
+    class ActivationOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = [t for t in (*args, *(out if isinstance(out, (tuple, list)) else (out,))) if torch.is_tensor(t)]
+            if any(t.shape == grad.shape for t in tensors) and func.__name__.split(".")[0] not in ("detach", "view"):
+                self.names.append(func.__name__.split(".")[0])
+            return out
+
+    with ActivationOps() as ops:
+        torch.autograd.grad(layer(x), params, grad)
+    assert ops.names == ["convolution", "convolution_backward"]
+
+
+class _OpNames(TorchDispatchMode):
+    """Names of the ATen / fastflow ops run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+CHANNEL_COUPLINGS = {
+    "affine_sigmoid": lambda: AffineCoupling(5, hidden=8, scale="sigmoid"),
+    "affine_exp_parity1": lambda: AffineCoupling(5, hidden=8, scale="exp", parity=1),
+    "additive": lambda: AdditiveCoupling(5, hidden=8),
+    "additive_parity1": lambda: AdditiveCoupling(5, hidden=8, parity=1),
+}
+
+
+def _coupling_passes(layer, x, grad_y, grad_logdet, backend):
+    """Standard forward + backward, reversible backward untiled and tiled; with the op names of the first three."""
+    with fastflow.backend(backend):
+        x = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        with _OpNames() as forward:
+            y, logdet = layer(x)
+        with _OpNames() as backward:
+            outputs = [(y, grad_y), *([(logdet, grad_logdet)] if logdet.requires_grad else [])]
+            torch.autograd.backward(*zip(*outputs))
+        standard = [y, logdet, x.grad, *(p.grad.clone() for p in layer.parameters())]
+        layer.zero_grad(set_to_none=True)
+        with _OpNames() as reversible_backward:
+            reversible = [*layer.backward_from_output(y.detach(), grad_y, grad_logdet)]
+        reversible += [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad(set_to_none=True)
+        layer.tiling = Tiling(tile_size=2)
+        tiled = [*layer.backward_from_output(y.detach(), grad_y, grad_logdet)]
+        tiled += [p.grad.clone() for p in layer.parameters()]
+        layer.tiling = None
+    return (standard, reversible, tiled), (forward.names, backward.names, reversible_backward.names)
+
+
+@pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (CPU interpreter)")
+@pytest.mark.parametrize("name", sorted(CHANNEL_COUPLINGS))
+def test_channel_coupling_on_kernels_writes_whole_tensors_without_cat(name):
+    """On the kernels a channel-mask coupling writes its whole output, the whole input gradient and (reversible)
+    the whole rebuilt input in the fused passes: no torch.cat of the halves, no slice_backward of the transformed
+    half; same results as eager, tiled or not."""
+    layer = CHANNEL_COUPLINGS[name]().double()
+    perturb_parameters(layer, 0.3)
+    x = torch.randn(2, 5, 6, 5, dtype=torch.float64)
+    grad_y, grad_logdet = torch.randn_like(x), torch.randn(2, dtype=torch.float64)
+    eager, _ = _coupling_passes(layer, x, grad_y, grad_logdet, "eager")
+    fused, (forward, backward, reversible) = _coupling_passes(layer, x, grad_y, grad_logdet, "interpret")
+    assert "coupling_fwd" in forward and "cat" not in forward
+    # left: the network input's gradient into the conditioning channels (one slice_backward, as it must), and
+    # for the affine coupling the torch.cat joining the network's two output gradients (shift, raw)
+    network_cats = 0 if "additive" in name else 1
+    assert backward.count("slice_backward") == 1 and backward.count("cat") == network_cats
+    assert "coupling_bwd" in reversible and reversible.count("cat") == network_cats
+    torch.testing.assert_close(fused[1][0], x, atol=1e-12, rtol=1e-12)
+    for fused_pass, eager_pass in zip(fused, eager):
+        for f, e in zip(fused_pass, eager_pass):
+            torch.testing.assert_close(f, e, atol=1e-10, rtol=1e-10)
+    for tiled, whole in zip(fused[2], fused[1]):
+        torch.testing.assert_close(tiled, whole, atol=1e-10, rtol=1e-10)
