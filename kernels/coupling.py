@@ -13,25 +13,36 @@ Math per element (``t`` = shift, ``r`` = raw scale from the coupling network, ``
 
 ``logdet[b] = sum_n log s[b, n]`` (the inverse stores ``-logdet``). Each program reduces its tile into one
 float32/float64 slot of a ``(B, n_col_blocks)`` partial buffer that the launcher sums: deterministic, no
-atomics.
+atomics. The grid covers every ``(sample, column block)`` pair, so every slot is written and the buffer is
+allocated uninitialised.
 The reversible backward receives ``y`` instead of ``x``: it rebuilds ``x`` with the inverse in registers,
 stores it, and uses ``(x + t) * s = y`` (Glow) and ``x * s = y - t`` (RealNVP) in the gradients.
 
-Bytes moved per element (``E`` = element size; the per-sample log-det terms are negligible):
+``gt`` is never stored: it equals ``gx`` (Glow, NICE) or ``gy`` (RealNVP), so the caller hands out that
+tensor (or its transformed channels) instead. The plain additive backward therefore needs no kernel at all.
 
-=====================  ==========================  ==========================  =================
-kernel                  Glow (sigmoid)              RealNVP (exp)               NICE (additive)
-=====================  ==========================  ==========================  =================
-forward / inverse       4E: x, t, r -> y            4E: x, t, r -> y            3E: x, t -> y
-backward                7E: x, t, r, gy -> gx,gt,gr  6E: x, r, gy -> gx,gt,gr    3E: gy -> gx, gt
-reversible backward     8E: y, t, r, gy -> x, 3 g   8E: y, t, r, gy -> x, 3 g   5E: y, t, gy -> x, gx, gt
-=====================  ==========================  ==========================  =================
+Channel split (``CH >= 0``): the kernels can also run on the whole coupling input ``x`` of shape
+``(B, C, ...)`` whose channels ``[B0, B0 + NB)`` are transformed (``shift``, ``raw`` and ``gr`` have ``NB``
+channels) while the others pass through: ``y_a = x_a`` (forward, inverse, rebuilt ``x``) and ``gx_a = gy_a``
+(backward) are written in the same pass, so no ``torch.cat`` of the two halves follows.
+
+Bytes moved per element (``E`` = element size; the per-sample log-det terms are negligible), per transformed
+element and, with a channel split, per pass-through element (none in the additive backward: ``gx`` is ``gy``):
+
+===================  ============================  ============================  =====================  ============
+kernel               Glow (sigmoid)                RealNVP (exp)                 NICE (additive)        pass-through
+===================  ============================  ============================  =====================  ============
+forward / inverse    4E: x, t, r -> y              4E: x, t, r -> y              3E: x, t -> y          2E: x -> y
+backward             6E: x, t, r, gy -> gx, gr     5E: x, r, gy -> gx, gr        none (gx = gt = gy)    2E: gy -> gx
+reversible backward  7E: y, t, r, gy -> x, gx, gr  7E: y, t, r, gy -> x, gx, gr  4E: y, t, gy -> x, gx  4E
+===================  ============================  ============================  =====================  ============
 
 Layout: every input keeps its own strides. The non-batch dims are ordered by the first input's strides
 (outermost first) and merged where every input allows it, so a channel slice ``h[:, :C]`` of a contiguous
-NCHW tensor is one strided run per sample and a channels_last slice is two (pixels x channels). Outputs are
-allocated dense in that order (contiguous for NCHW inputs, channels_last for channels_last inputs). Only
-inputs that need more than three strided runs per sample are copied.
+NCHW tensor is one strided run per sample and a channels_last slice is two (pixels x channels); with a
+channel split the channel dim is a run of its own (NCHW: channels x pixels, channels_last: pixels x
+channels). Outputs are allocated dense in that order (contiguous for NCHW inputs, channels_last for
+channels_last inputs). Only inputs that need more than three strided runs per sample are copied.
 
 Launch heuristic (no autotune): a program covers a ``ROWS x BLOCK`` tile of about ``TILE = 1024`` elements:
 ``BLOCK = min(next_pow2(N), TILE)`` elements of a sample and ``ROWS = TILE // BLOCK`` samples, so large images
@@ -39,6 +50,12 @@ get 1024-element strips and tiny per-sample sizes (2-D toy data) still fill a ti
 per thread, the Triton tutorials' setting for streaming kernels. The 1-D grid has
 ``cdiv(B, ROWS) * cdiv(N, BLOCK)`` programs. Element indices within a sample are int32 (``N < 2**31``);
 every pointer offset is int64.
+
+The launchers take a ``wrap_triton`` callable applied to each kernel before its launch: the identity by
+default, ``torch.library.wrap_triton`` when :mod:`fastflow.ops.coupling` registers them as
+``torch.library.triton_op`` (so ``torch.compile`` traces the launch). The parameter keeps that name because
+``triton_op`` finds an op's kernels by scanning its source for ``wrap_triton(kernel)`` calls (compile caches
+key on the kernels' source).
 """
 
 # Triton types @triton.jit arguments at launch; Python annotations on them would change their meaning.
@@ -46,6 +63,7 @@ every pointer offset is int64.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -116,6 +134,27 @@ def _offsets(rows, i0, i1, i2, sb, s0, s1, s2, NDIM: tl.constexpr):
 
 
 @triton.jit
+def _transformed(mask, i0, i1, i2, B0, NB, CH: tl.constexpr):
+    """Mask of the transformed elements and their run indices into ``shift`` / ``raw`` / ``gr``.
+
+    Without a channel split (``CH < 0``) every element is transformed and the indices are unchanged; with one,
+    run ``CH`` is the channel dim, the transformed channels are ``[B0, B0 + NB)`` and the ``NB``-channel tensors
+    are indexed from channel ``B0`` (the pass-through elements get negative channel indices, never accessed).
+    """
+    if CH == 0:
+        mask_b = mask & ((i0 >= B0) & (i0 < B0 + NB))[None, :]
+        return mask_b, i0 - B0, i1, i2
+    elif CH == 1:
+        mask_b = mask & ((i1 >= B0) & (i1 < B0 + NB))[None, :]
+        return mask_b, i0, i1 - B0, i2
+    elif CH == 2:
+        mask_b = mask & ((i2 >= B0) & (i2 < B0 + NB))[None, :]
+        return mask_b, i0, i1, i2 - B0
+    else:
+        return mask, i0, i1, i2
+
+
+@triton.jit
 def _load(ptr, offs, mask, acc_ty):
     return tl.load(ptr + offs, mask=mask, other=0.0).to(acc_ty)
 
@@ -152,31 +191,34 @@ def _tanh(r):
 @triton.jit
 def coupling_fwd_kernel(
     u_ptr, t_ptr, r_ptr, out_ptr, part_ptr,
-    B, N, S1, S2,
+    B, N, S1, S2, B0, NB,
     u_sb, u_s0, u_s1, u_s2,
     t_sb, t_s0, t_s1, t_s2,
     r_sb, r_s0, r_s1, r_s2,
     SCALE: tl.constexpr, INVERSE: tl.constexpr,
-    NDIM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    NDIM: tl.constexpr, CH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Forward (``u = x``, ``out = y``) or inverse (``u = y``, ``out = x``) of one tile, and its log-det sums.
 
-    ``out`` is dense ``(B, N)`` in iteration order; ``part[b, col_block]`` receives ``sum log s`` (negated
-    when ``INVERSE``) unless ``SCALE == 2``; its dtype is the compute dtype.
+    ``out`` is dense ``(B, N)`` in iteration order; elements outside the transformed channels (``CH >= 0``)
+    are copied from ``u``. ``part[b, col_block]`` receives ``sum log s`` (negated when ``INVERSE``) unless
+    ``SCALE == 2``; its dtype is the compute dtype.
     """
     acc_ty = part_ptr.dtype.element_ty
     rows, cols, col_block, mask = _tile(tl.program_id(0), B, N, ROWS, BLOCK)
     i0, i1, i2 = _split(cols, S1, S2, NDIM)
+    mask_b, j0, j1, j2 = _transformed(mask, i0, i1, i2, B0, NB, CH)
     u = _load(u_ptr, _offsets(rows, i0, i1, i2, u_sb, u_s0, u_s1, u_s2, NDIM), mask, acc_ty)
-    t = _load(t_ptr, _offsets(rows, i0, i1, i2, t_sb, t_s0, t_s1, t_s2, NDIM), mask, acc_ty)
+    t = _load(t_ptr, _offsets(rows, j0, j1, j2, t_sb, t_s0, t_s1, t_s2, NDIM), mask_b, acc_ty)
     out_offs = rows[:, None] * N + cols.to(tl.int64)[None, :]
     if SCALE == 2:
+        # off the transformed channels t is 0, so u + t and u - t pass u through (up to the sign of a zero)
         if INVERSE:
             _store(out_ptr, out_offs, u - t, mask)
         else:
             _store(out_ptr, out_offs, u + t, mask)
     else:
-        r = _load(r_ptr, _offsets(rows, i0, i1, i2, r_sb, r_s0, r_s1, r_s2, NDIM), mask, acc_ty)
+        r = _load(r_ptr, _offsets(rows, j0, j1, j2, r_sb, r_s0, r_s1, r_s2, NDIM), mask_b, acc_ty)
         if SCALE == 0:
             s, one_minus_s, log_s, inv_s = _sigmoid_parts(r)
             if INVERSE:
@@ -189,8 +231,10 @@ def coupling_fwd_kernel(
                 out = (u - t) * tl.exp(-log_s)
             else:
                 out = u * tl.exp(log_s) + t
+        if CH >= 0:
+            out = tl.where(mask_b, out, u)
         _store(out_ptr, out_offs, out, mask)
-        partial = tl.sum(tl.where(mask, log_s, 0.0), axis=1)
+        partial = tl.sum(tl.where(mask_b, log_s, 0.0), axis=1)
         if INVERSE:
             partial = -partial
         tl.store(part_ptr + rows * tl.cdiv(N, BLOCK) + col_block, partial, mask=rows < B)
@@ -198,69 +242,80 @@ def coupling_fwd_kernel(
 
 @triton.jit
 def coupling_bwd_kernel(
-    u_ptr, t_ptr, r_ptr, gy_ptr, gl_ptr, gx_ptr, gt_ptr, gr_ptr, x_ptr,
-    B, N, S1, S2,
+    u_ptr, t_ptr, r_ptr, gy_ptr, gl_ptr, gx_ptr, gr_ptr, x_ptr,
+    B, N, S1, S2, B0, NB,
     u_sb, u_s0, u_s1, u_s2,
     t_sb, t_s0, t_s1, t_s2,
     r_sb, r_s0, r_s1, r_s2,
     g_sb, g_s0, g_s1, g_s2,
+    o_sb, o_s0, o_s1, o_s2,
     gl_sb,
     SCALE: tl.constexpr, REBUILD: tl.constexpr,
-    NDIM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    NDIM: tl.constexpr, CH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of the forward w.r.t. ``x``, ``t`` and ``r`` for one tile.
+    """Gradients of the forward w.r.t. ``x`` and ``r`` for one tile (``gt`` is ``gx`` or ``gy``: not stored).
 
     ``u`` is the forward input ``x``, or its output ``y`` when ``REBUILD`` (reversible backprop): then ``x``
     is rebuilt and stored to ``x_ptr``. ``gl`` is ``(B,)`` with stride ``gl_sb`` and sets the compute dtype.
-    Outputs are dense ``(B, N)`` in iteration order; ``gr`` is not written for ``SCALE == 2``.
+    ``gx`` and ``x`` are dense ``(B, N)`` in iteration order, with ``gx = gy`` and ``x = u`` outside the
+    transformed channels (``CH >= 0``); ``gr`` (strides ``o_*``, shaped like ``raw``) is not written for
+    ``SCALE == 2``, which has a kernel only to rebuild ``x``.
     """
+    tl.static_assert(REBUILD or SCALE != 2, "the additive backward without rebuild is gx = gt = gy: no kernel")
     acc_ty = gl_ptr.dtype.element_ty
     rows, cols, col_block, mask = _tile(tl.program_id(0), B, N, ROWS, BLOCK)
     i0, i1, i2 = _split(cols, S1, S2, NDIM)
+    mask_b, j0, j1, j2 = _transformed(mask, i0, i1, i2, B0, NB, CH)
     gy = _load(gy_ptr, _offsets(rows, i0, i1, i2, g_sb, g_s0, g_s1, g_s2, NDIM), mask, acc_ty)
     out_offs = rows[:, None] * N + cols.to(tl.int64)[None, :]
+    # the rebuilt x needs u everywhere (it passes through off the transformed channels), gradients only on them
+    u_mask = mask if REBUILD else mask_b
+    u = _load(u_ptr, _offsets(rows, i0, i1, i2, u_sb, u_s0, u_s1, u_s2, NDIM), u_mask, acc_ty)
     if SCALE == 2:
-        if REBUILD:
-            u = _load(u_ptr, _offsets(rows, i0, i1, i2, u_sb, u_s0, u_s1, u_s2, NDIM), mask, acc_ty)
-            t = _load(t_ptr, _offsets(rows, i0, i1, i2, t_sb, t_s0, t_s1, t_s2, NDIM), mask, acc_ty)
-            _store(x_ptr, out_offs, u - t, mask)
+        t = _load(t_ptr, _offsets(rows, j0, j1, j2, t_sb, t_s0, t_s1, t_s2, NDIM), mask_b, acc_ty)
+        _store(x_ptr, out_offs, u - t, mask)  # t is 0 off the transformed channels and u - 0 == u exactly
         _store(gx_ptr, out_offs, gy, mask)
-        _store(gt_ptr, out_offs, gy, mask)
     else:
-        u = _load(u_ptr, _offsets(rows, i0, i1, i2, u_sb, u_s0, u_s1, u_s2, NDIM), mask, acc_ty)
-        r = _load(r_ptr, _offsets(rows, i0, i1, i2, r_sb, r_s0, r_s1, r_s2, NDIM), mask, acc_ty)
+        r = _load(r_ptr, _offsets(rows, j0, j1, j2, r_sb, r_s0, r_s1, r_s2, NDIM), mask_b, acc_ty)
         gl = tl.load(gl_ptr + rows * gl_sb, mask=rows < B, other=0.0).to(acc_ty)[:, None]
         if SCALE == 0 or REBUILD:
-            t = _load(t_ptr, _offsets(rows, i0, i1, i2, t_sb, t_s0, t_s1, t_s2, NDIM), mask, acc_ty)
+            t = _load(t_ptr, _offsets(rows, j0, j1, j2, t_sb, t_s0, t_s1, t_s2, NDIM), mask_b, acc_ty)
         if SCALE == 0:
             s, one_minus_s, log_s, inv_s = _sigmoid_parts(r)
             if REBUILD:
-                _store(x_ptr, out_offs, u * inv_s - t, mask)
+                x = u * inv_s - t
                 xt_s = u
             else:
                 xt_s = (u + t) * s
             gx = gy * s
-            _store(gx_ptr, out_offs, gx, mask)
-            _store(gt_ptr, out_offs, gx, mask)
-            _store(gr_ptr, out_offs, one_minus_s * (gy * xt_s + gl), mask)
+            gr = one_minus_s * (gy * xt_s + gl)
         else:
             log_s = _tanh(r)
             if REBUILD:
                 x_s = u - t
-                _store(x_ptr, out_offs, x_s * tl.exp(-log_s), mask)
+                x = x_s * tl.exp(-log_s)
             else:
                 x_s = u * tl.exp(log_s)
-            _store(gx_ptr, out_offs, gy * tl.exp(log_s), mask)
-            _store(gt_ptr, out_offs, gy, mask)
-            _store(gr_ptr, out_offs, (1.0 - log_s * log_s) * (gy * x_s + gl), mask)
+            gx = gy * tl.exp(log_s)
+            gr = (1.0 - log_s * log_s) * (gy * x_s + gl)
+        if CH >= 0:
+            gx = tl.where(mask_b, gx, gy)
+        _store(gx_ptr, out_offs, gx, mask)
+        _store(gr_ptr, _offsets(rows, j0, j1, j2, o_sb, o_s0, o_s1, o_s2, NDIM), gr, mask_b)
+        if REBUILD:
+            if CH >= 0:
+                x = tl.where(mask_b, x, u)
+            _store(x_ptr, out_offs, x, mask)
 
 
 class _Runs(NamedTuple):
-    """A sample's elements as at most three strided runs: sizes ``(S0, S1, S2)`` and per-input strides."""
+    """A sample's elements as at most three strided runs: sizes ``(S0, S1, S2)``, per-tensor strides, and the
+    index of the run that is the channel dim of a channel split (-1 without one)."""
 
     ndim: int
     sizes: tuple[int, int, int]
     strides: list[tuple[int, int, int, int]]
+    channel: int
 
 
 def _inner_order(x: torch.Tensor) -> list[int]:
@@ -268,43 +323,54 @@ def _inner_order(x: torch.Tensor) -> list[int]:
     return sorted(range(1, x.dim()), key=lambda d: -x.stride(d))
 
 
-def empty_in_order(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Empty tensor shaped like ``x``, dense in ``x``'s memory order of non-batch dims, batch outermost."""
+def empty_in_order(
+    x: torch.Tensor, dtype: torch.dtype | None = None, shape: torch.Size | tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """Empty tensor shaped like ``x`` (or ``shape``, of ``x``'s rank), dense in ``x``'s memory order of
+    non-batch dims, batch outermost."""
     order = [0, *_inner_order(x)]
-    out = torch.empty([x.shape[d] for d in order], dtype=dtype or x.dtype, device=x.device)
+    shape = x.shape if shape is None else shape
+    out = torch.empty([shape[d] for d in order], dtype=dtype or x.dtype, device=x.device)
     return out.permute([order.index(d) for d in range(x.dim())])
 
 
-def _runs(inputs: list[torch.Tensor], order: list[int]) -> _Runs | None:
-    """Merge the dims in ``order`` into runs every input can stride through; None if more than three."""
-    shape = inputs[0].shape
+def _runs(tensors: list[torch.Tensor], order: list[int], channel_dim: int | None) -> _Runs | None:
+    """Merge the dims in ``order`` into runs every tensor can stride through; None if more than three.
+
+    The tensors share the first one's shape except along ``channel_dim`` (a channel split), which is never
+    merged with a neighbour: its index is a run index of its own.
+    """
+    shape = tensors[0].shape
     sizes: list[int] = []
-    strides: list[list[int]] = [[] for _ in inputs]  # innermost stride of each run, per input
-    for d in (d for d in order if shape[d] != 1):
-        if sizes and all(st[-1] == t.stride(d) * shape[d] for st, t in zip(strides, inputs)):
+    strides: list[list[int]] = [[] for _ in tensors]  # innermost stride of each run, per tensor
+    channel, previous = -1, None
+    for d in (d for d in order if shape[d] != 1 or d == channel_dim):
+        mergeable = channel_dim not in (d, previous)
+        if sizes and mergeable and all(st[-1] == t.stride(d) * shape[d] for st, t in zip(strides, tensors)):
             sizes[-1] *= shape[d]
-            for st, t in zip(strides, inputs):
+            for st, t in zip(strides, tensors):
                 st[-1] = t.stride(d)
         else:
             sizes.append(shape[d])
-            for st, t in zip(strides, inputs):
+            for st, t in zip(strides, tensors):
                 st.append(t.stride(d))
+        if d == channel_dim:
+            channel = len(sizes) - 1
+        previous = d
     if len(sizes) > _MAX_RUNS:
         return None
     pad = _MAX_RUNS - len(sizes)
-    padded = [(t.stride(0), *st, *[0] * pad) for st, t in zip(strides, inputs)]
-    return _Runs(max(len(sizes), 1), (*sizes, *[1] * pad), padded)  # type: ignore[arg-type]
+    padded = [(t.stride(0), *st, *[0] * pad) for st, t in zip(strides, tensors)]
+    return _Runs(max(len(sizes), 1), (*sizes, *[1] * pad), padded, channel)  # type: ignore[arg-type]
 
 
-def _prepare(inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], _Runs]:
-    """Inputs and their runs; inputs are copied (dense in the first one's order) only beyond three runs."""
+def _prepare(inputs: list[torch.Tensor], channel_dim: int | None) -> tuple[list[torch.Tensor], list[int]]:
+    """Inputs and the iteration order; inputs are copied (dense in the first one's order) only beyond three
+    runs."""
     order = _inner_order(inputs[0])
-    runs = _runs(inputs, order)
-    if runs is None:
-        inputs = [empty_in_order(inputs[0], t.dtype).copy_(t) for t in inputs]
-        runs = _runs(inputs, order)
-        assert runs is not None
-    return inputs, runs
+    if _runs(inputs, order, channel_dim) is None:
+        inputs = [empty_in_order(inputs[0], t.dtype, t.shape).copy_(t) for t in inputs]
+    return inputs, order
 
 
 def _block_sizes(batch: int, n: int) -> tuple[int, int]:
@@ -317,38 +383,73 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _launch_args(inputs: list[torch.Tensor], runs: _Runs) -> list[int]:
-    """``B, N, S1, S2`` and every input's four strides, in kernel argument order."""
-    batch = inputs[0].shape[0]
-    n = inputs[0].numel() // batch
+def _launch_args(u: torch.Tensor, runs: _Runs, b_start: int | None, b_channels: int) -> list[int]:
+    """``B, N, S1, S2, B0, NB`` and every tensor's four strides, in kernel argument order."""
+    batch = u.shape[0]
+    n = u.numel() // batch
     if n >= 2**31 - TILE:
         raise ValueError(f"coupling kernels index a sample with int32, got {n} elements per sample")
-    return [batch, n, runs.sizes[1], runs.sizes[2], *(s for st in runs.strides for s in st)]
+    split = [0, 0] if b_start is None else [b_start, b_channels]  # unused without a split
+    return [batch, n, runs.sizes[1], runs.sizes[2], *split, *(s for st in runs.strides for s in st)]
+
+
+def _launch_directly(kernel: Any) -> Any:
+    """The default ``wrap_triton`` of the launchers: launch the kernel itself."""
+    return kernel
+
+
+def _check_split(u: torch.Tensor, shift: torch.Tensor, b_start: int | None) -> None:
+    """``shift`` matches ``u``, or ``u``'s channels ``[b_start, b_start + shift.shape[1])`` with a split."""
+    if b_start is None:
+        assert shift.shape == u.shape, (shift.shape, u.shape)
+    else:
+        assert u.dim() >= 2 and 0 <= b_start <= b_start + shift.shape[1] <= u.shape[1], (u.shape, b_start)
+        assert shift.shape == (*u.shape[:1], shift.shape[1], *u.shape[2:]), (shift.shape, u.shape)
 
 
 def coupling_forward(
-    u: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor | None, scale: int, inverse: bool
+    u: torch.Tensor,
+    shift: torch.Tensor,
+    raw: torch.Tensor | None,
+    kind: str,
+    inverse: bool,
+    b_start: int | None = None,
+    wrap_triton: Callable[[Any], Any] = _launch_directly,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward ``(y, logdet)`` of ``u = x``, or inverse ``(x, -logdet)`` of ``u = y``, in one pass.
 
-    ``u``, ``shift`` and ``raw`` share shape ``(B, ...)``, dtype and device, with any strides; ``raw`` is
-    ignored (may be None) for ``scale == ADDITIVE``. The output has ``u``'s dtype, dense in ``u``'s memory
-    order; ``logdet`` is ``(B,)`` float32 (float64 for float64 inputs).
+    ``kind`` is a key of :data:`SCALE_CODES`. ``u``, ``shift`` and ``raw`` share shape ``(B, ...)``, dtype and
+    device, with any strides; ``raw`` is ignored (may be None) for ``"additive"``. With ``b_start``, ``u`` is
+    ``(B, C, ...)`` and ``shift`` / ``raw`` are ``(B, NB, ...)``: channels ``[b_start, b_start + NB)`` of ``u``
+    are transformed and the others are copied into the output in the same pass. The output has ``u``'s shape
+    and dtype, dense in ``u``'s memory order; ``logdet`` is ``(B,)`` float32 (float64 for float64 inputs).
+    ``wrap_triton`` is applied to the kernel before its launch (see the module docstring).
     """
+    _check_split(u, shift, b_start)
+    scale = SCALE_CODES[kind]
     out = empty_in_order(u)
-    batch = u.shape[0]
+    batch, acc = u.shape[0], _compute_dtype(u.dtype)
     if u.numel() == 0:
-        return out, torch.zeros(batch, dtype=_compute_dtype(u.dtype), device=u.device)
-    inputs, runs = _prepare([u, shift, shift if raw is None else raw])
+        return out, torch.zeros(batch, dtype=acc, device=u.device)
+    channel_dim = None if b_start is None else 1
+    inputs, order = _prepare([u, shift, shift if raw is None else raw], channel_dim)
+    runs = _runs(inputs, order, channel_dim)
+    assert runs is not None
     rows, block = _block_sizes(batch, u.numel() // batch)
     n_col_blocks = triton.cdiv(u.numel() // batch, block)
-    partial = torch.zeros(batch, n_col_blocks, dtype=_compute_dtype(u.dtype), device=u.device)
+    if scale == ADDITIVE:
+        # log s = 0: the kernel writes no partial sums, and the zero log-det stands in for the unused pointer
+        partial = torch.zeros(batch, dtype=acc, device=u.device)
+    else:
+        # every (sample, column block) slot is written (module docstring): no zero fill
+        partial = torch.empty(batch, n_col_blocks, dtype=acc, device=u.device)
     grid = (triton.cdiv(batch, rows) * n_col_blocks,)
-    coupling_fwd_kernel[grid](
-        *inputs, out, partial, *_launch_args(inputs, runs),
-        SCALE=scale, INVERSE=inverse, NDIM=runs.ndim, ROWS=rows, BLOCK=block, num_warps=NUM_WARPS,
+    wrap_triton(coupling_fwd_kernel)[grid](
+        *inputs, out, partial, *_launch_args(u, runs, b_start, shift.shape[1]),
+        SCALE=scale, INVERSE=inverse, NDIM=runs.ndim, CH=runs.channel, ROWS=rows, BLOCK=block,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
-    return out, partial.sum(dim=1)
+    return out, partial if scale == ADDITIVE else partial.sum(dim=1)
 
 
 def coupling_backward(
@@ -357,37 +458,54 @@ def coupling_backward(
     raw: torch.Tensor | None,
     grad_y: torch.Tensor,
     grad_logdet: torch.Tensor | None,
-    scale: int,
+    kind: str,
     rebuild: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``(grad_x, grad_shift, grad_raw, x)`` of the coupling forward in one pass.
+    b_start: int | None = None,
+    wrap_triton: Callable[[Any], Any] = _launch_directly,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(grad_x, grad_raw, x)`` of the coupling forward in one pass; ``grad_shift`` is not computed.
 
-    ``u`` is the forward input ``x``, or the forward output ``y`` when ``rebuild`` (then ``x`` is rebuilt and
-    returned, else None). ``grad_y`` matches ``u``; ``grad_logdet`` is ``(B,)`` or None (zero). ``grad_raw``
-    is None for ``scale == ADDITIVE``. Outputs have ``u``'s dtype, dense in ``u``'s memory order.
+    ``grad_shift`` is ``grad_x`` for ``"sigmoid"`` and ``"additive"`` and ``grad_y`` for ``"exp"`` (with
+    ``b_start``: their channels ``[b_start, b_start + NB)``), so the caller hands those out. ``u`` is the forward
+    input ``x``, or the forward output ``y`` when ``rebuild`` (then ``x`` is rebuilt and returned, else None);
+    the additive coupling has a kernel only with ``rebuild`` (else ``grad_x = grad_y``). ``grad_y`` matches
+    ``u``; ``grad_logdet`` is ``(B,)`` or None (zero); shapes and ``b_start`` as in :func:`coupling_forward`.
+    ``grad_raw`` (None for ``"additive"``) matches ``raw``; all outputs have ``u``'s dtype, dense in ``u``'s
+    memory order.
     """
+    _check_split(u, shift, b_start)
+    scale = SCALE_CODES[kind]
+    if scale == ADDITIVE and not rebuild:
+        raise ValueError("the additive backward is grad_x = grad_shift = grad_y: no kernel to launch")
     acc = _compute_dtype(u.dtype)
     batch = u.shape[0]
     if grad_logdet is None:
         grad_logdet = torch.zeros((), dtype=acc, device=u.device).expand(batch)
-    grad_x, grad_shift = empty_in_order(u), empty_in_order(u)
-    grad_raw = None if scale == ADDITIVE else empty_in_order(u)
+    grad_x = empty_in_order(u)
+    grad_raw = None if raw is None or scale == ADDITIVE else empty_in_order(u, shape=raw.shape)
     x = empty_in_order(u) if rebuild else None
     if u.numel() == 0:
-        return grad_x, grad_shift, grad_raw, x
-    inputs, runs = _prepare([u, shift, shift if raw is None else raw, grad_y])
+        return grad_x, grad_raw, x
+    channel_dim = None if b_start is None else 1
+    inputs, order = _prepare([u, shift, shift if raw is None else raw, grad_y], channel_dim)
+    # grad_raw is dense in the iteration order, so adding it never splits a run
+    runs = _runs([*inputs, shift if grad_raw is None else grad_raw], order, channel_dim)
+    assert runs is not None
     rows, block = _block_sizes(batch, u.numel() // batch)
     grid = (triton.cdiv(batch, rows) * triton.cdiv(u.numel() // batch, block),)
     gl = grad_logdet.to(acc)
-    coupling_bwd_kernel[grid](
-        *inputs, gl, grad_x, grad_shift, grad_x if grad_raw is None else grad_raw, grad_x if x is None else x,
-        *_launch_args(inputs, runs), gl.stride(0),
-        SCALE=scale, REBUILD=rebuild, NDIM=runs.ndim, ROWS=rows, BLOCK=block, num_warps=NUM_WARPS,
+    # a slot this launch never stores to gets an input, never another output: a traced launch (wrap_triton)
+    # may take every pointer as written
+    wrap_triton(coupling_bwd_kernel)[grid](
+        *inputs, gl, grad_x, u if grad_raw is None else grad_raw, u if x is None else x,
+        *_launch_args(u, runs, b_start, shift.shape[1]), gl.stride(0),
+        SCALE=scale, REBUILD=rebuild, NDIM=runs.ndim, CH=runs.channel, ROWS=rows, BLOCK=block,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
-    return grad_x, grad_shift, grad_raw, x
+    return grad_x, grad_raw, x
 
 
-_CONSTEXPRS = ("SCALE", "INVERSE", "REBUILD", "NDIM", "ROWS", "BLOCK")
+_CONSTEXPRS = ("SCALE", "INVERSE", "REBUILD", "NDIM", "CH", "ROWS", "BLOCK")
 
 
 def _signature(kernel: Any, elem: str, int_type: str) -> dict[str, str]:
@@ -404,16 +522,21 @@ def _signature(kernel: Any, elem: str, int_type: str) -> dict[str, str]:
     return {name: arg_type(name) for name in kernel.arg_names}
 
 
-def _glow_launch_ints(kernel: Any) -> dict[str, int]:
-    """The integer arguments of ``kernel`` in Glow's usual launch: ``x_b`` a channel slice of a contiguous
-    ``(16, 96, 32, 32)`` activation, ``shift``/``raw`` the two halves of the network output, a dense upstream
-    gradient and a ``(B,)`` log-det gradient. Computed by the launcher's own helpers on CPU tensors."""
-    h, net = torch.empty(16, 96, 32, 32), torch.empty(16, 96, 32, 32)
-    inputs = [h[:, 48:], *net.chunk(2, dim=1)]
-    if kernel is coupling_bwd_kernel:
-        inputs.append(torch.empty(16, 48, 32, 32))
-    inputs, runs = _prepare(inputs)
-    values = _launch_args(inputs, runs) + ([1] if kernel is coupling_bwd_kernel else [])  # gl_sb
+def _glow_launch_ints(kernel: Any, split: bool, channels_last: bool = False) -> dict[str, int]:
+    """The integer arguments of ``kernel`` in Glow's usual launch: the coupling input a ``(16, 96, 32, 32)``
+    activation (NCHW or channels_last), ``shift``/``raw`` the two halves of the network output, a dense upstream
+    gradient and a ``(B,)`` log-det gradient; ``x_b`` its channel slice, or with ``split`` the whole activation
+    with channels ``[48, 96)`` transformed. Computed by the launcher's own helpers on CPU tensors."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    h, net = (torch.empty(16, 96, 32, 32, memory_format=fmt) for _ in range(2))
+    u, (shift, raw) = (h if split else h[:, 48:]), net.chunk(2, dim=1)
+    backward = kernel is coupling_bwd_kernel
+    channel_dim = 1 if split else None
+    inputs, order = _prepare([u, shift, raw, *([empty_in_order(u)] if backward else [])], channel_dim)
+    outputs = [empty_in_order(u, shape=raw.shape)] if backward else []  # grad_raw
+    runs = _runs([*inputs, *outputs], order, channel_dim)
+    assert runs is not None
+    values = _launch_args(u, runs, 48 if split else None, 48) + ([1] if backward else [])  # gl_sb
     names = [n for n in kernel.arg_names if not n.endswith("_ptr") and n not in _CONSTEXPRS]
     assert len(names) == len(values), (names, values)
     return dict(zip(names, values))
@@ -422,26 +545,33 @@ def _glow_launch_ints(kernel: Any) -> dict[str, int]:
 def aot_specs() -> list[AotSpec]:
     """Launch configurations of every kernel here, to compile ahead of time for a GPU target.
 
-    Every ``SCALE`` and direction for Glow's usual launch (a channel slice of an NCHW tensor: one run per
-    sample, 1024-element strips) in float32 and bfloat16, and in float32 with int64 strides and three runs
-    (channels_last slices of huge tensors) and bfloat16 with two runs and 64 samples per tile; float64
-    (gradcheck on GPU) with one element per sample, which need only compile (the others must not spill).
+    Every ``SCALE`` and direction (but the additive backward without rebuild, which has no kernel) for
+    Glow's usual launches: a channel slice of an NCHW tensor (one run per sample, 1024-element strips) in
+    float32 and bfloat16, and the channel split of the whole NCHW activation (two runs) in float32; the
+    channel split of a channels_last activation (two runs, the channel run innermost) in its heavier
+    direction (inverse, reversible backward); float32 with int64 strides and three runs, channel split
+    (channels_last slices of huge tensors); bfloat16 with two runs and 64 samples per tile; float64 (gradcheck
+    on GPU) with one element per sample, which need only compile (the others must not spill).
     """
-    variants = (  # the first two are Glow's usual launch, compiled with its integer arguments
-        ("fp32", "i32", {"NDIM": 1, "ROWS": 1, "BLOCK": TILE}, (False, True), True),
-        ("bf16", "i32", {"NDIM": 1, "ROWS": 1, "BLOCK": TILE}, (False, True), True),
-        ("fp32", "i64", {"NDIM": 3, "ROWS": 1, "BLOCK": TILE}, (False, True), False),
-        ("bf16", "i32", {"NDIM": 2, "ROWS": 64, "BLOCK": 16}, (False, True), False),
-        ("fp64", "i32", {"NDIM": 1, "ROWS": TILE, "BLOCK": 1}, (False,), False),
+    glow, split = {"NDIM": 1, "CH": -1, "ROWS": 1, "BLOCK": TILE}, {"NDIM": 2, "ROWS": 1, "BLOCK": TILE}
+    variants = (  # elem, int type, tile, INVERSE / REBUILD flags, Glow launch (split, channels_last) or None
+        ("fp32", "i32", glow, (False, True), (False, False)),
+        ("bf16", "i32", glow, (False, True), (False, False)),
+        ("fp32", "i32", {**split, "CH": 0}, (False, True), (True, False)),
+        ("fp32", "i32", {**split, "CH": 1}, (True,), (True, True)),
+        ("fp32", "i64", {"NDIM": 3, "CH": 1, "ROWS": 1, "BLOCK": TILE}, (False, True), None),
+        ("bf16", "i32", {"NDIM": 2, "CH": -1, "ROWS": 64, "BLOCK": 16}, (False, True), None),
+        ("fp64", "i32", {"NDIM": 1, "CH": -1, "ROWS": TILE, "BLOCK": 1}, (False,), None),
     )
-    glow_ints = {kernel: _glow_launch_ints(kernel) for kernel in (coupling_fwd_kernel, coupling_bwd_kernel)}
     specs = []
-    for elem, int_type, tile, flags, glow_launch in variants:
+    for elem, int_type, tile, flags, launch in variants:
         for scale in (SIGMOID, EXP, ADDITIVE):
             for flag in flags:
                 for kernel, flag_name in ((coupling_fwd_kernel, "INVERSE"), (coupling_bwd_kernel, "REBUILD")):
+                    if kernel is coupling_bwd_kernel and scale == ADDITIVE and not flag:
+                        continue
                     constexprs = {**tile, "SCALE": scale, flag_name: flag}
                     signature = _signature(kernel, elem, int_type)
-                    ints = glow_ints[kernel] if glow_launch else None
+                    ints = None if launch is None else _glow_launch_ints(kernel, *launch)
                     specs.append(AotSpec(kernel, signature, constexprs, NUM_WARPS, elem != "fp64", ints))
     return specs

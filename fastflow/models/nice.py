@@ -40,12 +40,12 @@ class NICECoupling(FlowLayer):
         self.mlp = _mlp(num_features // 2, hidden, depth, num_features // 2)
 
     def _couple(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = x.reshape(x.shape[0], self.num_features // 2, 2)
-        a, b = pairs[:, :, self.parity], pairs[:, :, 1 - self.parity]
+        # (B, 2, D/2) view of the even/odd pairs: the op transforms channel 1 - parity and copies the other
+        # through in one pass, writing the output in x's own element order (so the reshape back is a view)
+        halves = x.reshape(x.shape[0], self.num_features // 2, 2).transpose(1, 2)
         op = additive_coupling_inverse if inverse else additive_coupling
-        b_out, logdet = op(b, self.mlp(a))
-        out = torch.stack([a, b_out] if self.parity == 0 else [b_out, a], dim=2)
-        return out.reshape(x.shape), logdet
+        out, logdet = op(halves, self.mlp(halves[:, self.parity])[:, None], b_start=1 - self.parity)
+        return out.transpose(1, 2).reshape(x.shape), logdet
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, 0)``."""

@@ -55,14 +55,15 @@ class _Coupling(FlowLayer):
         self.net = coupling_network(self.cond_channels, hidden, self.outputs_per_channel * self.out_channels)
         self.tiling: Tiling | None = None
 
-    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n_a = self.cond_channels
-        if self.parity == 0:
-            return x[:, :n_a], x[:, n_a:]
-        return x[:, x.shape[1] - n_a :], x[:, : x.shape[1] - n_a]
+    @property
+    def b_start(self) -> int:
+        """First of the channels the transform acts on (channel mask): the rest of the channels pass through."""
+        return self.cond_channels if self.parity == 0 else 0
 
-    def _join(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.cat([a, b] if self.parity == 0 else [b, a], dim=1)
+    def _conditioning(self, x: torch.Tensor) -> torch.Tensor:
+        """The channels the network sees (channel mask), a view of ``x``."""
+        start = 0 if self.parity == 0 else self.num_channels - self.cond_channels
+        return x.narrow(1, start, self.cond_channels)
 
     def _checkerboard(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.arange(x.shape[2], device=x.device).view(-1, 1)
@@ -71,7 +72,10 @@ class _Coupling(FlowLayer):
 
     def _net_outputs(self, a: torch.Tensor) -> list[torch.Tensor]:
         # Under autocast the network may answer in another dtype; the transform runs in the input's dtype.
-        return list(self.net(a).to(a.dtype).chunk(self.outputs_per_channel, dim=1))
+        out = self.net(a).to(a.dtype)
+        if self.outputs_per_channel == 1:
+            return [out]  # chunk(1) would cost a copy in the backward (autograd joins chunks with torch.cat)
+        return list(out.chunk(self.outputs_per_channel, dim=1))
 
     def _tiles(self, x: torch.Tensor) -> list[Tile]:
         """One tile for the whole image without tiling, else the tiles of :attr:`tiling`."""
@@ -98,33 +102,41 @@ class _Coupling(FlowLayer):
     def _couple(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         check_image("y" if inverse else "x", x, self.num_channels)
         if self.mask == "channel":
-            a, b = self._split(x)
-            b_out, logdet = self._transform(b, self._masked_outputs(a, None), inverse)
-            return self._join(a, b_out), logdet
+            # the op writes the whole output: the pass-through channels in the same pass as the transform
+            return self._transform(x, self._masked_outputs(self._conditioning(x), None), inverse, self.b_start)
         m = self._checkerboard(x)
-        return self._transform(x, self._masked_outputs(x * m, m), inverse)
+        return self._transform(x, self._masked_outputs(x * m, m), inverse, None)
 
     def _transform(
-        self, b: torch.Tensor, outs: list[torch.Tensor], inverse: bool
+        self, x: torch.Tensor, outs: list[torch.Tensor], inverse: bool, b_start: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        """The coupling op on ``x``: whole, transformed on channels from ``b_start`` (or everywhere if None)."""
         raise NotImplementedError
 
     def _transform_backward_from_output(
-        self, y_b: torch.Tensor, outs: list[torch.Tensor], grad_y_b: torch.Tensor, grad_logdet: torch.Tensor
+        self,
+        y: torch.Tensor,
+        outs: list[torch.Tensor],
+        grad_y: torch.Tensor,
+        grad_logdet: torch.Tensor,
+        b_start: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # pragma: no cover - abstract
+        """``(x, grad_x, grads of outs)`` of the op's reversible backward; ``grad_x`` is a new tensor."""
         raise NotImplementedError
 
     def _tile_backward(
         self,
         tile: Tile,
         net_in_full: torch.Tensor,
-        y_b: torch.Tensor,
-        grad_b: torch.Tensor,
+        y: torch.Tensor,
+        grad_y: torch.Tensor,
         grad_logdet: torch.Tensor,
         mask: torch.Tensor | None,
+        b_start: int | None,
         params: list[torch.nn.Parameter],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x_b, grad_x_b, grad of the network input)`` on one tile (the last over the tile's halo window)."""
+        """``(x, grad_x, grad of the network input)`` on one tile (the last over the tile's halo window);
+        ``grad_x`` lacks the network input's part."""
         core = (..., *tile.core)
         with torch.enable_grad():
             net_in = net_in_full[(..., *tile.window)].detach().requires_grad_(True)
@@ -132,11 +144,11 @@ class _Coupling(FlowLayer):
             if mask is not None:
                 outs = [o * (1.0 - mask[core]) for o in outs]
         with torch.no_grad():
-            x_b, grad_x_b, grad_outs = self._transform_backward_from_output(
-                y_b[core], [o.detach() for o in outs], grad_b[core], grad_logdet
+            x, grad_x, grad_outs = self._transform_backward_from_output(
+                y[core], [o.detach() for o in outs], grad_y[core], grad_logdet, b_start
             )
         torch.autograd.backward(outs, grad_outs, inputs=[net_in, *params])
-        return x_b, grad_x_b, net_in.grad
+        return x, grad_x, net_in.grad
 
     def backward_from_output(
         self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor
@@ -144,36 +156,39 @@ class _Coupling(FlowLayer):
         """Reversible backward from the output: ``(x, grad_x)``; parameter gradients go to ``.grad``.
 
         The conditioning part passes through unchanged, so the network runs once (with a graph) on it; one
-        fused pass then rebuilds ``x_b`` from ``y_b`` and gives the gradients w.r.t. ``x_b`` and the network
-        outputs, which are backpropagated through the network. Under :attr:`tiling` this runs tile by tile,
-        so the network's activations are those of one tile (plus halo), not of the whole image.
+        fused pass then rebuilds ``x`` from ``y`` (the whole of it: the pass-through channels are copied in the
+        same pass) and gives the gradients w.r.t. ``x`` and the network outputs, which are backpropagated
+        through the network; the network input's gradient is then added into ``grad_x`` in place. Under
+        :attr:`tiling` this runs tile by tile, so the network's activations are those of one tile (plus halo),
+        not of the whole image.
         """
         check_image("y", y, self.num_channels)
         if self.mask == "channel":
-            net_in_full, y_b = self._split(y)
-            grad_a, grad_b = self._split(grad_y)
-            mask = None
+            net_in_full, mask, b_start = self._conditioning(y), None, self.b_start
         else:
             mask = self._checkerboard(y)
-            net_in_full, y_b, grad_a, grad_b = y * mask, y, None, grad_y
+            net_in_full, b_start = y * mask, None
         params = [p for p in self.parameters() if p.requires_grad]
         parts = self._tiles(y)
         if len(parts) == 1:
-            x_b, grad_x_b, grad_net_in = self._tile_backward(
-                parts[0], net_in_full, y_b, grad_b, grad_logdet, mask, params
+            x, grad_x, grad_net_in = self._tile_backward(
+                parts[0], net_in_full, y, grad_y, grad_logdet, mask, b_start, params
             )
         else:
-            x_b, grad_x_b = torch.empty_like(y_b), torch.empty_like(y_b)
+            x, grad_x = torch.empty_like(y), torch.empty_like(y)
             grad_net_in = torch.zeros_like(net_in_full)
             for tile in parts:
                 core = (..., *tile.core)
-                x_b[core], grad_x_b[core], grad_window = self._tile_backward(
-                    tile, net_in_full, y_b, grad_b, grad_logdet, mask, params
+                x[core], grad_x[core], grad_window = self._tile_backward(
+                    tile, net_in_full, y, grad_y, grad_logdet, mask, b_start, params
                 )
                 grad_net_in[(..., *tile.window)] += grad_window
         if mask is None:
-            return self._join(net_in_full, x_b), self._join(grad_a + grad_net_in, grad_x_b)
-        return x_b, grad_x_b + grad_net_in * mask
+            # grad_x is a new tensor (a shift gradient sharing its memory covers only the transformed channels):
+            # the conditioning channels' second path goes in place, not through a torch.cat
+            self._conditioning(grad_x).add_(grad_net_in)
+            return x, grad_x
+        return x, grad_x + grad_net_in * mask
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, logdet)`` for ``x`` of shape ``(B, C, H, W)``."""
@@ -208,19 +223,26 @@ class AffineCoupling(_Coupling):
         super().__init__(num_channels, hidden, mask, parity)
         self.scale = scale
 
-    def _transform(self, b: torch.Tensor, outs: list[torch.Tensor], inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _transform(
+        self, x: torch.Tensor, outs: list[torch.Tensor], inverse: bool, b_start: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         shift, raw = outs
         op = affine_coupling_inverse if inverse else affine_coupling
-        return op(b, shift, raw, self.scale)
+        return op(x, shift, raw, self.scale, b_start)
 
     def _transform_backward_from_output(
-        self, y_b: torch.Tensor, outs: list[torch.Tensor], grad_y_b: torch.Tensor, grad_logdet: torch.Tensor
+        self,
+        y: torch.Tensor,
+        outs: list[torch.Tensor],
+        grad_y: torch.Tensor,
+        grad_logdet: torch.Tensor,
+        b_start: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         shift, raw = outs
-        x_b, grad_x, grad_shift, grad_raw = affine_coupling_backward_from_output(
-            y_b, shift, raw, grad_y_b, grad_logdet, self.scale
+        x, grad_x, grad_shift, grad_raw = affine_coupling_backward_from_output(
+            y, shift, raw, grad_y, grad_logdet, self.scale, b_start
         )
-        return x_b, grad_x, [grad_shift, grad_raw]
+        return x, grad_x, [grad_shift, grad_raw]
 
 
 class AdditiveCoupling(_Coupling):
@@ -231,12 +253,19 @@ class AdditiveCoupling(_Coupling):
     def __init__(self, num_channels: int, hidden: int = 512, mask: MaskKind = "channel", parity: int = 0) -> None:
         super().__init__(num_channels, hidden, mask, parity)
 
-    def _transform(self, b: torch.Tensor, outs: list[torch.Tensor], inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _transform(
+        self, x: torch.Tensor, outs: list[torch.Tensor], inverse: bool, b_start: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         op = additive_coupling_inverse if inverse else additive_coupling
-        return op(b, outs[0])
+        return op(x, outs[0], b_start)
 
     def _transform_backward_from_output(
-        self, y_b: torch.Tensor, outs: list[torch.Tensor], grad_y_b: torch.Tensor, grad_logdet: torch.Tensor
+        self,
+        y: torch.Tensor,
+        outs: list[torch.Tensor],
+        grad_y: torch.Tensor,
+        grad_logdet: torch.Tensor,
+        b_start: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        x_b, grad_x, grad_shift = additive_coupling_backward_from_output(y_b, outs[0], grad_y_b)
-        return x_b, grad_x, [grad_shift]
+        x, grad_x, grad_shift = additive_coupling_backward_from_output(y, outs[0], grad_y, b_start)
+        return x, grad_x, [grad_shift]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ZeroConv2d", "coupling_network"]
@@ -11,7 +12,10 @@ __all__ = ["ZeroConv2d", "coupling_network"]
 class ZeroConv2d(nn.Module):
     """3x3 convolution initialised to zero whose output is scaled by ``exp(logscale_factor * logs)``.
 
-    Starting at zero makes every coupling the identity at initialisation (Glow).
+    Starting at zero makes every coupling the identity at initialisation (Glow). The per-channel scale
+    ``e = exp(logscale_factor * logs)`` is folded into the convolution, ``conv(x, W * e, b * e) = conv(x, W, b) * e``
+    (``e`` scales output channel ``o``'s filter and bias): one elementwise pass over the output, and its backward,
+    become a ``C_out x C_in x 3 x 3`` multiply. Parameters and ``state_dict`` are those of the unfolded layer.
     """
 
     def __init__(self, in_channels: int, out_channels: int, logscale_factor: float = 3.0) -> None:
@@ -24,7 +28,10 @@ class ZeroConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-initialised 3x3 convolution of ``x`` with a learned per-channel output scale."""
-        return self.conv(x) * torch.exp(self.logs * self.logscale_factor)
+        conv = self.conv
+        scale = torch.exp(self.logs * self.logscale_factor).flatten()
+        weight, bias = conv.weight * scale[:, None, None, None], conv.bias * scale
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def coupling_network(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:

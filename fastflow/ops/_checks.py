@@ -28,6 +28,25 @@ def check_same_shape(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
         raise ValueError(f"{name} must be on {ref.device} like {ref_name}, got {t.device}")
 
 
+def check_channel_slice(
+    name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, start_name: str, start: object
+) -> None:
+    """Raise unless ``t`` matches ``ref`` in dtype, device and shape but for dim 1, and ``start`` is an int that
+    puts channels ``[start, start + t.shape[1])`` inside ``ref``'s."""
+    if isinstance(start, bool) or not isinstance(start, int):
+        raise TypeError(f"{start_name} must be an int, got {type(start).__name__}")
+    if t.dim() != ref.dim() or t.shape[:1] + t.shape[2:] != ref.shape[:1] + ref.shape[2:]:
+        raise ValueError(
+            f"{name} must have the shape of {ref_name} {tuple(ref.shape)} but for dim 1, got {tuple(t.shape)}"
+        )
+    if not 0 <= start <= start + t.shape[1] <= ref.shape[1]:
+        raise ValueError(
+            f"{start_name} must put the {t.shape[1]} channels of {name} inside the {ref.shape[1]} of {ref_name},"
+            f" got {start}"
+        )
+    check_same_shape(name, t, ref_name, ref.narrow(1, start, t.shape[1]))
+
+
 def logdet_dtype(dtype: torch.dtype) -> torch.dtype:
     """Log-dets accumulate in float32 for half inputs and keep float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32

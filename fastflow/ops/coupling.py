@@ -7,18 +7,32 @@ Math (per element, ``t`` = shift, ``r`` = raw scale from the network):
 Log-det per sample: ``sum(log s)`` over every non-batch element (negated for the inverse), float32 for
 half inputs. Inputs have any shape ``(B, ...)``; ``shift`` and ``raw`` match ``x_b``.
 
+Channel split: with ``b_start`` every function takes the whole coupling input ``x`` of shape ``(B, C, ...)``
+instead of ``x_b`` and returns the whole output: channels ``[b_start, b_start + C_b)`` (``C_b`` those of
+``shift``) are ``x_b``, the other channels pass through unchanged. The fused kernels write the pass-through
+channels in the same pass (no ``torch.cat``, and the backward writes the whole ``grad_x``); the eager twins
+split and concatenate.
+
 Derivatives (``gy = dL/dy``, ``gl = dL/dlogdet`` per sample) computed by the fused backward:
 - Glow: ``gx = gt = gy * s``, ``gr = (1 - s) * (gy * (x + t) * s + gl)``.
 - RealNVP: ``gx = gy * s``, ``gt = gy``, ``gr = (1 - tanh(r) ** 2) * (gy * x * s + gl)``.
 - NICE: ``gx = gt = gy``.
+``gt`` is handed out as the very tensor ``gx`` (Glow, NICE) or ``gy`` (RealNVP), or a view of its transformed
+channels, never stored twice; the NICE backward launches nothing.
 
 Dispatch: the public functions run the eager references (autograd through ATen) on the ``"eager"`` backend
-and the torch.library custom ops ``fastflow::coupling_fwd`` / ``fastflow::coupling_inv`` (fused Triton
-kernels of :mod:`fastflow.kernels.coupling`, fake kernels and autograd registered so
-``torch.compile(fullgraph=True)`` traces them) on ``"triton"`` / ``"interpret"``. The forward's backward is
-the fused custom op ``fastflow::coupling_bwd``, saving ``x_b``, ``shift`` and ``raw`` (not ``s``); the
-inverse's backward is eager math. Neither is differentiable again. The log-det reduction is deterministic
-(per-tile partial sums, no atomics), so no ``deterministic`` switch is needed.
+and the torch.library ops ``fastflow::coupling_fwd`` / ``fastflow::coupling_inv`` (fused Triton kernels of
+:mod:`fastflow.kernels.coupling`, with autograd) on ``"triton"`` / ``"interpret"``. The forward's backward
+is the fused op ``fastflow::coupling_bwd``, saving ``x_b``, ``shift`` and ``raw`` (not ``s``; nothing for
+NICE); the inverse's backward is eager math. Neither is differentiable again. The log-det reduction is
+deterministic (per-tile partial sums, no atomics), so no ``deterministic`` switch is needed.
+
+Registration (:data:`fastflow.ops._registration.TRACEABLE`): where torch has ``torch.library.triton_op``
+(2.6+) and is built with CUDA, and Triton is installed and its kernels are compiled (not ``TRITON_INTERPRET``),
+the ops are triton ops that launch through ``torch.library.wrap_triton``: ``torch.compile`` traces into them
+and Inductor schedules the kernels among their neighbours. Otherwise (older torch, a CPU build, or the CPU
+interpreter, whose kernels Inductor cannot run) they are opaque ``torch.library.custom_op`` ops with fake
+kernels. ``torch.compile(fullgraph=True)`` traces either without a graph break.
 
 Reversible backprop: :func:`affine_coupling_backward_from_output` (and its additive twin) take the forward
 *output* ``y_b`` and return the rebuilt ``x_b`` with all input gradients in one fused pass.
@@ -26,14 +40,15 @@ Reversible backprop: :func:`affine_coupling_backward_from_output` (and its addit
 
 from __future__ import annotations
 
-from types import ModuleType
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from fastflow.backend import resolve_backend
-from fastflow.ops._checks import check_float_tensor, check_same_shape, logdet_dtype
+from fastflow.ops._checks import check_channel_slice, check_float_tensor, check_same_shape, logdet_dtype
+from fastflow.ops._registration import TRACEABLE, registration
 
 __all__ = [
     "ScaleKind",
@@ -55,6 +70,17 @@ ScaleKind = Literal["sigmoid", "exp"]
 SCALE_KINDS = ("sigmoid", "exp")
 
 
+def _channels(x: torch.Tensor, b_start: int, count: int) -> torch.Tensor:
+    """Channels ``[b_start, b_start + count)`` of ``x`` (a view)."""
+    return x.narrow(1, b_start, count)
+
+
+def _with_channels(x: torch.Tensor, part: torch.Tensor, b_start: int) -> torch.Tensor:
+    """``x`` with channels ``[b_start, b_start + part.shape[1])`` replaced by ``part`` (a new tensor)."""
+    end = b_start + part.shape[1]
+    return torch.cat([x[:, :b_start], part, x[:, end:]], dim=1)
+
+
 def _log_scale(raw: torch.Tensor, scale: str) -> torch.Tensor:
     if scale == "sigmoid":
         return F.logsigmoid(raw + 2.0)
@@ -66,9 +92,18 @@ def _per_sample_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def affine_coupling_ref(
-    x_b: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor, scale: str = "sigmoid", upcast: bool = False
+    x_b: torch.Tensor,
+    shift: torch.Tensor,
+    raw: torch.Tensor,
+    scale: str = "sigmoid",
+    upcast: bool = False,
+    b_start: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager forward: ``(y_b, logdet)``; ``upcast`` computes in float32 and casts ``y_b`` back."""
+    """Eager forward: ``(y_b, logdet)``; ``upcast`` computes in float32 and casts ``y_b`` back. With
+    ``b_start``: ``(y, logdet)`` of the whole input (module docstring)."""
+    if b_start is not None:
+        y_b, logdet = affine_coupling_ref(_channels(x_b, b_start, shift.shape[1]), shift, raw, scale, upcast)
+        return _with_channels(x_b, y_b, b_start), logdet
     out_dtype = x_b.dtype
     if upcast:
         x_b, shift, raw = (t.to(logdet_dtype(out_dtype)) for t in (x_b, shift, raw))
@@ -78,9 +113,19 @@ def affine_coupling_ref(
 
 
 def affine_coupling_inverse_ref(
-    y_b: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor, scale: str = "sigmoid", upcast: bool = False
+    y_b: torch.Tensor,
+    shift: torch.Tensor,
+    raw: torch.Tensor,
+    scale: str = "sigmoid",
+    upcast: bool = False,
+    b_start: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager inverse: ``(x_b, -logdet)``."""
+    """Eager inverse: ``(x_b, -logdet)``; with ``b_start`` of the whole output."""
+    if b_start is not None:
+        x_b, neg_logdet = affine_coupling_inverse_ref(
+            _channels(y_b, b_start, shift.shape[1]), shift, raw, scale, upcast
+        )
+        return _with_channels(y_b, x_b, b_start), neg_logdet
     out_dtype = y_b.dtype
     if upcast:
         y_b, shift, raw = (t.to(logdet_dtype(out_dtype)) for t in (y_b, shift, raw))
@@ -89,13 +134,23 @@ def affine_coupling_inverse_ref(
     return x_b.to(out_dtype), -_per_sample_sum(log_s, logdet_dtype(out_dtype))
 
 
-def additive_coupling_ref(x_b: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager additive forward: ``(x_b + shift, 0)``."""
+def additive_coupling_ref(
+    x_b: torch.Tensor, shift: torch.Tensor, b_start: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager additive forward: ``(x_b + shift, 0)``; with ``b_start`` of the whole input."""
+    if b_start is not None:
+        y_b, zero = additive_coupling_ref(_channels(x_b, b_start, shift.shape[1]), shift)
+        return _with_channels(x_b, y_b, b_start), zero
     return x_b + shift, x_b.new_zeros(x_b.shape[0], dtype=logdet_dtype(x_b.dtype))
 
 
-def additive_coupling_inverse_ref(y_b: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager additive inverse: ``(y_b - shift, 0)``."""
+def additive_coupling_inverse_ref(
+    y_b: torch.Tensor, shift: torch.Tensor, b_start: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager additive inverse: ``(y_b - shift, 0)``; with ``b_start`` of the whole output."""
+    if b_start is not None:
+        x_b, zero = additive_coupling_inverse_ref(_channels(y_b, b_start, shift.shape[1]), shift)
+        return _with_channels(y_b, x_b, b_start), zero
     return y_b - shift, y_b.new_zeros(y_b.shape[0], dtype=logdet_dtype(y_b.dtype))
 
 
@@ -112,13 +167,22 @@ def affine_coupling_backward_from_output_ref(
     grad_logdet: torch.Tensor | None = None,
     scale: str = "sigmoid",
     upcast: bool = False,
+    b_start: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager reversible backward: ``(x_b, grad_x, grad_shift, grad_raw)`` from the forward output ``y_b``.
 
     ``x_b`` is the inverse of ``y_b``; the gradients are those of :func:`affine_coupling_ref` at ``x_b`` for
     upstream gradients ``grad_y`` (like ``y_b``) and ``grad_logdet`` (``(B,)`` or None for zero), written
-    with ``(x + t) * s = y`` (Glow) and ``x * s = y - t`` (RealNVP). ``upcast`` computes in float32.
+    with ``(x + t) * s = y`` (Glow) and ``x * s = y - t`` (RealNVP). ``upcast`` computes in float32. With
+    ``b_start``, ``y_b`` and ``grad_y`` are whole and so are the rebuilt ``x`` and ``grad_x`` (``grad_y`` on
+    the pass-through channels). Every result is a new tensor.
     """
+    if b_start is not None:
+        count = shift.shape[1]
+        x_b, grad_x, grad_shift, grad_raw = affine_coupling_backward_from_output_ref(
+            _channels(y_b, b_start, count), shift, raw, _channels(grad_y, b_start, count), grad_logdet, scale, upcast
+        )
+        return _with_channels(y_b, x_b, b_start), _with_channels(grad_y, grad_x, b_start), grad_shift, grad_raw
     out_dtype = y_b.dtype
     if upcast:
         y_b, shift, raw, grad_y = (t.to(logdet_dtype(out_dtype)) for t in (y_b, shift, raw, grad_y))
@@ -136,33 +200,34 @@ def affine_coupling_backward_from_output_ref(
 
 
 def additive_coupling_backward_from_output_ref(
-    y_b: torch.Tensor, shift: torch.Tensor, grad_y: torch.Tensor
+    y_b: torch.Tensor, shift: torch.Tensor, grad_y: torch.Tensor, b_start: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eager reversible additive backward: ``(y_b - shift, grad_y, grad_y)`` (the last a copy)."""
+    """Eager reversible additive backward: new ``(y_b - shift, grad_y, grad_y)``; with ``b_start`` the first
+    two are whole and the last is ``grad_y``'s transformed channels."""
+    if b_start is not None:
+        x, _ = additive_coupling_inverse_ref(y_b, shift, b_start)
+        return x, grad_y.clone(), _channels(grad_y, b_start, shift.shape[1]).clone()
     return y_b - shift, grad_y.clone(), grad_y.clone()
 
 
 def _inverse_grads(
     y_b: torch.Tensor,
     shift: torch.Tensor,
-    raw: torch.Tensor | None,
+    raw: torch.Tensor,
     grad_x: torch.Tensor,
     grad_neg_logdet: torch.Tensor | None,
     kind: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(grad_y, grad_shift, grad_raw)`` of ``x = inverse(y)`` and its log-det ``-sum(log s)`` (eager math).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_y, grad_shift, grad_raw)`` of the affine ``x = inverse(y)`` and its log-det ``-sum(log s)``.
 
-    Computed in float32 (float64 for float64 inputs) and returned in ``y_b``'s dtype.
+    Eager math in float32 (float64 for float64 inputs), returned in ``y_b``'s dtype.
     Glow ``x = y / s - t``: ``gy = gx / s``, ``gt = -gx``, ``gr = -(1 - s) * (gx * y / s + gl)``.
     RealNVP ``x = (y - t) / s``: ``gy = -gt = gx / s``, ``gr = -(1 - tanh(r) ** 2) * (gx * x + gl)``.
-    NICE ``x = y - t``: ``gy = gx``, ``gt = -gx``.
+    (NICE ``x = y - t``: ``gy = gx``, ``gt = -gx``, written by its caller.)
     """
     dtype = y_b.dtype
     acc = logdet_dtype(dtype)
-    y_b, shift, grad_x = (t.to(acc) for t in (y_b, shift, grad_x))
-    if raw is None:
-        return grad_x.to(dtype), (-grad_x).to(dtype), None
-    raw = raw.to(acc)
+    y_b, shift, raw, grad_x = (t.to(acc) for t in (y_b, shift, raw, grad_x))
     gl = 0.0 if grad_neg_logdet is None else _per_sample(grad_neg_logdet.to(acc), y_b)
     if kind == "sigmoid":
         inv_s = 1.0 + torch.exp(-(raw + 2.0))
@@ -177,121 +242,170 @@ def _inverse_grads(
     return grad_y.to(dtype), grad_shift.to(dtype), grad_raw.to(dtype)
 
 
-def _kernels() -> ModuleType:
-    from fastflow.kernels import coupling  # triton is optional: import on use
+def _on_use(name: str) -> Callable[..., Any]:
+    """``fastflow.kernels.coupling.<name>``, imported at its first call: triton is optional."""
 
-    return coupling
+    def call(*args: Any, **kwargs: Any) -> Any:
+        from fastflow.kernels import coupling
 
+        return getattr(coupling, name)(*args, **kwargs)
 
-_COUPLING_SCHEMA = "(Tensor u, Tensor shift, Tensor? raw, str kind) -> (Tensor, Tensor)"
-
-
-@torch.library.custom_op("fastflow::coupling_fwd", mutates_args=(), schema=_COUPLING_SCHEMA)
-def _coupling_fwd_op(
-    x_b: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor | None, kind: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward ``(y_b, logdet)``; ``kind`` is ``"sigmoid"``, ``"exp"`` or ``"additive"`` (raw None)."""
-    kernels = _kernels()
-    return kernels.coupling_forward(x_b, shift, raw, kernels.SCALE_CODES[kind], inverse=False)
+    return call
 
 
-@torch.library.custom_op("fastflow::coupling_inv", mutates_args=(), schema=_COUPLING_SCHEMA)
-def _coupling_inv_op(
-    y_b: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor | None, kind: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused inverse ``(x_b, -logdet)``."""
-    kernels = _kernels()
-    return kernels.coupling_forward(y_b, shift, raw, kernels.SCALE_CODES[kind], inverse=True)
+class _CouplingOps(NamedTuple):
+    """The fused ops of one registration (:func:`_define_ops`)."""
+
+    fwd: Any
+    inv: Any
+    bwd: Any
 
 
-@_coupling_fwd_op.register_fake
-@_coupling_inv_op.register_fake
-def _coupling_fake(
-    u: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor | None, kind: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().empty_in_order(u), u.new_empty(u.shape[0], dtype=logdet_dtype(u.dtype))
+def _define_ops(namespace: str, traceable: bool) -> _CouplingOps:
+    """Register ``{namespace}::coupling_fwd``, ``coupling_inv`` and ``coupling_bwd`` with their autograd.
 
-
-@torch.library.custom_op(
-    "fastflow::coupling_bwd",
-    mutates_args=(),
-    schema="(Tensor u, Tensor shift, Tensor? raw, Tensor grad_y, Tensor? grad_logdet, str kind, bool rebuild)"
-    " -> Tensor[]",
-)
-def _coupling_bwd_op(
-    u: torch.Tensor,
-    shift: torch.Tensor,
-    raw: torch.Tensor | None,
-    grad_y: torch.Tensor,
-    grad_logdet: torch.Tensor | None,
-    kind: str,
-    rebuild: bool,
-) -> list[torch.Tensor]:
-    """Fused backward ``[grad_x, grad_shift, grad_raw (not for "additive"), x_b (only if rebuild)]``.
-
-    ``u`` is the forward input ``x_b``, or the forward output ``y_b`` when ``rebuild``.
+    ``traceable``: as ``torch.library.triton_op`` launching through ``torch.library.wrap_triton`` (its fake
+    kernel is the op itself, traced with fake tensors); else as ``torch.library.custom_op`` with the fake
+    kernels below. Both give the same schemas, results, strides and gradients. The package's ops are
+    ``_define_ops("fastflow", TRACEABLE)``; tests build the other registration under another namespace.
     """
-    kernels = _kernels()
-    outs = kernels.coupling_backward(u, shift, raw, grad_y, grad_logdet, kernels.SCALE_CODES[kind], rebuild)
-    return [t for t in outs if t is not None]
+    define, launch = registration(traceable)
+    if traceable:
+        # bound by name here: triton_op scans the op's source for the kernels it launches (torch.compile's
+        # caches key on their source), following calls by name into the launchers
+        from fastflow.kernels.coupling import coupling_backward, coupling_forward
+    else:
+        coupling_forward, coupling_backward = _on_use("coupling_forward"), _on_use("coupling_backward")
+    empty_in_order = _on_use("empty_in_order")
+
+    # Optional[...] rather than "X | None" in the op signatures: torch infers the schema from these strings
+    # and must evaluate them on Python 3.9 too
+    @define(f"{namespace}::coupling_fwd", mutates_args=())
+    def fwd(
+        u: torch.Tensor, shift: torch.Tensor, raw: Optional[torch.Tensor], kind: str, b_start: Optional[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused forward ``(y, logdet)``; ``kind`` is ``"sigmoid"``, ``"exp"`` or ``"additive"`` (raw None)."""
+        return coupling_forward(u, shift, raw, kind, False, b_start, **launch)
+
+    @define(f"{namespace}::coupling_inv", mutates_args=())
+    def inv(
+        u: torch.Tensor, shift: torch.Tensor, raw: Optional[torch.Tensor], kind: str, b_start: Optional[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused inverse ``(x, -logdet)``."""
+        return coupling_forward(u, shift, raw, kind, True, b_start, **launch)
+
+    @define(f"{namespace}::coupling_bwd", mutates_args=())
+    def bwd(
+        u: torch.Tensor,
+        shift: torch.Tensor,
+        raw: Optional[torch.Tensor],
+        grad_y: torch.Tensor,
+        grad_logdet: Optional[torch.Tensor],
+        kind: str,
+        rebuild: bool,
+        b_start: Optional[int],
+    ) -> list[torch.Tensor]:
+        """Fused backward ``[grad_x, grad_raw (not for "additive"), x (only if rebuild)]``.
+
+        ``u`` is the forward input, or the forward output when ``rebuild``; ``grad_shift`` is not computed
+        (module docstring). The additive kernel runs only with ``rebuild``.
+        """
+        outs = coupling_backward(u, shift, raw, grad_y, grad_logdet, kind, rebuild, b_start, **launch)
+        return [t for t in outs if t is not None]
+
+    if not traceable:
+
+        @fwd.register_fake
+        @inv.register_fake
+        def coupling_fake(
+            u: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor | None, kind: str, b_start: int | None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return empty_in_order(u), u.new_empty(u.shape[0], dtype=logdet_dtype(u.dtype))
+
+        @bwd.register_fake
+        def bwd_fake(
+            u: torch.Tensor,
+            shift: torch.Tensor,
+            raw: torch.Tensor | None,
+            grad_y: torch.Tensor,
+            grad_logdet: torch.Tensor | None,
+            kind: str,
+            rebuild: bool,
+            b_start: int | None,
+        ) -> list[torch.Tensor]:
+            grad_raw = [] if kind == "additive" else [empty_in_order(u, shape=shift.shape)]
+            return [empty_in_order(u), *grad_raw, *([empty_in_order(u)] if rebuild else [])]
+
+    def setup_context(
+        ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]
+    ) -> None:
+        u, shift, raw, kind, b_start = inputs
+        if kind != "additive":  # the additive gradients need no saved tensor
+            ctx.save_for_backward(u, shift, raw)
+        ctx.kind, ctx.b_start, ctx.b_channels = kind, b_start, shift.shape[1]
+        # an unused output's gradient arrives as None, not as a zero-filled tensor (the NICE log-det: a launch)
+        ctx.set_materialize_grads(False)
+
+    def fwd_backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor | None, grad_logdet: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
+        if ctx.kind == "additive":
+            grad_x, grad_raw = grad_y, None
+        else:
+            x, shift, raw = ctx.saved_tensors
+            grad_y = torch.zeros_like(x) if grad_y is None else grad_y
+            grad_x, grad_raw = bwd(x, shift, raw, grad_y, grad_logdet, ctx.kind, False, ctx.b_start)
+        # one tensor, not two equal ones: autograd adds rather than accumulates in place into a shared one
+        grad_shift = grad_y if ctx.kind == "exp" else grad_x
+        if ctx.b_start is not None and grad_shift is not None:
+            grad_shift = _channels(grad_shift, ctx.b_start, ctx.b_channels)
+        return grad_x, grad_shift, grad_raw, None, None
+
+    def inv_backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_x: torch.Tensor | None, grad_neg_logdet: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
+        b_start = ctx.b_start
+        if ctx.kind == "additive":
+            if grad_x is None:
+                return None, None, None, None, None
+            grad_x_b = grad_x if b_start is None else _channels(grad_x, b_start, ctx.b_channels)
+            return grad_x, -grad_x_b, None, None, None
+        y, shift, raw = ctx.saved_tensors
+        grad_x = torch.zeros_like(y) if grad_x is None else grad_x
+        grad_x_b = grad_x if b_start is None else _channels(grad_x, b_start, ctx.b_channels)
+        y_b = y if b_start is None else _channels(y, b_start, ctx.b_channels)
+        grad_y_b, grad_shift, grad_raw = _inverse_grads(y_b, shift, raw, grad_x_b, grad_neg_logdet, ctx.kind)
+        grad_y = grad_y_b if b_start is None else _with_channels(grad_x, grad_y_b, b_start)
+        return grad_y, grad_shift, grad_raw, None, None
+
+    fwd.register_autograd(fwd_backward, setup_context=setup_context)
+    inv.register_autograd(inv_backward, setup_context=setup_context)
+    return _CouplingOps(fwd, inv, bwd)
 
 
-@_coupling_bwd_op.register_fake
-def _coupling_bwd_fake(
-    u: torch.Tensor,
-    shift: torch.Tensor,
-    raw: torch.Tensor | None,
-    grad_y: torch.Tensor,
-    grad_logdet: torch.Tensor | None,
-    kind: str,
-    rebuild: bool,
-) -> list[torch.Tensor]:
-    count = 2 + (kind != "additive") + rebuild
-    return [_kernels().empty_in_order(u) for _ in range(count)]
-
-
-def _save_inputs(
-    ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]
-) -> None:
-    u, shift, raw, kind = inputs
-    ctx.save_for_backward(u, shift, raw)
-    ctx.kind = kind
-
-
-def _coupling_fwd_backward(
-    ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor, grad_logdet: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, None]:
-    x_b, shift, raw = ctx.saved_tensors
-    grads = torch.ops.fastflow.coupling_bwd(x_b, shift, raw, grad_y, grad_logdet, ctx.kind, False)
-    return grads[0], grads[1], grads[2] if raw is not None else None, None
-
-
-def _coupling_inv_backward(
-    ctx: torch.autograd.function.FunctionCtx, grad_x: torch.Tensor, grad_neg_logdet: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, None]:
-    y_b, shift, raw = ctx.saved_tensors
-    return (*_inverse_grads(y_b, shift, raw, grad_x, grad_neg_logdet, ctx.kind), None)
-
-
-_coupling_fwd_op.register_autograd(_coupling_fwd_backward, setup_context=_save_inputs)
-_coupling_inv_op.register_autograd(_coupling_inv_backward, setup_context=_save_inputs)
+_OPS = _define_ops("fastflow", TRACEABLE)
 
 
 def _use_kernel(x: torch.Tensor) -> bool:
     return resolve_backend(x) != "eager"
 
 
-def _check_affine_args(x_name: str, x: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor, scale: str) -> None:
+def _check_shift(x_name: str, x: torch.Tensor, shift: torch.Tensor, b_start: int | None) -> None:
     check_float_tensor(x_name, x, min_dim=2)
-    check_same_shape("shift", check_float_tensor("shift", shift), x_name, x)
-    check_same_shape("raw", check_float_tensor("raw", raw), x_name, x)
+    check_float_tensor("shift", shift)
+    if b_start is None:
+        check_same_shape("shift", shift, x_name, x)
+    else:
+        check_channel_slice("shift", shift, x_name, x, "b_start", b_start)
+
+
+def _check_affine_args(
+    x_name: str, x: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor, scale: str, b_start: int | None
+) -> None:
+    _check_shift(x_name, x, shift, b_start)
+    check_same_shape("raw", check_float_tensor("raw", raw), "shift", shift)
     if scale not in SCALE_KINDS:
         raise ValueError(f"scale must be one of {SCALE_KINDS}, got {scale!r}")
-
-
-def _check_additive_args(x_name: str, x: torch.Tensor, shift: torch.Tensor) -> None:
-    check_float_tensor(x_name, x, min_dim=2)
-    check_same_shape("shift", check_float_tensor("shift", shift), x_name, x)
 
 
 def _check_upstream(grad_y: torch.Tensor, grad_logdet: torch.Tensor | None, y_b: torch.Tensor) -> None:
@@ -306,44 +420,59 @@ def _check_upstream(grad_y: torch.Tensor, grad_logdet: torch.Tensor | None, y_b:
 
 
 def affine_coupling(
-    x_b: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor, scale: ScaleKind = "sigmoid"
+    x_b: torch.Tensor,
+    shift: torch.Tensor,
+    raw: torch.Tensor,
+    scale: ScaleKind = "sigmoid",
+    b_start: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Affine coupling forward ``(y_b, logdet)`` on the backend chosen by :mod:`fastflow.backend`.
 
     ``x_b``, ``shift`` and ``raw`` share shape ``(B, ...)``, a float dtype and a device, with any strides;
     ``y_b`` has ``x_b``'s dtype (channels_last when ``x_b`` is), ``logdet`` is ``(B,)`` float32 (float64
-    for float64). Differentiable in all three tensors.
+    for float64). With ``b_start``, ``x_b`` is the whole input ``(B, C, ...)``, transformed on channels
+    ``[b_start, b_start + shift.shape[1])``, and ``y_b`` the whole output (module docstring). Differentiable in
+    all three tensors.
     """
-    _check_affine_args("x_b", x_b, shift, raw, scale)
+    _check_affine_args("x_b", x_b, shift, raw, scale, b_start)
     if _use_kernel(x_b):
-        return torch.ops.fastflow.coupling_fwd(x_b, shift, raw, scale)
-    return affine_coupling_ref(x_b, shift, raw, scale)
+        return torch.ops.fastflow.coupling_fwd(x_b, shift, raw, scale, b_start)
+    return affine_coupling_ref(x_b, shift, raw, scale, b_start=b_start)
 
 
 def affine_coupling_inverse(
-    y_b: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor, scale: ScaleKind = "sigmoid"
+    y_b: torch.Tensor,
+    shift: torch.Tensor,
+    raw: torch.Tensor,
+    scale: ScaleKind = "sigmoid",
+    b_start: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Affine coupling inverse ``(x_b, -logdet)`` on the chosen backend; shapes as :func:`affine_coupling`."""
-    _check_affine_args("y_b", y_b, shift, raw, scale)
+    _check_affine_args("y_b", y_b, shift, raw, scale, b_start)
     if _use_kernel(y_b):
-        return torch.ops.fastflow.coupling_inv(y_b, shift, raw, scale)
-    return affine_coupling_inverse_ref(y_b, shift, raw, scale)
+        return torch.ops.fastflow.coupling_inv(y_b, shift, raw, scale, b_start)
+    return affine_coupling_inverse_ref(y_b, shift, raw, scale, b_start=b_start)
 
 
-def additive_coupling(x_b: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Additive (NICE) coupling forward ``(y_b, 0)`` on the chosen backend."""
-    _check_additive_args("x_b", x_b, shift)
+def additive_coupling(
+    x_b: torch.Tensor, shift: torch.Tensor, b_start: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive (NICE) coupling forward ``(y_b, 0)`` on the chosen backend; ``b_start`` as in
+    :func:`affine_coupling`."""
+    _check_shift("x_b", x_b, shift, b_start)
     if _use_kernel(x_b):
-        return torch.ops.fastflow.coupling_fwd(x_b, shift, None, "additive")
-    return additive_coupling_ref(x_b, shift)
+        return torch.ops.fastflow.coupling_fwd(x_b, shift, None, "additive", b_start)
+    return additive_coupling_ref(x_b, shift, b_start)
 
 
-def additive_coupling_inverse(y_b: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def additive_coupling_inverse(
+    y_b: torch.Tensor, shift: torch.Tensor, b_start: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Additive (NICE) coupling inverse ``(y_b - shift, 0)`` on the chosen backend."""
-    _check_additive_args("y_b", y_b, shift)
+    _check_shift("y_b", y_b, shift, b_start)
     if _use_kernel(y_b):
-        return torch.ops.fastflow.coupling_inv(y_b, shift, None, "additive")
-    return additive_coupling_inverse_ref(y_b, shift)
+        return torch.ops.fastflow.coupling_inv(y_b, shift, None, "additive", b_start)
+    return additive_coupling_inverse_ref(y_b, shift, b_start)
 
 
 def affine_coupling_backward_from_output(
@@ -353,30 +482,37 @@ def affine_coupling_backward_from_output(
     grad_y: torch.Tensor,
     grad_logdet: torch.Tensor | None,
     scale: ScaleKind = "sigmoid",
+    b_start: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reversible backward ``(x_b, grad_x, grad_shift, grad_raw)`` from the forward output ``y_b``.
 
     Rebuilds ``x_b = inverse(y_b)`` and returns the gradients of :func:`affine_coupling` at ``x_b`` for
     upstream ``grad_y`` (like ``y_b``) and ``grad_logdet`` (``(B,)``, or None for zero); one fused pass on the
-    Triton backends. Not differentiable (meant for a reversible container's backward).
+    Triton backends. With ``b_start``, ``y_b``, ``grad_y`` and the returned ``x_b``, ``grad_x`` are whole (the
+    pass-through channels of ``grad_x`` are those of ``grad_y``). ``x_b``, ``grad_x`` and ``grad_raw`` are new
+    tensors; ``grad_shift`` may be ``grad_x`` or ``grad_y`` or a view of their transformed channels, so update
+    ``grad_x`` in place only outside them. Not differentiable (meant for a reversible container's backward).
     """
-    _check_affine_args("y_b", y_b, shift, raw, scale)
+    _check_affine_args("y_b", y_b, shift, raw, scale, b_start)
     _check_upstream(grad_y, grad_logdet, y_b)
-    if _use_kernel(y_b):
-        grad_x, grad_shift, grad_raw, x_b = torch.ops.fastflow.coupling_bwd(
-            y_b, shift, raw, grad_y, grad_logdet, scale, True
-        )
-        return x_b, grad_x, grad_shift, grad_raw
-    return affine_coupling_backward_from_output_ref(y_b, shift, raw, grad_y, grad_logdet, scale)
+    if not _use_kernel(y_b):
+        return affine_coupling_backward_from_output_ref(y_b, shift, raw, grad_y, grad_logdet, scale, b_start=b_start)
+    grad_x, grad_raw, x_b = torch.ops.fastflow.coupling_bwd(y_b, shift, raw, grad_y, grad_logdet, scale, True, b_start)
+    grad_shift = grad_x if scale == "sigmoid" else grad_y
+    if b_start is not None:
+        grad_shift = _channels(grad_shift, b_start, shift.shape[1])
+    return x_b, grad_x, grad_shift, grad_raw
 
 
 def additive_coupling_backward_from_output(
-    y_b: torch.Tensor, shift: torch.Tensor, grad_y: torch.Tensor
+    y_b: torch.Tensor, shift: torch.Tensor, grad_y: torch.Tensor, b_start: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reversible additive backward: fresh ``(y_b - shift, grad_y, grad_y)`` on the chosen backend."""
-    _check_additive_args("y_b", y_b, shift)
+    """Reversible additive backward ``(y_b - shift, grad_y, grad_y)`` on the chosen backend: the first two are
+    new tensors (whole with ``b_start``), the last may be the second (its transformed channels with
+    ``b_start``), as in :func:`affine_coupling_backward_from_output`."""
+    _check_shift("y_b", y_b, shift, b_start)
     _check_upstream(grad_y, None, y_b)
-    if _use_kernel(y_b):
-        grad_x, grad_shift, x_b = torch.ops.fastflow.coupling_bwd(y_b, shift, None, grad_y, None, "additive", True)
-        return x_b, grad_x, grad_shift
-    return additive_coupling_backward_from_output_ref(y_b, shift, grad_y)
+    if not _use_kernel(y_b):
+        return additive_coupling_backward_from_output_ref(y_b, shift, grad_y, b_start)
+    grad_x, x_b = torch.ops.fastflow.coupling_bwd(y_b, shift, None, grad_y, None, "additive", True, b_start)
+    return x_b, grad_x, grad_x if b_start is None else _channels(grad_x, b_start, shift.shape[1])
