@@ -58,8 +58,13 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "data": None, "resolution": None, "n_bits": None, "levels": 2, "steps": 8, "hidden": 64, "reversible": False,
     "tile_memory_mb": 1024.0, "tile_size": None, "amp": None, "iterations": 1500, "batch": 64, "lr": 2e-3,
     "warmup": 100, "clip": 50.0, "seed": 0, "save_every": 500, "eval_every": 250, "samples": 64, "temperature": 0.7,
+    "compile": False, "cuda_graph": False, "channels_last": False,
 }  # fmt: skip
-RESUME_OVERRIDES = ("iterations", "save_every", "eval_every", "samples", "temperature", "tile_size", "tile_memory_mb")
+# Settings that change how a step runs but not what it computes may change on --resume.
+RESUME_OVERRIDES = (
+    "iterations", "save_every", "eval_every", "samples", "temperature", "tile_size", "tile_memory_mb", "compile",
+    "cuda_graph", "channels_last",
+)  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):
@@ -158,6 +163,12 @@ def _resolve_train_flags(args: argparse.Namespace) -> int:
             setattr(args, name, value)
     if not args.reversible and ("tile_size" in given or "tile_memory_mb" in given):
         raise ValueError("--tile-size and --tile-memory-mb only apply with --reversible")
+    if args.compile and args.cuda_graph:
+        raise ValueError("choose one of --compile and --cuda-graph")
+    if args.cuda_graph and (args.device == "cpu" or not torch.cuda.is_available()):
+        raise ValueError("--cuda-graph needs a CUDA device")
+    if args.cuda_graph and args.amp == "fp16":
+        raise ValueError("--cuda-graph runs in float32 or under --amp bf16, not --amp fp16 (loss scaling)")
     if args.resolution is None:
         args.resolution = 8 if args.data is None else _infer_resolution(args.data)
         if args.data is not None and not args.quiet:
@@ -210,6 +221,8 @@ def _train(args: argparse.Namespace) -> int:
         steps=args.iterations, batch=args.batch, lr=args.lr, warmup=args.warmup, clip=args.clip, seed=args.seed,
         amp=args.amp, out=args.out, save_every=args.save_every, eval_every=args.eval_every,
         samples=args.samples, temperature=args.temperature, progress=not args.quiet, quiet=args.quiet,
+        step_mode="cuda-graph" if args.cuda_graph else "compile" if args.compile else "eager",
+        channels_last=args.channels_last,
     )  # fmt: skip
     source, heldout, n_bins, description = _training_data(args)
     _check_writable(args.out)
@@ -374,6 +387,12 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     t.add_argument("--tile-size", type=count, help="with --reversible: fixed tile side instead of the budget")
     t.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (fp16 with loss scaling)")
+    t.add_argument("--compile", action="store_true", default=None, help="compile the training step with "
+                   "torch.compile (Inductor; CPU or CUDA; the first steps compile)")  # fmt: skip
+    t.add_argument("--cuda-graph", action="store_true", default=None, help="capture the whole training step in "
+                   "a CUDA graph after 3 warm-up steps and replay it (single GPU, static batch)")  # fmt: skip
+    t.add_argument("--channels-last", action="store_true", default=None, help="channels-last convolutions (the "
+                   "layout tensor cores want under --amp bf16)")  # fmt: skip
     t.add_argument("--iterations", type=steps, help="training steps (default 1500)")
     t.add_argument("--batch", type=count, help="global batch, split over the ranks (default 64)")
     t.add_argument("--lr", type=positive, help="Adam learning rate after warm-up (default 2e-3)")

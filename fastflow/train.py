@@ -1,9 +1,22 @@
 """Training loop for flow models: Adam with linear warm-up, gradient clipping, mixed precision, data-parallel
 ranks, periodic held-out bits/dim, sample grids and resumable checkpoints.
 
-Failures name the step: a non-finite loss raises :class:`TrainingDiverged`; the first Ctrl-C (SIGINT) lets
-the current step finish, saves a checkpoint at it and raises :class:`TrainingInterrupted` (a second Ctrl-C
-stops at once, without saving)."""
+A training step makes no host sync: its loss stays on the device and fastflow's guards (``check_finite``, the
+reversible drift check) only record there (:func:`~fastflow.nn.reversible.deferred_guards`). The loop reads them
+in one go every :data:`READ_EVERY` steps (with progress shown, every 5% of the run if that is more often, so each
+line of a progress log shows a fresh loss), on the steps that evaluate or save, after the last step and when
+Ctrl-C asks to stop: one transfer for the losses, two small ones for the guards. Progress shows the mean of the
+last 50 losses read.
+
+Failures name the step: a non-finite loss raises :class:`TrainingDiverged` naming the first step whose loss was
+not finite (and, with ``check_finite``, the first layer with a non-finite output on that step's batch); a
+reversible backward that drifted beyond ``max_drift`` raises :class:`~fastflow.nn.reversible.ReconstructionError`
+naming the steps since the previous read. From such a step on, the device skips every optimizer update until the
+read stops the run, so the weights (and a diagnosis run on them) are those of the first failing step; under
+``amp="fp16"`` the loss scaler decides the skips instead, which covers non-finite losses (their gradients are not
+finite) but not drift. The first Ctrl-C (SIGINT) lets the current step finish (with several ranks: the steps up
+to the next read, where the ranks agree to stop), saves a checkpoint at it and raises
+:class:`TrainingInterrupted` (a second Ctrl-C stops at once, without saving)."""
 
 from __future__ import annotations
 
@@ -27,10 +40,13 @@ from fastflow.distributed import rank_and_world_size, shard
 from fastflow.images import save_grid
 from fastflow.models import FlowModel, dequantize
 from fastflow.nn import ActNorm
+from fastflow.nn.reversible import ReconstructionError
 from fastflow.progress import Progress
+from fastflow.step import STEP_MODES, TrainStep, make_adam
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "READ_EVERY",
     "RUN_KEYS",
     "TrainConfig",
     "TrainingDiverged",
@@ -44,6 +60,8 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.pt"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 RUN_KEYS = ("batch", "seed", "lr", "warmup", "clip", "amp")  # settings a resumed run must share with its checkpoint
+READ_EVERY = 25  # the loop reads losses and guards from the device at most this many steps apart
+PROGRESS_LINES = 20  # a progress log prints a line every 5% of the run: a read for each keeps its loss fresh
 
 
 class TrainingDiverged(FloatingPointError):
@@ -71,6 +89,9 @@ class TrainConfig:
     ``lr`` after ``warmup`` linear steps, gradient-norm clipping at ``clip`` (0 disables it), autocast to
     ``amp`` (``"bf16"``, ``"fp16"`` with loss scaling, or ``None``), progress on stderr when ``progress``
     (:class:`~fastflow.progress.Progress`), and neither progress nor held-out lines on stdout when ``quiet``.
+    ``step_mode`` runs each step ``"eager"``, compiled (``"compile"``) or replayed from a CUDA graph
+    (``"cuda-graph"``), and ``channels_last`` lays the convolutions out channels-last
+    (:class:`fastflow.step.TrainStep`).
 
     With ``out`` set, rank 0 writes ``out/checkpoint.pt`` and a grid of ``samples`` samples at
     ``temperature`` every ``save_every`` steps (0: only at the end) and at the end; with held-out data it
@@ -91,10 +112,14 @@ class TrainConfig:
     samples: int = 64
     temperature: float = 0.7
     quiet: bool = False
+    step_mode: str = "eager"
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {self.amp!r}")
+        if self.step_mode not in STEP_MODES:
+            raise ValueError(f"step_mode must be one of {STEP_MODES}, got {self.step_mode!r}")
         for name in ("steps", "save_every", "eval_every", "warmup", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -233,7 +258,11 @@ def _restore(
     if payload["optimizer"] is None or "step" not in extra:
         raise ValueError(f"cannot resume from {path!r}: it holds no training state (optimizer, step)")
     _check_same_run(path, config, extra.get("train_config"))
-    optimizer.load_state_dict(payload["optimizer"])
+    state = payload["optimizer"]
+    settings = {k: optimizer.param_groups[0][k] for k in ("fused", "foreach", "capturable")}
+    for group in state["param_groups"]:  # the checkpoint's Adam settings (older ones: not fused) would be restored
+        group.update(settings)
+    optimizer.load_state_dict(state)
     scaler.load_state_dict(extra["scaler"])
     return int(extra["step"]), extra.get("heldout_bits_per_dim")
 
@@ -273,6 +302,55 @@ def _write_outputs(
     )
 
 
+def _train_step(step: TrainStep, x: torch.Tensor, y: torch.Tensor | None, lr: float) -> torch.Tensor:
+    """One optimisation step on the batch ``(x, y)`` at learning rate ``lr`` without a host read
+    (:class:`fastflow.step.TrainStep`); returns the loss, a 0-dim float32 device tensor."""
+    return step(x, y, lr)
+
+
+def _read_window(
+    model: FlowModel,
+    losses: list[torch.Tensor],
+    first: int,
+    stop: bool,
+    world_size: int,
+    batch_at: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]],
+    amp: str | None,
+) -> tuple[list[float], bool]:
+    """Read what the steps ``first`` .. ``first + len(losses) - 1`` (0-based) left on the device: their losses in
+    one transfer (averaged over the ranks, in one all-reduce with the ranks' Ctrl-C requests ``stop``), then the
+    model's guards. Returns ``(losses, whether any rank asked to stop)``.
+
+    :class:`TrainingDiverged` names the first step whose loss is not finite; its reason names the layer when
+    ``check_finite`` finds it on that step's batch (``batch_at(step)``, the same batch again) under the weights
+    the skipped updates kept. ``ReconstructionError`` names the steps of the window when a reversible backward
+    drifted beyond ``max_drift``.
+    """
+    stacked = torch.stack(losses)
+    if world_size > 1:
+        stats = torch.cat([stacked, torch.tensor([float(stop)], device=stacked.device)])
+        torch.distributed.all_reduce(stats)
+        *sums, stops = stats.tolist()
+        values, stop = [total / world_size for total in sums], stops > 0
+    else:
+        values = stacked.tolist()
+    bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
+    if bad is not None:
+        cause: Exception | None = None
+        try:
+            with _autocast(stacked.device, amp):
+                model.check_guards(*batch_at(first + bad))
+        except (FloatingPointError, ReconstructionError) as err:
+            cause = err
+        reason = f"non-finite training loss {values[bad]}" if cause is None else str(cause)
+        raise TrainingDiverged(first + bad + 1, reason) from cause
+    try:
+        model.check_guards()
+    except ReconstructionError as err:
+        raise ReconstructionError(f"steps {first + 1}-{first + len(values)}: {err}") from err
+    return values, stop
+
+
 def train(
     model: FlowModel,
     data: torch.Tensor | ImageSource,
@@ -291,8 +369,10 @@ def train(
     integer levels for the periodic held-out bits/dim. The first batch initialises ActNorm.
     ``checkpoint_extra``: more entries (plain Python values) for every checkpoint's ``extra``.
 
-    Raises :class:`TrainingDiverged` naming the global step when the loss is not finite, and
-    :class:`TrainingInterrupted` after saving a checkpoint when Ctrl-C stops the run (see the module docstring).
+    Raises :class:`TrainingDiverged` naming the global step when the loss is not finite and
+    :class:`~fastflow.nn.reversible.ReconstructionError` when a reversible backward drifted, both at the next read
+    of the device, and :class:`TrainingInterrupted` after saving a checkpoint when Ctrl-C stops the run (see the
+    module docstring). ``labels`` outside the prior's classes raise ``ValueError`` before the first step.
 
     Under ``torch.distributed`` (see :mod:`fastflow.distributed`) each rank trains on its shard of every
     batch inside DDP, the reported loss is the mean over ranks, and only rank 0 evaluates, prints and writes.
@@ -302,9 +382,11 @@ def train(
     source = TensorImages(data, labels) if isinstance(data, torch.Tensor) else data
     if tuple(source.image_shape) != tuple(model.image_shape):
         raise ValueError(f"data has images of shape {tuple(source.image_shape)}, the model {model.image_shape}")
+    if isinstance(source, TensorImages):  # once, here: the step itself does not read the labels' range
+        model.prior.check_labels(source.labels)
     rank, world_size = rank_and_world_size()
     device = next(model.parameters()).device
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = make_adam(model.parameters(), config.lr, config.step_mode)  # type: ignore[arg-type]
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     start, heldout_bpd = 0, None
     if resume:
@@ -314,6 +396,8 @@ def train(
 
     def local_batch(step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, y = batch_at_step(source, step, config.batch, model.n_bins, config.seed)
+        if y is not None and not isinstance(source, TensorImages):  # labels drawn on the host: no device read
+            model.prior.check_labels(y)
         x = shard(x, rank, world_size).to(device)
         return x, None if y is None else shard(y, rank, world_size).to(device)
 
@@ -324,52 +408,50 @@ def train(
     if world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         objective = DistributedDataParallel(objective, device_ids=device_ids)
+    step_runner = TrainStep(
+        objective, model, optimizer, clip=config.clip, amp=config.amp, scaler=scaler,
+        mode=config.step_mode, channels_last=config.channels_last,  # type: ignore[arg-type]
+    )  # fmt: skip
     main = rank == 0
     extra = checkpoint_extra or {}
     progress = Progress(config.steps, start) if config.progress and main and not config.quiet else None
+    read_every = READ_EVERY
+    if config.progress and not config.quiet:  # the same on every rank, unlike `progress`
+        read_every = min(READ_EVERY, max(1, math.ceil(config.steps / PROGRESS_LINES)))
     history: list[float] = []
+    pending: list[torch.Tensor] = []  # the losses of the steps since the last read, on the device
+    loss_text = ""
     with _deferred_interrupt() as interrupt_requested, _closing(progress):
         for step in range(start, config.steps):
             try:
                 x, y = local_batch(step)
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr_at(step)
-                with _autocast(device, config.amp):
-                    loss = objective(x, y).mean()
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-                scaler.step(optimizer)
-                scaler.update()
-                reported = loss.detach().float()
-                stop = interrupt_requested()
-                if world_size > 1:  # the loss is averaged and a Ctrl-C on any rank stops all, at the same step
-                    stats = torch.stack([reported, torch.tensor(float(stop), device=device)])
-                    torch.distributed.all_reduce(stats)
-                    reported, stop = stats[0] / world_size, bool(stats[1] > 0)
-                history.append(float(reported))
-                if not math.isfinite(history[-1]):
-                    raise FloatingPointError(f"non-finite training loss {history[-1]}")
-            except FloatingPointError as err:
+                pending.append(_train_step(step_runner, x, y, config.lr_at(step)))
+            except FloatingPointError as err:  # raised at once, not recorded by a deferred guard: this step's
                 raise TrainingDiverged(step + 1, str(err)) from err
             done = step + 1
             last = done == config.steps
-            if main and heldout is not None and _due(done, config.eval_every, last):
+            saving, evaluating = _due(done, config.save_every, last), _due(done, config.eval_every, last)
+            requested, stop = interrupt_requested(), False
+            # ranks read at the same steps (a read all-reduces): a Ctrl-C forces a read only without other ranks
+            if last or done % read_every == 0 or saving or evaluating or (requested and world_size == 1):
+                first = done - len(pending)
+                losses, stop = _read_window(model, pending, first, requested, world_size, local_batch, config.amp)
+                history.extend(losses)
+                pending.clear()
+                recent = history[-50:]
+                loss_text = f"loss {sum(recent) / len(recent):.3f} bits/dim"
+            if main and heldout is not None and evaluating:
                 heldout_bpd = evaluate_bits_per_dim(model, heldout)
                 line = f"step {done}: held-out {heldout_bpd:.3f} bits/dim"
                 if progress is not None:
                     progress.write(line)
                 elif not config.quiet:
                     print(line, flush=True)
-            due = _due(done, config.save_every, last)
-            if main and config.out is not None and (due or stop):
-                _write_outputs(config.out, model, optimizer, scaler, config, done, heldout_bpd, extra, samples=due)
+            if main and config.out is not None and (saving or stop):
+                _write_outputs(config.out, model, optimizer, scaler, config, done, heldout_bpd, extra, samples=saving)
             if progress is not None:
-                recent = history[-50:]
-                held = "" if heldout_bpd is None else f", held-out {heldout_bpd:.3f}"
-                progress.update(done, f"loss {sum(recent) / len(recent):.3f} bits/dim{held}")
+                held = "" if heldout_bpd is None else f"held-out {heldout_bpd:.3f}"
+                progress.update(done, ", ".join(part for part in (loss_text, held) if part))
             if stop and not last:
                 if world_size > 1:
                     torch.distributed.barrier()

@@ -335,7 +335,16 @@ def test_settings_are_checked_before_the_first_step(tmp_path, capsys):
     )
     data = _folder(tmp_path / "mixed", [(8, 8), (16, 16)])
     _one_line_error(capsys, ["train", *TINY, "--data", str(data), *out], 2, ["several sizes", "--resolution"])
+    _one_line_error(capsys, ["train", *TINY, "--compile", "--cuda-graph", *out], 2, ["--compile", "--cuda-graph"])
+    _one_line_error(capsys, ["train", *TINY, "--cuda-graph", "--device", "cpu", *out], 2, ["--cuda-graph", "CUDA"])
     assert not (tmp_path / "run").exists()
+
+
+def test_channels_last_flag_trains_and_is_stored_for_resume(tmp_path):
+    # the layout's numerics are tested exactly in tests/test_step.py; here: the flag reaches the run and its checkpoint
+    assert main(["train", *TINY, "--out", str(tmp_path / "run"), "--quiet", "--channels-last"]) == 0
+    extra = load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))[1]["extra"]
+    assert extra["cli"]["channels_last"] is True and extra["train_config"]["channels_last"] is True
 
 
 def test_data_without_resolution_uses_the_image_size_and_says_so(tmp_path, capsys):

@@ -184,6 +184,26 @@ def test_a_non_finite_loss_names_the_global_step(tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1]["extra"]["step"] == 3, "the last checkpoint survives"
 
 
+def test_resume_from_a_checkpoint_of_a_non_fused_adam(tmp_path):
+    """Checkpoints written before the training step went sync-free hold a non-fused Adam's settings."""
+    train(_model(), _data(), _config(tmp_path, 2))
+    path = tmp_path / CHECKPOINT_NAME
+    payload = torch.load(path, weights_only=True)
+    for group in payload["optimizer"]["param_groups"]:
+        group["fused"] = None
+    torch.save(payload, path)
+    assert len(train(_model(seed=1), _data(), _config(tmp_path, 4), resume=True)) == 2
+
+
+def test_labels_outside_the_classes_are_refused_before_training():
+    model = Glow(1, 4, levels=1, steps=1, hidden=8, n_bins=N_BINS, num_classes=3)
+    labels = torch.arange(len(_data())) % 4
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"y must be in \[0, 3\), got values in \[0, 3\]"):
+        train(model, _data(), TrainConfig(steps=2, batch=8, progress=False), labels=labels)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
 def test_resume_refuses_other_run_settings(tmp_path):
     train(_model(), _data(), _config(tmp_path, 2))
     with pytest.raises(ValueError, match=r"lr=0.5 \(checkpoint: 0.01\), batch|batch=4 \(checkpoint: 8\), .*lr=0.5"):

@@ -13,6 +13,7 @@ from torch import nn
 from fastflow.models.priors import TopPrior
 from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.base import check_image
+from fastflow.nn.reversible import drift_tripped, guards_deferred, read_drift_guard
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.split import Split
 from fastflow.nn.tiling import DEFAULT_TILE_BUDGET_MB, Tiling
@@ -49,6 +50,12 @@ class FlowModel(nn.Module):
     output or log-det instead of returning a NaN likelihood. ``reversible`` (settable at any time) trains
     every block with memory-saving reversible backprop; latents that leave at a split are outputs of their
     block, not activations.
+
+    Guards (``check_finite``, the class-label range check, reversible backprop's drift check) read the device
+    at once, a host sync, except where :func:`~fastflow.nn.reversible.guards_deferred` holds: inside
+    :func:`~fastflow.nn.reversible.deferred_guards` (``fastflow.train`` runs each step there), under
+    ``torch.compile`` tracing and during CUDA graph capture. There they only record on the device:
+    :meth:`guards_tripped` says on the device whether one tripped, :meth:`check_guards` reads them and raises.
     """
 
     def __init__(
@@ -74,6 +81,9 @@ class FlowModel(nn.Module):
         self.n_bins = n_bins
         self.config = dict(config)
         self.check_finite = True
+        # the deferred finite check's record, moved to the batch's device on first use (a plain tensor, not a
+        # buffer: no state_dict entry, and DDP's buffer broadcast would overwrite each rank's own record)
+        self._nonfinite_seen = torch.zeros((), dtype=torch.bool)
         self._range_checked = False
         self.reversible = bool(config.get("reversible", False))
         for name, module in self.named_modules():
@@ -125,9 +135,10 @@ class FlowModel(nn.Module):
         dtype = self.floating_parameter().dtype
         if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x is {x.dtype} but the model is {dtype}: convert one, e.g. x.to({dtype})")
-        if not self._range_checked:  # the first batch only: a check per step would sync with the device
+        # the first batch only (a check per step would sync with the device), and never where guards defer
+        if not self._range_checked and not guards_deferred(x):
             self._range_checked = True
-            low, high = x.aminmax()
+            low, high = x.detach().aminmax()
             if float(low) < -0.5 or float(high) > 0.5:
                 warnings.warn(
                     f"x lies in [{float(low):.3g}, {float(high):.3g}], outside [-0.5, 0.5]: models expect "
@@ -167,14 +178,66 @@ class FlowModel(nn.Module):
     def encode_with_logdet(
         self, x: torch.Tensor, y: torch.Tensor | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """``(latents, log|det d latents / dx|, log p(latents))``, each log term of shape ``(B,)``."""
+        """``(latents, log|det d latents / dx|, log p(latents))``, each log term of shape ``(B,)``. With
+        ``check_finite``, a non-finite ``log p(x)`` raises ``FloatingPointError`` naming the layer, or is recorded
+        for :meth:`check_guards` where guards are deferred (see the class docstring)."""
         self._check_input(x)
         latents, logdet, log_prior = self._encode(x, y)
-        if self.check_finite and not bool(torch.isfinite(logdet + log_prior).all()):
-            with torch.no_grad():
-                self._encode(x, y, diagnose=True)
-            raise FloatingPointError("log p(x) is not finite, though every layer's output is: check the prior")
+        if self.check_finite:
+            finite = torch.isfinite(logdet + log_prior).all()
+            if guards_deferred(x):
+                self._record_nonfinite(~finite)
+            elif not bool(finite):
+                self._diagnose(x, y)
         return latents, logdet, log_prior
+
+    def _record_nonfinite(self, nonfinite: torch.Tensor) -> None:
+        if self._nonfinite_seen.device != nonfinite.device:  # the model moved: a record left behind is dropped
+            self._nonfinite_seen = torch.zeros((), dtype=torch.bool, device=nonfinite.device)
+        self._nonfinite_seen.logical_or_(nonfinite)
+
+    @torch.no_grad()
+    def _diagnose(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        """Rerun the forward on ``(x, y)`` layer by layer and raise ``FloatingPointError`` naming the first layer
+        with a non-finite output or log-det (``ValueError`` for non-finite ``x``), else one blaming the prior."""
+        self._encode(x, y, diagnose=True)
+        raise FloatingPointError("log p(x) is not finite, though every layer's output is: check the prior")
+
+    def guards_tripped(self) -> torch.Tensor:
+        """Whether a deferred guard recorded a failure since the last :meth:`check_guards`: a non-finite
+        ``log p(x)`` (``check_finite``) or a reversible backward's drift beyond ``max_drift``. A 0-dim bool tensor
+        on the device, computed without a host read (``fastflow.train`` skips optimizer updates on it)."""
+        nonfinite, drifted = self._nonfinite_seen, drift_tripped(self)
+        if drifted is None:
+            return nonfinite
+        # a finite-check record on another device predates a move (or check_finite is off): dropped, as the next
+        # record would drop it, rather than copied (a copy off the device would be a host sync)
+        return drifted if nonfinite.device != drifted.device else nonfinite | drifted
+
+    def check_guards(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> None:
+        """Read the deferred guards (two small host transfers) and clear them; raise if one tripped since the
+        last call.
+
+        ``FloatingPointError`` if a forward saw a non-finite ``log p(x)``: given the batch that produced it
+        (``x``, with labels ``y``), the forward is rerun on it layer by layer to name the first layer with a
+        non-finite output or log-det, as the immediate check does (a ``ValueError`` if ``x`` itself is not
+        finite); the weights must still be the ones of that forward. ``ReconstructionError`` naming the
+        reversible chains whose backward rebuilt its input with a drift beyond ``max_drift``
+        (:func:`~fastflow.nn.reversible.read_drift_guard`): the gradients of that backward were computed at
+        wrong points.
+        """
+        nonfinite = self._nonfinite_seen.item()
+        self._nonfinite_seen.zero_()
+        drift_error = read_drift_guard(self)
+        if nonfinite:
+            if x is not None:
+                self._diagnose(x, y)
+            raise FloatingPointError(
+                "log p(x) was not finite in a forward since the guards were last checked: pass that batch to "
+                "check_guards to name the layer"
+            )
+        if drift_error is not None:
+            raise drift_error
 
     def encode_with_log_prob(
         self, x: torch.Tensor, y: torch.Tensor | None = None

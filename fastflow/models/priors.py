@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastflow.nn.distributions import gaussian_log_prob, gaussian_sample
+from fastflow.nn.reversible import guards_deferred
 
 __all__ = ["GaussianPrior", "LogisticPrior", "TopPrior"]
 
@@ -20,6 +21,11 @@ class TopPrior(nn.Module):
 
     def log_prob(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def check_labels(self, y: torch.Tensor | None) -> None:
+        """``ValueError`` unless ``y`` suits the prior: ``None``, as it has no class conditioning."""
+        if y is not None:
+            raise ValueError(f"y was given but the {type(self).__name__} has no class conditioning")
 
     def sample(
         self,
@@ -49,28 +55,46 @@ class GaussianPrior(TopPrior):
     def mean_logs(
         self, n: int, y: torch.Tensor | None, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean, logs)`` of shape ``(n, C, H, W)``."""
+        """``(mean, logs)`` of shape ``(n, C, H, W)``, for the class labels ``y`` (``(n,)``) with class conditioning
+        (see :meth:`check_labels`)."""
+        self._check_label_form(y, n)
         c, h, w = self.shape
         params = torch.zeros(n, 2 * c, h, w, device=device, dtype=dtype)
         if self.params is not None:
             params = params + self.params.to(dtype)
-        if self.class_proj is not None:
-            if y is None:
-                raise ValueError(
-                    f"y (class labels) is required: the model is conditioned on {self.num_classes} classes"
-                )
-            if y.shape != (n,) or y.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"y must be integer labels of shape ({n},), got {y.dtype} {tuple(y.shape)}")
-            if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
-                raise ValueError(
-                    f"y must be in [0, {self.num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
-                )
+        if self.class_proj is not None and y is not None:
+            if not guards_deferred(y):  # where guards defer, the labels' range was checked before (fastflow.train)
+                self.check_labels(y)
             one_hot = F.one_hot(y.to(device).long(), self.num_classes).to(dtype)
             params = params + self.class_proj(one_hot).to(dtype)[:, :, None, None]
-        elif y is not None:
-            raise ValueError("y was given but the model has no class conditioning (num_classes=0)")
         mean, logs = params.chunk(2, dim=1)
         return mean, logs
+
+    def _check_label_form(self, y: torch.Tensor | None, n: int | None) -> None:
+        """``ValueError`` unless ``y`` is None without class conditioning, or integer labels of shape ``(n,)``
+        (any length for ``n=None``) with it; reads nothing from the device."""
+        if self.class_proj is None:
+            if y is not None:
+                raise ValueError("y was given but the model has no class conditioning (num_classes=0)")
+            return
+        if y is None:
+            raise ValueError(f"y (class labels) is required: the model is conditioned on {self.num_classes} classes")
+        if y.dim() != 1 or (n is not None and len(y) != n) or y.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"y must be integer labels of shape ({'N' if n is None else n},), got {y.dtype} {tuple(y.shape)}"
+            )
+
+    def check_labels(self, y: torch.Tensor | None) -> None:
+        """``ValueError`` unless ``y`` suits the prior: integer class labels of shape ``(N,)`` in
+        ``[0, num_classes)`` with class conditioning, ``None`` without. The range check reads two numbers from
+        ``y``'s device; :meth:`mean_logs` skips it where guards defer (inside a training step), so
+        ``fastflow.train`` checks its data set's labels once before training: an out-of-range label would make
+        ``F.one_hot`` fail on the device (CUDA: a device-side assert)."""
+        self._check_label_form(y, None)
+        if y is not None and y.numel():
+            low, high = (int(v) for v in y.aminmax())
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(f"y must be in [0, {self.num_classes}), got values in [{low}, {high}]")
 
     def log_prob(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample log-density, shape ``(B,)``."""

@@ -8,18 +8,31 @@ compute its gradients in one fused pass (the couplings do); others use ``inverse
 Parameter gradients are accumulated into ``.grad`` by nested backward calls, as reentrant checkpointing does:
 ``loss.backward()`` (and DDP) see them, ``torch.autograd.grad(loss, params)`` does not.
 
-Drift guard: after the walk, the rebuilt chain input is compared with the saved one; a relative drift above
-``max_drift`` raises :class:`ReconstructionError` instead of returning gradients computed at wrong points,
-and the chain's parameters keep the ``.grad`` they had before the backward: the walk accumulates into fresh
-gradients that are added to existing ones (in place) only after the check passes. With ``None`` gradients
-(``zero_grad()``'s default) that costs nothing; accumulated gradients need one chain's worth of parameter
-gradients more while its backward runs.
+Drift guard: after the walk, the rebuilt chain input is compared with the saved one (relative drift
+``max|x_rebuilt - x| / max|x|`` against ``max_drift``). How a drift beyond it is reported depends on where the
+forward ran:
+
+- immediately, by default: the backward reads the drift (a host sync) and raises :class:`ReconstructionError`
+  instead of returning gradients computed at wrong points, and the chain's parameters keep the ``.grad`` they
+  had before the backward: the walk accumulates into fresh gradients that are added to existing ones (in place)
+  only after the check passes. With ``None`` gradients (``zero_grad()``'s default) that costs nothing;
+  accumulated gradients need one chain's worth of parameter gradients more while its backward runs.
+- deferred, when the forward ran inside :func:`deferred_guards`, under ``torch.compile`` tracing or during CUDA
+  graph capture (:func:`guards_deferred`): the backward makes no host read. It keeps the largest
+  ``drift / max_drift`` of the chain since the last read in a device tensor (:class:`DriftRecord`) and
+  accumulates its gradients into ``.grad`` whatever the drift: deciding otherwise would need the read. The
+  error is raised when the record is read (:func:`read_drift_guard`, or ``FlowModel.check_guards``), and it
+  covers every backward since the previous read. ``fastflow.train`` reads on its logging steps and, on the
+  device, skips the optimizer updates from a step whose guard tripped on, so such gradients never reach the
+  weights (except under fp16 loss scaling, whose scaler decides the skips).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -28,10 +41,15 @@ from torch import nn
 __all__ = [
     "DEFAULT_MAX_DRIFT",
     "TF32_MAX_DRIFT",
+    "DriftRecord",
     "ReconstructionError",
-    "default_max_drift",
     "chain_backward_from_output",
     "check_max_drift",
+    "default_max_drift",
+    "deferred_guards",
+    "drift_tripped",
+    "guards_deferred",
+    "read_drift_guard",
     "recompute_backward",
     "reversible_chain",
 ]
@@ -48,6 +66,123 @@ steps of perturbed weights, over the 1e-3 float32 default. The invertible mixes 
 
 class ReconstructionError(RuntimeError):
     """The input rebuilt by the inverse drifted from the true input beyond the tolerance."""
+
+
+_CAUSES = (
+    "Causes: near-zero coupling scales, low precision; train this part without reversible=True or raise max_drift."
+)
+
+
+_DEFERRED: ContextVar[bool] = ContextVar("fastflow_deferred_guards", default=False)
+
+
+@contextmanager
+def deferred_guards() -> Iterator[None]:
+    """Within the block fastflow's guards record on the device instead of reading it (no host sync): the drift
+    check of reversible backward passes whose forward ran in the block, and ``FlowModel``'s finite check
+    (``check_finite``) and class-label range check. Read them later with ``FlowModel.check_guards`` (or
+    :func:`read_drift_guard` for a bare chain). ``fastflow.train`` runs every training step in it."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
+def guards_deferred(x: torch.Tensor) -> bool:
+    """Whether a guard about ``x`` must record on the device instead of reading it now: inside
+    :func:`deferred_guards`, while ``torch.compile`` traces (a read would break the graph), or while ``x``'s CUDA
+    stream is being captured into a graph (a read would fail the capture)."""
+    if torch.compiler.is_compiling():
+        return True
+    return _DEFERRED.get() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+class DriftRecord:
+    """What the deferred drift checks of one reversible chain saw since the last read, kept without a host read.
+
+    ``excess`` (0-dim float32 on the chain's device) is the largest ``drift / max_drift`` of its backward passes:
+    above 1 the guard tripped, NaN means a non-finite rebuilt input. ``max_drift`` is the tolerance of the latest
+    pass, to word the error.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.excess = torch.zeros((), dtype=torch.float32, device=device)
+        self.max_drift = math.inf
+
+    def note(self, drift: torch.Tensor, max_drift: float) -> None:
+        """Fold a backward pass's relative ``drift`` (0-dim, on the device) into the record, in place."""
+        torch.maximum(self.excess, drift / max_drift, out=self.excess)  # NaN propagates: a NaN drift stays tripped
+        self.max_drift = max_drift
+
+
+_RECORD_ATTRIBUTE = "_drift_record"  # where a chain's ModuleList keeps its DriftRecord (a plain attribute: no state)
+_CACHE_ATTRIBUTE = "_drift_records"  # where a module caches the records found under it, with _records_made
+_records_made = 0  # DriftRecords made so far: a cached list made before the latest one may miss it
+
+
+def _record_of(layers: nn.ModuleList, device: torch.device) -> DriftRecord:
+    """The drift record of the chain ``layers`` on ``device``: a new one when the chain moved (a record left on
+    another device is dropped unread)."""
+    global _records_made
+    record = layers.__dict__.get(_RECORD_ATTRIBUTE)
+    if record is None or record.excess.device != device:
+        record = DriftRecord(device)
+        setattr(layers, _RECORD_ATTRIBUTE, record)
+        _records_made += 1
+    return record
+
+
+def _records(module: nn.Module) -> list[tuple[str, DriftRecord]]:
+    """The drift records of the reversible chains in ``module``, named by their module path. Cached on ``module``
+    until another record is made: walking a deep model's thousand modules every step would cost milliseconds."""
+    made, records = module.__dict__.get(_CACHE_ATTRIBUTE, (-1, []))
+    if made != _records_made:
+        records = [
+            (name, m.__dict__[_RECORD_ATTRIBUTE])
+            for name, m in module.named_modules()
+            if _RECORD_ATTRIBUTE in m.__dict__
+        ]
+        setattr(module, _CACHE_ATTRIBUTE, (_records_made, records))
+    return records
+
+
+def _stacked_excess(records: list[tuple[str, DriftRecord]]) -> torch.Tensor:
+    device = records[0][1].excess.device
+    return torch.stack([record.excess.to(device) for _, record in records])
+
+
+def drift_tripped(module: nn.Module) -> torch.Tensor | None:
+    """Whether a deferred drift check of a reversible chain in ``module`` tripped since the last read: a 0-dim bool
+    tensor on the device (``None`` when no chain recorded anything), computed without a host read."""
+    records = _records(module)
+    if not records:
+        return None
+    return ~(_stacked_excess(records) <= 1).all()  # ~(<=) rather than >: NaN trips it
+
+
+def read_drift_guard(module: nn.Module) -> ReconstructionError | None:
+    """Read (one host transfer) and clear the drift records of the reversible chains in ``module``: the
+    :class:`ReconstructionError` to raise, naming every chain whose backward rebuilt its input with a relative
+    drift beyond ``max_drift`` in some pass since the last read, or ``None``."""
+    records = _records(module)
+    if not records:
+        return None
+    excess = _stacked_excess(records).tolist()
+    for _, record in records:
+        record.excess.zero_()
+    tripped = [
+        f"{name or 'the chain'} ({ratio * record.max_drift:.3g} > max_drift {record.max_drift:.3g})"
+        for (name, record), ratio in zip(records, excess)
+        if not ratio <= 1
+    ]
+    if not tripped:
+        return None
+    return ReconstructionError(
+        f"reversible backward rebuilt the input with a relative drift beyond max_drift in {', '.join(tripped)} in a "
+        "backward pass since the drift was last read; the gradients of that pass were computed at wrong points. "
+        f"{_CAUSES}"
+    )
 
 
 def recompute_backward(
@@ -101,7 +236,11 @@ class _ReversibleChain(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.layers = layers
         ctx.num_params = len(params)
-        ctx.max_drift = max_drift
+        ctx.tol = default_max_drift(x) if max_drift is None else max_drift
+        # decided here, where the caller's context is: the backward may run on another thread (autograd's)
+        deferred = ctx.tol != math.inf and guards_deferred(x)
+        ctx.record = _record_of(layers, x.device) if deferred else None
+        ctx.immediate = ctx.tol != math.inf and not deferred
         ctx.device_type = x.device.type
         ctx.autocast, ctx.autocast_dtype = _autocast_state(x.device.type)
         total = None
@@ -120,9 +259,10 @@ class _ReversibleChain(torch.autograd.Function):
             grad_y = torch.zeros_like(y)
         if grad_logdet is None:
             grad_logdet = y.new_zeros(y.shape[0], dtype=torch.float32)
-        params = _params(ctx.layers)
+        # an immediate check commits gradients only once it passed: the walk accumulates into fresh ones
+        params = _params(ctx.layers) if ctx.immediate else []
         grads_before = [p.grad for p in params]
-        for p in params:  # the walk accumulates into fresh gradients, committed only once the drift check passes
+        for p in params:
             p.grad = None
         try:
             # the weight cache off: with it, autocast's low-precision copy of every weight of the chain would
@@ -132,7 +272,10 @@ class _ReversibleChain(torch.autograd.Function):
             )
             with autocast:
                 y, grad_y = chain_backward_from_output(ctx.layers, y, grad_y, grad_logdet)
-            _check_drift(y, x_in, ctx.max_drift)
+            if ctx.record is not None:
+                ctx.record.note(_relative_drift(y, x_in), ctx.tol)
+            elif ctx.immediate:
+                _raise_if_beyond(float(_relative_drift(y, x_in)), ctx.tol)
         except BaseException:
             for p, before in zip(params, grads_before):  # no gradients computed at wrong points reach .grad
                 p.grad = before
@@ -173,24 +316,26 @@ def check_max_drift(max_drift: float | None) -> float | None:
     return float(max_drift)
 
 
-def _check_drift(rebuilt: torch.Tensor, original: torch.Tensor, max_drift: float | None) -> None:
-    tol = default_max_drift(original) if max_drift is None else max_drift
-    if tol == math.inf:
-        return
+def _relative_drift(rebuilt: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """``max|rebuilt - original| / max|original|`` as a 0-dim float32 tensor on the device (no host read)."""
     scale = original.detach().abs().max().float().clamp_min(1e-12)
-    drift = float((rebuilt.float() - original.detach().float()).abs().max() / scale)
+    return (rebuilt.float() - original.detach().float()).abs().max() / scale
+
+
+def _raise_if_beyond(drift: float, tol: float) -> None:
     if not drift <= tol:
         raise ReconstructionError(
             f"reversible backward rebuilt the chain input with relative drift {drift:.3g} > max_drift {tol:.3g}; "
-            "the gradients would be computed at wrong points. Causes: near-zero coupling scales, low precision; "
-            "train this part without reversible=True or raise max_drift."
+            f"the gradients would be computed at wrong points. {_CAUSES}"
         )
 
 
 def reversible_chain(
     layers: nn.ModuleList, x: torch.Tensor, max_drift: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``layers`` on ``x`` with memory-saving reversible backprop; returns ``(y, summed logdet)``."""
+    """Run ``layers`` on ``x`` with memory-saving reversible backprop; returns ``(y, summed logdet)``. The backward
+    checks the drift of the rebuilt input against ``max_drift`` (``None``: :func:`default_max_drift`) at once, or
+    records it on the device when :func:`guards_deferred` holds here (see the module docstring)."""
     max_drift = check_max_drift(max_drift)
     params = _params(layers)
     return _ReversibleChain.apply(x, layers, max_drift, *params)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastflow.models import NICE, Glow, RealNVP, dequantize
+from fastflow.nn.reversible import deferred_guards
 from tests.helpers import brute_force_logdet, perturb_parameters
 
 PRESETS = {
@@ -97,6 +98,21 @@ def test_nonfinite_likelihood_names_the_layer():
         model.blocks[1].layers[1].actnorm.logs.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"blocks\.1\.layers\.1 \(FlowStep\)"):
         model.log_prob(torch.rand(2, *model.image_shape) - 0.5)
+
+
+def test_deferred_finite_check_records_and_check_guards_names_the_layer():
+    model = _model("glow_affine_lu").float()
+    with torch.no_grad():
+        model.blocks[1].layers[1].actnorm.logs.fill_(float("nan"))
+    x = torch.rand(2, *model.image_shape) - 0.5
+    for batch, match in (((x,), r"blocks\.1\.layers\.1 \(FlowStep\)"), ((), "pass that batch to check_guards")):
+        with deferred_guards():
+            log_p = model.log_prob(x)  # recorded on the device, not raised
+        assert not torch.isfinite(log_p).all() and bool(model.guards_tripped())
+        with pytest.raises(FloatingPointError, match=match):
+            model.check_guards(*batch)
+        assert not bool(model.guards_tripped())
+        model.check_guards()  # the read cleared the record
 
 
 @pytest.mark.parametrize(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 from fastflow.models import Glow, RealNVP
 from fastflow.nn import FlowSequential, FlowStep
-from fastflow.nn.reversible import ReconstructionError
+from fastflow.nn.reversible import ReconstructionError, deferred_guards, drift_tripped, read_drift_guard
 from tests.helpers import loss_and_grads, perturb_parameters
 
 
@@ -133,6 +134,28 @@ def test_drift_guard_leaves_the_gradients_as_they_were():
             assert p.grad is None
         else:
             torch.testing.assert_close(p.grad, grad, rtol=0, atol=0)
+
+
+def test_deferred_drift_guard_records_on_the_device_and_raises_when_read():
+    torch.manual_seed(0)
+    chain = FlowSequential(FlowStep(4, hidden=8), FlowStep(4, hidden=8), reversible=True).train()
+    x = torch.randn(2, 4, 4, 4)
+    chain(x)  # ActNorm init
+    for drifts in (False, True):
+        chain.zero_grad(set_to_none=True)
+        with deferred_guards():
+            y, logdet = chain(x.clone().requires_grad_(True))
+        if drifts:
+            with torch.no_grad():
+                chain.layers[1].actnorm.bias.add_(0.5)
+        (y.sum() + logdet.sum()).backward()  # no read and no error here, drift or not
+        assert all(p.grad is not None for p in chain.parameters()), "deferred: the gradients are accumulated"
+        assert bool(drift_tripped(chain)) == drifts
+        error = read_drift_guard(chain)
+        assert (error is not None) == drifts
+    assert isinstance(error, ReconstructionError)
+    assert re.search(r"relative drift beyond max_drift in layers \(\S+ > max_drift 0.001\)", str(error))
+    assert read_drift_guard(chain) is None and not bool(drift_tripped(chain)), "the read cleared the record"
 
 
 def test_autocast_bf16_reversible_matches_standard_within_bf16_tolerance():

@@ -1,0 +1,193 @@
+"""One training step (forward, backward, gradient clipping, optimizer step), run eagerly, compiled by Inductor,
+or captured once in a CUDA graph and replayed.
+
+A Glow step is thousands of small launches: on a GPU the host, not the device, sets its pace. ``"compile"``
+fuses the elementwise neighbours of the convolutions and of fastflow's kernels (``torch.compile`` of the
+objective, whose backward AOTAutograd compiles too, and of the clip + optimizer update); ``"cuda-graph"``
+records every launch of the whole step once and replays it with one call, so the host cost per step is a copy
+of the batch and one replay. Both need a step without host syncs (fastflow's guards are device-side flags).
+
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from typing import Literal
+
+import torch
+from torch import nn
+
+from fastflow.models import FlowModel
+from fastflow.nn.reversible import deferred_guards
+
+__all__ = ["STEP_MODES", "StepMode", "TrainStep", "make_adam"]
+
+StepMode = Literal["eager", "compile", "cuda-graph"]
+STEP_MODES = ("eager", "compile", "cuda-graph")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CAPTURE_WARMUP_STEPS = 3  # eager steps on a side stream before capture: lazy state (Adam moments, cuDNN plans) exists
+
+
+def make_adam(parameters: Iterable[nn.Parameter], lr: float, mode: StepMode = "eager") -> torch.optim.Adam:
+    """The fused Adam, whose step count stays on the device (the default implementation reads it on the host every
+    step) and which skips its update where ``found_inf`` is set (see :class:`TrainStep`); ``"cuda-graph"`` also
+    needs ``capturable=True``."""
+    return torch.optim.Adam(parameters, lr=lr, fused=True, capturable=mode == "cuda-graph")
+
+
+def _autocast(device: torch.device, amp: str | None, cache_enabled: bool = True) -> AbstractContextManager[None]:
+    # A captured graph must not keep autocast's weight-cast cache: the casts are recorded, not cached.
+    dtype = AMP_DTYPES[amp] if amp is not None else None
+    return torch.autocast(device.type, dtype=dtype, enabled=amp is not None, cache_enabled=cache_enabled)
+
+
+class TrainStep:
+    """``step(x, y, lr) -> loss``: ``loss = objective(x, y).mean()`` with fastflow's guards deferred
+    (:func:`~fastflow.nn.reversible.deferred_guards`), its backward, clipping of the gradient norm of ``model``'s
+    parameters at ``clip`` (0: none) and ``optimizer.step()``, without a host read; returns the loss as a detached
+    0-dim float32 device tensor (reading it is the caller's choice, and a host sync).
+
+    ``objective`` computes the per-sample loss of ``model`` (or is a ``DistributedDataParallel`` around such a
+    module). :attr:`skip` (0-dim, the fused Adam's ``found_inf``) is set on the device once a loss is not finite or
+    ``model``'s guards tripped, this step or an earlier one: every later update is then skipped, so the weights stay
+    those of the first failing step until the caller reads the guards (``FlowModel.check_guards``) and stops. Under
+    fp16 loss scaling (``scaler`` enabled) the scaler hands the optimizer its own ``found_inf`` instead, which covers
+    non-finite losses but not drift, and :attr:`skip` is None.
+
+    ``mode``: ``"eager"``; ``"compile"`` (Inductor, CPU or CUDA: the loss with its backward, and the clipped update,
+    compile on the first step); ``"cuda-graph"`` (CUDA only: the first :data:`CAPTURE_WARMUP_STEPS` steps run eagerly
+    on a side stream, the next is captured and then replayed, as is every later step; shapes are static, so every
+    batch must have the first one's shape and dtype; ``optimizer`` from :func:`make_adam` with that mode; no fp16, no
+    DDP). ``channels_last`` stores the convolution weights and the input in channels-last order, the layout tensor
+    cores want under ``amp="bf16"``. The learning rate lives in a device tensor shared by the parameter groups, so a
+    warm-up schedule changes neither compiled code nor the captured graph.
+    """
+
+    def __init__(
+        self,
+        objective: nn.Module,
+        model: FlowModel,
+        optimizer: torch.optim.Optimizer,
+        clip: float = 0.0,
+        amp: str | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        mode: StepMode = "eager",
+        channels_last: bool = False,
+    ) -> None:
+        if mode not in STEP_MODES:
+            raise ValueError(f"mode must be one of {STEP_MODES}, got {mode!r}")
+        if amp is not None and amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}")
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.parameters[0].device
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        if mode == "cuda-graph":
+            if self.device.type != "cuda":
+                raise ValueError(f"mode='cuda-graph' needs a model on a CUDA device, got {self.device}")
+            if self.scaler is not None:
+                raise ValueError("mode='cuda-graph' runs in float32 or under bf16 autocast, not fp16 loss scaling")
+            if isinstance(objective, nn.parallel.DistributedDataParallel):
+                raise ValueError("mode='cuda-graph' does not capture DistributedDataParallel's gradient all-reduce")
+            if not all(group.get("capturable", False) for group in optimizer.param_groups):
+                raise ValueError("mode='cuda-graph' needs a capturable optimizer: make_adam(..., mode='cuda-graph')")
+        self.objective, self.model, self.optimizer = objective, model, optimizer
+        self.clip, self.amp, self.mode, self.channels_last = clip, amp, mode, channels_last
+        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), dtype=torch.float32, device=self.device)
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr
+        self.skip: torch.Tensor | None = None
+        if self.scaler is None:
+            self.skip = torch.zeros((), device=self.device)
+            optimizer.found_inf = self.skip  # type: ignore[attr-defined]  # fused Adam skips its update where set
+        if channels_last:
+            objective.to(memory_format=torch.channels_last)
+        self._loss_fn, self._update_fn = self._loss, self._update
+        if mode == "compile":
+            self._loss_fn, self._update_fn = torch.compile(self._loss), torch.compile(self._update)
+        self._eager_steps = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static_x: torch.Tensor | None = None  # the captured step's buffers
+        self._static_y: torch.Tensor | None = None
+        self._static_loss: torch.Tensor | None = None
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        with deferred_guards(), _autocast(self.device, self.amp, cache_enabled=self.mode != "cuda-graph"):
+            return self.objective(x, y).mean()
+
+    def _record_failure(self, loss: torch.Tensor) -> None:
+        """Set :attr:`skip` where this step's loss is not finite or a guard tripped (the drift records are complete
+        after backward)."""
+        if self.skip is not None:
+            failed = ~torch.isfinite(loss) | self.model.guards_tripped()
+            torch.maximum(self.skip, failed.to(self.skip.dtype), out=self.skip)
+
+    def _update(self) -> None:
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.clip, foreach=True)
+        self.optimizer.step()
+
+    def _backward_and_update(self, loss: torch.Tensor) -> None:
+        if self.scaler is None:
+            loss.backward()
+            self._record_failure(loss)
+            self._update_fn()
+            return
+        self.scaler.scale(loss).backward()  # fp16: unscale before clipping; the scaler skips non-finite steps
+        self.scaler.unscale_(self.optimizer)
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.clip, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def _eager_step(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._loss_fn(x, y)
+        self._backward_and_update(loss)
+        return loss.detach().float()
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.cuda.CUDAGraph:
+        """Record one whole step into a CUDA graph that reads its batch from static buffers."""
+        self._static_x, self._static_y = x.clone(), None if y is None else y.clone()
+        self.optimizer.zero_grad(set_to_none=True)  # the gradients are then allocated in the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = self._loss(self._static_x, self._static_y)
+            self._backward_and_update(loss)
+            self._static_loss = loss.detach().float()
+        return graph
+
+    def _replay(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if self._graph is None:
+            self._graph = self._capture(x, y)
+        static_x, static_y, static_loss = self._static_x, self._static_y, self._static_loss
+        assert static_x is not None and static_loss is not None  # set by _capture
+        if x.shape != static_x.shape or x.dtype != static_x.dtype:
+            raise ValueError(
+                f"a CUDA-graph step needs every batch shaped like the first, {tuple(static_x.shape)} {static_x.dtype}; "
+                f"got {tuple(x.shape)} {x.dtype} (use a batch size that divides the data, or mode='eager')"
+            )
+        if (y is None) != (static_y is None):
+            raise ValueError("a CUDA-graph step needs labels on every step or on none")
+        static_x.copy_(x)
+        if static_y is not None and y is not None:
+            static_y.copy_(y)
+        self._graph.replay()
+        return static_loss.clone()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None, lr: float) -> torch.Tensor:
+        """Run one step on the batch ``x`` (labels ``y`` or None) at learning rate ``lr``; the loss, detached."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.lr.fill_(lr)
+        if self.mode != "cuda-graph":
+            return self._eager_step(x, y)
+        if self._graph is None and self._eager_steps < CAPTURE_WARMUP_STEPS:
+            self._eager_steps += 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                loss = self._eager_step(x, y)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return loss
+        return self._replay(x, y)

@@ -1,0 +1,85 @@
+"""fastflow.step: the eager, compiled and CUDA-graph training steps give the same losses and weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastflow.models import Glow
+from fastflow.step import CAPTURE_WARMUP_STEPS, TrainStep, make_adam
+
+
+class _Objective(nn.Module):
+    def __init__(self, model: Glow) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self.model.bits_per_dim(x, y)
+
+
+def _run(
+    mode: str, device: str = "cpu", steps: int = 3, dtype: torch.dtype = torch.float64, **kwargs
+) -> tuple[list[float], torch.Tensor]:
+    """Losses of ``steps`` steps of a tiny Glow, and its flattened weights after them. Float64 by default: Adam
+    turns float32 rounding noise in near-zero gradients into steps of size lr, which would hide real differences."""
+    torch.manual_seed(0)
+    model = Glow(3, 8, levels=2, steps=2, hidden=16).to(device, dtype)
+    batches = [torch.rand(4, 3, 8, 8, device=device, dtype=dtype) - 0.5 for _ in range(steps)]
+    with torch.no_grad():
+        model.bits_per_dim(batches[0])  # ActNorm's data-dependent init, outside the step
+    optimizer = make_adam(model.parameters(), 1e-3, mode)
+    step = TrainStep(_Objective(model), model, optimizer, clip=50.0, mode=mode, **kwargs)
+    losses = [float(step(x, None, lr=1e-3 * (i + 1))) for i, x in enumerate(batches)]
+    return losses, torch.cat([p.detach().flatten() for p in model.parameters()]).cpu()
+
+
+def test_compiled_step_matches_eager():
+    losses, weights = _run("eager")
+    compiled_losses, compiled_weights = _run("compile")
+    assert losses[0] != losses[-1]  # the steps trained
+    torch.testing.assert_close(compiled_losses, losses, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(compiled_weights, weights, atol=1e-9, rtol=1e-9)
+
+
+def test_channels_last_step_matches_eager():
+    losses, weights = _run("eager")
+    cl_losses, cl_weights = _run("eager", channels_last=True)
+    torch.testing.assert_close(cl_losses, losses, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(cl_weights, weights, atol=1e-9, rtol=1e-9)
+
+
+def test_step_sets_the_learning_rate_and_skips_updates_after_a_failure():
+    model = Glow(3, 8, levels=2, steps=1, hidden=8)
+    optimizer = make_adam(model.parameters(), 1e-3)
+    step = TrainStep(_Objective(model), model, optimizer)
+    x = torch.rand(2, 3, 8, 8) - 0.5
+    with torch.no_grad():
+        model.bits_per_dim(x)
+    loss = step(x, None, lr=5e-4)
+    assert loss.dim() == 0 and not loss.requires_grad and loss.dtype == torch.float32
+    assert all(float(group["lr"]) == pytest.approx(5e-4) for group in optimizer.param_groups)
+    kept = [p.detach().clone() for p in model.parameters()]
+    step(torch.full_like(x, float("nan")), None, lr=5e-4)  # a non-finite loss: recorded, the update skipped
+    step(x, None, lr=5e-4)  # and every later one, until the caller reads the guards
+    assert float(step.skip) == 1.0
+    assert all(torch.equal(p, k) for p, k in zip(model.parameters(), kept))
+
+
+def test_step_refuses_bad_settings():
+    model = Glow(3, 8, levels=2, steps=1, hidden=8)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        TrainStep(_Objective(model), model, make_adam(model.parameters(), 1e-3), mode="graph")
+    with pytest.raises(ValueError, match="needs a model on a CUDA device"):
+        TrainStep(_Objective(model), model, make_adam(model.parameters(), 1e-3), mode="cuda-graph")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["compile", "cuda-graph"])
+def test_step_modes_match_eager_on_cuda(mode):
+    steps = CAPTURE_WARMUP_STEPS + 3  # warm-up, capture + replay, then plain replays
+    losses, weights = _run("eager", "cuda", steps)
+    other_losses, other_weights = _run(mode, "cuda", steps)
+    torch.testing.assert_close(other_losses, losses, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(other_weights, weights, atol=1e-9, rtol=1e-9)
