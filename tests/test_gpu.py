@@ -6,6 +6,8 @@ the setting users get or choose for speed: the invertible mixes must stay IEEE f
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -65,8 +67,15 @@ def test_glow_training_step_on_cuda_matches_eager(reversible):
     loss_eager, grads_eager = loss_and_grads(model, x, "eager", reversible=False)
     loss_fused, grads_fused = loss_and_grads(model, x, "triton", reversible=reversible)
     torch.testing.assert_close(loss_fused, loss_eager, rtol=1e-5, atol=0)
-    g_fused, g_eager = (torch.cat([g.flatten() for g in grads]) for grads in (grads_fused, grads_eager))
-    assert (g_fused - g_eager).norm() / g_eager.norm() < 1e-3
+    # Three-way, as for low precision: with TF32 on, both paths' coupling networks compute at a 10-bit mantissa
+    # (1.5e-3 relative between them measured on an H200), so each is held to the float64 reference instead: the
+    # fused gradients may err at most twice as much as eager's.
+    _, grads_exact = loss_and_grads(copy.deepcopy(model).double(), x.double(), "eager", reversible=False)
+    g_fused, g_eager, g_exact = (
+        torch.cat([g.flatten().double() for g in grads]) for grads in (grads_fused, grads_eager, grads_exact)
+    )
+    fused_error, eager_error = ((g - g_exact).norm() / g_exact.norm() for g in (g_fused, g_eager))
+    assert fused_error <= 2 * eager_error + 1e-4, (float(fused_error), float(eager_error))
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
