@@ -6,7 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastflow-installed
 
-.PHONY: demo test bench gpu-check gpu-install gpu-test gpu-bench aot-old-tritons lint clean
+BENCH_STAMP := $(VENV)/.fastflow-bench-installed
+
+.PHONY: demo test bench bench-targets gpu-check gpu-install gpu-test gpu-bench aot-old-tritons lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,16 +23,32 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP)
+# The benchmarks' extra (normflows, the peer the digits demo is timed against) on top of the test set-up.
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks --device cpu --quick
 	$(PY) -m pytest -q benchmarks/test_cpu_timings.py --benchmark-only --benchmark-columns=min,median,max,rounds
 
-# On a CUDA machine, with its own torch and triton: the gpu-marked tests, then every benchmark
-# (gpu-test and gpu-bench run one half). BENCH_ARGS="--cases coupling,flowstep" runs a subset; results of
-# earlier cases stay in the results file, so the suite can be split over commands with a time limit.
+# Issue 13's CPU targets measured in one run: the census (eager vs compiled launches and bytes), the
+# reference step eager vs compiled vs reversible, and the digits demo against normflows' Glow.
+bench-targets: $(BENCH_STAMP)
+	$(PY) -m benchmarks --device cpu --cases census,train_step_cpu,peers_glow
+
+# On a CUDA machine, with its own torch and triton. gpu-check: in one command within GPU_CHECK_S seconds
+# (under 8 minutes with the install), each step time-boxed: the gpu-marked tests (TF32 on), the coupling
+# and FlowStep kernels, the training step eager vs compiled vs CUDA graph, the largest batches that fit,
+# then max-autotune with any time left (benchmarks/gpu_check.py). Results go to benchmarks/results/<device>.*
+# as each case finishes; with OUT set, logs and copies of the results go under $OUT.
+# gpu-test and gpu-bench run the tests or the benchmarks alone: BENCH_ARGS="--cases coupling,flowstep" runs a
+# subset; results of earlier cases stay in the results file, so the suite can be split over commands.
 GPU_PY ?= python3
 BENCH_ARGS ?=
-gpu-check: gpu-test gpu-bench
+GPU_CHECK_S ?= 450
+gpu-check: gpu-install
+	$(GPU_PY) -m benchmarks.gpu_check --total-s $(GPU_CHECK_S)
 
 gpu-install:
 	$(GPU_PY) -m pip install --quiet --no-deps --no-build-isolation -e .

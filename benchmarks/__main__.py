@@ -1,11 +1,21 @@
 """``python -m benchmarks``: run the suite, print and write the markdown tables, JSON and a PNG plot.
 
-Cases: ``coupling`` (the coupling op), ``actnorm_invconv`` (ActNorm + 1x1 conv), ``flowstep`` (one Glow
-step), ``train_depth`` (a Glow training step over depth K, standard vs reversible, time and peak memory),
-``train_resolution`` (a Glow training step at growing resolution for standard, per-step checkpointing,
-reversible and reversible+tiled; on CUDA also the largest batch that fits at 256 and 1024 pixels), ``census``
-(launches and bytes per pixel of one FlowStep and one training step, :mod:`benchmarks.census`). Each
-timed case checks the fused result against eager first and refuses to report a speed for a wrong answer.
+Cases on every device: ``coupling`` (the coupling op), ``actnorm_invconv`` (ActNorm + 1x1 conv), ``flowstep``
+(one Glow step), ``train_depth`` (a Glow training step over depth K, standard vs reversible, time and peak
+memory), ``train_resolution`` (a Glow training step at growing resolution for standard, per-step
+checkpointing, reversible and reversible+tiled), ``census`` (launches and bytes per pixel of one FlowStep and
+one training step, eager and compiled, :mod:`benchmarks.census`). CPU only: ``train_step_cpu`` (the
+reference step eager, compiled, reversible; :mod:`benchmarks.step_modes`), ``peers_glow`` (the digits demo
+against normflows' Glow, :mod:`benchmarks.peers`). CUDA only: ``train_modes`` (the step eager vs compiled vs
+CUDA graph in bf16, :mod:`benchmarks.step_modes`), ``largest_batch`` (the largest batch that fits at 256,
+512 and 1024 pixels per backprop mode), ``flowstep_max_autotune`` (``flowstep``'s first size with
+``torch.compile(mode="max-autotune")`` too). Each timed case checks the fused result against eager first
+and refuses to report a speed for a wrong answer.
+
+Time boxes: ``--budget-s`` (per case) and ``--deadline`` (a UNIX time for the whole run) make each case stop
+starting new work once its box is over: what it measured is kept, what it did not start is recorded as
+``skipped: time``, and a case with no time left at all is not started (its earlier rows in the results file,
+if any, are kept). Results are written after every case.
 """
 
 from __future__ import annotations
@@ -19,12 +29,40 @@ from typing import Any
 
 import torch
 
-from benchmarks import bench_actnorm_invconv, bench_coupling, bench_flowstep, census, train_step
-from benchmarks.common import copy_bandwidth_gbs, device_slug, environment, markdown_table, write_results
+from benchmarks import bench_actnorm_invconv, bench_coupling, bench_flowstep, census, peers, step_modes, train_step
+from benchmarks.common import (
+    SKIPPED,
+    Budget,
+    copy_bandwidth_gbs,
+    device_slug,
+    environment,
+    markdown_table,
+    write_results,
+)
 from benchmarks.plot import plot_results
 
-CASES = ("coupling", "actnorm_invconv", "flowstep", "train_depth", "train_resolution", "census")
+CASES = (
+    "coupling",
+    "actnorm_invconv",
+    "flowstep",
+    "train_depth",
+    "train_resolution",
+    "census",
+    "train_step_cpu",
+    "peers_glow",
+    "train_modes",
+    "largest_batch",
+    "flowstep_max_autotune",
+)
+CPU_ONLY = ("train_step_cpu", "peers_glow")
+CUDA_ONLY = ("train_modes", "largest_batch", "flowstep_max_autotune")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_cases(device_type: str) -> tuple[str, ...]:
+    """Every case that runs on ``device_type`` (``"cpu"`` or ``"cuda"``)."""
+    other = CUDA_ONLY if device_type == "cpu" else CPU_ONLY
+    return tuple(c for c in CASES if c not in other)
 
 
 def _run_case(
@@ -34,26 +72,45 @@ def _run_case(
     quick: bool,
     channels: tuple[int, ...] | None,
     resolutions: tuple[int, ...] | None,
+    budget: Budget,
 ) -> list[dict[str, Any]]:
     if name == "coupling":
         kwargs = {} if not quick else {"sizes": bench_coupling.GLOW_SIZES[:2]}
-        return bench_coupling.run(device, dtype, quick=quick, **kwargs)
+        return bench_coupling.run(device, dtype, quick=quick, budget=budget, **kwargs)
     if name == "actnorm_invconv":
-        return bench_actnorm_invconv.run(device, dtype, quick, channels)
-    if name == "flowstep":
-        return bench_flowstep.run(device, dtype, quick)
+        return bench_actnorm_invconv.run(device, dtype, quick, channels, budget)
+    if name in ("flowstep", "flowstep_max_autotune"):
+        return bench_flowstep.run(device, dtype, quick, max_autotune=name == "flowstep_max_autotune", budget=budget)
     if name == "train_depth":
-        return train_step.depth_sweep(device, quick)
+        return train_step.depth_sweep(device, quick, budget)
     if name == "census":
-        return census.census_rows(device)
-    rows = train_step.resolution_sweep(device, quick, resolutions)
-    if device.type == "cuda" and not quick:
-        for resolution, levels in ((256, 6), (1024, 8)):
-            if resolutions and resolution not in resolutions:
-                continue
-            for mode in train_step.MODES:
-                cfg = {"resolution": resolution, "levels": levels, "steps": 32, "hidden": 512, "mode": mode}
-                rows.append({**cfg, "largest_batch": train_step.largest_batch({**cfg, "tile_budget_mb": 1024}, device)})
+        return census.census_rows(device, budget=budget)
+    if name == "train_step_cpu":
+        return step_modes.cpu_reference_rows(quick, budget)
+    if name == "peers_glow":
+        return peers.peers_rows(quick, budget)
+    if name == "train_modes":
+        return step_modes.gpu_mode_rows(budget)
+    if name == "largest_batch":
+        return train_step.largest_batch_rows(device, resolutions, budget)
+    return train_step.resolution_sweep(device, quick, resolutions, budget)
+
+
+def _merged(
+    case: str,
+    rows: list[dict[str, Any]],
+    earlier: list[dict[str, Any]],
+    channels: tuple[int, ...] | None,
+    resolutions: tuple[int, ...] | None,
+) -> list[dict[str, Any]]:
+    """``rows`` of a run of ``case`` restricted by ``--channels`` or ``--resolutions``, with the ``earlier`` rows
+    of the channels or resolutions it did not run (so a grid can be run in parts); otherwise ``rows``."""
+    if case == "actnorm_invconv" and channels:
+        kept = [r for r in earlier if r["channels"] not in channels]
+        return sorted(kept + rows, key=lambda r: (r["channels"], r["height"]))  # stable: mode, variant
+    if case in ("train_resolution", "largest_batch") and resolutions:
+        kept = [r for r in earlier if r.get("resolution") not in resolutions]
+        return sorted(kept + rows, key=lambda r: r.get("resolution", 0))  # stable: mode
     return rows
 
 
@@ -104,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {CASES}")
+    parser.add_argument(
+        "--cases", default=None, help=f"comma-separated subset of {CASES} (default: every case the device runs)"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     parser.add_argument(
         "--channels",
@@ -115,17 +174,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resolutions",
         type=lambda v: tuple(int(r) for r in v.split(",")),
-        help="train_resolution only: these resolutions (comma-separated) of the sweep; rows of others already in "
-        "the results file are kept, so the sweep can be run in parts within a time limit",
+        help="train_resolution and largest_batch only: these resolutions (comma-separated); rows of others "
+        "already in the results file are kept, so the sweep can be run in parts within a time limit",
+    )
+    parser.add_argument("--budget-s", type=float, default=None, help="time box of each case, in seconds")
+    parser.add_argument(
+        "--deadline", type=float, default=None, help="UNIX time by which every case must have stopped (time box)"
     )
     parser.add_argument("--out", default="benchmarks/results", help="folder for <device>.json/.md/.png")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else default_cases(device.type)
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         parser.error(f"unknown cases {unknown}; choose from {CASES}")
+    wrong_device = sorted(set(cases) - set(default_cases(device.type)))
+    if wrong_device:
+        parser.error(f"cases {wrong_device} do not run on {device.type}")
     if args.channels and "actnorm_invconv" not in cases:
         parser.error("--channels applies to the actnorm_invconv case only; add it to --cases")
     if args.channels and not all(0 < c <= max(bench_actnorm_invconv.CHANNELS) for c in args.channels):
@@ -133,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--channels must lie in 1..{max(bench_actnorm_invconv.CHANNELS)}: wider channel mixes are not "
             "checked for register spills and always run on cuDNN"
         )
-    if args.resolutions and "train_resolution" not in cases:
-        parser.error("--resolutions applies to the train_resolution case only; add it to --cases")
+    if args.resolutions and not {"train_resolution", "largest_batch"} & set(cases):
+        parser.error("--resolutions applies to the train_resolution and largest_batch cases only; add one to --cases")
     env = environment(device)
     env["copy_bandwidth_gbs"] = copy_bandwidth_gbs(device)
     print(
@@ -143,22 +209,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     slug = device_slug(env) + ("" if args.dtype == "float32" else f"-{args.dtype}")
     results = _earlier_results(os.path.join(args.out, f"{slug}.json"), env["device"])
+    paths: list[str] = []
     for case in cases:
         start = time.perf_counter()
-        rows = _run_case(case, device, DTYPES[args.dtype], args.quick, args.channels, args.resolutions)
-        if case == "actnorm_invconv" and args.channels:
-            earlier = [r for r in results.get(case, []) if r["channels"] not in args.channels]
-            rows = sorted(earlier + rows, key=lambda r: (r["channels"], r["height"]))  # stable: mode, variant
-        if case == "train_resolution" and args.resolutions:
-            earlier = [r for r in results.get(case, []) if r["resolution"] not in args.resolutions]
-            rows = sorted(earlier + rows, key=lambda r: ("largest_batch" in r, r["resolution"]))  # stable: mode
-        results[case] = rows
-        print(f"\n## {case} ({time.perf_counter() - start:.0f} s)\n\n{_table(results[case])}", flush=True)
+        budget = Budget.of(args.budget_s, args.deadline)
+        if budget.expired():
+            results.setdefault(case, [dict(SKIPPED)])  # earlier rows of the case, if any, stay
+            print(f"\n## {case}: skipped, no time left", flush=True)
+        else:
+            rows = _run_case(case, device, DTYPES[args.dtype], args.quick, args.channels, args.resolutions, budget)
+            results[case] = _merged(case, rows, results.get(case, []), args.channels, args.resolutions)
+            print(f"\n## {case} ({time.perf_counter() - start:.0f} s)\n\n{_table(results[case])}", flush=True)
         # Written after every case: a time limit loses only the case in hand.
         paths = _write(results, env, args.quick, args.out, slug)
     if "actnorm_invconv" in results:
         print(_threshold_note(results["actnorm_invconv"]))
-    print("\nwrote " + ", ".join(paths))
+    if paths:
+        print("\nwrote " + ", ".join(paths))
     return 0
 
 

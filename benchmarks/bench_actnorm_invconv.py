@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 import fastflow
-from benchmarks.common import MismatchError, copy_bandwidth_gbs, median_ms, peak_mib
+from benchmarks.common import SKIPPED, Budget, MismatchError, copy_bandwidth_gbs, median_ms, peak_mib
 from fastflow.ops import channel_mix as channel_mix_ops
 from fastflow.ops.actnorm_invconv import actnorm_invconv, actnorm_invconv_ref
 from fastflow.ops.invconv import lu_weight_and_logdet
@@ -112,15 +112,26 @@ def _forward_backward(fn: Callable, x: torch.Tensor, params: tuple, grad_y: torc
     return torch.autograd.grad(fn(x, *params)[0], (x, *params[:3]), grad_y)
 
 
-def run(device: torch.device, dtype: torch.dtype, quick: bool, channels: tuple[int, ...] | None = None) -> list[dict]:
+def run(
+    device: torch.device,
+    dtype: torch.dtype,
+    quick: bool,
+    channels: tuple[int, ...] | None = None,
+    budget: Budget | None = None,
+) -> list[dict]:
     """Benchmark every ``(B, C, H, W)`` size of :func:`default_sizes`; one dict per (size, mode, variant)
-    with median ms, speed-up vs eager, GB/s, % of copy bandwidth and peak MiB."""
+    with median ms, speed-up vs eager, GB/s, % of copy bandwidth and peak MiB. Sizes not started before
+    ``budget`` expires get one ``skipped: time`` row each."""
     sizes = default_sizes(device.type, quick, channels)
     backend = "triton" if device.type == "cuda" else "eager"
     copy_gbps = copy_bandwidth_gbs(device)
     results = []
     with _kernel_up_to(max(c for _, c, _, _ in sizes)), fastflow.backend(backend):
         for batch, channels, height, width in sizes:
+            if budget is not None and budget.expired():
+                size = {"batch": batch, "channels": channels, "height": height, "width": width}
+                results.append({"op": "actnorm_invconv", **size, **SKIPPED})
+                continue
             torch._dynamo.reset()  # a fresh compile per size: no recompile limit, no stale graphs
             variants = {
                 "eager": actnorm_invconv_ref,
@@ -180,7 +191,7 @@ def kernel_max_channels(results: list[dict]) -> int | None:
     None when the results hold no fused timings from a Triton backend (a CPU run times eager twice)."""
     wins: dict[int, bool] = {}
     for fused in results:
-        if fused["variant"] != "fused" or fused["fused_backend"] == "eager":
+        if fused.get("variant") != "fused" or fused["fused_backend"] == "eager":
             continue
         speedup = fused["speedup_vs_eager"]
         wins[fused["channels"]] = wins.get(fused["channels"], True) and speedup is not None and speedup > 1.0

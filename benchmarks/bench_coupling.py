@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 import fastflow
-from benchmarks.common import check_close, copy_bandwidth_gbs, median_ms, peak_mib
+from benchmarks.common import SKIPPED, Budget, check_close, copy_bandwidth_gbs, median_ms, peak_mib
 from fastflow.backend import interpreter_enabled, triton_available
 from fastflow.ops.coupling import additive_coupling, affine_coupling
 
@@ -137,8 +137,9 @@ def _bench_pass(
 
 
 def _add_speedups(rows: list[dict[str, Any]]) -> None:
-    by_key = {(r["kind"], r["pass"], tuple(r["shape"]), r["provider"]): r["median_ms"] for r in rows}
-    for row in rows:
+    timed = [r for r in rows if "median_ms" in r]
+    by_key = {(r["kind"], r["pass"], tuple(r["shape"]), r["provider"]): r["median_ms"] for r in timed}
+    for row in timed:
         key = (row["kind"], row["pass"], tuple(row["shape"]))
         row["speedup_vs_eager"] = by_key[(*key, "eager")] / row["median_ms"]
         row["speedup_vs_compile"] = by_key[(*key, "compile")] / row["median_ms"]
@@ -149,6 +150,7 @@ def run(
     dtype: torch.dtype = torch.float32,
     sizes: Sequence[Sequence[int]] = GLOW_SIZES,
     quick: bool = False,
+    budget: Budget | None = None,
 ) -> list[dict[str, Any]]:
     """Time the coupling op on ``device`` in ``dtype`` (float32/float16/bfloat16) for each ``(B, C, H, W)``.
 
@@ -156,7 +158,8 @@ def run(
     measured device copy bandwidth), ``peak_mem_mb`` (CUDA only), ``speedup_vs_eager`` and
     ``speedup_vs_compile``. ``quick`` times only the Glow (sigmoid) coupling, with fewer CPU repeats.
     Providers: ``eager``, ``compile`` (``torch.compile`` of eager) and, on CUDA with Triton, ``fused``.
-    Raises :class:`benchmarks.common.MismatchError` if a provider disagrees with float32 eager.
+    Raises :class:`benchmarks.common.MismatchError` if a provider disagrees with float32 eager. A (kind,
+    pass, size) not started before ``budget`` expires gets one ``skipped: time`` row.
     """
     device = torch.device(device)
     copy_gbs = copy_bandwidth_gbs(device)
@@ -164,6 +167,9 @@ def run(
     for size in sizes:
         for kind in KINDS[:1] if quick else KINDS:
             for pass_name in ("fwd", "fwd+bwd"):
+                if budget is not None and budget.expired():
+                    rows.append({"op": "coupling", "kind": kind, "pass": pass_name, "shape": list(size), **SKIPPED})
+                    continue
                 rows += _bench_pass(kind, pass_name, size, dtype, device, quick, copy_gbs)
     _add_speedups(rows)
     return rows

@@ -1,6 +1,7 @@
 """One Glow FlowStep (ActNorm -> LU 1x1 conv -> affine coupling), forward and forward+backward:
-eager vs fused (Triton, CUDA only) vs torch.compile of the eager step (mode default; on CUDA also
-max-autotune, for the first size)."""
+eager vs fused (Triton, CUDA only) vs torch.compile of the eager step (mode default). The case
+``flowstep_max_autotune`` adds ``torch.compile(mode="max-autotune")`` at the first size: minutes of autotuning
+on a GPU, so it is a case of its own, last in ``make gpu-check``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 
 import fastflow
-from benchmarks.common import check_close, median_ms
+from benchmarks.common import SKIPPED, Budget, check_close, median_ms
 from fastflow.nn import FlowStep
 
 __all__ = ["run"]
@@ -52,17 +53,21 @@ def _time_variants(
     return timings
 
 
-def run(device: torch.device, dtype: torch.dtype, quick: bool) -> list[dict[str, Any]]:
-    """Rows of ``{case, size, variant, fwd_ms, fwd_bwd_ms, speedup_*}``."""
-    rows = []
-    for i, (b, c, h, w, hidden) in enumerate(_sizes(device, quick)):
+def run(
+    device: torch.device, dtype: torch.dtype, quick: bool, max_autotune: bool = False, budget: Budget | None = None
+) -> list[dict[str, Any]]:
+    """Rows of ``{case, size, variant, fwd_ms, fwd_bwd_ms, speedup_*}``; with ``max_autotune`` the first size
+    only, with the max-autotune variant too. A size not started before ``budget`` expires gets one
+    ``skipped: time`` row."""
+    rows: list[dict[str, Any]] = []
+    for b, c, h, w, hidden in _sizes(device, quick)[: 1 if max_autotune else None]:
+        if budget is not None and budget.expired():
+            rows.append({"case": "flowstep", "size": f"{b}x{c}x{h}x{w} h{hidden}", **SKIPPED})
+            continue
         step = FlowStep(c, hidden).to(device).train()
         x = torch.randn(b, c, h, w, device=device)
         step(x)  # ActNorm init
         step = step.to(dtype)
-        # max-autotune takes minutes per shape: on a GPU only, and for the first size only (the device's
-        # time is lent in 10-minute commands)
-        max_autotune = device.type == "cuda" and i == 0
         timings = _time_variants(step, x.to(dtype).requires_grad_(True), device, max_autotune)
         for name, (fwd_ms, fwd_bwd_ms) in timings.items():
             rows.append(

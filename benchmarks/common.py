@@ -6,14 +6,21 @@ import datetime as _dt
 import json
 import os
 import platform
+import queue
+import signal
 import statistics
+import subprocess
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 __all__ = [
+    "BoxedProcess",
+    "Budget",
+    "SKIPPED",
     "median_ms",
     "peak_mib",
     "copy_bandwidth_gbs",
@@ -22,8 +29,83 @@ __all__ = [
     "markdown_table",
     "write_results",
     "check_close",
+    "dynamo_counts",
     "MismatchError",
 ]
+
+
+SKIPPED = {"skipped": "time"}
+"""The mark of a row whose measurement was not started because its case's time box ran out."""
+
+
+class Budget:
+    """A case's time box: :meth:`expired` once the wall clock (``time.time()``) passes ``until`` (None: never).
+
+    Cases check it between units of work (a size, a mode, a configuration) and record the units they did not
+    start as :data:`SKIPPED` rows, so a run that must finish by a deadline keeps what it measured.
+    """
+
+    def __init__(self, until: float | None = None) -> None:
+        self.until = until
+
+    @classmethod
+    def of(cls, seconds: float | None = None, deadline: float | None = None) -> Budget:
+        """The box ending ``seconds`` from now or at the UNIX time ``deadline``, whichever is first."""
+        ends = [t for t in (deadline, None if seconds is None else time.time() + seconds) if t is not None]
+        return cls(min(ends) if ends else None)
+
+    def remaining(self) -> float:
+        """Seconds left (``inf`` without a limit; negative once expired)."""
+        return float("inf") if self.until is None else self.until - time.time()
+
+    def expired(self) -> bool:
+        """Whether the time is up."""
+        return self.remaining() <= 0
+
+
+class BoxedProcess:
+    """A child process whose output (stdout and stderr merged) is read line by line within a time limit:
+    :meth:`lines` kills it when the time is up, so a step that hangs or compiles for too long costs no more than
+    its box. With ``own_group`` the child leads a process group of its own and the kill takes the whole group
+    (the child's children too); without, it stays in ours, so that whoever kills our group kills it too."""
+
+    def __init__(self, cmd: Sequence[str], env: dict[str, str] | None = None, own_group: bool = True) -> None:
+        self.process = subprocess.Popen(
+            list(cmd),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+            start_new_session=own_group,
+        )
+        self.own_group = own_group
+        self.killed = False
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def lines(self, until: float | None = None) -> Iterator[str]:
+        """The child's output lines as they come, until it closes its output (then it is waited for) or the
+        UNIX time ``until`` passes (then it is killed and :attr:`killed` set)."""
+        while True:
+            try:
+                line = self._lines.get(timeout=None if until is None else max(until - time.time(), 0.01))
+            except queue.Empty:
+                if self.own_group:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                else:
+                    self.process.kill()
+                self.killed = True
+                break
+            if line is None:
+                break
+            yield line
+        self.process.wait()
 
 
 class MismatchError(AssertionError):
@@ -36,6 +118,14 @@ def check_close(name: str, fused: torch.Tensor, eager: torch.Tensor, atol: float
         torch.testing.assert_close(fused.float(), eager.float(), atol=atol, rtol=rtol)
     except AssertionError as err:
         raise MismatchError(f"{name}: fused result differs from eager, refusing to time it\n{err}") from err
+
+
+def dynamo_counts() -> tuple[int, int]:
+    """``(graphs compiled, graph breaks)`` by Dynamo in this process so far: the difference across a
+    compilation says how many graphs it made and how often it broke."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
 def median_ms(fn: Callable[[], Any], device: torch.device, reps: int = 20, warmup: int = 3) -> float:

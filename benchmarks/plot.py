@@ -46,7 +46,7 @@ def plot_results(results: dict[str, list[dict[str, Any]]], path: str, device: st
     if results.get("train_depth"):
         ax = axes[0][-1]
         for mode in ("standard", "reversible"):
-            rows = [r for r in results["train_depth"] if r.get("mode") == mode]
+            rows = [r for r in results["train_depth"] if r.get("mode") == mode and "peak_mb" in r]
             ax.plot([r["steps"] for r in rows], [r["peak_mb"] for r in rows], marker="o", label=mode)
         ax.set_xlabel("steps per level K")
         ax.set_ylabel("peak memory of one training step (MB)")
@@ -63,10 +63,14 @@ def _size_label(row: dict[str, Any]) -> str:
     for key in ("size", "shape"):
         if key in row:
             return str(row[key])
+    if "resolution" in row:
+        return f"{row['resolution']}px b{row.get('batch')}"
     return "x".join(str(row[k]) for k in ("batch", "channels", "height", "width") if k in row)
 
 
 def _variant(row: dict[str, Any]) -> str:
-    name = row.get("variant") or row.get("provider") or "?"
+    name = row.get("variant") or row.get("provider")
+    if name is None:
+        return str(row.get("mode", "?"))
     extra = row.get("pass") or row.get("mode")
     return f"{name} {extra}" if extra else str(name)

@@ -18,16 +18,25 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from benchmarks.common import median_ms
+from benchmarks.common import SKIPPED, Budget, median_ms
 from fastflow.models import Glow
 from fastflow.nn import FlowSequential
 
-__all__ = ["MODES", "measure", "measure_isolated", "depth_sweep", "resolution_sweep", "largest_batch"]
+__all__ = [
+    "LARGEST_BATCH_CAP",
+    "MODES",
+    "measure",
+    "measure_isolated",
+    "depth_sweep",
+    "resolution_sweep",
+    "largest_batch_rows",
+]
 
 MODES = ("standard", "checkpoint", "reversible", "tiled")
 
@@ -45,19 +54,27 @@ def _checkpoint_every_layer(block: FlowSequential) -> None:
     block.forward = forward  # type: ignore[method-assign]
 
 
-def _model_and_batch(cfg: dict[str, Any], device: torch.device) -> tuple[Glow, torch.Tensor]:
-    mode = cfg["mode"]
+def _set_mode(model: Glow, mode: str, tile_budget_mb: float) -> None:
+    """Switch ``model`` (its weights unchanged) to backprop ``mode``, one of :data:`MODES`."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    model = Glow(
-        in_channels=3, image_size=cfg["resolution"], levels=cfg["levels"], steps=cfg["steps"], hidden=cfg["hidden"],
-        reversible=mode in ("reversible", "tiled"),
-    ).to(device)  # fmt: skip
+    for block in model.blocks:
+        vars(block).pop("forward", None)  # undo an earlier checkpoint mode
+    model.reversible = mode in ("reversible", "tiled")
     if mode == "tiled":
-        model.set_tiling(memory_budget_mb=cfg.get("tile_budget_mb", 256))
+        model.set_tiling(memory_budget_mb=tile_budget_mb)
+    else:
+        model.set_tiling()
     if mode == "checkpoint":
         for block in model.blocks:
             _checkpoint_every_layer(block)
+
+
+def _model_and_batch(cfg: dict[str, Any], device: torch.device) -> tuple[Glow, torch.Tensor]:
+    model = Glow(
+        in_channels=3, image_size=cfg["resolution"], levels=cfg["levels"], steps=cfg["steps"], hidden=cfg["hidden"]
+    ).to(device)
+    _set_mode(model, cfg["mode"], cfg.get("tile_budget_mb", 256))
     x = torch.rand(cfg["batch"], 3, cfg["resolution"], cfg["resolution"], device=device) - 0.5
     with torch.no_grad():
         model.train()
@@ -132,23 +149,35 @@ def measure_isolated(cfg: dict[str, Any], device: torch.device, reps: int = 3) -
 
 
 def _relative_to_standard(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    standard = next(r for r in rows if r["mode"] == "standard")
+    standard = next((r for r in rows if r["mode"] == "standard" and "ms" in r), None)
     for row in rows:
+        if standard is None or "ms" not in row:
+            continue
         if "peak_mb" in standard:
             row["memory_vs_standard"] = row["peak_mb"] / standard["peak_mb"]
         row["time_vs_standard"] = row["ms"] / standard["ms"]
     return rows
 
 
-def depth_sweep(device: torch.device, quick: bool) -> list[dict[str, Any]]:
-    """Standard vs reversible over K in {8, 16, 32, 64} at a fixed resolution."""
+def _measured_or_skipped(cfg: dict[str, Any], device: torch.device, budget: Budget | None) -> dict[str, Any]:
+    if budget is not None and budget.expired():
+        return {**cfg, **SKIPPED}
+    return measure_isolated(cfg, device)
+
+
+def depth_sweep(device: torch.device, quick: bool, budget: Budget | None = None) -> list[dict[str, Any]]:
+    """Standard vs reversible over K in {8, 16, 32, 64} at a fixed resolution; configurations not started
+    before ``budget`` expires say ``skipped: time``."""
     if device.type == "cuda":
         base = {"resolution": 64, "levels": 3, "hidden": 512, "batch": 16}
     else:
         base = {"resolution": 32, "levels": 3, "hidden": 64, "batch": 8}
     rows = []
     for steps in (8, 16, 32, 64) if not quick else (8, 32, 64):
-        pair = [measure_isolated({**base, "steps": steps, "mode": mode}, device) for mode in ("standard", "reversible")]
+        pair = [
+            _measured_or_skipped({**base, "steps": steps, "mode": mode}, device, budget)
+            for mode in ("standard", "reversible")
+        ]
         rows += _relative_to_standard(pair)
     return rows
 
@@ -158,11 +187,12 @@ RESOLUTIONS_CUDA = ((256, 6), (512, 7), (1024, 8))
 
 
 def resolution_sweep(
-    device: torch.device, quick: bool, resolutions: tuple[int, ...] | None = None
+    device: torch.device, quick: bool, resolutions: tuple[int, ...] | None = None, budget: Budget | None = None
 ) -> list[dict[str, Any]]:
     """Every mode at growing resolution: on CUDA Glow K=32 hidden 512 at 256 (L=6), 512 (L=7) and 1024 (L=8)
     pixels, batch 1, skipping a mode where the step does not fit; on the CPU small stand-ins. ``resolutions``
-    keeps only those sizes (to split the sweep over several commands)."""
+    keeps only those sizes (to split the sweep over several commands); configurations not started before
+    ``budget`` expires say ``skipped: time``."""
     if device.type == "cuda":
         sizes = list(RESOLUTIONS_CUDA)
         base = {"steps": 32, "hidden": 512, "batch": 1, "tile_budget_mb": 1024}
@@ -177,7 +207,9 @@ def resolution_sweep(
         for mode in MODES:
             try:
                 group.append(
-                    measure_isolated({**base, "resolution": resolution, "levels": levels, "mode": mode}, device)
+                    _measured_or_skipped(
+                        {**base, "resolution": resolution, "levels": levels, "mode": mode}, device, budget
+                    )
                 )
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
@@ -186,21 +218,71 @@ def resolution_sweep(
     return rows
 
 
-def largest_batch(cfg: dict[str, Any], device: torch.device, limit: int = 256) -> int:
-    """Largest power-of-two batch whose training step fits in CUDA memory (0 if batch 1 does not)."""
-    best, batch = 0, 1
-    while batch <= limit:
-        try:
-            model, x = _model_and_batch({**cfg, "batch": batch}, device)
-            _step(model, x)
-            best = batch
-        except torch.cuda.OutOfMemoryError:
-            break
-        finally:
-            model = x = None  # noqa: F841 - release before the next try
-            torch.cuda.empty_cache()
-        batch *= 2
-    return best
+LARGEST_BATCH_CAP = 64
+"""The largest batch :func:`largest_batch_rows` tries (a power of two): a row that reaches it says ``capped``."""
+
+
+def _fits(model: Glow, x: torch.Tensor) -> bool:
+    """Whether one training step of ``model`` on ``x`` fits in CUDA memory."""
+    try:
+        _step(model, x)
+        torch.cuda.synchronize()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        model.zero_grad(set_to_none=False)
+        torch.cuda.empty_cache()
+
+
+def largest_batch_rows(
+    device: torch.device, resolutions: tuple[int, ...] | None = None, budget: Budget | None = None
+) -> list[dict[str, Any]]:
+    """``largest_batch``: the largest power-of-two batch (up to :data:`LARGEST_BATCH_CAP`) whose training step
+    fits in CUDA memory, for every mode at each of :data:`RESOLUTIONS_CUDA` (Glow K=32, hidden 512, float32,
+    tiles of 1024 MB), 0 when batch 1 does not fit. One model per resolution (initialised at batch 1) switched
+    from mode to mode; steps at batch 1, 2, 4, ... until one does not fit. A search stopped by ``budget``
+    reports what it found so far with ``search: "stopped: time"``; a mode not started says ``skipped: time``."""
+    budget = budget or Budget()
+    rows: list[dict[str, Any]] = []
+    for resolution, levels in RESOLUTIONS_CUDA:
+        if resolutions and resolution not in resolutions:
+            continue
+        base = {"resolution": resolution, "levels": levels, "steps": 32, "hidden": 512}
+        model = x = None
+        if not budget.expired():
+            try:
+                model, x = _model_and_batch({**base, "mode": "standard", "batch": 1}, device)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+        for mode in MODES:
+            if budget.expired():
+                rows.append({**base, "mode": mode, **SKIPPED})
+                continue
+            start = time.perf_counter()
+            best, batch, search = 0, 1, "done"
+            if model is not None and x is not None:
+                _set_mode(model, mode, tile_budget_mb=1024)
+                while batch <= LARGEST_BATCH_CAP:
+                    if budget.expired():
+                        search = "stopped: time"
+                        break
+                    if not _fits(model, x.new_empty(batch, *x.shape[1:]).uniform_(-0.5, 0.5)):
+                        break
+                    best, batch = batch, batch * 2
+            rows.append(
+                {
+                    **base,
+                    "mode": mode,
+                    "largest_batch": best,
+                    "capped": best == LARGEST_BATCH_CAP,
+                    "search": search,
+                    "search_s": round(time.perf_counter() - start, 1),
+                }
+            )
+        model = x = None
+        torch.cuda.empty_cache()
+    return rows
 
 
 def _main() -> None:

@@ -3,10 +3,9 @@ or captured once in a CUDA graph and replayed.
 
 A Glow step is thousands of small launches: on a GPU the host, not the device, sets its pace. ``"compile"``
 fuses the elementwise neighbours of the convolutions and of fastflow's kernels (``torch.compile`` of the
-objective, whose backward AOTAutograd compiles too, and of the clip + optimizer update); ``"cuda-graph"``
+objective, whose backward AOTAutograd compiles too); ``"cuda-graph"``
 records every launch of the whole step once and replays it with one call, so the host cost per step is a copy
 of the batch and one replay. Both need a step without host syncs (fastflow's guards are device-side flags).
-
 """
 
 from __future__ import annotations
@@ -21,12 +20,25 @@ from torch import nn
 from fastflow.models import FlowModel
 from fastflow.nn.reversible import deferred_guards
 
-__all__ = ["STEP_MODES", "StepMode", "TrainStep", "make_adam"]
+__all__ = ["STEP_MODES", "BitsPerDim", "StepMode", "TrainStep", "make_adam"]
 
 StepMode = Literal["eager", "compile", "cuda-graph"]
 STEP_MODES = ("eager", "compile", "cuda-graph")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CAPTURE_WARMUP_STEPS = 3  # eager steps on a side stream before capture: lazy state (Adam moments, cuDNN plans) exists
+
+
+class BitsPerDim(nn.Module):
+    """The training objective, per-sample bits/dim of ``model``, as a module's forward (what :class:`TrainStep`
+    calls, so that DDP's gradient hooks see the whole model)."""
+
+    def __init__(self, model: FlowModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """``model.bits_per_dim(x, y)``, shape ``(B,)``."""
+        return self.model.bits_per_dim(x, y)
 
 
 def make_adam(parameters: Iterable[nn.Parameter], lr: float, mode: StepMode = "eager") -> torch.optim.Adam:
@@ -55,9 +67,10 @@ class TrainStep:
     fp16 loss scaling (``scaler`` enabled) the scaler hands the optimizer its own ``found_inf`` instead, which covers
     non-finite losses but not drift, and :attr:`skip` is None.
 
-    ``mode``: ``"eager"``; ``"compile"`` (Inductor, CPU or CUDA: the loss with its backward, and the clipped update,
-    compile on the first step); ``"cuda-graph"`` (CUDA only: the first :data:`CAPTURE_WARMUP_STEPS` steps run eagerly
-    on a side stream, the next is captured and then replayed, as is every later step; shapes are static, so every
+    ``mode``: ``"eager"``; ``"compile"`` (Inductor, CPU or CUDA, static shapes: the loss and its backward
+    compile on the first step; the fused Adam update stays one kernel per dtype group); ``"cuda-graph"`` (CUDA
+    only: the first :data:`CAPTURE_WARMUP_STEPS` steps run eagerly on a side stream, the next is captured and then
+    replayed, as is every later step; shapes are static, so every
     batch must have the first one's shape and dtype; ``optimizer`` from :func:`make_adam` with that mode; no fp16, no
     DDP). ``channels_last`` stores the convolution weights and the input in channels-last order, the layout tensor
     cores want under ``amp="bf16"``. The learning rate lives in a device tensor shared by the parameter groups, so a
@@ -102,9 +115,11 @@ class TrainStep:
             optimizer.found_inf = self.skip  # type: ignore[attr-defined]  # fused Adam skips its update where set
         if channels_last:
             objective.to(memory_format=torch.channels_last)
-        self._loss_fn, self._update_fn = self._loss, self._update
+        self._loss_fn = self._loss
         if mode == "compile":
-            self._loss_fn, self._update_fn = torch.compile(self._loss), torch.compile(self._update)
+            # static shapes: one graph per model; the fused Adam update is one kernel per dtype group already
+            # (torch keeps it out of compiled graphs), so only the loss and its backward are compiled
+            self._loss_fn = torch.compile(self._loss, dynamic=False)
         self._eager_steps = 0
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_x: torch.Tensor | None = None  # the captured step's buffers
@@ -112,7 +127,7 @@ class TrainStep:
         self._static_loss: torch.Tensor | None = None
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        with deferred_guards(), _autocast(self.device, self.amp, cache_enabled=self.mode != "cuda-graph"):
+        with _autocast(self.device, self.amp, cache_enabled=self.mode != "cuda-graph"):
             return self.objective(x, y).mean()
 
     def _record_failure(self, loss: torch.Tensor) -> None:
@@ -131,7 +146,7 @@ class TrainStep:
         if self.scaler is None:
             loss.backward()
             self._record_failure(loss)
-            self._update_fn()
+            self._update()
             return
         self.scaler.scale(loss).backward()  # fp16: unscale before clipping; the scaler skips non-finite steps
         self.scaler.unscale_(self.optimizer)
@@ -142,8 +157,9 @@ class TrainStep:
 
     def _eager_step(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss_fn(x, y)
-        self._backward_and_update(loss)
+        with deferred_guards():  # entered outside the compiled function: a context variable would break its graph
+            loss = self._loss_fn(x, y)
+            self._backward_and_update(loss)
         return loss.detach().float()
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.cuda.CUDAGraph:
@@ -151,7 +167,7 @@ class TrainStep:
         self._static_x, self._static_y = x.clone(), None if y is None else y.clone()
         self.optimizer.zero_grad(set_to_none=True)  # the gradients are then allocated in the graph's pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), deferred_guards():
             loss = self._loss(self._static_x, self._static_y)
             self._backward_and_update(loss)
             self._static_loss = loss.detach().float()

@@ -42,7 +42,7 @@ from fastflow.models import FlowModel, dequantize
 from fastflow.nn import ActNorm
 from fastflow.nn.reversible import ReconstructionError
 from fastflow.progress import Progress
-from fastflow.step import STEP_MODES, TrainStep, make_adam
+from fastflow.step import STEP_MODES, BitsPerDim, TrainStep, make_adam
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -182,17 +182,6 @@ def initialize_actnorm(
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int | None = None) -> None:
     """:func:`fastflow.images.save_grid` with images smaller than 64 pixels enlarged to about 64."""
     save_grid(images, path, nrow=nrow, scale=max(1, 64 // images.shape[-2]))
-
-
-class _BitsPerDim(nn.Module):
-    """The training objective as a module's forward, so that DDP's gradient hooks see the whole model."""
-
-    def __init__(self, model: FlowModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        return self.model.bits_per_dim(x, y)
 
 
 def _due(done: int, every: int, last: bool) -> bool:
@@ -404,7 +393,7 @@ def train(
     model.train()
     if start < config.steps:
         initialize_actnorm(model, *local_batch(start), amp=config.amp)
-    objective: nn.Module = _BitsPerDim(model)
+    objective: nn.Module = BitsPerDim(model)
     if world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         objective = DistributedDataParallel(objective, device_ids=device_ids)

@@ -1,15 +1,17 @@
-"""Tests for benchmarks/: the channel-mix threshold read off results, and a quick CPU run of one case."""
+"""Tests for benchmarks/: the channel-mix threshold read off results, quick CPU runs of some cases, the census,
+time boxes (per case, per run and per gpu-check step), the case registry and the merging of result files."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 
-from benchmarks import bench_actnorm_invconv
+from benchmarks import bench_actnorm_invconv, train_step
 from benchmarks.__main__ import main
-from benchmarks.common import environment
+from benchmarks.common import Budget, environment
 
 
 def _rows(speedups: dict[int, list[float | None]], backend: str = "triton") -> list[dict]:
@@ -78,13 +80,174 @@ def test_threshold_note_names_the_channels_timed():
 
 
 def test_census_counts_launches_and_bytes_per_pixel():
-    """The census of issue 13: reversible backprop launches more in backward (it recomputes each layer) and
-    the same in forward; every row counts something."""
+    """The census of issue 13: reversible backprop launches more in backward (it recomputes each layer) and at
+    least as much in forward (its forward does each step's C x C work per step, not batched per level yet);
+    every row counts something."""
     from benchmarks.census import census_rows
 
-    rows = {(r["case"], r["mode"]): r for r in census_rows(torch.device("cpu"))}
+    rows = {(r["case"], r["mode"]): r for r in census_rows(torch.device("cpu"), modes=("eager", "reversible"))}
     assert len(rows) == 4
     for (case, _), row in rows.items():
         assert row["forward_launches"] > 0 and row["backward_values_per_pixel"] > 0
-        assert rows[case, "reversible"]["forward_launches"] == rows[case, "eager"]["forward_launches"]
+        assert rows[case, "reversible"]["forward_launches"] >= rows[case, "eager"]["forward_launches"]
         assert rows[case, "reversible"]["backward_launches"] > rows[case, "eager"]["backward_launches"]
+        assert rows[case, "reversible"]["launches_vs_eager"] > 1 and rows[case, "eager"]["bytes_vs_eager"] == 1
+
+
+@pytest.mark.slow
+def test_census_counts_what_compiled_code_launches():
+    """Under torch.compile the census sees Inductor's generated C++ kernels (instrumented) as well as the
+    extern ops the compiled code dispatches: fewer launches than eager, some of them generated."""
+    from benchmarks.census import _flowstep, compile_supported
+
+    if not compile_supported():
+        pytest.skip(f"torch {torch.__version__}: dispatch modes cannot see compiled code")
+    torch._dynamo.reset()
+    tiny = {"channels": 4, "hidden": 8, "side": 4}
+    eager = _flowstep("eager", torch.device("cpu"), **tiny)
+    compiled = _flowstep("compiled", torch.device("cpu"), **tiny)
+    assert compiled["generated_kernels"] > 0 and compiled["graphs"] >= 1
+    launches = compiled["forward_launches"] + compiled["backward_launches"]
+    assert compiled["generated_kernels"] < launches < eager["forward_launches"] + eager["backward_launches"]
+
+
+class _ExpiresAfter(Budget):
+    """A budget that expires after ``checks`` calls of :meth:`expired`."""
+
+    def __init__(self, checks: int) -> None:
+        super().__init__()
+        self.checks = checks
+
+    def expired(self) -> bool:
+        self.checks -= 1
+        return self.checks < 0
+
+
+def test_budget_takes_the_earlier_of_its_limits():
+    now = time.time()
+    assert Budget.of().remaining() == float("inf") and not Budget.of().expired()
+    assert Budget.of(seconds=100, deadline=now + 10).until == pytest.approx(now + 10, abs=1)
+    assert Budget.of(seconds=10, deadline=now + 100).until == pytest.approx(now + 10, abs=1)
+    assert Budget.of(deadline=now - 1).expired()
+
+
+def test_a_case_stops_at_its_budget_and_marks_the_rest_skipped():
+    from benchmarks.census import census_rows
+
+    rows = census_rows(torch.device("cpu"), modes=("eager", "reversible"), budget=_ExpiresAfter(1))
+    assert [r.get("skipped") for r in rows] == [None, "time", "time", "time"]
+    assert rows[0]["forward_launches"] > 0
+    skipped = train_step.depth_sweep(torch.device("cpu"), quick=True, budget=_ExpiresAfter(0))
+    assert skipped and all(r["skipped"] == "time" and "steps" in r and "mode" in r for r in skipped)
+
+
+def test_a_run_past_its_deadline_starts_nothing_and_keeps_earlier_rows(tmp_path, capsys):
+    env = environment(torch.device("cpu"))
+    earlier = {"case": "flowstep B2 C12 16x16 h512", "mode": "eager", "forward_launches": 7}
+    (tmp_path / "cpu.json").write_text(json.dumps({"environment": env, "results": {"census": [earlier]}}))
+
+    argv = ["--device", "cpu", "--cases", "census,train_depth", "--deadline", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+
+    results = json.loads((tmp_path / "cpu.json").read_text())["results"]
+    assert results == {"census": [earlier], "train_depth": [{"skipped": "time"}]}
+    assert "census: skipped, no time left" in capsys.readouterr().out
+
+
+def test_case_registry_by_device(capsys):
+    from benchmarks.__main__ import CASES, CPU_ONLY, CUDA_ONLY, default_cases
+
+    assert set(default_cases("cpu")) == set(CASES) - set(CUDA_ONLY)
+    assert set(default_cases("cuda")) == set(CASES) - set(CPU_ONLY)
+    assert {"census", "train_step_cpu", "peers_glow"} <= set(default_cases("cpu"))
+    assert {"coupling", "flowstep", "train_modes", "largest_batch"} <= set(default_cases("cuda"))
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--cases", "train_modes"])
+    assert "do not run on cpu" in capsys.readouterr().err
+
+
+def test_resolution_rows_merge_with_earlier_ones():
+    from benchmarks.__main__ import _merged
+
+    earlier = [{"resolution": r, "mode": m, "largest_batch": 1} for r in (256, 512, 1024) for m in ("a", "b")]
+    new = [{"resolution": 512, "mode": m, "largest_batch": 8} for m in ("a", "b")]
+    merged = _merged("largest_batch", new, earlier, None, (512,))
+    assert [(r["resolution"], r["mode"], r["largest_batch"]) for r in merged] == [
+        (256, "a", 1), (256, "b", 1), (512, "a", 8), (512, "b", 8), (1024, "a", 1), (1024, "b", 1),
+    ]  # fmt: skip
+    assert _merged("largest_batch", new, earlier, None, None) == new  # a full run replaces the case
+
+
+def test_train_modes_rows_compare_with_eager_and_compile(monkeypatch):
+    from benchmarks import step_modes
+
+    got = {
+        ("eager", 0): {"ms": 30.0, "loss_step1": 5.0},
+        ("cuda-graph", 0): {"ms": 10.0, "loss_step1": 5.01},
+        ("compile", 0): {"ms": 15.0, "loss_step1": 6.0},
+        ("eager", 1): {"ms": 90.0, "loss_step1": 4.0},
+    }
+    monkeypatch.setattr(step_modes, "_child_rows", lambda order, budget: (got, {"skipped": "time"}))
+    rows = {(r["resolution"], r["mode"]): r for r in step_modes.gpu_mode_rows()}
+    assert rows[32, "cuda-graph"]["speedup_vs_eager"] == 3.0 and rows[32, "cuda-graph"]["speedup_vs_compile"] == 1.5
+    assert rows[32, "cuda-graph"]["matches_eager"] and not rows[32, "compile"]["matches_eager"]
+    assert rows[256, "cuda-graph"] == {**step_modes.GPU_CONFIGS[1], "mode": "cuda-graph", "skipped": "time"}
+
+
+def test_gpu_check_plan_follows_the_issue_and_fits_its_deadline():
+    from benchmarks.gpu_check import PLAN, deadlines
+
+    assert [s.name for s in PLAN] == [
+        "gpu-tests", "coupling", "flowstep", "train_modes", "largest_batch", "flowstep_max_autotune",
+    ]  # fmt: skip
+    assert PLAN[0].env["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] == "1"
+    ends = deadlines(PLAN, start=0.0, total_s=450.0)
+    assert ends == sorted(ends) and ends[-1] == 450.0
+    assert ends[0] == 450.0 - sum(s.reserve_s for s in PLAN[1:])
+    assert sum(s.reserve_s for s in PLAN) <= 450.0
+
+
+def test_gpu_check_kills_a_step_at_its_time_box(tmp_path):
+    from benchmarks.gpu_check import Step, _run
+
+    sleeper = Step("sleeper", ("-c", "import time; print('started', flush=True); time.sleep(60)"), 0)
+    start = time.time()
+    status = _run(sleeper, until=start + 3, log_path=str(tmp_path / "sleeper.log"))
+    assert status == "killed at its time box" and time.time() - start < 20
+    assert (tmp_path / "sleeper.log").read_text() == "started\n"
+    assert _run(Step("ok", ("-c", "print('done')"), 0), until=time.time() + 60, log_path=None) == "ok"
+    assert (
+        _run(Step("bad", ("-c", "raise SystemExit(3)"), 0), until=time.time() + 60, log_path=None) == "failed (exit 3)"
+    )
+
+
+def test_normflows_glow_has_the_demo_structure():
+    pytest.importorskip("normflows")
+    from benchmarks.peers import DEMO, normflows_glow
+
+    torch.manual_seed(0)
+    model = normflows_glow(DEMO["levels"], DEMO["steps"], DEMO["hidden"], (1, 8, 8))
+    x = torch.rand(4, 1, 8, 8) - 0.5
+    log_prob = model.log_prob(x, None)
+    assert log_prob.shape == (4,) and torch.isfinite(log_prob).all()
+    assert len(model.flows) == DEMO["levels"] and all(len(level) == DEMO["steps"] + 1 for level in model.flows)
+
+
+def test_largest_batch_search_doubles_to_the_cap_and_stops_at_its_budget(monkeypatch):
+    """The search's logic, without a GPU: a fake step fits up to a per-mode batch."""
+    fits_up_to = {"standard": 2, "checkpoint": 8, "reversible": 1000, "tiled": 0}
+    mode = {}
+    monkeypatch.setattr(train_step, "_model_and_batch", lambda cfg, device: (object(), torch.zeros(1, 3, 4, 4)))
+    monkeypatch.setattr(train_step, "_set_mode", lambda model, m, tile_budget_mb: mode.update(now=m))
+    monkeypatch.setattr(train_step, "_fits", lambda model, x: len(x) <= fits_up_to[mode["now"]])
+
+    rows = train_step.largest_batch_rows(torch.device("cpu"), resolutions=(256,))
+    assert {r["mode"]: (r["largest_batch"], r["capped"]) for r in rows} == {
+        "standard": (2, False), "checkpoint": (8, False), "reversible": (train_step.LARGEST_BATCH_CAP, True),
+        "tiled": (0, False),
+    }  # fmt: skip
+
+    # budget checks: model build, standard's start, its batch-1 step; then time is up
+    rows = train_step.largest_batch_rows(torch.device("cpu"), resolutions=(256,), budget=_ExpiresAfter(3))
+    assert (rows[0]["largest_batch"], rows[0]["search"]) == (1, "stopped: time")
+    assert [r.get("skipped") for r in rows[1:]] == ["time"] * 3

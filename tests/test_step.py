@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from fastflow.models import Glow
-from fastflow.step import CAPTURE_WARMUP_STEPS, TrainStep, make_adam
-
-
-class _Objective(nn.Module):
-    def __init__(self, model: Glow) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        return self.model.bits_per_dim(x, y)
+from fastflow.step import CAPTURE_WARMUP_STEPS, BitsPerDim, TrainStep, make_adam
 
 
 def _run(
@@ -30,7 +20,7 @@ def _run(
     with torch.no_grad():
         model.bits_per_dim(batches[0])  # ActNorm's data-dependent init, outside the step
     optimizer = make_adam(model.parameters(), 1e-3, mode)
-    step = TrainStep(_Objective(model), model, optimizer, clip=50.0, mode=mode, **kwargs)
+    step = TrainStep(BitsPerDim(model), model, optimizer, clip=50.0, mode=mode, **kwargs)
     losses = [float(step(x, None, lr=1e-3 * (i + 1))) for i, x in enumerate(batches)]
     return losses, torch.cat([p.detach().flatten() for p in model.parameters()]).cpu()
 
@@ -53,7 +43,7 @@ def test_channels_last_step_matches_eager():
 def test_step_sets_the_learning_rate_and_skips_updates_after_a_failure():
     model = Glow(3, 8, levels=2, steps=1, hidden=8)
     optimizer = make_adam(model.parameters(), 1e-3)
-    step = TrainStep(_Objective(model), model, optimizer)
+    step = TrainStep(BitsPerDim(model), model, optimizer)
     x = torch.rand(2, 3, 8, 8) - 0.5
     with torch.no_grad():
         model.bits_per_dim(x)
@@ -70,9 +60,9 @@ def test_step_sets_the_learning_rate_and_skips_updates_after_a_failure():
 def test_step_refuses_bad_settings():
     model = Glow(3, 8, levels=2, steps=1, hidden=8)
     with pytest.raises(ValueError, match="mode must be one of"):
-        TrainStep(_Objective(model), model, make_adam(model.parameters(), 1e-3), mode="graph")
+        TrainStep(BitsPerDim(model), model, make_adam(model.parameters(), 1e-3), mode="graph")
     with pytest.raises(ValueError, match="needs a model on a CUDA device"):
-        TrainStep(_Objective(model), model, make_adam(model.parameters(), 1e-3), mode="cuda-graph")
+        TrainStep(BitsPerDim(model), model, make_adam(model.parameters(), 1e-3), mode="cuda-graph")
 
 
 @pytest.mark.gpu

@@ -1,0 +1,173 @@
+"""``make gpu-check`` (``python -m benchmarks.gpu_check``): issue 13's GPU check in one command, within a deadline.
+
+Steps, in this order, each a child process with a time box (``reserve_s``: the seconds kept for it; a step may
+use whatever earlier steps left, but never the time reserved for the steps after it):
+
+1. ``gpu-tests``: the gpu-marked tests (``pytest -m gpu``) with TF32 on (``TORCH_ALLOW_TF32_CUBLAS_OVERRIDE``;
+   cuDNN's TF32 is PyTorch's default);
+2. ``coupling`` and 3. ``flowstep``: the fused kernels against eager and ``torch.compile``;
+4. ``train_modes``: the training step eager vs compiled vs CUDA graph, bf16, at 32x32 (L=3, K=32, hidden 512,
+   batch 64) and 256x256 (L=6, K=32, hidden 512, batch 4);
+5. ``largest_batch``: the largest batch that fits at 256, 512 and 1024 pixels for standard, checkpoint,
+   reversible and tiled backprop;
+6. ``flowstep_max_autotune``: only with the time left (``torch.compile`` max-autotune takes minutes).
+
+A benchmark step gets ``--deadline`` (its box less :data:`SOFT_MARGIN_S`): it stops starting work and writes
+what it measured, marking the rest ``skipped: time``; at the end of its box it is killed (with its children).
+Results go to ``benchmarks/results/<device>.*`` as each case finishes (``python -m benchmarks`` writes them);
+with ``--out`` (default ``$OUT`` when set) each step's log goes to ``<out>/gpu-check/<n>-<step>.log``, the
+result files are copied to ``<out>/results/`` after every step, and ``<out>/gpu-check/summary.md`` lists each
+step's status and seconds.
+
+Budget (``--total-s``, default 450 s, so that with ``make gpu-install`` the whole check stays under 8 minutes
+on a fresh H100): the reserves in :data:`PLAN`, from the last GPU timings (gpu tests 50 s on the H200,
+coupling 33 s and flowstep's default compile about 40 s on the H100; the step eager and CUDA graph at both
+sizes about 40 s on the H200) and estimates for the rest (``torch.compile`` of the whole step: one to three
+minutes per size, so the 256x256 compile is the row most likely to be cut); each benchmark step also pays
+~5 s to start (import, CUDA context, a copy-bandwidth measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from benchmarks.common import BoxedProcess
+
+__all__ = ["PLAN", "SOFT_MARGIN_S", "Step", "deadlines", "main"]
+
+SOFT_MARGIN_S = 15.0
+"""Seconds between a benchmark step's soft deadline (stop starting work) and its kill."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the check: ``python <argv>``; ``reserve_s`` seconds are kept for it; ``min_s``: it is not
+    started with less time than that left; ``env``: extra environment variables."""
+
+    name: str
+    argv: tuple[str, ...]
+    reserve_s: float
+    min_s: float = 10.0
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_benchmark(self) -> bool:
+        """Whether the step is a ``python -m benchmarks`` run (which takes a soft ``--deadline``)."""
+        return self.argv[:2] == ("-m", "benchmarks")
+
+
+def _bench(case: str, reserve_s: float, min_s: float = 20.0) -> Step:
+    return Step(case, ("-m", "benchmarks", "--device", "cuda", "--cases", case), reserve_s, min_s)
+
+
+PLAN = (
+    Step(
+        "gpu-tests",
+        ("-m", "pytest", "-q", "-m", "gpu", "tests"),
+        60,
+        env={"FASTFLOW_TEST_GPU": "1", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "1"},
+    ),
+    _bench("coupling", 40),
+    _bench("flowstep", 55),
+    _bench("train_modes", 170, min_s=60),
+    _bench("largest_batch", 110, min_s=30),
+    _bench("flowstep_max_autotune", 0, min_s=90),
+)
+"""The steps of ``make gpu-check``, in order; the reserves add up to 435 s of the default 450."""
+
+
+def deadlines(plan: Sequence[Step], start: float, total_s: float) -> list[float]:
+    """The latest end of each step: the total deadline less the reserves of the steps after it."""
+    ends = []
+    for i in range(len(plan)):
+        ends.append(start + total_s - sum(step.reserve_s for step in plan[i + 1 :]))
+    return ends
+
+
+def _run(step: Step, until: float, log_path: str | None) -> str:
+    """Run ``step`` until it ends or ``until`` (UNIX time) passes; returns its status. Output goes to this
+    process's stdout and to ``log_path``."""
+    cmd = [sys.executable, *step.argv]
+    if step.is_benchmark:
+        cmd += ["--deadline", f"{until - SOFT_MARGIN_S:.0f}"]
+    with open(log_path, "w") if log_path else contextlib.nullcontext() as log:
+        child = BoxedProcess(cmd, step.env)
+        for line in child.lines(until):
+            print(line, end="", flush=True)
+            if log:
+                log.write(line)
+                log.flush()
+    if child.killed:
+        return "killed at its time box"
+    return "ok" if child.process.returncode == 0 else f"failed (exit {child.process.returncode})"
+
+
+def _copy_results(results_dir: str, out: str, since: float) -> None:
+    """Copy the result files written since ``since`` to ``out/results``."""
+    if not os.path.isdir(results_dir):
+        return
+    target = os.path.join(out, "results")
+    os.makedirs(target, exist_ok=True)
+    for name in os.listdir(results_dir):
+        path = os.path.join(results_dir, name)
+        if os.path.isfile(path) and os.path.getmtime(path) >= since:
+            shutil.copy2(path, target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run :data:`PLAN` (or ``--steps``) within ``--total-s``; returns 1 if a step failed, else 0."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__)
+    parser.add_argument("--total-s", type=float, default=450.0, help="seconds for the whole check")
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for logs and result copies")
+    parser.add_argument("--steps", default=None, help="comma-separated subset of the plan's step names")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and its deadlines only")
+    args = parser.parse_args(argv)
+
+    plan = list(PLAN)
+    if args.steps:
+        names = [n.strip() for n in args.steps.split(",")]
+        unknown = sorted(set(names) - {s.name for s in PLAN})
+        if unknown:
+            parser.error(f"unknown steps {unknown}; choose from {[s.name for s in PLAN]}")
+        plan = [s for s in PLAN if s.name in names]
+    start = time.time()
+    ends = deadlines(plan, start, args.total_s)
+    log_dir = os.path.join(args.out, "gpu-check") if args.out else None
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+    summary = ["| step | status | seconds | box ends at (s) |", "|---|---|---|---|"]
+    failed = False
+    for n, (step, until) in enumerate(zip(plan, ends), start=1):
+        left = until - time.time()
+        print(f"\n=== gpu-check {n}/{len(plan)}: {step.name} (up to {left:.0f} s) ===", flush=True)
+        if args.dry_run:
+            summary.append(f"| {step.name} | planned | | {until - start:.0f} |")
+            continue
+        step_start = time.time()
+        if left < step.min_s:
+            status = f"skipped: time ({left:.0f} s left, needs {step.min_s:.0f})"
+        else:
+            log_path = os.path.join(log_dir, f"{n}-{step.name}.log") if log_dir else None
+            status = _run(step, until, log_path)
+        failed |= status.startswith(("failed", "killed"))
+        seconds = time.time() - step_start
+        summary.append(f"| {step.name} | {status} | {seconds:.0f} | {until - start:.0f} |")
+        print(f"=== {step.name}: {status}, {seconds:.0f} s ===", flush=True)
+        if args.out:
+            _copy_results("benchmarks/results", args.out, start)
+    print(f"\ngpu-check: {time.time() - start:.0f} s of {args.total_s:.0f}\n" + "\n".join(summary), flush=True)
+    if log_dir:
+        with open(os.path.join(log_dir, "summary.md"), "w") as f:
+            f.write("\n".join(summary) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""A whole Glow training step by execution mode (issue 13): eager, ``torch.compile`` and CUDA graph.
+
+Every variant runs :class:`fastflow.step.TrainStep` (the step ``fastflow train`` runs, ``--compile`` and
+``--cuda-graph`` included): bits/dim of the batch, its backward, gradient-norm clipping at 50 (``fastflow
+train``'s default) and Adam's step from :func:`fastflow.step.make_adam`. ``ms`` is wall time per step over
+blocks of steps run back to back (one device sync per block, so a launch-bound step is charged its host time),
+the median of several blocks, after warm-up steps (the first compiled steps compile; a CUDA-graph step warms
+up on a side stream, captures, then replays). ``warmup_s`` is the wall time of those warm-up steps
+(compilation included); ``peak_mb`` (CUDA) the peak memory allocated.
+Every variant starts from the same weights and batch, so the first step's loss (``loss_step1``) must agree
+with eager's: ``matches_eager`` says whether it does. Compiled rows give ``graphs`` and ``graph_breaks``,
+Dynamo's counts while they compiled (the update is compiled too; Dynamo cannot trace the fused Adam kernel's
+wrapper and runs it eagerly, which it counts as breaks).
+
+Cases:
+
+- ``train_step_cpu`` (CPU, issue 13's CPU targets measured in one run): the reference step (Glow L=3, K=8,
+  hidden 64, 32x32, batch 8, float32) ``eager``, ``compiled``, ``reversible`` and ``compiled-reversible``,
+  timed round-robin (one block of each in turn) so that a shared machine's noise falls on all alike.
+  Targets: ``compiled`` at least 1.5x ``eager`` (``speedup_vs_eager``); ``reversible`` at most 1.35x
+  ``eager`` (``time_vs_standard``; ``compiled-reversible`` against ``compiled``).
+- ``train_modes`` (CUDA, ``make gpu-check``): the step under bf16 autocast at 32x32 (L=3, K=32, hidden 512,
+  batch 64) and 256x256 (L=6, K=32, hidden 512, batch 4), ``eager``, ``cuda-graph`` and ``compile``. The
+  measurements run in one child process, in the order eager and cuda-graph of both sizes, then compile of
+  both (compilation is the slow part); the child is killed when the case's time box runs out and the rows it
+  did not finish say ``skipped: time``. Targets: at 32x32 ``cuda-graph`` at least 3x ``eager`` and 1.3x
+  ``compile``; at 256x256 at least 1.5x ``eager``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.common import SKIPPED, BoxedProcess, Budget, dynamo_counts
+from fastflow.models import Glow
+from fastflow.step import CAPTURE_WARMUP_STEPS, BitsPerDim, TrainStep, make_adam
+from fastflow.train import initialize_actnorm
+
+__all__ = ["CPU_REFERENCE", "GPU_CONFIGS", "cpu_reference_rows", "gpu_mode_rows"]
+
+CPU_REFERENCE = {"resolution": 32, "levels": 3, "steps": 8, "hidden": 64, "batch": 8, "amp": None}
+"""The reference step of issue 13 (Glow L=3, K=8, hidden 64, 32x32, batch 8, float32)."""
+
+GPU_CONFIGS = (
+    {"resolution": 32, "levels": 3, "steps": 32, "hidden": 512, "batch": 64, "amp": "bf16"},
+    {"resolution": 256, "levels": 6, "steps": 32, "hidden": 512, "batch": 4, "amp": "bf16"},
+)
+"""``train_modes``: CIFAR size and 256x256, bf16 autocast."""
+
+GPU_ORDER = (("eager", 0), ("cuda-graph", 0), ("eager", 1), ("cuda-graph", 1), ("compile", 0), ("compile", 1))
+"""``(mode, index in GPU_CONFIGS)`` in the order measured: the slow compilations last."""
+
+_ROW_TAG = "STEP_MODES_ROW "
+_LOSS_TOL = {None: 1e-4, "bf16": 3e-2}  # relative agreement of the first step's loss with eager's
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Variant:
+    """One model and its :class:`TrainStep` in one mode, warmed up; ``block(n)`` times ``n`` steps."""
+
+    def __init__(self, cfg: dict[str, Any], mode: str, reversible: bool, device: torch.device) -> None:
+        torch.manual_seed(0)
+        self.device = device
+        model = Glow(
+            3, cfg["resolution"], levels=cfg["levels"], steps=cfg["steps"], hidden=cfg["hidden"], reversible=reversible
+        ).to(device)  # fmt: skip
+        generator = torch.Generator().manual_seed(1)
+        self.x = (torch.rand(cfg["batch"], 3, cfg["resolution"], cfg["resolution"], generator=generator) - 0.5).to(
+            device
+        )
+        initialize_actnorm(model, self.x, amp=cfg["amp"])
+        self.step = TrainStep(
+            BitsPerDim(model), model, make_adam(model.parameters(), 1e-3, mode), clip=50.0, amp=cfg["amp"], mode=mode
+        )
+        graphs, breaks = dynamo_counts()
+        start = time.perf_counter()
+        self.loss_step1 = float(self.step(self.x, None, 1e-3))
+        for _ in range(CAPTURE_WARMUP_STEPS + 1 if mode == "cuda-graph" else 2):
+            self.step(self.x, None, 1e-3)
+        _sync(device)
+        self.warmup_s = time.perf_counter() - start
+        after = dynamo_counts()
+        self.graphs, self.graph_breaks = after[0] - graphs, after[1] - breaks
+
+    def block(self, n: int) -> float:
+        """Mean ms per step of ``n`` steps run back to back (one sync at the end)."""
+        _sync(self.device)
+        start = time.perf_counter()
+        for _ in range(n):
+            loss = self.step(self.x, None, 1e-3)
+        _sync(self.device)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {float(loss)}")
+        return (time.perf_counter() - start) * 1e3 / n
+
+    def row(self, ms: float) -> dict[str, Any]:
+        row = {"ms": ms, "warmup_s": round(self.warmup_s, 1), "loss_step1": self.loss_step1}
+        if self.step.mode == "compile":
+            row.update(graphs=self.graphs, graph_breaks=self.graph_breaks)
+        return row
+
+
+def _block_size(variant: _Variant, min_block_s: float) -> int:
+    """Steps per timed block: enough for ``min_block_s`` of wall time, at least 2."""
+    return max(2, round(min_block_s * 1e3 / variant.block(1)))
+
+
+def _compare(rows: list[dict[str, Any]], base: dict[str, Any], amp: str | None) -> None:
+    """``matches_eager`` (first-step loss) and ``speedup_vs_eager`` against ``base``, in place."""
+    for row in rows:
+        if "ms" not in row:
+            continue
+        row["speedup_vs_eager"] = base["ms"] / row["ms"]
+        row["matches_eager"] = abs(row["loss_step1"] - base["loss_step1"]) <= _LOSS_TOL[amp] * abs(base["loss_step1"])
+
+
+CPU_VARIANTS = {
+    "eager": ("eager", False),
+    "compiled": ("compile", False),
+    "reversible": ("eager", True),
+    "compiled-reversible": ("compile", True),
+}
+"""``variant: (TrainStep mode, reversible)`` of ``train_step_cpu``."""
+
+
+def cpu_reference_rows(quick: bool, budget: Budget | None = None) -> list[dict[str, Any]]:
+    """``train_step_cpu``: the reference step in each of :data:`CPU_VARIANTS`, timed round-robin on the CPU."""
+    device = torch.device("cpu")
+    budget = budget or Budget()
+    cfg = {k: v for k, v in CPU_REFERENCE.items() if k != "amp"}
+    variants: dict[str, _Variant] = {}
+    times: dict[str, list[float]] = {}
+    # Both compiled variants compile TrainStep's code: each must compile for its own static shapes, as a process
+    # training one model does, not have the second compilation mark the shapes that differ dynamic (which
+    # Inductor fails to compile for these models with torch 2.13).
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        for name, (mode, reversible) in CPU_VARIANTS.items():
+            if budget.expired():
+                break
+            variants[name] = _Variant(CPU_REFERENCE, mode, reversible, device)
+        blocks = {name: _block_size(v, 0.3 if quick else 1.0) for name, v in variants.items()}
+        times = {name: [] for name in variants}
+        for _ in range(3 if quick else 7):
+            if budget.expired() and all(times.values()):
+                break
+            for name, variant in variants.items():
+                times[name].append(variant.block(blocks[name]))
+    rows = []
+    for name in CPU_VARIANTS:
+        row: dict[str, Any] = {**cfg, "variant": name}
+        if name in variants:
+            row.update(variants[name].row(statistics.median(times[name])), blocks=len(times[name]))
+        else:
+            row.update(SKIPPED)
+        rows.append(row)
+    by_name = {r["variant"]: r for r in rows}
+    if "ms" in by_name["eager"]:
+        _compare(rows, by_name["eager"], None)
+    for name, standard in (("reversible", "eager"), ("compiled-reversible", "compiled")):
+        if "ms" in by_name[name] and "ms" in by_name[standard]:
+            by_name[name]["time_vs_standard"] = by_name[name]["ms"] / by_name[standard]["ms"]
+    if "speedup_vs_eager" in by_name["compiled"]:
+        by_name["compiled"]["target_met"] = by_name["compiled"]["speedup_vs_eager"] >= 1.5
+    if "time_vs_standard" in by_name["reversible"]:
+        by_name["reversible"]["target_met"] = by_name["reversible"]["time_vs_standard"] <= 1.35
+    return rows
+
+
+def _measure_gpu(cfg: dict[str, Any], mode: str, device: torch.device) -> dict[str, Any]:
+    """One ``train_modes`` row, in this process; an error (out of memory, a failed capture or compilation) is
+    reported in the row, not raised."""
+    try:
+        variant = _Variant(cfg, mode, False, device)
+        block = _block_size(variant, 0.3)
+        row = variant.row(statistics.median(variant.block(block) for _ in range(5)))
+        row["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        del variant  # the model and its graph pool go before the next mode's
+    except (RuntimeError, ValueError, FloatingPointError) as err:
+        row = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return row
+
+
+def _child_rows(
+    order: list[tuple[str, int]], budget: Budget
+) -> tuple[dict[tuple[str, int], dict[str, Any]], dict[str, Any]]:
+    """Run :func:`_measure_gpu` for ``order`` in a child process, collecting its rows until it ends or
+    ``budget`` expires (then it is killed); returns the rows by ``(mode, index)`` and the row for those it
+    did not send (``skipped: time``, or the child's exit status if it died)."""
+    cmd = [sys.executable, "-m", "benchmarks.step_modes", "--child", json.dumps(order)]
+    child = BoxedProcess(cmd, own_group=False)  # in our process group: killing a time-boxed gpu-check step kills it
+    got: dict[tuple[str, int], dict[str, Any]] = {}
+    for line in child.lines(budget.until):
+        if line.startswith(_ROW_TAG):
+            mode, index, row = json.loads(line[len(_ROW_TAG) :])
+            got[mode, index] = row
+        else:
+            print(line, end="", flush=True)
+    if child.killed:
+        print(f"train_modes: time box over, child stopped after {len(got)} of {len(order)} rows", flush=True)
+        return got, dict(SKIPPED)
+    return got, {"error": f"the measuring process exited with status {child.process.returncode}"}
+
+
+def gpu_mode_rows(budget: Budget | None = None) -> list[dict[str, Any]]:
+    """``train_modes``: rows of ``{config, mode, ms, speedup_vs_eager, speedup_vs_compile, ...}``."""
+    got, missing = _child_rows(list(GPU_ORDER), budget or Budget())
+    rows = []
+    for index, cfg in enumerate(GPU_CONFIGS):
+        group = [
+            {**cfg, "mode": mode, **got.get((mode, index), missing)} for mode in ("eager", "compile", "cuda-graph")
+        ]
+        by_mode = {r["mode"]: r for r in group}
+        if "ms" in by_mode["eager"]:
+            _compare(group, by_mode["eager"], cfg["amp"])
+        if "ms" in by_mode["compile"]:
+            for row in group:
+                if "ms" in row:
+                    row["speedup_vs_compile"] = by_mode["compile"]["ms"] / row["ms"]
+        rows += group
+    return rows
+
+
+def _child_main(order: list[tuple[str, int]]) -> None:
+    device = torch.device("cuda")
+    for mode, index in order:
+        row = _measure_gpu(GPU_CONFIGS[index], mode, device)
+        print(_ROW_TAG + json.dumps([mode, index, row]), flush=True)
+
+
+def _main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="train_modes child: measure (mode, config index) pairs on CUDA")
+    parser.add_argument("--child", required=True, help='JSON list of [mode, config index], e.g. [["eager", 0]]')
+    args = parser.parse_args(argv)
+    _child_main([tuple(pair) for pair in json.loads(args.child)])
+
+
+if __name__ == "__main__":
+    _main()
