@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 
 from fastflow.backend import interpreter_enabled, triton_available
 
-__all__ = ["TRACEABLE", "kernels_traceable", "registration"]
+__all__ = ["TRACEABLE", "kernel_function", "kernels_traceable", "registration"]
 
 
 def kernels_traceable() -> bool:
@@ -42,3 +43,12 @@ def registration(traceable: bool) -> tuple[Callable[..., Any], dict[str, Any]]:
     if traceable:
         return torch.library.triton_op, {"wrap_triton": torch.library.wrap_triton}
     return torch.library.custom_op, {}
+
+
+def kernel_function(module: str, name: str) -> Callable[..., Any]:
+    """``fastflow.kernels.<module>.<name>``, imported at its first call: Triton is optional."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(f"fastflow.kernels.{module}"), name)(*args, **kwargs)
+
+    return call

@@ -26,7 +26,7 @@ and TF32 would break invertibility: the reversible backward's drift guard fires 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from fastflow.backend import resolve_backend
 from fastflow.ops._checks import check_float_tensor
-from fastflow.ops._registration import TRACEABLE, registration
+from fastflow.ops._registration import TRACEABLE, kernel_function, registration
 
 __all__ = [
     "KERNEL_MAX_CHANNELS",
@@ -210,17 +210,6 @@ def _setup_context(
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _on_use(name: str) -> Callable[..., Any]:
-    """``fastflow.kernels.channel_mix.<name>``, imported at its first call: triton is optional."""
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        from fastflow.kernels import channel_mix
-
-        return getattr(channel_mix, name)(*args, **kwargs)
-
-    return call
-
-
 class _ChannelMixOps(NamedTuple):
     """The fused ops of one registration (:func:`_define_ops`)."""
 
@@ -242,7 +231,10 @@ def _define_ops(namespace: str, traceable: bool) -> _ChannelMixOps:
         # caches key on their source), following calls by name into the launchers
         from fastflow.kernels.channel_mix import channel_mix_backward, channel_mix_forward
     else:
-        channel_mix_forward, channel_mix_backward = _on_use("channel_mix_forward"), _on_use("channel_mix_backward")
+        channel_mix_forward, channel_mix_backward = (
+            kernel_function("channel_mix", "channel_mix_forward"),
+            kernel_function("channel_mix", "channel_mix_backward"),
+        )
 
     # Optional[...] rather than "X | None" in the op signatures: torch infers the schema from these strings
     # and must evaluate them on Python 3.9 too

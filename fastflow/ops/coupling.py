@@ -40,7 +40,6 @@ Reversible backprop: :func:`affine_coupling_backward_from_output` (and its addit
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, Optional
 
 import torch
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 
 from fastflow.backend import resolve_backend
 from fastflow.ops._checks import check_channel_slice, check_float_tensor, check_same_shape, logdet_dtype
-from fastflow.ops._registration import TRACEABLE, registration
+from fastflow.ops._registration import TRACEABLE, kernel_function, registration
 
 __all__ = [
     "ScaleKind",
@@ -242,17 +241,6 @@ def _inverse_grads(
     return grad_y.to(dtype), grad_shift.to(dtype), grad_raw.to(dtype)
 
 
-def _on_use(name: str) -> Callable[..., Any]:
-    """``fastflow.kernels.coupling.<name>``, imported at its first call: triton is optional."""
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        from fastflow.kernels import coupling
-
-        return getattr(coupling, name)(*args, **kwargs)
-
-    return call
-
-
 class _CouplingOps(NamedTuple):
     """The fused ops of one registration (:func:`_define_ops`)."""
 
@@ -275,8 +263,11 @@ def _define_ops(namespace: str, traceable: bool) -> _CouplingOps:
         # caches key on their source), following calls by name into the launchers
         from fastflow.kernels.coupling import coupling_backward, coupling_forward
     else:
-        coupling_forward, coupling_backward = _on_use("coupling_forward"), _on_use("coupling_backward")
-    empty_in_order = _on_use("empty_in_order")
+        coupling_forward, coupling_backward = (
+            kernel_function("coupling", "coupling_forward"),
+            kernel_function("coupling", "coupling_backward"),
+        )
+    empty_in_order = kernel_function("coupling", "empty_in_order")
 
     # Optional[...] rather than "X | None" in the op signatures: torch infers the schema from these strings
     # and must evaluate them on Python 3.9 too
