@@ -364,13 +364,16 @@ def _runs(tensors: list[torch.Tensor], order: list[int], channel_dim: int | None
     return _Runs(max(len(sizes), 1), (*sizes, *[1] * pad), padded, channel)  # type: ignore[arg-type]
 
 
-def _prepare(inputs: list[torch.Tensor], channel_dim: int | None) -> tuple[list[torch.Tensor], list[int]]:
-    """Inputs and the iteration order; inputs are copied (dense in the first one's order) only beyond three
-    runs."""
+def _prepare(inputs: list[torch.Tensor], channel_dim: int | None) -> tuple[list[torch.Tensor], list[int], _Runs]:
+    """Inputs, the iteration order and their runs; inputs are copied (dense in the first one's order) only
+    beyond three runs."""
     order = _inner_order(inputs[0])
-    if _runs(inputs, order, channel_dim) is None:
+    runs = _runs(inputs, order, channel_dim)
+    if runs is None:
         inputs = [empty_in_order(inputs[0], t.dtype, t.shape).copy_(t) for t in inputs]
-    return inputs, order
+        runs = _runs(inputs, order, channel_dim)
+        assert runs is not None
+    return inputs, order, runs
 
 
 def _block_sizes(batch: int, n: int) -> tuple[int, int]:
@@ -432,9 +435,7 @@ def coupling_forward(
     if u.numel() == 0:
         return out, torch.zeros(batch, dtype=acc, device=u.device)
     channel_dim = None if b_start is None else 1
-    inputs, order = _prepare([u, shift, shift if raw is None else raw], channel_dim)
-    runs = _runs(inputs, order, channel_dim)
-    assert runs is not None
+    inputs, _, runs = _prepare([u, shift, shift if raw is None else raw], channel_dim)
     rows, block = _block_sizes(batch, u.numel() // batch)
     n_col_blocks = triton.cdiv(u.numel() // batch, block)
     if scale == ADDITIVE:
@@ -487,7 +488,7 @@ def coupling_backward(
     if u.numel() == 0:
         return grad_x, grad_raw, x
     channel_dim = None if b_start is None else 1
-    inputs, order = _prepare([u, shift, shift if raw is None else raw, grad_y], channel_dim)
+    inputs, order, _ = _prepare([u, shift, shift if raw is None else raw, grad_y], channel_dim)
     # grad_raw is dense in the iteration order, so adding it never splits a run
     runs = _runs([*inputs, shift if grad_raw is None else grad_raw], order, channel_dim)
     assert runs is not None
@@ -532,7 +533,7 @@ def _glow_launch_ints(kernel: Any, split: bool, channels_last: bool = False) -> 
     u, (shift, raw) = (h if split else h[:, 48:]), net.chunk(2, dim=1)
     backward = kernel is coupling_bwd_kernel
     channel_dim = 1 if split else None
-    inputs, order = _prepare([u, shift, raw, *([empty_in_order(u)] if backward else [])], channel_dim)
+    inputs, order, _ = _prepare([u, shift, raw, *([empty_in_order(u)] if backward else [])], channel_dim)
     outputs = [empty_in_order(u, shape=raw.shape)] if backward else []  # grad_raw
     runs = _runs([*inputs, *outputs], order, channel_dim)
     assert runs is not None

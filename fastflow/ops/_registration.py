@@ -1,4 +1,11 @@
-"""How the ops that launch Triton kernels register with ``torch.library``: decided once, here."""
+"""How the ops that launch Triton kernels register with ``torch.library``, and when a call bypasses it.
+
+Every fused op is a ``torch.library`` op (so ``torch.compile``, fake tensors and dispatch modes see it) and has
+a direct twin: an ``autograd.Function`` built from the same forward, ``setup_context`` and backward
+(:func:`direct_autograd`). Outside tracing and dispatch modes (:func:`use_library_op` false) the public
+functions call the twin: the same kernels, outputs and gradients without the dispatcher's Python layers (the
+custom op's autograd wrapper, schema checks and redispatch), which cost about as much host time as the
+launcher itself: an eager (or CUDA-graph captured) training step is bound by that host time."""
 
 from __future__ import annotations
 
@@ -7,10 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastflow.backend import interpreter_enabled, triton_available
 
-__all__ = ["TRACEABLE", "kernel_function", "kernels_traceable", "registration"]
+__all__ = ["TRACEABLE", "direct_autograd", "kernel_function", "kernels_traceable", "registration", "use_library_op"]
 
 
 def kernels_traceable() -> bool:
@@ -52,3 +60,41 @@ def kernel_function(module: str, name: str) -> Callable[..., Any]:
         return getattr(importlib.import_module(f"fastflow.kernels.{module}"), name)(*args, **kwargs)
 
     return call
+
+
+def use_library_op() -> bool:
+    """Whether a fused op is called through ``torch.library`` rather than its direct twin: while
+    ``torch.compile`` traces (Dynamo folds this to True without a graph break) and while a dispatch mode is
+    active (fake tensors, ``make_fx``, a ``TorchDispatchMode`` census), which must see the op whole."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
+def direct_autograd(
+    forward: Callable[..., Any],
+    setup_context: Callable[..., None],
+    backward: Callable[..., Any],
+    differentiable_backward: bool = False,
+) -> Callable[..., Any]:
+    """``apply`` of an ``autograd.Function`` running ``forward`` (an op's body, launching its kernels directly)
+    with the ``setup_context`` and ``backward`` the op registers with ``register_autograd``. Unless
+    ``differentiable_backward``, a backward run to be differentiated again (``create_graph=True``) raises, as
+    the op's second backward does (its backward op has no autograd): never a silent zero gradient."""
+
+    def first_order_backward(ctx: Any, *grads: Any) -> Any:
+        if torch.is_grad_enabled() and any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
+            raise RuntimeError(
+                f"fastflow's fused {forward.__name__} has no double backward (create_graph=True); "
+                "run it on the eager backend: with fastflow.backend('eager'): ..."
+            )
+        return backward(ctx, *grads)
+
+    function = type(
+        f"Direct_{forward.__name__}",
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward if differentiable_backward else first_order_backward),
+        },
+    )
+    return function.apply

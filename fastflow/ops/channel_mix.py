@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from fastflow.backend import resolve_backend
 from fastflow.ops._checks import check_float_tensor
-from fastflow.ops._registration import TRACEABLE, kernel_function, registration
+from fastflow.ops._registration import TRACEABLE, direct_autograd, kernel_function, registration, use_library_op
 
 __all__ = [
     "KERNEL_MAX_CHANNELS",
@@ -82,7 +82,7 @@ def channel_mix_ref(
     compute = _accumulate_dtype(out_dtype) if upcast else out_dtype
     x = x.to(compute)
     b = None if bias is None else bias.to(compute)
-    return torch.ops.fastflow.conv1x1_ieee(x, weight.to(compute), b).to(out_dtype)
+    return _ieee_mix(x, weight.to(compute), b).to(out_dtype)
 
 
 @contextlib.contextmanager
@@ -101,17 +101,29 @@ def ieee_float32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@torch.library.custom_op(
-    "fastflow::conv1x1_ieee", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
-)
-def _conv1x1_ieee_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _conv1x1_ieee(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     with ieee_float32():
         return F.conv2d(x, weight[:, :, None, None], bias)
 
 
-@_conv1x1_ieee_op.register_fake
-def _conv1x1_ieee_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _empty_pixels(x, weight.shape[0])
+def _conv1x1_ieee_grad_weight(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sum_{b,h,w} grad_y x^T`` ``(C_out, C_in)``, IEEE float32 whatever the TF32 flags say."""
+    with ieee_float32():
+        return torch.einsum("bohw,bihw->oi", grad_y, x)
+
+
+def _ieee_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The op ``fastflow::conv1x1_ieee`` (or its direct twin, :mod:`fastflow.ops._registration`)."""
+    if use_library_op():
+        return torch.ops.fastflow.conv1x1_ieee(x, weight, bias)
+    return _CONV1X1_IEEE_DIRECT(x, weight, bias)
+
+
+def _ieee_grad_weight(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The op ``fastflow::conv1x1_ieee_grad_weight`` (or its direct twin)."""
+    if use_library_op():
+        return torch.ops.fastflow.conv1x1_ieee_grad_weight(grad_y, x)
+    return _CONV1X1_IEEE_GRAD_WEIGHT_DIRECT(grad_y, x)
 
 
 def _conv1x1_ieee_setup(
@@ -129,27 +141,10 @@ def _conv1x1_ieee_backward(
     # differentiable, and opaque to torch.compile: a traced matmul would follow the TF32 flags);
     # grad_bias = sum_{b,h,w} grad_y
     x, weight = ctx.saved_tensors
-    grad_x = torch.ops.fastflow.conv1x1_ieee(grad_y, weight.t(), None).contiguous(memory_format=_output_format(x))
-    grad_weight = torch.ops.fastflow.conv1x1_ieee_grad_weight(grad_y, x)
+    grad_x = _ieee_mix(grad_y, weight.t(), None).contiguous(memory_format=_output_format(x))
+    grad_weight = _ieee_grad_weight(grad_y, x)
     grad_bias = grad_y.sum((0, 2, 3)) if ctx.has_bias else None
     return grad_x, grad_weight, grad_bias
-
-
-_conv1x1_ieee_op.register_autograd(_conv1x1_ieee_backward, setup_context=_conv1x1_ieee_setup)
-
-
-@torch.library.custom_op(
-    "fastflow::conv1x1_ieee_grad_weight", mutates_args=(), schema="(Tensor grad_y, Tensor x) -> Tensor"
-)
-def _conv1x1_ieee_grad_weight_op(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``sum_{b,h,w} grad_y x^T`` ``(C_out, C_in)``, IEEE float32 whatever the TF32 flags say."""
-    with ieee_float32():
-        return torch.einsum("bohw,bihw->oi", grad_y, x)
-
-
-@_conv1x1_ieee_grad_weight_op.register_fake
-def _conv1x1_ieee_grad_weight_fake(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return grad_y.new_empty((grad_y.shape[1], x.shape[1]))
 
 
 def _conv1x1_ieee_grad_weight_setup(
@@ -163,11 +158,30 @@ def _conv1x1_ieee_grad_weight_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # d/d grad_y = grad @ x per pixel, d/dx = grad^T @ grad_y per pixel: the IEEE mix again
     grad_y, x = ctx.saved_tensors
-    return torch.ops.fastflow.conv1x1_ieee(x, grad, None), torch.ops.fastflow.conv1x1_ieee(grad_y, grad.t(), None)
+    return _ieee_mix(x, grad, None), _ieee_mix(grad_y, grad.t(), None)
 
 
+_conv1x1_ieee_op = torch.library.custom_op(
+    "fastflow::conv1x1_ieee", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
+)(_conv1x1_ieee)
+_conv1x1_ieee_op.register_fake(lambda x, weight, bias: _empty_pixels(x, weight.shape[0]))
+_conv1x1_ieee_op.register_autograd(_conv1x1_ieee_backward, setup_context=_conv1x1_ieee_setup)
+_CONV1X1_IEEE_DIRECT = direct_autograd(
+    _conv1x1_ieee, _conv1x1_ieee_setup, _conv1x1_ieee_backward, differentiable_backward=True
+)
+
+_conv1x1_ieee_grad_weight_op = torch.library.custom_op(
+    "fastflow::conv1x1_ieee_grad_weight", mutates_args=(), schema="(Tensor grad_y, Tensor x) -> Tensor"
+)(_conv1x1_ieee_grad_weight)
+_conv1x1_ieee_grad_weight_op.register_fake(lambda grad_y, x: grad_y.new_empty((grad_y.shape[1], x.shape[1])))
 _conv1x1_ieee_grad_weight_op.register_autograd(
     _conv1x1_ieee_grad_weight_backward, setup_context=_conv1x1_ieee_grad_weight_setup
+)
+_CONV1X1_IEEE_GRAD_WEIGHT_DIRECT = direct_autograd(
+    _conv1x1_ieee_grad_weight,
+    _conv1x1_ieee_grad_weight_setup,
+    _conv1x1_ieee_grad_weight_backward,
+    differentiable_backward=True,
 )
 
 
@@ -253,21 +267,45 @@ def _define_ops(namespace: str, traceable: bool) -> _ChannelMixOps:
     if not traceable:
         mix.register_fake(_channel_mix_fake)
         backward.register_fake(_channel_mix_backward_fake)
-    backward_op = getattr(torch.ops, namespace).channel_mix_backward.default
+    mix.register_autograd(
+        _mix_backward(getattr(torch.ops, namespace).channel_mix_backward.default), setup_context=_setup_context
+    )
+    return _ChannelMixOps(mix, backward)
+
+
+def _mix_backward(backward: Any) -> Any:
+    """The mix's backward, running the fused backward ``backward`` (the op ``channel_mix_backward`` or its
+    direct twin)."""
 
     def mix_backward(
         ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         x, weight = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = backward_op(grad_y, x, weight)
+        grad_x, grad_weight, grad_bias = backward(grad_y, x, weight)
         grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
         return grad_x, grad_weight.to(weight.dtype), grad_bias
 
-    mix.register_autograd(mix_backward, setup_context=_setup_context)
-    return _ChannelMixOps(mix, backward)
+    return mix_backward
+
+
+def _direct_mix() -> Any:
+    """The direct twin of ``fastflow::channel_mix`` (:func:`fastflow.ops._registration.direct_autograd`)."""
+    forward = kernel_function("channel_mix", "channel_mix_forward")
+    backward = kernel_function("channel_mix", "channel_mix_backward")
+
+    def mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return forward(x, weight, bias, _empty_pixels(x, weight.shape[0]))
+
+    def mix_grads(
+        grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return backward(grad_y, x, weight, _empty_pixels(x, x.shape[1]))
+
+    return direct_autograd(mix, _setup_context, _mix_backward(mix_grads))
 
 
 _define_ops("fastflow", TRACEABLE)
+_DIRECT_MIX = _direct_mix()
 
 
 def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -312,4 +350,6 @@ def channel_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     too_wide = max(weight.shape) > kernel_max_channels(x.dtype)
     if resolve_backend(x) == "eager" or too_wide or not _fits_int32(x, weight):
         return channel_mix_ref(x, weight, bias)
-    return torch.ops.fastflow.channel_mix(x, weight, bias)
+    if use_library_op():
+        return torch.ops.fastflow.channel_mix(x, weight, bias)
+    return _DIRECT_MIX(x, weight, bias)

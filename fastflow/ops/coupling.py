@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from fastflow.backend import resolve_backend
 from fastflow.ops._checks import check_channel_slice, check_float_tensor, check_same_shape, logdet_dtype
-from fastflow.ops._registration import TRACEABLE, kernel_function, registration
+from fastflow.ops._registration import TRACEABLE, direct_autograd, kernel_function, registration, use_library_op
 
 __all__ = [
     "ScaleKind",
@@ -242,11 +242,62 @@ def _inverse_grads(
 
 
 class _CouplingOps(NamedTuple):
-    """The fused ops of one registration (:func:`_define_ops`)."""
+    """The fused ops of one registration (:func:`_define_ops`), or their direct twins (:func:`_direct_ops`)."""
 
     fwd: Any
     inv: Any
     bwd: Any
+
+
+def _setup_context(
+    ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]
+) -> None:
+    u, shift, raw, kind, b_start = inputs
+    if kind != "additive":  # the additive gradients need no saved tensor
+        ctx.save_for_backward(u, shift, raw)
+    ctx.kind, ctx.b_start, ctx.b_channels = kind, b_start, shift.shape[1]
+    # an unused output's gradient arrives as None, not as a zero-filled tensor (the NICE log-det: a launch)
+    ctx.set_materialize_grads(False)
+
+
+def _forward_backward(bwd: Any) -> Any:
+    """The forward's backward, running the fused backward ``bwd`` (the op ``coupling_bwd`` or its direct twin)."""
+
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor | None, grad_logdet: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
+        if ctx.kind == "additive":
+            grad_x, grad_raw = grad_y, None
+        else:
+            x, shift, raw = ctx.saved_tensors
+            grad_y = torch.zeros_like(x) if grad_y is None else grad_y
+            grad_x, grad_raw = bwd(x, shift, raw, grad_y, grad_logdet, ctx.kind, False, ctx.b_start)
+        # one tensor, not two equal ones: autograd adds rather than accumulates in place into a shared one
+        grad_shift = grad_y if ctx.kind == "exp" else grad_x
+        if ctx.b_start is not None and grad_shift is not None:
+            grad_shift = _channels(grad_shift, ctx.b_start, ctx.b_channels)
+        return grad_x, grad_shift, grad_raw, None, None
+
+    return backward
+
+
+def _inverse_backward(
+    ctx: torch.autograd.function.FunctionCtx, grad_x: torch.Tensor | None, grad_neg_logdet: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
+    """The inverse's backward (eager math, :func:`_inverse_grads`)."""
+    b_start = ctx.b_start
+    if ctx.kind == "additive":
+        if grad_x is None:
+            return None, None, None, None, None
+        grad_x_b = grad_x if b_start is None else _channels(grad_x, b_start, ctx.b_channels)
+        return grad_x, -grad_x_b, None, None, None
+    y, shift, raw = ctx.saved_tensors
+    grad_x = torch.zeros_like(y) if grad_x is None else grad_x
+    grad_x_b = grad_x if b_start is None else _channels(grad_x, b_start, ctx.b_channels)
+    y_b = y if b_start is None else _channels(y, b_start, ctx.b_channels)
+    grad_y_b, grad_shift, grad_raw = _inverse_grads(y_b, shift, raw, grad_x_b, grad_neg_logdet, ctx.kind)
+    grad_y = grad_y_b if b_start is None else _with_channels(grad_x, grad_y_b, b_start)
+    return grad_y, grad_shift, grad_raw, None, None
 
 
 def _define_ops(namespace: str, traceable: bool) -> _CouplingOps:
@@ -327,54 +378,48 @@ def _define_ops(namespace: str, traceable: bool) -> _CouplingOps:
             grad_raw = [] if kind == "additive" else [empty_in_order(u, shape=shift.shape)]
             return [empty_in_order(u), *grad_raw, *([empty_in_order(u)] if rebuild else [])]
 
-    def setup_context(
-        ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]
-    ) -> None:
-        u, shift, raw, kind, b_start = inputs
-        if kind != "additive":  # the additive gradients need no saved tensor
-            ctx.save_for_backward(u, shift, raw)
-        ctx.kind, ctx.b_start, ctx.b_channels = kind, b_start, shift.shape[1]
-        # an unused output's gradient arrives as None, not as a zero-filled tensor (the NICE log-det: a launch)
-        ctx.set_materialize_grads(False)
-
-    def fwd_backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor | None, grad_logdet: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
-        if ctx.kind == "additive":
-            grad_x, grad_raw = grad_y, None
-        else:
-            x, shift, raw = ctx.saved_tensors
-            grad_y = torch.zeros_like(x) if grad_y is None else grad_y
-            grad_x, grad_raw = bwd(x, shift, raw, grad_y, grad_logdet, ctx.kind, False, ctx.b_start)
-        # one tensor, not two equal ones: autograd adds rather than accumulates in place into a shared one
-        grad_shift = grad_y if ctx.kind == "exp" else grad_x
-        if ctx.b_start is not None and grad_shift is not None:
-            grad_shift = _channels(grad_shift, ctx.b_start, ctx.b_channels)
-        return grad_x, grad_shift, grad_raw, None, None
-
-    def inv_backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_x: torch.Tensor | None, grad_neg_logdet: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
-        b_start = ctx.b_start
-        if ctx.kind == "additive":
-            if grad_x is None:
-                return None, None, None, None, None
-            grad_x_b = grad_x if b_start is None else _channels(grad_x, b_start, ctx.b_channels)
-            return grad_x, -grad_x_b, None, None, None
-        y, shift, raw = ctx.saved_tensors
-        grad_x = torch.zeros_like(y) if grad_x is None else grad_x
-        grad_x_b = grad_x if b_start is None else _channels(grad_x, b_start, ctx.b_channels)
-        y_b = y if b_start is None else _channels(y, b_start, ctx.b_channels)
-        grad_y_b, grad_shift, grad_raw = _inverse_grads(y_b, shift, raw, grad_x_b, grad_neg_logdet, ctx.kind)
-        grad_y = grad_y_b if b_start is None else _with_channels(grad_x, grad_y_b, b_start)
-        return grad_y, grad_shift, grad_raw, None, None
-
-    fwd.register_autograd(fwd_backward, setup_context=setup_context)
-    inv.register_autograd(inv_backward, setup_context=setup_context)
+    fwd.register_autograd(_forward_backward(bwd), setup_context=_setup_context)
+    inv.register_autograd(_inverse_backward, setup_context=_setup_context)
     return _CouplingOps(fwd, inv, bwd)
 
 
+def _direct_ops() -> _CouplingOps:
+    """The direct twins of the ops (:func:`fastflow.ops._registration.direct_autograd`): the same launchers,
+    ``setup_context`` and backwards, without ``torch.library``'s dispatch."""
+    coupling_forward = kernel_function("coupling", "coupling_forward")
+    coupling_backward = kernel_function("coupling", "coupling_backward")
+
+    def fwd(
+        u: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor | None, kind: str, b_start: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return coupling_forward(u, shift, raw, kind, False, b_start)
+
+    def inv(
+        u: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor | None, kind: str, b_start: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return coupling_forward(u, shift, raw, kind, True, b_start)
+
+    def bwd(*args: Any) -> list[torch.Tensor]:
+        return [t for t in coupling_backward(*args) if t is not None]
+
+    return _CouplingOps(
+        direct_autograd(fwd, _setup_context, _forward_backward(bwd)),
+        direct_autograd(inv, _setup_context, _inverse_backward),
+        bwd,
+    )
+
+
 _OPS = _define_ops("fastflow", TRACEABLE)
+# called by their torch.ops names, which every supported torch traces
+_LIBRARY = _CouplingOps(
+    torch.ops.fastflow.coupling_fwd, torch.ops.fastflow.coupling_inv, torch.ops.fastflow.coupling_bwd
+)
+_DIRECT = _direct_ops()
+
+
+def _ops() -> _CouplingOps:
+    """The ``torch.library`` ops while tracing or under a dispatch mode, else their direct twins."""
+    return _LIBRARY if use_library_op() else _DIRECT
 
 
 def _use_kernel(x: torch.Tensor) -> bool:
@@ -427,7 +472,7 @@ def affine_coupling(
     """
     _check_affine_args("x_b", x_b, shift, raw, scale, b_start)
     if _use_kernel(x_b):
-        return torch.ops.fastflow.coupling_fwd(x_b, shift, raw, scale, b_start)
+        return _ops().fwd(x_b, shift, raw, scale, b_start)
     return affine_coupling_ref(x_b, shift, raw, scale, b_start=b_start)
 
 
@@ -441,7 +486,7 @@ def affine_coupling_inverse(
     """Affine coupling inverse ``(x_b, -logdet)`` on the chosen backend; shapes as :func:`affine_coupling`."""
     _check_affine_args("y_b", y_b, shift, raw, scale, b_start)
     if _use_kernel(y_b):
-        return torch.ops.fastflow.coupling_inv(y_b, shift, raw, scale, b_start)
+        return _ops().inv(y_b, shift, raw, scale, b_start)
     return affine_coupling_inverse_ref(y_b, shift, raw, scale, b_start=b_start)
 
 
@@ -452,7 +497,7 @@ def additive_coupling(
     :func:`affine_coupling`."""
     _check_shift("x_b", x_b, shift, b_start)
     if _use_kernel(x_b):
-        return torch.ops.fastflow.coupling_fwd(x_b, shift, None, "additive", b_start)
+        return _ops().fwd(x_b, shift, None, "additive", b_start)
     return additive_coupling_ref(x_b, shift, b_start)
 
 
@@ -462,7 +507,7 @@ def additive_coupling_inverse(
     """Additive (NICE) coupling inverse ``(y_b - shift, 0)`` on the chosen backend."""
     _check_shift("y_b", y_b, shift, b_start)
     if _use_kernel(y_b):
-        return torch.ops.fastflow.coupling_inv(y_b, shift, None, "additive", b_start)
+        return _ops().inv(y_b, shift, None, "additive", b_start)
     return additive_coupling_inverse_ref(y_b, shift, b_start)
 
 
@@ -488,7 +533,7 @@ def affine_coupling_backward_from_output(
     _check_upstream(grad_y, grad_logdet, y_b)
     if not _use_kernel(y_b):
         return affine_coupling_backward_from_output_ref(y_b, shift, raw, grad_y, grad_logdet, scale, b_start=b_start)
-    grad_x, grad_raw, x_b = torch.ops.fastflow.coupling_bwd(y_b, shift, raw, grad_y, grad_logdet, scale, True, b_start)
+    grad_x, grad_raw, x_b = _ops().bwd(y_b, shift, raw, grad_y, grad_logdet, scale, True, b_start)
     grad_shift = grad_x if scale == "sigmoid" else grad_y
     if b_start is not None:
         grad_shift = _channels(grad_shift, b_start, shift.shape[1])
@@ -505,5 +550,5 @@ def additive_coupling_backward_from_output(
     _check_upstream(grad_y, None, y_b)
     if not _use_kernel(y_b):
         return additive_coupling_backward_from_output_ref(y_b, shift, grad_y, b_start)
-    grad_x, x_b = torch.ops.fastflow.coupling_bwd(y_b, shift, None, grad_y, None, "additive", True, b_start)
+    grad_x, x_b = _ops().bwd(y_b, shift, None, grad_y, None, "additive", True, b_start)
     return x_b, grad_x, grad_x if b_start is None else _channels(grad_x, b_start, shift.shape[1])

@@ -478,9 +478,10 @@ def _op_results(ops: C._CouplingOps, kind: str, x, t, r, b_start: int | None) ->
 
 
 def test_fallback_registration_matches_the_package_ops(target, fallback_ops) -> None:
-    """The ``custom_op`` fallback, built by the same helper under another namespace, has the same schemas,
-    results and gradients as the package's ops, and its fake kernels give the real shapes, strides and dtypes
-    (on the interpreter the package's ops are that fallback; where Triton compiles they are triton ops)."""
+    """The ``custom_op`` fallback, built by the same helper under another namespace, and the direct twins that
+    eager calls take give the same results and gradients as the package's ops; the fallback has the same
+    schemas, and its fake kernels give the real shapes, strides and dtypes (on the interpreter the package's
+    ops are that fallback; where Triton compiles they are triton ops)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     for name in ("coupling_fwd", "coupling_inv", "coupling_bwd"):
@@ -495,10 +496,11 @@ def test_fallback_registration_matches_the_package_ops(target, fallback_ops) -> 
             for split in (b_start, None):
                 u = x if split is not None else x[:, 2:]
                 package = _op_results(C._OPS, kind, u, t, r, split)
-                fallback = _op_results(fallback_ops, kind, u, t, r, split)
-                assert len(package) == len(fallback)
-                for p, f in zip(package, fallback):
-                    torch.testing.assert_close(f, p, atol=0, rtol=0)
+                for other in (fallback_ops, C._DIRECT):
+                    results = _op_results(other, kind, u, t, r, split)
+                    assert len(package) == len(results)
+                    for p, f in zip(package, results):
+                        torch.testing.assert_close(f, p, atol=0, rtol=0)
                 y, logdet = package[:2]
                 real = [y, logdet, *C._OPS.bwd(y, t, raw, y, logdet, kind, True, split)]
                 with FakeTensorMode() as mode:

@@ -1,0 +1,89 @@
+"""When a fused op goes through ``torch.library`` and when through its direct twin
+(:mod:`fastflow.ops._registration`): both launch the same kernels and give the same gradients."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastflow
+from fastflow.ops._registration import use_library_op
+from fastflow.ops.channel_mix import channel_mix, channel_mix_ref
+from fastflow.ops.coupling import affine_coupling
+
+
+class _OpNames(TorchDispatchMode):
+    """Records the name of every op dispatched under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_library_op_only_while_tracing_or_under_a_dispatch_mode() -> None:
+    assert not use_library_op()
+    with _OpNames():
+        assert use_library_op()
+    with FakeTensorMode():
+        assert use_library_op()
+    assert not use_library_op()
+    seen = []
+    torch.compile(lambda x: seen.append(use_library_op()) or x + 1, backend="eager", fullgraph=True)(torch.ones(1))
+    assert seen == [True]
+
+
+def _coupling_and_mix(x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    y, logdet = affine_coupling(x, t, r, "sigmoid", b_start=2)
+    return channel_mix(y, w).square().sum() + logdet.sum()
+
+
+def test_direct_twins_match_the_library_ops_and_dispatch_modes_see_the_ops() -> None:
+    """On the interpreter: the eager call (direct twins) and the call under a dispatch mode (the library ops)
+    give bitwise equal values and gradients, and the mode sees the fused ops whole, forward and backward."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 4, generator=g, requires_grad=True)
+    t, r = (torch.randn(2, 3, 3, 4, generator=g, requires_grad=True) for _ in range(2))
+    w = (torch.eye(5) + 0.1 * torch.randn(5, 5, generator=g)).requires_grad_()
+    with fastflow.backend("interpret"):
+        direct = _coupling_and_mix(x, t, r, w)
+        direct_grads = torch.autograd.grad(direct, (x, t, r, w))
+        with _OpNames() as mode:
+            library = _coupling_and_mix(x, t, r, w)
+            library_grads = torch.autograd.grad(library, (x, t, r, w))
+    for a, b in zip((direct, *direct_grads), (library, *library_grads)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for name in ("fastflow.coupling_fwd", "fastflow.coupling_bwd", "fastflow.channel_mix.", "channel_mix_backward"):
+        assert any(name in seen for seen in mode.names), (name, mode.names)
+
+
+def test_direct_ieee_mix_matches_the_library_op_and_is_twice_differentiable() -> None:
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(channel_mix_ref, (x, weight, bias))
+    direct = channel_mix_ref(x, weight, bias)
+    with _OpNames() as mode:
+        library = channel_mix_ref(x, weight, bias)
+    assert any("conv1x1_ieee" in name for name in mode.names)
+    torch.testing.assert_close(direct, library, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("library", [False, True])
+def test_fused_backward_is_not_differentiated_again(library: bool) -> None:
+    """A double backward through a fused op raises (the library op at its second backward, the direct twin
+    already when the first runs with create_graph=True), never gives a silent zero."""
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    t, r = (torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    with fastflow.backend("interpret"), _OpNames() if library else contextlib.nullcontext():
+        y, logdet = affine_coupling(x, t, r, "sigmoid", b_start=2)
+        with pytest.raises(RuntimeError, match="no double backward|no autograd formula"):
+            (grad_x,) = torch.autograd.grad(y.square().sum() + logdet.sum(), x, create_graph=True)
+            torch.autograd.grad(grad_x.sum(), (x, t, r), allow_unused=True)
