@@ -76,8 +76,8 @@ PLAN = (
     ),
     _bench("coupling", 40),
     _bench("flowstep", 55),
-    _bench("train_modes", 170, min_s=60),
-    _bench("largest_batch", 110, min_s=30),
+    _bench("train_modes", 200, min_s=60),
+    _bench("largest_batch", 80, min_s=30),
     _bench("flowstep_max_autotune", 0, min_s=90),
 )
 """The steps of ``make gpu-check``, in order; the reserves add up to 435 s of the default 450."""

@@ -2,11 +2,11 @@
 
 Every variant runs :class:`fastflow.step.TrainStep` (the step ``fastflow train`` runs, ``--compile`` and
 ``--cuda-graph`` included): bits/dim of the batch, its backward, gradient-norm clipping at 50 (``fastflow
-train``'s default) and Adam's step from :func:`fastflow.step.make_adam`. ``ms`` is wall time per step over
-blocks of steps run back to back (one device sync per block, so a launch-bound step is charged its host time),
-the median of several blocks, after warm-up steps (the first compiled steps compile; a CUDA-graph step warms
-up on a side stream, captures, then replays). ``warmup_s`` is the wall time of those warm-up steps
-(compilation included); ``peak_mb`` (CUDA) the peak memory allocated.
+train``'s default) and Adam's step from :func:`fastflow.step.make_adam` at :data:`TIMING_LR`. ``ms`` is the wall
+time per step over blocks of steps run back to back (one device sync per block, so a launch-bound step is
+charged its host time), the median of several blocks, after warm-up steps (the first compiled steps
+compile; a CUDA-graph step warms up on a side stream, captures, then replays).
+``warmup_s`` is the wall time of those warm-up steps (compilation included); ``peak_mb`` (CUDA) the peak memory.
 Every variant starts from the same weights and batch, so the first step's loss (``loss_step1``) must agree
 with eager's: ``matches_eager`` says whether it does. Compiled rows give ``graphs`` and ``graph_breaks``,
 Dynamo's counts while they compiled (the update is compiled too; Dynamo cannot trace the fused Adam kernel's
@@ -21,8 +21,8 @@ Cases:
   ``eager`` (``time_vs_standard``; ``compiled-reversible`` against ``compiled``).
 - ``train_modes`` (CUDA, ``make gpu-check``): the step under bf16 autocast at 32x32 (L=3, K=32, hidden 512,
   batch 64) and 256x256 (L=6, K=32, hidden 512, batch 4), ``eager``, ``cuda-graph`` and ``compile``. The
-  measurements run in one child process, in the order eager and cuda-graph of both sizes, then compile of
-  both (compilation is the slow part); the child is killed when the case's time box runs out and the rows it
+  measurements run in one child process, in the order eager, cuda-graph and compile at 32x32, then the
+  same at 256x256 (compilation is the slow part); the child is killed when the case's time box runs out and the rows it
   did not finish say ``skipped: time``. Targets: at 32x32 ``cuda-graph`` at least 3x ``eager`` and 1.3x
   ``compile``; at 256x256 at least 1.5x ``eager``.
 """
@@ -41,7 +41,7 @@ import torch
 from benchmarks.common import SKIPPED, BoxedProcess, Budget, dynamo_counts
 from fastflow.models import Glow
 from fastflow.step import CAPTURE_WARMUP_STEPS, BitsPerDim, TrainStep, make_adam
-from fastflow.train import initialize_actnorm
+from fastflow.train import TrainConfig, initialize_actnorm
 
 __all__ = ["CPU_REFERENCE", "GPU_CONFIGS", "cpu_reference_rows", "gpu_mode_rows"]
 
@@ -54,8 +54,14 @@ GPU_CONFIGS = (
 )
 """``train_modes``: CIFAR size and 256x256, bf16 autocast."""
 
-GPU_ORDER = (("eager", 0), ("cuda-graph", 0), ("eager", 1), ("cuda-graph", 1), ("compile", 0), ("compile", 1))
-"""``(mode, index in GPU_CONFIGS)`` in the order measured: the slow compilations last."""
+GPU_ORDER = (("eager", 0), ("cuda-graph", 0), ("compile", 0), ("eager", 1), ("cuda-graph", 1), ("compile", 1))
+"""``(mode, index in GPU_CONFIGS)`` in the order measured: the CIFAR-size rows first (its targets compare all
+three modes), the 256x256 compilation (the slowest) last."""
+
+TIMING_LR = TrainConfig().lr_at(0)
+"""The learning rate of every timed step: ``fastflow train``'s first (warm-up) step's. The step's work does not
+depend on it, but the timing repeats one batch without warm-up, and at 1e-3 the bf16 Glow of ``train_modes``
+reached an infinite loss within its first ~15 steps on an H200 (2026-11-26)."""
 
 _ROW_TAG = "STEP_MODES_ROW "
 _LOSS_TOL = {None: 1e-4, "bf16": 3e-2}  # relative agreement of the first step's loss with eager's
@@ -81,13 +87,18 @@ class _Variant:
         )
         initialize_actnorm(model, self.x, amp=cfg["amp"])
         self.step = TrainStep(
-            BitsPerDim(model), model, make_adam(model.parameters(), 1e-3, mode), clip=50.0, amp=cfg["amp"], mode=mode
+            BitsPerDim(model),
+            model,
+            make_adam(model.parameters(), TIMING_LR, mode),
+            clip=50.0,
+            amp=cfg["amp"],
+            mode=mode,
         )
         graphs, breaks = dynamo_counts()
         start = time.perf_counter()
-        self.loss_step1 = float(self.step(self.x, None, 1e-3))
+        self.loss_step1 = float(self.step(self.x, None, TIMING_LR))
         for _ in range(CAPTURE_WARMUP_STEPS + 1 if mode == "cuda-graph" else 2):
-            self.step(self.x, None, 1e-3)
+            self.step(self.x, None, TIMING_LR)
         _sync(device)
         self.warmup_s = time.perf_counter() - start
         after = dynamo_counts()
@@ -98,7 +109,7 @@ class _Variant:
         _sync(self.device)
         start = time.perf_counter()
         for _ in range(n):
-            loss = self.step(self.x, None, 1e-3)
+            loss = self.step(self.x, None, TIMING_LR)
         _sync(self.device)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss {float(loss)}")
