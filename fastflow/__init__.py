@@ -1,8 +1,8 @@
-"""fastflow: normalizing flows (NICE, RealNVP, Glow) for PyTorch with fused Triton kernels."""
+"""fastflow: normalizing flows (NICE, RealNVP, Glow, tabular flows) for PyTorch with fused Triton kernels."""
 
 from fastflow.backend import backend
 from fastflow.checkpoint import load_checkpoint, save_checkpoint
-from fastflow.models import NICE, FlowModel, Glow, RealNVP, dequantize
+from fastflow.models import NICE, FlowModel, Glow, RealNVP, TabularFlow, dequantize
 from fastflow.nn.reversible import ReconstructionError
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __all__ = [
     "Glow",
     "RealNVP",
     "ReconstructionError",
+    "TabularFlow",
     "__version__",
     "backend",
     "dequantize",

@@ -1,4 +1,5 @@
-"""FlowModel: a multi-scale flow (blocks, splits, top prior) with likelihood, encode, decode and sampling."""
+"""FlowModel: a (multi-scale) flow of blocks, splits and a top prior with likelihood, encode, decode and sampling,
+optionally conditioned on a context."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from torch import nn
 
 from fastflow.models.priors import TopPrior
 from fastflow.nn.actnorm import ActNorm
-from fastflow.nn.base import check_image
+from fastflow.nn.base import check_image, run_layer
 from fastflow.nn.reversible import drift_tripped, guards_deferred, read_drift_guard
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.split import Split
 from fastflow.nn.tiling import DEFAULT_TILE_BUDGET_MB, Tiling
+from fastflow.ops._checks import logdet_dtype
 
 __all__ = ["FlowModel", "dequantize"]
 
@@ -43,9 +45,15 @@ class FlowModel(nn.Module):
     """Multi-scale flow: ``blocks[i]`` (a FlowSequential), then ``splits[i]`` for all but the last block,
     then ``prior`` over what is left.
 
-    Data convention: inputs ``x`` are dequantized images in ``[-0.5, 0.5)`` of shape ``(B, *image_shape)``
-    (see :func:`dequantize`), from ``n_bins`` levels per pixel. ``bits_per_dim`` is the discrete
-    negative log-likelihood ``(-log p(x) + D * log(n_bins)) / (D * log 2)`` with ``D = C * H * W``.
+    Data convention for images (``n_bins`` given): inputs ``x`` are dequantized images in ``[-0.5, 0.5)`` of
+    shape ``(B, *image_shape)`` (see :func:`dequantize`), from ``n_bins`` levels per pixel. ``bits_per_dim`` is
+    the discrete negative log-likelihood ``(-log p(x) + D * log(n_bins)) / (D * log 2)`` with ``D = C * H * W``.
+    Other data (``n_bins=None``, e.g. vectors ``(B, D)``) is taken as it comes, and has no ``bits_per_dim``.
+
+    Conditioning: every method takes an optional ``context`` ``(B, ...)``. It reaches the blocks' layers that
+    condition on it (their conditioners) and, for a prior with class conditioning (Glow's ``num_classes``), the
+    prior, as integer class labels ``(B,)``. A conditional model needs it and an unconditional one refuses it
+    (``ValueError``), as does a context whose batch does not match.
     ``check_finite`` (default on) raises ``FloatingPointError`` naming the first layer with a non-finite
     output or log-det instead of returning a NaN likelihood. ``reversible`` (settable at any time) trains
     every block with memory-saving reversible backprop; latents that leave at a split are outputs of their
@@ -63,8 +71,8 @@ class FlowModel(nn.Module):
         blocks: list[FlowSequential],
         splits: list[Split],
         prior: TopPrior,
-        image_shape: tuple[int, int, int],
-        n_bins: int,
+        image_shape: tuple[int, ...],
+        n_bins: int | None,
         config: dict[str, Any],
     ) -> None:
         super().__init__()
@@ -72,12 +80,12 @@ class FlowModel(nn.Module):
             raise ValueError(
                 f"need one split between consecutive blocks, got {len(blocks)} blocks, {len(splits)} splits"
             )
-        if n_bins < 2:
+        if n_bins is not None and n_bins < 2:
             raise ValueError(f"n_bins must be >= 2, got {n_bins}")
         self.blocks = nn.ModuleList(blocks)
         self.splits = nn.ModuleList(splits)
         self.prior = prior
-        self.image_shape = image_shape
+        self.image_shape = tuple(image_shape)  # the event shape: (C, H, W) for images, (D,) for vectors
         self.n_bins = n_bins
         self.config = dict(config)
         self.check_finite = True
@@ -123,20 +131,32 @@ class FlowModel(nn.Module):
 
     @property
     def num_dims(self) -> int:
-        """``D = C * H * W``."""
+        """``D``: ``C * H * W`` for images, the feature count for vectors."""
         return math.prod(self.image_shape)
 
+    @property
+    def conditional(self) -> bool:
+        """Whether the model needs a ``context``: some layer conditions on it, or the prior on class labels."""
+        return self._blocks_use_context or self.prior.conditional
+
+    @property
+    def _blocks_use_context(self) -> bool:
+        return any(block.uses_context for block in self.blocks)
+
     def _check_input(self, x: torch.Tensor) -> None:
-        check_image("x", x, self.image_shape[0])
+        if self.n_bins is not None:
+            check_image("x", x, self.image_shape[0])
+        elif not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"x must have shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}")
         if x.shape[0] == 0:
-            raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}): pass at least one image")
+            raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}): pass at least one sample")
         dtype = self.floating_parameter().dtype
         if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x is {x.dtype} but the model is {dtype}: convert one, e.g. x.to({dtype})")
         # the first batch only (a check per step would sync with the device), and never where guards defer
-        if not self._range_checked and not guards_deferred(x):
+        if self.n_bins is not None and not self._range_checked and not guards_deferred(x):
             self._range_checked = True
             low, high = x.detach().aminmax()
             if float(low) < -0.5 or float(high) > 0.5:
@@ -148,23 +168,47 @@ class FlowModel(nn.Module):
                     stacklevel=3,
                 )
 
+    def _check_context(self, context: object, batch: int) -> None:
+        """``ValueError`` unless ``context`` suits the model: None for an unconditional model, a tensor of batch
+        ``batch`` for a conditional one (the layers and the prior check the rest: features, labels)."""
+        name = type(self).__name__
+        if context is None:
+            if self._blocks_use_context:
+                raise ValueError(f"context is required: {name}'s layers condition on a context")
+            return  # a prior conditioned on class labels says so itself
+        if not self.conditional:
+            raise ValueError(
+                f"context was given but {name} is unconditional (no class conditioning, no conditional layers)"
+            )
+        if not isinstance(context, torch.Tensor):
+            raise TypeError(f"context must be a torch.Tensor, got {type(context).__name__}")
+        if context.dim() == 0 or context.shape[0] != batch:
+            raise ValueError(f"context must have shape ({batch}, ...) (one row per sample), got {tuple(context.shape)}")
+
+    def _prior_context(self, context: torch.Tensor | None) -> torch.Tensor | None:
+        return context if self.prior.conditional else None
+
+    def _block_context(self, context: torch.Tensor | None) -> torch.Tensor | None:
+        return context if self._blocks_use_context else None
+
     def _encode(
-        self, x: torch.Tensor, y: torch.Tensor | None, diagnose: bool = False
+        self, x: torch.Tensor, context: torch.Tensor | None, diagnose: bool = False
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        zeros = x.new_zeros(x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        zeros = x.new_zeros(x.shape[0], dtype=logdet_dtype(x.dtype))
         logdet_total, log_prior = zeros, zeros
         latents: list[torch.Tensor] = []
         if diagnose and not bool(torch.isfinite(x).all()):
             count = int((~torch.isfinite(x)).sum())
-            raise ValueError(f"x holds {count} non-finite values (NaN/Inf): the model needs finite pixels")
+            raise ValueError(f"x holds {count} non-finite values (NaN/Inf): the model needs finite inputs")
+        block_context = self._block_context(context)
         for i, block in enumerate(self.blocks):
             if diagnose:
                 for j, layer in enumerate(block.layers):
-                    x, logdet = layer(x)
+                    x, logdet = run_layer(layer, x, block_context)
                     _raise_if_nonfinite(f"blocks.{i}.layers.{j} ({type(layer).__name__})", x, logdet)
                     logdet_total = logdet_total + logdet
             else:
-                x, logdet = block(x)
+                x, logdet = block(x, block_context)
                 logdet_total = logdet_total + logdet
             if i < len(self.splits):
                 x, z_out, split_log_p = self.splits[i](x)
@@ -173,22 +217,23 @@ class FlowModel(nn.Module):
                 latents.append(z_out)
                 log_prior = log_prior + split_log_p
         latents.append(x)
-        return latents, logdet_total, log_prior + self.prior.log_prob(x, y)
+        return latents, logdet_total, log_prior + self.prior.log_prob(x, self._prior_context(context))
 
     def encode_with_logdet(
-        self, x: torch.Tensor, y: torch.Tensor | None = None
+        self, x: torch.Tensor, context: torch.Tensor | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """``(latents, log|det d latents / dx|, log p(latents))``, each log term of shape ``(B,)``. With
         ``check_finite``, a non-finite ``log p(x)`` raises ``FloatingPointError`` naming the layer, or is recorded
         for :meth:`check_guards` where guards are deferred (see the class docstring)."""
         self._check_input(x)
-        latents, logdet, log_prior = self._encode(x, y)
+        self._check_context(context, x.shape[0])
+        latents, logdet, log_prior = self._encode(x, context)
         if self.check_finite:
             finite = torch.isfinite(logdet + log_prior).all()
             if guards_deferred(x):
                 self._record_nonfinite(~finite)
             elif not bool(finite):
-                self._diagnose(x, y)
+                self._diagnose(x, context)
         return latents, logdet, log_prior
 
     def _record_nonfinite(self, nonfinite: torch.Tensor) -> None:
@@ -197,10 +242,10 @@ class FlowModel(nn.Module):
         self._nonfinite_seen.logical_or_(nonfinite)
 
     @torch.no_grad()
-    def _diagnose(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        """Rerun the forward on ``(x, y)`` layer by layer and raise ``FloatingPointError`` naming the first layer
-        with a non-finite output or log-det (``ValueError`` for non-finite ``x``), else one blaming the prior."""
-        self._encode(x, y, diagnose=True)
+    def _diagnose(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
+        """Rerun the forward on ``(x, context)`` layer by layer and raise ``FloatingPointError`` naming the first
+        layer with a non-finite output or log-det (``ValueError`` for non-finite ``x``), else one blaming the prior."""
+        self._encode(x, context, diagnose=True)
         raise FloatingPointError("log p(x) is not finite, though every layer's output is: check the prior")
 
     def guards_tripped(self) -> torch.Tensor:
@@ -214,12 +259,12 @@ class FlowModel(nn.Module):
         # record would drop it, rather than copied (a copy off the device would be a host sync)
         return drifted if nonfinite.device != drifted.device else nonfinite | drifted
 
-    def check_guards(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> None:
+    def check_guards(self, x: torch.Tensor | None = None, context: torch.Tensor | None = None) -> None:
         """Read the deferred guards (two small host transfers) and clear them; raise if one tripped since the
         last call.
 
         ``FloatingPointError`` if a forward saw a non-finite ``log p(x)``: given the batch that produced it
-        (``x``, with labels ``y``), the forward is rerun on it layer by layer to name the first layer with a
+        (``x``, with its ``context``), the forward is rerun on it layer by layer to name the first layer with a
         non-finite output or log-det, as the immediate check does (a ``ValueError`` if ``x`` itself is not
         finite); the weights must still be the ones of that forward. ``ReconstructionError`` naming the
         reversible chains whose backward rebuilt its input with a drift beyond ``max_drift``
@@ -231,7 +276,7 @@ class FlowModel(nn.Module):
         drift_error = read_drift_guard(self)
         if nonfinite:
             if x is not None:
-                self._diagnose(x, y)
+                self._diagnose(x, context)
             raise FloatingPointError(
                 "log p(x) was not finite in a forward since the guards were last checked: pass that batch to "
                 "check_guards to name the layer"
@@ -240,29 +285,33 @@ class FlowModel(nn.Module):
             raise drift_error
 
     def encode_with_log_prob(
-        self, x: torch.Tensor, y: torch.Tensor | None = None
+        self, x: torch.Tensor, context: torch.Tensor | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``(latents, log p(x))``: the latents leave at each split, the last one is the top latent."""
-        latents, logdet, log_prior = self.encode_with_logdet(x, y)
+        latents, logdet, log_prior = self.encode_with_logdet(x, context)
         return latents, logdet + log_prior
 
-    def log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample continuous log-density ``log p(x)`` in nats, shape ``(B,)``, float32."""
-        return self.encode_with_log_prob(x, y)[1]
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample continuous log-density ``log p(x | context)`` in nats, shape ``(B,)``, float32 (float64 for
+        a float64 model)."""
+        return self.encode_with_log_prob(x, context)[1]
 
-    def bits_per_dim(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample discrete NLL in bits per dimension (see the class docstring), shape ``(B,)``."""
+    def bits_per_dim(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample discrete NLL in bits per dimension (see the class docstring), shape ``(B,)``; images only."""
+        if self.n_bins is None:
+            raise ValueError(f"bits_per_dim needs quantized data (n_bins): {type(self).__name__} has none")
         d = self.num_dims
-        return (-self.log_prob(x, y) + d * math.log(self.n_bins)) / (d * math.log(2.0))
+        return (-self.log_prob(x, context) + d * math.log(self.n_bins)) / (d * math.log(2.0))
 
-    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def encode(self, x: torch.Tensor, context: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The latents of ``x``: one per split, then the top latent."""
-        return self.encode_with_log_prob(x, y)[0]
+        return self.encode_with_log_prob(x, context)[0]
 
     def decode(
-        self, latents: list[torch.Tensor | None], y: torch.Tensor | None = None, temperature: float = 1.0
+        self, latents: list[torch.Tensor | None], context: torch.Tensor | None = None, temperature: float = 1.0
     ) -> torch.Tensor:
-        """Exact inverse of :meth:`encode`; a ``None`` split latent is drawn from its prior at ``temperature``."""
+        """Exact inverse of :meth:`encode`; a ``None`` split latent is drawn from its prior at ``temperature``.
+        Differentiable (the split priors' draws are reparameterised)."""
         if len(latents) != len(self.blocks):
             raise ValueError(f"latents must be a list of {len(self.blocks)} tensors, got {len(latents)}")
         x = latents[-1]
@@ -271,26 +320,43 @@ class FlowModel(nn.Module):
         sizes = {i: z.shape[0] for i, z in enumerate(latents) if isinstance(z, torch.Tensor)}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"latents must share one batch size, got batch sizes {sizes} (index: size)")
+        self._check_context(context, x.shape[0])
+        block_context = self._block_context(context)
         for i in reversed(range(len(self.blocks))):
             if i < len(self.splits):
                 x = self.splits[i].inverse(x, latents[i], temperature)
-            x, _ = self.blocks[i].inverse(x)
+            x, _ = self.blocks[i].inverse(x, block_context)
         return x
 
-    @torch.no_grad()
-    def sample(self, n: int, temperature: float = 0.7, y: torch.Tensor | None = None) -> torch.Tensor:
-        """``n`` images from the model at ``temperature`` (0.7 by default: 1.0 gives noisy samples), in the
-        model's dtype and on its device."""
+    def rsample(self, n: int, context: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """``n`` reparameterised draws ``x = f^-1(z)`` with ``z = mean + temperature * std * eps``: differentiable
+        w.r.t. the parameters (and ``context``), for objectives over samples (variational inference). In the
+        model's dtype, on its device. A conditional model takes a ``context`` of batch ``n``, or of batch 1 shared
+        by the ``n`` draws."""
         if isinstance(n, bool) or not hasattr(n, "__index__"):
             raise TypeError(f"n must be an int, got {type(n).__name__} {n!r}")
         n = operator.index(n)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         _check_temperature(temperature)
+        if isinstance(context, torch.Tensor) and context.dim() > 0 and context.shape[0] == 1 and n > 1:
+            context = context.expand(n, *context.shape[1:])
+        self._check_context(context, n)
         parameter = self.floating_parameter()
-        top = self.prior.sample(n, temperature, y, parameter.device, parameter.dtype)
+        top = self.prior.sample(n, temperature, self._prior_context(context), parameter.device, parameter.dtype)
         latents: list[torch.Tensor | None] = [None] * len(self.splits) + [top]
-        return self.decode(latents, y, temperature)
+        return self.decode(latents, context, temperature)
+
+    def sample(self, n: int, context: torch.Tensor | None = None, temperature: float | None = None) -> torch.Tensor:
+        """``n`` draws from the model without a graph (:meth:`rsample` under ``torch.no_grad``) at ``temperature``,
+        by default :attr:`default_temperature`: 0.7 for images (1.0 gives noisy samples), 1.0 otherwise."""
+        with torch.no_grad():
+            return self.rsample(n, context, self.default_temperature if temperature is None else temperature)
+
+    @property
+    def default_temperature(self) -> float:
+        """The temperature :meth:`sample` uses by default: 0.7 for images (``n_bins`` set), else 1.0."""
+        return 1.0 if self.n_bins is None else 0.7
 
     def save_pretrained(self, directory: str) -> None:
         """Write ``directory/model.safetensors`` (weights) and ``directory/config.json`` (class and config),

@@ -9,22 +9,12 @@ from fastflow.models.base import FlowModel
 from fastflow.models.glow import image_hw
 from fastflow.models.priors import LogisticPrior
 from fastflow.nn.base import FlowLayer
+from fastflow.nn.coupling_network import mlp_network
 from fastflow.nn.sequential import FlowSequential
+from fastflow.ops._checks import logdet_dtype
 from fastflow.ops.coupling import additive_coupling, additive_coupling_inverse
 
 __all__ = ["NICE", "NICECoupling", "DiagonalScaling"]
-
-
-def _mlp(in_features: int, hidden: int, depth: int, out_features: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    width = in_features
-    for _ in range(depth):
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
-    last = nn.Linear(width, out_features)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
-    return nn.Sequential(*layers, last)
 
 
 class NICECoupling(FlowLayer):
@@ -37,7 +27,7 @@ class NICECoupling(FlowLayer):
             raise ValueError(f"NICE needs an even number of dimensions C*H*W, got {num_features}")
         self.num_features = num_features
         self.parity = parity
-        self.mlp = _mlp(num_features // 2, hidden, depth, num_features // 2)
+        self.mlp = mlp_network(num_features // 2, hidden, num_features // 2, depth)
 
     def _couple(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         # (B, 2, D/2) view of the even/odd pairs: the op transforms channel 1 - parity and copies the other
@@ -47,11 +37,11 @@ class NICECoupling(FlowLayer):
         out, logdet = op(halves, self.mlp(halves[:, self.parity])[:, None], b_start=1 - self.parity)
         return out.transpose(1, 2).reshape(x.shape), logdet
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(y, 0)``."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, 0)``; ``context`` is ignored."""
         return self._couple(x, inverse=False)
 
-    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, 0)``."""
         return self._couple(y, inverse=True)
 
@@ -64,14 +54,13 @@ class DiagonalScaling(FlowLayer):
         self.log_scale = nn.Parameter(torch.zeros(1, *shape))
 
     def _logdet(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return self.log_scale.to(dtype).sum().expand(x.shape[0])
+        return self.log_scale.to(logdet_dtype(x.dtype)).sum().expand(x.shape[0])
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x * exp(s), sum(s))``."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x * exp(s), sum(s))``; ``context`` is ignored."""
         return x * torch.exp(self.log_scale).to(x.dtype), self._logdet(x)
 
-    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y * exp(-s), -sum(s))``."""
         return y * torch.exp(-self.log_scale).to(y.dtype), -self._logdet(y)
 

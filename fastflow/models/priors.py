@@ -8,16 +8,23 @@ from torch import nn
 
 from fastflow.nn.distributions import gaussian_log_prob, gaussian_sample
 from fastflow.nn.reversible import guards_deferred
+from fastflow.ops._checks import logdet_dtype
 
 __all__ = ["GaussianPrior", "LogisticPrior", "TopPrior"]
 
 
 class TopPrior(nn.Module):
-    """A density over latents of shape ``(B, *shape)`` with ``log_prob(z, y)`` and ``sample(n, T, y)``."""
+    """A density over latents of shape ``(B, *shape)`` with ``log_prob(z, y)`` and ``sample(n, T, y)``; ``y`` are
+    class labels ``(B,)`` for a prior with class conditioning (:attr:`conditional`), else None."""
 
-    def __init__(self, shape: tuple[int, int, int]) -> None:
+    def __init__(self, shape: tuple[int, ...]) -> None:
         super().__init__()
-        self.shape = shape
+        self.shape = tuple(shape)
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the prior is conditioned on class labels."""
+        return False
 
     def log_prob(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -25,7 +32,7 @@ class TopPrior(nn.Module):
     def check_labels(self, y: torch.Tensor | None) -> None:
         """``ValueError`` unless ``y`` suits the prior: ``None``, as it has no class conditioning."""
         if y is not None:
-            raise ValueError(f"y was given but the {type(self).__name__} has no class conditioning")
+            raise ValueError(f"labels were given but the {type(self).__name__} has no class conditioning")
 
     def sample(
         self,
@@ -39,34 +46,41 @@ class TopPrior(nn.Module):
 
 
 class GaussianPrior(TopPrior):
-    """``N(mean, exp(logs)^2)`` per element: standard normal, or learned (Glow's ``learn_top``), optionally
-    shifted per class by a zero-initialised linear map of the one-hot label (class conditioning)."""
+    """``N(mean, exp(logs)^2)`` per element of ``shape`` (``(C, H, W)`` or ``(D,)``): standard normal, or learned
+    (Glow's ``learn_top``), optionally shifted per class by a zero-initialised linear map of the one-hot label
+    (class conditioning)."""
 
-    def __init__(self, shape: tuple[int, int, int], learned: bool = True, num_classes: int = 0) -> None:
+    def __init__(self, shape: tuple[int, ...], learned: bool = True, num_classes: int = 0) -> None:
         super().__init__(shape)
-        c, h, w = shape
+        c, rest = shape[0], tuple(shape[1:])
         self.num_classes = num_classes
-        self.params = nn.Parameter(torch.zeros(1, 2 * c, h, w)) if learned else None
+        self.params = nn.Parameter(torch.zeros(1, 2 * c, *rest)) if learned else None
         self.class_proj = nn.Linear(num_classes, 2 * c) if num_classes > 0 else None
         if self.class_proj is not None:
             nn.init.zeros_(self.class_proj.weight)
             nn.init.zeros_(self.class_proj.bias)
 
+    @property
+    def conditional(self) -> bool:
+        """Whether the prior is conditioned on class labels (``num_classes > 0``)."""
+        return self.class_proj is not None
+
     def mean_logs(
         self, n: int, y: torch.Tensor | None, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean, logs)`` of shape ``(n, C, H, W)``, for the class labels ``y`` (``(n,)``) with class conditioning
+        """``(mean, logs)`` of shape ``(n, *shape)``, for the class labels ``y`` (``(n,)``) with class conditioning
         (see :meth:`check_labels`)."""
         self._check_label_form(y, n)
-        c, h, w = self.shape
-        params = torch.zeros(n, 2 * c, h, w, device=device, dtype=dtype)
+        c, rest = self.shape[0], self.shape[1:]
+        params = torch.zeros(n, 2 * c, *rest, device=device, dtype=dtype)
         if self.params is not None:
             params = params + self.params.to(dtype)
         if self.class_proj is not None and y is not None:
             if not guards_deferred(y):  # where guards defer, the labels' range was checked before (fastflow.train)
                 self.check_labels(y)
             one_hot = F.one_hot(y.to(device).long(), self.num_classes).to(dtype)
-            params = params + self.class_proj(one_hot).to(dtype)[:, :, None, None]
+            shift = self.class_proj(one_hot).to(dtype)
+            params = params + shift.reshape(n, 2 * c, *[1] * len(rest))
         mean, logs = params.chunk(2, dim=1)
         return mean, logs
 
@@ -75,13 +89,16 @@ class GaussianPrior(TopPrior):
         (any length for ``n=None``) with it; reads nothing from the device."""
         if self.class_proj is None:
             if y is not None:
-                raise ValueError("y was given but the model has no class conditioning (num_classes=0)")
+                raise ValueError("labels were given but the model has no class conditioning (num_classes=0)")
             return
         if y is None:
-            raise ValueError(f"y (class labels) is required: the model is conditioned on {self.num_classes} classes")
+            raise ValueError(
+                f"context (class labels) is required: the model is conditioned on {self.num_classes} classes"
+            )
         if y.dim() != 1 or (n is not None and len(y) != n) or y.dtype not in (torch.int32, torch.int64):
             raise ValueError(
-                f"y must be integer labels of shape ({'N' if n is None else n},), got {y.dtype} {tuple(y.shape)}"
+                f"context (class labels) must be integer labels of shape ({'N' if n is None else n},), got "
+                f"{y.dtype} {tuple(y.shape)}"
             )
 
     def check_labels(self, y: torch.Tensor | None) -> None:
@@ -122,9 +139,8 @@ class LogisticPrior(TopPrior):
 
     def log_prob(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample log-density, shape ``(B,)``."""
-        if y is not None:
-            raise ValueError("y was given but the logistic prior has no class conditioning")
-        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        self.check_labels(y)
+        dtype = logdet_dtype(z.dtype)
         zf = z.to(dtype)
         return -(F.softplus(zf) + F.softplus(-zf)).reshape(z.shape[0], -1).sum(dim=1)
 
@@ -137,8 +153,7 @@ class LogisticPrior(TopPrior):
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """``n`` draws ``temperature * logit(u)`` with ``u ~ U(0, 1)``, in ``dtype`` (default float32)."""
-        if y is not None:
-            raise ValueError("y was given but the logistic prior has no class conditioning")
+        self.check_labels(y)
         dtype = dtype or torch.float32
         u = torch.rand(n, *self.shape, device=device, dtype=torch.promote_types(dtype, torch.float32))
         u = u.clamp(1e-6, 1 - 1e-6)

@@ -1,11 +1,21 @@
-"""Flow layers as nn.Modules: ``forward(x) -> (y, logdet)`` and ``inverse(y) -> (x, logdet)``."""
+"""Flow layers as nn.Modules on vectors ``(B, D)`` and images ``(B, C, H, W)``: ``forward(x, context=None) ->
+(y, logdet)`` and ``inverse(y, context=None) -> (x, logdet)``."""
 
 from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.base import FlowLayer
 from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling
-from fastflow.nn.coupling_network import ZeroConv2d, coupling_network
+from fastflow.nn.coupling_network import (
+    ConvNetwork,
+    MLPNetwork,
+    Subnet,
+    ZeroConv2d,
+    conv_subnet,
+    coupling_network,
+    mlp_subnet,
+)
 from fastflow.nn.flow_step import FlowStep
-from fastflow.nn.invconv import InvConv1x1
+from fastflow.nn.invconv import InvConv1x1, InvertibleLinear
+from fastflow.nn.permutation import Permutation
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.split import Split
 from fastflow.nn.squeeze import Squeeze, squeeze2d, unsqueeze2d
@@ -14,14 +24,21 @@ __all__ = [
     "ActNorm",
     "AdditiveCoupling",
     "AffineCoupling",
+    "ConvNetwork",
     "FlowLayer",
     "FlowSequential",
     "FlowStep",
     "InvConv1x1",
+    "InvertibleLinear",
+    "MLPNetwork",
+    "Permutation",
     "Split",
     "Squeeze",
+    "Subnet",
     "ZeroConv2d",
+    "conv_subnet",
     "coupling_network",
+    "mlp_subnet",
     "squeeze2d",
     "unsqueeze2d",
 ]

@@ -1,4 +1,4 @@
-"""ActNorm: per-channel affine with data-dependent initialisation (Glow)."""
+"""ActNorm: per-channel (per-feature for vectors) affine with data-dependent initialisation (Glow)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastflow.nn.base import FlowLayer, check_image
+from fastflow.nn.base import FlowLayer, as_pixels, check_features
 from fastflow.ops.actnorm import actnorm_inverse_ref, actnorm_ref
 
 __all__ = ["ActNorm"]
@@ -24,7 +24,8 @@ def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 class ActNorm(FlowLayer):
-    """``y = (x + bias) * exp(logs)`` per channel; log-det ``H * W * sum(logs)``.
+    """``y = (x + bias) * exp(logs)`` per channel of ``(B, C, H, W)`` or per feature of ``(B, D)``; log-det
+    ``H * W * sum(logs)`` (``sum(logs)`` for vectors).
 
     On the first forward in training mode, ``bias`` and ``logs`` are set so that the batch's output has zero
     mean and unit variance per channel (statistics all-reduced across ranks under ``torch.distributed``).
@@ -68,7 +69,7 @@ class ActNorm(FlowLayer):
         spread.
         """
         dtype = torch.promote_types(self.bias.dtype, torch.float32)
-        xf = x.detach().to(dtype)
+        xf = as_pixels(x).detach().to(dtype)
         mean = _mean_over_ranks(xf.mean(dim=(0, 2, 3)))
         var = _mean_over_ranks((xf - mean.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3)))
         std = var.sqrt()
@@ -93,13 +94,15 @@ class ActNorm(FlowLayer):
         if self.training and not self.is_initialized:
             self.initialize(x)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(y, logdet)`` for ``x`` of shape ``(B, C, H, W)``."""
-        check_image("x", x, self.num_channels)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, logdet)`` for ``x`` of shape ``(B, C, H, W)`` or ``(B, D)``; ``context`` is ignored."""
+        check_features("x", x, self.num_channels)
         self.initialize_once(x)
-        return actnorm_ref(x, self.bias, self.logs)
+        y, logdet = actnorm_ref(as_pixels(x), self.bias, self.logs)
+        return y.view_as(x), logdet
 
-    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, -logdet)`` for ``y`` of shape ``(B, C, H, W)``."""
-        check_image("y", y, self.num_channels)
-        return actnorm_inverse_ref(y, self.bias, self.logs)
+    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, -logdet)`` for ``y`` of shape ``(B, C, H, W)`` or ``(B, D)``."""
+        check_features("y", y, self.num_channels)
+        x, logdet = actnorm_inverse_ref(as_pixels(y), self.bias, self.logs)
+        return x.view_as(y), logdet

@@ -1,35 +1,90 @@
-"""The flow-layer contract shared by every invertible module."""
+"""The flow-layer contract shared by every invertible module, and the input checks at its boundary."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["FlowLayer", "check_image"]
+from fastflow.ops._checks import logdet_dtype
+
+__all__ = ["FlowLayer", "as_pixels", "check_features", "check_image", "run_layer", "zero_logdet"]
 
 
-def check_image(name: str, x: object, channels: int | None = None) -> torch.Tensor:
-    """Raise a clear error unless ``x`` is a floating ``(B, C, H, W)`` tensor with ``channels`` channels."""
+def _check_floating(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must have shape (B, C, H, W), got rank {x.dim()} shape {tuple(x.shape)}")
-    if channels is not None and x.shape[1] != channels:
-        raise ValueError(f"{name} has {x.shape[1]} channels but the layer was built for {channels} (channel mismatch)")
     return x
 
 
-class FlowLayer(nn.Module):
-    """An invertible layer: ``forward(x) -> (y, logdet)`` and ``inverse(y) -> (x, logdet)``.
+def _check_count(name: str, x: torch.Tensor, count: int | None) -> None:
+    if count is not None and x.shape[1] != count:
+        what = "features" if x.dim() == 2 else "channels"
+        raise ValueError(f"{name} has {x.shape[1]} {what} but the layer was built for {count} ({what[:-1]} mismatch)")
 
-    ``logdet`` has shape ``(B,)``, is float32 for half inputs, and the inverse's log-det is the negative of
-    the forward's at the matching point.
+
+def check_image(name: str, x: object, channels: int | None = None) -> torch.Tensor:
+    """Raise a clear error unless ``x`` is a floating ``(B, C, H, W)`` tensor with ``channels`` channels."""
+    x = _check_floating(name, x)
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, C, H, W), got rank {x.dim()} shape {tuple(x.shape)}")
+    _check_count(name, x, channels)
+    return x
+
+
+def check_features(name: str, x: object, features: int | None = None) -> torch.Tensor:
+    """Raise a clear error unless ``x`` is a floating vector batch ``(B, D)`` with ``D = features`` or an image
+    batch ``(B, C, H, W)`` with ``C = features``: dim 1 is what layers mix, normalise and split."""
+    x = _check_floating(name, x)
+    if x.dim() not in (2, 4):
+        raise ValueError(f"{name} must have shape (B, D) or (B, C, H, W), got rank {x.dim()} shape {tuple(x.shape)}")
+    _check_count(name, x, features)
+    return x
+
+
+def as_pixels(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as an image batch: a vector batch ``(B, D)`` is viewed as ``(B, D, 1, 1)`` (no copy), so per-channel
+    ops serve vectors unchanged (their ``H * W`` factor is 1); an image batch is returned as is."""
+    return x[:, :, None, None] if x.dim() == 2 else x
+
+
+def run_layer(
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, context: torch.Tensor | None, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn(x, context, **kwargs)`` (a layer's forward or inverse), or ``fn(x, **kwargs)`` without a context: a
+    layer written before contexts existed, ``forward(x)``, still runs in an unconditional chain."""
+    return fn(x, **kwargs) if context is None else fn(x, context, **kwargs)
+
+
+def zero_logdet(x: torch.Tensor) -> torch.Tensor:
+    """A zero log-det of shape ``(B,)`` in :func:`~fastflow.ops._checks.logdet_dtype` of ``x``."""
+    return x.new_zeros(x.shape[0], dtype=logdet_dtype(x.dtype))
+
+
+class FlowLayer(nn.Module):
+    """An invertible layer: ``forward(x, context=None) -> (y, logdet)`` and ``inverse(y, context=None) -> (x,
+    logdet)``.
+
+    ``x`` is ``(B, D)`` or ``(B, C, H, W)``; ``logdet`` has shape ``(B,)``, is float32 for half inputs, and the
+    inverse's log-det is the negative of the forward's at the matching point. ``context`` (``(B, ...)``) reaches
+    the layers that condition on it (:attr:`uses_context`); the others ignore it.
     """
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+    @property
+    def uses_context(self) -> bool:
+        """Whether the layer conditions on ``context`` (and so needs one)."""
+        return False
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+    def inverse(
+        self, y: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

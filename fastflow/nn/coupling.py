@@ -1,4 +1,5 @@
-"""Affine (Glow / RealNVP) and additive (NICE) coupling layers with channel or checkerboard masks."""
+"""Affine (Glow / RealNVP) and additive (NICE) coupling layers on vectors or images, with channel or
+checkerboard masks, any conditioner network and an optional conditioning context."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from typing import Literal
 
 import torch
 
-from fastflow.nn.base import FlowLayer, check_image
-from fastflow.nn.coupling_network import coupling_network
-from fastflow.nn.tiling import Tile, Tiling, tiles
+from fastflow.nn.base import FlowLayer, check_features
+from fastflow.nn.context import shape_context
+from fastflow.nn.coupling_network import Subnet, build_subnet, conv_subnet, mlp_subnet
+from fastflow.nn.tiling import Tile, Tiling, check_tileable, tiles
 from fastflow.ops.coupling import (
     SCALE_KINDS,
     ScaleKind,
@@ -26,39 +28,93 @@ MaskKind = Literal["channel", "checkerboard"]
 
 
 class _Coupling(FlowLayer):
-    """Shared masking logic: which part conditions the network (``a``) and which is transformed (``b``).
+    """Shared masking and conditioning: which part the conditioner sees (``a``) and which is transformed (``b``).
 
-    ``mask="channel"``: ``a`` is ``C // 2`` channels (the first ones for ``parity=0``, the last ones for
-    ``parity=1``) and ``b`` the rest. ``mask="checkerboard"``: the network sees ``x * m`` with
-    ``m[h, w] = (h + w + parity) % 2 == 0`` and the transform acts where ``m == 0`` (the network's outputs
+    ``mask="channel"``: ``a`` is ``C // 2`` channels (features for vectors; the first ones for ``parity=0``, the
+    last ones for ``parity=1``) and ``b`` the rest. ``mask="checkerboard"`` (images): the network sees ``x * m``
+    with ``m[h, w] = (h + w + parity) % 2 == 0`` and the transform acts where ``m == 0`` (the network's outputs
     are multiplied by ``1 - m``, so positions under the mask pass through with log-scale 0).
+
+    The conditioner is ``subnet(in_features, out_features)`` (FrEIA's convention) or a ready module; by default
+    Glow's :class:`~fastflow.nn.coupling_network.ConvNetwork` for images and an
+    :class:`~fastflow.nn.coupling_network.MLPNetwork` for ``vectors=True``, of width ``hidden``. With
+    ``context_features > 0`` it also sees the ``context`` (:mod:`fastflow.nn.context`): ``in_features`` counts
+    those features too, and ``forward`` / ``inverse`` need it.
     """
 
     outputs_per_channel: int
 
-    def __init__(self, num_channels: int, hidden: int, mask: MaskKind, parity: int) -> None:
+    def __init__(
+        self,
+        num_channels: int,
+        hidden: int,
+        mask: MaskKind,
+        parity: int,
+        subnet: Subnet | None,
+        context_features: int,
+        vectors: bool,
+    ) -> None:
         super().__init__()
         if mask not in ("channel", "checkerboard"):
             raise ValueError(f"mask must be 'channel' or 'checkerboard', got {mask!r}")
+        if mask == "checkerboard" and vectors:
+            raise ValueError("mask='checkerboard' needs images: vectors=True takes mask='channel'")
         if parity not in (0, 1):
             raise ValueError(f"parity must be 0 or 1, got {parity}")
         if mask == "channel" and num_channels < 2:
             raise ValueError(f"a channel-mask coupling needs num_channels >= 2, got {num_channels}")
         if hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {hidden}")
+        if isinstance(context_features, bool) or not isinstance(context_features, int) or context_features < 0:
+            raise ValueError(f"context_features must be an int >= 0, got {context_features!r}")
         self.num_channels = num_channels
         self.mask = mask
         self.parity = parity
+        self.vectors = vectors
+        self.context_features = context_features
         self.cond_channels = num_channels // 2 if mask == "channel" else num_channels
         self.out_channels = num_channels - num_channels // 2 if mask == "channel" else num_channels
         self.hidden = hidden
-        self.net = coupling_network(self.cond_channels, hidden, self.outputs_per_channel * self.out_channels)
-        self.tiling: Tiling | None = None
+        if subnet is None:
+            subnet = mlp_subnet(hidden) if vectors else conv_subnet(hidden)
+        out_features = self.outputs_per_channel * self.out_channels
+        self.net = build_subnet(subnet, self.cond_channels + context_features, out_features)
+        self.tiling = None
+
+    @property
+    def uses_context(self) -> bool:
+        """Whether the conditioner sees a context (``context_features > 0``)."""
+        return self.context_features > 0
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """Spatial tiling of the conditioner when it runs without a graph (:mod:`fastflow.nn.tiling`), or None.
+        Setting one is refused (``ValueError``) for a conditioner that declares no receptive-field halo."""
+        return self._tiling
+
+    @tiling.setter
+    def tiling(self, tiling: Tiling | None) -> None:
+        if tiling is not None:
+            check_tileable(self.net, tiling)
+        self._tiling = tiling
 
     @property
     def b_start(self) -> int:
         """First of the channels the transform acts on (channel mask): the rest of the channels pass through."""
         return self.cond_channels if self.parity == 0 else 0
+
+    def _check_input(self, name: str, x: object) -> torch.Tensor:
+        x = check_features(name, x, self.num_channels)
+        if self.vectors != (x.dim() == 2):
+            expected = "vectors (B, D)" if self.vectors else "images (B, C, H, W)"
+            raise ValueError(
+                f"{name} must be {expected} for this coupling (vectors={self.vectors}), got shape {tuple(x.shape)}"
+            )
+        return x
+
+    def _context(self, context: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        """The context shaped for the conditioner (None for a coupling that uses none: it is ignored)."""
+        return shape_context(context, x, self.context_features) if self.uses_context else None
 
     def _conditioning(self, x: torch.Tensor) -> torch.Tensor:
         """The channels the network sees (channel mask), a view of ``x``."""
@@ -70,42 +126,63 @@ class _Coupling(FlowLayer):
         w = torch.arange(x.shape[3], device=x.device).view(1, -1)
         return ((h + w + self.parity) % 2 == 0).to(x.dtype).view(1, 1, x.shape[2], x.shape[3])
 
-    def _net_outputs(self, a: torch.Tensor) -> list[torch.Tensor]:
+    def _network_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+        """``(a, mask, b_start)``: what the network sees of ``x``, the checkerboard (None for the channel mask)
+        and the op's ``b_start`` (None for the checkerboard)."""
+        if self.mask == "channel":
+            return self._conditioning(x), None, self.b_start
+        mask = self._checkerboard(x)
+        return x * mask, mask, None
+
+    def _net_output(self, a: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """The network's output on ``a`` (and the context), in ``a``'s dtype."""
+        # the context joins the network input; without one no torch.cat (a is a view of the coupling input)
+        out = self.net(a if context is None else torch.cat([a, context], dim=1))
         # Under autocast the network may answer in another dtype; the transform runs in the input's dtype.
-        out = self.net(a).to(a.dtype)
+        return out.to(a.dtype)
+
+    def _split_outputs(self, out: torch.Tensor) -> list[torch.Tensor]:
         if self.outputs_per_channel == 1:
             return [out]  # chunk(1) would cost a copy in the backward (autograd joins chunks with torch.cat)
         return list(out.chunk(self.outputs_per_channel, dim=1))
 
     def _tiles(self, x: torch.Tensor) -> list[Tile]:
-        """One tile for the whole image without tiling, else the tiles of :attr:`tiling`."""
+        """One tile for the whole image (or for vectors) without tiling, else the tiles of :attr:`tiling`."""
+        if x.dim() == 2:
+            return [Tile(0, 1, 0, 1, 0, 1, 0, 1)]
         height, width = x.shape[2], x.shape[3]
         if self.tiling is None:
             return [Tile(0, height, 0, width, 0, height, 0, width)]
-        return list(tiles(height, width, self.tiling.side(x.shape[0], self.hidden, x.element_size())))
+        halo, hidden = check_tileable(self.net, self.tiling)
+        side = self.tiling.side(x.shape[0], hidden or 0, x.element_size(), halo)
+        return list(tiles(height, width, side, halo))
 
-    def _net_outputs_no_grad(self, a: torch.Tensor) -> list[torch.Tensor]:
+    def _net_outputs_no_grad(self, a: torch.Tensor, context: torch.Tensor | None) -> list[torch.Tensor]:
         """The network's outputs without a graph, tile by tile under :attr:`tiling` (exact; see tiling)."""
         parts = self._tiles(a)
         if len(parts) == 1:
-            return self._net_outputs(a)
+            return self._split_outputs(self._net_output(a, context))
         out = a.new_empty(a.shape[0], self.outputs_per_channel * self.out_channels, *a.shape[2:])
         for tile in parts:
-            window = self.net(a[(..., *tile.window)]).to(a.dtype)
+            window_context = None if context is None else context[(..., *tile.window)]
+            window = self._net_output(a[(..., *tile.window)], window_context)
             out[(..., *tile.core)] = window[(..., *tile.core_in_window)]
-        return list(out.chunk(self.outputs_per_channel, dim=1))
+        return self._split_outputs(out)
 
-    def _masked_outputs(self, net_in: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
-        outs = self._net_outputs(net_in) if torch.is_grad_enabled() else self._net_outputs_no_grad(net_in)
-        return outs if mask is None else [o * (1.0 - mask) for o in outs]
-
-    def _couple(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        check_image("y" if inverse else "x", x, self.num_channels)
-        if self.mask == "channel":
-            # the op writes the whole output: the pass-through channels in the same pass as the transform
-            return self._transform(x, self._masked_outputs(self._conditioning(x), None), inverse, self.b_start)
-        m = self._checkerboard(x)
-        return self._transform(x, self._masked_outputs(x * m, m), inverse, None)
+    def _couple(
+        self, x: torch.Tensor, context: torch.Tensor | None, inverse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._check_input("y" if inverse else "x", x)
+        context = self._context(context, x)
+        a, mask, b_start = self._network_input(x)
+        if torch.is_grad_enabled():
+            outs = self._split_outputs(self._net_output(a, context))
+        else:
+            outs = self._net_outputs_no_grad(a, context)
+        if mask is not None:
+            outs = [o * (1.0 - mask) for o in outs]
+        # channel mask: the op writes the whole output, the pass-through channels in the same pass as the transform
+        return self._transform(x, outs, inverse, b_start)
 
     def _transform(
         self, x: torch.Tensor, outs: list[torch.Tensor], inverse: bool, b_start: int | None
@@ -127,33 +204,45 @@ class _Coupling(FlowLayer):
     def _tile_backward(
         self,
         tile: Tile,
-        net_in_full: torch.Tensor,
+        a_full: torch.Tensor,
         y: torch.Tensor,
         grad_y: torch.Tensor,
         grad_logdet: torch.Tensor,
         mask: torch.Tensor | None,
         b_start: int | None,
-        params: list[torch.nn.Parameter],
+        context: torch.Tensor | None,
+        inputs: list[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x, grad_x, grad of the network input)`` on one tile (the last over the tile's halo window);
-        ``grad_x`` lacks the network input's part."""
-        core = (..., *tile.core)
+        """``(x, grad_x, grad of the network input a)`` on one tile (the last over the tile's halo window);
+        ``grad_x`` lacks the network input's part. Gradients of ``inputs`` (parameters, context) go to ``.grad``."""
+        whole = y.dim() == 2
+        core = (...,) if whole else (..., *tile.core)
+        window = (...,) if whole else (..., *tile.window)
         with torch.enable_grad():
-            net_in = net_in_full[(..., *tile.window)].detach().requires_grad_(True)
-            outs = [o[(..., *tile.core_in_window)] for o in self._net_outputs(net_in)]
+            a = a_full[window].detach().requires_grad_(True)
+            # shaped here, inside the graph, per tile: each tile's backward frees the graph it walks
+            shaped = self._context(context, y)
+            outs = self._split_outputs(self._net_output(a, None if shaped is None else shaped[window]))
+            if not whole:
+                outs = [o[(..., *tile.core_in_window)] for o in outs]
             if mask is not None:
                 outs = [o * (1.0 - mask[core]) for o in outs]
         with torch.no_grad():
             x, grad_x, grad_outs = self._transform_backward_from_output(
                 y[core], [o.detach() for o in outs], grad_y[core], grad_logdet, b_start
             )
-        torch.autograd.backward(outs, grad_outs, inputs=[net_in, *params])
-        return x, grad_x, net_in.grad
+        torch.autograd.backward(outs, grad_outs, inputs=[a, *inputs])
+        return x, grad_x, a.grad
 
     def backward_from_output(
-        self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor
+        self,
+        y: torch.Tensor,
+        grad_y: torch.Tensor,
+        grad_logdet: torch.Tensor,
+        context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reversible backward from the output: ``(x, grad_x)``; parameter gradients go to ``.grad``.
+        """Reversible backward from the output: ``(x, grad_x)``; the gradients of the parameters, and of
+        ``context`` where it requires grad (a leaf), go to their ``.grad``.
 
         The conditioning part passes through unchanged, so the network runs once (with a graph) on it; one
         fused pass then rebuilds ``x`` from ``y`` (the whole of it: the pass-through channels are copied in the
@@ -162,48 +251,48 @@ class _Coupling(FlowLayer):
         :attr:`tiling` this runs tile by tile, so the network's activations are those of one tile (plus halo),
         not of the whole image.
         """
-        check_image("y", y, self.num_channels)
-        if self.mask == "channel":
-            net_in_full, mask, b_start = self._conditioning(y), None, self.b_start
-        else:
-            mask = self._checkerboard(y)
-            net_in_full, b_start = y * mask, None
-        params = [p for p in self.parameters() if p.requires_grad]
+        y = self._check_input("y", y)
+        self._context(context, y)  # the checks, before any work
+        a_full, mask, b_start = self._network_input(y)
+        inputs = [p for p in self.parameters() if p.requires_grad]
+        if self.uses_context and context.requires_grad:
+            inputs.append(context)
         parts = self._tiles(y)
         if len(parts) == 1:
-            x, grad_x, grad_net_in = self._tile_backward(
-                parts[0], net_in_full, y, grad_y, grad_logdet, mask, b_start, params
+            x, grad_x, grad_a = self._tile_backward(
+                parts[0], a_full, y, grad_y, grad_logdet, mask, b_start, context, inputs
             )
         else:
             x, grad_x = torch.empty_like(y), torch.empty_like(y)
-            grad_net_in = torch.zeros_like(net_in_full)
+            grad_a = torch.zeros_like(a_full)
             for tile in parts:
                 core = (..., *tile.core)
                 x[core], grad_x[core], grad_window = self._tile_backward(
-                    tile, net_in_full, y, grad_y, grad_logdet, mask, b_start, params
+                    tile, a_full, y, grad_y, grad_logdet, mask, b_start, context, inputs
                 )
-                grad_net_in[(..., *tile.window)] += grad_window
+                grad_a[(..., *tile.window)] += grad_window
         if mask is None:
             # grad_x is a new tensor (a shift gradient sharing its memory covers only the transformed channels):
             # the conditioning channels' second path goes in place, not through a torch.cat
-            self._conditioning(grad_x).add_(grad_net_in)
+            self._conditioning(grad_x).add_(grad_a)
             return x, grad_x
-        return x, grad_x + grad_net_in * mask
+        return x, grad_x + grad_a * mask
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(y, logdet)`` for ``x`` of shape ``(B, C, H, W)``."""
-        return self._couple(x, inverse=False)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, logdet)`` for ``x`` of shape ``(B, C, H, W)`` (or ``(B, D)`` with ``vectors=True``)."""
+        return self._couple(x, context, inverse=False)
 
-    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, -logdet)`` for ``y`` of shape ``(B, C, H, W)``."""
-        return self._couple(y, inverse=True)
+    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, -logdet)`` for ``y`` shaped like :meth:`forward`'s ``x``, at the same ``context``."""
+        return self._couple(y, context, inverse=True)
 
 
 class AffineCoupling(_Coupling):
     """Affine coupling ``y_b = (x_b + t) * sigmoid(r + 2)`` (Glow) or ``x_b * exp(tanh(r)) + t`` (RealNVP).
 
-    ``(t, r) = net(x_a)`` where ``net`` is Glow's conv3x3-ReLU-conv1x1-ReLU-zero-init conv3x3; log-det is
-    ``sum(log s)`` per sample. The checkerboard mask needs ``scale="exp"`` (log-scale 0 off the mask).
+    ``(t, r) = net(x_a[, context])`` (the conditioner's output channels: ``t`` then ``r``); log-det ``sum(log s)``
+    per sample. The checkerboard mask needs ``scale="exp"`` (log-scale 0 off the mask). Conditioner, context and
+    ``vectors`` as in the base class: ``subnet(in_features, out_features)`` gets ``out_features = 2 * C_b``.
     """
 
     outputs_per_channel = 2
@@ -215,12 +304,16 @@ class AffineCoupling(_Coupling):
         scale: ScaleKind = "sigmoid",
         mask: MaskKind = "channel",
         parity: int = 0,
+        *,
+        subnet: Subnet | None = None,
+        context_features: int = 0,
+        vectors: bool = False,
     ) -> None:
         if scale not in SCALE_KINDS:
             raise ValueError(f"scale must be one of {SCALE_KINDS}, got {scale!r}")
         if mask == "checkerboard" and scale != "exp":
             raise ValueError("mask='checkerboard' needs scale='exp': sigmoid(0 + 2) != 1 off the mask")
-        super().__init__(num_channels, hidden, mask, parity)
+        super().__init__(num_channels, hidden, mask, parity, subnet, context_features, vectors)
         self.scale = scale
 
     def _transform(
@@ -246,12 +339,23 @@ class AffineCoupling(_Coupling):
 
 
 class AdditiveCoupling(_Coupling):
-    """Additive (NICE) coupling ``y_b = x_b + t`` with ``t = net(x_a)``; log-det 0."""
+    """Additive (NICE) coupling ``y_b = x_b + t`` with ``t = net(x_a[, context])``; log-det 0. Conditioner,
+    context and ``vectors`` as in :class:`AffineCoupling` (``out_features = C_b``)."""
 
     outputs_per_channel = 1
 
-    def __init__(self, num_channels: int, hidden: int = 512, mask: MaskKind = "channel", parity: int = 0) -> None:
-        super().__init__(num_channels, hidden, mask, parity)
+    def __init__(
+        self,
+        num_channels: int,
+        hidden: int = 512,
+        mask: MaskKind = "channel",
+        parity: int = 0,
+        *,
+        subnet: Subnet | None = None,
+        context_features: int = 0,
+        vectors: bool = False,
+    ) -> None:
+        super().__init__(num_channels, hidden, mask, parity, subnet, context_features, vectors)
 
     def _transform(
         self, x: torch.Tensor, outs: list[torch.Tensor], inverse: bool, b_start: int | None

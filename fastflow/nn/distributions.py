@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from fastflow.ops._checks import logdet_dtype
+
 __all__ = ["gaussian_log_prob", "gaussian_sample"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -13,7 +15,7 @@ _LOG_2PI = math.log(2.0 * math.pi)
 
 def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, logs: torch.Tensor) -> torch.Tensor:
     """Per-sample ``sum log N(z; mean, exp(logs)^2)`` in float32 (float64 for float64 ``z``), shape ``(B,)``."""
-    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    dtype = logdet_dtype(z.dtype)
     z, mean, logs = z.to(dtype), mean.to(dtype), logs.to(dtype)
     log_p = -0.5 * (_LOG_2PI + 2.0 * logs + (z - mean) ** 2 * torch.exp(-2.0 * logs))
     return log_p.reshape(z.shape[0], -1).sum(dim=1)

@@ -1,4 +1,4 @@
-"""FlowStep: one step of Glow, ActNorm -> InvConv1x1 -> coupling."""
+"""FlowStep: one step of Glow, ActNorm -> InvConv1x1 -> coupling, on images or vectors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Literal, NamedTuple
 import torch
 
 from fastflow.nn.actnorm import ActNorm
-from fastflow.nn.base import check_image
+from fastflow.nn.base import as_pixels, check_features
 from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling
+from fastflow.nn.coupling_network import Subnet
 from fastflow.nn.invconv import InvConv1x1, exact_dtype, stack_tensors, stacked_weights, unstack_tensor
 from fastflow.nn.reversible import recompute_backward
 from fastflow.nn.sequential import FlowSequential
@@ -39,7 +40,10 @@ class StepWeights(NamedTuple):
 
 
 class FlowStep(FlowSequential):
-    """``ActNorm -> InvConv1x1 (LU or plain) -> affine or additive coupling`` on ``num_channels`` channels.
+    """``ActNorm -> InvConv1x1 (LU or plain) -> affine or additive coupling`` on ``num_channels`` channels of
+    ``(B, C, H, W)``, or on ``(B, D)`` vectors with ``vectors=True`` (the 1x1 convolution is then an invertible
+    linear map). ``subnet``, ``context_features`` and ``vectors`` go to the coupling (:class:`AffineCoupling`),
+    which alone sees the ``context``.
 
     ActNorm and the 1x1 convolution run as one op (:mod:`fastflow.ops.actnorm_invconv`): on the Triton
     backends ActNorm is folded into the mixing weight and the pair is one pass over memory; on the eager
@@ -56,11 +60,16 @@ class FlowStep(FlowSequential):
         lu: bool = True,
         coupling: CouplingKind = "affine",
         scale: ScaleKind = "sigmoid",
+        *,
+        subnet: Subnet | None = None,
+        context_features: int = 0,
+        vectors: bool = False,
     ) -> None:
+        options = dict(subnet=subnet, context_features=context_features, vectors=vectors)
         if coupling == "affine":
-            coupling_layer: AffineCoupling | AdditiveCoupling = AffineCoupling(num_channels, hidden, scale)
+            coupling_layer: AffineCoupling | AdditiveCoupling = AffineCoupling(num_channels, hidden, scale, **options)
         elif coupling == "additive":
-            coupling_layer = AdditiveCoupling(num_channels, hidden)
+            coupling_layer = AdditiveCoupling(num_channels, hidden, **options)
         else:
             raise ValueError(f"coupling must be 'affine' or 'additive', got {coupling!r}")
         super().__init__(ActNorm(num_channels), InvConv1x1(num_channels, lu=lu), coupling_layer)
@@ -131,40 +140,50 @@ class FlowStep(FlowSequential):
         actnorm.initialize_once(x)
         if weights is None:
             (weights,) = self._compute_weights([self], x, inverse=False)
+        pixels = as_pixels(x)
         with exact_dtype(x):
-            return actnorm_invconv(x, actnorm.bias, actnorm.logs, weights.weight, weights.weight_logdet, weights.folded)
+            h, logdet = actnorm_invconv(
+                pixels, actnorm.bias, actnorm.logs, weights.weight, weights.weight_logdet, weights.folded
+            )
+        return h.view_as(x), logdet
 
     def _unmix(self, y: torch.Tensor, weights: StepWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Inverse of :meth:`_mix`."""
         actnorm = self.actnorm
         if weights is None:
             (weights,) = self._compute_weights([self], y, inverse=True)
+        pixels = as_pixels(y)
         with exact_dtype(y):
-            return actnorm_invconv_inverse(
-                y, actnorm.bias, actnorm.logs, weights.weight, weights.weight_logdet, weights.folded
+            x, logdet = actnorm_invconv_inverse(
+                pixels, actnorm.bias, actnorm.logs, weights.weight, weights.weight_logdet, weights.folded
             )
+        return x.view_as(y), logdet
 
-    def forward(self, x: torch.Tensor, weights: StepWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, weights: StepWeights | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, logdet)`` of the three layers in sequence; ``weights`` are the step's share of its level's
         :meth:`batched_weights` (computed here when None)."""
-        check_image("x", x, self.actnorm.num_channels)
+        check_features("x", x, self.actnorm.num_channels)
         if self.reversible and torch.is_grad_enabled():
-            return super().forward(x)
+            return super().forward(x, context)
         h, mix_logdet = self._mix(x, weights)
-        y, coupling_logdet = self.coupling(h)
+        y, coupling_logdet = self.coupling(h, context)
         return y, mix_logdet + coupling_logdet
 
-    def inverse(self, y: torch.Tensor, weights: StepWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse(
+        self, y: torch.Tensor, context: torch.Tensor | None = None, weights: StepWeights | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, logdet)`` of the inverse, coupling first; ``weights`` as in :meth:`forward`, inverse direction."""
-        check_image("y", y, self.actnorm.num_channels)
-        h, coupling_logdet = self.coupling.inverse(y)
+        check_features("y", y, self.actnorm.num_channels)
+        h, coupling_logdet = self.coupling.inverse(y, context)
         x, mix_logdet = self._unmix(h, weights)
         return x, mix_logdet + coupling_logdet
 
     def backward_from_output(
-        self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor
+        self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reversible backward: the coupling's fused pass, then the mixing pair rebuilt and recomputed."""
-        h, grad_h = self.coupling.backward_from_output(y, grad_y, grad_logdet)
+        h, grad_h = self.coupling.backward_from_output(y, grad_y, grad_logdet, context)
         params = [*self.actnorm.parameters(), *self.invconv.parameters()]
         return recompute_backward(self._mix, self._unmix, params, h, grad_h, grad_logdet)

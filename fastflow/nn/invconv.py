@@ -1,4 +1,4 @@
-"""Invertible 1x1 convolution, plain or LU-parameterised (Glow)."""
+"""Invertible 1x1 convolution, plain or LU-parameterised (Glow), and its vector twin, the invertible linear map."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastflow.nn.base import FlowLayer, check_image
+from fastflow.nn.base import FlowLayer, as_pixels, check_features
 from fastflow.ops._checks import logdet_dtype
 from fastflow.ops.channel_mix import channel_mix
 from fastflow.ops.invconv import dense_inverse_weight, lu_inverse_weight, lu_weight_and_logdet
 
-__all__ = ["InvConv1x1", "exact_dtype", "stack_tensors", "stacked_weights", "unstack_tensor"]
+__all__ = ["InvConv1x1", "InvertibleLinear", "exact_dtype", "stack_tensors", "stacked_weights", "unstack_tensor"]
 
 
 def exact_dtype(x: torch.Tensor) -> torch.autocast:
@@ -26,7 +26,8 @@ def _random_rotation(num_channels: int) -> torch.Tensor:
 
 
 class InvConv1x1(FlowLayer):
-    """Per-pixel channel mix ``y = W x`` with an invertible ``C x C`` weight.
+    """Per-pixel channel mix ``y = W x`` with an invertible ``C x C`` weight, on ``(B, C, H, W)``, or ``y = W x``
+    on vectors ``(B, C)`` (the same op on ``(B, C, 1, 1)``, log-det ``log|det W|``).
 
     ``lu=True`` stores ``W = P @ L @ (U + diag(sign_s * exp(log_s)))``: fixed ``perm`` (P) and ``sign_s``
     buffers, parameters ``lower`` (strict lower part of L), ``upper`` (strict upper part of U) and ``log_s``;
@@ -69,22 +70,33 @@ class InvConv1x1(FlowLayer):
         return dense_inverse_weight(self.weight)
 
     @staticmethod
-    def _layer_logdet(weight_logdet: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        total = weight_logdet.to(logdet_dtype(x.dtype)) * (x.shape[2] * x.shape[3])
-        return total.expand(x.shape[0])
+    def _layer_logdet(weight_logdet: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        total = weight_logdet.to(logdet_dtype(pixels.dtype)) * (pixels.shape[2] * pixels.shape[3])
+        return total.expand(pixels.shape[0])
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W x, H * W * log|det W|)`` for ``x`` of shape ``(B, C, H, W)``."""
-        check_image("x", x, self.num_channels)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W x, H * W * log|det W|)`` for ``x`` of shape ``(B, C, H, W)`` or ``(B, C)``; ``context`` is ignored."""
+        pixels = as_pixels(check_features("x", x, self.num_channels))
         with exact_dtype(x):
             weight, weight_logdet = self.weight_and_logdet()
-            return channel_mix(x, weight), self._layer_logdet(weight_logdet, x)
+            return channel_mix(pixels, weight).view_as(x), self._layer_logdet(weight_logdet, pixels)
 
-    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W^-1 y, -H * W * log|det W|)``."""
-        check_image("y", y, self.num_channels)
+        pixels = as_pixels(check_features("y", y, self.num_channels))
         with exact_dtype(y):
-            return channel_mix(y, self.inverse_weight()), -self._layer_logdet(self.weight_logdet(), y)
+            x = channel_mix(pixels, self.inverse_weight()).view_as(y)
+            return x, -self._layer_logdet(self.weight_logdet(), pixels)
+
+
+class InvertibleLinear(InvConv1x1):
+    """``y = W x`` on vectors ``(B, features)`` with an invertible ``features x features`` weight: the vector twin
+    of :class:`InvConv1x1` (the same parameters, op and O(D) log-det ``sum(log_s)`` in the LU form)."""
+
+    def __init__(self, features: int, lu: bool = True) -> None:
+        if features < 1:
+            raise ValueError(f"features must be >= 1, got {features}")
+        super().__init__(features, lu=lu)
 
 
 def stack_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:

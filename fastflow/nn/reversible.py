@@ -3,10 +3,12 @@
 Forward runs the layers without recording a graph and keeps only the chain's input and output. Backward
 walks the layers from the last: it rebuilds each layer's input from its output with the exact inverse,
 recomputes that one layer with a graph, and backpropagates through it, so activation memory does not grow
-with depth. A layer may provide ``backward_from_output(y, grad_y, grad_logdet)`` to rebuild its input and
-compute its gradients in one fused pass (the couplings do); others use ``inverse`` then recompute.
+with depth. A layer may provide ``backward_from_output(y, grad_y, grad_logdet, context)`` to rebuild its input
+and compute its gradients in one fused pass (the couplings do); others use ``inverse`` then recompute.
 Parameter gradients are accumulated into ``.grad`` by nested backward calls, as reentrant checkpointing does:
-``loss.backward()`` (and DDP) see them, ``torch.autograd.grad(loss, params)`` does not.
+``loss.backward()`` (and DDP) see them, ``torch.autograd.grad(loss, params)`` does not. A ``context`` is an input
+of the chain like ``x``: every layer sees it, and its gradient (the sum over the layers, collected on a leaf
+during the walk) is returned to autograd, so ``torch.autograd.grad`` w.r.t. the context works.
 
 Drift guard: after the walk, the rebuilt chain input is compared with the saved one (relative drift
 ``max|x_rebuilt - x| / max|x|`` against ``max_drift``). How a drift beyond it is reported depends on where the
@@ -37,6 +39,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from fastflow.nn.base import run_layer
 
 __all__ = [
     "DEFAULT_MAX_DRIFT",
@@ -186,53 +190,68 @@ def read_drift_guard(module: nn.Module) -> ReconstructionError | None:
 
 
 def recompute_backward(
-    forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    inverse: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    inverse: Callable[..., tuple[torch.Tensor, torch.Tensor]],
     params: list[nn.Parameter],
     y: torch.Tensor,
     grad_y: torch.Tensor,
     grad_logdet: torch.Tensor,
+    context: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, grad_x)`` of the map ``forward`` from its output: rebuild ``x = inverse(y)``, recompute
-    ``forward(x)`` with a graph and backpropagate. Parameter gradients are accumulated into ``.grad`` by the
-    nested backward (through the parameters' AccumulateGrad nodes, so DDP hooks fire)."""
+    """``(x, grad_x)`` of the map ``forward`` from its output: rebuild ``x = inverse(y[, context])``, recompute
+    ``forward(x[, context])`` with a graph and backpropagate. Parameter gradients, and the gradient of ``context``
+    where it is a leaf that requires grad, are accumulated into ``.grad`` by the nested backward (through
+    AccumulateGrad nodes, so DDP hooks fire)."""
     with torch.no_grad():
-        x, _ = inverse(y)
+        x, _ = run_layer(inverse, y, context)
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        y_again, logdet = forward(x)
+        y_again, logdet = run_layer(forward, x, context)
         outputs, grads = [y_again], [grad_y]
         if logdet.requires_grad:
             outputs.append(logdet)
             grads.append(grad_logdet.to(logdet.dtype))
-        torch.autograd.backward(outputs, grads, inputs=[x, *(p for p in params if p.requires_grad)])
+        inputs = [x, *(p for p in params if p.requires_grad)]
+        if context is not None and context.requires_grad:
+            inputs.append(context)
+        torch.autograd.backward(outputs, grads, inputs=inputs)
     return x.detach(), x.grad
 
 
 def _layer_backward(
-    layer: nn.Module, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor
+    layer: nn.Module, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor, context: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, grad_x)`` for one layer from its output ``y``: its fused ``backward_from_output`` where it has
     one, else :func:`recompute_backward`."""
     fused = getattr(layer, "backward_from_output", None)
     if fused is not None:
-        return fused(y, grad_y, grad_logdet)
-    return recompute_backward(layer, layer.inverse, list(layer.parameters()), y, grad_y, grad_logdet)
+        return fused(y, grad_y, grad_logdet, context)
+    return recompute_backward(layer, layer.inverse, list(layer.parameters()), y, grad_y, grad_logdet, context)
 
 
 def chain_backward_from_output(
-    layers: nn.ModuleList, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor
+    layers: nn.ModuleList,
+    y: torch.Tensor,
+    grad_y: torch.Tensor,
+    grad_logdet: torch.Tensor,
+    context: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, grad_x)`` of a chain of layers from its output, one layer at a time from the last."""
+    """``(x, grad_x)`` of a chain of layers from its output, one layer at a time from the last; the gradient of
+    ``context`` (a leaf that requires grad) accumulates into its ``.grad``."""
     for layer in reversed(layers):
-        y, grad_y = _layer_backward(layer, y, grad_y, grad_logdet)
+        y, grad_y = _layer_backward(layer, y, grad_y, grad_logdet, context)
     return y, grad_y
 
 
 class _ReversibleChain(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, layers: nn.ModuleList, max_drift: float | None, *params: nn.Parameter
+        ctx: Any,
+        x: torch.Tensor,
+        context: torch.Tensor | None,
+        layers: nn.ModuleList,
+        max_drift: float | None,
+        *params: nn.Parameter,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.layers = layers
         ctx.num_params = len(params)
@@ -247,14 +266,16 @@ class _ReversibleChain(torch.autograd.Function):
         with torch.no_grad():
             y = x
             for layer in layers:
-                y, logdet = layer(y)
+                y, logdet = run_layer(layer, y, context)
                 total = logdet if total is None else total + logdet
-        ctx.save_for_backward(x, y)
+        ctx.save_for_backward(x, y, context)
         return y, total
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor, grad_logdet: torch.Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
-        x_in, y = ctx.saved_tensors
+        x_in, y, context = ctx.saved_tensors
+        if context is not None:  # a leaf that collects the context's gradient over the walk
+            context = context.detach().requires_grad_(ctx.needs_input_grad[1])
         if grad_y is None:
             grad_y = torch.zeros_like(y)
         if grad_logdet is None:
@@ -271,7 +292,7 @@ class _ReversibleChain(torch.autograd.Function):
                 ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast, cache_enabled=False
             )
             with autocast:
-                y, grad_y = chain_backward_from_output(ctx.layers, y, grad_y, grad_logdet)
+                y, grad_y = chain_backward_from_output(ctx.layers, y, grad_y, grad_logdet, context)
             if ctx.record is not None:
                 ctx.record.note(_relative_drift(y, x_in), ctx.tol)
             elif ctx.immediate:
@@ -283,7 +304,8 @@ class _ReversibleChain(torch.autograd.Function):
         for p, before in zip(params, grads_before):
             if before is not None:
                 p.grad = before if p.grad is None else before.add_(p.grad)
-        return (grad_y, None, None) + (None,) * ctx.num_params
+        grad_context = None if context is None else context.grad
+        return (grad_y, grad_context, None, None) + (None,) * ctx.num_params
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
@@ -331,11 +353,12 @@ def _raise_if_beyond(drift: float, tol: float) -> None:
 
 
 def reversible_chain(
-    layers: nn.ModuleList, x: torch.Tensor, max_drift: float | None = None
+    layers: nn.ModuleList, x: torch.Tensor, max_drift: float | None = None, context: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``layers`` on ``x`` with memory-saving reversible backprop; returns ``(y, summed logdet)``. The backward
+    """Run ``layers`` on ``x`` (each at ``context``, if given) with memory-saving reversible backprop; returns
+    ``(y, summed logdet)``, differentiable w.r.t. ``x``, ``context`` and the parameters. The backward
     checks the drift of the rebuilt input against ``max_drift`` (``None``: :func:`default_max_drift`) at once, or
     records it on the device when :func:`guards_deferred` holds here (see the module docstring)."""
     max_drift = check_max_drift(max_drift)
     params = _params(layers)
-    return _ReversibleChain.apply(x, layers, max_drift, *params)
+    return _ReversibleChain.apply(x, context, layers, max_drift, *params)

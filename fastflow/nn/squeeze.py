@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastflow.nn.base import FlowLayer, check_image
+from fastflow.nn.base import FlowLayer, check_image, zero_logdet
 
 __all__ = ["Squeeze", "squeeze2d", "unsqueeze2d"]
 
@@ -30,16 +30,12 @@ def unsqueeze2d(y: torch.Tensor) -> torch.Tensor:
 class Squeeze(FlowLayer):
     """Space-to-channel reshape by a factor of 2; volume preserving."""
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(squeeze2d(x), 0)``."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(squeeze2d(x), 0)``; ``context`` is ignored."""
         check_image("x", x)
-        return squeeze2d(x), _zero_logdet(x)
+        return squeeze2d(x), zero_logdet(x)
 
-    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(unsqueeze2d(y), 0)``."""
         check_image("y", y)
-        return unsqueeze2d(y), _zero_logdet(y)
-
-
-def _zero_logdet(x: torch.Tensor) -> torch.Tensor:
-    return x.new_zeros(x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return unsqueeze2d(y), zero_logdet(y)

@@ -1,10 +1,11 @@
-"""Spatial tiling of the coupling network: exact tiles with the halo its 3x3 convolutions need.
+"""Spatial tiling of the coupling network: exact tiles with the halo its convolutions need.
 
-The coupling network (conv3x3 -> ReLU -> conv1x1 -> ReLU -> conv3x3) has a receptive-field radius of
-``HALO = 2`` pixels. Its output on a tile ``[h0, h1) x [w0, w1)`` is computed exactly from the input on the
-tile grown by the halo and clipped to the image: inside the image the halo supplies the real neighbours;
-at the image border the clipped edge coincides with the image edge, where both convolutions zero-pad exactly
-as on the whole image. Only the tile's own rows and columns of the output are kept.
+A conditioner that can be tiled declares its receptive-field radius as an int attribute ``halo``: Glow's
+network (conv3x3 -> ReLU -> conv1x1 -> ReLU -> conv3x3) has ``HALO = 2`` pixels. Its output on a tile
+``[h0, h1) x [w0, w1)`` is computed exactly from the input on the tile grown by the halo and clipped to the
+image: inside the image the halo supplies the real neighbours; at the image border the clipped edge coincides
+with the image edge, where zero-padded convolutions pad exactly as on the whole image. Only the tile's own rows
+and columns of the output are kept. (A conditioner without ``halo``, an MLP or one that pools, is not tiled.)
 
 The tile side is ``tile_size`` when given, else the largest side whose network activations fit in
 ``memory_budget_mb`` (see :func:`choose_tile_size`).
@@ -16,7 +17,16 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-__all__ = ["ACTIVE_HIDDEN_TENSORS", "DEFAULT_TILE_BUDGET_MB", "HALO", "Tile", "Tiling", "choose_tile_size", "tiles"]
+__all__ = [
+    "ACTIVE_HIDDEN_TENSORS",
+    "DEFAULT_TILE_BUDGET_MB",
+    "HALO",
+    "Tile",
+    "Tiling",
+    "check_tileable",
+    "choose_tile_size",
+    "tiles",
+]
 
 HALO = 2
 DEFAULT_TILE_BUDGET_MB = 1024.0
@@ -42,19 +52,19 @@ class Tiling:
         if not math.isfinite(self.memory_budget_mb) or self.memory_budget_mb <= 0:
             raise ValueError(f"memory_budget_mb must be a finite number > 0, got {self.memory_budget_mb}")
 
-    def side(self, batch: int, hidden: int, element_size: int) -> int:
-        """The tile side for a batch of ``batch`` images through a network of width ``hidden``."""
+    def side(self, batch: int, hidden: int, element_size: int, halo: int = HALO) -> int:
+        """The tile side for a batch of ``batch`` images through a network of width ``hidden`` and ``halo``."""
         if self.tile_size is not None:
             return self.tile_size
-        return choose_tile_size(batch, hidden, element_size, self.memory_budget_mb)
+        return choose_tile_size(batch, hidden, element_size, self.memory_budget_mb, halo)
 
 
-def choose_tile_size(batch: int, hidden: int, element_size: int, memory_budget_mb: float) -> int:
-    """Largest tile side ``t`` with ``batch * hidden * (t + 2 * HALO)^2 * element_size *``
+def choose_tile_size(batch: int, hidden: int, element_size: int, memory_budget_mb: float, halo: int = HALO) -> int:
+    """Largest tile side ``t`` with ``batch * hidden * (t + 2 * halo)^2 * element_size *``
     :data:`ACTIVE_HIDDEN_TENSORS` ``<= budget`` (at least 1)."""
     per_pixel = batch * hidden * element_size * ACTIVE_HIDDEN_TENSORS
     side_with_halo = math.isqrt(int(memory_budget_mb * 2**20 / per_pixel))
-    return max(side_with_halo - 2 * HALO, 1)
+    return max(side_with_halo - 2 * halo, 1)
 
 
 @dataclass(frozen=True)
@@ -86,11 +96,29 @@ class Tile:
         return slice(self.h0 - self.hh0, self.h1 - self.hh0), slice(self.w0 - self.ww0, self.w1 - self.ww0)
 
 
-def tiles(height: int, width: int, side: int) -> Iterator[Tile]:
-    """Tiles of at most ``side x side`` covering the image row by row (the last ones may be smaller)."""
+def tiles(height: int, width: int, side: int, halo: int = HALO) -> Iterator[Tile]:
+    """Tiles of at most ``side x side`` covering the image row by row (the last ones may be smaller), each with
+    its window grown by ``halo`` pixels and clipped to the image."""
     for h0 in range(0, height, side):
         for w0 in range(0, width, side):
             h1, w1 = min(h0 + side, height), min(w0 + side, width)
             yield Tile(
-                h0, h1, w0, w1, max(h0 - HALO, 0), min(h1 + HALO, height), max(w0 - HALO, 0), min(w1 + HALO, width)
+                h0, h1, w0, w1, max(h0 - halo, 0), min(h1 + halo, height), max(w0 - halo, 0), min(w1 + halo, width)
             )
+
+
+def check_tileable(net: object, tiling: Tiling) -> tuple[int, int | None]:
+    """``(halo, hidden)`` that ``net`` declares, or ``ValueError`` when ``tiling`` cannot run on it: a net without
+    an int ``halo`` cannot be tiled exactly, and a memory budget (no ``tile_size``) needs its int width ``hidden``."""
+    halo, hidden = getattr(net, "halo", None), getattr(net, "hidden", None)
+    if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
+        raise ValueError(
+            f"tiling needs a conditioner that declares its receptive-field halo (an int attribute 'halo' >= 0, as "
+            f"Glow's ConvNetwork does: 2); {type(net).__name__} declares none, so it cannot be tiled exactly"
+        )
+    if tiling.tile_size is None and (isinstance(hidden, bool) or not isinstance(hidden, int)):
+        raise ValueError(
+            f"a tiling memory budget needs the conditioner's width (an int attribute 'hidden'); "
+            f"{type(net).__name__} declares none: give tile_size instead"
+        )
+    return halo, hidden

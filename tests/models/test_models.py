@@ -73,7 +73,7 @@ def test_bits_per_dim_convention(name):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_samples_have_the_image_shape_and_are_not_constant(name):
     model = _model(name).float()
-    samples = model.sample(5, temperature=0.7, y=_labels(model, 5))
+    samples = model.sample(5, _labels(model, 5), temperature=0.7)
     assert samples.shape == (5, *model.image_shape)
     assert torch.isfinite(samples).all()
     assert samples.std() > 1e-3
@@ -200,7 +200,7 @@ def test_sample_and_decode_in_the_model_dtype_on_the_cpu(make, dtype):
 def test_conditional_model_requires_valid_labels():
     model = _model("glow_conditional").float()
     x = torch.rand(2, *model.image_shape) - 0.5
-    with pytest.raises(ValueError, match="y .class labels. is required"):
+    with pytest.raises(ValueError, match="context .class labels. is required"):
         model.log_prob(x)
     with pytest.raises(ValueError, match=r"y must be in \[0, 3\)"):
         model.log_prob(x, torch.tensor([0, 5]))
