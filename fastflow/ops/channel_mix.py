@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fastflow.backend import resolve_backend
-from fastflow.ops._checks import check_float_tensor
+from fastflow.ops._checks import check_float_tensor, logdet_dtype
 from fastflow.ops._registration import TRACEABLE, direct_autograd, kernel_function, registration, use_library_op
 
 __all__ = [
@@ -79,7 +79,7 @@ def channel_mix_ref(
     op whole instead of lowering it to a convolution that would follow the flags.
     """
     out_dtype = x.dtype
-    compute = _accumulate_dtype(out_dtype) if upcast else out_dtype
+    compute = logdet_dtype(out_dtype) if upcast else out_dtype
     x = x.to(compute)
     b = None if bias is None else bias.to(compute)
     return _ieee_mix(x, weight.to(compute), b).to(out_dtype)
@@ -185,10 +185,6 @@ _CONV1X1_IEEE_GRAD_WEIGHT_DIRECT = direct_autograd(
 )
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _output_format(x: torch.Tensor) -> torch.memory_format:
     """channels_last for channels_last inputs, else contiguous: the layout of every output built from ``x``
     (the fake kernels use it too, so traced and real strides agree)."""
@@ -211,7 +207,7 @@ def _channel_mix_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def _channel_mix_backward_fake(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    acc = _accumulate_dtype(x.dtype)
+    acc = logdet_dtype(x.dtype)
     c_out, c_in = weight.shape
     return _empty_pixels(x, c_in), x.new_empty((c_out, c_in), dtype=acc), x.new_empty((c_out,), dtype=acc)
 

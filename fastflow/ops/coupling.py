@@ -81,9 +81,19 @@ def _with_channels(x: torch.Tensor, part: torch.Tensor, b_start: int) -> torch.T
 
 
 def _log_scale(raw: torch.Tensor, scale: str) -> torch.Tensor:
+    """``log s`` per element: ``logsigmoid(raw + 2)`` (Glow) or ``tanh(raw)`` (RealNVP); the one place the
+    eager math writes it (the kernels write it in Triton)."""
     if scale == "sigmoid":
         return F.logsigmoid(raw + 2.0)
     return torch.tanh(raw)
+
+
+def _log_scale_and_slope(raw: torch.Tensor, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log s, d log s / d raw)``: the slope is ``1 - s = sigmoid(-(raw + 2))`` (Glow) or
+    ``1 - tanh(raw) ** 2`` (RealNVP)."""
+    log_s = _log_scale(raw, scale)
+    slope = torch.sigmoid(-(raw + 2.0)) if scale == "sigmoid" else 1.0 - log_s * log_s
+    return log_s, slope
 
 
 def _per_sample_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -187,14 +197,12 @@ def affine_coupling_backward_from_output_ref(
         y_b, shift, raw, grad_y = (t.to(logdet_dtype(out_dtype)) for t in (y_b, shift, raw, grad_y))
     x_b, _ = affine_coupling_inverse_ref(y_b, shift, raw, scale)
     gl = 0.0 if grad_logdet is None else _per_sample(grad_logdet.to(y_b.dtype), y_b)
-    if scale == "sigmoid":
-        s = torch.sigmoid(raw + 2.0)
-        grad_x, grad_shift = grad_y * s, grad_y * s
-        grad_raw = torch.sigmoid(-(raw + 2.0)) * (grad_y * y_b + gl)
-    else:
-        log_s = torch.tanh(raw)
-        grad_x, grad_shift = grad_y * torch.exp(log_s), grad_y.clone()
-        grad_raw = (1.0 - log_s * log_s) * (grad_y * (y_b - shift) + gl)
+    log_s, slope = _log_scale_and_slope(raw, scale)
+    grad_x = grad_y * torch.exp(log_s)
+    if scale == "sigmoid":  # y = (x + t) * s
+        grad_shift, grad_raw = grad_x.clone(), slope * (grad_y * y_b + gl)
+    else:  # y = x * s + t
+        grad_shift, grad_raw = grad_y.clone(), slope * (grad_y * (y_b - shift) + gl)
     return tuple(t.to(out_dtype) for t in (x_b, grad_x, grad_shift, grad_raw))  # type: ignore[return-value]
 
 
@@ -228,16 +236,12 @@ def _inverse_grads(
     acc = logdet_dtype(dtype)
     y_b, shift, raw, grad_x = (t.to(acc) for t in (y_b, shift, raw, grad_x))
     gl = 0.0 if grad_neg_logdet is None else _per_sample(grad_neg_logdet.to(acc), y_b)
-    if kind == "sigmoid":
-        inv_s = 1.0 + torch.exp(-(raw + 2.0))
-        grad_y, grad_shift = grad_x * inv_s, -grad_x
-        grad_raw = -torch.sigmoid(-(raw + 2.0)) * (grad_x * y_b * inv_s + gl)
-    else:
-        log_s = torch.tanh(raw)
-        inv_s = torch.exp(-log_s)
-        grad_y = grad_x * inv_s
-        grad_shift = -grad_y
-        grad_raw = -(1.0 - log_s * log_s) * (grad_x * (y_b - shift) * inv_s + gl)
+    log_s, slope = _log_scale_and_slope(raw, kind)
+    grad_y = grad_x * torch.exp(-log_s)
+    if kind == "sigmoid":  # x = y / s - t
+        grad_shift, grad_raw = -grad_x, -slope * (grad_y * y_b + gl)
+    else:  # x = (y - t) / s
+        grad_shift, grad_raw = -grad_y, -slope * (grad_y * (y_b - shift) + gl)
     return grad_y.to(dtype), grad_shift.to(dtype), grad_raw.to(dtype)
 
 

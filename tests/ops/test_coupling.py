@@ -330,8 +330,8 @@ def test_kernel_reads_common_layouts_without_copies(target) -> None:
     _, device = target
     for case, runs in (("channel_slice", 2), ("channels_last", 2), ("transposed", 3), ("mixed_5d", None)):
         inputs = list(make_inputs(case, torch.float32, device))
-        prepared, order = K._prepare(inputs, None)
-        found = K._runs(prepared, order, None)
+        prepared, order, found = K._prepare(inputs, None)
+        assert found == K._runs(prepared, order, None)
         if runs is None:
             assert found.ndim == 1 and all(p is not i for p, i in zip(prepared, inputs))
         else:
@@ -349,13 +349,14 @@ def test_channel_split_keeps_the_channel_dim_a_run_of_its_own(target) -> None:
     _, device = target
     for case, ndim in (("split_nchw", 2), ("split_channels_last", 2), ("split_mixed", 2), ("split_cropped", 3)):
         x, t, r, _ = make_split_inputs(case, torch.float32, device)
-        prepared, order = K._prepare([x, t, r], 1)
-        runs = K._runs(prepared, order, 1)
+        prepared, order, runs = K._prepare([x, t, r], 1)
+        assert runs == K._runs(prepared, order, 1)
         assert all(p is i for p, i in zip(prepared, (x, t, r)))
         assert runs.ndim == ndim and runs.sizes[runs.channel] == x.shape[1]
         assert runs.channel == (1 if x.stride(1) == 1 else 0)
     x, t, r, _ = make_split_inputs("split_copied", torch.float32, device)
-    prepared, order = K._prepare([x, t, r], 1)
+    prepared, _, runs = K._prepare([x, t, r], 1)
+    assert runs == K._runs(prepared, K._inner_order(prepared[0]), 1)
     assert [p.shape for p in prepared] == [x.shape, t.shape, r.shape] and all(p.is_contiguous() for p in prepared)
 
 
