@@ -6,7 +6,9 @@ memory), ``train_resolution`` (a Glow training step at growing resolution for st
 checkpointing, reversible and reversible+tiled), ``census`` (launches and bytes per pixel of one FlowStep and
 one training step, eager and compiled, :mod:`benchmarks.census`). CPU only: ``train_step_cpu`` (the
 reference step eager, compiled, reversible; :mod:`benchmarks.step_modes`), ``peers_glow`` (the digits demo
-against normflows' Glow, :mod:`benchmarks.peers`). CUDA only: ``train_modes`` (the step eager vs compiled vs
+against normflows' Glow, :mod:`benchmarks.peers`), ``tabular`` (TabularFlow against zuko's RealNVP and NSF on
+vector data, held-out NLL and training-step time, and a conditional flow against one flow per condition;
+:mod:`benchmarks.tabular`). CUDA only: ``train_modes`` (the step eager vs compiled vs
 CUDA graph in bf16, :mod:`benchmarks.step_modes`), ``largest_batch`` (the largest batch that fits at 256,
 512 and 1024 pixels per backprop mode), ``flowstep_max_autotune`` (``flowstep``'s first size with
 ``torch.compile(mode="max-autotune")`` too). Each timed case checks the fused result against eager first
@@ -29,7 +31,16 @@ from typing import Any
 
 import torch
 
-from benchmarks import bench_actnorm_invconv, bench_coupling, bench_flowstep, census, peers, step_modes, train_step
+from benchmarks import (
+    bench_actnorm_invconv,
+    bench_coupling,
+    bench_flowstep,
+    census,
+    peers,
+    step_modes,
+    tabular,
+    train_step,
+)
 from benchmarks.common import (
     SKIPPED,
     Budget,
@@ -50,11 +61,12 @@ CASES = (
     "census",
     "train_step_cpu",
     "peers_glow",
+    "tabular",
     "train_modes",
     "largest_batch",
     "flowstep_max_autotune",
 )
-CPU_ONLY = ("train_step_cpu", "peers_glow")
+CPU_ONLY = ("train_step_cpu", "peers_glow", "tabular")
 CUDA_ONLY = ("train_modes", "largest_batch", "flowstep_max_autotune")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,6 +101,8 @@ def _run_case(
         return step_modes.cpu_reference_rows(quick, budget)
     if name == "peers_glow":
         return peers.peers_rows(quick, budget)
+    if name == "tabular":
+        return tabular.tabular_rows(quick, budget)
     if name == "train_modes":
         return step_modes.gpu_mode_rows(budget)
     if name == "largest_batch":

@@ -4,6 +4,7 @@ time boxes (per case, per run and per gpu-check step), the case registry and the
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -251,3 +252,22 @@ def test_largest_batch_search_doubles_to_the_cap_and_stops_at_its_budget(monkeyp
     rows = train_step.largest_batch_rows(torch.device("cpu"), resolutions=(256,), budget=_ExpiresAfter(3))
     assert (rows[0]["largest_batch"], rows[0]["search"]) == (1, "stopped: time")
     assert [r.get("skipped") for r in rows[1:]] == ["time"] * 3
+
+
+def test_tabular_case_rows_and_time_box(monkeypatch):
+    """The ``tabular`` case at a few steps: every dataset and library gets a finite held-out NLL and a step time,
+    the conditional rows compare with per-condition flows; past its time box the rest is marked skipped."""
+    from benchmarks import tabular
+
+    monkeypatch.setitem(tabular.SETTINGS, "quick", {"steps": 3, "batch": 32, "libraries": ("fastflow", "zuko_realnvp")})
+    rows = tabular.tabular_rows(quick=True)
+    unconditional = [r for r in rows if not r["dataset"].startswith("simulator")]
+    assert {(r["dataset"], r["library"]) for r in unconditional} == {
+        (d, lib) for d in ("moons", "digits", "breast_cancer") for lib in ("fastflow", "zuko_realnvp")
+    }
+    assert all(math.isfinite(r["heldout_nll"]) and r["ms_per_step"] > 0 and r["best_step"] >= 1 for r in unconditional)
+    conditional, per_condition = rows[-2:]
+    assert math.isfinite(conditional["gap_vs_per_condition"]) and math.isfinite(per_condition["heldout_nll"])
+
+    skipped = tabular.unconditional_rows(quick=True, budget=_ExpiresAfter(1))
+    assert [r.get("skipped") for r in skipped] == [None, None, "time", "time", "time", "time"]
