@@ -1,0 +1,500 @@
+"""Monotonic rational-quadratic spline (RQS) transform, element-wise (Durkan et al., 2019, "Neural Spline Flows").
+
+Parameters: ``x`` has shape ``(B, ...)`` and ``raw`` shape ``(*x.shape, 3K - 1)``: along its last dim ``K`` raw bin
+widths, ``K`` raw bin heights and ``K - 1`` raw interior knot derivatives, in that order (a conditioner's
+``(B, D * (3K - 1))`` output is ``.view(B, D, 3K - 1)``; channel layouts are the caller's to arrange).
+
+Math, for ``K`` bins on ``[-bound, bound]``:
+- widths ``w = min_width + (1 - K min_width) softmax(raw_w)``, heights likewise with ``min_height``; knots
+  ``x_j = -bound + 2 bound cumsum(w)_j``, ``y_j`` likewise, the last exactly ``bound``. A bin's size is
+  ``2 bound w_k`` itself rather than a difference of knots (which is what nflows and zuko take): equal in exact
+  arithmetic, but accurate to float32 rounding for small bins too.
+- knot derivatives ``d_j = min_derivative + softplus(raw_d[j - 1])`` for the ``K - 1`` interior knots and
+  ``1`` at ``+-bound``, the slope of the identity tails: outside ``[-bound, bound]`` ``y = x`` with log-det 0.
+- in bin ``k`` (``xl <= x <= xl + W``, ``yl``, ``H``, ``s = H / W``, ``u = (x - xl) / W``, ``t = u (1 - u)``,
+  ``d0 = d_k``, ``d1 = d_{k+1}``): ``y = yl + H (s u^2 + d0 t) / (s + (d0 + d1 - 2 s) t)`` and
+  ``dy/dx = s^2 (d1 u^2 + 2 s t + d0 (1 - u)^2) / (s + (d0 + d1 - 2 s) t)^2``.
+- inverse: ``u`` is the root in ``[0, 1]`` of a quadratic, in the form that does not cancel
+  (:mod:`fastflow.kernels.spline`); ``x = xl + u W``.
+- positions are measured from the nearer knot (in a bin's upper half ``1 - u`` from the right knot, and ``y``
+  down from its right knot), so knots and the bound map to knots and the bound exactly and a round trip
+  measures ``y`` from the same knot both ways; results are clamped between their bin's knots.
+Log-det per sample: ``sum(log dy/dx)`` over every non-batch element (negated for the inverse), ``(B,)`` float32
+(float64 for float64 inputs).
+
+Conventions: nflows' ``unconstrained_rational_quadratic_spline`` with linear tails (its ``tail_bound`` is
+``bound``, ``min_bin_width`` etc. the minimums, its raw widths, heights and derivatives the three parts of
+``raw``; it pads the raw derivatives so that the end derivatives are 1, as here), up to the rounding of the
+bin sizes above; nflows' coupling layer also divides the raw sizes by ``sqrt(hidden_features)``, a layer's
+choice. zuko's ``MonotonicRQSTransform`` has the same spline and tails but other maps from raw parameters:
+softmax without minimum sizes of soft-clipped raw sizes, and ``exp`` of soft-clipped raw derivatives; sizes
+``w`` and derivatives ``d`` from here are zuko's for raw parameters ``clip^-1(log w)`` and ``clip^-1(log d)``
+(tested in ``tests/ops/test_spline_parity.py``). Its default ``bound`` is 5.
+
+Dispatch: the public functions run the eager references (autograd through ATen) on the ``"eager"`` backend and
+the torch.library ops ``fastflow::rq_spline_fwd`` / ``fastflow::rq_spline_inv`` (fused Triton kernels of
+:mod:`fastflow.kernels.spline`) on ``"triton"`` / ``"interpret"``. Both ops' backwards are the fused op
+``fastflow::rq_spline_bwd`` (one pass: gradients to the input and to all raw parameters), saving the op's input
+and ``raw``; neither is differentiable again. Registration as in :mod:`fastflow.ops.coupling`
+(:data:`fastflow.ops._registration.TRACEABLE`): triton ops where Triton compiles, custom ops otherwise.
+
+Reversible backprop: :func:`rq_spline_backward_from_output` takes the forward *output* ``y`` and returns the
+rebuilt ``x`` with the gradients in one fused pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastflow.backend import resolve_backend
+from fastflow.ops._checks import check_float_tensor, check_same_shape, logdet_dtype
+from fastflow.ops._registration import TRACEABLE, kernel_function, registration
+
+__all__ = [
+    "rq_spline",
+    "rq_spline_inverse",
+    "rq_spline_ref",
+    "rq_spline_inverse_ref",
+    "rq_spline_backward_from_output",
+    "rq_spline_backward_from_output_ref",
+]
+
+
+class _Spline(NamedTuple):
+    """The spline's constants (module docstring)."""
+
+    bins: int
+    bound: float
+    min_width: float
+    min_height: float
+    min_derivative: float
+
+
+class _BinParams(NamedTuple):
+    """Knot quantities of the bin holding each element: left knots, bin sizes, right knots, end derivatives."""
+
+    xl: torch.Tensor
+    w: torch.Tensor
+    xr: torch.Tensor
+    yl: torch.Tensor
+    h: torch.Tensor
+    yr: torch.Tensor
+    d0: torch.Tensor
+    d1: torch.Tensor
+
+
+def _sizes_and_knots(raw_sizes: torch.Tensor, spline: _Spline, min_size: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bin sizes ``2 bound (min + (1 - K min) softmax(raw))`` and right knots ``-bound + cumsum(sizes)``, the
+    last knot exactly ``bound``."""
+    sizes = 2.0 * spline.bound * (min_size + (1.0 - spline.bins * min_size) * torch.softmax(raw_sizes, dim=-1))
+    right = torch.cumsum(sizes, dim=-1) - spline.bound
+    return sizes, torch.cat([right[..., :-1], torch.full_like(right[..., -1:], spline.bound)], dim=-1)
+
+
+def _at(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return t.gather(-1, k.unsqueeze(-1)).squeeze(-1)
+
+
+def _bin_params(v: torch.Tensor, raw: torch.Tensor, spline: _Spline, inverse: bool) -> _BinParams:
+    """The bin of ``v`` (``x``, or ``y`` when ``inverse``; within the bound) and its knot quantities."""
+    k_bins = spline.bins
+    raw_w, raw_h, raw_d = raw.split([k_bins, k_bins, k_bins - 1], dim=-1)
+    widths, x_right = _sizes_and_knots(raw_w, spline, spline.min_width)
+    heights, y_right = _sizes_and_knots(raw_h, spline, spline.min_height)
+    lower = torch.full_like(x_right[..., :1], -spline.bound)
+    x_left, y_left = torch.cat([lower, x_right[..., :-1]], -1), torch.cat([lower, y_right[..., :-1]], -1)
+    ends = torch.ones_like(x_right[..., :1])
+    d_right = torch.cat([spline.min_derivative + F.softplus(raw_d), ends], dim=-1)  # d_{j+1}: bin j's right end
+    d_left = torch.cat([ends, d_right[..., :-1]], dim=-1)
+    interior = (y_right if inverse else x_right)[..., :-1]
+    k = (interior <= v.unsqueeze(-1)).sum(dim=-1)
+    x_bin = (_at(x_left, k), _at(widths, k), _at(x_right, k))
+    y_bin = (_at(y_left, k), _at(heights, k), _at(y_right, k))
+    return _BinParams(*x_bin, *y_bin, _at(d_left, k), _at(d_right, k))
+
+
+def _clamp_rounding(v: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor | float) -> torch.Tensor:
+    """``v`` clamped to ``[lo, hi]`` with the identity's gradient. The clamps only undo rounding (a bin's size is
+    not the difference of its knots): positions stay in ``[0, 1]`` and results between their bin's knots, so
+    the map is monotone across bins; the derivatives are those of the unclamped value, as in the fused
+    backward."""
+    return v + (v.clamp(lo, hi) - v).detach()
+
+
+def _from_nearer_knot(upper: torch.Tensor, frac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, v = 1 - u)`` from the position ``frac`` measured from the left knot, or from the right one where
+    ``upper``."""
+    frac = _clamp_rounding(frac, 0.0, 1.0)
+    return torch.where(upper, 1.0 - frac, frac), torch.where(upper, frac, 1.0 - frac)
+
+
+def _log_slope(u: torch.Tensor, v: torch.Tensor, s: torch.Tensor, p: _BinParams) -> torch.Tensor:
+    """``log dy/dx = 2 log(s / D) + log M`` at position ``u = 1 - v`` of the bin (module docstring)."""
+    t = u * v
+    den = s + (p.d0 + p.d1 - 2.0 * s) * t
+    m = p.d1 * u * u + 2.0 * s * t + p.d0 * v * v
+    return 2.0 * torch.log(s / den) + torch.log(m)
+
+
+def _forward(x: torch.Tensor, raw: torch.Tensor, spline: _Spline) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element-wise ``(y, log dy/dx)``, positions measured from the nearer knot in ``x`` and ``y`` alike (so knots
+    and the bound map to knots and the bound exactly, and the inverse measures ``y`` from the same knot). The
+    spline branch sees the clamped ``x``, so it stays finite (and so do its gradients) where the identity tails
+    are taken."""
+    inside = (x >= -spline.bound) & (x <= spline.bound)
+    xc = x.clamp(-spline.bound, spline.bound)
+    p = _bin_params(xc, raw, spline, inverse=False)
+    s = p.h / p.w
+    upper = p.xr - xc < xc - p.xl
+    u, v = _from_nearer_knot(upper, torch.where(upper, p.xr - xc, xc - p.xl) / p.w)
+    t = u * v
+    den = s + (p.d0 + p.d1 - 2.0 * s) * t
+    from_lo, from_hi = p.h * (s * u * u + p.d0 * t) / den, p.h * (s * v * v + p.d1 * t) / den
+    y = _clamp_rounding(torch.where(from_hi < from_lo, p.yr - from_hi, p.yl + from_lo), p.yl, p.yr)
+    return torch.where(inside, y, x), torch.where(inside, _log_slope(u, v, s, p), 0.0)
+
+
+def _root(e: torch.Tensor, h: torch.Tensor, s: torch.Tensor, d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
+    """Root in ``[0, 1]`` of the inverse's quadratic for the offset ``e = y - yl`` in its stable form
+    (``2c / (-b - sqrt)`` for ``b >= 0``, ``(sqrt - b) / 2a`` for ``b < 0``), each with a safe denominator where
+    it is not taken; from the right knot, ``e = yr - y`` with ``d0``, ``d1`` swapped gives ``1 - u``."""
+    kappa = d0 + d1 - 2.0 * s
+    a = h * (s - d0) + e * kappa
+    b = h * d0 - e * kappa
+    c = -s * e
+    root = (b * b - 4.0 * a * c).clamp_min(0.0).sqrt()
+    pos = b >= 0
+    one = torch.ones_like(b)
+    return torch.where(pos, 2.0 * c / torch.where(pos, -b - root, -one), (root - b) / torch.where(pos, one, 2.0 * a))
+
+
+def _inverse(y: torch.Tensor, raw: torch.Tensor, spline: _Spline) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element-wise ``(x, -log dy/dx)``; from the right knot in a bin's upper half, where the mirrored spline is
+    solved for ``1 - u`` (from ``yr - y``, ``d0`` and ``d1`` swapped): the offset stays small and the
+    quadratic's coefficients do not cancel."""
+    inside = (y >= -spline.bound) & (y <= spline.bound)
+    yc = y.clamp(-spline.bound, spline.bound)
+    p = _bin_params(yc, raw, spline, inverse=True)
+    s = p.h / p.w
+    upper = p.yr - yc < yc - p.yl
+    offset = torch.where(upper, p.yr - yc, yc - p.yl)
+    u, v = _from_nearer_knot(
+        upper, _root(offset, p.h, s, torch.where(upper, p.d1, p.d0), torch.where(upper, p.d0, p.d1))
+    )
+    x = _clamp_rounding(torch.where(u > 0.5, p.xr - v * p.w, p.xl + u * p.w), p.xl, p.xr)
+    return torch.where(inside, x, y), torch.where(inside, -_log_slope(u, v, s, p), 0.0)
+
+
+def _per_sample_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype).reshape(t.shape[0], -1).sum(dim=1)
+
+
+def _ref(
+    v: torch.Tensor, raw: torch.Tensor, spline: _Spline, inverse: bool, upcast: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out_dtype = v.dtype
+    if upcast:
+        v, raw = v.to(logdet_dtype(out_dtype)), raw.to(logdet_dtype(out_dtype))
+    out, log_slope = (_inverse if inverse else _forward)(v, raw, spline)
+    return out.to(out_dtype), _per_sample_sum(log_slope, logdet_dtype(out_dtype))
+
+
+def rq_spline_ref(
+    x: torch.Tensor,
+    raw: torch.Tensor,
+    bins: int,
+    bound: float = 3.0,
+    min_width: float = 1e-3,
+    min_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+    upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager forward ``(y, logdet)``, differentiable through ATen; ``upcast`` computes in float32 (float64 for
+    float64) and casts ``y`` back. Arguments as :func:`rq_spline`."""
+    spline = _checked(bins, bound, min_width, min_height, min_derivative)
+    _check_args("x", x, raw, spline)
+    return _ref(x, raw, spline, False, upcast)
+
+
+def rq_spline_inverse_ref(
+    y: torch.Tensor,
+    raw: torch.Tensor,
+    bins: int,
+    bound: float = 3.0,
+    min_width: float = 1e-3,
+    min_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+    upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager inverse ``(x, -logdet)``; arguments as :func:`rq_spline_ref`."""
+    spline = _checked(bins, bound, min_width, min_height, min_derivative)
+    _check_args("y", y, raw, spline)
+    return _ref(y, raw, spline, True, upcast)
+
+
+def rq_spline_backward_from_output_ref(
+    y: torch.Tensor,
+    raw: torch.Tensor,
+    grad_y: torch.Tensor,
+    grad_logdet: torch.Tensor | None,
+    bins: int,
+    bound: float = 3.0,
+    min_width: float = 1e-3,
+    min_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+    upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eager reversible backward ``(x, grad_x, grad_raw)``: ``x`` is the inverse of ``y``, the gradients are
+    autograd's of the eager forward at ``x`` for upstream ``grad_y`` and ``grad_logdet`` (``(B,)`` or None for
+    zero). ``upcast`` computes in float32; results have ``y``'s dtype."""
+    spline = _checked(bins, bound, min_width, min_height, min_derivative)
+    _check_args("y", y, raw, spline)
+    _check_upstream(grad_y, grad_logdet, y)
+    out_dtype = y.dtype
+    acc = logdet_dtype(out_dtype) if upcast else out_dtype
+    y, raw, grad_y = y.to(acc), raw.to(acc), grad_y.to(acc)
+    with torch.no_grad():
+        x = _inverse(y, raw, spline)[0]
+    with torch.enable_grad():
+        x_in, raw_in = x.detach().requires_grad_(), raw.detach().requires_grad_()
+        out, log_slope = _forward(x_in, raw_in, spline)
+        logdet = _per_sample_sum(log_slope, logdet_dtype(out_dtype))
+        gl = torch.zeros_like(logdet) if grad_logdet is None else grad_logdet.to(logdet.dtype)
+        grad_x, grad_raw = torch.autograd.grad((out, logdet), (x_in, raw_in), (grad_y, gl))
+    return x.to(out_dtype), grad_x.to(out_dtype), grad_raw.to(out_dtype)
+
+
+class _SplineOps(NamedTuple):
+    """The fused ops of one registration (:func:`_define_ops`)."""
+
+    fwd: Any
+    inv: Any
+    bwd: Any
+
+
+def _define_ops(namespace: str, traceable: bool) -> _SplineOps:
+    """Register ``{namespace}::rq_spline_fwd``, ``rq_spline_inv`` and ``rq_spline_bwd`` with their autograd.
+
+    ``traceable``: as ``torch.library.triton_op`` launching through ``torch.library.wrap_triton``; else as
+    ``torch.library.custom_op`` with the fake kernels below (same schemas, results and gradients). The
+    package's ops are ``_define_ops("fastflow", TRACEABLE)``; tests build the other one under another namespace.
+    """
+    define, launch = registration(traceable)
+    if traceable:
+        # bound by name: triton_op scans the op's source for the kernels it launches, following calls by name
+        from fastflow.kernels.spline import rq_spline_backward, rq_spline_forward
+    else:
+        rq_spline_forward = kernel_function("spline", "rq_spline_forward")
+        rq_spline_backward = kernel_function("spline", "rq_spline_backward")
+
+    # Optional[...] rather than "X | None" in the op signatures: torch infers the schema from these strings and
+    # must evaluate them on Python 3.9 too
+    @define(f"{namespace}::rq_spline_fwd", mutates_args=())
+    def fwd(
+        u: torch.Tensor, raw: torch.Tensor, bound: float, min_width: float, min_height: float, min_derivative: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused forward ``(y, logdet)``; ``raw`` is ``(*u.shape, 3K - 1)``."""
+        return rq_spline_forward(u, raw, bound, min_width, min_height, min_derivative, False, **launch)
+
+    @define(f"{namespace}::rq_spline_inv", mutates_args=())
+    def inv(
+        u: torch.Tensor, raw: torch.Tensor, bound: float, min_width: float, min_height: float, min_derivative: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused inverse ``(x, -logdet)``."""
+        return rq_spline_forward(u, raw, bound, min_width, min_height, min_derivative, True, **launch)
+
+    @define(f"{namespace}::rq_spline_bwd", mutates_args=())
+    def bwd(
+        u: torch.Tensor,
+        raw: torch.Tensor,
+        grad: torch.Tensor,
+        grad_logdet: Optional[torch.Tensor],
+        bound: float,
+        min_width: float,
+        min_height: float,
+        min_derivative: float,
+        mode: str,
+    ) -> list[torch.Tensor]:
+        """Fused backward ``[grad_u, grad_raw]`` (``mode`` "forward" or "inverse"), or ``[grad_x, grad_raw, x]``
+        from the forward output ``u = y`` (``mode`` "rebuild")."""
+        outs = rq_spline_backward(
+            u, raw, grad, grad_logdet, bound, min_width, min_height, min_derivative, mode, **launch
+        )
+        return [t for t in outs if t is not None]
+
+    if not traceable:
+
+        @fwd.register_fake
+        @inv.register_fake
+        def fwd_fake(
+            u: torch.Tensor, raw: torch.Tensor, bound: float, min_width: float, min_height: float, min_d: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return u.new_empty(u.shape), u.new_empty(u.shape[0], dtype=logdet_dtype(u.dtype))
+
+        @bwd.register_fake
+        def bwd_fake(
+            u: torch.Tensor,
+            raw: torch.Tensor,
+            grad: torch.Tensor,
+            grad_logdet: torch.Tensor | None,
+            bound: float,
+            min_width: float,
+            min_height: float,
+            min_derivative: float,
+            mode: str,
+        ) -> list[torch.Tensor]:
+            rebuilt = [u.new_empty(u.shape)] if mode == "rebuild" else []
+            return [u.new_empty(u.shape), u.new_empty(raw.shape), *rebuilt]
+
+    def setup_context(
+        ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]
+    ) -> None:
+        u, raw, *constants = inputs
+        ctx.save_for_backward(u, raw)
+        ctx.constants = constants
+        ctx.set_materialize_grads(False)
+
+    def backward(
+        mode: str, ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor | None, grad_logdet: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        if grad is None and grad_logdet is None:
+            return (None,) * 6
+        u, raw = ctx.saved_tensors
+        grad = torch.zeros_like(u) if grad is None else grad
+        grad_u, grad_raw = bwd(u, raw, grad, grad_logdet, *ctx.constants, mode)
+        return grad_u, grad_raw, None, None, None, None
+
+    def fwd_backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor | None, grad_logdet: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        return backward("forward", ctx, grad_y, grad_logdet)
+
+    def inv_backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_x: torch.Tensor | None, grad_neg_logdet: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        return backward("inverse", ctx, grad_x, grad_neg_logdet)
+
+    fwd.register_autograd(fwd_backward, setup_context=setup_context)
+    inv.register_autograd(inv_backward, setup_context=setup_context)
+    return _SplineOps(fwd, inv, bwd)
+
+
+_OPS = _define_ops("fastflow", TRACEABLE)
+
+
+def _checked(bins: object, bound: object, min_width: object, min_height: object, min_derivative: object) -> _Spline:
+    """The spline's constants, or a TypeError / ValueError naming the first bad one."""
+    if isinstance(bins, bool) or not isinstance(bins, int):
+        raise TypeError(f"bins must be an int, got {type(bins).__name__}")
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    values = {"bound": bound, "min_width": min_width, "min_height": min_height, "min_derivative": min_derivative}
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be finite and > 0, got {value}")
+    for name in ("min_width", "min_height"):
+        if values[name] * bins > 1:
+            raise ValueError(f"{name} * bins must be <= 1 (the bins fill [-bound, bound]), got {values[name]} * {bins}")
+    return _Spline(bins, float(bound), float(min_width), float(min_height), float(min_derivative))
+
+
+def _check_args(x_name: str, x: torch.Tensor, raw: torch.Tensor, spline: _Spline) -> None:
+    check_float_tensor(x_name, x, min_dim=2)
+    check_float_tensor("raw", raw)
+    params = 3 * spline.bins - 1
+    if tuple(raw.shape) != (*x.shape, params):
+        raise ValueError(
+            f"raw must have shape {x_name}.shape + (3 * bins - 1,) = {(*x.shape, params)}, got {tuple(raw.shape)}"
+        )
+    if raw.dtype != x.dtype:
+        raise TypeError(f"raw must have the dtype of {x_name} ({x.dtype}), got {raw.dtype}")
+    if raw.device != x.device:
+        raise ValueError(f"raw must be on {x.device} like {x_name}, got {raw.device}")
+
+
+def _check_upstream(grad_y: torch.Tensor, grad_logdet: torch.Tensor | None, y: torch.Tensor) -> None:
+    check_same_shape("grad_y", check_float_tensor("grad_y", grad_y), "y", y)
+    if grad_logdet is None:
+        return
+    check_float_tensor("grad_logdet", grad_logdet)
+    if tuple(grad_logdet.shape) != (y.shape[0],):
+        raise ValueError(f"grad_logdet must have shape ({y.shape[0]},), got {tuple(grad_logdet.shape)}")
+    if grad_logdet.device != y.device:
+        raise ValueError(f"grad_logdet must be on {y.device} like y, got {grad_logdet.device}")
+
+
+def _use_kernel(x: torch.Tensor) -> bool:
+    return resolve_backend(x) != "eager"
+
+
+def rq_spline(
+    x: torch.Tensor,
+    raw: torch.Tensor,
+    bins: int,
+    bound: float = 3.0,
+    min_width: float = 1e-3,
+    min_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spline forward ``(y, logdet)`` on the backend chosen by :mod:`fastflow.backend`.
+
+    ``x`` is ``(B, ...)`` and ``raw`` ``(*x.shape, 3 * bins - 1)`` (raw widths, heights, interior derivatives),
+    same float dtype and device, any strides. ``y`` has ``x``'s shape and dtype (contiguous on the Triton
+    backends), ``logdet`` is ``(B,)`` float32 (float64 for float64). Identity with log-det 0 outside
+    ``[-bound, bound]``. ``min_width * bins`` and ``min_height * bins`` must be ``<= 1``. Differentiable in
+    ``x`` and ``raw``.
+    """
+    spline = _checked(bins, bound, min_width, min_height, min_derivative)
+    _check_args("x", x, raw, spline)
+    if _use_kernel(x):
+        return torch.ops.fastflow.rq_spline_fwd(x, raw, *spline[1:])
+    return _ref(x, raw, spline, False, False)
+
+
+def rq_spline_inverse(
+    y: torch.Tensor,
+    raw: torch.Tensor,
+    bins: int,
+    bound: float = 3.0,
+    min_width: float = 1e-3,
+    min_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spline inverse ``(x, -logdet)`` on the chosen backend; arguments as :func:`rq_spline`."""
+    spline = _checked(bins, bound, min_width, min_height, min_derivative)
+    _check_args("y", y, raw, spline)
+    if _use_kernel(y):
+        return torch.ops.fastflow.rq_spline_inv(y, raw, *spline[1:])
+    return _ref(y, raw, spline, True, False)
+
+
+def rq_spline_backward_from_output(
+    y: torch.Tensor,
+    raw: torch.Tensor,
+    grad_y: torch.Tensor,
+    grad_logdet: torch.Tensor | None,
+    bins: int,
+    bound: float = 3.0,
+    min_width: float = 1e-3,
+    min_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reversible backward ``(x, grad_x, grad_raw)`` from the forward output ``y``.
+
+    Rebuilds ``x`` = inverse of ``y`` and returns the gradients of :func:`rq_spline` at ``x`` for upstream
+    ``grad_y`` (like ``y``) and ``grad_logdet`` (``(B,)``, or None for zero); one fused pass on the Triton
+    backends. New tensors in ``y``'s dtype. Not differentiable (meant for a reversible container's backward).
+    """
+    spline = _checked(bins, bound, min_width, min_height, min_derivative)
+    _check_args("y", y, raw, spline)
+    _check_upstream(grad_y, grad_logdet, y)
+    if not _use_kernel(y):
+        return rq_spline_backward_from_output_ref(y, raw, grad_y, grad_logdet, *spline)
+    grad_x, grad_raw, x = torch.ops.fastflow.rq_spline_bwd(y, raw, grad_y, grad_logdet, *spline[1:], "rebuild")
+    return x, grad_x, grad_raw
