@@ -103,6 +103,8 @@ def ieee_float32() -> Iterator[None]:
 
 def _conv1x1_ieee(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     with ieee_float32():
+        if x.shape[2] * x.shape[3] == 1:  # vectors seen as (B, C, 1, 1): a matmul, not a convolution
+            return F.linear(x.flatten(1), weight, bias).view(x.shape[0], weight.shape[0], 1, 1)
         return F.conv2d(x, weight[:, :, None, None], bias)
 
 

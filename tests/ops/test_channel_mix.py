@@ -9,6 +9,7 @@ import sys
 import fastflow.kernels.channel_mix as kernels
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastflow
 from fastflow.ops import _registration
@@ -495,3 +496,18 @@ def test_wide_float32_mixes_go_to_cudnn_half_ones_to_the_kernel(monkeypatch):
         channel_mix(torch.randn(1, 12, 3, 3), _weight(12, 12))
         channel_mix(torch.randn(1, 12, 3, 3, dtype=torch.bfloat16), _weight(12, 12))
     assert calls == [torch.float32, torch.bfloat16]
+
+
+def test_eager_mix_of_vectors_is_a_matmul_with_the_convolution_s_values_and_gradients():
+    """``(B, C, 1, 1)`` inputs (vectors) take ``F.linear``: same values and gradients as the 1x1 convolution."""
+    x = torch.randn(5, 3, 1, 1, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    y = channel_mix_ref(x, weight, bias)
+    want = F.conv2d(x, weight[:, :, None, None], bias)
+    assert y.shape == want.shape and y.stride() == want.stride()
+    torch.testing.assert_close(y, want)
+    grads = torch.autograd.grad(y.square().sum(), (x, weight, bias))
+    for g, g_want in zip(grads, torch.autograd.grad(want.square().sum(), (x, weight, bias))):
+        torch.testing.assert_close(g, g_want)
+    assert torch.autograd.gradgradcheck(channel_mix_ref, (x, weight, bias))
