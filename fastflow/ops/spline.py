@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from fastflow.backend import resolve_backend
 from fastflow.ops._checks import check_float_tensor, check_same_shape, logdet_dtype
-from fastflow.ops._registration import TRACEABLE, kernel_function, registration
+from fastflow.ops._registration import TRACEABLE, direct_autograd, kernel_function, registration, use_library_op
 
 __all__ = [
     "rq_spline",
@@ -350,16 +350,26 @@ def _define_ops(namespace: str, traceable: bool) -> _SplineOps:
             rebuilt = [u.new_empty(u.shape)] if mode == "rebuild" else []
             return [u.new_empty(u.shape), u.new_empty(raw.shape), *rebuilt]
 
-    def setup_context(
-        ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]
-    ) -> None:
-        u, raw, *constants = inputs
-        ctx.save_for_backward(u, raw)
-        ctx.constants = constants
-        ctx.set_materialize_grads(False)
+    fwd.register_autograd(_backward("forward", bwd), setup_context=_setup_context)
+    inv.register_autograd(_backward("inverse", bwd), setup_context=_setup_context)
+    return _SplineOps(fwd, inv, bwd)
+
+
+def _setup_context(
+    ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]
+) -> None:
+    u, raw, *constants = inputs
+    ctx.save_for_backward(u, raw)
+    ctx.constants = constants
+    ctx.set_materialize_grads(False)
+
+
+def _backward(mode: str, bwd: Any) -> Any:
+    """The backward of the forward (``mode`` "forward") or of the inverse ("inverse"), running the fused
+    backward ``bwd`` (the op ``rq_spline_bwd`` or its direct twin)."""
 
     def backward(
-        mode: str, ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor | None, grad_logdet: torch.Tensor | None
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor | None, grad_logdet: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
         if grad is None and grad_logdet is None:
             return (None,) * 6
@@ -368,22 +378,42 @@ def _define_ops(namespace: str, traceable: bool) -> _SplineOps:
         grad_u, grad_raw = bwd(u, raw, grad, grad_logdet, *ctx.constants, mode)
         return grad_u, grad_raw, None, None, None, None
 
-    def fwd_backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor | None, grad_logdet: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
-        return backward("forward", ctx, grad_y, grad_logdet)
+    return backward
 
-    def inv_backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_x: torch.Tensor | None, grad_neg_logdet: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, ...]:
-        return backward("inverse", ctx, grad_x, grad_neg_logdet)
 
-    fwd.register_autograd(fwd_backward, setup_context=setup_context)
-    inv.register_autograd(inv_backward, setup_context=setup_context)
-    return _SplineOps(fwd, inv, bwd)
+def _direct_ops() -> _SplineOps:
+    """The direct twins of the ops (:func:`fastflow.ops._registration.direct_autograd`): the same launchers,
+    ``setup_context`` and backwards, without ``torch.library``'s dispatch."""
+    forward = kernel_function("spline", "rq_spline_forward")
+    backward = kernel_function("spline", "rq_spline_backward")
+
+    def fwd(u: torch.Tensor, raw: torch.Tensor, *constants: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward(u, raw, *constants, False)
+
+    def inv(u: torch.Tensor, raw: torch.Tensor, *constants: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward(u, raw, *constants, True)
+
+    def bwd(*args: Any) -> list[torch.Tensor]:
+        return [t for t in backward(*args) if t is not None]
+
+    return _SplineOps(
+        direct_autograd(fwd, _setup_context, _backward("forward", bwd)),
+        direct_autograd(inv, _setup_context, _backward("inverse", bwd)),
+        bwd,
+    )
 
 
 _OPS = _define_ops("fastflow", TRACEABLE)
+# called by their torch.ops names, which every supported torch traces
+_LIBRARY = _SplineOps(
+    torch.ops.fastflow.rq_spline_fwd, torch.ops.fastflow.rq_spline_inv, torch.ops.fastflow.rq_spline_bwd
+)
+_DIRECT = _direct_ops()
+
+
+def _ops() -> _SplineOps:
+    """The ``torch.library`` ops while tracing or under a dispatch mode, else their direct twins."""
+    return _LIBRARY if use_library_op() else _DIRECT
 
 
 def _checked(bins: object, bound: object, min_width: object, min_height: object, min_derivative: object) -> _Spline:
@@ -453,7 +483,7 @@ def rq_spline(
     spline = _checked(bins, bound, min_width, min_height, min_derivative)
     _check_args("x", x, raw, spline)
     if _use_kernel(x):
-        return torch.ops.fastflow.rq_spline_fwd(x, raw, *spline[1:])
+        return _ops().fwd(x, raw, *spline[1:])
     return _ref(x, raw, spline, False, False)
 
 
@@ -470,7 +500,7 @@ def rq_spline_inverse(
     spline = _checked(bins, bound, min_width, min_height, min_derivative)
     _check_args("y", y, raw, spline)
     if _use_kernel(y):
-        return torch.ops.fastflow.rq_spline_inv(y, raw, *spline[1:])
+        return _ops().inv(y, raw, *spline[1:])
     return _ref(y, raw, spline, True, False)
 
 
@@ -496,5 +526,5 @@ def rq_spline_backward_from_output(
     _check_upstream(grad_y, grad_logdet, y)
     if not _use_kernel(y):
         return rq_spline_backward_from_output_ref(y, raw, grad_y, grad_logdet, *spline)
-    grad_x, grad_raw, x = torch.ops.fastflow.rq_spline_bwd(y, raw, grad_y, grad_logdet, *spline[1:], "rebuild")
+    grad_x, grad_raw, x = _ops().bwd(y, raw, grad_y, grad_logdet, *spline[1:], "rebuild")
     return x, grad_x, grad_raw

@@ -475,6 +475,22 @@ def test_fallback_registration_fake_kernels_match_the_real_outputs(target, fallb
         assert (fake.shape, fake.stride(), fake.dtype) == (want.shape, want.stride(), want.dtype)
 
 
+def test_direct_twins_match_the_library_ops(target) -> None:
+    """The autograd.Functions that eager calls take give the library ops' values and gradients, bitwise."""
+    _, device = target
+    x, raw = make_inputs("strided", 3, torch.float32, device)
+    constants = (BOUND, 1e-3, 1e-3, 1e-3)
+    results = []
+    for ops in (S._OPS, S._DIRECT):
+        u, r = x.detach().requires_grad_(), raw.detach().requires_grad_()
+        y, logdet = ops.fwd(u, r, *constants)
+        back, neg_logdet = ops.inv(y, r, *constants)
+        grads = torch.autograd.grad((back.square().sum() + logdet.sum() + neg_logdet.sum()), (u, r))
+        results.append([y, logdet, back, *grads, *ops.bwd(y.detach(), raw, x, None, *constants, "rebuild")])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 TRITON_OP_CHECK = """
 import torch
 from functorch.compile import make_boxed_func
