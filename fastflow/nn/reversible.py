@@ -4,7 +4,9 @@ Forward runs the layers without recording a graph and keeps only the chain's inp
 walks the layers from the last: it rebuilds each layer's input from its output with the exact inverse,
 recomputes that one layer with a graph, and backpropagates through it, so activation memory does not grow
 with depth. A layer may provide ``backward_from_output(y, grad_y, grad_logdet, context)`` to rebuild its input
-and compute its gradients in one fused pass (the couplings do); others use ``inverse`` then recompute.
+and compute its gradients in one fused pass (the couplings do); others use ``inverse`` then recompute. The walk
+is over :func:`~fastflow.nn.actnorm_invconv.chain_units`: an ActNorm directly followed by an InvConv1x1 is one
+unit, run and recomputed as the one fused op.
 Parameter gradients are accumulated into ``.grad`` by nested backward calls, as reentrant checkpointing does:
 ``loss.backward()`` (and DDP) see them, ``torch.autograd.grad(loss, params)`` does not. A ``context`` is an input
 of the chain like ``x``: every layer sees it, and its gradient (the sum over the layers, collected on a leaf
@@ -40,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastflow.nn.actnorm_invconv import chain_units
 from fastflow.nn.base import run_layer
 
 __all__ = [
@@ -219,10 +222,10 @@ def recompute_backward(
 
 
 def _layer_backward(
-    layer: nn.Module, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor, context: torch.Tensor | None
+    layer: Any, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor, context: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, grad_x)`` for one layer from its output ``y``: its fused ``backward_from_output`` where it has
-    one, else :func:`recompute_backward`."""
+    """``(x, grad_x)`` for one unit of a chain (a layer, or an ActNorm + InvConv1x1 pair) from its output ``y``:
+    its fused ``backward_from_output`` where it has one, else :func:`recompute_backward`."""
     fused = getattr(layer, "backward_from_output", None)
     if fused is not None:
         return fused(y, grad_y, grad_logdet, context)
@@ -236,9 +239,9 @@ def chain_backward_from_output(
     grad_logdet: torch.Tensor,
     context: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, grad_x)`` of a chain of layers from its output, one layer at a time from the last; the gradient of
-    ``context`` (a leaf that requires grad) accumulates into its ``.grad``."""
-    for layer in reversed(layers):
+    """``(x, grad_x)`` of a chain of layers from its output, one unit (:func:`chain_units`) at a time from the
+    last; the gradient of ``context`` (a leaf that requires grad) accumulates into its ``.grad``."""
+    for layer in reversed(chain_units(layers)):
         y, grad_y = _layer_backward(layer, y, grad_y, grad_logdet, context)
     return y, grad_y
 
@@ -265,7 +268,7 @@ class _ReversibleChain(torch.autograd.Function):
         total = None
         with torch.no_grad():
             y = x
-            for layer in layers:
+            for layer in chain_units(layers):
                 y, logdet = run_layer(layer, y, context)
                 total = logdet if total is None else total + logdet
         ctx.save_for_backward(x, y, context)

@@ -2,33 +2,52 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from fastflow.nn.actnorm_invconv import chain_units
 from fastflow.nn.base import FlowLayer, run_layer
 from fastflow.nn.reversible import chain_backward_from_output, check_max_drift, reversible_chain
 
 __all__ = ["FlowSequential"]
 
 
+def _shared_weights(units: Sequence[Any], x: torch.Tensor, inverse: bool) -> list[Any]:
+    """One entry per unit: its share of ``batched_weights`` of all the units of its type that have one, None for
+    the others (and wherever ``batched_weights`` says None)."""
+    weights: list[Any] = [None] * len(units)
+    groups: dict[Callable, list[int]] = {}
+    for i, unit in enumerate(units):
+        batched = getattr(type(unit), "batched_weights", None)
+        if batched is not None:
+            groups.setdefault(batched, []).append(i)
+    for batched, indices in groups.items():
+        for i, unit_weights in zip(indices, batched([units[i] for i in indices], x, inverse)):
+            weights[i] = unit_weights
+    return weights
+
+
 class FlowSequential(FlowLayer):
     """``forward`` runs the layers in order and sums log-dets; ``inverse`` runs them in reverse. A ``context``
     reaches every layer (those that use none ignore it).
 
+    An :class:`~fastflow.nn.ActNorm` directly followed by an :class:`~fastflow.nn.InvConv1x1` of its width runs
+    as one op (:class:`~fastflow.nn.actnorm_invconv.ActNormInvConv`: on the Triton backends ActNorm is folded
+    into the 1x1 weight, one pass over memory), whoever built the chain. The parameter-only ``C x C`` work of
+    those pairs (the LU weight or its inverse, the log-det, the fold) runs once for all the pairs of the chain
+    and of the chains nested in it (a Glow level of :class:`~fastflow.nn.FlowStep`: one launch per operation,
+    not one per step): units that share such work define a static ``batched_weights(units, x, inverse)``
+    returning one entry per unit, and take theirs as ``forward(x, context, weights=...)`` /
+    ``inverse(y, context, weights=...)``, as the chain itself does for its parent.
+
     ``reversible=True`` trains with memory-saving reversible backprop (:mod:`fastflow.nn.reversible`):
-    only the chain's input and output are kept, each layer's input is rebuilt by its inverse during
+    only the chain's input and output are kept, each unit's input is rebuilt by its inverse during
     backward. Same parameters, outputs and gradients (within ``max_drift``) as standard backprop. Like
     reentrant checkpointing, parameter gradients reach ``.grad`` through ``backward()`` and
-    ``torch.autograd.grad`` w.r.t. the parameters.
-
-    Layers that share parameter-only work (the ``C x C`` weights of :class:`~fastflow.nn.FlowStep`) define a
-    static ``batched_weights(layers, x, inverse)`` returning one entry per layer, and take theirs as
-    ``forward(x, context, weights=...)`` / ``inverse(y, context, weights=...)``: ``forward`` and ``inverse``
-    compute it once for all such layers of the chain (a Glow level: one launch per operation, not one per step). In
-    reversible training the layers compute their own.
+    ``torch.autograd.grad`` w.r.t. the parameters. In reversible training the units compute their own weights.
     """
 
     def __init__(self, *layers: FlowLayer, reversible: bool = False, max_drift: float | None = None) -> None:
@@ -43,45 +62,62 @@ class FlowSequential(FlowLayer):
     def __len__(self) -> int:
         return len(self.layers)
 
-    def _batched_weights(self, x: torch.Tensor, inverse: bool) -> list[Any]:
-        """One entry per layer: its share of ``batched_weights`` of all the layers of its type that have one,
-        None for the others (and wherever ``batched_weights`` says None)."""
-        weights: list[Any] = [None] * len(self.layers)
-        groups: dict[Callable, list[int]] = {}
-        for i, layer in enumerate(self.layers):
-            batched = getattr(type(layer), "batched_weights", None)
-            if batched is not None:
-                groups.setdefault(batched, []).append(i)
-        for batched, indices in groups.items():
-            for i, layer_weights in zip(indices, batched([self.layers[i] for i in indices], x, inverse)):
-                weights[i] = layer_weights
-        return weights
-
     @property
     def uses_context(self) -> bool:
         """Whether some layer of the chain conditions on ``context``."""
         return any(getattr(layer, "uses_context", False) for layer in self.layers)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(y, sum of log-dets)``."""
-        if self.reversible and torch.is_grad_enabled() and len(self.layers) > 0:
+    def _trains_reversibly(self) -> bool:
+        return self.reversible and torch.is_grad_enabled() and len(self.layers) > 0
+
+    @staticmethod
+    def batched_weights(
+        chains: Sequence[FlowSequential], x: torch.Tensor, inverse: bool = False
+    ) -> list[list[Any] | None]:
+        """Per chain in ``chains``, the weights of its units (one entry each, see the class docstring), computed
+        together for the units of all the chains; None for a chain that trains reversibly (its units compute
+        their own)."""
+        per_chain = [
+            None if not inverse and chain._trains_reversibly() else chain_units(chain.layers) for chain in chains
+        ]
+        flat = _shared_weights([unit for units in per_chain if units is not None for unit in units], x, inverse)
+        weights: list[list[Any] | None] = []
+        for units in per_chain:
+            weights.append(None if units is None else flat[: len(units)])
+            flat = flat[len(units or ()) :]
+        return weights
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, weights: list[Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, sum of log-dets)``; ``weights`` are the chain's share of its parent's :meth:`batched_weights`
+        (computed here when None)."""
+        if self._trains_reversibly():
             return reversible_chain(self.layers, x, self.max_drift, context)
+        units = chain_units(self.layers)
+        if weights is None:
+            weights = _shared_weights(units, x, inverse=False)
         total: torch.Tensor | None = None
-        for layer, weights in zip(self.layers, self._batched_weights(x, inverse=False)):
-            x, logdet = run_layer(layer, x, context) if weights is None else layer(x, context, weights=weights)
+        for unit, unit_weights in zip(units, weights):
+            x, logdet = run_layer(unit, x, context) if unit_weights is None else unit(x, context, weights=unit_weights)
             total = logdet if total is None else total + logdet
         if total is None:
             raise ValueError("FlowSequential has no layers")
         return x, total
 
-    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, sum of inverse log-dets)``."""
+    def inverse(
+        self, y: torch.Tensor, context: torch.Tensor | None = None, weights: list[Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, sum of inverse log-dets)``; ``weights`` as in :meth:`forward`, inverse direction."""
+        units = chain_units(self.layers)
+        if weights is None:
+            weights = _shared_weights(units, y, inverse=True)
         total: torch.Tensor | None = None
-        for layer, weights in zip(reversed(self.layers), reversed(self._batched_weights(y, inverse=True))):
-            if weights is None:
-                y, logdet = run_layer(layer.inverse, y, context)
+        for unit, unit_weights in zip(reversed(units), reversed(weights)):
+            if unit_weights is None:
+                y, logdet = run_layer(unit.inverse, y, context)
             else:
-                y, logdet = layer.inverse(y, context, weights=weights)
+                y, logdet = unit.inverse(y, context, weights=unit_weights)
             total = logdet if total is None else total + logdet
         if total is None:
             raise ValueError("FlowSequential has no layers")
@@ -90,5 +126,5 @@ class FlowSequential(FlowLayer):
     def backward_from_output(
         self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reversible backward of the chain from its output (nested chains keep their layers' fused paths)."""
+        """Reversible backward of the chain from its output (nested chains keep their units' fused paths)."""
         return chain_backward_from_output(self.layers, y, grad_y, grad_logdet, context)

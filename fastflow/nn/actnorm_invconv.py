@@ -1,0 +1,150 @@
+"""ActNorm followed by an InvConv1x1 as one op: the unit every flow container runs for that pair of layers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from fastflow.nn.actnorm import ActNorm
+from fastflow.nn.base import as_pixels, check_features
+from fastflow.nn.invconv import InvConv1x1, exact_dtype, stack_tensors, stacked_weights, unstack_tensor
+from fastflow.ops.actnorm_invconv import (
+    FoldedMix,
+    actnorm_invconv,
+    actnorm_invconv_inverse,
+    actnorm_is_folded,
+    fold_actnorm,
+    fold_actnorm_inverse,
+)
+
+__all__ = ["ActNormInvConv", "MixWeights", "chain_units"]
+
+
+class MixWeights(NamedTuple):
+    """The ``C x C`` side of an ActNorm + 1x1 convolution pair in one direction: ``weight`` is ``W`` (forward)
+    or ``W^-1`` (inverse), ``weight_logdet`` is ``log|det W|`` (a scalar) and ``folded`` ActNorm folded into
+    them on the backends that fold (:func:`~fastflow.ops.actnorm_invconv.actnorm_is_folded`), else None."""
+
+    weight: torch.Tensor
+    weight_logdet: torch.Tensor
+    folded: FoldedMix | None
+
+
+class ActNormInvConv:
+    """``ActNorm`` then ``InvConv1x1`` of the same width, run as one op
+    (:func:`~fastflow.ops.actnorm_invconv.actnorm_invconv`): on the Triton backends ActNorm is folded into the
+    mixing weight, ``y = W diag(exp(logs)) (x + bias)`` in one pass over memory; on the eager backend it is
+    ActNorm then the convolution. Log-det ``H * W * (sum(logs) + log|det W|)``, negated by :meth:`inverse`.
+
+    Not a module: a view of two layers a container holds (their parameters, ``state_dict`` and outputs are
+    theirs), made by :func:`chain_units` each time the container runs. The flow-layer contract
+    (``forward(x, context=None)``, ``inverse``) plus ``weights``: the pair's share of
+    :meth:`batched_weights` of its container, computed here when None.
+    """
+
+    def __init__(self, actnorm: ActNorm, invconv: InvConv1x1) -> None:
+        self.actnorm = actnorm
+        self.invconv = invconv
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters of both layers."""
+        return [*self.actnorm.parameters(), *self.invconv.parameters()]
+
+    def __call__(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, weights: MixWeights | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward(x, context, weights)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, weights: MixWeights | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, logdet)`` of ActNorm then the 1x1 convolution on ``(B, C, H, W)`` or ``(B, C)``; ``context`` is
+        ignored. ActNorm's data-dependent initialisation runs first where it is due."""
+        actnorm = self.actnorm
+        check_features("x", x, actnorm.num_channels)
+        actnorm.initialize_once(x)
+        if weights is None:
+            (weights,) = self._compute_weights([self], x, inverse=False)
+        with exact_dtype(x):
+            y, logdet = actnorm_invconv(
+                as_pixels(x), actnorm.bias, actnorm.logs, weights.weight, weights.weight_logdet, weights.folded
+            )
+        return y.view_as(x), logdet
+
+    def inverse(
+        self, y: torch.Tensor, context: torch.Tensor | None = None, weights: MixWeights | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, -logdet)``: the 1x1 convolution's inverse, then ActNorm's; ``weights`` in the inverse direction."""
+        actnorm = self.actnorm
+        check_features("y", y, actnorm.num_channels)
+        if weights is None:
+            (weights,) = self._compute_weights([self], y, inverse=True)
+        with exact_dtype(y):
+            x, logdet = actnorm_invconv_inverse(
+                as_pixels(y), actnorm.bias, actnorm.logs, weights.weight, weights.weight_logdet, weights.folded
+            )
+        return x.view_as(y), logdet
+
+    @staticmethod
+    def batched_weights(
+        pairs: Sequence[ActNormInvConv], x: torch.Tensor, inverse: bool = False
+    ) -> list[MixWeights | None]:
+        """The :class:`MixWeights` of every pair in ``pairs`` (all those of a Glow level), computed together: the
+        parameters are stacked and the LU assembly (or the solves of the inverse), the log-dets and the ActNorm
+        fold run once for all of them, one launch per operation instead of one per pair. Gradients reach each
+        pair's parameters as if it had computed its own.
+
+        ``x`` is the container's input (its device picks the backend, so whether to fold). Pairs are batched in
+        groups of one channel count, ``lu`` setting, dtype and device. In the forward direction every entry is
+        None (each pair computes its own) while some ActNorm still has to initialise from this batch: its
+        data-dependent init runs on the pair's input, and the fold needs the initialised parameters.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{'y' if inverse else 'x'} must be a torch.Tensor, got {type(x).__name__}")
+        if not inverse and any(pair.actnorm.training and not pair.actnorm.is_initialized for pair in pairs):
+            return [None] * len(pairs)
+        groups: dict[tuple, list[int]] = {}
+        for i, pair in enumerate(pairs):
+            logs = pair.actnorm.logs
+            groups.setdefault((pair.actnorm.num_channels, pair.invconv.lu, logs.dtype, logs.device), []).append(i)
+        weights: list[MixWeights | None] = [None] * len(pairs)
+        for indices in groups.values():
+            group = [pairs[i] for i in indices]
+            for i, pair_weights in zip(indices, ActNormInvConv._compute_weights(group, x, inverse)):
+                weights[i] = pair_weights
+        return weights
+
+    @staticmethod
+    def _compute_weights(pairs: Sequence[ActNormInvConv], x: torch.Tensor, inverse: bool) -> list[MixWeights]:
+        """:meth:`batched_weights` for pairs of one configuration whose ActNorms are ready."""
+        with exact_dtype(x):
+            weight, weight_logdet = stacked_weights([pair.invconv for pair in pairs], inverse)
+            if not actnorm_is_folded(x):
+                return [MixWeights(w, ld, None) for w, ld in zip(unstack_tensor(weight), unstack_tensor(weight_logdet))]
+            bias = stack_tensors([pair.actnorm.bias.reshape(-1) for pair in pairs])
+            logs = stack_tensors([pair.actnorm.logs.reshape(-1) for pair in pairs])
+            fold = fold_actnorm_inverse if inverse else fold_actnorm
+            folded = fold(bias, logs, weight, weight_logdet)
+            per_pair = zip(unstack_tensor(weight), unstack_tensor(weight_logdet), *map(unstack_tensor, folded))
+            return [MixWeights(w, ld, FoldedMix(fw, fb, fld)) for w, ld, fw, fb, fld in per_pair]
+
+
+def _is_pair(first: nn.Module, second: nn.Module) -> bool:
+    return isinstance(first, ActNorm) and isinstance(second, InvConv1x1) and first.num_channels == second.num_channels
+
+
+def chain_units(layers: Iterable[nn.Module]) -> list[nn.Module | ActNormInvConv]:
+    """What a container runs for ``layers``, in order: the layers, except that an :class:`ActNorm` directly
+    followed by an :class:`InvConv1x1` of its width (or :class:`~fastflow.nn.InvertibleLinear`) becomes one
+    :class:`ActNormInvConv`."""
+    units: list[nn.Module | ActNormInvConv] = []
+    for layer in layers:
+        previous = units[-1] if units else None
+        if isinstance(previous, nn.Module) and _is_pair(previous, layer):
+            units[-1] = ActNormInvConv(previous, layer)  # type: ignore[arg-type]
+        else:
+            units.append(layer)
+    return units

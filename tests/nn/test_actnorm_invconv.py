@@ -1,0 +1,144 @@
+"""Tests for fastflow/nn/actnorm_invconv.py: an ActNorm followed by an InvConv1x1 runs as one op in every container,
+a FlowStep or a chain built by hand, standard or reversible, on images and vectors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastflow
+import fastflow.nn.actnorm_invconv as pair_module
+from fastflow.backend import interpreter_enabled
+from fastflow.nn import ActNorm, AffineCoupling, FlowSequential, FlowStep, InvConv1x1, InvertibleLinear, Squeeze
+from fastflow.nn.actnorm_invconv import ActNormInvConv, chain_units
+from tests.helpers import perturb_parameters
+
+_NEEDS_INTERPRETER = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (CPU interpreter)")
+BACKENDS = ["eager", pytest.param("interpret", marks=_NEEDS_INTERPRETER)]
+SHAPES = {"image": (2, 4, 3, 2), "vector": (3, 4)}
+
+
+def _by_hand(channels: int, vectors: bool) -> FlowSequential:
+    mix = InvertibleLinear(channels) if vectors else InvConv1x1(channels)
+    return FlowSequential(ActNorm(channels), mix, AffineCoupling(channels, hidden=8, vectors=vectors))
+
+
+def _run(module: torch.nn.Module, x: torch.Tensor, backend: str) -> list[torch.Tensor]:
+    """Output, log-det, input and parameter gradients, and the inverse, of ``module`` at ``x`` on ``backend``."""
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    with fastflow.backend(backend):
+        y, logdet = module(x)
+        (y.square().sum() + (logdet * torch.arange(1.0, x.shape[0] + 1, dtype=x.dtype)).sum()).backward()
+        x_back, inverse_logdet = module.inverse(y.detach())
+    return [y, logdet, x.grad, *(p.grad for p in module.parameters()), x_back, inverse_logdet]
+
+
+class _Calls:
+    """Counts the calls of the fused ops (by the pair unit) and of ActNorm's and InvConv1x1's own forwards."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.counts: dict[str, int] = {}
+        for owner, name in (
+            (pair_module, "actnorm_invconv"),
+            (pair_module, "actnorm_invconv_inverse"),
+            (pair_module, "stacked_weights"),
+            (ActNorm, "forward"),
+            (InvConv1x1, "forward"),
+            (ActNorm, "inverse"),
+            (InvConv1x1, "inverse"),
+        ):
+            key = f"{getattr(owner, '__name__', owner)}.{name}"
+            monkeypatch.setattr(owner, name, self._counted(key, getattr(owner, name)))
+
+    def _counted(self, key: str, fn):
+        def counted(*args, **kwargs):
+            self.counts[key] = self.counts.get(key, 0) + 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_chain_built_by_hand_is_a_flow_step(kind, backend):
+    """``FlowSequential(ActNorm, InvConv1x1, coupling)`` with a FlowStep's weights gives its outputs, log-dets,
+    gradients and inverse (float64: to rounding), the ActNorm init included, on the eager and fused paths."""
+    torch.manual_seed(0)
+    vectors = kind == "vector"
+    step = FlowStep(4, hidden=8, vectors=vectors).double().train()
+    chain = _by_hand(4, vectors).double().train()
+    assert list(chain.state_dict()) == list(step.state_dict())
+    chain.load_state_dict(step.state_dict())
+    x = 1.5 + 2.0 * torch.randn(*SHAPES[kind], dtype=torch.float64)
+    with fastflow.backend(backend):
+        first = [*step(x), *chain(x)]  # the data-dependent init, on each
+    torch.testing.assert_close(first[2:], first[:2], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(chain.state_dict(), step.state_dict(), atol=0, rtol=0)
+    perturb_parameters(step, 0.2)
+    chain.load_state_dict(step.state_dict())
+    for got, want in zip(_run(chain, x, backend), _run(step, x, backend), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reversible", [False, True])
+def test_chain_built_by_hand_runs_the_fused_op(monkeypatch, backend, reversible):
+    """The pair runs as the one op (folded on the kernels), never as ActNorm's and InvConv1x1's own forwards, in
+    standard and reversible training; a chain's pairs compute their weights in one batched call per direction
+    (standard), or one per pair (reversible training: each pair on its own, forward and recompute)."""
+    torch.manual_seed(0)
+    chain = FlowSequential(*_by_hand(4, False).layers, *_by_hand(4, False).layers, reversible=reversible).train()
+    x = torch.randn(*SHAPES["image"])
+    chain(x)  # ActNorm init: each pair then computes its own weights
+    perturb_parameters(chain, 0.1)
+    calls = _Calls(monkeypatch)
+    _run(chain, x, backend)
+    # reversible: each pair's forward, its rebuild and its recompute compute their own weights; the inverse of
+    # the chain (not reversible) batches them
+    assert calls.counts == {
+        "fastflow.nn.actnorm_invconv.actnorm_invconv": 4 if reversible else 2,
+        "fastflow.nn.actnorm_invconv.actnorm_invconv_inverse": 4 if reversible else 2,
+        "fastflow.nn.actnorm_invconv.stacked_weights": 2 + 2 + 2 + 1 if reversible else 1 + 1,
+    }
+
+
+@_NEEDS_INTERPRETER
+def test_pair_folds_actnorm_into_one_channel_mix(monkeypatch):
+    """On the kernels the pair is one ``channel_mix`` with the folded weight and bias, and no ActNorm pass."""
+    import fastflow.ops.actnorm_invconv as ops
+
+    mixes = []
+    channel_mix = ops.channel_mix
+    monkeypatch.setattr(ops, "channel_mix", lambda x, w, b=None: mixes.append(b is not None) or channel_mix(x, w, b))
+    monkeypatch.setattr(ops, "actnorm_ref", None)  # the eager twin's ActNorm pass must not run
+    chain = FlowSequential(ActNorm(4), InvConv1x1(4)).eval()
+    with fastflow.backend("interpret"):
+        chain.inverse(chain(torch.randn(2, 4, 3, 3))[0])
+    assert mixes == [True, True]
+
+
+def test_units_pair_only_an_actnorm_directly_before_an_invconv_of_its_width():
+    actnorm, conv, coupling = ActNorm(4), InvConv1x1(4), AffineCoupling(4, hidden=8)
+    units = chain_units([Squeeze(), actnorm, conv, coupling, InvConv1x1(4), ActNorm(4), ActNorm(2), InvConv1x1(4)])
+    kinds = [type(unit).__name__ for unit in units]
+    assert kinds == ["Squeeze", "ActNormInvConv", "AffineCoupling", "InvConv1x1", "ActNorm", "ActNorm", "InvConv1x1"]
+    assert isinstance(units[1], ActNormInvConv) and units[1].actnorm is actnorm and units[1].invconv is conv
+    assert units[1].parameters() == [*actnorm.parameters(), *conv.parameters()]
+
+
+def test_level_of_chains_built_by_hand_batches_their_weights(monkeypatch):
+    """A level nesting chains built by hand computes all their pairs' weights in one call, like FlowSteps'."""
+    level = FlowSequential(Squeeze(), *(_by_hand(8, False) for _ in range(3))).eval()
+    calls = _Calls(monkeypatch)
+    y, _ = level(torch.randn(2, 2, 4, 6))
+    level.inverse(y)
+    assert calls.counts["fastflow.nn.actnorm_invconv.stacked_weights"] == 2
+
+
+def test_pair_checks_its_input():
+    chain = FlowSequential(ActNorm(4), InvConv1x1(4)).eval()
+    with pytest.raises(ValueError, match="channel mismatch"):
+        chain(torch.randn(2, 3, 4, 4))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        chain.inverse([1.0, 2.0])
