@@ -1,9 +1,11 @@
 """``python -m benchmarks``: run the suite, print and write the markdown tables, JSON and a PNG plot.
 
-Cases on every device: ``coupling`` (the coupling op), ``actnorm_invconv`` (ActNorm + 1x1 conv), ``flowstep``
-(one Glow step), ``train_depth`` (a Glow training step over depth K, standard vs reversible, time and peak
-memory), ``train_resolution`` (a Glow training step at growing resolution for standard, per-step
-checkpointing, reversible and reversible+tiled), ``census`` (launches and bytes per pixel of one FlowStep and
+Cases on every device: ``coupling`` (the coupling op), ``spline`` (the rational-quadratic spline transform,
+forward + backward, against torch.compile, zuko and nflows; :mod:`benchmarks.bench_spline`),
+``actnorm_invconv`` (ActNorm + 1x1 conv), ``flowstep`` (one Glow step), ``train_depth`` (a Glow training step
+over depth K, standard vs reversible, time and peak memory), ``train_resolution`` (a Glow training step at
+growing resolution for standard, per-step checkpointing, reversible and reversible+tiled), ``census``
+(launches and bytes per pixel of one FlowStep and
 one training step, eager and compiled, :mod:`benchmarks.census`). CPU only: ``train_step_cpu`` (the
 reference step eager, compiled, reversible; :mod:`benchmarks.step_modes`), ``peers_glow`` (the digits demo
 against normflows' Glow, :mod:`benchmarks.peers`), ``tabular`` (TabularFlow against zuko's RealNVP and NSF on
@@ -35,6 +37,7 @@ from benchmarks import (
     bench_actnorm_invconv,
     bench_coupling,
     bench_flowstep,
+    bench_spline,
     census,
     peers,
     step_modes,
@@ -54,6 +57,7 @@ from benchmarks.plot import plot_results
 
 CASES = (
     "coupling",
+    "spline",
     "actnorm_invconv",
     "flowstep",
     "train_depth",
@@ -89,6 +93,8 @@ def _run_case(
     if name == "coupling":
         kwargs = {} if not quick else {"sizes": bench_coupling.GLOW_SIZES[:2]}
         return bench_coupling.run(device, dtype, quick=quick, budget=budget, **kwargs)
+    if name == "spline":
+        return bench_spline.run(device, dtype, quick=quick, budget=budget)
     if name == "actnorm_invconv":
         return bench_actnorm_invconv.run(device, dtype, quick, channels, budget)
     if name in ("flowstep", "flowstep_max_autotune"):

@@ -11,7 +11,9 @@ same batches (one shared draw per step), Adam at 1e-3 with cosine decay trains:
 - ``fastflow``: :class:`fastflow.models.TabularFlow` (ActNorm, LU linear map, affine coupling per transform);
 - ``zuko_realnvp``: ``zuko.flows.RealNVP`` (affine couplings on alternating checkered masks);
 - ``zuko_nsf``: ``zuko.flows.NSF(passes=2)`` (rational-quadratic spline couplings, 8 bins; not in ``--quick``,
-  its 64-D step is several times the others').
+  its 64-D step is several times the others');
+- ``fastflow_nsf``: :class:`fastflow.models.NSF` (LU linear map, spline coupling with 8 bins per transform; not
+  in ``--quick``), against ``zuko_nsf``.
 
 ``heldout_nll`` is the mean ``-log p(x)`` in nats per example on the held-out split, in the standardised
 space (``nll_per_dim`` divides by ``D``), of each model's weights at ``best_step``: the step, among
@@ -46,7 +48,7 @@ from torch import nn
 
 from benchmarks.common import SKIPPED, Budget
 from fastflow.examples.toy_data import two_moons
-from fastflow.models import TabularFlow
+from fastflow.models import NSF, TabularFlow
 
 __all__ = [
     "MATCHED",
@@ -63,7 +65,7 @@ MATCHED = {"transforms": 5, "hidden": 64, "hidden_layers": 2}
 
 SETTINGS = {
     "quick": {"steps": 100, "batch": 256, "libraries": ("fastflow", "zuko_realnvp")},
-    "full": {"steps": 1000, "batch": 256, "libraries": ("fastflow", "zuko_realnvp", "zuko_nsf")},
+    "full": {"steps": 1000, "batch": 256, "libraries": ("fastflow", "zuko_realnvp", "zuko_nsf", "fastflow_nsf")},
 }
 VALIDATIONS = 20  # validation passes over a run (model selection against over-fitting the small sets)
 WARMUP_STEPS = 5  # not timed: allocator and thread pools, ActNorm's data-dependent initialisation
@@ -188,7 +190,14 @@ def _zuko(kind: str, features: int, context: int, steps: int) -> _Trainee:
     return _Trainee(flow, lambda x, c: -flow(c).log_prob(x), steps)
 
 
+def _fastflow_nsf(features: int, context: int, steps: int) -> _Trainee:
+    model = NSF(features, context, transforms=MATCHED["transforms"], hidden=MATCHED["hidden"])
+    return _Trainee(model, lambda x, c: -model.log_prob(x, c), steps)
+
+
 def _trainee(library: str, features: int, context: int, steps: int) -> _Trainee:
+    if library == "fastflow_nsf":
+        return _fastflow_nsf(features, context, steps)
     return _fastflow(features, context, steps) if library == "fastflow" else _zuko(library, features, context, steps)
 
 

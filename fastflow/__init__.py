@@ -1,14 +1,15 @@
-"""fastflow: normalizing flows (NICE, RealNVP, Glow, tabular flows) for PyTorch with fused Triton kernels."""
+"""fastflow: normalizing flows for PyTorch (Glow, RealNVP, NICE, tabular and spline flows), fused Triton kernels."""
 
 from fastflow.backend import backend
 from fastflow.checkpoint import load_checkpoint, save_checkpoint
-from fastflow.models import NICE, FlowModel, Glow, RealNVP, TabularFlow, dequantize
+from fastflow.models import NICE, NSF, FlowModel, Glow, RealNVP, TabularFlow, dequantize
 from fastflow.nn.reversible import ReconstructionError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NICE",
+    "NSF",
     "FlowModel",
     "Glow",
     "RealNVP",

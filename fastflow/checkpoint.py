@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fastflow.models import NICE, FlowModel, Glow, RealNVP, TabularFlow
+from fastflow.models import NICE, NSF, FlowModel, Glow, RealNVP, TabularFlow
 
 __all__ = [
     "CONFIG_NAME",
@@ -32,7 +32,13 @@ __all__ = [
 ]
 
 RUNTIME_OPTIONS = ("reversible",)
-MODEL_CLASSES: dict[str, type[FlowModel]] = {"Glow": Glow, "RealNVP": RealNVP, "NICE": NICE, "TabularFlow": TabularFlow}
+MODEL_CLASSES: dict[str, type[FlowModel]] = {
+    "Glow": Glow,
+    "RealNVP": RealNVP,
+    "NICE": NICE,
+    "TabularFlow": TabularFlow,
+    "NSF": NSF,
+}
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 MAX_LISTED = 5  # error messages name at most this many parameters of each kind, then give the count

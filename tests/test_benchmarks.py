@@ -271,3 +271,27 @@ def test_tabular_case_rows_and_time_box(monkeypatch):
 
     skipped = tabular.unconditional_rows(quick=True, budget=_ExpiresAfter(1))
     assert [r.get("skipped") for r in skipped] == [None, None, "time", "time", "time", "time"]
+
+
+def test_spline_case_checks_and_times_every_provider():
+    """The ``spline`` case at one tiny size: eager, compile and zuko timed with what they save for backward (the
+    compiled graph saves less than eager's intermediates), nflows timed or marked not installed; past its time
+    box every size is marked skipped."""
+    from benchmarks import bench_spline
+
+    rows = {r["provider"]: r for r in bench_spline.run("cpu", quick=True, sizes=[(64, 3, 4)])}
+    assert {"eager", "compile", "zuko", "nflows"} == set(rows)  # no fused row on the CPU
+    for name in ("eager", "compile", "zuko"):
+        assert rows[name]["median_ms"] > 0 and rows[name]["saved_mb"] > 0 and rows[name]["gbps"] > 0
+    assert rows["compile"]["saved_mb"] < rows["eager"]["saved_mb"]
+    assert rows["nflows"].get("skipped") == "not installed" or rows["nflows"]["median_ms"] > 0
+    skipped = bench_spline.run("cpu", quick=True, budget=_ExpiresAfter(0))
+    assert len(skipped) == len(bench_spline.QUICK_SIZES) and all(r["skipped"] == "time" for r in skipped)
+
+
+def test_tabular_fastflow_nsf_trainee_steps():
+    from benchmarks import tabular
+
+    trainee = tabular._trainee("fastflow_nsf", 3, 0, steps=2)
+    trainee.step(torch.randn(16, 3))
+    assert trainee.error is None and math.isfinite(trainee.heldout_nll(torch.randn(8, 3)))

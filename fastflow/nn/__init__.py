@@ -2,6 +2,7 @@
 (y, logdet)`` and ``inverse(y, context=None) -> (x, logdet)``."""
 
 from fastflow.nn.actnorm import ActNorm
+from fastflow.nn.autoregressive import MaskedAutoregressiveSpline
 from fastflow.nn.base import FlowLayer
 from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling
 from fastflow.nn.coupling_network import (
@@ -17,6 +18,7 @@ from fastflow.nn.flow_step import FlowStep
 from fastflow.nn.invconv import InvConv1x1, InvertibleLinear
 from fastflow.nn.permutation import Permutation
 from fastflow.nn.sequential import FlowSequential
+from fastflow.nn.spline_coupling import SplineCoupling
 from fastflow.nn.split import Split
 from fastflow.nn.squeeze import Squeeze, squeeze2d, unsqueeze2d
 
@@ -31,7 +33,9 @@ __all__ = [
     "InvConv1x1",
     "InvertibleLinear",
     "MLPNetwork",
+    "MaskedAutoregressiveSpline",
     "Permutation",
+    "SplineCoupling",
     "Split",
     "Squeeze",
     "Subnet",

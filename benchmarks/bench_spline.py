@@ -1,0 +1,191 @@
+"""``spline``: the rational-quadratic spline transform of a coupling, forward + backward, across providers.
+
+The transform of :class:`fastflow.nn.SplineCoupling` on vectors: ``x`` ``(B, D)`` and ``raw`` ``(B, D, 3K - 1)``
+(a conditioner's output viewed in place), ``(y, logdet) = spline(x, raw)``, then the gradients w.r.t. ``x`` and
+``raw`` for fixed upstream ``grad_y`` and ``grad_logdet``. Sizes: ``B`` in :data:`BATCHES`, ``D`` in
+:data:`FEATURES`, ``K`` bins in :data:`BINS` (``--quick``: :data:`QUICK_SIZES`), ``x ~ 1.5 N(0, 1)`` (a few
+percent beyond ``bound = 3``, in the identity tails) and ``raw ~ N(0, 1)``.
+
+Providers:
+
+- ``eager``: :func:`fastflow.ops.spline.rq_spline_ref`, autograd through ATen;
+- ``fused``: :func:`fastflow.ops.spline.rq_spline` on the Triton backend (CUDA only: on the CPU the kernels run
+  only under the interpreter, whose times say nothing of speed);
+- ``compile``: ``torch.compile`` of the eager twin;
+- ``zuko``: ``zuko.transforms.MonotonicRQSTransform`` on the same raw tensors (its own map from raw parameters:
+  soft-clipped softmax sizes, ``exp`` derivatives; the same spline, its parity is tested in
+  ``tests/ops/test_spline_parity.py``), ``call_and_ladj`` with the log-det summed per sample;
+- ``nflows``: ``unconstrained_rational_quadratic_spline`` with linear tails, where nflows is installed (a row
+  saying so where it is not).
+
+``compile`` and ``fused`` are checked before they are timed: their largest errors against float64 eager must be at
+most twice eager's own plus a small ``atol`` (a mismatch raises); zuko's and nflows' maps differ, so they are
+timed only. ``median_ms`` is the median wall time of forward + backward (CUDA events on CUDA); ``gbps`` is
+the fused kernels' byte count, ``(3P + 5) E`` per element of ``x`` (``P = 3K - 1``, ``E`` the element size;
+:mod:`fastflow.kernels.spline`), over that time for every provider (an effective rate for the others, which
+move more); ``saved_mb`` is what the provider keeps saved for backward:
+the bytes of the distinct storages its autograd graph saves (``torch.autograd.graph.saved_tensors_hooks``),
+inputs included; ``peak_mem_mb`` (CUDA) what one forward + backward adds at its peak.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+import fastflow
+from benchmarks.common import SKIPPED, Budget, MismatchError, median_ms, peak_mib
+from fastflow.backend import interpreter_enabled, triton_available
+from fastflow.ops.spline import rq_spline, rq_spline_ref
+
+__all__ = ["BATCHES", "BINS", "FEATURES", "QUICK_SIZES", "run", "saved_bytes"]
+
+BATCHES = (4096, 65536)
+FEATURES = (8, 64)
+BINS = (8, 16)
+QUICK_SIZES = ((4096, 8, 8), (4096, 64, 16))
+BOUND = 3.0
+_ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # slack of the three-way check
+_REPS = {True: 5, False: 20}  # CPU repeats for quick / full runs (CUDA uses do_bench's own)
+
+Spline = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _zuko(bins: int) -> Spline:
+    from zuko.transforms import MonotonicRQSTransform
+
+    def spline(x: torch.Tensor, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, ladj = MonotonicRQSTransform(*raw.split([bins, bins, bins - 1], dim=-1), bound=BOUND).call_and_ladj(x)
+        return y, ladj.sum(dim=1)
+
+    return spline
+
+
+def _nflows(bins: int) -> Spline:
+    from nflows.transforms.splines.rational_quadratic import unconstrained_rational_quadratic_spline
+
+    def spline(x: torch.Tensor, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        widths, heights, derivatives = raw.split([bins, bins, bins - 1], dim=-1)
+        y, logabsdet = unconstrained_rational_quadratic_spline(
+            x, widths, heights, derivatives, inverse=False, tails="linear", tail_bound=BOUND
+        )
+        return y, logabsdet.sum(dim=1)
+
+    return spline
+
+
+def _providers(bins: int, device: torch.device) -> dict[str, tuple[str, Spline | None]]:
+    """``name -> (fastflow backend, spline)``; a None spline marks a provider that is not installed."""
+    torch._dynamo.reset()  # one compiled graph per size: never the recompile limit's silent eager fallback
+    providers: dict[str, tuple[str, Spline | None]] = {
+        "eager": ("eager", lambda x, raw: rq_spline_ref(x, raw, bins, BOUND)),
+        "compile": ("eager", torch.compile(lambda x, raw: rq_spline_ref(x, raw, bins, BOUND), dynamic=False)),
+    }
+    if device.type == "cuda" and triton_available() and not interpreter_enabled():
+        providers["fused"] = ("triton", lambda x, raw: rq_spline(x, raw, bins, BOUND))
+    for name, make in (("zuko", _zuko), ("nflows", _nflows)):
+        providers[name] = ("eager", make(bins) if importlib.util.find_spec(name) is not None else None)
+    return providers
+
+
+def _fwd_bwd(
+    spline: Spline, grad_y: torch.Tensor, grad_logdet: torch.Tensor
+) -> Callable[..., tuple[torch.Tensor, ...]]:
+    def step(x: torch.Tensor, raw: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y, logdet = spline(x, raw)
+        return (y, logdet, *torch.autograd.grad((y, logdet), (x, raw), (grad_y, grad_logdet.to(logdet.dtype))))
+
+    return step
+
+
+def saved_bytes(spline: Spline, x: torch.Tensor, raw: torch.Tensor) -> int:
+    """Bytes of the distinct storages that ``spline(x, raw)``'s autograd graph saves for backward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = spline(x, raw)
+    del out
+    return sum(storages.values())
+
+
+def _max_errors(outputs: Sequence[torch.Tensor], truth: Sequence[torch.Tensor]) -> list[float]:
+    return [float((got.detach().double() - want).abs().max()) for got, want in zip(outputs, truth)]
+
+
+def _check(
+    name: str, outputs: Sequence[torch.Tensor], eager_errors: list[float], truth: Sequence[torch.Tensor], atol: float
+) -> None:
+    """Three-way check (DESIGN.md): each output's largest error against float64 must be at most twice eager's
+    same-dtype error plus ``atol``; gradients near steep, narrow bins lose digits in any float32 evaluation."""
+    labels = ("y", "logdet", "grad_x", "grad_raw")
+    for label, error, allowed in zip(labels, _max_errors(outputs, truth), eager_errors):
+        if not error <= 2 * allowed + atol:
+            raise MismatchError(
+                f"{name} {label}: error {error:.3g} against float64, eager's is {allowed:.3g}: refusing to time it"
+            )
+
+
+def _size_rows(size: Sequence[int], dtype: torch.dtype, device: torch.device, quick: bool) -> list[dict[str, Any]]:
+    batch, features, bins = size
+    params = 3 * bins - 1
+    x = (1.5 * torch.randn(batch, features, device=device)).to(dtype).requires_grad_()
+    raw = torch.randn(batch, features, params, device=device, dtype=dtype, requires_grad=True)
+    grad_y, grad_logdet = torch.randn_like(x), torch.randn(batch, device=device)
+    with fastflow.backend("eager"):
+        x64, raw64 = (v.detach().double().requires_grad_() for v in (x, raw))
+        want = _fwd_bwd(lambda u, r: rq_spline_ref(u, r, bins, BOUND), grad_y.double(), grad_logdet)(x64, raw64)
+    nbytes = x.numel() * x.element_size() * (3 * params + 5)
+    base = {"op": "spline", "pass": "fwd+bwd", "batch": batch, "features": features, "bins": bins}
+    base.update(dtype=str(dtype).replace("torch.", ""), device=str(device))
+    rows = []
+    for name, (backend, spline) in _providers(bins, device).items():
+        if spline is None:
+            rows.append({**base, "provider": name, "skipped": "not installed"})
+            continue
+        fn = _fwd_bwd(spline, grad_y, grad_logdet)
+        with fastflow.backend(backend):  # type: ignore[arg-type]
+            if name == "eager":
+                eager_errors = _max_errors(fn(x, raw), want)
+            elif name in ("compile", "fused"):
+                _check(f"spline {tuple(size)} {name}", fn(x, raw), eager_errors, want, _ATOL[dtype])
+            ms = median_ms(lambda fn=fn: fn(x, raw), device, reps=_REPS[quick])
+            peak = peak_mib(lambda fn=fn: fn(x, raw), device)
+            saved = saved_bytes(spline, x, raw)
+        rows.append({**base, "provider": name, "median_ms": ms, "gbps": nbytes / ms / 1e6, "saved_mb": saved / 2**20})
+        rows[-1]["peak_mem_mb"] = peak
+    eager_ms = next(r["median_ms"] for r in rows if r["provider"] == "eager")
+    for row in rows:
+        if "median_ms" in row:
+            row["speedup_vs_eager"] = eager_ms / row["median_ms"]
+    return rows
+
+
+def run(
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.float32,
+    quick: bool = False,
+    budget: Budget | None = None,
+    sizes: Sequence[Sequence[int]] | None = None,
+) -> list[dict[str, Any]]:
+    """Rows of the ``spline`` case (module docstring) for each ``(B, D, K)`` of ``sizes`` (default: the full grid,
+    or :data:`QUICK_SIZES` with ``quick``). A size not started before ``budget`` expires gets a ``skipped: time``
+    row. Raises :class:`benchmarks.common.MismatchError` if compile or fused fails the three-way check.
+    """
+    device = torch.device(device)
+    if sizes is None:
+        sizes = QUICK_SIZES if quick else [(b, d, k) for b in BATCHES for d in FEATURES for k in BINS]
+    rows: list[dict[str, Any]] = []
+    for size in sizes:
+        if budget is not None and budget.expired():
+            rows.append({"op": "spline", "batch": size[0], "features": size[1], "bins": size[2], **SKIPPED})
+            continue
+        rows += _size_rows(size, dtype, device, quick)
+    return rows

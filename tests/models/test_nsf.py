@@ -1,0 +1,186 @@
+"""NSF (coupling and autoregressive): brute-force log-det, exact encode/decode, sampling with a context,
+reversible training, learning a 2-D density, one graph under torch.compile, clear errors."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+
+from fastflow.examples.toy_data import two_moons
+from fastflow.models import NSF, FlowModel
+from fastflow.nn import MaskedAutoregressiveSpline, SplineCoupling
+from tests.helpers import brute_force_logdet, perturb_parameters
+
+VARIANTS = [False, True]  # autoregressive
+
+
+def _model(features: int = 3, context: int = 0, autoregressive: bool = False, **kwargs) -> NSF:
+    torch.manual_seed(1)
+    model = NSF(features, context, transforms=3, bins=4, hidden=8, autoregressive=autoregressive, **kwargs)
+    model = model.double()
+    perturb_parameters(model, 0.2)
+    return model.eval()
+
+
+def _context(n: int, context: int) -> torch.Tensor | None:
+    return torch.randn(n, context, dtype=torch.float64) if context else None
+
+
+def test_signature_and_structure():
+    parameters = inspect.signature(NSF).parameters
+    assert list(parameters)[:7] == ["features", "context", "transforms", "bins", "hidden", "bound", "autoregressive"]
+    assert [parameters[n].default for n in ("context", "transforms", "bins", "hidden", "bound")] == [0, 5, 8, 64, 3.0]
+    assert parameters["autoregressive"].default is False
+    coupling, autoregressive = NSF(4, transforms=3), NSF(4, transforms=3, autoregressive=True)
+    assert isinstance(coupling, FlowModel)
+    assert sum(isinstance(m, SplineCoupling) for m in coupling.modules()) == 3
+    assert sum(isinstance(m, MaskedAutoregressiveSpline) for m in autoregressive.modules()) == 3
+    assert coupling.config == dict(
+        features=4, context=0, transforms=3, bins=8, hidden=64, bound=3.0, autoregressive=False, reversible=False
+    )
+
+
+@pytest.mark.parametrize("autoregressive", VARIANTS)
+def test_starts_as_the_standard_normal(autoregressive):
+    model = NSF(3, 2, transforms=2, hidden=8, autoregressive=autoregressive)
+    x, c = torch.randn(5, 3), torch.randn(5, 2)
+    want = -0.5 * (x.square() + math.log(2 * math.pi)).sum(1)
+    torch.testing.assert_close(model.log_prob(x, c), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("autoregressive", VARIANTS)
+@pytest.mark.parametrize("context", [0, 2])
+def test_log_prob_is_the_change_of_variables_with_the_brute_force_logdet(context, autoregressive):
+    model = _model(3, context, autoregressive)
+    x, c = 1.5 * torch.randn(4, 3, dtype=torch.float64), _context(4, context)
+    rows = [None if c is None else c[i : i + 1] for i in range(4)]
+    expected_logdet = torch.cat(
+        [brute_force_logdet(lambda v, r=r: model.encode(v, r)[-1], x[i : i + 1]) for i, r in enumerate(rows)]
+    )
+    z = model.encode(x, c)[-1]
+    log_normal = -0.5 * (z.square() + math.log(2 * math.pi)).sum(1)
+    torch.testing.assert_close(model.log_prob(x, c), log_normal + expected_logdet, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("autoregressive", VARIANTS)
+def test_decode_inverts_encode_and_samples_depend_on_the_context(autoregressive):
+    model = _model(4, 2, autoregressive)
+    x, c = 1.5 * torch.randn(5, 4, dtype=torch.float64), _context(5, 2)
+    torch.testing.assert_close(model.decode(model.encode(x, c), c), x, atol=1e-10, rtol=1e-10)
+    torch.manual_seed(0)
+    samples = model.sample(5, c)
+    torch.manual_seed(0)
+    shifted = model.sample(5, c + 1)
+    assert samples.shape == (5, 4) and (samples - shifted).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("autoregressive", VARIANTS)
+def test_reversible_training_gives_standard_gradients(autoregressive):
+    model = _model(4, 3, autoregressive).train()
+    x, c = 1.5 * torch.randn(6, 4, dtype=torch.float64), _context(6, 3)
+    results = {}
+    for reversible in (False, True):
+        model.reversible = reversible
+        model.zero_grad(set_to_none=True)
+        leaf = c.clone().requires_grad_(True)
+        loss = -model.log_prob(x, leaf).mean()
+        loss.backward()
+        results[reversible] = [loss.detach(), leaf.grad, *(p.grad.clone() for p in model.parameters())]
+    for got, want in zip(results[True], results[False]):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("autoregressive", VARIANTS)
+def test_learns_two_moons(autoregressive):
+    """Standardised two moons: the best Gaussian's NLL is 2.73 nats; 150 Adam steps of a 3-transform NSF must get
+    below 1.8 on held-out points (1.37 and 1.36 when measured)."""
+    torch.manual_seed(0)
+    train, test = two_moons(4096, 0), two_moons(2048, 1)
+    mean, std = train.mean(0), train.std(0)
+    train, test = (train - mean) / std, (test - mean) / std
+    model = NSF(2, transforms=3, hidden=32, autoregressive=autoregressive)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for _ in range(150):
+        loss = -model.log_prob(train[torch.randint(len(train), (128,))]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        nll = float(-model.log_prob(test).mean())
+    assert nll < 1.8, f"held-out NLL {nll:.3f} nats"
+
+
+@pytest.mark.parametrize("autoregressive", VARIANTS)
+def test_the_conditional_objective_compiles_whole_with_eager_gradients(autoregressive):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = NSF(3, context=2, transforms=2, hidden=8, autoregressive=autoregressive).train()
+    x, c = torch.randn(8, 3), torch.randn(8, 2)
+
+    def objective(x, c):
+        return -model.log_prob(x, c).mean()
+
+    explanation = torch._dynamo.explain(objective)(x, c)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    want = objective(x, c)
+    want.backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    got = torch.compile(objective, backend="aot_eager", fullgraph=True)(x, c)
+    got.backward()
+    torch.testing.assert_close(got, want)
+    for p, w in zip(model.parameters(), want_grads):
+        torch.testing.assert_close(p.grad, w)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"features": 1}, ValueError, "features must be >= 2"),
+        ({"features": 3, "context": -1}, ValueError, "context must be >= 0"),
+        ({"features": 3, "transforms": 0}, ValueError, "transforms must be >= 1"),
+        ({"features": 3, "bins": 0}, ValueError, "bins must be >= 1"),
+        ({"features": 3, "hidden": 2.5}, TypeError, "hidden must be an int"),
+        ({"features": 3, "bound": 0.0}, ValueError, "bound must be finite and > 0"),
+        ({"features": 3, "bound": "3"}, TypeError, "bound must be a float"),
+        ({"features": 3, "autoregressive": 1}, TypeError, "autoregressive must be a bool"),
+    ],
+)
+def test_bad_constructor_arguments_raise(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        NSF(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda m: m.log_prob(torch.randn(2, 4, dtype=torch.float64), _context(2, 2)), ValueError, r"\(B, 3\)"),
+        (lambda m: m.log_prob(torch.randn(2, 3, dtype=torch.float64)), ValueError, "context is required"),
+        (
+            lambda m: m.log_prob(torch.randn(2, 3, dtype=torch.float64), _context(2, 3)),
+            ValueError,
+            "context has 3 features .* built for 2",
+        ),
+        (lambda m: m.sample(3), ValueError, "context is required"),
+    ],
+)
+@pytest.mark.parametrize("autoregressive", VARIANTS)
+def test_bad_inputs_raise_clear_errors(call, error, match, autoregressive):
+    with pytest.raises(error, match=match):
+        call(_model(3, 2, autoregressive))
+
+
+def test_shares_as_safetensors_and_reloads_with_the_same_density(tmp_path):
+    for autoregressive in (False, True):
+        model = NSF(2, context=1, transforms=2, bins=4, hidden=8, autoregressive=autoregressive)
+        x, context = torch.randn(6, 2), torch.randn(6, 1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        model.eval().save_pretrained(tmp_path / str(autoregressive))
+        loaded = FlowModel.from_pretrained(tmp_path / str(autoregressive))
+        assert isinstance(loaded, NSF) and loaded.config == model.config
+        torch.testing.assert_close(loaded.log_prob(x, context), model.log_prob(x, context), atol=0, rtol=0)
