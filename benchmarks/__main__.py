@@ -10,11 +10,12 @@ one training step, eager and compiled, :mod:`benchmarks.census`). CPU only: ``tr
 reference step eager, compiled, reversible; :mod:`benchmarks.step_modes`), ``peers_glow`` (the digits demo
 against normflows' Glow, :mod:`benchmarks.peers`), ``tabular`` (TabularFlow against zuko's RealNVP and NSF on
 vector data, held-out NLL and training-step time, and a conditional flow against one flow per condition;
-:mod:`benchmarks.tabular`). CUDA only: ``train_modes`` (the step eager vs compiled vs
-CUDA graph in bf16, :mod:`benchmarks.step_modes`), ``largest_batch`` (the largest batch that fits at 256,
-512 and 1024 pixels per backprop mode), ``flowstep_max_autotune`` (``flowstep``'s first size with
-``torch.compile(mode="max-autotune")`` too). Each timed case checks the fused result against eager first
-and refuses to report a speed for a wrong answer.
+:mod:`benchmarks.tabular`), ``jet_memory`` (a Jet training step at 32 and 64 couplings, per-coupling
+checkpointing vs reversible, peak memory and time; :mod:`benchmarks.bench_jet`). CUDA only: ``train_modes``
+(the step eager vs compiled vs CUDA graph in bf16, :mod:`benchmarks.step_modes`), ``largest_batch`` (the
+largest batch that fits at 256, 512 and 1024 pixels per backprop mode), ``flowstep_max_autotune``
+(``flowstep``'s first size with ``torch.compile(mode="max-autotune")`` too). Each timed case checks the fused
+result against eager first and refuses to report a speed for a wrong answer.
 
 Time boxes: ``--budget-s`` (per case) and ``--deadline`` (a UNIX time for the whole run) make each case stop
 starting new work once its box is over: what it measured is kept, what it did not start is recorded as
@@ -37,6 +38,7 @@ from benchmarks import (
     bench_actnorm_invconv,
     bench_coupling,
     bench_flowstep,
+    bench_jet,
     bench_spline,
     census,
     peers,
@@ -66,11 +68,12 @@ CASES = (
     "train_step_cpu",
     "peers_glow",
     "tabular",
+    "jet_memory",
     "train_modes",
     "largest_batch",
     "flowstep_max_autotune",
 )
-CPU_ONLY = ("train_step_cpu", "peers_glow", "tabular")
+CPU_ONLY = ("train_step_cpu", "peers_glow", "tabular", "jet_memory")
 CUDA_ONLY = ("train_modes", "largest_batch", "flowstep_max_autotune")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -109,6 +112,8 @@ def _run_case(
         return peers.peers_rows(quick, budget)
     if name == "tabular":
         return tabular.tabular_rows(quick, budget)
+    if name == "jet_memory":
+        return bench_jet.jet_memory_rows(device, quick, budget)
     if name == "train_modes":
         return step_modes.gpu_mode_rows(budget)
     if name == "largest_batch":

@@ -44,10 +44,10 @@ MODES = ("standard", "checkpoint", "reversible", "tiled")
 def _checkpoint_every_layer(block: FlowSequential) -> None:
     """Make ``block`` run each of its layers under ``torch.utils.checkpoint`` (recompute in backward)."""
 
-    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         total = None
         for layer in block.layers:
-            x, logdet = checkpoint(layer, x, use_reentrant=False)
+            x, logdet = checkpoint(layer, x, context, use_reentrant=False)
             total = logdet if total is None else total + logdet
         return x, total
 

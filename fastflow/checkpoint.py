@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fastflow.models import NICE, NSF, FlowModel, Glow, RealNVP, TabularFlow
+from fastflow.models import NICE, NSF, FlowModel, Glow, Jet, RealNVP, TabularFlow
 
 __all__ = [
     "CONFIG_NAME",
@@ -34,6 +34,7 @@ __all__ = [
 RUNTIME_OPTIONS = ("reversible",)
 MODEL_CLASSES: dict[str, type[FlowModel]] = {
     "Glow": Glow,
+    "Jet": Jet,
     "RealNVP": RealNVP,
     "NICE": NICE,
     "TabularFlow": TabularFlow,

@@ -36,7 +36,7 @@ from fastflow.data import (
 from fastflow.image_folder import image_size, list_classes, list_images, load_image_folder, load_labelled_folder
 from fastflow.images import IMAGE_FORMATS
 from fastflow.latent import attribute_direction, interpolate, manipulate
-from fastflow.models import FlowModel, Glow
+from fastflow.models import FlowModel, Glow, Jet
 from fastflow.train import (
     CHECKPOINT_NAME,
     TrainConfig,
@@ -55,12 +55,15 @@ OUTPUT_SUFFIXES = tuple(IMAGE_FORMATS)  # the image format of --out follows its 
 # from a default: --resume takes every flag not given from the checkpoint, and a given one that contradicts
 # the checkpoint is an error unless it is in RESUME_OVERRIDES (--device and --quiet are never stored).
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "data": None, "resolution": None, "n_bits": None, "levels": 2, "steps": 8, "hidden": 64, "reversible": False,
+    "data": None, "resolution": None, "n_bits": None, "model": "glow", "levels": 2, "steps": 8, "hidden": 64,
+    "patch_size": 2, "couplings": 8, "width": 64, "depth": 2, "heads": 4, "reversible": False,
     "tile_memory_mb": 1024.0, "tile_size": None, "amp": None, "iterations": 1500, "batch": 64, "lr": 2e-3,
     "warmup": 100, "clip": 50.0, "seed": 0, "save_every": 500, "eval_every": 250, "samples": 64, "temperature": 0.7,
     "compile": False, "cuda_graph": False, "channels_last": False,
 }  # fmt: skip
 # Settings that change how a step runs but not what it computes may change on --resume.
+# The flags of one model only: giving one for the other model is an error.
+MODEL_FLAGS = {"glow": ("levels", "steps", "hidden"), "jet": ("patch_size", "couplings", "width", "depth", "heads")}
 RESUME_OVERRIDES = (
     "iterations", "save_every", "eval_every", "samples", "temperature", "tile_size", "tile_memory_mb", "compile",
     "cuda_graph", "channels_last",
@@ -161,8 +164,13 @@ def _resolve_train_flags(args: argparse.Namespace) -> int:
     for name, value in TRAIN_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    foreign = [_flag(n) for m, names in MODEL_FLAGS.items() if m != args.model for n in names if n in given]
+    if foreign:
+        raise ValueError(f"{', '.join(foreign)} do not apply to --model {args.model}")
     if not args.reversible and ("tile_size" in given or "tile_memory_mb" in given):
         raise ValueError("--tile-size and --tile-memory-mb only apply with --reversible")
+    if args.model == "jet" and ("tile_size" in given or "tile_memory_mb" in given):
+        raise ValueError("--tile-size and --tile-memory-mb apply to Glow only: Jet's attention is global, not tiled")
     if args.compile and args.cuda_graph:
         raise ValueError("choose one of --compile and --cuda-graph")
     if args.cuda_graph and (args.device == "cpu" or not torch.cuda.is_available()):
@@ -173,7 +181,12 @@ def _resolve_train_flags(args: argparse.Namespace) -> int:
         args.resolution = 8 if args.data is None else _infer_resolution(args.data)
         if args.data is not None and not args.quiet:
             print(f"--resolution {args.resolution}: the shorter side of every image in {args.data}")
-    if args.resolution % 2**args.levels:
+    if args.model == "jet":
+        if args.resolution % args.patch_size:
+            raise ValueError(f"--resolution {args.resolution} must be divisible by --patch-size {args.patch_size}")
+        if args.width % args.heads:
+            raise ValueError(f"--width {args.width} must be divisible by --heads {args.heads}")
+    elif args.resolution % 2**args.levels:
         raise ValueError(
             f"--resolution {args.resolution} must be divisible by 2**levels = {2**args.levels} (--levels {args.levels})"
         )
@@ -211,6 +224,24 @@ def _training_data(args: argparse.Namespace) -> tuple[ImageSource, torch.Tensor,
     return source, heldout.levels, n_bins, f"{res}x{res} crops of the bundled photos"
 
 
+def _model(args: argparse.Namespace, in_channels: int, n_bins: int) -> tuple[FlowModel, str]:
+    """The ``--model`` to train, built from the train flags, and its one-line description."""
+    if args.model == "jet":
+        jet = Jet(
+            in_channels, args.resolution, patch_size=args.patch_size, couplings=args.couplings, width=args.width,
+            depth=args.depth, heads=args.heads, n_bins=n_bins, reversible=args.reversible,
+        )  # fmt: skip
+        return jet, (
+            f"Jet patch={args.patch_size} couplings={args.couplings} width={args.width} depth={args.depth} "
+            f"heads={args.heads}"
+        )
+    glow = Glow(
+        in_channels=in_channels, image_size=args.resolution, levels=args.levels, steps=args.steps,
+        hidden=args.hidden, n_bins=n_bins, reversible=args.reversible,
+    )  # fmt: skip
+    return glow, f"Glow L={args.levels} K={args.steps} hidden={args.hidden}"
+
+
 def _train(args: argparse.Namespace) -> int:
     start = _resolve_train_flags(args)
     checkpoint = os.path.join(args.out, CHECKPOINT_NAME)
@@ -229,15 +260,13 @@ def _train(args: argparse.Namespace) -> int:
     context = distributed.setup(args.device)
     try:
         torch.manual_seed(args.seed)
-        model = Glow(
-            in_channels=source.image_shape[0], image_size=args.resolution, levels=args.levels, steps=args.steps,
-            hidden=args.hidden, n_bins=n_bins, reversible=args.reversible,
-        ).to(context.device)  # fmt: skip
-        if args.reversible:
+        model, name = _model(args, source.image_shape[0], n_bins)
+        model.to(context.device)
+        if args.reversible and args.model == "glow":
             model.set_tiling(tile_size=args.tile_size, memory_budget_mb=args.tile_memory_mb)
         if context.is_main and not args.quiet:
             print(
-                f"Glow L={args.levels} K={args.steps} hidden={args.hidden} on {description}, {n_bins} levels, "
+                f"{name} on {description}, {n_bins} levels, "
                 f"{len(heldout)} held-out images, {context.world_size} rank(s) on {context.device.type}"
             )
         flags = {name: getattr(args, name) for name in TRAIN_DEFAULTS}  # plain values, for --resume
@@ -370,15 +399,21 @@ def _parser() -> argparse.ArgumentParser:
     count, positive, at_least_0 = _number(int, 1), _number(float, 0, strict=True), _number(float, 0)
     steps = _number(int, 0)
 
-    t = commands.add_parser("train", help="train a Glow; resumable, data-parallel under torchrun")
+    t = commands.add_parser("train", help="train a Glow or a Jet; resumable, data-parallel under torchrun")
     t.add_argument("--data", help="folder of PNG/JPEG images, or of class sub-folders of them (default: embedded "
                    "digits at --resolution 8, else crops of the photos bundled with scikit-learn)")  # fmt: skip
     t.add_argument("--resolution", type=count, help="image side in pixels (default: 8, the digits; with --data the "
                    "shorter side shared by its images)")  # fmt: skip
     t.add_argument("--n-bits", type=int, help=f"bits per colour channel for images (default {DEFAULT_N_BITS})")
+    t.add_argument("--model", choices=["glow", "jet"], help="the flow to train (default glow)")
     t.add_argument("--levels", type=count, help="Glow levels L (default 2)")
     t.add_argument("--steps", type=count, help="flow steps per level K (default 8)")
-    t.add_argument("--hidden", type=count, help="coupling network width (default 64)")
+    t.add_argument("--hidden", type=count, help="Glow coupling network width (default 64)")
+    t.add_argument("--patch-size", type=count, help="Jet patch side (default 2)")
+    t.add_argument("--couplings", type=count, help="Jet couplings (default 8)")
+    t.add_argument("--width", type=count, help="Jet ViT width (default 64)")
+    t.add_argument("--depth", type=count, help="Jet ViT blocks per coupling (default 2)")
+    t.add_argument("--heads", type=count, help="Jet ViT attention heads (default 4)")
     t.add_argument("--reversible", action="store_true", default=None, help="memory-saving reversible backprop")
     t.add_argument(
         "--tile-memory-mb", type=positive,

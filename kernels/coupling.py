@@ -10,15 +10,18 @@ Math per element (``t`` = shift, ``r`` = raw scale from the coupling network, ``
   forward ``y = x * s + t``; inverse ``x = (y - t) * exp(-log s)``;
   backward ``gx = gy * s``, ``gt = gy``, ``gr = (1 - log s ** 2) * (gy * x * s + gl)``.
 - ``SCALE=2`` NICE (additive): ``y = x + t``, ``x = y - t``, ``log s = 0``, ``gx = gt = gy``.
+- ``SCALE=3`` Jet: ``s = 2 * sigmoid(r)``, ``log s = log 2 + min(r, 0) - log1p(exp(-|r|))``; forward, inverse
+  and backward as Glow's with ``d log s / d r = 1 - sigmoid(r)`` (not ``1 - s``) as the slope:
+  ``gr = (1 - sigmoid(r)) * (gy * (x + t) * s + gl)``, ``x = y * (1 + exp(-r)) / 2 - t``.
 
 ``logdet[b] = sum_n log s[b, n]`` (the inverse stores ``-logdet``). Each program reduces its tile into one
 float32/float64 slot of a ``(B, n_col_blocks)`` partial buffer that the launcher sums: deterministic, no
 atomics. The grid covers every ``(sample, column block)`` pair, so every slot is written and the buffer is
 allocated uninitialised.
 The reversible backward receives ``y`` instead of ``x``: it rebuilds ``x`` with the inverse in registers,
-stores it, and uses ``(x + t) * s = y`` (Glow) and ``x * s = y - t`` (RealNVP) in the gradients.
+stores it, and uses ``(x + t) * s = y`` (Glow, Jet) and ``x * s = y - t`` (RealNVP) in the gradients.
 
-``gt`` is never stored: it equals ``gx`` (Glow, NICE) or ``gy`` (RealNVP), so the caller hands out that
+``gt`` is never stored: it equals ``gx`` (Glow, Jet, NICE) or ``gy`` (RealNVP), so the caller hands out that
 tensor (or its transformed channels) instead. The plain additive backward therefore needs no kernel at all.
 
 Channel split (``CH >= 0``): the kernels can also run on the whole coupling input ``x`` of shape
@@ -30,7 +33,7 @@ Bytes moved per element (``E`` = element size; the per-sample log-det terms are 
 element and, with a channel split, per pass-through element (none in the additive backward: ``gx`` is ``gy``):
 
 ===================  ============================  ============================  =====================  ============
-kernel               Glow (sigmoid)                RealNVP (exp)                 NICE (additive)        pass-through
+kernel               Glow, Jet (sigmoid[2])        RealNVP (exp)                 NICE (additive)        pass-through
 ===================  ============================  ============================  =====================  ============
 forward / inverse    4E: x, t, r -> y              4E: x, t, r -> y              3E: x, t -> y          2E: x -> y
 backward             6E: x, t, r, gy -> gx, gr     5E: x, r, gy -> gx, gr        none (gx = gt = gy)    2E: gy -> gx
@@ -75,6 +78,7 @@ __all__ = [
     "SIGMOID",
     "EXP",
     "ADDITIVE",
+    "SIGMOID2",
     "SCALE_CODES",
     "TILE",
     "NUM_WARPS",
@@ -86,8 +90,9 @@ __all__ = [
     "aot_specs",
 ]
 
-SIGMOID, EXP, ADDITIVE = 0, 1, 2
-SCALE_CODES = {"sigmoid": SIGMOID, "exp": EXP, "additive": ADDITIVE}
+SIGMOID, EXP, ADDITIVE, SIGMOID2 = 0, 1, 2, 3
+SCALE_CODES = {"sigmoid": SIGMOID, "exp": EXP, "additive": ADDITIVE, "sigmoid2": SIGMOID2}
+_LOG2: tl.constexpr = tl.constexpr(0.6931471805599453)  # a constexpr: @triton.jit reads only those globals
 TILE = 1024
 NUM_WARPS = 4
 _MAX_RUNS = 3
@@ -165,9 +170,8 @@ def _store(ptr, offs, value, mask):
 
 
 @triton.jit
-def _sigmoid_parts(r):
-    """``s``, ``1 - s``, ``log s`` and ``1 / s`` for ``s = sigmoid(r + 2)``, from one exp and one log."""
-    z = r + 2.0
+def _sigmoid_parts(z):
+    """``s``, ``1 - s``, ``log s`` and ``1 / s`` for ``s = sigmoid(z)``, from one exp and one log."""
     e = tl.exp(-tl.abs(z))
     d = 1.0 + e
     pos = z >= 0.0
@@ -178,6 +182,21 @@ def _sigmoid_parts(r):
     log_s = tl.minimum(z, 0.0) - log1p_e
     inv_s = tl.where(pos, d, d / e)
     return s, one_minus_s, log_s, inv_s
+
+
+@triton.jit
+def _sigmoid_scale(r, SCALE: tl.constexpr):
+    """``s``, ``d log s / d r``, ``log s`` and ``1 / s`` for Glow's ``s = sigmoid(r + 2)`` (``SCALE == 0``) or
+    Jet's ``s = 2 * sigmoid(r)`` (``SCALE == 3``)."""
+    if SCALE == 0:
+        s, slope, log_s, inv_s = _sigmoid_parts(r + 2.0)
+    else:
+        sig, slope, log_sig, inv_sig = _sigmoid_parts(r)
+        s = 2.0 * sig
+        # log 2 in the compute dtype: a bare float literal would be rounded to float32 in float64 kernels
+        log_s = log_sig + tl.full(r.shape, _LOG2, r.dtype)
+        inv_s = 0.5 * inv_sig
+    return s, slope, log_s, inv_s
 
 
 @triton.jit
@@ -219,8 +238,8 @@ def coupling_fwd_kernel(
             _store(out_ptr, out_offs, u + t, mask)
     else:
         r = _load(r_ptr, _offsets(rows, j0, j1, j2, r_sb, r_s0, r_s1, r_s2, NDIM), mask_b, acc_ty)
-        if SCALE == 0:
-            s, one_minus_s, log_s, inv_s = _sigmoid_parts(r)
+        if SCALE == 0 or SCALE == 3:
+            s, slope, log_s, inv_s = _sigmoid_scale(r, SCALE)
             if INVERSE:
                 out = u * inv_s - t
             else:
@@ -278,17 +297,17 @@ def coupling_bwd_kernel(
     else:
         r = _load(r_ptr, _offsets(rows, j0, j1, j2, r_sb, r_s0, r_s1, r_s2, NDIM), mask_b, acc_ty)
         gl = tl.load(gl_ptr + rows * gl_sb, mask=rows < B, other=0.0).to(acc_ty)[:, None]
-        if SCALE == 0 or REBUILD:
+        if SCALE != 1 or REBUILD:
             t = _load(t_ptr, _offsets(rows, j0, j1, j2, t_sb, t_s0, t_s1, t_s2, NDIM), mask_b, acc_ty)
-        if SCALE == 0:
-            s, one_minus_s, log_s, inv_s = _sigmoid_parts(r)
+        if SCALE == 0 or SCALE == 3:
+            s, slope, log_s, inv_s = _sigmoid_scale(r, SCALE)
             if REBUILD:
                 x = u * inv_s - t
                 xt_s = u
             else:
                 xt_s = (u + t) * s
             gx = gy * s
-            gr = one_minus_s * (gy * xt_s + gl)
+            gr = slope * (gy * xt_s + gl)
         else:
             log_s = _tanh(r)
             if REBUILD:
@@ -466,7 +485,7 @@ def coupling_backward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(grad_x, grad_raw, x)`` of the coupling forward in one pass; ``grad_shift`` is not computed.
 
-    ``grad_shift`` is ``grad_x`` for ``"sigmoid"`` and ``"additive"`` and ``grad_y`` for ``"exp"`` (with
+    ``grad_shift`` is ``grad_x`` for ``"sigmoid"``, ``"sigmoid2"`` and ``"additive"`` and ``grad_y`` for ``"exp"`` (with
     ``b_start``: their channels ``[b_start, b_start + NB)``), so the caller hands those out. ``u`` is the forward
     input ``x``, or the forward output ``y`` when ``rebuild`` (then ``x`` is rebuilt and returned, else None);
     the additive coupling has a kernel only with ``rebuild`` (else ``grad_x = grad_y``). ``grad_y`` matches
@@ -566,7 +585,7 @@ def aot_specs() -> list[AotSpec]:
     )
     specs = []
     for elem, int_type, tile, flags, launch in variants:
-        for scale in (SIGMOID, EXP, ADDITIVE):
+        for scale in (SIGMOID, EXP, ADDITIVE, SIGMOID2):
             for flag in flags:
                 for kernel, flag_name in ((coupling_fwd_kernel, "INVERSE"), (coupling_bwd_kernel, "REBUILD")):
                     if kernel is coupling_bwd_kernel and scale == ADDITIVE and not flag:

@@ -295,3 +295,22 @@ def test_tabular_fastflow_nsf_trainee_steps():
     trainee = tabular._trainee("fastflow_nsf", 3, 0, steps=2)
     trainee.step(torch.randn(16, 3))
     assert trainee.error is None and math.isfinite(trainee.heldout_nll(torch.randn(8, 3)))
+
+
+def test_checkpoint_mode_gives_the_standard_loss_and_gradients():
+    """``train_step``'s per-layer checkpointing recomputes, it changes no number (Glow passes a context)."""
+    from fastflow.models import Glow
+
+    torch.manual_seed(0)
+    model = Glow(3, 8, levels=2, steps=2, hidden=8).double()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64) - 0.5
+    model.log_prob(x)  # initialises ActNorm
+    results = []
+    for mode in ("standard", "checkpoint"):
+        train_step._set_mode(model, mode, 64.0)
+        model.zero_grad()
+        loss = model.bits_per_dim(x).mean()
+        loss.backward()
+        results.append([loss.detach(), *(p.grad.clone() for p in model.parameters())])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)

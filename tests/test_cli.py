@@ -369,3 +369,22 @@ def test_manipulate_with_the_classes_of_a_labelled_folder(rgb_run, tmp_path, cap
     assert (tmp_path / "m.png").read_bytes() == (tmp_path / "n.png").read_bytes(), "a class by name or by index"
     line = _one_line_error(capsys, [*argv, "--label-from", "cats", "--label-to", "birds"], 2, ["birds", "cats, dogs"])
     assert "--label-to" in line
+
+
+def test_train_a_jet_then_resume_and_sample_it(tmp_path, capsys):
+    jet = ["--model", "jet", "--patch-size", "2", "--couplings", "3", "--width", "16", "--depth", "1", "--heads", "2"]
+    run = [*jet, "--batch", "16", "--device", "cpu", "--reversible", "--out", str(tmp_path / "run")]
+    assert main(["train", *run, "--iterations", "2"]) == 0
+    assert "Jet patch=2 couplings=3 width=16 depth=1 heads=2 on the 8x8 digits" in capsys.readouterr().out
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    model, payload = load_checkpoint(ckpt)
+    assert type(model).__name__ == "Jet" and model.config["couplings"] == 3 and payload["extra"]["step"] == 2
+    # --resume takes the model flags from the run
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--iterations", "3", "--device", "cpu"]) == 0
+    assert load_checkpoint(ckpt)[1]["extra"]["step"] == 3
+    assert main(["sample", str(ckpt), "--n", "4", "--out", str(tmp_path / "grid.png")]) == 0
+    out = ["--out", str(tmp_path / "bad")]
+    _one_line_error(capsys, ["train", *jet, "--levels", "2", *out], 2, ["--levels", "--model jet"])
+    _one_line_error(capsys, ["train", *jet, "--resolution", "9", *out], 2, ["divisible by --patch-size 2"])
+    _one_line_error(capsys, ["train", *jet, "--reversible", "--tile-size", "2", *out], 2, ["--tile-size", "Glow"])
+    _one_line_error(capsys, ["train", "--couplings", "4", *out], 2, ["--couplings", "--model glow"])

@@ -16,11 +16,14 @@ from fastflow.nn.coupling_network import (
 )
 from fastflow.nn.flow_step import FlowStep
 from fastflow.nn.invconv import InvConv1x1, InvertibleLinear
+from fastflow.nn.patchify import Patchify, Unpatchify
 from fastflow.nn.permutation import Permutation
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.spline_coupling import SplineCoupling
 from fastflow.nn.split import Split
 from fastflow.nn.squeeze import Squeeze, squeeze2d, unsqueeze2d
+from fastflow.nn.token_coupling import TokenCoupling
+from fastflow.nn.vit import ViTConditioner
 
 __all__ = [
     "ActNorm",
@@ -34,11 +37,15 @@ __all__ = [
     "InvertibleLinear",
     "MLPNetwork",
     "MaskedAutoregressiveSpline",
+    "Patchify",
     "Permutation",
     "SplineCoupling",
     "Split",
     "Squeeze",
     "Subnet",
+    "TokenCoupling",
+    "Unpatchify",
+    "ViTConditioner",
     "ZeroConv2d",
     "conv_subnet",
     "coupling_network",

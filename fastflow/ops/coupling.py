@@ -3,6 +3,8 @@
 Math (per element, ``t`` = shift, ``r`` = raw scale from the network):
 - Glow (``scale="sigmoid"``): ``s = sigmoid(r + 2)``, ``y = (x + t) * s``, inverse ``x = y / s - t``.
 - RealNVP (``scale="exp"``): ``log s = tanh(r)``, ``y = x * s + t``, inverse ``x = (y - t) / s``.
+- Jet (``scale="sigmoid2"``): ``s = 2 * sigmoid(r)``, ``log s = logsigmoid(r) + log 2``, ``y = (x + t) * s``,
+  inverse ``x = y / s - t``; ``s = 1`` at ``r = 0``, so a zero-initialised network starts at the identity.
 - NICE (additive): ``y = x + t``, inverse ``x = y - t``, log-det 0.
 Log-det per sample: ``sum(log s)`` over every non-batch element (negated for the inverse), float32 for
 half inputs. Inputs have any shape ``(B, ...)``; ``shift`` and ``raw`` match ``x_b``.
@@ -15,9 +17,10 @@ split and concatenate.
 
 Derivatives (``gy = dL/dy``, ``gl = dL/dlogdet`` per sample) computed by the fused backward:
 - Glow: ``gx = gt = gy * s``, ``gr = (1 - s) * (gy * (x + t) * s + gl)``.
+- Jet: ``gx = gt = gy * s``, ``gr = (1 - sigmoid(r)) * (gy * (x + t) * s + gl)``.
 - RealNVP: ``gx = gy * s``, ``gt = gy``, ``gr = (1 - tanh(r) ** 2) * (gy * x * s + gl)``.
 - NICE: ``gx = gt = gy``.
-``gt`` is handed out as the very tensor ``gx`` (Glow, NICE) or ``gy`` (RealNVP), or a view of its transformed
+``gt`` is handed out as the very tensor ``gx`` (Glow, Jet, NICE) or ``gy`` (RealNVP), or a view of its transformed
 channels, never stored twice; the NICE backward launches nothing.
 
 Dispatch: the public functions run the eager references (autograd through ATen) on the ``"eager"`` backend
@@ -40,6 +43,7 @@ Reversible backprop: :func:`affine_coupling_backward_from_output` (and its addit
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, NamedTuple, Optional
 
 import torch
@@ -65,8 +69,9 @@ __all__ = [
     "additive_coupling_backward_from_output_ref",
 ]
 
-ScaleKind = Literal["sigmoid", "exp"]
-SCALE_KINDS = ("sigmoid", "exp")
+ScaleKind = Literal["sigmoid", "exp", "sigmoid2"]
+SCALE_KINDS = ("sigmoid", "exp", "sigmoid2")
+_LOG2 = math.log(2.0)
 
 
 def _channels(x: torch.Tensor, b_start: int, count: int) -> torch.Tensor:
@@ -81,19 +86,24 @@ def _with_channels(x: torch.Tensor, part: torch.Tensor, b_start: int) -> torch.T
 
 
 def _log_scale(raw: torch.Tensor, scale: str) -> torch.Tensor:
-    """``log s`` per element: ``logsigmoid(raw + 2)`` (Glow) or ``tanh(raw)`` (RealNVP); the one place the
-    eager math writes it (the kernels write it in Triton)."""
+    """``log s`` per element: ``logsigmoid(raw + 2)`` (Glow), ``tanh(raw)`` (RealNVP) or
+    ``logsigmoid(raw) + log 2`` (Jet); the one place the eager math writes it (the kernels write it in Triton)."""
     if scale == "sigmoid":
         return F.logsigmoid(raw + 2.0)
+    if scale == "sigmoid2":
+        return F.logsigmoid(raw) + _LOG2
     return torch.tanh(raw)
 
 
 def _log_scale_and_slope(raw: torch.Tensor, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log s, d log s / d raw)``: the slope is ``1 - s = sigmoid(-(raw + 2))`` (Glow) or
-    ``1 - tanh(raw) ** 2`` (RealNVP)."""
+    """``(log s, d log s / d raw)``: the slope is ``1 - s = sigmoid(-(raw + 2))`` (Glow),
+    ``1 - tanh(raw) ** 2`` (RealNVP) or ``1 - sigmoid(raw) = sigmoid(-raw)`` (Jet)."""
     log_s = _log_scale(raw, scale)
-    slope = torch.sigmoid(-(raw + 2.0)) if scale == "sigmoid" else 1.0 - log_s * log_s
-    return log_s, slope
+    if scale == "sigmoid":
+        return log_s, torch.sigmoid(-(raw + 2.0))
+    if scale == "sigmoid2":
+        return log_s, torch.sigmoid(-raw)
+    return log_s, 1.0 - log_s * log_s
 
 
 def _per_sample_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -117,7 +127,7 @@ def affine_coupling_ref(
     if upcast:
         x_b, shift, raw = (t.to(logdet_dtype(out_dtype)) for t in (x_b, shift, raw))
     log_s = _log_scale(raw, scale)
-    y_b = (x_b + shift) * torch.exp(log_s) if scale == "sigmoid" else x_b * torch.exp(log_s) + shift
+    y_b = x_b * torch.exp(log_s) + shift if scale == "exp" else (x_b + shift) * torch.exp(log_s)
     return y_b.to(out_dtype), _per_sample_sum(log_s, logdet_dtype(out_dtype))
 
 
@@ -139,7 +149,7 @@ def affine_coupling_inverse_ref(
     if upcast:
         y_b, shift, raw = (t.to(logdet_dtype(out_dtype)) for t in (y_b, shift, raw))
     log_s = _log_scale(raw, scale)
-    x_b = y_b * torch.exp(-log_s) - shift if scale == "sigmoid" else (y_b - shift) * torch.exp(-log_s)
+    x_b = (y_b - shift) * torch.exp(-log_s) if scale == "exp" else y_b * torch.exp(-log_s) - shift
     return x_b.to(out_dtype), -_per_sample_sum(log_s, logdet_dtype(out_dtype))
 
 
@@ -182,7 +192,7 @@ def affine_coupling_backward_from_output_ref(
 
     ``x_b`` is the inverse of ``y_b``; the gradients are those of :func:`affine_coupling_ref` at ``x_b`` for
     upstream gradients ``grad_y`` (like ``y_b``) and ``grad_logdet`` (``(B,)`` or None for zero), written
-    with ``(x + t) * s = y`` (Glow) and ``x * s = y - t`` (RealNVP). ``upcast`` computes in float32. With
+    with ``(x + t) * s = y`` (Glow, Jet) and ``x * s = y - t`` (RealNVP). ``upcast`` computes in float32. With
     ``b_start``, ``y_b`` and ``grad_y`` are whole and so are the rebuilt ``x`` and ``grad_x`` (``grad_y`` on
     the pass-through channels). Every result is a new tensor.
     """
@@ -199,10 +209,10 @@ def affine_coupling_backward_from_output_ref(
     gl = 0.0 if grad_logdet is None else _per_sample(grad_logdet.to(y_b.dtype), y_b)
     log_s, slope = _log_scale_and_slope(raw, scale)
     grad_x = grad_y * torch.exp(log_s)
-    if scale == "sigmoid":  # y = (x + t) * s
-        grad_shift, grad_raw = grad_x.clone(), slope * (grad_y * y_b + gl)
-    else:  # y = x * s + t
+    if scale == "exp":  # y = x * s + t
         grad_shift, grad_raw = grad_y.clone(), slope * (grad_y * (y_b - shift) + gl)
+    else:  # y = (x + t) * s
+        grad_shift, grad_raw = grad_x.clone(), slope * (grad_y * y_b + gl)
     return tuple(t.to(out_dtype) for t in (x_b, grad_x, grad_shift, grad_raw))  # type: ignore[return-value]
 
 
@@ -228,7 +238,8 @@ def _inverse_grads(
     """``(grad_y, grad_shift, grad_raw)`` of the affine ``x = inverse(y)`` and its log-det ``-sum(log s)``.
 
     Eager math in float32 (float64 for float64 inputs), returned in ``y_b``'s dtype.
-    Glow ``x = y / s - t``: ``gy = gx / s``, ``gt = -gx``, ``gr = -(1 - s) * (gx * y / s + gl)``.
+    Glow ``x = y / s - t``: ``gy = gx / s``, ``gt = -gx``, ``gr = -(1 - s) * (gx * y / s + gl)``; Jet the same
+    with the slope ``1 - sigmoid(r)`` for ``1 - s``.
     RealNVP ``x = (y - t) / s``: ``gy = -gt = gx / s``, ``gr = -(1 - tanh(r) ** 2) * (gx * x + gl)``.
     (NICE ``x = y - t``: ``gy = gx``, ``gt = -gx``, written by its caller.)
     """
@@ -238,10 +249,10 @@ def _inverse_grads(
     gl = 0.0 if grad_neg_logdet is None else _per_sample(grad_neg_logdet.to(acc), y_b)
     log_s, slope = _log_scale_and_slope(raw, kind)
     grad_y = grad_x * torch.exp(-log_s)
-    if kind == "sigmoid":  # x = y / s - t
-        grad_shift, grad_raw = -grad_x, -slope * (grad_y * y_b + gl)
-    else:  # x = (y - t) / s
+    if kind == "exp":  # x = (y - t) / s
         grad_shift, grad_raw = -grad_y, -slope * (grad_y * (y_b - shift) + gl)
+    else:  # x = y / s - t
+        grad_shift, grad_raw = -grad_x, -slope * (grad_y * y_b + gl)
     return grad_y.to(dtype), grad_shift.to(dtype), grad_raw.to(dtype)
 
 
@@ -330,7 +341,8 @@ def _define_ops(namespace: str, traceable: bool) -> _CouplingOps:
     def fwd(
         u: torch.Tensor, shift: torch.Tensor, raw: Optional[torch.Tensor], kind: str, b_start: Optional[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fused forward ``(y, logdet)``; ``kind`` is ``"sigmoid"``, ``"exp"`` or ``"additive"`` (raw None)."""
+        """Fused forward ``(y, logdet)``; ``kind`` is ``"sigmoid"``, ``"exp"``, ``"sigmoid2"`` or ``"additive"``
+        (raw None)."""
         return coupling_forward(u, shift, raw, kind, False, b_start, **launch)
 
     @define(f"{namespace}::coupling_inv", mutates_args=())
@@ -538,7 +550,7 @@ def affine_coupling_backward_from_output(
     if not _use_kernel(y_b):
         return affine_coupling_backward_from_output_ref(y_b, shift, raw, grad_y, grad_logdet, scale, b_start=b_start)
     grad_x, grad_raw, x_b = _ops().bwd(y_b, shift, raw, grad_y, grad_logdet, scale, True, b_start)
-    grad_shift = grad_x if scale == "sigmoid" else grad_y
+    grad_shift = grad_y if scale == "exp" else grad_x
     if b_start is not None:
         grad_shift = _channels(grad_shift, b_start, shift.shape[1])
     return x_b, grad_x, grad_shift, grad_raw

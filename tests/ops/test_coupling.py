@@ -20,7 +20,7 @@ import fastflow
 from fastflow.backend import interpreter_enabled, triton_available
 from fastflow.ops import coupling as C
 
-KINDS = ("sigmoid", "exp", "additive")
+KINDS = ("sigmoid", "exp", "sigmoid2", "additive")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # float32/float64: (atol, rtol) of the fused result against the eager result in the same dtype
 TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5)}
@@ -220,7 +220,7 @@ def test_extreme_raw_is_stable(target) -> None:
     backend, device = target
     raw = torch.linspace(-60.0, 60.0, 2 * 3 * 40, device=device).reshape(2, 3, 40)
     x, t = _randn(raw.shape, torch.float32, device), _randn(raw.shape, torch.float32, device)
-    for kind in ("sigmoid", "exp"):
+    for kind in ("sigmoid", "exp", "sigmoid2"):
         with _on(backend):
             y, logdet = forward(kind, x, t, raw)
         with _on("eager"):
@@ -228,6 +228,18 @@ def test_extreme_raw_is_stable(target) -> None:
         assert torch.isfinite(y).all() and torch.isfinite(logdet).all()
         torch.testing.assert_close(y.double(), y_exact, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(logdet.double(), logdet_exact, atol=1e-4, rtol=1e-6)
+
+
+def test_sigmoid2_is_jets_scale_and_the_identity_at_zero() -> None:
+    """``"sigmoid2"`` is ``y = (x + t) * 2 sigmoid(r)`` with log-det ``sum log(2 sigmoid(r))``: the identity
+    (plus shift) at ``r = 0``, where a zero-initialised Jet conditioner starts."""
+    x, t, r = (torch.randn(3, 4, 5, dtype=torch.float64) for _ in range(3))
+    y, logdet = C.affine_coupling_ref(x, t, r, "sigmoid2")
+    torch.testing.assert_close(y, (x + t) * 2 * torch.sigmoid(r), atol=1e-14, rtol=1e-14)
+    torch.testing.assert_close(logdet, torch.log(2 * torch.sigmoid(r)).sum(dim=(1, 2)), atol=1e-12, rtol=1e-12)
+    y0, logdet0 = C.affine_coupling_ref(x, t, torch.zeros_like(r), "sigmoid2")
+    torch.testing.assert_close(y0, x + t, atol=0, rtol=0)
+    torch.testing.assert_close(logdet0, torch.zeros(3, dtype=torch.float64), atol=1e-15, rtol=0)
 
 
 def _differentiable(kind: str, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -543,7 +555,7 @@ def kernels_in(graph):
     ]
 
 
-for kind in ("sigmoid", "exp", "additive"):
+for kind in ("sigmoid", "exp", "sigmoid2", "additive"):
     for b_start, fmt in ((None, torch.contiguous_format), (2, torch.contiguous_format), (2, torch.channels_last)):
         graphs = []
 
@@ -764,7 +776,7 @@ def _shared_input_parts(kind: str, v: torch.Tensor, split: bool) -> tuple[list[t
 @pytest.mark.parametrize("split", [False, True], ids=["half", "split"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_shift_gradient_is_stored_once_and_adds_into_a_shared_input(target, kind: str, split: bool) -> None:
-    """``grad_shift`` is the very ``grad_x`` (Glow, NICE) or ``grad_y`` (RealNVP) tensor, or a view of its
+    """``grad_shift`` is the very ``grad_x`` (Glow, Jet, NICE) or ``grad_y`` (RealNVP) tensor, or a view of its
     transformed channels: one store, not two. Where the gradients meet in one upstream tensor they still add up
     as in eager (autograd does not accumulate in place into the shared buffer)."""
     backend, device = target

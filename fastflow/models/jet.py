@@ -1,0 +1,103 @@
+"""Jet (Kolesnikov et al., 2024, big_vision): a pure coupling flow on image patches with ViT conditioners."""
+
+from __future__ import annotations
+
+import torch
+
+from fastflow.models.base import FlowModel
+from fastflow.models.glow import image_hw
+from fastflow.models.priors import GaussianPrior
+from fastflow.nn.patchify import Patchify, Unpatchify
+from fastflow.nn.sequential import FlowSequential
+from fastflow.nn.token_coupling import SPATIAL_PATTERNS, TokenCoupling
+
+__all__ = ["Jet"]
+
+_SPLITS = ("channel", "spatial")
+
+
+def _int_at_least(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+class Jet(FlowModel):
+    """Jet: patchify, ``couplings`` affine couplings on the tokens, unpatchify, standard normal prior.
+
+    No multiscale, no ActNorm, no 1x1 convolution. The image ``(C, H, W)`` becomes ``N = (H/p)(W/p)`` tokens of
+    ``p * p * C`` features (``p = patch_size``); coupling ``k`` splits them by ``kinds[k % len(kinds)]``:
+    ``"channel"`` (a fixed random permutation of the features, seeded by ``seed + k``, then halves) or
+    ``"spatial"`` (halves of the tokens; the spatial couplings cycle through checkerboard, horizontal and vertical
+    stripes, each pattern twice with the halves swapped). Each coupling is
+    :class:`~fastflow.nn.token_coupling.TokenCoupling`: ``y_b = (x_b + t) * 2 sigmoid(r)`` with ``(t, r)`` from a
+    ViT of ``width``, ``depth`` pre-norm blocks and ``heads`` heads on ``x_a`` (zero-initialised head: the flow
+    starts at the identity). The latents come back image-shaped ``(B, C, H, W)``.
+
+    Args:
+        in_channels, image_size: input image shape; ``H`` and ``W`` divisible by ``patch_size``.
+        patch_size, couplings, width, depth, heads, kinds: as above (``width`` divisible by ``heads``).
+        context: > 0 conditions every ViT by cross-attention on a ``context`` ``(B, context)`` or
+            ``(B, M, context)`` (zero-initialised: no effect at init).
+        n_bins: pixel levels of the data (256 for 8-bit images), used by ``bits_per_dim``.
+        reversible: train with memory-saving reversible backprop (same parameters and gradients; activation
+            memory flat in ``couplings``; attention is global, so there is no spatial tiling).
+        seed: seed of the channel couplings' permutations (buffers: saved with the weights).
+
+    Mixed precision: under ``torch.autocast`` (``fastflow train --amp bf16``) the ViTs compute in bfloat16 while the
+    flow (tokens, transforms, log-dets) stays in the input's float32.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        image_size: int | tuple[int, int] = 32,
+        patch_size: int = 4,
+        couplings: int = 8,
+        width: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        kinds: tuple[str, ...] = ("channel", "channel", "spatial"),
+        context: int = 0,
+        n_bins: int = 256,
+        reversible: bool = False,
+        seed: int = 0,
+    ) -> None:
+        h, w = image_hw(image_size)
+        _int_at_least("in_channels", in_channels, 1)
+        _int_at_least("patch_size", patch_size, 1)
+        _int_at_least("couplings", couplings, 1)
+        _int_at_least("width", width, 1)
+        _int_at_least("depth", depth, 0)
+        _int_at_least("heads", heads, 1)
+        _int_at_least("context", context, 0)
+        _int_at_least("seed", seed, 0)
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"image_size {(h, w)} must be divisible by patch_size = {patch_size}")
+        if width % heads:
+            raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
+        if isinstance(kinds, str) or not kinds or any(k not in _SPLITS for k in kinds):
+            raise ValueError(f"kinds must be a non-empty sequence of 'channel' / 'spatial', got {kinds!r}")
+        kinds = tuple(kinds)
+        config = dict(
+            in_channels=in_channels, image_size=(h, w), patch_size=patch_size, couplings=couplings, width=width,
+            depth=depth, heads=heads, kinds=kinds, context=context, n_bins=n_bins, reversible=reversible, seed=seed,
+        )  # fmt: skip
+        patchify = Patchify(in_channels, (h, w), patch_size)
+        grid, features = patchify.grid, patchify.features
+        layers, spatial = [], 0
+        for k in range(couplings):
+            split = kinds[k % len(kinds)]
+            pattern = SPATIAL_PATTERNS[(spatial // 2) % len(SPATIAL_PATTERNS)]
+            layers.append(
+                TokenCoupling(
+                    grid, features, split, pattern=pattern, parity=spatial % 2, width=width, depth=depth,
+                    heads=heads, context_features=context, generator=torch.Generator().manual_seed(seed + k),
+                )  # type: ignore[arg-type]
+            )  # fmt: skip
+            spatial += split == "spatial"
+        block = FlowSequential(patchify, *layers, Unpatchify(in_channels, (h, w), patch_size))
+        prior = GaussianPrior((in_channels, h, w), learned=False)
+        super().__init__([block], [], prior, (in_channels, h, w), n_bins, config)

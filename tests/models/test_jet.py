@@ -1,0 +1,254 @@
+"""Jet (``fastflow/models/jet.py``) and its layers (``fastflow/nn/patchify.py``, ``vit.py``, ``token_coupling.py``):
+brute-force log-det, exact inverse, reversible gradients, context, fused vs eager, checkpoints, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastflow
+from fastflow.backend import interpreter_enabled, triton_available
+from fastflow.models import Jet
+from fastflow.nn.patchify import Patchify, patchify, unpatchify
+from fastflow.nn.token_coupling import TokenCoupling
+from fastflow.nn.vit import ViTConditioner
+from tests.helpers import brute_force_logdet, perturb_parameters
+
+TINY = dict(in_channels=1, image_size=4, patch_size=2, couplings=3, width=8, depth=1, heads=2)
+
+
+def _jet(scale: float = 0.3, **overrides: object) -> Jet:
+    """A tiny float64 Jet moved away from its identity initialisation."""
+    torch.manual_seed(1)
+    model = Jet(**{**TINY, **overrides}).double()  # type: ignore[arg-type]
+    perturb_parameters(model, scale)
+    return model
+
+
+def _x(model: Jet, n: int = 2) -> torch.Tensor:
+    return torch.rand(n, *model.image_shape, dtype=torch.float64) - 0.5
+
+
+def _context(n: int, features: int = 3, tokens: int | None = None) -> torch.Tensor:
+    shape = (n, features) if tokens is None else (n, tokens, features)
+    return torch.randn(shape, dtype=torch.float64)
+
+
+def _kernels() -> str:
+    if not (triton_available() and interpreter_enabled()):
+        pytest.skip("needs triton with TRITON_INTERPRET=1")
+    return "interpret"
+
+
+def test_patchify_round_trip_and_layout() -> None:
+    x = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    tokens = patchify(x, 2)
+    assert tokens.shape == (2, 6, 12)
+    # token (i, j) = patch rows 2i..2i+1, cols 2j..2j+1; feature (u * p + v) * C + c
+    torch.testing.assert_close(tokens[1, 4, (1 * 2 + 0) * 3 + 2], x[1, 2, 2 * 1 + 1, 2 * 1 + 0])
+    torch.testing.assert_close(unpatchify(tokens, 2, (3, 4, 6)), x)
+    layer = Patchify(3, (4, 6), 2)
+    y, logdet = layer(x)
+    back, inv_logdet = layer.inverse(y)
+    torch.testing.assert_close(back, x, atol=0, rtol=0)
+    assert logdet.abs().sum() == 0 and inv_logdet.abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"kinds": ("spatial",), "couplings": 6},
+        {"context": 3},
+        {"kinds": ("channel", "spatial"), "in_channels": 3, "patch_size": 1},
+    ],
+    ids=["default_kinds", "spatial_patterns", "context", "odd_features"],
+)
+def test_logdet_matches_brute_force_jacobian(overrides: dict) -> None:
+    model = _jet(**overrides)
+    x = _x(model)
+    context = _context(2) if model.config["context"] else None
+    _, logdet, _ = model.encode_with_logdet(x, context)
+
+    def top(i: int):  # the map of sample i, at its context row
+        return lambda v: model.encode(v, None if context is None else context[i : i + 1])[-1]
+
+    brute = torch.cat([brute_force_logdet(top(i), x[i : i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(logdet, brute, atol=1e-9, rtol=1e-9)
+
+
+def test_decode_inverts_encode_and_bits_per_dim_convention() -> None:
+    model = _jet()
+    x = _x(model, 4)
+    latents = model.encode(x)
+    assert [z.shape for z in latents] == [x.shape]
+    torch.testing.assert_close(model.decode(latents), x, atol=1e-12, rtol=1e-12)
+    d = math.prod(model.image_shape)
+    expected = (-model.log_prob(x) + d * math.log(256)) / (d * math.log(2))
+    torch.testing.assert_close(model.bits_per_dim(x), expected)
+
+
+def test_initialised_jet_is_the_identity_flow() -> None:
+    """Zero-initialised heads: ``t = 0``, ``2 sigmoid(0) = 1``, so the latents are the inputs and the log-det 0."""
+    model = Jet(**TINY).double()  # type: ignore[arg-type]
+    x = _x(model)
+    latents, logdet, _ = model.encode_with_logdet(x)
+    torch.testing.assert_close(latents[0], x, atol=0, rtol=0)
+    assert logdet.abs().max() == 0
+
+
+def test_samples_have_the_image_shape_temperature_and_are_not_constant() -> None:
+    model = _jet()
+    samples = model.sample(5)
+    assert samples.shape == (5, *model.image_shape) and samples.std() > 0
+    assert model.default_temperature == 0.7
+    torch.testing.assert_close(model.sample(2, temperature=0.0), model.decode([torch.zeros(2, 1, 4, 4).double()]))
+
+
+def _loss_and_grads(model: Jet, x: torch.Tensor, context: torch.Tensor | None, reversible: bool, backend: str):
+    model.reversible = reversible
+    model.zero_grad(set_to_none=True)
+    ctx = None if context is None else context.detach().requires_grad_(True)
+    with fastflow.backend(backend):
+        loss = model.bits_per_dim(x, ctx).mean()
+        loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    return loss.detach(), grads, None if ctx is None else ctx.grad
+
+
+@pytest.mark.parametrize("context", [False, True], ids=["plain", "context"])
+def test_reversible_gradients_match_standard_backprop_float64(context: bool) -> None:
+    model = _jet(context=3 if context else 0, couplings=4)
+    x = _x(model, 3)
+    ctx = _context(3, tokens=2) if context else None
+    loss, grads, grad_ctx = _loss_and_grads(model, x, ctx, reversible=False, backend="eager")
+    loss_r, grads_r, grad_ctx_r = _loss_and_grads(model, x, ctx, reversible=True, backend="eager")
+    torch.testing.assert_close(loss_r, loss, atol=1e-12, rtol=1e-12)
+    for g, g_r in zip(grads, grads_r):
+        torch.testing.assert_close(g_r, g, atol=1e-10, rtol=1e-10)
+    if context:
+        assert grad_ctx.abs().max() > 0
+        torch.testing.assert_close(grad_ctx_r, grad_ctx, atol=1e-10, rtol=1e-10)
+
+
+def test_context_changes_the_density_only_after_training_its_path() -> None:
+    """The cross-attention output starts at zero: the context has no effect at init, and does once its weights move."""
+    torch.manual_seed(0)
+    model = Jet(**{**TINY, "context": 3}).double()  # type: ignore[arg-type]
+    for name, p in model.named_parameters():
+        if "cross" not in name:  # move everything but the context path
+            p.data.add_(0.3 * torch.randn_like(p))
+    x, c1, c2 = _x(model), _context(2), _context(2)
+    torch.testing.assert_close(model.log_prob(x, c1), model.log_prob(x, c2), atol=0, rtol=0)
+    perturb_parameters(model, 0.3)
+    assert (model.log_prob(x, c1) - model.log_prob(x, c2)).abs().max() > 1e-6
+    torch.testing.assert_close(model.decode(model.encode(x, c1), c1), x, atol=1e-12, rtol=1e-12)
+    assert model.sample(2, c1).shape == x.shape
+
+
+@pytest.mark.parametrize("split", ["channel", "spatial"])
+def test_token_coupling_fused_matches_eager(split: str) -> None:
+    """The coupling's fused ``sigmoid2`` kernels (Triton interpreter) against the eager twins: forward, inverse,
+    gradients and the reversible backward from the output."""
+    backend = _kernels()
+    torch.manual_seed(0)
+    layer = TokenCoupling((2, 4), 6, split, pattern="vertical", width=8, depth=1, heads=2).double()  # type: ignore[arg-type]
+    perturb_parameters(layer, 0.5)
+    x = torch.randn(3, 8, 6, dtype=torch.float64)
+    gy, gl = torch.randn_like(x), torch.randn(3, dtype=torch.float64)
+    results = {}
+    for name in ("eager", backend):
+        with fastflow.backend(name):  # type: ignore[arg-type]
+            xr = x.clone().requires_grad_(True)
+            y, logdet = layer(xr)
+            back, neg = layer.inverse(y.detach())
+            layer.zero_grad(set_to_none=True)
+            grads = torch.autograd.grad((y * gy).sum() + (logdet * gl).sum(), [xr, *layer.parameters()])
+            rebuilt, grad_x = layer.backward_from_output(y.detach(), gy, gl)
+            from_output = [p.grad.clone() for p in layer.parameters()]
+        torch.testing.assert_close(back, x, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(neg, -logdet.detach(), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(rebuilt, x, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(grad_x, grads[0], atol=1e-10, rtol=1e-10)
+        for g, g_out in zip(grads[1:], from_output):
+            torch.testing.assert_close(g_out, g, atol=1e-10, rtol=1e-10)
+        results[name] = (y.detach(), logdet.detach(), *grads)
+    for fused, eager in zip(results[backend], results["eager"]):
+        torch.testing.assert_close(fused, eager, atol=1e-12, rtol=1e-12)
+
+
+def test_jet_on_the_interpreter_matches_eager_float32() -> None:
+    backend = _kernels()
+    torch.manual_seed(0)
+    model = Jet(**TINY)  # type: ignore[arg-type]
+    perturb_parameters(model, 0.3)
+    x = torch.rand(2, 1, 4, 4) - 0.5
+    _, grads, _ = _loss_and_grads(model, x, None, reversible=False, backend="eager")
+    _, grads_fused, _ = _loss_and_grads(model, x, None, reversible=True, backend=backend)
+    for g, g_f in zip(grads, grads_fused):
+        torch.testing.assert_close(g_f, g, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_runs_the_vit_low_and_the_flow_in_float32() -> None:
+    torch.manual_seed(0)
+    model = Jet(**TINY)  # type: ignore[arg-type]
+    perturb_parameters(model, 0.3)
+    x = torch.rand(2, 1, 4, 4) - 0.5
+    seen = []
+    model.blocks[0].layers[1].net.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        latents, logdet, _ = model.encode_with_logdet(x)
+        assert seen == [torch.bfloat16]
+        assert latents[0].dtype == torch.float32 and logdet.dtype == torch.float32
+        # y_a = x_a exactly, so the inverse's ViTs see the forward's inputs and give the same bfloat16 outputs
+        torch.testing.assert_close(model.decode(latents), x, atol=1e-6, rtol=0)
+
+
+def test_checkpoint_round_trip(tmp_path) -> None:
+    model = _jet(context=2, kinds=("spatial", "channel"), seed=5).float()
+    model.save_pretrained(tmp_path)
+    loaded = Jet.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    x, c = _x(model).float(), _context(2, 2).float()
+    torch.testing.assert_close(loaded.log_prob(x, c), model.log_prob(x, c), atol=0, rtol=0)
+
+
+def test_vit_conditioner_shapes_and_zero_head() -> None:
+    net = ViTConditioner(6, 10, tokens=5, width=8, depth=2, heads=2, context_features=3)
+    out = net(torch.randn(4, 5, 6), torch.randn(4, 7, 3))
+    assert out.shape == (4, 5, 10) and out.abs().max() == 0
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: Jet(1, 6, patch_size=4), ValueError, "divisible by patch_size"),
+        (lambda: Jet(1, 8, width=10, heads=4), ValueError, "divisible by heads"),
+        (lambda: Jet(1, 8, couplings=0), ValueError, "couplings must be >= 1"),
+        (lambda: Jet(1, 8, kinds=("channel", "diagonal")), ValueError, "kinds"),
+        (lambda: Jet(1, 8, patch_size=2.0), TypeError, "patch_size must be an int"),
+        (lambda: Jet(1, 6, patch_size=2, kinds=("spatial",)), ValueError, "equal halves"),
+        (lambda: Jet(1, 4, patch_size=1, kinds=("channel",)), ValueError, "needs features >= 2"),
+        (lambda: TokenCoupling((2, 2), 4, "diagonal"), ValueError, "split must be"),  # type: ignore[arg-type]
+        (lambda: TokenCoupling((2, 2), 4, pattern="rings"), ValueError, "pattern must be"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_arguments_raise(make, error, match) -> None:
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_bad_inputs_raise() -> None:
+    model = Jet(**{**TINY, "context": 3})  # type: ignore[arg-type]
+    x = torch.rand(2, 1, 4, 4) - 0.5
+    with pytest.raises(ValueError, match="context is required"):
+        model.log_prob(x)
+    with pytest.raises(ValueError, match="context must have shape"):
+        model.log_prob(x, torch.randn(2, 4))
+    layer = TokenCoupling((2, 2), 4)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 4, 4\)"):
+        layer(torch.randn(2, 4, 5))
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        layer(torch.ones(2, 4, 4, dtype=torch.int64))
