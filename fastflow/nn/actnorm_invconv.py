@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from fastflow.nn.actnorm import ActNorm
-from fastflow.nn.base import as_pixels, check_features
+from fastflow.nn.base import as_pixels, check_features, run_layer
 from fastflow.nn.invconv import InvConv1x1, exact_dtype, stack_tensors, stacked_weights, unstack_tensor
 from fastflow.ops.actnorm_invconv import (
     FoldedMix,
@@ -20,7 +20,7 @@ from fastflow.ops.actnorm_invconv import (
     fold_actnorm_inverse,
 )
 
-__all__ = ["ActNormInvConv", "MixWeights", "chain_units"]
+__all__ = ["ActNormInvConv", "MixWeights", "chain_units", "run_units", "shared_weights"]
 
 
 class MixWeights(NamedTuple):
@@ -148,3 +148,31 @@ def chain_units(layers: Iterable[nn.Module]) -> list[nn.Module | ActNormInvConv]
         else:
             units.append(layer)
     return units
+
+
+def shared_weights(units: Sequence[Any], x: torch.Tensor, inverse: bool) -> list[Any]:
+    """One entry per unit of a container: its share of ``batched_weights`` of all the units of its type that have
+    one (computed together: one call per type), None for the others (and wherever ``batched_weights`` says None).
+    ``x`` is the container's input (``inverse``: its output)."""
+    weights: list[Any] = [None] * len(units)
+    groups: dict[Callable, list[int]] = {}
+    for i, unit in enumerate(units):
+        batched = getattr(type(unit), "batched_weights", None)
+        if batched is not None:
+            groups.setdefault(batched, []).append(i)
+    for batched, indices in groups.items():
+        for i, unit_weights in zip(indices, batched([units[i] for i in indices], x, inverse)):
+            weights[i] = unit_weights
+    return weights
+
+
+def run_units(
+    units: Sequence[Any], x: torch.Tensor, context: torch.Tensor | None, weights: Sequence[Any]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(y, sum of log-dets)`` of ``units`` run forward in order from ``x``, each with its entry of ``weights``
+    (:func:`shared_weights`; a unit with None computes its own); the log-det is None for no units."""
+    total: torch.Tensor | None = None
+    for unit, unit_weights in zip(units, weights, strict=True):
+        x, logdet = run_layer(unit, x, context) if unit_weights is None else unit(x, context, weights=unit_weights)
+        total = logdet if total is None else total + logdet
+    return x, total

@@ -6,7 +6,10 @@ recomputes that one layer with a graph, and backpropagates through it, so activa
 with depth. A layer may provide ``backward_from_output(y, grad_y, grad_logdet, context)`` to rebuild its input
 and compute its gradients in one fused pass (the couplings do); others use ``inverse`` then recompute. The walk
 is over :func:`~fastflow.nn.actnorm_invconv.chain_units`: an ActNorm directly followed by an InvConv1x1 is one
-unit, run and recomputed as the one fused op.
+unit, run and recomputed as the one fused op. Units that share parameter-only work (``batched_weights``: the
+``C x C`` weights of a Glow level's pairs) get it batched as in standard mode: once for the forward, and in
+backward once for the rebuild and once with a graph for the recomputes, which take the weights as detached
+leaves; one backward through that graph at the end of the walk takes the leaves' gradients to the parameters.
 Parameter gradients are accumulated into ``.grad`` by nested backward calls, as reentrant checkpointing does:
 ``loss.backward()`` (and DDP) see them, ``torch.autograd.grad(loss, params)`` does not. A ``context`` is an input
 of the chain like ``x``: every layer sees it, and its gradient (the sum over the layers, collected on a leaf
@@ -37,15 +40,18 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from fastflow.nn.actnorm_invconv import chain_units
+from fastflow.nn.actnorm_invconv import chain_units, run_units, shared_weights
 from fastflow.nn.base import run_layer
 
 __all__ = [
+    "BackwardWeights",
     "DEFAULT_MAX_DRIFT",
     "TF32_MAX_DRIFT",
     "DriftRecord",
@@ -221,15 +227,50 @@ def recompute_backward(
     return x.detach(), x.grad
 
 
+class BackwardWeights(NamedTuple):
+    """A unit's share of its chain's batched weights in reversible backward (entries of :func:`shared_weights`):
+    ``inverse`` to rebuild its input, ``forward`` (detached leaves that require grad) to recompute its output. The
+    gradients the recompute leaves on ``forward`` are taken on to the parameters by whoever made the leaves."""
+
+    inverse: Any
+    forward: Any
+
+
+def _weight_tensors(weights: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_flatten(weights)[0] if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+
+
+def _as_leaves(weights: Any) -> Any:
+    """``weights`` with every tensor that requires grad replaced by a detached leaf that requires grad."""
+    leaves, spec = tree_flatten(weights)
+    detached = [
+        leaf.detach().requires_grad_(True) if isinstance(leaf, torch.Tensor) and leaf.requires_grad else leaf
+        for leaf in leaves
+    ]
+    return tree_unflatten(detached, spec)
+
+
 def _layer_backward(
-    layer: Any, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor, context: torch.Tensor | None
+    layer: Any,
+    y: torch.Tensor,
+    grad_y: torch.Tensor,
+    grad_logdet: torch.Tensor,
+    context: torch.Tensor | None,
+    weights: BackwardWeights | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, grad_x)`` for one unit of a chain (a layer, or an ActNorm + InvConv1x1 pair) from its output ``y``:
-    its fused ``backward_from_output`` where it has one, else :func:`recompute_backward`."""
+    its fused ``backward_from_output`` where it has one, else :func:`recompute_backward`; with ``weights``, its
+    share of the chain's (the gradients of ``weights.forward`` accumulate on those leaves)."""
     fused = getattr(layer, "backward_from_output", None)
     if fused is not None:
-        return fused(y, grad_y, grad_logdet, context)
-    return recompute_backward(layer, layer.inverse, list(layer.parameters()), y, grad_y, grad_logdet, context)
+        if weights is None:
+            return fused(y, grad_y, grad_logdet, context)
+        return fused(y, grad_y, grad_logdet, context, weights=weights)
+    if weights is None:
+        return recompute_backward(layer, layer.inverse, list(layer.parameters()), y, grad_y, grad_logdet, context)
+    forward, inverse = partial(layer, weights=weights.forward), partial(layer.inverse, weights=weights.inverse)
+    params = [*layer.parameters(), *_weight_tensors(weights.forward)]
+    return recompute_backward(forward, inverse, params, y, grad_y, grad_logdet, context)
 
 
 def chain_backward_from_output(
@@ -238,11 +279,44 @@ def chain_backward_from_output(
     grad_y: torch.Tensor,
     grad_logdet: torch.Tensor,
     context: torch.Tensor | None = None,
+    weights: BackwardWeights | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, grad_x)`` of a chain of layers from its output, one unit (:func:`chain_units`) at a time from the
-    last; the gradient of ``context`` (a leaf that requires grad) accumulates into its ``.grad``."""
-    for layer in reversed(chain_units(layers)):
-        y, grad_y = _layer_backward(layer, y, grad_y, grad_logdet, context)
+    last; parameter gradients, and the gradient of ``context`` (a leaf that requires grad), accumulate into
+    ``.grad``.
+
+    ``weights`` None: the chain batches its units' weights (:func:`shared_weights`) itself, the inverse ones
+    without a graph and the forward ones with one, hands the units detached leaves of the latter, and after the
+    walk backpropagates the leaves' gradients through that graph to the parameters (one backward for the chain).
+    Else ``weights`` is the chain's share of its parent's, whose gradients the parent takes on."""
+    units = chain_units(layers)
+    if weights is not None:
+        return _units_backward(units, y, grad_y, grad_logdet, context, weights)
+    with torch.no_grad():
+        inverse = shared_weights(units, y, inverse=True)
+    with torch.enable_grad():
+        forward = shared_weights(units, y, inverse=False)
+    leaves = _as_leaves(forward)
+    x, grad_x = _units_backward(units, y, grad_y, grad_logdet, context, BackwardWeights(inverse, leaves))
+    weight_leaves = zip(_weight_tensors(forward), _weight_tensors(leaves), strict=True)
+    used = [(w, leaf.grad) for w, leaf in weight_leaves if leaf.grad is not None]
+    if used:
+        torch.autograd.backward([w for w, _ in used], [grad for _, grad in used])
+    return x, grad_x
+
+
+def _units_backward(
+    units: list[Any],
+    y: torch.Tensor,
+    grad_y: torch.Tensor,
+    grad_logdet: torch.Tensor,
+    context: torch.Tensor | None,
+    weights: BackwardWeights,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    for i in reversed(range(len(units))):
+        inverse, forward = weights.inverse[i], weights.forward[i]
+        unit_weights = None if inverse is None or forward is None else BackwardWeights(inverse, forward)
+        y, grad_y = _layer_backward(units[i], y, grad_y, grad_logdet, context, unit_weights)
     return y, grad_y
 
 
@@ -265,12 +339,9 @@ class _ReversibleChain(torch.autograd.Function):
         ctx.immediate = ctx.tol != math.inf and not deferred
         ctx.device_type = x.device.type
         ctx.autocast, ctx.autocast_dtype = _autocast_state(x.device.type)
-        total = None
+        units = chain_units(layers)
         with torch.no_grad():
-            y = x
-            for layer in chain_units(layers):
-                y, logdet = run_layer(layer, y, context)
-                total = logdet if total is None else total + logdet
+            y, total = run_units(units, x, context, shared_weights(units, x, inverse=False))
         ctx.save_for_backward(x, y, context)
         return y, total
 

@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from fastflow.nn.actnorm_invconv import chain_units
+from fastflow.nn.actnorm_invconv import chain_units, run_units, shared_weights
 from fastflow.nn.base import FlowLayer, run_layer
-from fastflow.nn.reversible import chain_backward_from_output, check_max_drift, reversible_chain
+from fastflow.nn.reversible import BackwardWeights, chain_backward_from_output, check_max_drift, reversible_chain
 
 __all__ = ["FlowSequential"]
-
-
-def _shared_weights(units: Sequence[Any], x: torch.Tensor, inverse: bool) -> list[Any]:
-    """One entry per unit: its share of ``batched_weights`` of all the units of its type that have one, None for
-    the others (and wherever ``batched_weights`` says None)."""
-    weights: list[Any] = [None] * len(units)
-    groups: dict[Callable, list[int]] = {}
-    for i, unit in enumerate(units):
-        batched = getattr(type(unit), "batched_weights", None)
-        if batched is not None:
-            groups.setdefault(batched, []).append(i)
-    for batched, indices in groups.items():
-        for i, unit_weights in zip(indices, batched([units[i] for i in indices], x, inverse)):
-            weights[i] = unit_weights
-    return weights
 
 
 class FlowSequential(FlowLayer):
@@ -47,7 +32,9 @@ class FlowSequential(FlowLayer):
     only the chain's input and output are kept, each unit's input is rebuilt by its inverse during
     backward. Same parameters, outputs and gradients (within ``max_drift``) as standard backprop. Like
     reentrant checkpointing, parameter gradients reach ``.grad`` through ``backward()`` and
-    ``torch.autograd.grad`` w.r.t. the parameters. In reversible training the units compute their own weights.
+    ``torch.autograd.grad`` w.r.t. the parameters. Reversible training batches the units' weights too: once for the
+    forward, and in backward once for the rebuild and once (with a graph) for the recomputes
+    (:func:`~fastflow.nn.reversible.chain_backward_from_output`).
     """
 
     def __init__(self, *layers: FlowLayer, reversible: bool = False, max_drift: float | None = None) -> None:
@@ -75,12 +62,12 @@ class FlowSequential(FlowLayer):
         chains: Sequence[FlowSequential], x: torch.Tensor, inverse: bool = False
     ) -> list[list[Any] | None]:
         """Per chain in ``chains``, the weights of its units (one entry each, see the class docstring), computed
-        together for the units of all the chains; None for a chain that trains reversibly (its units compute
-        their own)."""
+        together for the units of all the chains; None in the forward direction for a chain that trains
+        reversibly (its reversible op batches its own)."""
         per_chain = [
             None if not inverse and chain._trains_reversibly() else chain_units(chain.layers) for chain in chains
         ]
-        flat = _shared_weights([unit for units in per_chain if units is not None for unit in units], x, inverse)
+        flat = shared_weights([unit for units in per_chain if units is not None for unit in units], x, inverse)
         weights: list[list[Any] | None] = []
         for units in per_chain:
             weights.append(None if units is None else flat[: len(units)])
@@ -96,11 +83,8 @@ class FlowSequential(FlowLayer):
             return reversible_chain(self.layers, x, self.max_drift, context)
         units = chain_units(self.layers)
         if weights is None:
-            weights = _shared_weights(units, x, inverse=False)
-        total: torch.Tensor | None = None
-        for unit, unit_weights in zip(units, weights):
-            x, logdet = run_layer(unit, x, context) if unit_weights is None else unit(x, context, weights=unit_weights)
-            total = logdet if total is None else total + logdet
+            weights = shared_weights(units, x, inverse=False)
+        x, total = run_units(units, x, context, weights)
         if total is None:
             raise ValueError("FlowSequential has no layers")
         return x, total
@@ -111,7 +95,7 @@ class FlowSequential(FlowLayer):
         """``(x, sum of inverse log-dets)``; ``weights`` as in :meth:`forward`, inverse direction."""
         units = chain_units(self.layers)
         if weights is None:
-            weights = _shared_weights(units, y, inverse=True)
+            weights = shared_weights(units, y, inverse=True)
         total: torch.Tensor | None = None
         for unit, unit_weights in zip(reversed(units), reversed(weights)):
             if unit_weights is None:
@@ -124,7 +108,13 @@ class FlowSequential(FlowLayer):
         return y, total
 
     def backward_from_output(
-        self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor, context: torch.Tensor | None = None
+        self,
+        y: torch.Tensor,
+        grad_y: torch.Tensor,
+        grad_logdet: torch.Tensor,
+        context: torch.Tensor | None = None,
+        weights: BackwardWeights | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reversible backward of the chain from its output (nested chains keep their units' fused paths)."""
-        return chain_backward_from_output(self.layers, y, grad_y, grad_logdet, context)
+        """Reversible backward of the chain from its output (nested chains keep their units' fused paths);
+        ``weights``: the chain's share of its parent's (:func:`~fastflow.nn.reversible.chain_backward_from_output`)."""
+        return chain_backward_from_output(self.layers, y, grad_y, grad_logdet, context, weights)

@@ -10,6 +10,7 @@ import torch
 
 from fastflow.models import Glow, RealNVP
 from fastflow.nn import FlowSequential, FlowStep
+from fastflow.nn.actnorm_invconv import ActNormInvConv
 from fastflow.nn.reversible import ReconstructionError, deferred_guards, drift_tripped, read_drift_guard
 from tests.helpers import loss_and_grads, perturb_parameters
 
@@ -289,3 +290,33 @@ def test_autocast_reversible_memory_stays_flat_in_depth():
     on the CPU: +3.5 MB from K=4 to K=16 here, +1.2 MB without it, for 11.8 MB more gradients)."""
     (peak4, grads4), (peak16, grads16) = _autocast_step_peak(4), _autocast_step_peak(16)
     assert peak16 - peak4 < 0.15 * (grads16 - grads4)
+
+
+def test_glow_level_batches_its_weights_once_per_direction(monkeypatch):
+    """A reversible Glow level computes the ``C x C`` weights of all its steps in one call for the forward, and in
+    backward one for the rebuild (no graph) and one for the recompute (with a graph), as standard mode does; the
+    gradients stay those of standard backprop (float64)."""
+    torch.manual_seed(0)
+    level = FlowSequential(*[FlowStep(4, hidden=8) for _ in range(4)], reversible=True).double().train()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    level(x)  # ActNorm init: each pair then computes its own weights
+    perturb_parameters(level, 0.1)
+    calls = []
+    compute = ActNormInvConv._compute_weights
+
+    def counted(pairs, x, inverse):
+        calls.append((len(pairs), inverse, torch.is_grad_enabled()))
+        return compute(pairs, x, inverse)
+
+    monkeypatch.setattr(ActNormInvConv, "_compute_weights", staticmethod(counted))
+    grads = []
+    for reversible in (True, False):
+        level.reversible = reversible
+        level.zero_grad(set_to_none=True)
+        x_leaf = x.clone().requires_grad_(True)
+        y, logdet = level(x_leaf)
+        (y.square().sum() + logdet.sum()).backward()
+        grads.append([x_leaf.grad, *(p.grad for p in level.parameters())])
+    assert calls[:3] == [(4, False, False), (4, True, False), (4, False, True)]
+    assert calls[3:] == [(4, False, True)]  # the standard step
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=1e-9)
