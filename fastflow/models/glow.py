@@ -32,8 +32,8 @@ class Glow(FlowModel):
             ``2 ** levels``.
         levels (L), steps (K), hidden: depth and coupling-network width (Glow: L=3, K=32, 512 for 32x32).
         lu: LU-parameterised 1x1 convolutions (O(C) log-det) instead of plain ones.
-        coupling, scale: ``"affine"`` with ``"sigmoid"`` (Glow) or ``"exp"`` (RealNVP) scale, or
-            ``"additive"``.
+        coupling, scale: ``"affine"`` with ``"sigmoid"`` (Glow) or ``"exp"`` (RealNVP) scale,
+            ``"additive"``, or ``"spline"`` (a rational-quadratic spline coupling, 8 bins on [-3, 3]; no scale).
         learn_top: learned mean and log-std of the top prior (else standard normal).
         num_classes: > 0 conditions the top prior on class labels ``y``.
         n_bins: pixel levels of the data (256 for 8-bit images), used by ``bits_per_dim``.

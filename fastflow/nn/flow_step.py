@@ -9,15 +9,16 @@ from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling
 from fastflow.nn.coupling_network import Subnet
 from fastflow.nn.invconv import InvConv1x1
 from fastflow.nn.sequential import FlowSequential
+from fastflow.nn.spline_coupling import SplineCoupling
 from fastflow.ops.coupling import ScaleKind
 
 __all__ = ["FlowStep", "CouplingKind"]
 
-CouplingKind = Literal["affine", "additive"]
+CouplingKind = Literal["affine", "additive", "spline"]
 
 
 class FlowStep(FlowSequential):
-    """``ActNorm -> InvConv1x1 (LU or plain) -> affine or additive coupling`` on ``num_channels`` channels of
+    """``ActNorm -> InvConv1x1 (LU or plain) -> affine, additive or spline coupling`` on ``num_channels`` channels of
     ``(B, C, H, W)``, or on ``(B, D)`` vectors with ``vectors=True`` (the 1x1 convolution is then an invertible
     linear map). ``subnet``, ``context_features`` and ``vectors`` go to the coupling (:class:`AffineCoupling`),
     which alone sees the ``context``.
@@ -41,12 +42,15 @@ class FlowStep(FlowSequential):
         vectors: bool = False,
     ) -> None:
         options = dict(subnet=subnet, context_features=context_features, vectors=vectors)
+        coupling_layer: AffineCoupling | AdditiveCoupling | SplineCoupling
         if coupling == "affine":
-            coupling_layer: AffineCoupling | AdditiveCoupling = AffineCoupling(num_channels, hidden, scale, **options)
+            coupling_layer = AffineCoupling(num_channels, hidden, scale, **options)
         elif coupling == "additive":
             coupling_layer = AdditiveCoupling(num_channels, hidden, **options)
+        elif coupling == "spline":  # 8 bins on [-3, 3] (SplineCoupling's defaults); ``scale`` does not apply
+            coupling_layer = SplineCoupling(num_channels, hidden, **options)
         else:
-            raise ValueError(f"coupling must be 'affine' or 'additive', got {coupling!r}")
+            raise ValueError(f"coupling must be 'affine', 'additive' or 'spline', got {coupling!r}")
         super().__init__(ActNorm(num_channels), InvConv1x1(num_channels, lu=lu), coupling_layer)
 
     @property
@@ -60,6 +64,6 @@ class FlowStep(FlowSequential):
         return self.layers[1]  # type: ignore[return-value]
 
     @property
-    def coupling(self) -> AffineCoupling | AdditiveCoupling:
+    def coupling(self) -> AffineCoupling | AdditiveCoupling | SplineCoupling:
         """The step's coupling layer."""
         return self.layers[2]  # type: ignore[return-value]
