@@ -43,3 +43,18 @@ def loss_and_grads(
         loss = model.bits_per_dim(x).mean()
         loss.backward()
     return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+
+def tanh_mlp(in_features: int, out_features: int) -> nn.Module:
+    """A custom vector conditioner (a ``subnet=`` factory): one tanh hidden layer of width 7."""
+    return nn.Sequential(nn.Linear(in_features, 7), nn.Tanh(), nn.Linear(7, out_features))
+
+
+class HaloConv(nn.Sequential):
+    """A custom image conditioner of two 3x3 convolutions that declares its halo (2) and width."""
+
+    halo = 2
+    hidden = 6
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(nn.Conv2d(in_channels, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, out_channels, 3, padding=1))

@@ -20,19 +20,7 @@ from fastflow.nn import (
     Squeeze,
 )
 from fastflow.nn.tiling import Tiling
-from tests.helpers import perturb_parameters
-
-
-def _tanh_mlp(in_features: int, out_features: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(in_features, 7), nn.Tanh(), nn.Linear(7, out_features))
-
-
-class _HaloConv(nn.Sequential):
-    halo = 2
-    hidden = 6
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(nn.Conv2d(in_channels, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, out_channels, 3, padding=1))
+from tests.helpers import HaloConv, perturb_parameters, tanh_mlp
 
 
 def _vector_chain() -> FlowSequential:
@@ -41,7 +29,7 @@ def _vector_chain() -> FlowSequential:
         ActNorm(5),
         FlowStep(5, 8, context_features=3, vectors=True),
         Permutation(5, "random"),
-        AffineCoupling(5, scale="exp", subnet=_tanh_mlp, context_features=3, vectors=True, parity=1),
+        AffineCoupling(5, scale="exp", subnet=tanh_mlp, context_features=3, vectors=True, parity=1),
         InvertibleLinear(5, lu=False),
         FlowSequential(AdditiveCoupling(5, 8, context_features=3, vectors=True), FlowStep(5, 8, vectors=True)),
     )
@@ -52,7 +40,7 @@ def _image_chain() -> FlowSequential:
         AffineCoupling(2, 8, scale="exp", mask="checkerboard", context_features=3),
         Squeeze(),
         FlowStep(8, 8, context_features=3),
-        AdditiveCoupling(8, subnet=_HaloConv, context_features=3, parity=1),
+        AdditiveCoupling(8, subnet=HaloConv, context_features=3, parity=1),
         Permutation(8, "random"),
     )
 

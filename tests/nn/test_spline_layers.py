@@ -21,20 +21,7 @@ from fastflow.nn import (
 from fastflow.nn.autoregressive import MADE
 from fastflow.nn.spline_coupling import identity_derivative_raw, start_at_identity
 from fastflow.nn.tiling import Tiling
-from tests.helpers import brute_force_logdet, perturb_parameters
-
-
-def _tanh_mlp(in_features: int, out_features: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(in_features, 7), nn.Tanh(), nn.Linear(7, out_features))
-
-
-class _HaloConv(nn.Sequential):
-    halo = 2
-    hidden = 6
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(nn.Conv2d(in_channels, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, out_channels, 3, padding=1))
-
+from tests.helpers import HaloConv, brute_force_logdet, perturb_parameters, tanh_mlp
 
 # name -> (layer factory, x shape, context shape or None); perturbations keep raw parameters O(1)
 LAYERS = {
@@ -44,7 +31,7 @@ LAYERS = {
         (3, 5),
         (3, 2),
     ),
-    "vectors_custom_subnet": (lambda: SplineCoupling(4, bins=5, subnet=_tanh_mlp, vectors=True), (3, 4), None),
+    "vectors_custom_subnet": (lambda: SplineCoupling(4, bins=5, subnet=tanh_mlp, vectors=True), (3, 4), None),
     "images_context": (lambda: SplineCoupling(3, 6, bins=4, context_features=2), (2, 3, 3, 4), (2, 2)),
     "images_parity1": (lambda: SplineCoupling(4, 6, bins=2, parity=1), (2, 4, 2, 3), None),
     "autoregressive": (lambda: MaskedAutoregressiveSpline(4, 16, bins=4), (3, 4), None),
@@ -147,13 +134,13 @@ def _stack(kind: str) -> FlowSequential:
             InvertibleLinear(5),
             SplineCoupling(5, 8, bins=4, context_features=3, vectors=True),
             Permutation(5, "random"),
-            SplineCoupling(5, bins=3, parity=1, subnet=_tanh_mlp, context_features=3, vectors=True),
+            SplineCoupling(5, bins=3, parity=1, subnet=tanh_mlp, context_features=3, vectors=True),
             MaskedAutoregressiveSpline(5, 12, bins=3, context_features=3),
         )
     return FlowSequential(
         SplineCoupling(2, 6, bins=4, context_features=3),
         Squeeze(),
-        SplineCoupling(8, bins=3, parity=1, subnet=_HaloConv, context_features=3),
+        SplineCoupling(8, bins=3, parity=1, subnet=HaloConv, context_features=3),
         Permutation(8, "random"),
     )
 

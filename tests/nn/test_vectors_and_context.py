@@ -22,21 +22,7 @@ from fastflow.nn import (
     Squeeze,
 )
 from fastflow.nn.tiling import Tiling
-from tests.helpers import brute_force_logdet, perturb_parameters
-
-
-def _tanh_mlp(in_features: int, out_features: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(in_features, 7), nn.Tanh(), nn.Linear(7, out_features))
-
-
-class _HaloConv(nn.Sequential):
-    """A custom image conditioner of two 3x3 convolutions that declares its halo (2) and width."""
-
-    halo = 2
-    hidden = 6
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(nn.Conv2d(in_channels, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, out_channels, 3, padding=1))
+from tests.helpers import HaloConv, brute_force_logdet, perturb_parameters, tanh_mlp
 
 
 def _no_halo_conv(in_channels: int, out_channels: int) -> nn.Module:
@@ -62,9 +48,9 @@ CASES = {
         (3, 2, 3),
     ),
     "additive_context_vec": (lambda: AdditiveCoupling(5, 8, context_features=2, vectors=True), (3, 5), (3, 2)),
-    "affine_subnet_factory_vec": (lambda: AffineCoupling(5, subnet=_tanh_mlp, vectors=True), (3, 5), None),
+    "affine_subnet_factory_vec": (lambda: AffineCoupling(5, subnet=tanh_mlp, vectors=True), (3, 5), None),
     "affine_subnet_module_context_vec": (
-        lambda: AffineCoupling(5, scale="exp", subnet=_tanh_mlp(2 + 3, 2 * 3), context_features=3, vectors=True),
+        lambda: AffineCoupling(5, scale="exp", subnet=tanh_mlp(2 + 3, 2 * 3), context_features=3, vectors=True),
         (3, 5),
         (3, 3),
     ),
@@ -79,7 +65,7 @@ CASES = {
         lambda: FlowSequential(
             FlowStep(4, 8, context_features=2, vectors=True),
             Permutation(4, "random"),
-            AdditiveCoupling(4, subnet=_tanh_mlp, context_features=2, vectors=True),
+            AdditiveCoupling(4, subnet=tanh_mlp, context_features=2, vectors=True),
             ActNorm(4),
         ),
         (3, 4),
@@ -96,7 +82,7 @@ CASES = {
         (2, 2, 3, 2),
         (2, 2),
     ),
-    "additive_subnet_image": (lambda: AdditiveCoupling(4, subnet=_HaloConv, context_features=1), (2, 4, 3, 3), (2, 1)),
+    "additive_subnet_image": (lambda: AdditiveCoupling(4, subnet=HaloConv, context_features=1), (2, 4, 3, 3), (2, 1)),
     "flow_step_context_image": (lambda: FlowStep(4, 8, context_features=2), (2, 4, 2, 2), (2, 2)),
 }
 
@@ -189,7 +175,7 @@ def test_subnet_factory_gets_in_and_out_features_including_the_context():
 
     def subnet(in_features, out_features):
         calls.append((in_features, out_features))
-        return _tanh_mlp(in_features, out_features)
+        return tanh_mlp(in_features, out_features)
 
     AffineCoupling(7, subnet=subnet, context_features=4, vectors=True)
     AdditiveCoupling(6, subnet=subnet, mask="checkerboard", context_features=1)
@@ -201,7 +187,7 @@ def test_tiling_runs_on_a_conditioner_that_declares_its_halo_exact_with_context(
     """A custom conditioner with ``halo`` tiles exactly: outputs, and the reversible backward's input, parameter
     and context gradients, equal the untiled ones."""
     torch.manual_seed(0)
-    layer = AffineCoupling(4, scale="exp", subnet=_HaloConv, context_features=2).double()
+    layer = AffineCoupling(4, scale="exp", subnet=HaloConv, context_features=2).double()
     perturb_parameters(layer, 0.3)
     x, context = torch.randn(2, 4, 5, 4, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64)
     grad_y, grad_logdet = torch.randn_like(x), torch.randn(2, dtype=torch.float64)
@@ -225,10 +211,10 @@ def test_tiling_is_refused_for_a_conditioner_without_a_halo():
             layer.tiling = Tiling(tile_size=4)
         assert layer.tiling is None
     with pytest.raises(ValueError, match="give tile_size instead"):
-        AffineCoupling(4, subnet=lambda i, o: _HaloConvNoWidth(i, o)).tiling = Tiling(memory_budget_mb=8)
+        AffineCoupling(4, subnet=lambda i, o: HaloConvNoWidth(i, o)).tiling = Tiling(memory_budget_mb=8)
 
 
-class _HaloConvNoWidth(nn.Conv2d):
+class HaloConvNoWidth(nn.Conv2d):
     halo = 1
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
