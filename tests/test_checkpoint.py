@@ -160,7 +160,7 @@ def _write_payload(path, **changes):
     [
         ({"bogus": 1}, "config key 'bogus' is not an argument of Glow"),
         ({"levels": "1"}, "config key 'levels' of Glow must be int, got '1'"),
-        ({"coupling": "spline"}, "config key 'coupling' of Glow must be"),
+        ({"coupling": "quadratic"}, "config key 'coupling' of Glow must be"),
         ({"image_size": [4, 4, 4]}, "config key 'image_size'"),
         ({"steps": 0}, "invalid config for Glow: levels and steps must be >= 1"),
     ],

@@ -241,7 +241,7 @@ def test_bad_inputs_raise_clear_errors(make, bad, error, match):
         (lambda: AffineCoupling(4, hidden=8, scale="tanh"), "scale must be one of"),
         (lambda: AffineCoupling(4, hidden=8, mask="checkerboard"), "needs scale='exp'"),
         (lambda: AffineCoupling(4, hidden=8, mask="stripes"), "mask must be"),
-        (lambda: FlowStep(4, hidden=8, coupling="spline"), "coupling must be"),
+        (lambda: FlowStep(4, hidden=8, coupling="quadratic"), "coupling must be"),
         (lambda: ActNorm(0), "num_channels must be >= 1"),
         (lambda: FlowSequential(torch.nn.ReLU()), "not invertible"),
     ],
