@@ -46,7 +46,7 @@ bench-targets: $(BENCH_STAMP)
 # subset; results of earlier cases stay in the results file, so the suite can be split over commands.
 GPU_PY ?= python3
 BENCH_ARGS ?=
-GPU_CHECK_S ?= 450
+GPU_CHECK_S ?= 460
 gpu-check: gpu-install
 	$(GPU_PY) -m benchmarks.gpu_check --total-s $(GPU_CHECK_S)
 

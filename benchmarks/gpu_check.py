@@ -6,11 +6,13 @@ use whatever earlier steps left, but never the time reserved for the steps after
 1. ``gpu-tests``: the gpu-marked tests (``pytest -m gpu``) with TF32 on (``TORCH_ALLOW_TF32_CUBLAS_OVERRIDE``;
    cuDNN's TF32 is PyTorch's default);
 2. ``coupling`` and 3. ``flowstep``: the fused kernels against eager and ``torch.compile``;
-4. ``train_modes``: the training step eager vs compiled vs CUDA graph, bf16, at 32x32 (L=3, K=32, hidden 512,
+4. ``spline``: the rational-quadratic spline, fused against eager, ``torch.compile``, zuko and nflows
+   (issue 15's target size first);
+5. ``train_modes``: the training step eager vs compiled vs CUDA graph, bf16, at 32x32 (L=3, K=32, hidden 512,
    batch 64) and 256x256 (L=6, K=32, hidden 512, batch 4);
-5. ``largest_batch``: the largest batch that fits at 256, 512 and 1024 pixels for standard, checkpoint,
+6. ``largest_batch``: the largest batch that fits at 256, 512 and 1024 pixels for standard, checkpoint,
    reversible and tiled backprop;
-6. ``flowstep_max_autotune``: only with the time left (``torch.compile`` max-autotune takes minutes).
+7. ``flowstep_max_autotune``: only with the time left (``torch.compile`` max-autotune takes minutes).
 
 A benchmark step gets ``--deadline`` (its box less :data:`SOFT_MARGIN_S`): it stops starting work and writes
 what it measured, marking the rest ``skipped: time``; at the end of its box it is killed (with its children).
@@ -19,8 +21,8 @@ with ``--out`` (default ``$OUT`` when set) each step's log goes to ``<out>/gpu-c
 result files are copied to ``<out>/results/`` after every step, and ``<out>/gpu-check/summary.md`` lists each
 step's status and seconds.
 
-Budget (``--total-s``, default 450 s, so that with ``make gpu-install`` the whole check stays under 8 minutes
-on a fresh H100): the reserves in :data:`PLAN`, from the last GPU timings (gpu tests 50 s on the H200,
+Budget (``--total-s``, default 460 s, so that with ``make gpu-install`` the whole check stays under 8 minutes
+on a fresh H100): the reserves in :data:`PLAN`, from the last GPU timings (gpu tests 72 s on the H200,
 coupling 33 s and flowstep's default compile about 40 s on the H100; the step eager and CUDA graph at both
 sizes about 40 s on the H200) and estimates for the rest (``torch.compile`` of the whole step: one to three
 minutes per size, so the 256x256 compile is the row most likely to be cut); each benchmark step also pays
@@ -71,16 +73,17 @@ PLAN = (
     Step(
         "gpu-tests",
         ("-m", "pytest", "-q", "-m", "gpu", "tests"),
-        60,
+        80,
         env={"FASTFLOW_TEST_GPU": "1", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "1"},
     ),
     _bench("coupling", 40),
     _bench("flowstep", 55),
-    _bench("train_modes", 200, min_s=60),
+    _bench("spline", 50, min_s=30),
+    _bench("train_modes", 130, min_s=60),
     _bench("largest_batch", 80, min_s=30),
     _bench("flowstep_max_autotune", 0, min_s=90),
 )
-"""The steps of ``make gpu-check``, in order; the reserves add up to 435 s of the default 450."""
+"""The steps of ``make gpu-check``, in order; the reserves add up to 435 s of the default 460."""
 
 
 def deadlines(plan: Sequence[Step], start: float, total_s: float) -> list[float]:
@@ -124,7 +127,7 @@ def _copy_results(results_dir: str, out: str, since: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run :data:`PLAN` (or ``--steps``) within ``--total-s``; returns 1 if a step failed, else 0."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__)
-    parser.add_argument("--total-s", type=float, default=450.0, help="seconds for the whole check")
+    parser.add_argument("--total-s", type=float, default=460.0, help="seconds for the whole check")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for logs and result copies")
     parser.add_argument("--steps", default=None, help="comma-separated subset of the plan's step names")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its deadlines only")
