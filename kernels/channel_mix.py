@@ -70,6 +70,7 @@ default, ``torch.library.wrap_triton`` when :mod:`fastflow.ops.channel_mix` regi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +78,7 @@ import torch
 import triton
 import triton.language as tl
 from fastflow.kernels.aot import AotSpec
+from fastflow.kernels.launch import cdiv, next_power_of_2
 
 __all__ = [
     "channel_mix_fwd_kernel",
@@ -262,8 +264,17 @@ def channel_mix_bwd_kernel(
 
 
 def _launch_params(c_in: int, c_out: int, hw: int, dtype: torch.dtype, on_cpu: bool, backward: bool) -> dict[str, Any]:
-    """Constexprs and warps for a launch: the tile heuristic described in the module docstring."""
-    ci_pad, co_pad = triton.next_power_of_2(c_in), triton.next_power_of_2(c_out)
+    """Constexprs and warps for a launch: the tile heuristic described in the module docstring (a fresh dict
+    the caller may change)."""
+    return dict(_cached_launch_params(c_in, c_out, hw, dtype, on_cpu, backward))
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_launch_params(
+    c_in: int, c_out: int, hw: int, dtype: torch.dtype, on_cpu: bool, backward: bool
+) -> dict[str, Any]:
+    """:func:`_launch_params`, computed once per launch shape (never changed: callers get copies)."""
+    ci_pad, co_pad = next_power_of_2(c_in), next_power_of_2(c_out)
     use_dot = dtype in (torch.float16, torch.bfloat16) and min(ci_pad, co_pad) >= 16
     if use_dot:
         ci_pad, co_pad = max(ci_pad, 16), max(co_pad, 16)
@@ -277,7 +288,7 @@ def _launch_params(c_in: int, c_out: int, hw: int, dtype: torch.dtype, on_cpu: b
     else:
         ci_block = min(ci_pad, 16)
         block_p = (1024 if fp64 else 2048) // max(ci_block, co_pad)
-    block_p = min(max(16, min(1024, block_p)), max(16, triton.next_power_of_2(hw)))
+    block_p = min(max(16, min(1024, block_p)), max(16, next_power_of_2(hw)))
     return {
         ("CI_BLOCK" if backward else "CI_PAD"): ci_block,
         "CO_PAD": co_pad,
@@ -353,7 +364,7 @@ def channel_mix_forward(
     if batch * hw == 0 or c_out == 0:
         return out
     params = _launch_params(c_in, c_out, hw, x.dtype, x.device.type == "cpu", backward=False)
-    n_pblocks = triton.cdiv(hw, params["BLOCK_P"])
+    n_pblocks = cdiv(hw, params["BLOCK_P"])
     x3, sxb, sxc, sxp = _pixels(x, params["BLOCK_P"], "x")
     y3 = _output_pixels(out, params["BLOCK_P"], "out")
     # without a bias, b_ptr gets an input, never another output: a traced launch (wrap_triton) may take every
@@ -409,12 +420,12 @@ def channel_mix_backward(
     hw = height * width
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     params = _launch_params(c_in, c_out, hw, x.dtype, x.device.type == "cpu", backward=True)
-    n_pblocks = triton.cdiv(hw, params["BLOCK_P"])
+    n_pblocks = cdiv(hw, params["BLOCK_P"])
     n_tiles = batch * n_pblocks
     if n_tiles == 0 or c_in == 0 or c_out == 0:
         grad_x.zero_()
         return grad_x, x.new_zeros((c_out, c_in), dtype=acc_dtype), x.new_zeros((c_out,), dtype=acc_dtype)
-    n_ci_blocks = triton.cdiv(c_in, params["CI_BLOCK"])
+    n_ci_blocks = cdiv(c_in, params["CI_BLOCK"])
     n_prog = _backward_programs(x, n_tiles, n_ci_blocks, c_in, c_out)
     gw_part = torch.empty((n_prog, c_out, c_in), dtype=acc_dtype, device=x.device)
     gb_part = torch.empty((n_prog, c_out), dtype=acc_dtype, device=x.device)

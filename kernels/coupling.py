@@ -66,6 +66,7 @@ key on the kernels' source).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -73,6 +74,7 @@ import torch
 import triton
 import triton.language as tl
 from fastflow.kernels.aot import AotSpec
+from fastflow.kernels.launch import cdiv, next_power_of_2
 
 __all__ = [
     "SIGMOID",
@@ -333,13 +335,27 @@ class _Runs(NamedTuple):
 
     ndim: int
     sizes: tuple[int, int, int]
-    strides: list[tuple[int, int, int, int]]
+    strides: tuple[tuple[int, int, int, int], ...]
     channel: int
 
 
-def _inner_order(x: torch.Tensor) -> list[int]:
+# The launch geometry below is a pure function of shapes and strides, cached on them: a training step calls the
+# launchers thousands of times with a few dozen distinct layouts, and the host time per launch is what bounds it.
+
+
+@functools.lru_cache(maxsize=1024)
+def _order_and_permutation(stride: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """Dims batch first, then the others outermost in memory first (stable for ties), and the permutation that
+    views a tensor laid out in that order in the original dim order (None when the order is the identity)."""
+    order = (0, *sorted(range(1, len(stride)), key=lambda d: -stride[d]))
+    if order == tuple(range(len(stride))):
+        return order, None
+    return order, tuple(order.index(d) for d in range(len(stride)))
+
+
+def _inner_order(x: torch.Tensor) -> tuple[int, ...]:
     """Non-batch dims of ``x``, outermost in memory first (stable for ties)."""
-    return sorted(range(1, x.dim()), key=lambda d: -x.stride(d))
+    return _order_and_permutation(x.stride())[0][1:]
 
 
 def empty_in_order(
@@ -347,43 +363,52 @@ def empty_in_order(
 ) -> torch.Tensor:
     """Empty tensor shaped like ``x`` (or ``shape``, of ``x``'s rank), dense in ``x``'s memory order of
     non-batch dims, batch outermost."""
-    order = [0, *_inner_order(x)]
+    order, permutation = _order_and_permutation(x.stride())
     shape = x.shape if shape is None else shape
-    out = torch.empty([shape[d] for d in order], dtype=dtype or x.dtype, device=x.device)
-    return out.permute([order.index(d) for d in range(x.dim())])
+    dtype = dtype or x.dtype
+    if permutation is None:
+        return torch.empty(shape, dtype=dtype, device=x.device)
+    return torch.empty([shape[d] for d in order], dtype=dtype, device=x.device).permute(permutation)
 
 
-def _runs(tensors: list[torch.Tensor], order: list[int], channel_dim: int | None) -> _Runs | None:
+def _runs(tensors: list[torch.Tensor], order: tuple[int, ...], channel_dim: int | None) -> _Runs | None:
     """Merge the dims in ``order`` into runs every tensor can stride through; None if more than three.
 
     The tensors share the first one's shape except along ``channel_dim`` (a channel split), which is never
     merged with a neighbour: its index is a run index of its own.
     """
-    shape = tensors[0].shape
+    return _runs_of(tuple(tensors[0].shape), tuple(t.stride() for t in tensors), order, channel_dim)
+
+
+@functools.lru_cache(maxsize=1024)
+def _runs_of(
+    shape: tuple[int, ...], strides: tuple[tuple[int, ...], ...], order: tuple[int, ...], channel_dim: int | None
+) -> _Runs | None:
+    """:func:`_runs` on shapes and strides."""
     sizes: list[int] = []
-    strides: list[list[int]] = [[] for _ in tensors]  # innermost stride of each run, per tensor
+    inner: list[list[int]] = [[] for _ in strides]  # innermost stride of each run, per tensor
     channel, previous = -1, None
     for d in (d for d in order if shape[d] != 1 or d == channel_dim):
         mergeable = channel_dim not in (d, previous)
-        if sizes and mergeable and all(st[-1] == t.stride(d) * shape[d] for st, t in zip(strides, tensors)):
+        if sizes and mergeable and all(st[-1] == stride[d] * shape[d] for st, stride in zip(inner, strides)):
             sizes[-1] *= shape[d]
-            for st, t in zip(strides, tensors):
-                st[-1] = t.stride(d)
+            for st, stride in zip(inner, strides):
+                st[-1] = stride[d]
         else:
             sizes.append(shape[d])
-            for st, t in zip(strides, tensors):
-                st.append(t.stride(d))
+            for st, stride in zip(inner, strides):
+                st.append(stride[d])
         if d == channel_dim:
             channel = len(sizes) - 1
         previous = d
     if len(sizes) > _MAX_RUNS:
         return None
     pad = _MAX_RUNS - len(sizes)
-    padded = [(t.stride(0), *st, *[0] * pad) for st, t in zip(strides, tensors)]
+    padded = tuple((stride[0], *st, *[0] * pad) for st, stride in zip(inner, strides))
     return _Runs(max(len(sizes), 1), (*sizes, *[1] * pad), padded, channel)  # type: ignore[arg-type]
 
 
-def _prepare(inputs: list[torch.Tensor], channel_dim: int | None) -> tuple[list[torch.Tensor], list[int], _Runs]:
+def _prepare(inputs: list[torch.Tensor], channel_dim: int | None) -> tuple[list[torch.Tensor], tuple[int, ...], _Runs]:
     """Inputs, the iteration order and their runs; inputs are copied (dense in the first one's order) only
     beyond three runs."""
     order = _inner_order(inputs[0])
@@ -395,24 +420,30 @@ def _prepare(inputs: list[torch.Tensor], channel_dim: int | None) -> tuple[list[
     return inputs, order, runs
 
 
+@functools.lru_cache(maxsize=1024)
 def _block_sizes(batch: int, n: int) -> tuple[int, int]:
     """``(ROWS, BLOCK)`` of the launch heuristic described in the module docstring."""
-    block = min(triton.next_power_of_2(n), TILE)
-    return min(TILE // block, triton.next_power_of_2(batch)), block
+    block = min(next_power_of_2(n), TILE)
+    return min(TILE // block, next_power_of_2(batch)), block
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _launch_args(u: torch.Tensor, runs: _Runs, b_start: int | None, b_channels: int) -> list[int]:
+def _launch_args(u: torch.Tensor, runs: _Runs, b_start: int | None, b_channels: int) -> tuple[int, ...]:
     """``B, N, S1, S2, B0, NB`` and every tensor's four strides, in kernel argument order."""
     batch = u.shape[0]
-    n = u.numel() // batch
+    return _launch_ints(batch, u.numel() // batch, runs, b_start, b_channels)
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_ints(batch: int, n: int, runs: _Runs, b_start: int | None, b_channels: int) -> tuple[int, ...]:
+    """:func:`_launch_args` on the sizes."""
     if n >= 2**31 - TILE:
         raise ValueError(f"coupling kernels index a sample with int32, got {n} elements per sample")
-    split = [0, 0] if b_start is None else [b_start, b_channels]  # unused without a split
-    return [batch, n, runs.sizes[1], runs.sizes[2], *split, *(s for st in runs.strides for s in st)]
+    split = (0, 0) if b_start is None else (b_start, b_channels)  # unused without a split
+    return (batch, n, runs.sizes[1], runs.sizes[2], *split, *(s for st in runs.strides for s in st))
 
 
 def _launch_directly(kernel: Any) -> Any:
@@ -456,14 +487,14 @@ def coupling_forward(
     channel_dim = None if b_start is None else 1
     inputs, _, runs = _prepare([u, shift, shift if raw is None else raw], channel_dim)
     rows, block = _block_sizes(batch, u.numel() // batch)
-    n_col_blocks = triton.cdiv(u.numel() // batch, block)
+    n_col_blocks = cdiv(u.numel() // batch, block)
     if scale == ADDITIVE:
         # log s = 0: the kernel writes no partial sums, and the zero log-det stands in for the unused pointer
         partial = torch.zeros(batch, dtype=acc, device=u.device)
     else:
         # every (sample, column block) slot is written (module docstring): no zero fill
         partial = torch.empty(batch, n_col_blocks, dtype=acc, device=u.device)
-    grid = (triton.cdiv(batch, rows) * n_col_blocks,)
+    grid = (cdiv(batch, rows) * n_col_blocks,)
     wrap_triton(coupling_fwd_kernel)[grid](
         *inputs, out, partial, *_launch_args(u, runs, b_start, shift.shape[1]),
         SCALE=scale, INVERSE=inverse, NDIM=runs.ndim, CH=runs.channel, ROWS=rows, BLOCK=block,
@@ -512,7 +543,7 @@ def coupling_backward(
     runs = _runs([*inputs, shift if grad_raw is None else grad_raw], order, channel_dim)
     assert runs is not None
     rows, block = _block_sizes(batch, u.numel() // batch)
-    grid = (triton.cdiv(batch, rows) * triton.cdiv(u.numel() // batch, block),)
+    grid = (cdiv(batch, rows) * cdiv(u.numel() // batch, block),)
     gl = grad_logdet.to(acc)
     # a slot this launch never stores to gets an input, never another output: a traced launch (wrap_triton)
     # may take every pointer as written
@@ -556,7 +587,7 @@ def _glow_launch_ints(kernel: Any, split: bool, channels_last: bool = False) -> 
     outputs = [empty_in_order(u, shape=raw.shape)] if backward else []  # grad_raw
     runs = _runs([*inputs, *outputs], order, channel_dim)
     assert runs is not None
-    values = _launch_args(u, runs, 48 if split else None, 48) + ([1] if backward else [])  # gl_sb
+    values = [*_launch_args(u, runs, 48 if split else None, 48), *([1] if backward else [])]  # gl_sb
     names = [n for n in kernel.arg_names if not n.endswith("_ptr") and n not in _CONSTEXPRS]
     assert len(names) == len(values), (names, values)
     return dict(zip(names, values))

@@ -69,6 +69,7 @@ The launchers take a ``wrap_triton`` callable applied to each kernel before its 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +77,7 @@ import torch
 import triton
 import triton.language as tl
 from fastflow.kernels.aot import AotSpec
+from fastflow.kernels.launch import cdiv, next_power_of_2
 
 __all__ = [
     "FORWARD",
@@ -406,20 +408,27 @@ def _bins(raw: torch.Tensor) -> int:
     return (params + 1) // 3
 
 
+@functools.lru_cache(maxsize=1024)
 def _tile_sizes(batch: int, n: int, bins: int) -> tuple[int, int, int]:
     """``(KP, ROWS, BLOCK)`` of the launch heuristic described in the module docstring."""
-    kp = triton.next_power_of_2(bins)
+    kp = next_power_of_2(bins)
     elements = max(_MIN_ELEMENTS, min(_MAX_ELEMENTS, TILE_VALUES // kp))
-    block = min(triton.next_power_of_2(n), elements)
-    return kp, min(elements // block, triton.next_power_of_2(batch)), block
+    block = min(next_power_of_2(n), elements)
+    return kp, min(elements // block, next_power_of_2(batch)), block
 
 
 def _merged_stride(t: torch.Tensor, dims: range) -> int | None:
     """The stride of ``t``'s dims ``dims`` (consecutive) merged into one, or None where they do not merge."""
-    kept = [d for d in dims if t.shape[d] != 1]
-    if any(t.stride(outer) != t.stride(inner) * t.shape[inner] for outer, inner in zip(kept, kept[1:])):
+    return _merged_stride_of(tuple(t.shape), t.stride(), dims.start, dims.stop)
+
+
+@functools.lru_cache(maxsize=1024)
+def _merged_stride_of(shape: tuple[int, ...], stride: tuple[int, ...], start: int, stop: int) -> int | None:
+    """:func:`_merged_stride` on a shape and strides (cached: it runs per launch)."""
+    kept = [d for d in range(start, stop) if shape[d] != 1]
+    if any(stride[outer] != stride[inner] * shape[inner] for outer, inner in zip(kept, kept[1:])):
         return None
-    return t.stride(kept[-1]) if kept else 1
+    return stride[kept[-1]] if kept else 1
 
 
 def _strided(t: torch.Tensor, dims: range) -> tuple[torch.Tensor, list[int]]:
@@ -478,9 +487,9 @@ def rq_spline_forward(
     n = _elements_per_sample(u, raw)
     (u_arg, u_strides), (raw_arg, raw_strides) = _strided(u, range(1, u.dim())), _strided(raw, range(1, u.dim()))
     kp, rows, block = _tile_sizes(batch, n, bins)
-    n_col_blocks = triton.cdiv(n, block)
+    n_col_blocks = cdiv(n, block)
     partial = torch.empty(batch, n_col_blocks, dtype=acc, device=u.device)  # every slot is written
-    grid = (triton.cdiv(batch, rows) * n_col_blocks,)
+    grid = (cdiv(batch, rows) * n_col_blocks,)
     wrap_triton(rq_spline_fwd_kernel)[grid](
         u_arg, raw_arg, out, partial, batch, n, *u_strides, *raw_strides,
         KP=kp, INVERSE=inverse, ROWS=rows, BLOCK=block, num_warps=NUM_WARPS,
@@ -523,7 +532,7 @@ def rq_spline_backward(
     (u_arg, u_strides), (raw_arg, raw_strides) = _strided(u, range(1, u.dim())), _strided(raw, range(1, u.dim()))
     g_arg, g_strides = _strided(grad, range(1, u.dim()))
     kp, rows, block = _tile_sizes(batch, n, bins)
-    grid = (triton.cdiv(batch, rows) * triton.cdiv(n, block),)
+    grid = (cdiv(batch, rows) * cdiv(n, block),)
     gl = grad_logdet.to(acc)
     # an unused slot gets an input, never another output: a traced launch may take every pointer as written
     wrap_triton(rq_spline_bwd_kernel)[grid](

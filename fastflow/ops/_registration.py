@@ -10,6 +10,7 @@ launcher itself: an eager (or CUDA-graph captured) training step is bound by tha
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -56,17 +57,26 @@ def registration(traceable: bool) -> tuple[Callable[..., Any], dict[str, Any]]:
 def kernel_function(module: str, name: str) -> Callable[..., Any]:
     """``fastflow.kernels.<module>.<name>``, imported at its first call: Triton is optional."""
 
+    imported: list[Any] = []  # the module, once imported (the function is looked up per call: tests patch it)
+
     def call(*args: Any, **kwargs: Any) -> Any:
-        return getattr(importlib.import_module(f"fastflow.kernels.{module}"), name)(*args, **kwargs)
+        if not imported:
+            imported.append(importlib.import_module(f"fastflow.kernels.{module}"))
+        return getattr(imported[0], name)(*args, **kwargs)
 
     return call
 
 
 def use_library_op() -> bool:
     """Whether a fused op is called through ``torch.library`` rather than its direct twin: while
-    ``torch.compile`` traces (Dynamo folds this to True without a graph break) and while a dispatch mode is
-    active (fake tensors, ``make_fx``, a ``TorchDispatchMode`` census), which must see the op whole."""
-    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+    ``torch.compile`` traces (Dynamo folds this to True without a graph break), while a dispatch mode is
+    active (fake tensors, ``make_fx``, a ``TorchDispatchMode`` census), which must see the op whole, and under
+    functorch transforms (``vmap``, ``torch.func.grad``), which need the registered op's ``setup_context``."""
+    return (
+        torch.compiler.is_compiling()
+        or _get_current_dispatch_mode() is not None
+        or torch._C._are_functorch_transforms_active()
+    )
 
 
 def direct_autograd(
@@ -78,7 +88,24 @@ def direct_autograd(
     """``apply`` of an ``autograd.Function`` running ``forward`` (an op's body, launching its kernels directly)
     with the ``setup_context`` and ``backward`` the op registers with ``register_autograd``. Unless
     ``differentiable_backward``, a backward run to be differentiated again (``create_graph=True``) raises, as
-    the op's second backward does (its backward op has no autograd): never a silent zero gradient."""
+    the op's second backward does (its backward op has no autograd): never a silent zero gradient.
+
+    The Function's ``forward`` takes ``ctx`` and calls ``setup_context`` itself, with the positional inputs
+    completed by ``forward``'s defaults (bound once here): a Function with its own ``setup_context`` binds
+    every call's arguments with ``inspect.signature``, tens of microseconds of host time per call."""
+    parameters = list(inspect.signature(forward).parameters.values())
+    if any(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in parameters):
+        raise TypeError(f"{forward.__name__}: a direct twin takes positional parameters only")
+    fixed = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    defaults = tuple(p.default for p in fixed)
+    required = sum(p.default is p.empty for p in fixed)
+
+    def forward_with_context(ctx: Any, *args: Any) -> Any:
+        if required <= len(args) < len(defaults):
+            args = (*args, *defaults[len(args) :])
+        output = forward(*args)
+        setup_context(ctx, args, output)
+        return output
 
     def first_order_backward(ctx: Any, *grads: Any) -> Any:
         if torch.is_grad_enabled() and any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
@@ -92,8 +119,7 @@ def direct_autograd(
         f"Direct_{forward.__name__}",
         (torch.autograd.Function,),
         {
-            "forward": staticmethod(forward),
-            "setup_context": staticmethod(setup_context),
+            "forward": staticmethod(forward_with_context),
             "backward": staticmethod(backward if differentiable_backward else first_order_backward),
         },
     )

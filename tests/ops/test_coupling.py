@@ -882,3 +882,27 @@ def test_bad_inputs_raise_on_kernel_backend(target) -> None:
     backend, device = target
     with _on(backend):
         _assert_bad_inputs_raise(device)
+
+
+def test_host_launch_arithmetic_matches_triton() -> None:
+    triton = pytest.importorskip("triton")
+    from fastflow.kernels.launch import cdiv, next_power_of_2
+
+    for n in range(0, 1100):
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 1024):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_empty_in_order_follows_the_memory_order(layout: str) -> None:
+    pytest.importorskip("triton")
+    from fastflow.kernels import coupling as K
+
+    x = torch.empty(2, 3, 4, 5)
+    x = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last), "transposed": x.mT}[layout]
+    out = K.empty_in_order(x)
+    assert out.shape == x.shape and out.stride() == x.stride()
+    wide = K.empty_in_order(x, torch.float64, (2, 6, *x.shape[2:]))
+    assert wide.dtype == torch.float64 and wide.shape == (2, 6, *x.shape[2:])
+    assert K._inner_order(wide) == K._inner_order(x)

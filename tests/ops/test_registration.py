@@ -11,7 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastflow
-from fastflow.ops._registration import use_library_op
+from fastflow.ops._registration import direct_autograd, use_library_op
 from fastflow.ops.channel_mix import channel_mix, channel_mix_ref
 from fastflow.ops.coupling import affine_coupling
 
@@ -38,6 +38,30 @@ def test_library_op_only_while_tracing_or_under_a_dispatch_mode() -> None:
     seen = []
     torch.compile(lambda x: seen.append(use_library_op()) or x + 1, backend="eager", fullgraph=True)(torch.ones(1))
     assert seen == [True]
+    torch.func.vmap(lambda x: seen.append(use_library_op()) or x)(torch.ones(2))  # functorch needs setup_context
+    assert seen == [True, True]
+
+
+def test_direct_twin_completes_defaults_and_sets_up_its_context() -> None:
+    """The twin's forward fills omitted trailing arguments from the op's defaults (bound once, not per call)
+    and hands ``setup_context`` the completed inputs and the output."""
+    contexts = []
+
+    def scale(x: torch.Tensor, factor: float = 3.0) -> torch.Tensor:
+        return x * factor
+
+    def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        contexts.append((inputs[1:], output.shape))
+        ctx.factor = inputs[1]
+
+    apply = direct_autograd(scale, setup_context, lambda ctx, grad: (grad * ctx.factor, None))
+    x = torch.ones(2, requires_grad=True)
+    (grad,) = torch.autograd.grad(apply(x).sum(), x)
+    assert torch.equal(grad, torch.full((2,), 3.0)) and contexts == [((3.0,), (2,))]
+    (grad,) = torch.autograd.grad(apply(x, 0.5).sum(), x)
+    assert torch.equal(grad, torch.full((2,), 0.5))
+    with pytest.raises(TypeError, match="positional parameters only"):
+        direct_autograd(lambda x, *, factor: x, setup_context, lambda ctx, grad: grad)
 
 
 def _coupling_and_mix(x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
