@@ -111,16 +111,21 @@ def guards_deferred(x: torch.Tensor) -> bool:
     return _DEFERRED.get() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-class DriftRecord:
+class DriftRecord(nn.Module):
     """What the deferred drift checks of one reversible chain saw since the last read, kept without a host read.
 
-    ``excess`` (0-dim float32 on the chain's device) is the largest ``drift / max_drift`` of its backward passes:
-    above 1 the guard tripped, NaN means a non-finite rebuilt input. ``max_drift`` is the tolerance of the latest
-    pass, to word the error.
+    A submodule of its chain (:class:`~fastflow.nn.FlowSequential` makes one at construction), so it moves with
+    the model and ``torch.compile`` sees the same module state from the first step on (no recompile when the
+    first backward records); it adds nothing to the state dict. ``excess`` (a 0-dim buffer, float32 unless the
+    model is cast) is the largest ``drift / max_drift`` of the chain's backward passes: above 1 the guard tripped,
+    NaN means a non-finite rebuilt input. ``max_drift`` is the tolerance of the latest pass, to word the error.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.excess = torch.zeros((), dtype=torch.float32, device=device)
+    excess: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("excess", torch.zeros((), dtype=torch.float32), persistent=False)
         self.max_drift = math.inf
 
     def note(self, drift: torch.Tensor, max_drift: float) -> None:
@@ -129,35 +134,23 @@ class DriftRecord:
         self.max_drift = max_drift
 
 
-_RECORD_ATTRIBUTE = "_drift_record"  # where a chain's ModuleList keeps its DriftRecord (a plain attribute: no state)
-_CACHE_ATTRIBUTE = "_drift_records"  # where a module caches the records found under it, with _records_made
-_records_made = 0  # DriftRecords made so far: a cached list made before the latest one may miss it
-
-
-def _record_of(layers: nn.ModuleList, device: torch.device) -> DriftRecord:
-    """The drift record of the chain ``layers`` on ``device``: a new one when the chain moved (a record left on
-    another device is dropped unread)."""
-    global _records_made
-    record = layers.__dict__.get(_RECORD_ATTRIBUTE)
-    if record is None or record.excess.device != device:
-        record = DriftRecord(device)
-        setattr(layers, _RECORD_ATTRIBUTE, record)
-        _records_made += 1
-    return record
+_CACHE_ATTRIBUTE = "_drift_record_names"  # where a model caches the module paths of the records under it
 
 
 def _records(module: nn.Module) -> list[tuple[str, DriftRecord]]:
-    """The drift records of the reversible chains in ``module``, named by their module path. Cached on ``module``
-    until another record is made: walking a deep model's thousand modules every step would cost milliseconds."""
-    made, records = module.__dict__.get(_CACHE_ATTRIBUTE, (-1, []))
-    if made != _records_made:
-        records = [
-            (name, m.__dict__[_RECORD_ATTRIBUTE])
-            for name, m in module.named_modules()
-            if _RECORD_ATTRIBUTE in m.__dict__
-        ]
-        setattr(module, _CACHE_ATTRIBUTE, (_records_made, records))
-    return records
+    """The drift records of the chains in ``module`` set to train reversibly, named by their chain's module path.
+    The paths are found once per model (walking a deep model's thousand modules every step would cost
+    milliseconds) and kept as names, so a copy of the model finds its own records."""
+    names = module.__dict__.get(_CACHE_ATTRIBUTE)
+    if names is None:
+        names = [name for name, m in module.named_modules() if isinstance(m, DriftRecord)]
+        module.__dict__[_CACHE_ATTRIBUTE] = names
+    records = []
+    for name in names:
+        chain = name.rpartition(".")[0]
+        if getattr(module.get_submodule(chain), "reversible", False):
+            records.append((chain, module.get_submodule(name)))
+    return records  # type: ignore[return-value]
 
 
 def _stacked_excess(records: list[tuple[str, DriftRecord]]) -> torch.Tensor:
@@ -328,6 +321,7 @@ class _ReversibleChain(torch.autograd.Function):
         context: torch.Tensor | None,
         layers: nn.ModuleList,
         max_drift: float | None,
+        record: DriftRecord | None,
         *params: nn.Parameter,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.layers = layers
@@ -335,7 +329,12 @@ class _ReversibleChain(torch.autograd.Function):
         ctx.tol = default_max_drift(x) if max_drift is None else max_drift
         # decided here, where the caller's context is: the backward may run on another thread (autograd's)
         deferred = ctx.tol != math.inf and guards_deferred(x)
-        ctx.record = _record_of(layers, x.device) if deferred else None
+        if deferred and record is None:
+            raise ValueError(
+                "a deferred drift check (deferred_guards, torch.compile, CUDA graph capture) needs the chain's "
+                "DriftRecord: pass record= to reversible_chain, or max_drift=math.inf to run without the guard"
+            )
+        ctx.record = record if deferred else None
         ctx.immediate = ctx.tol != math.inf and not deferred
         ctx.device_type = x.device.type
         ctx.autocast, ctx.autocast_dtype = _autocast_state(x.device.type)
@@ -379,7 +378,7 @@ class _ReversibleChain(torch.autograd.Function):
             if before is not None:
                 p.grad = before if p.grad is None else before.add_(p.grad)
         grad_context = None if context is None else context.grad
-        return (grad_y, grad_context, None, None) + (None,) * ctx.num_params
+        return (grad_y, grad_context, None, None, None) + (None,) * ctx.num_params
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
@@ -427,12 +426,17 @@ def _raise_if_beyond(drift: float, tol: float) -> None:
 
 
 def reversible_chain(
-    layers: nn.ModuleList, x: torch.Tensor, max_drift: float | None = None, context: torch.Tensor | None = None
+    layers: nn.ModuleList,
+    x: torch.Tensor,
+    max_drift: float | None = None,
+    context: torch.Tensor | None = None,
+    record: DriftRecord | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``layers`` on ``x`` (each at ``context``, if given) with memory-saving reversible backprop; returns
     ``(y, summed logdet)``, differentiable w.r.t. ``x``, ``context`` and the parameters. The backward
     checks the drift of the rebuilt input against ``max_drift`` (``None``: :func:`default_max_drift`) at once, or
-    records it on the device when :func:`guards_deferred` holds here (see the module docstring)."""
+    records it in ``record`` on the device when :func:`guards_deferred` holds here (see the module docstring;
+    without a record that raises ``ValueError``)."""
     max_drift = check_max_drift(max_drift)
     params = _params(layers)
-    return _ReversibleChain.apply(x, context, layers, max_drift, *params)
+    return _ReversibleChain.apply(x, context, layers, max_drift, record, *params)

@@ -10,7 +10,13 @@ from torch import nn
 
 from fastflow.nn.actnorm_invconv import chain_units, run_units, shared_weights
 from fastflow.nn.base import FlowLayer, run_layer
-from fastflow.nn.reversible import BackwardWeights, chain_backward_from_output, check_max_drift, reversible_chain
+from fastflow.nn.reversible import (
+    BackwardWeights,
+    DriftRecord,
+    chain_backward_from_output,
+    check_max_drift,
+    reversible_chain,
+)
 
 __all__ = ["FlowSequential"]
 
@@ -45,6 +51,7 @@ class FlowSequential(FlowLayer):
             if not (isinstance(layer, nn.Module) and callable(getattr(layer, "inverse", None))):
                 raise TypeError(f"layers[{i}] ({type(layer).__name__}) is not invertible: it has no inverse()")
         self.layers = nn.ModuleList(layers)
+        self.drift_record = DriftRecord()  # the deferred drift guard's device-side record (no state)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -80,7 +87,7 @@ class FlowSequential(FlowLayer):
         """``(y, sum of log-dets)``; ``weights`` are the chain's share of its parent's :meth:`batched_weights`
         (computed here when None)."""
         if self._trains_reversibly():
-            return reversible_chain(self.layers, x, self.max_drift, context)
+            return reversible_chain(self.layers, x, self.max_drift, context, self.drift_record)
         units = chain_units(self.layers)
         if weights is None:
             weights = shared_weights(units, x, inverse=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from copy import deepcopy
 
 import pytest
 import torch
@@ -155,8 +156,35 @@ def test_deferred_drift_guard_records_on_the_device_and_raises_when_read():
         error = read_drift_guard(chain)
         assert (error is not None) == drifts
     assert isinstance(error, ReconstructionError)
-    assert re.search(r"relative drift beyond max_drift in layers \(\S+ > max_drift 0.001\)", str(error))
+    assert re.search(r"relative drift beyond max_drift in the chain \(\S+ > max_drift 0.001\)", str(error))
     assert read_drift_guard(chain) is None and not bool(drift_tripped(chain)), "the read cleared the record"
+
+
+def test_drift_records_are_module_state_made_with_the_chain():
+    """The records exist before any backward (a compiled guard read never recompiles when the first one
+    records), add nothing to the state dict, and a copy of the model reads its own."""
+    torch.manual_seed(0)
+    model = Glow(2, 4, levels=2, steps=2, hidden=8, reversible=True).train()
+    x = torch.rand(2, 2, 4, 4) - 0.5
+    model.log_prob(x)  # ActNorm init
+    assert not any("drift" in key or "excess" in key for key in model.state_dict())
+    compiles = []
+
+    def backend(gm, example_inputs):  # type: ignore[no-untyped-def]
+        compiles.append(gm)
+        return gm.forward
+
+    tripped = torch.compile(lambda: drift_tripped(model), backend=backend, fullgraph=True)
+    assert not bool(tripped())
+    with deferred_guards():
+        loss = -model.log_prob(x).mean()
+    with torch.no_grad():
+        next(m for m in model.modules() if isinstance(m, FlowStep)).actnorm.bias.add_(0.5)
+    loss.backward()
+    assert bool(tripped()) and len(compiles) == 1
+    copy = deepcopy(model)
+    assert read_drift_guard(copy) is not None, "the copy's records hold the copied excess"
+    assert read_drift_guard(copy) is None and bool(drift_tripped(model)), "reading the copy left the model's"
 
 
 def test_autocast_bf16_reversible_matches_standard_within_bf16_tolerance():
