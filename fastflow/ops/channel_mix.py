@@ -111,7 +111,9 @@ def _conv1x1_ieee(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def _conv1x1_ieee_grad_weight(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``sum_{b,h,w} grad_y x^T`` ``(C_out, C_in)``, IEEE float32 whatever the TF32 flags say."""
     with ieee_float32():
-        return torch.einsum("bohw,bihw->oi", grad_y, x)
+        # per-sample (C_out, HW) @ (HW, C_in) products summed over the batch: one bmm on the tensors' own
+        # strides (NCHW or channels_last) and one reduction, where einsum's Python planning costs more host time
+        return torch.bmm(grad_y.flatten(2), x.flatten(2).transpose(1, 2)).sum(0)
 
 
 def _ieee_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
