@@ -119,7 +119,7 @@ def saved_bytes(spline: Spline, x: torch.Tensor, raw: torch.Tensor) -> int:
 
 
 def _max_errors(outputs: Sequence[torch.Tensor], truth: Sequence[torch.Tensor]) -> list[float]:
-    return [float((got.detach().double() - want).abs().max()) for got, want in zip(outputs, truth)]
+    return [float((got.detach().double() - want.detach()).abs().max()) for got, want in zip(outputs, truth)]
 
 
 def _check(
