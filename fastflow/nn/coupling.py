@@ -180,9 +180,14 @@ class _Coupling(FlowLayer):
         else:
             outs = self._net_outputs_no_grad(a, context)
         if mask is not None:
-            outs = [o * (1.0 - mask) for o in outs]
+            outs = self._masked_outputs(outs, mask)
         # channel mask: the op writes the whole output, the pass-through channels in the same pass as the transform
         return self._transform(x, outs, inverse, b_start)
+
+    def _masked_outputs(self, outs: list[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
+        """The network's outputs with the checkerboard's positions (``mask == 1``) set to the transform's
+        identity: zero (shift and log-scale 0) here."""
+        return [o * (1.0 - mask) for o in outs]
 
     def _transform(
         self, x: torch.Tensor, outs: list[torch.Tensor], inverse: bool, b_start: int | None
@@ -226,7 +231,7 @@ class _Coupling(FlowLayer):
             if not whole:
                 outs = [o[(..., *tile.core_in_window)] for o in outs]
             if mask is not None:
-                outs = [o * (1.0 - mask[core]) for o in outs]
+                outs = self._masked_outputs(outs, mask[core])
         with torch.no_grad():
             x, grad_x, grad_outs = self._transform_backward_from_output(
                 y[core], [o.detach() for o in outs], grad_y[core], grad_logdet, b_start

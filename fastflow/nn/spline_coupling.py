@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from fastflow.nn.coupling import _Coupling
+from fastflow.nn.coupling import MaskKind, _Coupling
 from fastflow.nn.coupling_network import Subnet
 from fastflow.ops.spline import rq_spline, rq_spline_backward_from_output, rq_spline_inverse
 
@@ -63,8 +63,9 @@ class SplineCoupling(_Coupling):
     width ``hidden``) and ``context_features`` are :class:`~fastflow.nn.AffineCoupling`'s, with ``out_features =
     C_b (3 bins - 1)`` laid out so that the op reads the output in place: vectors ``(B, C_b (3K - 1))`` viewed
     ``(B, C_b, 3K - 1)`` (element-major); images parameter-major ``(B, (3K - 1) C_b, H, W)`` viewed ``(B, 3K - 1,
-    C_b, H, W)`` and permuted to ``(B, C_b, H, W, 3K - 1)`` (a view). No checkerboard mask: a masked position's
-    zeroed parameters are not the identity spline.
+    C_b, H, W)`` and permuted to ``(B, C_b, H, W, 3K - 1)`` (a view). ``mask="checkerboard"`` (images, as in
+    RealNVP): the network sees ``x * m`` and every element goes through the spline, the masked ones with the
+    identity's raw parameters (:meth:`_masked_outputs`): they pass through to float rounding.
 
     Initialisation: a zero-initialised output layer (the default conditioners') starts with equal widths and
     heights and unit derivatives, the identity map (:func:`start_at_identity`; up to float rounding).
@@ -80,6 +81,7 @@ class SplineCoupling(_Coupling):
         bound: float = 3.0,
         parity: int = 0,
         *,
+        mask: MaskKind = "channel",
         subnet: Subnet | None = None,
         context_features: int = 0,
         vectors: bool = False,
@@ -93,10 +95,21 @@ class SplineCoupling(_Coupling):
         if not (math.isfinite(bound) and bound > 0):
             raise ValueError(f"bound must be finite and > 0, got {bound}")
         self.outputs_per_channel = 3 * bins - 1
-        super().__init__(num_channels, hidden, "channel", parity, subnet, context_features, vectors)
+        super().__init__(num_channels, hidden, mask, parity, subnet, context_features, vectors)
         self.bins = bins
         self.bound = float(bound)
         start_at_identity(self.net, self.out_channels, bins, parameter_major=not vectors)
+        if mask == "checkerboard":  # 1 at the derivatives' rows of the (image) network's parameter-major output
+            rows = torch.zeros(self.outputs_per_channel, num_channels)
+            rows[2 * bins :] = 1.0
+            self.register_buffer("derivative_rows", rows.view(1, -1, 1, 1), persistent=False)
+
+    def _masked_outputs(self, outs: list[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
+        """The raw parameters with the checkerboard's positions set to the identity spline's (equal widths and
+        heights, unit derivatives: :func:`identity_derivative_raw`, rounded once to the output's dtype), so those
+        positions pass through to that dtype's rounding and add a log-det of that order."""
+        identity = self.derivative_rows.to(outs[0].dtype) * identity_derivative_raw()
+        return [o * (1.0 - mask) + identity * mask for o in outs]
 
     def _split_outputs(self, out: torch.Tensor) -> list[torch.Tensor]:
         # the raw parameters stay one tensor in the network's layout; _raw views them as the op reads them
@@ -117,6 +130,8 @@ class SplineCoupling(_Coupling):
         self, x: torch.Tensor, outs: list[torch.Tensor], inverse: bool, b_start: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         op = rq_spline_inverse if inverse else rq_spline
+        if b_start is None:  # checkerboard: every element through the spline, the masked ones at the identity
+            return op(x, self._raw(outs[0]), self.bins, self.bound)
         y_b, logdet = op(x.narrow(1, b_start, self.out_channels), self._raw(outs[0]), self.bins, self.bound)
         return self._join(self._conditioning(x), y_b), logdet
 
@@ -130,14 +145,17 @@ class SplineCoupling(_Coupling):
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         out = outs[0]
         channels = self.out_channels
+        whole = b_start is None  # checkerboard
         x_b, grad_x_b, grad_raw = rq_spline_backward_from_output(
-            y.narrow(1, b_start, channels), self._raw(out), grad_y.narrow(1, b_start, channels), grad_logdet,
-            self.bins, self.bound,
+            y if whole else y.narrow(1, b_start, channels), self._raw(out),
+            grad_y if whole else grad_y.narrow(1, b_start, channels), grad_logdet, self.bins, self.bound,
         )  # fmt: skip
         if out.dim() == 2:
             grad_out = grad_raw.flatten(1)
         else:  # back to the network's parameter-major layout (the convolution's backward wants it contiguous)
             grad_out = grad_raw.permute(0, 4, 1, 2, 3).reshape(out.shape)
+        if whole:
+            return x_b, grad_x_b, [grad_out]
         x = self._join(self._conditioning(y), x_b)
         grad_x = self._join(self._conditioning(grad_y), grad_x_b)
         return x, grad_x, [grad_out]

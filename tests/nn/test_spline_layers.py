@@ -34,6 +34,16 @@ LAYERS = {
     "vectors_custom_subnet": (lambda: SplineCoupling(4, bins=5, subnet=tanh_mlp, vectors=True), (3, 4), None),
     "images_context": (lambda: SplineCoupling(3, 6, bins=4, context_features=2), (2, 3, 3, 4), (2, 2)),
     "images_parity1": (lambda: SplineCoupling(4, 6, bins=2, parity=1), (2, 4, 2, 3), None),
+    "images_checkerboard": (
+        lambda: SplineCoupling(3, 6, bins=4, mask="checkerboard", context_features=2),
+        (2, 3, 3, 4),
+        (2, 2),
+    ),
+    "images_checkerboard_parity1": (
+        lambda: SplineCoupling(1, 6, bins=3, parity=1, mask="checkerboard"),
+        (2, 1, 4, 5),
+        None,
+    ),
     "autoregressive": (lambda: MaskedAutoregressiveSpline(4, 16, bins=4), (3, 4), None),
     "autoregressive_context": (
         lambda: MaskedAutoregressiveSpline(3, 12, bins=5, bound=2.0, context_features=2),
@@ -109,6 +119,28 @@ def test_the_coupling_passes_the_conditioning_half_through():
     assert torch.equal(y[:, :1], x[:, :1])
 
 
+@pytest.mark.parametrize("parity", [0, 1])
+def test_the_checkerboard_passes_the_masked_positions_through(parity):
+    """Under the mask every element goes through the spline with the identity's raw parameters: out to float64
+    rounding, and the log-det is that of the unmasked positions alone (brute force over them)."""
+    layer = SplineCoupling(2, 6, bins=4, parity=parity, mask="checkerboard").double()
+    perturb_parameters(layer, 0.1)
+    x = 1.5 * torch.randn(2, 2, 3, 4, dtype=torch.float64)
+    y, logdet = layer(x)
+    masked = layer._checkerboard(x).bool().expand_as(x)
+    torch.testing.assert_close(y[masked], x[masked], atol=1e-14, rtol=1e-14)
+    assert (y[~masked] - x[~masked]).abs().max() > 1e-2
+    for i in range(x.shape[0]):
+
+        def unmasked(v, i=i):
+            full = x[i : i + 1].clone()
+            full[~masked[i : i + 1]] = v
+            return layer(full)[0][~masked[i : i + 1]]
+
+        jac = torch.autograd.functional.jacobian(unmasked, x[i : i + 1][~masked[i : i + 1]])
+        torch.testing.assert_close(logdet[i], torch.linalg.slogdet(jac)[1], atol=1e-12, rtol=1e-12)
+
+
 def test_made_is_autoregressive_with_the_context_reaching_every_feature():
     torch.manual_seed(0)
     made = MADE(4, 2, hidden=12, params=3, depth=2).double()
@@ -141,6 +173,7 @@ def _stack(kind: str) -> FlowSequential:
         SplineCoupling(2, 6, bins=4, context_features=3),
         Squeeze(),
         SplineCoupling(8, bins=3, parity=1, subnet=HaloConv, context_features=3),
+        SplineCoupling(8, 6, bins=3, mask="checkerboard", context_features=3),
         Permutation(8, "random"),
     )
 
@@ -193,7 +226,9 @@ needs_interpreter = pytest.mark.skipif(not interpreter_enabled(), reason="needs 
 
 
 @needs_interpreter
-@pytest.mark.parametrize("name", ["vectors_parity1_context", "images_context", "autoregressive_context"])
+@pytest.mark.parametrize(
+    "name", ["vectors_parity1_context", "images_context", "images_checkerboard", "autoregressive_context"]
+)
 def test_the_kernels_match_eager(name):
     """float32 forward, inverse and gradients on the kernels (interpreter) against the eager twin."""
     layer, x, context = _perturbed(name, 0.1 if name.startswith("images") else 0.3)
