@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -29,31 +28,6 @@ THREE_WAY_ATOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # Triton's interpreter truncates float32 -> bfloat16 where GPUs round to nearest even: allow one more ulp
 INTERPRETER_BF16_ULPS = 1.0 if interpreter_enabled() else 0.0
 LOGDET_ATOL = {torch.float64: 1e-10, torch.float32: 1e-4}
-
-
-def _kernel_target() -> tuple[str, str] | None:
-    if not triton_available():
-        return None
-    if interpreter_enabled():
-        return "interpret", "cpu"
-    if torch.cuda.is_available():
-        return "triton", "cuda"
-    return None
-
-
-@pytest.fixture
-def target() -> tuple[str, str]:
-    """``(backend, device)`` that runs the Triton kernels here."""
-    found = _kernel_target()
-    if found is None:
-        pytest.skip("needs triton with TRITON_INTERPRET=1, or a CUDA device")
-    return found
-
-
-@contextmanager
-def _on(name: str) -> Iterator[None]:
-    with fastflow.backend(name):  # type: ignore[arg-type]
-        yield
 
 
 def forward(kind: str, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,10 +161,10 @@ FORWARD_CASES = [(case, dtype) for case in ("odd", "channel_slice") for dtype in
 def test_forward_and_inverse_match_eager(target, case: str, kind: str, dtype: torch.dtype) -> None:
     backend, device = target
     x, t, r = make_inputs(case, dtype, device)
-    with _on(backend):
+    with fastflow.backend(backend):
         y, logdet = forward(kind, x, t, r)
         x_back, neg_logdet = inverse(kind, y, t, r)
-    with _on("eager"):
+    with fastflow.backend("eager"):
         y_ref, logdet_ref = forward(kind, x, t, r)
         x_ref, neg_logdet_ref = inverse(kind, y, t, r)
         y_exact, logdet_exact = forward(kind, *_upcast(x, t, r))
@@ -208,7 +182,7 @@ def test_forward_and_inverse_match_eager(target, case: str, kind: str, dtype: to
 def test_inverse_of_forward_is_identity(target, kind: str, dtype: torch.dtype) -> None:
     backend, device = target
     x, t, r = make_inputs("channel_slice", dtype, device)
-    with _on(backend):
+    with fastflow.backend(backend):
         y, logdet = forward(kind, x, t, r)
         x_back, neg_logdet = inverse(kind, y, t, r)
     atol = 1e-12 if dtype == torch.float64 else 2e-5
@@ -221,9 +195,9 @@ def test_extreme_raw_is_stable(target) -> None:
     raw = torch.linspace(-60.0, 60.0, 2 * 3 * 40, device=device).reshape(2, 3, 40)
     x, t = _randn(raw.shape, torch.float32, device), _randn(raw.shape, torch.float32, device)
     for kind in ("sigmoid", "exp", "sigmoid2"):
-        with _on(backend):
+        with fastflow.backend(backend):
             y, logdet = forward(kind, x, t, raw)
-        with _on("eager"):
+        with fastflow.backend("eager"):
             y_exact, logdet_exact = forward(kind, x.double(), t.double(), raw.double())
         assert torch.isfinite(y).all() and torch.isfinite(logdet).all()
         torch.testing.assert_close(y.double(), y_exact, atol=1e-5, rtol=1e-5)
@@ -269,9 +243,9 @@ def test_backward_matches_eager_autograd(target, fn, case: str, kind: str, dtype
     x, t, r = make_inputs(case, dtype, device)
     gy = _randn(x.shape, dtype, device)
     gl = _randn((x.shape[0],), torch.float64 if dtype == torch.float64 else torch.float32, device)
-    with _on(backend):
+    with fastflow.backend(backend):
         fused = _grads(kind, x, t, r, gy, gl, fn)
-    with _on("eager"):
+    with fastflow.backend("eager"):
         eager = _grads(kind, x, t, r, gy, gl, fn)
         exact = _grads(kind, *_upcast(x, t, r, gy), gl, fn)
     for f, e, ex in zip(fused, eager, exact):
@@ -280,7 +254,7 @@ def test_backward_matches_eager_autograd(target, fn, case: str, kind: str, dtype
 
 
 def _sum_loss_grads(backend: str, x, t, r) -> list[torch.Tensor]:
-    with _on(backend):
+    with fastflow.backend(backend):
         inputs = [v.detach().requires_grad_() for v in (x, t, r)]
         y, logdet = C.affine_coupling(*inputs, "exp")
         return list(torch.autograd.grad(y.sum() + logdet.sum(), inputs))
@@ -305,7 +279,7 @@ def test_gradcheck_float64(target, kind: str, direction: str) -> None:
         _randn((2, 2, 2, 3), torch.float64, device),
     ]
     fn = forward if direction == "forward" else inverse
-    with _on(backend):
+    with fastflow.backend(backend):
         assert torch.autograd.gradcheck(
             lambda *args: _call(fn, kind, *args), _differentiable(kind, *inputs), atol=1e-8, rtol=1e-6
         )
@@ -320,12 +294,12 @@ def test_backward_from_output(target, case: str, kind: str, dtype: torch.dtype) 
     x, t, r = make_inputs(case, dtype, device)
     gy = _randn(x.shape, dtype, device)
     gl = _randn((x.shape[0],), torch.float64 if dtype == torch.float64 else torch.float32, device)
-    with _on("eager"):
+    with fastflow.backend("eager"):
         y, _ = forward(kind, x, t, r)
         eager = from_output(kind, y, t, r, gy, gl)
         exact = from_output(kind, *_upcast(y, t, r, gy), gl)
         autograd = _grads(kind, *_upcast(eager[0], t, r, gy), gl)
-    with _on(backend):
+    with fastflow.backend(backend):
         fused = from_output(kind, y, t, r, gy, gl)
     assert len(fused) == (3 if kind == "additive" else 4)
     for f, e, ex in zip(fused, eager, exact):
@@ -375,11 +349,11 @@ def test_channel_split_keeps_the_channel_dim_a_run_of_its_own(target) -> None:
 def test_output_layout_follows_input(target) -> None:
     backend, device = target
     x, t, r = make_inputs("channels_last", torch.float32, device)
-    with _on(backend):
+    with fastflow.backend(backend):
         y, _ = C.affine_coupling(x, t, r)
     assert y.is_contiguous(memory_format=torch.channels_last)
     x, t, r = make_inputs("channel_slice", torch.float32, device)
-    with _on(backend):
+    with fastflow.backend(backend):
         y, _ = C.affine_coupling(x, t, r)
     assert y.is_contiguous()
 
@@ -387,7 +361,7 @@ def test_output_layout_follows_input(target) -> None:
 def test_empty_batch(target) -> None:
     backend, device = target
     x = torch.zeros(0, 3, 4, device=device)
-    with _on(backend):
+    with fastflow.backend(backend):
         y, logdet = C.affine_coupling(x, x, x)
     assert y.shape == x.shape and logdet.shape == (0,)
 
@@ -406,10 +380,10 @@ def test_torch_compile_inductor_forward_backward(target, split: bool) -> None:
     backend, _ = target
     inputs = [a.detach().requires_grad_() for a in (x, t, r)]
     gy, gl = torch.randn_like(x), torch.randn(x.shape[0], device=x.device)
-    with _on(backend):
+    with fastflow.backend(backend):
         y, logdet = torch.compile(step, fullgraph=True)(*inputs)
         grads = torch.autograd.grad((y, logdet), inputs, (gy, gl))
-    with _on("eager"):
+    with fastflow.backend("eager"):
         y_ref, logdet_ref = step(*inputs)
         grads_ref = torch.autograd.grad((y_ref, logdet_ref), inputs, (gy, gl))
     for a, b in zip((y, logdet, *grads), (y_ref, logdet_ref, *grads_ref)):
@@ -429,10 +403,10 @@ def test_torch_compile_traces_every_op_without_graph_breaks(target) -> None:
     x, t, r = make_inputs("odd", torch.float32, target[1])
     backend, _ = target
     inputs = [a.detach().requires_grad_() for a in (x, t, r)]
-    with _on(backend):
+    with fastflow.backend(backend):
         out = torch.compile(loss, fullgraph=True, backend="aot_eager")(*inputs)
         grads = torch.autograd.grad(out, inputs)
-    with _on("eager"):
+    with fastflow.backend("eager"):
         out_ref = loss(*inputs)
         grads_ref = torch.autograd.grad(out_ref, inputs)
     torch.testing.assert_close(out, out_ref, atol=1e-3, rtol=1e-5)
@@ -457,12 +431,12 @@ def test_torch_compile_traces_channel_split_without_graph_breaks(target, on_kern
     backend = target[0] if on_kernels else "eager"
     x, t, r, _ = make_split_inputs("split_nchw", torch.float32, target[1])
     inputs = [a.detach().requires_grad_() for a in (x, t, r)]
-    with _on(backend):
+    with fastflow.backend(backend):
         explanation = torch._dynamo.explain(_split_loss)(*inputs)
         out = torch.compile(_split_loss, fullgraph=True, backend="aot_eager")(*inputs)
         grads = torch.autograd.grad(out, inputs)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
-    with _on("eager"):
+    with fastflow.backend("eager"):
         out_ref = _split_loss(*inputs)
         grads_ref = torch.autograd.grad(out_ref, inputs)
     torch.testing.assert_close(out, out_ref, atol=1e-3, rtol=1e-5)
@@ -623,10 +597,10 @@ def test_channel_split_forward_and_inverse_match_eager(target, case: str, kind: 
     """The whole output in one pass: transformed channels as the eager twin, the others copied bit for bit."""
     backend, device = target
     x, t, r, b_start = make_split_inputs(case, dtype, device)
-    with _on(backend):
+    with fastflow.backend(backend):
         y, logdet = split_forward(kind, x, t, r, b_start)
         x_back, neg_logdet = split_inverse(kind, y, t, r, b_start)
-    with _on("eager"):
+    with fastflow.backend("eager"):
         y_ref, logdet_ref = split_forward(kind, x, t, r, b_start)
         x_ref, neg_logdet_ref = split_inverse(kind, y, t, r, b_start)
         y_exact, logdet_exact = split_forward(kind, *_upcast(x, t, r), b_start)
@@ -661,9 +635,9 @@ def test_channel_split_backward_matches_eager_autograd(target, fn, dtype, case: 
     x, t, r, b_start = make_split_inputs(case, dtype, device)
     gy = _randn(x.shape, dtype, device)
     gl = _randn((x.shape[0],), torch.float64 if dtype == torch.float64 else torch.float32, device)
-    with _on(backend):
+    with fastflow.backend(backend):
         fused = _split_grads(kind, x, t, r, b_start, gy, gl, fn)
-    with _on("eager"):
+    with fastflow.backend("eager"):
         eager = _split_grads(kind, x, t, r, b_start, gy, gl, fn)
     for f, e in zip(fused, eager):
         assert f.dtype == dtype and f.shape == e.shape
@@ -681,7 +655,7 @@ def test_channel_split_gradcheck_float64(target, kind: str, direction: str) -> N
     def call(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return fn(kind, *args, *([None] if kind == "additive" else []), 2)
 
-    with _on(backend):
+    with fastflow.backend(backend):
         assert torch.autograd.gradcheck(call, _differentiable(kind, x, net[:, :2], net[:, 2:]), atol=1e-8, rtol=1e-6)
 
 
@@ -701,12 +675,12 @@ def test_channel_split_backward_from_output(target, case: str, kind: str, dtype:
     x, t, r, b_start = make_split_inputs(case, dtype, device)
     gy = _randn(x.shape, dtype, device)
     gl = _randn((x.shape[0],), torch.float64 if dtype == torch.float64 else torch.float32, device)
-    with _on("eager"):
+    with fastflow.backend("eager"):
         y, _ = split_forward(kind, x, t, r, b_start)
         eager = split_from_output(kind, y, t, r, gy, gl, b_start)
         exact = split_from_output(kind, *_upcast(y, t, r, gy), gl, b_start)
         autograd = _split_grads(kind, *_upcast(eager[0], t, r), b_start, *_upcast(gy), gl)
-    with _on(backend):
+    with fastflow.backend(backend):
         fused = split_from_output(kind, y, t, r, gy, gl, b_start)
     assert len(fused) == (3 if kind == "additive" else 4)
     assert fused[0].shape == fused[1].shape == x.shape and fused[2].shape == t.shape
@@ -742,7 +716,7 @@ def test_channel_split_runs_one_launch_each_way(target, kind: str) -> None:
     backend, device = target
     x, t, r, b_start = make_split_inputs("split_nchw", torch.float32, device)
     inputs = _differentiable(kind, x, t, r)
-    with _on(backend), _Launches() as forward:
+    with fastflow.backend(backend), _Launches() as forward:
         y, logdet = split_forward(kind, *inputs, *([None] if kind == "additive" else []), b_start)
     gy, gl = torch.randn_like(y), torch.randn_like(logdet)
     outputs = (y,) if kind == "additive" else (y, logdet)  # the additive log-det is a constant
@@ -750,7 +724,7 @@ def test_channel_split_runs_one_launch_each_way(target, kind: str) -> None:
         grads = torch.autograd.grad(outputs, inputs, (gy, gl)[: len(outputs)])
     assert forward.names == ["fastflow.coupling_fwd"]
     assert backward.names == ([] if kind == "additive" else ["fastflow.coupling_bwd"])
-    with _on("eager"):
+    with fastflow.backend("eager"):
         ref = split_forward(kind, *inputs, *([None] if kind == "additive" else []), b_start)[: len(outputs)]
         for g, e in zip(grads, torch.autograd.grad(ref, inputs, (gy, gl)[: len(outputs)])):
             torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
@@ -758,7 +732,7 @@ def test_channel_split_runs_one_launch_each_way(target, kind: str) -> None:
         for fn in (split_forward, split_inverse):
             alone = {}
             for name in (backend, "eager"):
-                with _on(name):
+                with fastflow.backend(name):
                     logdet = fn(kind, *inputs, b_start)[1]  # independent of x (eager: unused)
                     alone[name] = torch.autograd.grad(logdet, inputs, gl, allow_unused=True, materialize_grads=True)
             for g, e in zip(alone[backend], alone["eager"]):
@@ -786,7 +760,7 @@ def test_shift_gradient_is_stored_once_and_adds_into_a_shared_input(target, kind
     shared = {}
     for name in (backend, "eager"):
         v = v0.clone().requires_grad_()
-        with _on(name):
+        with fastflow.backend(name):
             parts, b_start = _shared_input_parts(kind, v, split)
             y, logdet = split_forward(kind, *parts, *([None] if kind == "additive" else []), b_start)
             loss = (y * gy).sum() + (0 if kind == "additive" else (logdet * gl).sum())
@@ -798,7 +772,7 @@ def test_shift_gradient_is_stored_once_and_adds_into_a_shared_input(target, kind
         x, b_start = x[:, 2:].contiguous(), None
     inputs = _differentiable(kind, x, t, r)
     gy = torch.randn(x.shape, device=device)
-    with _on(backend):
+    with fastflow.backend(backend):
         y, _ = split_forward(kind, *inputs, *([None] if kind == "additive" else []), b_start)
     grad_x, grad_shift = torch.autograd.grad(y, inputs[:2], gy)
     owner = gy if kind == "exp" else grad_x
@@ -827,9 +801,9 @@ def test_forward_writes_every_slot_of_uninitialised_buffers(target, kind: str, m
         x = _randn(shape, torch.float32, device)
         t_shape = x.shape if b_start is None else (shape[0], 3, *shape[2:])
         t, r = _randn(t_shape, torch.float32, device), _randn(t_shape, torch.float32, device, 3.0)
-        with _on("eager"):
+        with fastflow.backend("eager"):
             expected = split_forward(kind, x, t, r, b_start), split_inverse(kind, x, t, r, b_start)
-        with monkeypatch.context() as patch, _on(backend):
+        with monkeypatch.context() as patch, fastflow.backend(backend):
             patch.setattr(torch, "empty", nan_empty)
             if kind != "additive":
                 patch.setattr(torch, "zeros", no_zeros)
@@ -874,13 +848,13 @@ def _assert_bad_inputs_raise(device: str) -> None:
 
 
 def test_bad_inputs_raise_on_eager() -> None:
-    with _on("eager"):
+    with fastflow.backend("eager"):
         _assert_bad_inputs_raise("cpu")
 
 
 def test_bad_inputs_raise_on_kernel_backend(target) -> None:
     backend, device = target
-    with _on(backend):
+    with fastflow.backend(backend):
         _assert_bad_inputs_raise(device)
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 import torch
 
 import fastflow
-from fastflow.backend import interpreter_enabled, triton_available
+from fastflow.backend import triton_available
 from fastflow.ops import spline as S
 from fastflow.ops._checks import logdet_dtype
 from tests.helpers import brute_force_logdet
@@ -29,31 +28,6 @@ LOGDET_TOL = {torch.float64: (1e-10, 1e-10)}
 # float32 and bfloat16 are three-way checked: |fused - float64 ref| <= 2 |eager - float64 ref| + atol (relative to
 # the largest magnitude); eager's float32 cumsum accumulates in float64 on the CPU, the kernel's does not
 THREE_WAY_ATOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
-
-
-def _kernel_target() -> tuple[str, str] | None:
-    if not triton_available():
-        return None
-    if interpreter_enabled():
-        return "interpret", "cpu"
-    if torch.cuda.is_available():
-        return "triton", "cuda"
-    return None
-
-
-@pytest.fixture
-def target() -> tuple[str, str]:
-    """``(backend, device)`` that runs the Triton kernels here."""
-    found = _kernel_target()
-    if found is None:
-        pytest.skip("needs triton with TRITON_INTERPRET=1, or a CUDA device")
-    return found
-
-
-@contextmanager
-def _on(name: str) -> Iterator[None]:
-    with fastflow.backend(name):  # type: ignore[arg-type]
-        yield
 
 
 def _randn(shape: tuple[int, ...], dtype: torch.dtype, device: str, scale: float = 1.0) -> torch.Tensor:
@@ -115,7 +89,7 @@ def assert_inverse_matches(
         assert_matches(fused, eager, exact, y.dtype)
         return
     raw = raw.double()
-    with _on("eager"):
+    with fastflow.backend("eager"):
         images = [forward(v.double(), raw, bins)[0] for v in (fused, eager)]
     assert_matches(*images, y.double(), y.dtype)
 
@@ -202,10 +176,10 @@ FORWARD_CASES = [
 def test_forward_and_inverse_match_eager(target, case: str, bins: int, dtype: torch.dtype) -> None:
     backend, device = target
     x, raw = make_inputs(case, bins, dtype, device)
-    with _on(backend):
+    with fastflow.backend(backend):
         y, logdet = forward(x, raw, bins)
         x_back, neg_logdet = inverse(y, raw, bins)
-    with _on("eager"):
+    with fastflow.backend("eager"):
         y_ref, logdet_ref = forward(x, raw, bins)
         x_ref, neg_logdet_ref = inverse(y, raw, bins)
         y_exact, logdet_exact = forward(*_double(x, raw), bins)
@@ -226,7 +200,7 @@ def test_forward_and_inverse_match_eager(target, case: str, bins: int, dtype: to
 def test_inverse_of_forward_is_identity(target, dtype: torch.dtype) -> None:
     backend, device = target
     x, raw = make_inputs("odd", 4, dtype, device)
-    with _on(backend):
+    with fastflow.backend(backend):
         y, logdet = forward(x, raw, 4)
         x_back, neg_logdet = inverse(y, raw, 4)
     atol = 1e-12 if dtype == torch.float64 else 5e-5
@@ -258,9 +232,9 @@ def test_backward_matches_eager_autograd(target, fn, case: str, bins: int, dtype
     x, raw = make_inputs(case, bins, dtype, device)
     gy = _randn(x.shape, dtype, device)
     gl = _randn((x.shape[0],), torch.float64 if dtype == torch.float64 else torch.float32, device)
-    with _on(backend):
+    with fastflow.backend(backend):
         fused = _grads(fn, x, raw, bins, gy, gl)
-    with _on("eager"):
+    with fastflow.backend("eager"):
         eager = _grads(fn, x, raw, bins, gy, gl)
         exact = _grads(fn, *_double(x, raw), bins, gy.double(), gl.double())
     for f, e, ex in zip(fused, eager, exact):
@@ -277,7 +251,7 @@ def test_backward_of_one_output_alone(target) -> None:
             found = {}
             for name in (backend, "eager"):
                 inputs = [x.detach().requires_grad_(), raw.detach().requires_grad_()]
-                with _on(name):
+                with fastflow.backend(name):
                     out = fn(*inputs, 3)[pick]
                 found[name] = torch.autograd.grad(out.sum(), inputs, allow_unused=True, materialize_grads=True)
             for f, e in zip(found[backend], found["eager"]):
@@ -290,7 +264,7 @@ def test_kernel_gradcheck_float64(target, direction: str) -> None:
     x, raw = make_inputs("odd", 3, torch.float64, device)
     fn = forward if direction == "forward" else inverse
     inputs = [x[:2, :1, :2].detach().requires_grad_(), raw[:2, :1, :2].detach().requires_grad_()]
-    with _on(backend):
+    with fastflow.backend(backend):
         assert torch.autograd.gradcheck(lambda a, r: fn(a, r, 3), inputs, atol=1e-8, rtol=1e-6)
 
 
@@ -305,12 +279,12 @@ def test_backward_from_output(target, case: str, bins: int, dtype: torch.dtype) 
     x, raw = make_inputs(case, bins, dtype, device)
     gy = _randn(x.shape, dtype, device)
     gl = _randn((x.shape[0],), torch.float64 if dtype == torch.float64 else torch.float32, device)
-    with _on("eager"):
+    with fastflow.backend("eager"):
         y, _ = forward(x, raw, bins)
         eager = S.rq_spline_backward_from_output(y, raw, gy, gl, bins, BOUND)
         exact = S.rq_spline_backward_from_output_ref(*_double(y, raw, gy), gl.double(), bins, BOUND)
         autograd = _grads(forward, exact[0], raw.double(), bins, gy.double(), gl.double())
-    with _on(backend):
+    with fastflow.backend(backend):
         fused = S.rq_spline_backward_from_output(y, raw, gy, gl, bins, BOUND)
     assert [f.shape for f in fused] == [x.shape, x.shape, raw.shape]
     for f, e, ex in zip(fused, eager, exact):
@@ -318,7 +292,7 @@ def test_backward_from_output(target, case: str, bins: int, dtype: torch.dtype) 
         assert_matches(f, e, ex, dtype)
     for e, a in zip(exact[1:], autograd):
         torch.testing.assert_close(e, a, atol=1e-12, rtol=1e-12)
-    with _on(backend):
+    with fastflow.backend(backend):
         no_logdet = S.rq_spline_backward_from_output(y, raw, gy, None, bins, BOUND)
         zero_logdet = S.rq_spline_backward_from_output(y, raw, gy, torch.zeros_like(gl), bins, BOUND)
     for a, b in zip(no_logdet, zero_logdet):
@@ -337,9 +311,9 @@ def test_forward_writes_every_slot_of_uninitialised_buffers(target, monkeypatch)
 
     for shape in ((5, 3), (3, 300), (37, 1)):
         x, raw = _randn(shape, torch.float32, device, 2.0), _randn((*shape, 8), torch.float32, device)
-        with _on("eager"):
+        with fastflow.backend("eager"):
             expected = forward(x, raw, 3), inverse(x, raw, 3)
-        with monkeypatch.context() as patch, _on(backend):
+        with monkeypatch.context() as patch, fastflow.backend(backend):
             patch.setattr(torch, "empty", nan_empty)
             found = forward(x, raw, 3), inverse(x, raw, 3)
         for got, want in zip(found, expected):
@@ -350,7 +324,7 @@ def test_forward_writes_every_slot_of_uninitialised_buffers(target, monkeypatch)
 def test_empty_batch(target) -> None:
     backend, device = target
     x, raw = torch.zeros(0, 3, device=device), torch.zeros(0, 3, 8, device=device)
-    with _on(backend):
+    with fastflow.backend(backend):
         y, logdet = forward(x, raw, 3)
         x_back, grad_x, grad_raw = S.rq_spline_backward_from_output(y, raw, y, None, 3)
     assert y.shape == x_back.shape == grad_x.shape == x.shape and logdet.shape == (0,) and grad_raw.shape == raw.shape
@@ -404,7 +378,7 @@ def test_extremes_are_finite_and_exact(target, dtype: torch.dtype) -> None:
         off the knots) and ``ill`` ones; on the knots (``cols`` from -3) without the log-det's gradients."""
         knots = cols.start == -3
         x, raw, g = x[:, cols], raw[:, cols], gy[:, cols].to(x.dtype)
-        with _on(name):
+        with fastflow.backend(name):
             y, logdet = forward(x, raw, 4)
             x_back, neg_logdet = inverse(y, raw, 4)
             at_ends, zero = inverse(ends.to(x.dtype), raw[:, :2], 4)
@@ -437,7 +411,7 @@ def test_bound_maps_to_itself_exactly(target, dtype: torch.dtype) -> None:
     _, raw = _extreme_inputs(dtype, device)
     ends = torch.tensor([[-BOUND, BOUND]], dtype=dtype, device=device).expand(6, -1)
     for name in ("eager", backend):
-        with _on(name):
+        with fastflow.backend(name):
             for fn in (forward, inverse):
                 out, logdet = fn(ends, raw[:, :2], 4)
                 assert torch.equal(out, ends) and torch.equal(logdet, torch.zeros_like(logdet)), (name, fn)
@@ -567,12 +541,12 @@ def test_torch_compile_traces_without_graph_breaks(target) -> None:
     backend, device = target
     x, raw = make_inputs("toy2d", 3, torch.float32, device)
     inputs = [x.requires_grad_(), raw.requires_grad_()]
-    with _on(backend):
+    with fastflow.backend(backend):
         explanation = torch._dynamo.explain(loss)(*inputs)
         out = torch.compile(loss, fullgraph=True, backend="aot_eager")(*inputs)
         grads = torch.autograd.grad(out, inputs)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
-    with _on("eager"):
+    with fastflow.backend("eager"):
         out_ref = loss(*inputs)
         grads_ref = torch.autograd.grad(out_ref, inputs)
     torch.testing.assert_close(out, out_ref, atol=1e-3, rtol=1e-5)
@@ -611,11 +585,11 @@ def _assert_bad_inputs_raise(device: str) -> None:
 
 
 def test_bad_inputs_raise_on_eager() -> None:
-    with _on("eager"):
+    with fastflow.backend("eager"):
         _assert_bad_inputs_raise("cpu")
 
 
 def test_bad_inputs_raise_on_kernel_backend(target) -> None:
     backend, device = target
-    with _on(backend):
+    with fastflow.backend(backend):
         _assert_bad_inputs_raise(device)
