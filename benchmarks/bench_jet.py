@@ -18,12 +18,10 @@ import sys
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from benchmarks.common import SKIPPED, Budget, median_ms
-from benchmarks.train_step import _reset_peak_rss_kb, _status_kb
+from benchmarks.train_step import _reset_peak_rss_kb, _status_kb, checkpoint_every_layer
 from fastflow.models import Jet
-from fastflow.nn import FlowSequential
 from fastflow.nn.reversible import deferred_guards
 
 __all__ = ["COUPLINGS", "MODES", "measure", "jet_memory_rows"]
@@ -32,19 +30,6 @@ COUPLINGS = (32, 64)
 MODES = ("checkpoint", "reversible")
 # 32x32 RGB in 8x8 patches: 16 tokens of 192 features, a ViT of width 64 and one block per coupling
 BASE = {"resolution": 32, "patch_size": 8, "width": 64, "depth": 1, "heads": 4, "batch": 32}
-
-
-def _checkpoint_every_layer(block: FlowSequential) -> None:
-    """Make ``block`` run each of its layers under ``torch.utils.checkpoint`` (recompute in backward)."""
-
-    def forward(x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        total = None
-        for layer in block.layers:
-            x, logdet = checkpoint(layer, x, context, use_reentrant=False)
-            total = logdet if total is None else total + logdet
-        return x, total
-
-    block.forward = forward  # type: ignore[method-assign]
 
 
 def _model_and_batch(cfg: dict[str, Any], device: torch.device) -> tuple[Jet, torch.Tensor]:
@@ -57,7 +42,7 @@ def _model_and_batch(cfg: dict[str, Any], device: torch.device) -> tuple[Jet, to
         raise ValueError(f"mode must be one of {MODES}, got {cfg['mode']!r}")
     model.reversible = cfg["mode"] == "reversible"
     if cfg["mode"] == "checkpoint":
-        _checkpoint_every_layer(model.blocks[0])
+        checkpoint_every_layer(model.blocks[0])
     for p in model.parameters():  # gradients are model state, not activations: allocate them up front
         p.grad = torch.zeros_like(p)
     x = torch.rand(cfg["batch"], 3, cfg["resolution"], cfg["resolution"], device=device) - 0.5

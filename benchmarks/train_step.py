@@ -31,6 +31,7 @@ from fastflow.nn import FlowSequential
 __all__ = [
     "LARGEST_BATCH_CAP",
     "MODES",
+    "checkpoint_every_layer",
     "measure",
     "measure_isolated",
     "depth_sweep",
@@ -41,7 +42,7 @@ __all__ = [
 MODES = ("standard", "checkpoint", "reversible", "tiled")
 
 
-def _checkpoint_every_layer(block: FlowSequential) -> None:
+def checkpoint_every_layer(block: FlowSequential) -> None:
     """Make ``block`` run each of its layers under ``torch.utils.checkpoint`` (recompute in backward)."""
 
     def forward(x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +68,7 @@ def _set_mode(model: Glow, mode: str, tile_budget_mb: float) -> None:
         model.set_tiling()
     if mode == "checkpoint":
         for block in model.blocks:
-            _checkpoint_every_layer(block)
+            checkpoint_every_layer(block)
 
 
 def _model_and_batch(cfg: dict[str, Any], device: torch.device) -> tuple[Glow, torch.Tensor]:
