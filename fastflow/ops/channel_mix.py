@@ -82,6 +82,10 @@ def channel_mix_ref(
     compute = logdet_dtype(out_dtype) if upcast else out_dtype
     x = x.to(compute)
     b = None if bias is None else bias.to(compute)
+    if x.device.type == "cpu" and not use_library_op():
+        # TF32, which the op keeps out, is a CUDA setting: on the CPU the plain ATen op and its own autograd,
+        # without the op's wrapper (host time a small CPU mix, a tabular flow's, feels)
+        return _mix(x, weight.to(compute), b).to(out_dtype)
     return _ieee_mix(x, weight.to(compute), b).to(out_dtype)
 
 
@@ -101,16 +105,23 @@ def ieee_float32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def _mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The per-pixel mix as one ATen op, under whatever precision flags are set."""
+    if x.shape[2] * x.shape[3] == 1:  # vectors seen as (B, C, 1, 1): a matmul, not a convolution
+        return F.linear(x.flatten(1), weight, bias).view(x.shape[0], weight.shape[0], 1, 1)
+    return F.conv2d(x, weight[:, :, None, None], bias)
+
+
 def _conv1x1_ieee(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     with ieee_float32():
-        if x.shape[2] * x.shape[3] == 1:  # vectors seen as (B, C, 1, 1): a matmul, not a convolution
-            return F.linear(x.flatten(1), weight, bias).view(x.shape[0], weight.shape[0], 1, 1)
-        return F.conv2d(x, weight[:, :, None, None], bias)
+        return _mix(x, weight, bias)
 
 
 def _conv1x1_ieee_grad_weight(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``sum_{b,h,w} grad_y x^T`` ``(C_out, C_in)``, IEEE float32 whatever the TF32 flags say."""
     with ieee_float32():
+        if x.shape[2] * x.shape[3] == 1:  # vectors seen as (B, C, 1, 1): one (C_out, B) @ (B, C_in) product
+            return grad_y.flatten(1).t() @ x.flatten(1)
         # per-sample (C_out, HW) @ (HW, C_in) products summed over the batch: one bmm on the tensors' own
         # strides (NCHW or channels_last) and one reduction, where einsum's Python planning costs more host time
         return torch.bmm(grad_y.flatten(2), x.flatten(2).transpose(1, 2)).sum(0)

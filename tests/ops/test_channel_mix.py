@@ -333,7 +333,8 @@ def test_bad_inputs(x, weight, bias, error, match):
 
 
 def test_eager_mix_runs_with_tf32_off_whatever_the_flags_say(monkeypatch):
-    """The eager twin's convolution runs with both TF32 flags off and leaves them as it found them."""
+    """The IEEE mix (the eager twin's path on CUDA tensors, checked here on CPU ones) runs its convolutions,
+    forward and backward, with both TF32 flags off and leaves them as it found them."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     try:
@@ -352,9 +353,9 @@ def _check_mix_flags(monkeypatch):
 
     monkeypatch.setattr(ops.F, "conv2d", recording_conv2d)
     x, weight = torch.randn(2, 5, 3, 4, requires_grad=True), _weight(5, 5).requires_grad_(True)
-    y = channel_mix_ref(x, weight, torch.randn(5))
+    y = ops._ieee_mix(x, weight, torch.randn(5))
     torch.autograd.grad(y.square().sum(), (x, weight))
-    assert seen and all(flags == (False, False) for flags in seen)
+    assert len(seen) >= 2 and all(flags == (False, False) for flags in seen)
     assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
 
 
@@ -511,3 +512,18 @@ def test_eager_mix_of_vectors_is_a_matmul_with_the_convolution_s_values_and_grad
     for g, g_want in zip(grads, torch.autograd.grad(want.square().sum(), (x, weight, bias))):
         torch.testing.assert_close(g, g_want)
     assert torch.autograd.gradgradcheck(channel_mix_ref, (x, weight, bias))
+
+
+def test_cpu_eager_mix_is_the_plain_aten_op_and_equals_the_ieee_op():
+    """On CPU tensors (no TF32 there) the eager mix skips the IEEE op's wrapper: same values and gradients."""
+    for shape in ((4, 6, 1, 1), (2, 6, 3, 5)):
+        x, weight, bias = torch.randn(*shape), _weight(6, 6), torch.randn(6)
+        results = []
+        for mix in (channel_mix_ref, ops._ieee_mix):
+            leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+            y = mix(*leaves)
+            results.append([y, *torch.autograd.grad(y.square().sum(), leaves)])
+            if mix is channel_mix_ref:
+                assert "Direct" not in type(y.grad_fn).__name__, type(y.grad_fn).__name__
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
