@@ -71,7 +71,8 @@ default, ``torch.library.wrap_triton`` when :mod:`fastflow.ops.channel_mix` regi
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -263,17 +264,12 @@ def channel_mix_bwd_kernel(
         tl.store(gb_part_ptr + part + co, gb_acc.to(acc_dtype), mask=co_mask)
 
 
-def _launch_params(c_in: int, c_out: int, hw: int, dtype: torch.dtype, on_cpu: bool, backward: bool) -> dict[str, Any]:
-    """Constexprs and warps for a launch: the tile heuristic described in the module docstring (a fresh dict
-    the caller may change)."""
-    return dict(_cached_launch_params(c_in, c_out, hw, dtype, on_cpu, backward))
-
-
 @functools.lru_cache(maxsize=1024)
-def _cached_launch_params(
+def _launch_params(
     c_in: int, c_out: int, hw: int, dtype: torch.dtype, on_cpu: bool, backward: bool
-) -> dict[str, Any]:
-    """:func:`_launch_params`, computed once per launch shape (never changed: callers get copies)."""
+) -> Mapping[str, Any]:
+    """Constexprs and warps for a launch: the tile heuristic described in the module docstring, computed once per
+    launch shape (a read-only mapping: every caller shares it)."""
     ci_pad, co_pad = next_power_of_2(c_in), next_power_of_2(c_out)
     use_dot = dtype in (torch.float16, torch.bfloat16) and min(ci_pad, co_pad) >= 16
     if use_dot:
@@ -289,18 +285,20 @@ def _cached_launch_params(
         ci_block = min(ci_pad, 16)
         block_p = (1024 if fp64 else 2048) // max(ci_block, co_pad)
     block_p = min(max(16, min(1024, block_p)), max(16, next_power_of_2(hw)))
-    return {
-        ("CI_BLOCK" if backward else "CI_PAD"): ci_block,
-        "CO_PAD": co_pad,
-        "BLOCK_P": block_p,
-        "USE_DOT": use_dot,
-        "FP64": fp64,
-        # CPU tensors only reach a kernel under Triton's interpreter, whose tl.dot multiplies the raw
-        # uint16 bits of bfloat16 operands: float32 copies of the (already rounded) operands give the
-        # products a bfloat16 tensor-core dot gives, so the tests still exercise the tl.dot path.
-        "DOT_FP32": use_dot and on_cpu,
-        "num_warps": 8 if use_dot or widest >= 64 else 4,
-    }
+    return MappingProxyType(
+        {
+            ("CI_BLOCK" if backward else "CI_PAD"): ci_block,
+            "CO_PAD": co_pad,
+            "BLOCK_P": block_p,
+            "USE_DOT": use_dot,
+            "FP64": fp64,
+            # CPU tensors only reach a kernel under Triton's interpreter, whose tl.dot multiplies the raw
+            # uint16 bits of bfloat16 operands: float32 copies of the (already rounded) operands give the
+            # products a bfloat16 tensor-core dot gives, so the tests still exercise the tl.dot path.
+            "DOT_FP32": use_dot and on_cpu,
+            "num_warps": 8 if use_dot or widest >= 64 else 4,
+        }
+    )
 
 
 MAX_TILE_SPAN = 2**31
@@ -486,10 +484,10 @@ def _aot_spec(kernel: Any, pointers: dict[str, str], constexprs: dict[str, Any],
 def _aot_launch(c_in: int, c_out: int, act: str, dtype: torch.dtype, backward: bool) -> AotSpec:
     """The spec of one launch as the GPU launcher builds it for a 256x256 image, parameters in float32
     (float64 for float64 activations)."""
-    params = _launch_params(c_in, c_out, 256 * 256, dtype, on_cpu=False, backward=backward)
+    params = dict(_launch_params(c_in, c_out, 256 * 256, dtype, on_cpu=False, backward=backward))
     num_warps = params.pop("num_warps")
     if backward:
-        kernel, constexprs = channel_mix_bwd_kernel, dict(params)
+        kernel, constexprs = channel_mix_bwd_kernel, params
         names = ("x_ptr", "gy_ptr", "w_ptr", "gx_ptr", "gw_part_ptr", "gb_part_ptr")
     else:
         kernel, constexprs = channel_mix_fwd_kernel, {"HAS_BIAS": True, **params}

@@ -147,10 +147,11 @@ def _records(module: nn.Module) -> list[tuple[str, DriftRecord]]:
         module.__dict__[_CACHE_ATTRIBUTE] = names
     records = []
     for name in names:
-        chain = name.rpartition(".")[0]
-        if getattr(module.get_submodule(chain), "reversible", False):
-            records.append((chain, module.get_submodule(name)))
-    return records  # type: ignore[return-value]
+        path, _, attribute = name.rpartition(".")
+        chain = module.get_submodule(path)
+        if getattr(chain, "reversible", False):
+            records.append((path, getattr(chain, attribute)))
+    return records
 
 
 def _stacked_excess(records: list[tuple[str, DriftRecord]]) -> torch.Tensor:
@@ -160,7 +161,7 @@ def _stacked_excess(records: list[tuple[str, DriftRecord]]) -> torch.Tensor:
 
 def drift_tripped(module: nn.Module) -> torch.Tensor | None:
     """Whether a deferred drift check of a reversible chain in ``module`` tripped since the last read: a 0-dim bool
-    tensor on the device (``None`` when no chain recorded anything), computed without a host read."""
+    tensor on the device (``None`` when no chain trains reversibly), computed without a host read."""
     records = _records(module)
     if not records:
         return None
@@ -321,7 +322,7 @@ class _ReversibleChain(torch.autograd.Function):
         context: torch.Tensor | None,
         layers: nn.ModuleList,
         max_drift: float | None,
-        record: DriftRecord | None,
+        record: DriftRecord,
         *params: nn.Parameter,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.layers = layers
@@ -329,11 +330,6 @@ class _ReversibleChain(torch.autograd.Function):
         ctx.tol = default_max_drift(x) if max_drift is None else max_drift
         # decided here, where the caller's context is: the backward may run on another thread (autograd's)
         deferred = ctx.tol != math.inf and guards_deferred(x)
-        if deferred and record is None:
-            raise ValueError(
-                "a deferred drift check (deferred_guards, torch.compile, CUDA graph capture) needs the chain's "
-                "DriftRecord: pass record= to reversible_chain, or max_drift=math.inf to run without the guard"
-            )
         ctx.record = record if deferred else None
         ctx.immediate = ctx.tol != math.inf and not deferred
         ctx.device_type = x.device.type
@@ -428,15 +424,15 @@ def _raise_if_beyond(drift: float, tol: float) -> None:
 def reversible_chain(
     layers: nn.ModuleList,
     x: torch.Tensor,
+    record: DriftRecord,
     max_drift: float | None = None,
     context: torch.Tensor | None = None,
-    record: DriftRecord | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``layers`` on ``x`` (each at ``context``, if given) with memory-saving reversible backprop; returns
     ``(y, summed logdet)``, differentiable w.r.t. ``x``, ``context`` and the parameters. The backward
     checks the drift of the rebuilt input against ``max_drift`` (``None``: :func:`default_max_drift`) at once, or
-    records it in ``record`` on the device when :func:`guards_deferred` holds here (see the module docstring;
-    without a record that raises ``ValueError``)."""
+    records it in the chain's ``record`` on the device when :func:`guards_deferred` holds here (see the module
+    docstring)."""
     max_drift = check_max_drift(max_drift)
     params = _params(layers)
     return _ReversibleChain.apply(x, context, layers, max_drift, record, *params)

@@ -87,7 +87,7 @@ class FlowSequential(FlowLayer):
         """``(y, sum of log-dets)``; ``weights`` are the chain's share of its parent's :meth:`batched_weights`
         (computed here when None)."""
         if self._trains_reversibly():
-            return reversible_chain(self.layers, x, self.max_drift, context, self.drift_record)
+            return reversible_chain(self.layers, x, self.drift_record, self.max_drift, context)
         units = chain_units(self.layers)
         if weights is None:
             weights = shared_weights(units, x, inverse=False)
