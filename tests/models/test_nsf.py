@@ -12,7 +12,12 @@ import torch
 from fastflow.examples.toy_data import two_moons
 from fastflow.models import NSF, FlowModel
 from fastflow.nn import MaskedAutoregressiveSpline, SplineCoupling
-from tests.helpers import brute_force_logdet, perturb_parameters
+from tests.helpers import (
+    assert_conditional_objective_compiles_whole,
+    assert_vector_log_prob_is_the_change_of_variables,
+    nll_and_grads,
+    perturb_parameters,
+)
 
 VARIANTS = [False, True]  # autoregressive
 
@@ -55,14 +60,9 @@ def test_starts_as_the_standard_normal(autoregressive):
 @pytest.mark.parametrize("context", [0, 2])
 def test_log_prob_is_the_change_of_variables_with_the_brute_force_logdet(context, autoregressive):
     model = _model(3, context, autoregressive)
-    x, c = 1.5 * torch.randn(4, 3, dtype=torch.float64), _context(4, context)
-    rows = [None if c is None else c[i : i + 1] for i in range(4)]
-    expected_logdet = torch.cat(
-        [brute_force_logdet(lambda v, r=r: model.encode(v, r)[-1], x[i : i + 1]) for i, r in enumerate(rows)]
+    assert_vector_log_prob_is_the_change_of_variables(
+        model, 1.5 * torch.randn(4, 3, dtype=torch.float64), _context(4, context)
     )
-    z = model.encode(x, c)[-1]
-    log_normal = -0.5 * (z.square() + math.log(2 * math.pi)).sum(1)
-    torch.testing.assert_close(model.log_prob(x, c), log_normal + expected_logdet, atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("autoregressive", VARIANTS)
@@ -81,15 +81,8 @@ def test_decode_inverts_encode_and_samples_depend_on_the_context(autoregressive)
 def test_reversible_training_gives_standard_gradients(autoregressive):
     model = _model(4, 3, autoregressive).train()
     x, c = 1.5 * torch.randn(6, 4, dtype=torch.float64), _context(6, 3)
-    results = {}
-    for reversible in (False, True):
-        model.reversible = reversible
-        model.zero_grad(set_to_none=True)
-        leaf = c.clone().requires_grad_(True)
-        loss = -model.log_prob(x, leaf).mean()
-        loss.backward()
-        results[reversible] = [loss.detach(), leaf.grad, *(p.grad.clone() for p in model.parameters())]
-    for got, want in zip(results[True], results[False]):
+    standard, reversible = (nll_and_grads(model, x, c, reversible) for reversible in (False, True))
+    for got, want in zip(reversible, standard):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
 
 
@@ -118,22 +111,7 @@ def test_the_conditional_objective_compiles_whole_with_eager_gradients(autoregre
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = NSF(3, context=2, transforms=2, hidden=8, autoregressive=autoregressive).train()
-    x, c = torch.randn(8, 3), torch.randn(8, 2)
-
-    def objective(x, c):
-        return -model.log_prob(x, c).mean()
-
-    explanation = torch._dynamo.explain(objective)(x, c)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-    want = objective(x, c)
-    want.backward()
-    want_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    got = torch.compile(objective, backend="aot_eager", fullgraph=True)(x, c)
-    got.backward()
-    torch.testing.assert_close(got, want)
-    for p, w in zip(model.parameters(), want_grads):
-        torch.testing.assert_close(p.grad, w)
+    assert_conditional_objective_compiles_whole(model, torch.randn(8, 3), torch.randn(8, 2))
 
 
 @pytest.mark.parametrize(

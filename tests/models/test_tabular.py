@@ -4,13 +4,17 @@ reversible training, learning a conditional density, clear errors."""
 from __future__ import annotations
 
 import inspect
-import math
 
 import pytest
 import torch
 
 from fastflow.models import FlowModel, TabularFlow
-from tests.helpers import brute_force_logdet, perturb_parameters
+from tests.helpers import (
+    assert_conditional_objective_compiles_whole,
+    assert_vector_log_prob_is_the_change_of_variables,
+    nll_and_grads,
+    perturb_parameters,
+)
 
 
 def _model(features: int = 3, context: int = 0, **kwargs) -> TabularFlow:
@@ -36,14 +40,9 @@ def test_signature_is_the_public_contract():
 @pytest.mark.parametrize("context", [0, 2])
 def test_log_prob_is_the_change_of_variables_with_the_brute_force_logdet(context):
     model = _model(3, context)
-    x, c = torch.randn(4, 3, dtype=torch.float64), _context(4, context)
-    rows = [None if c is None else c[i : i + 1] for i in range(4)]
-    expected_logdet = torch.cat(
-        [brute_force_logdet(lambda v, r=r: model.encode(v, r)[-1], x[i : i + 1]) for i, r in enumerate(rows)]
+    assert_vector_log_prob_is_the_change_of_variables(
+        model, torch.randn(4, 3, dtype=torch.float64), _context(4, context)
     )
-    z = model.encode(x, c)[-1]
-    log_normal = -0.5 * (z.square() + math.log(2 * math.pi)).sum(1)
-    torch.testing.assert_close(model.log_prob(x, c), log_normal + expected_logdet, atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("context", [0, 2])
@@ -96,16 +95,8 @@ def test_reversible_training_gives_standard_gradients(context):
     model = _model(4, context)
     model.train()
     x, c = torch.randn(6, 4, dtype=torch.float64), _context(6, context)
-    results = {}
-    for reversible in (False, True):
-        model.reversible = reversible
-        model.zero_grad(set_to_none=True)
-        leaf = None if c is None else c.clone().requires_grad_(True)
-        loss = -model.log_prob(x, leaf).mean()
-        loss.backward()
-        results[reversible] = [loss.detach(), *([] if leaf is None else [leaf.grad])]
-        results[reversible] += [p.grad.clone() for p in model.parameters()]
-    for got, want in zip(results[True], results[False]):
+    standard, reversible = (nll_and_grads(model, x, c, reversible) for reversible in (False, True))
+    for got, want in zip(reversible, standard):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
 
 
@@ -186,21 +177,9 @@ def test_the_conditional_objective_compiles_whole_with_eager_gradients():
     x, c = torch.randn(8, 3), torch.randn(8, 2)
     with torch.no_grad():
         model.log_prob(x, c)  # ActNorm init, eagerly
-
-    def objective(x, c):
-        return -model.log_prob(x, c).mean()
-
-    explanation = torch._dynamo.explain(objective)(x, c)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-    want = objective(x, c)
-    want.backward()
-    want_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    got = torch.compile(objective, backend="aot_eager", fullgraph=True)(x, c)
-    got.backward()
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    for p, want_grad in zip(model.parameters(), want_grads):
-        torch.testing.assert_close(p.grad, want_grad, atol=1e-5, rtol=1e-4)
+    assert_conditional_objective_compiles_whole(
+        model, x, c, loss_tolerance={"atol": 1e-5, "rtol": 1e-5}, grad_tolerance={"atol": 1e-5, "rtol": 1e-4}
+    )
     torch._dynamo.reset()
 
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-import fastflow
 from fastflow.backend import interpreter_enabled
 from fastflow.nn import (
     ActNorm,
@@ -20,7 +19,7 @@ from fastflow.nn import (
     Squeeze,
 )
 from fastflow.nn.tiling import Tiling
-from tests.helpers import HaloConv, perturb_parameters, tanh_mlp
+from tests.helpers import HaloConv, chain_loss_and_grads, perturb_parameters, tanh_mlp
 
 
 def _vector_chain() -> FlowSequential:
@@ -60,25 +59,13 @@ def _initialised(make, x, context) -> FlowSequential:
     return chain
 
 
-def _loss_and_grads(chain, x, context, reversible, backend="eager"):
-    chain.reversible = reversible
-    chain.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    context = context.clone().requires_grad_(True)
-    with fastflow.backend(backend):
-        y, logdet = chain(x, context)
-        loss = (y.square().sum(dim=1).reshape(y.shape[0], -1).sum(1) - logdet).mean()
-        loss.backward()
-    return [loss.detach(), x.grad, context.grad, *(p.grad for p in chain.parameters())]
-
-
 @pytest.mark.parametrize("name", sorted(CHAINS))
 def test_reversible_gradients_with_context_equal_standard_backprop(name):
     make, x_shape, c_shape = CHAINS[name]
     x, context = torch.randn(*x_shape, dtype=torch.float64), torch.randn(*c_shape, dtype=torch.float64)
     chain = _initialised(make, x, context)
-    standard = _loss_and_grads(chain, x, context, reversible=False)
-    reversible = _loss_and_grads(chain, x, context, reversible=True)
+    standard = chain_loss_and_grads(chain, x, context, reversible=False)
+    reversible = chain_loss_and_grads(chain, x, context, reversible=True)
     assert standard[2].abs().max() > 1e-6, "the context gradient must not be trivially zero"
     for i, (got, want) in enumerate(zip(reversible, standard)):
         assert got is not None, f"gradient {i} missing"
@@ -89,11 +76,11 @@ def test_reversible_tiled_image_chain_with_context_equals_standard():
     make, x_shape, c_shape = CHAINS["images"]
     x, context = torch.randn(*x_shape, dtype=torch.float64), torch.randn(*c_shape, dtype=torch.float64)
     chain = _initialised(make, x, context)
-    standard = _loss_and_grads(chain, x, context, reversible=False)
+    standard = chain_loss_and_grads(chain, x, context, reversible=False)
     for module in chain.modules():
         if isinstance(module, (AffineCoupling, AdditiveCoupling)):
             module.tiling = Tiling(tile_size=2)
-    tiled = _loss_and_grads(chain, x, context, reversible=True)
+    tiled = chain_loss_and_grads(chain, x, context, reversible=True)
     for got, want in zip(tiled, standard):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
 
@@ -158,7 +145,7 @@ def test_reversible_vector_chain_with_context_on_the_kernels_equals_standard_eag
     make, x_shape, c_shape = CHAINS["vectors"]
     x, context = torch.randn(*x_shape, dtype=torch.float64), torch.randn(*c_shape, dtype=torch.float64)
     chain = _initialised(make, x, context)
-    eager = _loss_and_grads(chain, x, context, reversible=False)
-    fused = _loss_and_grads(chain, x, context, reversible=True, backend="interpret")
+    eager = chain_loss_and_grads(chain, x, context, reversible=False)
+    fused = chain_loss_and_grads(chain, x, context, reversible=True, backend="interpret")
     for got, want in zip(fused, eager):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)

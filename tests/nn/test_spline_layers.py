@@ -21,7 +21,7 @@ from fastflow.nn import (
 from fastflow.nn.autoregressive import MADE
 from fastflow.nn.spline_coupling import identity_derivative_raw, start_at_identity
 from fastflow.nn.tiling import Tiling
-from tests.helpers import HaloConv, brute_force_logdet, perturb_parameters, tanh_mlp
+from tests.helpers import HaloConv, brute_force_logdet, chain_loss_and_grads, perturb_parameters, tanh_mlp
 
 # name -> (layer factory, x shape, context shape or None); perturbations keep raw parameters O(1)
 LAYERS = {
@@ -181,18 +181,6 @@ def _stack(kind: str) -> FlowSequential:
 STACKS = {"vectors": ((4, 5), (4, 3)), "images": ((3, 2, 4, 6), (3, 3))}
 
 
-def _loss_and_grads(chain, x, context, reversible, backend="eager"):
-    chain.reversible = reversible
-    chain.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    context = context.clone().requires_grad_(True)
-    with fastflow.backend(backend):
-        y, logdet = chain(x, context)
-        loss = (y.square().flatten(1).sum(1) - logdet).mean()
-        loss.backward()
-    return [loss.detach(), x.grad, context.grad, *(p.grad for p in chain.parameters())]
-
-
 def _chain(kind: str, scale: float) -> tuple[FlowSequential, torch.Tensor, torch.Tensor]:
     x_shape, c_shape = STACKS[kind]
     chain = _stack(kind).double().train()
@@ -203,8 +191,8 @@ def _chain(kind: str, scale: float) -> tuple[FlowSequential, torch.Tensor, torch
 @pytest.mark.parametrize("kind", sorted(STACKS))
 def test_reversible_gradients_equal_standard_backprop(kind):
     chain, x, context = _chain(kind, 0.2 if kind == "vectors" else 0.1)
-    standard = _loss_and_grads(chain, x, context, reversible=False)
-    reversible = _loss_and_grads(chain, x, context, reversible=True)
+    standard = chain_loss_and_grads(chain, x, context, reversible=False)
+    reversible = chain_loss_and_grads(chain, x, context, reversible=True)
     assert standard[2].abs().max() > 1e-6, "the context gradient must not be trivially zero"
     for i, (got, want) in enumerate(zip(reversible, standard)):
         assert got is not None, f"gradient {i} missing"
@@ -213,11 +201,11 @@ def test_reversible_gradients_equal_standard_backprop(kind):
 
 def test_reversible_tiled_image_stack_equals_standard():
     chain, x, context = _chain("images", 0.1)
-    standard = _loss_and_grads(chain, x, context, reversible=False)
+    standard = chain_loss_and_grads(chain, x, context, reversible=False)
     for module in chain.modules():
         if isinstance(module, SplineCoupling):
             module.tiling = Tiling(tile_size=2)
-    tiled = _loss_and_grads(chain, x, context, reversible=True)
+    tiled = chain_loss_and_grads(chain, x, context, reversible=True)
     for got, want in zip(tiled, standard):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
 
@@ -251,8 +239,8 @@ def test_the_kernels_match_eager(name):
 @needs_interpreter
 def test_reversible_vector_stack_on_the_kernels_equals_standard_eager():
     chain, x, context = _chain("vectors", 0.2)
-    eager = _loss_and_grads(chain, x, context, reversible=False)
-    fused = _loss_and_grads(chain, x, context, reversible=True, backend="interpret")
+    eager = chain_loss_and_grads(chain, x, context, reversible=False)
+    fused = chain_loss_and_grads(chain, x, context, reversible=True, backend="interpret")
     for got, want in zip(fused, eager):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
 
