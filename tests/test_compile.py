@@ -15,11 +15,15 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from fastflow.models import NICE, FlowModel, Glow, RealNVP
+from fastflow.models import NICE, FlowModel, Glow, Jet, RealNVP
 
 PRESETS: dict[str, Callable[[bool], tuple[FlowModel, torch.Tensor]]] = {
     "glow": lambda reversible: (Glow(3, 8, levels=2, steps=2, hidden=8, reversible=reversible), torch.rand(2, 3, 8, 8)),
     "realnvp": lambda reversible: (RealNVP(3, 8, scales=2, hidden=8, reversible=reversible), torch.rand(2, 3, 8, 8)),
+    "jet": lambda reversible: (
+        Jet(3, 8, patch_size=2, couplings=3, width=8, depth=1, heads=2, reversible=reversible),
+        torch.rand(2, 3, 8, 8),
+    ),
     "nice": lambda reversible: (
         NICE(1, 4, couplings=2, hidden=8, depth=2, reversible=reversible),
         torch.rand(2, 1, 4, 4),

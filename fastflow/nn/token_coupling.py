@@ -128,11 +128,21 @@ class TokenCoupling(FlowLayer):
             )
         return context.to(x.dtype)
 
-    def _net(self, xp: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(shift, raw)`` from the conditioning part of the permuted ``xp``, as the op's views (module math)."""
-        out = self.net(xp.narrow(self.dim, 0, self.conditioning), context).to(xp.dtype)
-        shift, raw = out.chunk(2, dim=-1)
-        return self._op_view(shift), self._op_view(raw)
+    def _halves(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditioning and transformed parts of ``t`` ``(B, N, F)``, gathered by the fixed permutation (two
+        half-size copies: no permuted copy of the whole)."""
+        return (
+            t.index_select(self.dim, self.order[: self.conditioning]),
+            t.index_select(self.dim, self.order[self.conditioning :]),
+        )
+
+    def _with_transformed(self, t: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """A copy of ``t`` with its transformed part replaced by ``part`` (laid out as :meth:`_halves` gives it)."""
+        return t.index_copy(self.dim, self.order[self.conditioning :], part)
+
+    def _net(self, x_a: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """The conditioner's output ``(shift | raw)`` on the conditioning part ``x_a``, in ``x_a``'s dtype."""
+        return self.net(x_a, context).to(x_a.dtype)
 
     def _op_view(self, t: torch.Tensor) -> torch.Tensor:
         """``(B, N, F)`` as the op's ``(B, C, ...)`` with the split dim as dim 1 (a view)."""
@@ -143,11 +153,11 @@ class TokenCoupling(FlowLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x = self._check_tokens("y" if inverse else "x", x)
         context = self._check_context(context, x)
-        xp = x.index_select(self.dim, self.order)
-        shift, raw = self._net(xp, context)
+        x_a, x_b = self._halves(x)
+        shift, raw = (self._op_view(t) for t in self._net(x_a, context).chunk(2, dim=-1))
         op = affine_coupling_inverse if inverse else affine_coupling
-        yp, logdet = op(self._op_view(xp), shift, raw, _SCALE, self.conditioning)
-        return self._op_view(yp).index_select(self.dim, self.inverse_order), logdet
+        y_b, logdet = op(self._op_view(x_b), shift, raw, _SCALE)
+        return self._with_transformed(x, self._op_view(y_b)), logdet
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, logdet)`` for tokens ``x`` ``(B, N, F)``."""
@@ -167,29 +177,32 @@ class TokenCoupling(FlowLayer):
         """Reversible backward from the output: ``(x, grad_x)``; the gradients of the parameters, and of ``context``
         where it requires grad (a leaf), go to their ``.grad``.
 
-        ``y_a = x_a``, so the ViT runs once with a graph on it; one fused pass rebuilds ``x`` from ``y`` and gives
-        the gradients w.r.t. ``x`` and ``(t, r)``, which are backpropagated through the ViT; ``x_a``'s second path
-        (through the ViT) is then added into ``grad_x`` in place.
+        ``y_a = x_a``, so the ViT runs once with a graph on it; one fused pass rebuilds ``x_b`` from ``y_b`` and
+        gives the gradients w.r.t. ``x_b`` and ``(t, r)``, which are backpropagated through the ViT; ``x_a``'s
+        gradient is ``grad_y_a`` plus its path through the ViT. Only half-size parts are gathered and the whole
+        ``x`` and ``grad_x`` are assembled last, so the ViT's backward runs beside no permuted whole copy.
         """
         y = self._check_tokens("y", y)
         shaped = self._check_context(context, y)
-        yp = y.index_select(self.dim, self.order)
         inputs = [p for p in self.parameters() if p.requires_grad]
         if shaped is not None and context.requires_grad:
             inputs.append(context)
+        y_a, y_b = self._halves(y)
         with torch.enable_grad():
-            a = yp.narrow(self.dim, 0, self.conditioning).detach().requires_grad_(True)
+            a = y_a.detach().requires_grad_(True)  # y_a = x_a: a new leaf
             ctx = None if shaped is None else context.to(y.dtype)  # in the graph: its gradient reaches context
-            out = self.net(a, ctx).to(y.dtype)
-            shift, raw = (self._op_view(t) for t in out.chunk(2, dim=-1))
-        grad_yp = self._op_view(grad_y.index_select(self.dim, self.order))
+            out = self._net(a, ctx)
+        shift, raw = (self._op_view(t) for t in out.detach().chunk(2, dim=-1))
+        grad_y_b = grad_y.index_select(self.dim, self.order[self.conditioning :])
         with torch.no_grad():
-            xp, grad_xp, grad_shift, grad_raw = affine_coupling_backward_from_output(
-                self._op_view(yp), shift.detach(), raw.detach(), grad_yp, grad_logdet, _SCALE, self.conditioning
+            x_b, grad_x_b, grad_shift, grad_raw = affine_coupling_backward_from_output(
+                self._op_view(y_b), shift, raw, self._op_view(grad_y_b), grad_logdet, _SCALE
             )
-        torch.autograd.backward([shift, raw], [grad_shift, grad_raw], inputs=[a, *inputs])
-        grad_xp = self._op_view(grad_xp)
-        # grad_xp is a new tensor (grad_shift shares only its transformed part): the conditioning part in place
-        grad_xp.narrow(self.dim, 0, self.conditioning).add_(a.grad)
-        x = self._op_view(xp).index_select(self.dim, self.inverse_order)
-        return x, grad_xp.index_select(self.dim, self.inverse_order)
+        del y_b, grad_y_b, shift, raw
+        grad_out = torch.cat([self._op_view(grad_shift), self._op_view(grad_raw)], dim=-1)
+        del grad_shift, grad_raw  # only their concatenation is kept through the conditioner's backward
+        torch.autograd.backward([out], [grad_out], inputs=[a, *inputs])
+        del grad_out, out  # before the whole x and grad_x are made
+        grad_x = self._with_transformed(grad_y, self._op_view(grad_x_b))
+        grad_x.index_add_(self.dim, self.order[: self.conditioning], a.grad)
+        return self._with_transformed(y, self._op_view(x_b)), grad_x

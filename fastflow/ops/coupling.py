@@ -194,37 +194,43 @@ def affine_coupling_backward_from_output_ref(
     upstream gradients ``grad_y`` (like ``y_b``) and ``grad_logdet`` (``(B,)`` or None for zero), written
     with ``(x + t) * s = y`` (Glow, Jet) and ``x * s = y - t`` (RealNVP). ``upcast`` computes in float32. With
     ``b_start``, ``y_b`` and ``grad_y`` are whole and so are the rebuilt ``x`` and ``grad_x`` (``grad_y`` on
-    the pass-through channels). Every result is a new tensor.
+    the pass-through channels). ``x_b``, ``grad_x`` and ``grad_raw`` are new tensors; ``grad_shift`` is ``grad_x``
+    (``grad_y`` for ``"exp"``) or its transformed channels, as on the kernel path (no copy).
     """
     if b_start is not None:
         count = shift.shape[1]
-        x_b, grad_x, grad_shift, grad_raw = affine_coupling_backward_from_output_ref(
+        x_b, grad_x, _, grad_raw = affine_coupling_backward_from_output_ref(
             _channels(y_b, b_start, count), shift, raw, _channels(grad_y, b_start, count), grad_logdet, scale, upcast
         )
-        return _with_channels(y_b, x_b, b_start), _with_channels(grad_y, grad_x, b_start), grad_shift, grad_raw
+        grad_x = _with_channels(grad_y, grad_x, b_start)
+        grad_shift = _channels(grad_y if scale == "exp" else grad_x, b_start, count)
+        return _with_channels(y_b, x_b, b_start), grad_x, grad_shift, grad_raw
     out_dtype = y_b.dtype
     if upcast:
         y_b, shift, raw, grad_y = (t.to(logdet_dtype(out_dtype)) for t in (y_b, shift, raw, grad_y))
     x_b, _ = affine_coupling_inverse_ref(y_b, shift, raw, scale)
     gl = 0.0 if grad_logdet is None else _per_sample(grad_logdet.to(y_b.dtype), y_b)
     log_s, slope = _log_scale_and_slope(raw, scale)
-    grad_x = grad_y * torch.exp(log_s)
+    grad_x = (grad_y * log_s.exp_()).to(out_dtype)  # s in place of log s: one temporary fewer
+    del log_s
     if scale == "exp":  # y = x * s + t
-        grad_shift, grad_raw = grad_y.clone(), slope * (grad_y * (y_b - shift) + gl)
+        grad_shift, grad_raw = grad_y.to(out_dtype), (grad_y * (y_b - shift)).add_(gl).mul_(slope)
     else:  # y = (x + t) * s
-        grad_shift, grad_raw = grad_x.clone(), slope * (grad_y * y_b + gl)
-    return tuple(t.to(out_dtype) for t in (x_b, grad_x, grad_shift, grad_raw))  # type: ignore[return-value]
+        grad_shift, grad_raw = grad_x, (grad_y * y_b).add_(gl).mul_(slope)
+    return x_b.to(out_dtype), grad_x, grad_shift, grad_raw.to(out_dtype)
 
 
 def additive_coupling_backward_from_output_ref(
     y_b: torch.Tensor, shift: torch.Tensor, grad_y: torch.Tensor, b_start: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eager reversible additive backward: new ``(y_b - shift, grad_y, grad_y)``; with ``b_start`` the first
-    two are whole and the last is ``grad_y``'s transformed channels."""
+    """Eager reversible additive backward: ``(y_b - shift, grad_x, grad_shift)`` with ``grad_x`` a new copy of
+    ``grad_y`` and ``grad_shift`` that copy (its transformed channels with ``b_start``, when the first two are
+    whole), as on the kernel path."""
+    grad_x = grad_y.clone()
     if b_start is not None:
         x, _ = additive_coupling_inverse_ref(y_b, shift, b_start)
-        return x, grad_y.clone(), _channels(grad_y, b_start, shift.shape[1]).clone()
-    return y_b - shift, grad_y.clone(), grad_y.clone()
+        return x, grad_x, _channels(grad_x, b_start, shift.shape[1])
+    return y_b - shift, grad_x, grad_x
 
 
 def _inverse_grads(
