@@ -251,7 +251,13 @@ def _restore(
     settings = {k: optimizer.param_groups[0][k] for k in ("fused", "foreach", "capturable")}
     for group in state["param_groups"]:  # the checkpoint's Adam settings (older ones: not fused) would be restored
         group.update(settings)
-    optimizer.load_state_dict(state)
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as err:  # e.g. written before the LU factors were packed: one parameter fewer per 1x1 conv
+        raise ValueError(
+            f"cannot resume from {path!r}: its optimizer state does not fit this model's parameters ({err}); its "
+            "weights still load with fastflow.checkpoint.load_checkpoint"
+        ) from err
     scaler.load_state_dict(extra["scaler"])
     return int(extra["step"]), extra.get("heldout_bits_per_dim")
 

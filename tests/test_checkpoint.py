@@ -43,6 +43,27 @@ def test_round_trip_restores_outputs_and_optimizer(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"], "no temporary file may be left behind"
 
 
+def test_weights_saved_with_two_lu_matrices_load(tmp_path):
+    """A checkpoint written before the LU factors were packed (``lower`` and ``upper`` per 1x1 convolution)."""
+    model = _trained_glow()
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, model)
+    payload = torch.load(path, weights_only=True)
+    old = {}
+    for key, value in payload["state_dict"].items():
+        if key.endswith("lu_packed"):
+            prefix = key[: -len("lu_packed")]
+            old[prefix + "lower"], old[prefix + "upper"] = torch.tril(value, -1), torch.triu(value, 1)
+        else:
+            old[key] = value
+    assert any(key.endswith("lower") for key in old)
+    payload["state_dict"] = old
+    torch.save(payload, path)
+    loaded, _ = load_checkpoint(path)
+    x = torch.rand(3, 1, 4, 4) - 0.5
+    torch.testing.assert_close(loaded.eval().log_prob(x), model.log_prob(x), rtol=0, atol=0)
+
+
 def test_loading_into_a_different_architecture_names_the_file(tmp_path):
     path = tmp_path / "glow.pt"
     save_checkpoint(path, _trained_glow())

@@ -195,6 +195,17 @@ def test_resume_from_a_checkpoint_of_a_non_fused_adam(tmp_path):
     assert len(train(_model(seed=1), _data(), _config(tmp_path, 4), resume=True)) == 2
 
 
+def test_resume_from_an_optimizer_state_of_other_parameters_is_a_clear_error(tmp_path):
+    """As for checkpoints written before the LU factors were packed: one optimizer entry more per 1x1 conv."""
+    train(_model(), _data(), _config(tmp_path, 2))
+    path = tmp_path / CHECKPOINT_NAME
+    payload = torch.load(path, weights_only=True)
+    payload["optimizer"]["param_groups"][0]["params"].append(10_000)
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="cannot resume from .*optimizer state does not fit"):
+        train(_model(seed=1), _data(), _config(tmp_path, 4), resume=True)
+
+
 def test_labels_outside_the_classes_are_refused_before_training():
     model = Glow(1, 4, levels=1, steps=1, hidden=8, n_bins=N_BINS, num_classes=3)
     labels = torch.arange(len(_data())) % 4

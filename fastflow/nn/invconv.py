@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,7 +13,15 @@ from fastflow.ops._checks import logdet_dtype
 from fastflow.ops.channel_mix import channel_mix
 from fastflow.ops.invconv import dense_inverse_weight, lu_inverse_weight, lu_weight_and_logdet
 
-__all__ = ["InvConv1x1", "InvertibleLinear", "exact_dtype", "stack_tensors", "stacked_weights", "unstack_tensor"]
+__all__ = [
+    "InvConv1x1",
+    "InvertibleLinear",
+    "exact_dtype",
+    "packed_lu_state",
+    "stack_tensors",
+    "stacked_weights",
+    "unstack_tensor",
+]
 
 
 def exact_dtype(x: torch.Tensor) -> torch.autocast:
@@ -30,9 +39,11 @@ class InvConv1x1(FlowLayer):
     on vectors ``(B, C)`` (the same op on ``(B, C, 1, 1)``, log-det ``log|det W|``).
 
     ``lu=True`` stores ``W = P @ L @ (U + diag(sign_s * exp(log_s)))``: fixed ``perm`` (P) and ``sign_s``
-    buffers, parameters ``lower`` (strict lower part of L), ``upper`` (strict upper part of U) and ``log_s``;
-    log-det ``H * W * sum(log_s)`` and the inverse from triangular solves. ``lu=False`` stores ``weight``
-    and uses ``slogdet``/``inverse`` (the reference parameterisation). Both start from a random rotation.
+    buffers, parameters ``lu_packed`` (``C x C``: L's strict lower part below the diagonal, U's strict upper
+    part above it, the diagonal unused) and ``log_s``; log-det ``H * W * sum(log_s)`` and the inverse from
+    triangular solves. ``lu=False`` stores ``weight`` and uses ``slogdet``/``inverse`` (the reference
+    parameterisation). Both start from a random rotation. State dicts of the earlier two-matrix form
+    (``lower``, ``upper``) load into ``lu_packed``.
     """
 
     def __init__(self, num_channels: int, lu: bool = True) -> None:
@@ -47,16 +58,21 @@ class InvConv1x1(FlowLayer):
             diag = torch.diagonal(upper)
             self.register_buffer("perm", p.argmax(dim=1))
             self.register_buffer("sign_s", torch.sign(diag))
-            self.lower = nn.Parameter(torch.tril(lower, diagonal=-1))
-            self.upper = nn.Parameter(torch.triu(upper, diagonal=1))
+            self.lu_packed = nn.Parameter(torch.tril(lower, diagonal=-1) + torch.triu(upper, diagonal=1))
             self.log_s = nn.Parameter(torch.log(diag.abs()))
         else:
             self.weight = nn.Parameter(w0)
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Loads the earlier two-matrix form too (:func:`packed_lu_state`)."""
+        if self.lu:
+            _pack_lu_entries(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def weight_and_logdet(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W, log|det W|)``: the ``(C, C)`` weight and its log-det (a scalar, per pixel)."""
         if self.lu:
-            return lu_weight_and_logdet(self.perm, self.lower, self.upper, self.sign_s, self.log_s)
+            return lu_weight_and_logdet(self.perm, self.lu_packed, self.lu_packed, self.sign_s, self.log_s)
         return self.weight, torch.linalg.slogdet(self.weight)[1]
 
     def weight_logdet(self) -> torch.Tensor:
@@ -66,7 +82,7 @@ class InvConv1x1(FlowLayer):
     def inverse_weight(self) -> torch.Tensor:
         """``W^-1``: by triangular solves in LU form, ``torch.linalg.inv`` otherwise (both in float64)."""
         if self.lu:
-            return lu_inverse_weight(self.perm, self.lower, self.upper, self.sign_s, self.log_s)
+            return lu_inverse_weight(self.perm, self.lu_packed, self.lu_packed, self.sign_s, self.log_s)
         return dense_inverse_weight(self.weight)
 
     @staticmethod
@@ -87,6 +103,24 @@ class InvConv1x1(FlowLayer):
         with exact_dtype(y):
             x = channel_mix(pixels, self.inverse_weight()).view_as(y)
             return x, -self._layer_logdet(self.weight_logdet(), pixels)
+
+
+def _pack_lu_entries(state_dict: dict[str, Any], prefix: str) -> None:
+    lower, upper, packed = prefix + "lower", prefix + "upper", prefix + "lu_packed"
+    if lower in state_dict and upper in state_dict and packed not in state_dict:
+        state_dict[packed] = torch.tril(state_dict.pop(lower), -1) + torch.triu(state_dict.pop(upper), 1)
+
+
+def packed_lu_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``state_dict`` in which every LU 1x1 convolution saved in the earlier two-matrix form
+    (``<prefix>lower`` and ``<prefix>upper`` beside ``<prefix>log_s``) has them packed into ``<prefix>lu_packed``
+    (the strict lower part of the first and the strict upper part of the second); other entries unchanged."""
+    packed = dict(state_dict)
+    for key in state_dict:
+        prefix = key[: -len("lower")]
+        if key.endswith("lower") and prefix + "log_s" in state_dict:
+            _pack_lu_entries(packed, prefix)
+    return packed
 
 
 class InvertibleLinear(InvConv1x1):
@@ -120,11 +154,11 @@ def stacked_weights(convs: Sequence[InvConv1x1], inverse: bool = False) -> tuple
     if len({(conv.num_channels, conv.lu) for conv in convs}) != 1:
         raise ValueError("stacked_weights needs convolutions of one num_channels and lu setting")
     if convs[0].lu:
-        names = ("perm", "lower", "upper", "sign_s", "log_s")
-        perm, lower, upper, sign_s, log_s = (stack_tensors([getattr(conv, name) for conv in convs]) for name in names)
+        names = ("perm", "lu_packed", "sign_s", "log_s")
+        perm, packed, sign_s, log_s = (stack_tensors([getattr(conv, name) for conv in convs]) for name in names)
         if inverse:
-            return lu_inverse_weight(perm, lower, upper, sign_s, log_s), log_s.sum(-1)
-        return lu_weight_and_logdet(perm, lower, upper, sign_s, log_s)
+            return lu_inverse_weight(perm, packed, packed, sign_s, log_s), log_s.sum(-1)
+        return lu_weight_and_logdet(perm, packed, packed, sign_s, log_s)
     weight = stack_tensors([conv.weight for conv in convs])
     logdet = torch.linalg.slogdet(weight)[1]
     return (dense_inverse_weight(weight) if inverse else weight), logdet

@@ -134,6 +134,27 @@ def test_lu_invconv_logdet_is_sum_of_log_s_times_pixels():
     torch.testing.assert_close(layer.inverse_weight() @ weight, torch.eye(6), atol=1e-5, rtol=1e-5)
 
 
+def _two_matrix_state(layer: InvConv1x1) -> dict[str, torch.Tensor]:
+    """``layer``'s state dict in the earlier LU form: L's strict lower part and U's strict upper part as two
+    ``C x C`` parameters, their unused triangles holding arbitrary values (which must be ignored)."""
+    state = dict(layer.state_dict())
+    packed = state.pop("lu_packed")
+    noise = torch.randn_like(packed)
+    state["lower"] = torch.tril(packed, -1) + torch.triu(noise)
+    state["upper"] = torch.triu(packed, 1) + torch.tril(noise)
+    return state
+
+
+def test_lu_invconv_loads_the_earlier_two_matrix_state_dict():
+    layer = InvConv1x1(5, lu=True)
+    perturb_parameters(layer)
+    fresh = InvConv1x1(5, lu=True)
+    fresh.load_state_dict(_two_matrix_state(layer))
+    assert sorted(name for name, _ in fresh.named_parameters()) == ["log_s", "lu_packed"]
+    torch.testing.assert_close(fresh.weight_and_logdet()[0], layer.weight_and_logdet()[0], rtol=0, atol=0)
+    torch.testing.assert_close(fresh.inverse_weight(), layer.inverse_weight(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("lu", [True, False])
 def test_stacked_weights_match_each_convolution(lu):
     convs = [InvConv1x1(5, lu=lu).double() for _ in range(3)]
