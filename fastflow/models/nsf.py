@@ -22,9 +22,10 @@ class NSF(FlowModel):
     vectors, then a standard normal prior.
 
     Coupling (default): each transform is an LU-parameterised invertible linear map (``O(D)`` log-det; it mixes
-    the features so that every one gets transformed) then a :class:`~fastflow.nn.SplineCoupling` (parities
-    alternating) whose conditioner is an MLP (two hidden layers of width ``hidden``, zero-initialised output) on
-    the kept half and the ``context``. ``autoregressive=True``: each transform is a
+    the features so that every one gets transformed; it starts as the identity, so the couplings start on the
+    data's own coordinates) then a :class:`~fastflow.nn.SplineCoupling` (parities alternating) whose conditioner
+    is an MLP (two hidden layers of width ``hidden``, zero-initialised output) on the kept half and the
+    ``context``. ``autoregressive=True``: each transform is a
     :class:`~fastflow.nn.MaskedAutoregressiveSpline` (MADE conditioner), the feature order reversed between
     transforms; its density is one network pass per transform but sampling ``features`` passes.
 
@@ -68,7 +69,7 @@ class NSF(FlowModel):
                     layers.append(Permutation(features, "reverse"))
                 layers.append(MaskedAutoregressiveSpline(features, hidden, bins, bound, context_features=context))
             else:
-                layers.append(InvertibleLinear(features))
+                layers.append(InvertibleLinear(features, init="identity"))
                 layers.append(
                     SplineCoupling(features, hidden, bins, bound, i % 2, context_features=context, vectors=True)
                 )

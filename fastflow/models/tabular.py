@@ -25,7 +25,11 @@ class TabularFlow(FlowModel):
     Each step is a :class:`~fastflow.nn.FlowStep` on vectors: per-feature ActNorm, an LU-parameterised invertible
     linear map (``O(D)`` log-det; it mixes the features so that every one gets transformed) and a RealNVP affine
     coupling ``y_b = x_b * exp(tanh(r)) + t`` whose conditioner is an MLP (two hidden layers of width ``hidden``,
-    zero-initialised output) on the kept half, and on the ``context`` features when ``context > 0``.
+    zero-initialised output) on the kept half, and on the ``context`` features when ``context > 0``. The linear
+    maps start as the identity (first step) and as the reversal of the feature order (the others), so at
+    initialisation the couplings transform the data's own coordinates, alternating halves (as RealNVP's masks
+    do); a random rotation instead, Glow's init, measured 5 to 15 nats worse held-out on 64-D digits and 30-D
+    breast-cancer data (``benchmarks/tabular.py``).
 
     API (:class:`~fastflow.models.FlowModel`): ``log_prob(x, context=None)`` (``x`` ``(B, features)``, ``context``
     ``(B, context)`` or ``(B, ...)`` with ``context`` elements per row), ``sample(n, context=None)`` and the
@@ -42,7 +46,11 @@ class TabularFlow(FlowModel):
         _positive_int("hidden", hidden, 1)
         config = dict(features=features, context=context, transforms=transforms, hidden=hidden, reversible=reversible)
         steps = [
-            FlowStep(features, hidden, scale="exp", context_features=context, vectors=True) for _ in range(transforms)
-        ]
+            FlowStep(
+                features, hidden, scale="exp", context_features=context, vectors=True,
+                invconv_init="identity" if i == 0 else "reverse",
+            )
+            for i in range(transforms)
+        ]  # fmt: skip
         prior = GaussianPrior((features,), learned=False)
         super().__init__([FlowSequential(*steps)], [], prior, (features,), None, config)

@@ -7,7 +7,7 @@ from typing import Literal
 from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling
 from fastflow.nn.coupling_network import Subnet
-from fastflow.nn.invconv import InvConv1x1
+from fastflow.nn.invconv import InvConv1x1, InvConvInit
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.spline_coupling import SplineCoupling
 from fastflow.ops.coupling import ScaleKind
@@ -21,7 +21,7 @@ class FlowStep(FlowSequential):
     """``ActNorm -> InvConv1x1 (LU or plain) -> affine, additive or spline coupling`` on ``num_channels`` channels of
     ``(B, C, H, W)``, or on ``(B, D)`` vectors with ``vectors=True`` (the 1x1 convolution is then an invertible
     linear map). ``subnet``, ``context_features`` and ``vectors`` go to the coupling (:class:`AffineCoupling`),
-    which alone sees the ``context``.
+    which alone sees the ``context``; ``invconv_init`` is the 1x1 convolution's ``init``.
 
     A :class:`FlowSequential` of those three layers and nothing more: the chain runs ActNorm and the 1x1
     convolution as one op (:class:`~fastflow.nn.actnorm_invconv.ActNormInvConv`, ActNorm folded into the mixing
@@ -40,6 +40,7 @@ class FlowStep(FlowSequential):
         subnet: Subnet | None = None,
         context_features: int = 0,
         vectors: bool = False,
+        invconv_init: InvConvInit = "rotation",
     ) -> None:
         options = dict(subnet=subnet, context_features=context_features, vectors=vectors)
         coupling_layer: AffineCoupling | AdditiveCoupling | SplineCoupling
@@ -51,7 +52,7 @@ class FlowStep(FlowSequential):
             coupling_layer = SplineCoupling(num_channels, hidden, **options)
         else:
             raise ValueError(f"coupling must be 'affine', 'additive' or 'spline', got {coupling!r}")
-        super().__init__(ActNorm(num_channels), InvConv1x1(num_channels, lu=lu), coupling_layer)
+        super().__init__(ActNorm(num_channels), InvConv1x1(num_channels, lu=lu, init=invconv_init), coupling_layer)
 
     @property
     def actnorm(self) -> ActNorm:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -14,7 +14,9 @@ from fastflow.ops.channel_mix import channel_mix
 from fastflow.ops.invconv import dense_inverse_weight, lu_inverse_weight, lu_weight_and_logdet
 
 __all__ = [
+    "INVCONV_INITS",
     "InvConv1x1",
+    "InvConvInit",
     "InvertibleLinear",
     "exact_dtype",
     "packed_lu_state",
@@ -29,9 +31,17 @@ def exact_dtype(x: torch.Tensor) -> torch.autocast:
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
-def _random_rotation(num_channels: int) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(num_channels, num_channels))
-    return q
+InvConvInit = Literal["rotation", "identity", "reverse"]
+INVCONV_INITS: tuple[InvConvInit, ...] = ("rotation", "identity", "reverse")
+
+
+def _initial_weight(num_channels: int, init: str) -> torch.Tensor:
+    """A random rotation (Glow's), the identity, or the permutation that reverses the channel order."""
+    if init == "rotation":
+        q, _ = torch.linalg.qr(torch.randn(num_channels, num_channels))
+        return q
+    eye = torch.eye(num_channels)
+    return eye if init == "identity" else eye.flip(0)
 
 
 class InvConv1x1(FlowLayer):
@@ -42,17 +52,20 @@ class InvConv1x1(FlowLayer):
     buffers, parameters ``lu_packed`` (``C x C``: L's strict lower part below the diagonal, U's strict upper
     part above it, the diagonal unused) and ``log_s``; log-det ``H * W * sum(log_s)`` and the inverse from
     triangular solves. ``lu=False`` stores ``weight`` and uses ``slogdet``/``inverse`` (the reference
-    parameterisation). Both start from a random rotation. State dicts of the earlier two-matrix form
-    (``lower``, ``upper``) load into ``lu_packed``.
+    parameterisation). ``init``: both start from a random rotation (``"rotation"``, Glow's), the identity or the
+    reversal of the channel order (``"reverse"``; in LU form ``perm`` is then the reversal and ``L = U = I``).
+    State dicts of the earlier two-matrix form (``lower``, ``upper``) load into ``lu_packed``.
     """
 
-    def __init__(self, num_channels: int, lu: bool = True) -> None:
+    def __init__(self, num_channels: int, lu: bool = True, *, init: InvConvInit = "rotation") -> None:
         super().__init__()
         if num_channels < 1:
             raise ValueError(f"num_channels must be >= 1, got {num_channels}")
+        if init not in INVCONV_INITS:
+            raise ValueError(f"init must be one of {INVCONV_INITS}, got {init!r}")
         self.num_channels = num_channels
         self.lu = lu
-        w0 = _random_rotation(num_channels)
+        w0 = _initial_weight(num_channels, init)
         if lu:
             p, lower, upper = torch.linalg.lu(w0)
             diag = torch.diagonal(upper)
@@ -125,12 +138,13 @@ def packed_lu_state(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 class InvertibleLinear(InvConv1x1):
     """``y = W x`` on vectors ``(B, features)`` with an invertible ``features x features`` weight: the vector twin
-    of :class:`InvConv1x1` (the same parameters, op and O(D) log-det ``sum(log_s)`` in the LU form)."""
+    of :class:`InvConv1x1` (the same parameters, ``init`` options, op and O(D) log-det ``sum(log_s)`` in the LU
+    form)."""
 
-    def __init__(self, features: int, lu: bool = True) -> None:
+    def __init__(self, features: int, lu: bool = True, *, init: InvConvInit = "rotation") -> None:
         if features < 1:
             raise ValueError(f"features must be >= 1, got {features}")
-        super().__init__(features, lu=lu)
+        super().__init__(features, lu=lu, init=init)
 
 
 def stack_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from fastflow.examples.toy_data import two_moons
 from fastflow.models import NSF, FlowModel
-from fastflow.nn import MaskedAutoregressiveSpline, SplineCoupling
+from fastflow.nn import InvertibleLinear, MaskedAutoregressiveSpline, SplineCoupling
 from tests.helpers import (
     assert_conditional_objective_compiles_whole,
     assert_vector_log_prob_is_the_change_of_variables,
@@ -43,6 +43,8 @@ def test_signature_and_structure():
     assert isinstance(coupling, FlowModel)
     assert sum(isinstance(m, SplineCoupling) for m in coupling.modules()) == 3
     assert sum(isinstance(m, MaskedAutoregressiveSpline) for m in autoregressive.modules()) == 3
+    linears = [m.weight_and_logdet()[0] for m in coupling.modules() if isinstance(m, InvertibleLinear)]
+    assert len(linears) == 3 and all(torch.equal(w, torch.eye(4)) for w in linears)
     assert coupling.config == dict(
         features=4, context=0, transforms=3, bins=8, hidden=64, bound=3.0, autoregressive=False, reversible=False
     )

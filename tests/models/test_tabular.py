@@ -37,6 +37,15 @@ def test_signature_is_the_public_contract():
     assert isinstance(TabularFlow(2), FlowModel)
 
 
+def test_linear_maps_start_as_the_identity_then_reversals():
+    """So the couplings start on the data's own coordinates, alternating halves (a random rotation measured worse)."""
+    model = TabularFlow(4, transforms=3)
+    weights = [step.layers[1].weight_and_logdet()[0] for step in model.blocks[0].layers]
+    eye = torch.eye(4)
+    for weight, want in zip(weights, [eye, eye.flip(0), eye.flip(0)], strict=True):
+        torch.testing.assert_close(weight, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("context", [0, 2])
 def test_log_prob_is_the_change_of_variables_with_the_brute_force_logdet(context):
     model = _model(3, context)

@@ -145,6 +145,18 @@ def _two_matrix_state(layer: InvConv1x1) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.mark.parametrize("lu", [True, False])
+def test_invconv_starts_at_the_identity_or_the_reversal_when_asked(lu):
+    eye = torch.eye(5)
+    for init, want in (("identity", eye), ("reverse", eye.flip(0))):
+        weight, logdet = InvConv1x1(5, lu=lu, init=init).weight_and_logdet()
+        torch.testing.assert_close(weight, want, rtol=0, atol=0)
+        torch.testing.assert_close(logdet, torch.tensor(0.0), rtol=0, atol=1e-7)
+    rotation = InvConv1x1(5, lu=lu).weight_and_logdet()[0]
+    torch.testing.assert_close(rotation @ rotation.T, eye, rtol=0, atol=1e-5)
+    assert not torch.allclose(rotation.abs(), eye, atol=0.1)
+
+
 def test_lu_invconv_loads_the_earlier_two_matrix_state_dict():
     layer = InvConv1x1(5, lu=True)
     perturb_parameters(layer)
@@ -264,6 +276,7 @@ def test_bad_inputs_raise_clear_errors(make, bad, error, match):
         (lambda: AffineCoupling(4, hidden=8, mask="stripes"), "mask must be"),
         (lambda: FlowStep(4, hidden=8, coupling="quadratic"), "coupling must be"),
         (lambda: ActNorm(0), "num_channels must be >= 1"),
+        (lambda: InvConv1x1(4, init="orthogonal"), "init must be one of"),
         (lambda: FlowSequential(torch.nn.ReLU()), "not invertible"),
     ],
 )
