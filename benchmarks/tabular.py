@@ -30,6 +30,10 @@ as its context) against one unconditional TabularFlow per ``theta`` (``batch`` p
 steps. ``gap_vs_per_condition`` is ``(nll_conditional - nll_per_condition) / |nll_per_condition|``; the target is
 ``<= 0.05`` (``target_met``).
 
+Seed rows (``moons, seeds``): ``fastflow`` and ``zuko_realnvp`` on two moons trained from each of
+:data:`SPREAD_SEEDS` (model initialisation and batches): the mean held-out NLL and each seed's, the spread a
+one-seed difference should be read against.
+
 A model whose training stops on an error (a non-finite loss) gets its error in the row instead of numbers.
 """
 
@@ -54,6 +58,7 @@ __all__ = [
     "MATCHED",
     "THETAS",
     "conditional_rows",
+    "seed_spread_rows",
     "simulate",
     "tabular_datasets",
     "tabular_rows",
@@ -70,6 +75,8 @@ SETTINGS = {
 VALIDATIONS = 20  # validation passes over a run (model selection against over-fitting the small sets)
 WARMUP_STEPS = 5  # not timed: allocator and thread pools, ActNorm's data-dependent initialisation
 THETAS = (-1.0, -0.5, 0.5, 1.0)
+SPREAD_SEEDS = (0, 1, 2, 3, 4)
+"""Model seeds of :func:`seed_spread_rows` (full runs; quick runs take the first two)."""
 SIMULATOR_NOISE = 0.25
 Loss = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -236,6 +243,50 @@ def _train_round_robin(
     return done
 
 
+def _trained(
+    libraries: tuple[str, ...],
+    data: tuple[torch.Tensor, torch.Tensor],
+    setting: dict[str, Any],
+    seed: int,
+    budget: Budget,
+) -> tuple[dict[str, _Trainee], int]:
+    """``libraries``' models built after ``torch.manual_seed(seed)`` and trained round-robin on ``data``
+    (training and validation splits) with batches drawn from ``seed``; and the steps run."""
+    train, validation = data
+    torch.manual_seed(seed)
+    trainees = {lib: _trainee(lib, train.shape[1], 0, setting["steps"]) for lib in libraries}
+    return trainees, _train_round_robin(trainees, train, setting["steps"], setting["batch"], seed, budget, validation)
+
+
+def seed_spread_rows(quick: bool, budget: Budget | None = None) -> list[dict[str, Any]]:
+    """Two moons, ``fastflow`` and ``zuko_realnvp`` trained from each of :data:`SPREAD_SEEDS` (model
+    initialisation and batches; the data split of seed 0): per library the mean held-out NLL and each seed's.
+    One seed's gap between two models is only meaningful against this spread."""
+    budget = budget or Budget()
+    setting = SETTINGS["quick" if quick else "full"]
+    train, validation, test = tabular_datasets(0)["moons"]
+    nlls: dict[str, list[float]] = {"fastflow": [], "zuko_realnvp": []}
+    for seed in SPREAD_SEEDS[:2] if quick else SPREAD_SEEDS:
+        if budget.expired():
+            break
+        trainees, _ = _trained(tuple(nlls), (train, validation), setting, seed, budget)
+        for library, trainee in trainees.items():
+            if trainee.error is None:
+                trainee.restore_best()
+                nlls[library].append(trainee.heldout_nll(test))
+    base = {"dataset": "moons, seeds", "features": 2, "batch": setting["batch"], **MATCHED, "steps": setting["steps"]}
+    return [
+        {
+            **base,
+            "library": library,
+            "seeds": len(values),
+            "heldout_nll": statistics.fmean(values) if values else math.nan,
+            "heldout_nll_per_seed": " ".join(f"{v:.3f}" for v in values),
+        }
+        for library, values in nlls.items()
+    ]
+
+
 def unconditional_rows(quick: bool, budget: Budget | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """One row per dataset and library: ``heldout_nll``, ``ms_per_step``, ``time_vs_zuko_realnvp``, ``params``."""
     budget = budget or Budget()
@@ -247,9 +298,7 @@ def unconditional_rows(quick: bool, budget: Budget | None = None, seed: int = 0)
         if budget.expired():
             rows += [{**base, "library": lib, **SKIPPED} for lib in setting["libraries"]]
             continue
-        torch.manual_seed(seed)
-        trainees = {lib: _trainee(lib, train.shape[1], 0, setting["steps"]) for lib in setting["libraries"]}
-        steps = _train_round_robin(trainees, train, setting["steps"], setting["batch"], seed, budget, validation)
+        trainees, steps = _trained(setting["libraries"], (train, validation), setting, seed, budget)
         reference = statistics.median(trainees["zuko_realnvp"].times_ms[WARMUP_STEPS:] or [math.nan])
         for library, trainee in trainees.items():
             row = {**base, "library": library, "params": trainee.params(), "steps": steps}
@@ -321,6 +370,6 @@ def conditional_rows(quick: bool, budget: Budget | None = None, seed: int = 0) -
 
 
 def tabular_rows(quick: bool, budget: Budget | None = None) -> list[dict[str, Any]]:
-    """The ``tabular`` case: :func:`unconditional_rows`, then :func:`conditional_rows`."""
+    """The ``tabular`` case: :func:`unconditional_rows`, :func:`conditional_rows`, then :func:`seed_spread_rows`."""
     budget = budget or Budget()
-    return unconditional_rows(quick, budget) + conditional_rows(quick, budget)
+    return unconditional_rows(quick, budget) + conditional_rows(quick, budget) + seed_spread_rows(quick, budget)

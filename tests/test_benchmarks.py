@@ -261,6 +261,12 @@ def test_tabular_case_rows_and_time_box(monkeypatch):
 
     monkeypatch.setitem(tabular.SETTINGS, "quick", {"steps": 3, "batch": 32, "libraries": ("fastflow", "zuko_realnvp")})
     rows = tabular.tabular_rows(quick=True)
+    spread = [r for r in rows if r["dataset"] == "moons, seeds"]
+    assert [(r["library"], r["seeds"]) for r in spread] == [("fastflow", 2), ("zuko_realnvp", 2)]
+    for r in spread:
+        per_seed = [float(v) for v in r["heldout_nll_per_seed"].split()]
+        assert len(per_seed) == 2 and r["heldout_nll"] == pytest.approx(sum(per_seed) / 2, abs=1e-3)
+    rows = [r for r in rows if r not in spread]
     unconditional = [r for r in rows if not r["dataset"].startswith("simulator")]
     assert {(r["dataset"], r["library"]) for r in unconditional} == {
         (d, lib) for d in ("moons", "digits", "breast_cancer") for lib in ("fastflow", "zuko_realnvp")
