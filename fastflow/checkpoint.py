@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fastflow.models import NICE, NSF, FlowModel, Glow, Jet, RealNVP, TabularFlow
-from fastflow.nn.invconv import packed_lu_state
+from fastflow.nn.state_upgrade import upgraded_state_dict
 
 __all__ = [
     "CONFIG_NAME",
@@ -150,7 +150,7 @@ def _load_weights(model: FlowModel, state_dict: Any, source: str) -> None:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
     ):
         raise ValueError(f"{source}: the weights are not a mapping of parameter names to tensors")
-    state_dict = packed_lu_state(state_dict)  # weights saved before the LU factors were packed load too
+    state_dict = upgraded_state_dict(state_dict)  # weights saved in earlier layouts load too
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]

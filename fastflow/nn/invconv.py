@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fastflow.nn.base import FlowLayer, as_pixels, check_features
+from fastflow.nn.state_upgrade import pack_lu_factors
 from fastflow.ops._checks import logdet_dtype
 from fastflow.ops.channel_mix import channel_mix
 from fastflow.ops.invconv import dense_inverse_weight, lu_inverse_weight, lu_weight_and_logdet
@@ -19,7 +20,6 @@ __all__ = [
     "InvConvInit",
     "InvertibleLinear",
     "exact_dtype",
-    "packed_lu_state",
     "stack_tensors",
     "stacked_weights",
     "unstack_tensor",
@@ -77,9 +77,9 @@ class InvConv1x1(FlowLayer):
             self.weight = nn.Parameter(w0)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Loads the earlier two-matrix form too (:func:`packed_lu_state`)."""
+        """Loads the earlier two-matrix form too (:func:`~fastflow.nn.state_upgrade.pack_lu_factors`)."""
         if self.lu:
-            _pack_lu_entries(state_dict, prefix)
+            pack_lu_factors(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def weight_and_logdet(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,24 +116,6 @@ class InvConv1x1(FlowLayer):
         with exact_dtype(y):
             x = channel_mix(pixels, self.inverse_weight()).view_as(y)
             return x, -self._layer_logdet(self.weight_logdet(), pixels)
-
-
-def _pack_lu_entries(state_dict: dict[str, Any], prefix: str) -> None:
-    lower, upper, packed = prefix + "lower", prefix + "upper", prefix + "lu_packed"
-    if lower in state_dict and upper in state_dict and packed not in state_dict:
-        state_dict[packed] = torch.tril(state_dict.pop(lower), -1) + torch.triu(state_dict.pop(upper), 1)
-
-
-def packed_lu_state(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``state_dict`` in which every LU 1x1 convolution saved in the earlier two-matrix form
-    (``<prefix>lower`` and ``<prefix>upper`` beside ``<prefix>log_s``) has them packed into ``<prefix>lu_packed``
-    (the strict lower part of the first and the strict upper part of the second); other entries unchanged."""
-    packed = dict(state_dict)
-    for key in state_dict:
-        prefix = key[: -len("lower")]
-        if key.endswith("lower") and prefix + "log_s" in state_dict:
-            _pack_lu_entries(packed, prefix)
-    return packed
 
 
 class InvertibleLinear(InvConv1x1):

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from fastflow.nn.base import FlowLayer
+from fastflow.nn.state_upgrade import drop_inverse_order
 from fastflow.nn.vit import ViTConditioner
 from fastflow.ops.coupling import affine_coupling, affine_coupling_backward_from_output, affine_coupling_inverse
 
@@ -96,7 +97,6 @@ class TokenCoupling(FlowLayer):
         self.dim = 2 if split == "channel" else 1  # the dim of (B, N, F) that is split
         self.conditioning = conditioning
         self.register_buffer("order", order)
-        self.register_buffer("inverse_order", torch.argsort(order))
         self.net = ViTConditioner(net_in, net_out, net_tokens, width, depth, heads, context_features)
 
     @property
@@ -127,6 +127,11 @@ class TokenCoupling(FlowLayer):
                 f"{self.context_features}), got {tuple(context.shape)}"
             )
         return context.to(x.dtype)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Loads state dicts that still hold the earlier ``inverse_order`` buffer (dropped)."""
+        drop_inverse_order(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _halves(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The conditioning and transformed parts of ``t`` ``(B, N, F)``, gathered by the fixed permutation (two
@@ -198,7 +203,7 @@ class TokenCoupling(FlowLayer):
             x_b, grad_x_b, grad_shift, grad_raw = affine_coupling_backward_from_output(
                 self._op_view(y_b), shift, raw, self._op_view(grad_y_b), grad_logdet, _SCALE
             )
-        del y_b, grad_y_b, shift, raw
+        del y_b, grad_y_b
         grad_out = torch.cat([self._op_view(grad_shift), self._op_view(grad_raw)], dim=-1)
         del grad_shift, grad_raw  # only their concatenation is kept through the conditioner's backward
         torch.autograd.backward([out], [grad_out], inputs=[a, *inputs])

@@ -10,6 +10,7 @@ import torch
 
 import fastflow
 from fastflow.backend import interpreter_enabled, triton_available
+from fastflow.checkpoint import load_checkpoint, save_checkpoint
 from fastflow.models import Jet
 from fastflow.nn.patchify import Patchify, patchify, unpatchify
 from fastflow.nn.token_coupling import TokenCoupling
@@ -213,6 +214,25 @@ def test_checkpoint_round_trip(tmp_path) -> None:
     assert loaded.config == model.config
     x, c = _x(model).float(), _context(2, 2).float()
     torch.testing.assert_close(loaded.log_prob(x, c), model.log_prob(x, c), atol=0, rtol=0)
+
+
+def test_state_dicts_with_the_earlier_inverse_order_buffer_load(tmp_path) -> None:
+    """Jets saved when each token coupling also stored ``inverse_order``, through a checkpoint and directly."""
+    model = _jet(seed=5).float()
+    old = dict(model.state_dict())
+    for key in [k for k in old if k.endswith(".order")]:
+        old[key.removesuffix("order") + "inverse_order"] = torch.argsort(old[key])
+    fresh = _jet(seed=6).float()
+    fresh.load_state_dict(old)
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, model)
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"] = old
+    torch.save(payload, path)
+    loaded, _ = load_checkpoint(path)
+    x = _x(model).float()
+    for other in (fresh, loaded):
+        torch.testing.assert_close(other.log_prob(x), model.log_prob(x), atol=0, rtol=0)
 
 
 def test_vit_conditioner_shapes_and_zero_head() -> None:
