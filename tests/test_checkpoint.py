@@ -44,7 +44,8 @@ def test_round_trip_restores_outputs_and_optimizer(tmp_path):
 
 
 def test_weights_saved_with_two_lu_matrices_load(tmp_path):
-    """A checkpoint written before the LU factors were packed (``lower`` and ``upper`` per 1x1 convolution)."""
+    """A checkpoint written before the LU factors were packed (``lower``, ``upper`` and ``log_s`` per 1x1
+    convolution)."""
     model = _trained_glow()
     path = tmp_path / "old.pt"
     save_checkpoint(path, model)
@@ -54,6 +55,7 @@ def test_weights_saved_with_two_lu_matrices_load(tmp_path):
         if key.endswith("lu_packed"):
             prefix = key[: -len("lu_packed")]
             old[prefix + "lower"], old[prefix + "upper"] = torch.tril(value, -1), torch.triu(value, 1)
+            old[prefix + "log_s"] = torch.diagonal(value).clone()
         else:
             old[key] = value
     assert any(key.endswith("lower") for key in old)

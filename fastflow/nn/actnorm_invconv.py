@@ -35,9 +35,10 @@ class MixWeights(NamedTuple):
 
 class ActNormInvConv:
     """``ActNorm`` then ``InvConv1x1`` of the same width, run as one op
-    (:func:`~fastflow.ops.actnorm_invconv.actnorm_invconv`): on the Triton backends ActNorm is folded into the
-    mixing weight, ``y = W diag(exp(logs)) (x + bias)`` in one pass over memory; on the eager backend it is
-    ActNorm then the convolution. Log-det ``H * W * (sum(logs) + log|det W|)``, negated by :meth:`inverse`.
+    (:func:`~fastflow.ops.actnorm_invconv.actnorm_invconv`): on the Triton backends (and for vectors on every
+    backend) ActNorm is folded into the mixing weight, ``y = W diag(exp(logs)) (x + bias)`` in one pass over
+    memory; on images on the eager backend it is ActNorm then the convolution. Log-det
+    ``H * W * (sum(logs) + log|det W|)``, negated by :meth:`inverse`.
 
     Not a module: a view of two layers a container holds (their parameters, ``state_dict`` and outputs are
     theirs), made by :func:`chain_units` each time the container runs. The flow-layer contract

@@ -25,8 +25,8 @@ class FlowStep(FlowSequential):
 
     A :class:`FlowSequential` of those three layers and nothing more: the chain runs ActNorm and the 1x1
     convolution as one op (:class:`~fastflow.nn.actnorm_invconv.ActNormInvConv`, ActNorm folded into the mixing
-    weight on the Triton backends), and a chain of steps (a Glow level) computes the ``C x C`` weights of all
-    its steps at once, as it would for the same layers in a chain built by hand.
+    weight on the Triton backends and for vectors), and a chain of steps (a Glow level) computes the ``C x C``
+    weights of all its steps at once, as it would for the same layers in a chain built by hand.
     """
 
     def __init__(

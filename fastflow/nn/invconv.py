@@ -48,13 +48,14 @@ class InvConv1x1(FlowLayer):
     """Per-pixel channel mix ``y = W x`` with an invertible ``C x C`` weight, on ``(B, C, H, W)``, or ``y = W x``
     on vectors ``(B, C)`` (the same op on ``(B, C, 1, 1)``, log-det ``log|det W|``).
 
-    ``lu=True`` stores ``W = P @ L @ (U + diag(sign_s * exp(log_s)))``: fixed ``perm`` (P) and ``sign_s``
-    buffers, parameters ``lu_packed`` (``C x C``: L's strict lower part below the diagonal, U's strict upper
-    part above it, the diagonal unused) and ``log_s``; log-det ``H * W * sum(log_s)`` and the inverse from
-    triangular solves. ``lu=False`` stores ``weight`` and uses ``slogdet``/``inverse`` (the reference
-    parameterisation). ``init``: both start from a random rotation (``"rotation"``, Glow's), the identity or the
-    reversal of the channel order (``"reverse"``; in LU form ``perm`` is then the reversal and ``L = U = I``).
-    State dicts of the earlier two-matrix form (``lower``, ``upper``) load into ``lu_packed``.
+    ``lu=True`` stores ``W = P @ L @ (U + diag(sign_s * exp(log_s)))``: fixed ``perm`` (P) and ``sign_s`` buffers
+    and one parameter, ``lu_packed`` (``C x C``: L's strict lower part below the diagonal, U's strict upper part
+    above it, ``log_s`` on the diagonal, as LAPACK packs an LU factorisation; :attr:`log_s` is a view of that
+    diagonal); log-det ``H * W * sum(log_s)`` and the inverse from triangular solves. ``lu=False`` stores ``weight``
+    and uses ``slogdet``/``inverse`` (the reference parameterisation). ``init``: both start from a random rotation
+    (``"rotation"``, Glow's), the identity or the reversal of the channel order (``"reverse"``; in LU form ``perm``
+    is then the reversal and ``L = U = I``). State dicts of the earlier forms (``lower`` and ``upper``, or
+    ``lu_packed`` beside a separate ``log_s``) load into ``lu_packed``.
     """
 
     def __init__(self, num_channels: int, lu: bool = True, *, init: InvConvInit = "rotation") -> None:
@@ -71,13 +72,20 @@ class InvConv1x1(FlowLayer):
             diag = torch.diagonal(upper)
             self.register_buffer("perm", p.argmax(dim=1))
             self.register_buffer("sign_s", torch.sign(diag))
-            self.lu_packed = nn.Parameter(torch.tril(lower, diagonal=-1) + torch.triu(upper, diagonal=1))
-            self.log_s = nn.Parameter(torch.log(diag.abs()))
+            packed = torch.tril(lower, diagonal=-1) + torch.triu(upper, diagonal=1) + torch.diag(torch.log(diag.abs()))
+            self.lu_packed = nn.Parameter(packed)
         else:
             self.weight = nn.Parameter(w0)
 
+    @property
+    def log_s(self) -> torch.Tensor:
+        """``log|diag(U)|`` (``(C,)``): a view of the diagonal of ``lu_packed`` (LU form only)."""
+        if not self.lu:
+            raise AttributeError("log_s: a plain (lu=False) InvConv1x1 has no LU factors")
+        return torch.diagonal(self.lu_packed)
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Loads the earlier two-matrix form too (:func:`~fastflow.nn.state_upgrade.pack_lu_factors`)."""
+        """Loads the earlier LU forms too (:func:`~fastflow.nn.state_upgrade.pack_lu_factors`)."""
         if self.lu:
             pack_lu_factors(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args)
@@ -150,8 +158,9 @@ def stacked_weights(convs: Sequence[InvConv1x1], inverse: bool = False) -> tuple
     if len({(conv.num_channels, conv.lu) for conv in convs}) != 1:
         raise ValueError("stacked_weights needs convolutions of one num_channels and lu setting")
     if convs[0].lu:
-        names = ("perm", "lu_packed", "sign_s", "log_s")
-        perm, packed, sign_s, log_s = (stack_tensors([getattr(conv, name) for conv in convs]) for name in names)
+        names = ("perm", "lu_packed", "sign_s")
+        perm, packed, sign_s = (stack_tensors([getattr(conv, name) for conv in convs]) for name in names)
+        log_s = torch.diagonal(packed, dim1=-2, dim2=-1)
         if inverse:
             return lu_inverse_weight(perm, packed, packed, sign_s, log_s), log_s.sum(-1)
         return lu_weight_and_logdet(perm, packed, packed, sign_s, log_s)

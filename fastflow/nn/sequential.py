@@ -25,14 +25,14 @@ class FlowSequential(FlowLayer):
     """``forward`` runs the layers in order and sums log-dets; ``inverse`` runs them in reverse. A ``context``
     reaches every layer (those that use none ignore it).
 
-    An :class:`~fastflow.nn.ActNorm` directly followed by an :class:`~fastflow.nn.InvConv1x1` of its width runs
-    as one op (:class:`~fastflow.nn.actnorm_invconv.ActNormInvConv`: on the Triton backends ActNorm is folded
-    into the 1x1 weight, one pass over memory), whoever built the chain. The parameter-only ``C x C`` work of
-    those pairs (the LU weight or its inverse, the log-det, the fold) runs once for all the pairs of the chain
-    and of the chains nested in it (a Glow level of :class:`~fastflow.nn.FlowStep`: one launch per operation,
-    not one per step): units that share such work define a static ``batched_weights(units, x, inverse)``
-    returning one entry per unit, and take theirs as ``forward(x, context, weights=...)`` /
-    ``inverse(y, context, weights=...)``, as the chain itself does for its parent.
+    An :class:`~fastflow.nn.ActNorm` directly followed by an :class:`~fastflow.nn.InvConv1x1` of its width runs as
+    one op (:class:`~fastflow.nn.actnorm_invconv.ActNormInvConv`: on the Triton backends, and for vectors, ActNorm
+    is folded into the 1x1 weight, one pass over memory), whoever built the chain. The parameter-only ``C x C`` work
+    of those pairs (the LU weight or its inverse, the log-det, the fold) runs once for all the pairs of the chain
+    and of the chains nested in it (a Glow level of :class:`~fastflow.nn.FlowStep`: one launch per operation, not
+    one per step): units that share such work define a static ``batched_weights(units, x, inverse)`` returning one
+    entry per unit, and take theirs as ``forward(x, context, weights=...)`` / ``inverse(y, context, weights=...)``,
+    as the chain itself does for its parent.
 
     ``reversible=True`` trains with memory-saving reversible backprop (:mod:`fastflow.nn.reversible`):
     only the chain's input and output are kept, each unit's input is rebuilt by its inverse during

@@ -16,8 +16,8 @@ path, whatever the TF32 flags say (:mod:`fastflow.ops.channel_mix`); ``b'`` is a
 products, not a matmul that TF32 could round.
 
 Dispatch: on the ``"eager"`` backend the two functions are their eager twins (ActNorm, then the conv: two
-passes); on ``"triton"`` / ``"interpret"`` they fold and run one fused channel mix
-(:func:`actnorm_is_folded`).
+passes), except on vectors, where the folded mix is one ``addmm``; on ``"triton"`` / ``"interpret"`` they fold
+and run one fused channel mix (:func:`actnorm_is_folded`).
 
 Batched fold: :func:`fold_actnorm` and :func:`fold_actnorm_inverse` take parameters with leading batch
 dimensions, so a level of ``K`` flow steps folds its ``K`` pairs in one launch per operation and hands each
@@ -61,9 +61,12 @@ class FoldedMix(NamedTuple):
 
 
 def actnorm_is_folded(x: torch.Tensor) -> bool:
-    """Whether :func:`actnorm_invconv` and its inverse fold ActNorm into the weight for input ``x`` (the
-    Triton backends) rather than run their eager twins: a caller batching the fold does it only then."""
-    return resolve_backend(x) != "eager"
+    """Whether :func:`actnorm_invconv` and its inverse fold ActNorm into the weight for input ``x`` rather than
+    run their eager twins: on the Triton backends, and for vectors (``(B, C)``, or ``(B, C, 1, 1)`` pixels) on
+    every backend, where the folded mix is one ``addmm`` in place of ActNorm's elementwise passes and a matmul.
+    A caller batching the fold does it only then."""
+    vectors = x.dim() == 2 or (x.dim() == 4 and x.shape[2] * x.shape[3] == 1)
+    return vectors or resolve_backend(x) != "eager"
 
 
 def _logdet_per_pixel(logs: torch.Tensor, weight_logdet: torch.Tensor) -> torch.Tensor:
@@ -147,7 +150,7 @@ def actnorm_invconv(
     Equals ActNorm then the 1x1 convolution (:func:`actnorm_invconv_ref`). ``y`` has ``x``'s dtype and
     layout; ``logdet`` is ``(B,)`` float32 (float64 for float64 ``x``). ``folded``, where given, is
     :func:`fold_actnorm` of these parameters, done by the caller (batched over a level's steps): the op then
-    skips its own fold. The eager backend does not fold and ignores it.
+    skips its own fold. Where the op does not fold (:func:`actnorm_is_folded`) it ignores it.
     """
     _check_args("x", x, bias, logs, "weight", weight, weight_logdet)
     if not actnorm_is_folded(x):

@@ -6,7 +6,7 @@ permutation, ``L`` unit lower triangular, ``U`` strictly upper triangular. Then
 no ``slogdet`` or ``inverse`` of ``W``. Log-det of the layer per sample: ``H * W * log|det W|``.
 ``perm`` is an index vector with ``P[i, perm[i]] = 1``, so ``P @ A = A[perm]`` and ``A @ P^T = A[:, perm]``.
 Only the strict lower part of ``lower`` and the strict upper part of ``upper`` are read, so both may be one
-packed matrix (as :class:`~fastflow.nn.InvConv1x1` stores them).
+packed matrix whose diagonal holds ``log_s`` (as :class:`~fastflow.nn.InvConv1x1` stores them).
 
 Batched: every function takes factors with leading batch dimensions (``lower`` ``(..., C, C)``, ``perm``
 and ``log_s`` ``(..., C)``) and answers for each matrix of the batch at once, so a level of ``K`` flow steps

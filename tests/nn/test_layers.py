@@ -135,13 +135,24 @@ def test_lu_invconv_logdet_is_sum_of_log_s_times_pixels():
 
 
 def _two_matrix_state(layer: InvConv1x1) -> dict[str, torch.Tensor]:
-    """``layer``'s state dict in the earlier LU form: L's strict lower part and U's strict upper part as two
-    ``C x C`` parameters, their unused triangles holding arbitrary values (which must be ignored)."""
+    """``layer``'s state dict in the first LU form: L's strict lower part and U's strict upper part as two
+    ``C x C`` parameters, their unused triangles holding arbitrary values (which must be ignored), and ``log_s``."""
     state = dict(layer.state_dict())
     packed = state.pop("lu_packed")
     noise = torch.randn_like(packed)
     state["lower"] = torch.tril(packed, -1) + torch.triu(noise)
     state["upper"] = torch.triu(packed, 1) + torch.tril(noise)
+    state["log_s"] = torch.diagonal(packed).clone()
+    return state
+
+
+def _separate_log_s_state(layer: InvConv1x1) -> dict[str, torch.Tensor]:
+    """``layer``'s state dict in the second LU form: ``lu_packed`` with an unused (arbitrary) diagonal beside a
+    separate ``log_s``."""
+    state = dict(layer.state_dict())
+    packed = state["lu_packed"]
+    state["log_s"] = torch.diagonal(packed).clone()
+    state["lu_packed"] = packed - torch.diag(torch.diagonal(packed)) + torch.diag(torch.randn(packed.shape[0]))
     return state
 
 
@@ -157,14 +168,24 @@ def test_invconv_starts_at_the_identity_or_the_reversal_when_asked(lu):
     assert not torch.allclose(rotation.abs(), eye, atol=0.1)
 
 
-def test_lu_invconv_loads_the_earlier_two_matrix_state_dict():
+@pytest.mark.parametrize("earlier", [_two_matrix_state, _separate_log_s_state])
+def test_lu_invconv_loads_the_earlier_state_dicts(earlier):
     layer = InvConv1x1(5, lu=True)
     perturb_parameters(layer)
     fresh = InvConv1x1(5, lu=True)
-    fresh.load_state_dict(_two_matrix_state(layer))
-    assert sorted(name for name, _ in fresh.named_parameters()) == ["log_s", "lu_packed"]
-    torch.testing.assert_close(fresh.weight_and_logdet()[0], layer.weight_and_logdet()[0], rtol=0, atol=0)
+    fresh.load_state_dict(earlier(layer))
+    assert [name for name, _ in fresh.named_parameters()] == ["lu_packed"]
+    for got, want in zip(fresh.weight_and_logdet(), layer.weight_and_logdet()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(fresh.inverse_weight(), layer.inverse_weight(), rtol=0, atol=0)
+
+
+def test_lu_invconv_log_s_is_the_packed_diagonal_and_trains():
+    layer = InvConv1x1(4, lu=True)
+    assert layer.log_s.data_ptr() == layer.lu_packed.data_ptr()
+    torch.testing.assert_close(layer.log_s, torch.diagonal(layer.lu_packed), rtol=0, atol=0)
+    layer.weight_and_logdet()[1].backward()
+    torch.testing.assert_close(layer.lu_packed.grad, torch.eye(4), rtol=0, atol=0)  # d sum(log_s): the diagonal
 
 
 @pytest.mark.parametrize("lu", [True, False])
