@@ -283,15 +283,27 @@ def chain_backward_from_output(
     without a graph and the forward ones with one, hands the units detached leaves of the latter, and after the
     walk backpropagates the leaves' gradients through that graph to the parameters (one backward for the chain).
     Else ``weights`` is the chain's share of its parent's, whose gradients the parent takes on."""
+    return _walk(layers, [y, grad_y], grad_logdet, context, weights)
+
+
+def _walk(
+    layers: nn.ModuleList,
+    handed: list[torch.Tensor],
+    grad_logdet: torch.Tensor,
+    context: torch.Tensor | None,
+    weights: BackwardWeights | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`chain_backward_from_output` of ``handed = [y, grad_y]``, which it empties: no frame of the walk
+    keeps ``y`` past the unit it is the output of."""
     units = chain_units(layers)
     if weights is not None:
-        return _units_backward(units, y, grad_y, grad_logdet, context, weights)
+        return _units_backward(units, handed, grad_logdet, context, weights)
     with torch.no_grad():
-        inverse = shared_weights(units, y, inverse=True)
+        inverse = shared_weights(units, handed[0], inverse=True)
     with torch.enable_grad():
-        forward = shared_weights(units, y, inverse=False)
+        forward = shared_weights(units, handed[0], inverse=False)
     leaves = _as_leaves(forward)
-    x, grad_x = _units_backward(units, y, grad_y, grad_logdet, context, BackwardWeights(inverse, leaves))
+    x, grad_x = _units_backward(units, handed, grad_logdet, context, BackwardWeights(inverse, leaves))
     weight_leaves = zip(_weight_tensors(forward), _weight_tensors(leaves), strict=True)
     used = [(w, leaf.grad) for w, leaf in weight_leaves if leaf.grad is not None]
     if used:
@@ -301,17 +313,51 @@ def chain_backward_from_output(
 
 def _units_backward(
     units: list[Any],
-    y: torch.Tensor,
-    grad_y: torch.Tensor,
+    handed: list[torch.Tensor],
     grad_logdet: torch.Tensor,
     context: torch.Tensor | None,
     weights: BackwardWeights,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    y, grad_y = handed
+    handed.clear()
     for i in reversed(range(len(units))):
         inverse, forward = weights.inverse[i], weights.forward[i]
         unit_weights = None if inverse is None or forward is None else BackwardWeights(inverse, forward)
         y, grad_y = _layer_backward(units[i], y, grad_y, grad_logdet, context, unit_weights)
     return y, grad_y
+
+
+def _graph_retained() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``); True where torch cannot say."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if probe is None else bool(probe())
+
+
+class _HandedOutput:
+    """A reversible chain's output, handed from its forward to its backward outside ``save_for_backward``, so that
+    the walk can drop it once past the last unit (a model's final latent is then freed while the walk runs): a
+    detached alias (no reference back to the graph) and the version it had, checked as autograd checks saved
+    tensors. Kept for a later backward where the graph is retained (``retain_graph=True``)."""
+
+    def __init__(self, y: torch.Tensor) -> None:
+        self._y: torch.Tensor | None = y.detach()
+        self._version = y._version
+
+    def take(self) -> torch.Tensor:
+        y = self._y
+        if y is None:
+            raise RuntimeError(
+                "backward through a reversible chain a second time: the first backward freed its output; pass "
+                "retain_graph=True to the first one"
+            )
+        if y._version != self._version:
+            raise RuntimeError(
+                "the output of a reversible chain was modified by an in-place operation before its backward: the "
+                "walk would rebuild the inputs from the modified values"
+            )
+        if not _graph_retained():
+            self._y = None
+        return y
 
 
 class _ReversibleChain(torch.autograd.Function):
@@ -337,12 +383,14 @@ class _ReversibleChain(torch.autograd.Function):
         units = chain_units(layers)
         with torch.no_grad():
             y, total = run_units(units, x, context, shared_weights(units, x, inverse=False))
-        ctx.save_for_backward(x, y, context)
+        ctx.save_for_backward(x, context)
+        ctx.output = _HandedOutput(y)
         return y, total
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor, grad_logdet: torch.Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
-        x_in, y, context = ctx.saved_tensors
+        x_in, context = ctx.saved_tensors
+        y = ctx.output.take()
         if context is not None:  # a leaf that collects the context's gradient over the walk
             context = context.detach().requires_grad_(ctx.needs_input_grad[1])
         if grad_y is None:
@@ -360,8 +408,10 @@ class _ReversibleChain(torch.autograd.Function):
             autocast = torch.autocast(
                 ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast, cache_enabled=False
             )
+            handed = [y, grad_y]
+            del y  # the walk drops the chain's output after its last unit
             with autocast:
-                y, grad_y = chain_backward_from_output(ctx.layers, y, grad_y, grad_logdet, context)
+                y, grad_y = _walk(ctx.layers, handed, grad_logdet, context, None)
             if ctx.record is not None:
                 ctx.record.note(_relative_drift(y, x_in), ctx.tol)
             elif ctx.immediate:

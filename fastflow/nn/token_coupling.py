@@ -203,9 +203,15 @@ class TokenCoupling(FlowLayer):
             x_b, grad_x_b, grad_shift, grad_raw = affine_coupling_backward_from_output(
                 self._op_view(y_b), shift, raw, self._op_view(grad_y_b), grad_logdet, _SCALE
             )
-        del y_b, grad_y_b
-        grad_out = torch.cat([self._op_view(grad_shift), self._op_view(grad_raw)], dim=-1)
-        del grad_shift, grad_raw  # only their concatenation is kept through the conditioner's backward
+        del y_b, grad_y_b, shift, raw
+        # the gradient of (shift | raw) written over the conditioner's output, whose values its backward does not
+        # read (a linear head saves its input, not its output; a node that saved it would fail autograd's version
+        # check, not compute a wrong gradient): no third (B, N, 2F) buffer beside the ViT's activations
+        grad_out = out.detach()
+        features = grad_out.shape[-1] // 2
+        grad_out[..., :features].copy_(self._op_view(grad_shift))
+        grad_out[..., features:].copy_(self._op_view(grad_raw))
+        del grad_shift, grad_raw
         torch.autograd.backward([out], [grad_out], inputs=[a, *inputs])
         del grad_out, out  # before the whole x and grad_x are made
         grad_x = self._with_transformed(grad_y, self._op_view(grad_x_b))

@@ -209,6 +209,61 @@ def test_non_invertible_layer_is_rejected():
         FlowSequential(FlowStep(4, hidden=8), torch.nn.Conv2d(4, 4, 1), reversible=True)
 
 
+def _reversible_chain_and_input():
+    torch.manual_seed(0)
+    chain = FlowSequential(*[FlowStep(4, hidden=8) for _ in range(3)], reversible=True).double()
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    chain(x)  # ActNorm init
+    perturb_parameters(chain, 0.05)
+    return chain, x
+
+
+def test_the_walk_frees_the_chain_output_it_starts_from(monkeypatch):
+    """The chain's output is handed to its backward outside ``save_for_backward``: once the walk is past the
+    last unit, nothing keeps it."""
+    import weakref
+
+    import fastflow.nn.reversible as reversible
+
+    chain, x = _reversible_chain_and_input()
+    y, logdet = chain(x)
+    loss = y.square().sum() + logdet.sum()  # the square's backward keeps y: it runs before the chain's
+    storage = weakref.ref(y.untyped_storage())
+    del y
+    alive = []
+    layer_backward = reversible._layer_backward
+
+    def recording(*args, **kwargs):
+        alive.append(storage() is not None)
+        return layer_backward(*args, **kwargs)
+
+    monkeypatch.setattr(reversible, "_layer_backward", recording)
+    loss.backward()
+    # one call per FlowStep and one per unit inside it (coupling, ActNorm + 1x1): the last FlowStep, a nested chain,
+    # walks from the output it was handed; from the next FlowStep on, nothing keeps that output
+    assert alive == [True] * 3 + [False] * 6
+
+
+def test_second_backward_needs_retain_graph_and_in_place_output_change_raises():
+    chain, x = _reversible_chain_and_input()
+    y, logdet = chain(x)
+    loss = y.square().sum() + logdet.sum()
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in chain.parameters()]
+    chain.zero_grad()
+    loss.backward()  # the graph was retained: the output too
+    for g, g2 in zip(first, (p.grad for p in chain.parameters())):
+        torch.testing.assert_close(g2, g, rtol=1e-12, atol=0)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    y, logdet = chain(x)
+    loss = logdet.sum() + y.sum()
+    with torch.no_grad():
+        y.add_(1.0)
+    with pytest.raises(RuntimeError, match="in-place"):
+        loss.backward()
+
+
 def test_reversible_flag_keeps_the_state_dict():
     model = Glow(1, 4, levels=1, steps=2, hidden=8)
     keys = list(model.state_dict())
