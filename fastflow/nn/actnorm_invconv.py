@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -11,6 +11,7 @@ from torch import nn
 from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.base import as_pixels, check_features, run_layer
 from fastflow.nn.invconv import InvConv1x1, exact_dtype, stack_tensors, stacked_weights, unstack_tensor
+from fastflow.ops._checks import logdet_dtype
 from fastflow.ops.actnorm_invconv import (
     FoldedMix,
     actnorm_invconv,
@@ -19,6 +20,10 @@ from fastflow.ops.actnorm_invconv import (
     fold_actnorm,
     fold_actnorm_inverse,
 )
+from fastflow.ops.channel_mix import channel_mix, channel_mix_grads
+
+if TYPE_CHECKING:
+    from fastflow.nn.reversible import BackwardWeights
 
 __all__ = ["ActNormInvConv", "MixWeights", "chain_units", "run_units", "shared_weights"]
 
@@ -88,6 +93,60 @@ class ActNormInvConv:
                 as_pixels(y), actnorm.bias, actnorm.logs, weights.weight, weights.weight_logdet, weights.folded
             )
         return x.view_as(y), logdet
+
+    def backward_from_output(
+        self,
+        y: torch.Tensor,
+        grad_y: torch.Tensor,
+        grad_logdet: torch.Tensor,
+        context: torch.Tensor | None = None,
+        weights: BackwardWeights | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reversible backward from the output, ``(x, grad_x)``, in closed form (no recompute, no graph): the
+        mix ``y = M a + c`` per pixel (``M = W`` and ``a`` ActNorm's output on images on the eager backend;
+        ``M = W diag(exp(logs))``, ``c = M bias`` and ``a = x`` where ActNorm is folded) is undone with the
+        inverse weights, ``grad_a = M^T grad_y``, ``grad_M = sum grad_y a^T``, ``grad_c = sum grad_y``; unfolded,
+        ActNorm's ``grad_x = grad_a exp(logs)``, ``grad_bias = sum grad_x``, ``grad_logs = sum grad_a a``; and the
+        log-det ``H W (sum(logs) + log|det W|)`` adds ``H W sum_b grad_logdet`` to the gradients of ``logs`` and
+        ``log|det W|`` (of the folded log-det). ``weights``: the pair's share of its chain's
+        (:class:`~fastflow.nn.reversible.BackwardWeights`, whose forward leaves take their gradients), computed
+        here when None. Parameter gradients reach ``.grad`` through one ``torch.autograd.backward``."""
+        actnorm = self.actnorm
+        check_features("y", y, actnorm.num_channels)
+        if weights is None:
+            with torch.no_grad():
+                (inverse,) = self._compute_weights([self], y, inverse=True)
+            (forward,) = self._compute_weights([self], y, inverse=False)
+        else:
+            inverse, forward = weights.inverse, weights.forward
+        out, grad_out = as_pixels(y), as_pixels(grad_y)
+        logdet_grad = grad_logdet.to(logdet_dtype(y.dtype)).sum() * (out.shape[2] * out.shape[3])
+        with torch.no_grad(), exact_dtype(y):
+            if forward.folded is not None:
+                x = channel_mix(out, inverse.folded.weight, inverse.folded.bias)
+                grad_x, grad_weight, grad_bias = channel_mix_grads(grad_out, x, forward.folded.weight)
+                pairs = [
+                    (forward.folded.weight, grad_weight),
+                    (forward.folded.bias, grad_bias),
+                    (forward.folded.logdet, logdet_grad),
+                ]
+            else:
+                a = channel_mix(out, inverse.weight)
+                grad_a, grad_weight, _ = channel_mix_grads(grad_out, a, forward.weight)
+                scale = torch.exp(actnorm.logs).to(a.dtype)
+                grad_logs = (grad_a * a).sum((0, 2, 3), keepdim=True) + logdet_grad
+                x = a.mul_(torch.exp(-actnorm.logs).to(a.dtype)).sub_(actnorm.bias.to(a.dtype))
+                grad_x = grad_a.mul_(scale)
+                pairs = [
+                    (forward.weight, grad_weight),
+                    (forward.weight_logdet, logdet_grad),
+                    (actnorm.bias, grad_x.sum((0, 2, 3), keepdim=True)),
+                    (actnorm.logs, grad_logs),
+                ]
+        used = [(t, g.to(t.dtype).reshape(t.shape)) for t, g in pairs if t.requires_grad]
+        if used:
+            torch.autograd.backward([t for t, _ in used], [g for _, g in used])
+        return x.view_as(y), grad_x.view_as(y)
 
     @staticmethod
     def batched_weights(

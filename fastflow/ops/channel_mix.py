@@ -40,6 +40,7 @@ __all__ = [
     "KERNEL_MAX_CHANNELS",
     "KERNEL_MAX_CHANNELS_FLOAT32",
     "channel_mix",
+    "channel_mix_grads",
     "channel_mix_ref",
     "ieee_float32",
     "kernel_max_channels",
@@ -302,17 +303,21 @@ def _mix_backward(backward: Any) -> Any:
 def _direct_mix() -> Any:
     """The direct twin of ``fastflow::channel_mix`` (:func:`fastflow.ops._registration.direct_autograd`)."""
     forward = kernel_function("channel_mix", "channel_mix_forward")
-    backward = kernel_function("channel_mix", "channel_mix_backward")
 
     def mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return forward(x, weight, bias, _empty_pixels(x, weight.shape[0]))
 
-    def mix_grads(
-        grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return backward(grad_y, x, weight, _empty_pixels(x, x.shape[1]))
+    return direct_autograd(mix, _setup_context, _mix_backward(_direct_mix_grads))
 
-    return direct_autograd(mix, _setup_context, _mix_backward(mix_grads))
+
+_MIX_BACKWARD_KERNEL = kernel_function("channel_mix", "channel_mix_backward")
+
+
+def _direct_mix_grads(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The direct twin of ``fastflow::channel_mix_backward``."""
+    return _MIX_BACKWARD_KERNEL(grad_y, x, weight, _empty_pixels(x, x.shape[1]))
 
 
 _define_ops("fastflow", TRACEABLE)
@@ -346,6 +351,27 @@ def _fits_int32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a dense sample of ``x`` and of the output, with a tile of up to 1024 pixels of padding, is
     addressable with the kernels' int32 in-tile offsets (more than 2^31 elements per sample go to cuDNN)."""
     return max(weight.shape) * (x.shape[2] * x.shape[3] + 1024) < INT32_SAMPLE_LIMIT
+
+
+def channel_mix_grads(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_weight, grad_bias)`` of :func:`channel_mix` at ``(x, weight)`` for the upstream ``grad_y``,
+    without autograd (for a caller that has them in closed form, such as a reversible backward): the fused
+    backward op on the Triton backends (one pass), else an IEEE mix for ``grad_x``, one ``bmm`` for
+    ``grad_weight`` and a sum for ``grad_bias``. ``grad_x`` is in ``x``'s dtype; the other two in float32
+    (float64 for float64 ``x``) on the fused path and in ``x``'s dtype on the eager one."""
+    _check_args(x, weight, None)
+    want = (x.shape[0], weight.shape[0], *x.shape[2:])
+    if tuple(grad_y.shape) != want:
+        raise ValueError(f"grad_y must have shape {want}, got {tuple(grad_y.shape)}")
+    too_wide = max(weight.shape) > kernel_max_channels(x.dtype)
+    if resolve_backend(x) == "eager" or too_wide or not _fits_int32(x, weight):
+        grad_y = grad_y.to(x.dtype)
+        return channel_mix_ref(grad_y, weight.t()), _ieee_grad_weight(grad_y, x), grad_y.sum((0, 2, 3))
+    if use_library_op():
+        return torch.ops.fastflow.channel_mix_backward(grad_y, x, weight)
+    return _direct_mix_grads(grad_y, x, weight)
 
 
 def channel_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
