@@ -527,3 +527,21 @@ def test_cpu_eager_mix_is_the_plain_aten_op_and_equals_the_ieee_op():
                 assert "Direct" not in type(y.grad_fn).__name__, type(y.grad_fn).__name__
         for got, want in zip(*results):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["eager", "interpret"])
+@pytest.mark.parametrize("c_in, c_out", [(3, 3), (5, 7)])
+def test_channel_mix_grads_are_the_autograd_gradients(backend, c_in, c_out):
+    """``channel_mix_grads`` (closed form, no autograd) equals autograd's gradients of the mix, on both paths."""
+    torch.manual_seed(0)
+    x = torch.randn(2, c_in, 5, 3, dtype=torch.float64, requires_grad=True)
+    weight = _weight(c_out, c_in, torch.float64).requires_grad_(True)
+    bias = torch.randn(c_out, dtype=torch.float64, requires_grad=True)
+    grad_y = torch.randn(2, c_out, 5, 3, dtype=torch.float64)
+    with fastflow.backend(backend):
+        channel_mix(x, weight, bias).backward(grad_y)
+        got = ops.channel_mix_grads(grad_y, x.detach(), weight.detach())
+    for g, want in zip(got, (x.grad, weight.grad, bias.grad), strict=True):
+        torch.testing.assert_close(g, want, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="grad_y must have shape"):
+        ops.channel_mix_grads(grad_y[:, :1], x.detach(), weight.detach())
