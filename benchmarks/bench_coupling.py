@@ -7,8 +7,8 @@ network output, so every provider reads channel slices (batch stride ``2CHW``), 
 
 Bytes counted (``E`` = element size, per element of ``x_b``; see ``kernels/coupling.py``): forward 4E
 (read ``x, t, r``, write ``y``; additive 3E); forward+backward adds the fused backward, 6E for Glow (read
-``x, t, r, gy``, write ``gx, gr``; ``gt`` is ``gx``), 5E for RealNVP (``gt`` is ``gy``), 0 for additive (``gx`` and
-``gt`` are ``gy``: no kernel). GB/s is that count over the median
+``x, t, r, gy``, write ``gx, gr``; ``gt`` is ``gx``; Jet's ``"sigmoid2"`` the same), 5E for RealNVP (``gt`` is
+``gy``), 0 for additive (``gx`` and ``gt`` are ``gy``: no kernel). GB/s is that count over the median
 time for every provider (eager and compiled move more bytes than this minimum, so theirs is an effective
 rate), and ``pct_of_copy`` compares it with a measured device copy. Each provider's result is checked
 against float32 eager before it is timed; a mismatch raises instead of reporting.
@@ -29,9 +29,9 @@ from fastflow.ops.coupling import additive_coupling, affine_coupling
 __all__ = ["GLOW_SIZES", "KINDS", "run"]
 
 GLOW_SIZES = ((16, 48, 32, 32), (16, 48, 64, 64), (16, 48, 128, 128), (16, 48, 256, 256))
-KINDS = ("sigmoid", "exp", "additive")
-_FWD_BYTES = {"sigmoid": 4, "exp": 4, "additive": 3}
-_BWD_BYTES = {"sigmoid": 6, "exp": 5, "additive": 0}  # kernels/coupling.py's table
+KINDS = ("sigmoid", "exp", "additive", "sigmoid2")
+_FWD_BYTES = {"sigmoid": 4, "exp": 4, "additive": 3, "sigmoid2": 4}
+_BWD_BYTES = {"sigmoid": 6, "exp": 5, "additive": 0, "sigmoid2": 6}  # kernels/coupling.py's table
 # (atol, rtol) against float32 eager
 _TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 1e-2), torch.bfloat16: (1e-1, 2e-2)}
 _REPS = {True: 5, False: 20}  # CPU repeats for quick / full runs (CUDA uses do_bench's own)
