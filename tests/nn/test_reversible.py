@@ -403,3 +403,19 @@ def test_glow_level_batches_its_weights_once_per_direction(monkeypatch):
     assert calls[:3] == [(4, False, False), (4, True, False), (4, False, True)]
     assert calls[3:] == [(4, False, True)]  # the standard step
     torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=1e-9)
+
+
+def test_handed_output_is_kept_where_torch_cannot_say_whether_the_graph_is_retained(monkeypatch):
+    """On a torch without the keep-graph probe the walk keeps the chain's output (memory as before, never a
+    missing output); a backward that does not retain the graph releases it."""
+    import fastflow.nn.reversible as reversible
+
+    handed = reversible._HandedOutput(torch.ones(3))
+    monkeypatch.delattr(torch._C._autograd, "_get_current_graph_task_keep_graph", raising=False)
+    assert reversible._graph_retained()
+    handed.take()
+    assert handed.take() is not None  # kept
+    monkeypatch.setattr(reversible, "_graph_retained", lambda: False)
+    handed.take()
+    with pytest.raises(RuntimeError, match="second time"):
+        handed.take()
