@@ -208,9 +208,8 @@ class TokenCoupling(FlowLayer):
         # read (a linear head saves its input, not its output; a node that saved it would fail autograd's version
         # check, not compute a wrong gradient): no third (B, N, 2F) buffer beside the ViT's activations
         grad_out = out.detach()
-        features = grad_out.shape[-1] // 2
-        grad_out[..., :features].copy_(self._op_view(grad_shift))
-        grad_out[..., features:].copy_(self._op_view(grad_raw))
+        for part, grad in zip(grad_out.chunk(2, dim=-1), (grad_shift, grad_raw)):
+            part.copy_(self._op_view(grad))
         del grad_shift, grad_raw
         torch.autograd.backward([out], [grad_out], inputs=[a, *inputs])
         del grad_out, out  # before the whole x and grad_x are made

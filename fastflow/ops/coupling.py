@@ -208,27 +208,16 @@ def affine_coupling_backward_from_output_ref(
     out_dtype = y_b.dtype
     if upcast:
         y_b, shift, raw, grad_y = (t.to(logdet_dtype(out_dtype)) for t in (y_b, shift, raw, grad_y))
+    x_b, _ = affine_coupling_inverse_ref(y_b, shift, raw, scale)
     gl = 0.0 if grad_logdet is None else _per_sample(grad_logdet.to(y_b.dtype), y_b)
-    # s itself (not log s), each temporary reused in place: at most one beside the four results
-    if scale == "exp":  # y = x * s + t, s = exp(tanh(r)), slope 1 - tanh(r) ** 2
-        tanh = torch.tanh(raw)
-        s = torch.exp(tanh)
-        x_b = y_b - shift
-        grad_raw = torch.mul(grad_y, x_b).add_(gl).mul_(tanh.square_().neg_().add_(1.0))
-        del tanh
-        x_b.div_(s)
-        grad_x = torch.mul(grad_y, s).to(out_dtype)
-        return x_b.to(out_dtype), grad_x, grad_y.to(out_dtype), grad_raw.to(out_dtype)
-    # y = (x + t) * s with s = factor * sigmoid(r + offset) (Glow: 1, 2; Jet: 2, 0), slope sigmoid(-(r + offset))
-    factor, offset = (2.0, 0.0) if scale == "sigmoid2" else (1.0, 2.0)
-    sig = torch.add(raw, offset).sigmoid_()
-    x_b = torch.div(y_b, sig).mul_(1.0 / factor).sub_(shift)  # factor is a power of two: the scaling is exact
-    grad_x = torch.mul(grad_y, sig).mul_(factor)
-    slope = torch.neg(raw, out=sig).sub_(offset).sigmoid_()
-    grad_raw = torch.mul(grad_y, y_b).add_(gl).mul_(slope)
-    del slope, sig
-    grad_x = grad_x.to(out_dtype)
-    return x_b.to(out_dtype), grad_x, grad_x, grad_raw.to(out_dtype)
+    log_s, slope = _log_scale_and_slope(raw, scale)
+    grad_x = (grad_y * log_s.exp_()).to(out_dtype)  # s in place of log s: one temporary fewer
+    del log_s
+    if scale == "exp":  # y = x * s + t
+        grad_shift, grad_raw = grad_y.to(out_dtype), (grad_y * (y_b - shift)).add_(gl).mul_(slope)
+    else:  # y = (x + t) * s
+        grad_shift, grad_raw = grad_x, (grad_y * y_b).add_(gl).mul_(slope)
+    return x_b.to(out_dtype), grad_x, grad_shift, grad_raw.to(out_dtype)
 
 
 def additive_coupling_backward_from_output_ref(
