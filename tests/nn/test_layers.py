@@ -306,6 +306,28 @@ def test_bad_constructor_arguments_raise(make, match):
         make()
 
 
+def test_pointwise_conv_equals_nn_conv2d_and_loads_its_state_dict():
+    """Glow's network's 1x1 convolution: the values, float64 gradients and ``state_dict`` of ``nn.Conv2d(h, h, 1)``
+    (a checkpoint saved with a plain convolution loads), on NCHW and channels_last inputs."""
+    from fastflow.nn import ConvNetwork
+    from fastflow.nn.coupling_network import PointwiseConv2d
+
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(4, 6, kernel_size=1).double()
+    layer = PointwiseConv2d(4, 6).double()
+    layer.load_state_dict(plain.state_dict())
+    assert isinstance(ConvNetwork(3, 8, 6)[2], PointwiseConv2d)
+    for x in (torch.randn(3, 4, 5, 3), torch.randn(1, 4, 2, 7).contiguous(memory_format=torch.channels_last)):
+        x = x.double().requires_grad_()
+        params = [x, *layer.parameters()]
+        torch.testing.assert_close(layer(x), plain(x), atol=1e-13, rtol=1e-13)
+        grad = torch.randn(x.shape[0], 6, *x.shape[2:], dtype=torch.float64)
+        got = torch.autograd.grad(layer(x), params, grad)
+        want = torch.autograd.grad(plain(x), [x, *plain.parameters()], grad)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
 def _zero_conv_old_formula(layer, x):
     """``ZeroConv2d``'s output as it was computed before the scale was folded into the convolution."""
     return layer.conv(x) * torch.exp(layer.logs * layer.logscale_factor)

@@ -333,7 +333,7 @@ def test_bad_inputs(x, weight, bias, error, match):
 
 
 def test_eager_mix_runs_with_tf32_off_whatever_the_flags_say(monkeypatch):
-    """The IEEE mix (the eager twin's path on CUDA tensors, checked here on CPU ones) runs its convolutions,
+    """The IEEE mix (the eager twin's path on CUDA tensors, checked here on CPU ones) runs its products,
     forward and backward, with both TF32 flags off and leaves them as it found them."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
@@ -344,14 +344,19 @@ def test_eager_mix_runs_with_tf32_off_whatever_the_flags_say(monkeypatch):
 
 
 def _check_mix_flags(monkeypatch):
+    """The flags each product of the mix runs under: its convolution on accelerators, its matrix products
+    (:func:`pixel_matmul`) on CPU tensors."""
     seen = []
-    conv2d = torch.nn.functional.conv2d
 
-    def recording_conv2d(*args, **kwargs):
-        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
-        return conv2d(*args, **kwargs)
+    def recording(run):
+        def recorded(*args, **kwargs):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return run(*args, **kwargs)
 
-    monkeypatch.setattr(ops.F, "conv2d", recording_conv2d)
+        return recorded
+
+    monkeypatch.setattr(ops.F, "conv2d", recording(torch.nn.functional.conv2d))
+    monkeypatch.setattr(ops, "pixel_matmul", recording(ops.pixel_matmul))
     x, weight = torch.randn(2, 5, 3, 4, requires_grad=True), _weight(5, 5).requires_grad_(True)
     y = ops._ieee_mix(x, weight, torch.randn(5))
     torch.autograd.grad(y.square().sum(), (x, weight))
@@ -545,3 +550,43 @@ def test_channel_mix_grads_are_the_autograd_gradients(backend, c_in, c_out):
         torch.testing.assert_close(g, want, atol=1e-12, rtol=1e-12)
     with pytest.raises(ValueError, match="grad_y must have shape"):
         ops.channel_mix_grads(grad_y[:, :1], x.detach(), weight.detach())
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channel_slice"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_pixel_matmul_equals_the_1x1_convolution(layout, with_bias):
+    """The CPU's matrix-product mix equals ``conv2d`` with a 1x1 filter, values and float64 gradients, for NCHW,
+    channels_last (whose layout the output keeps) and channel-slice inputs, odd sizes and batch 1."""
+    torch.manual_seed(0)
+    c_in, c_out = 5, 3
+    base = torch.randn(1, 2 * c_in if layout == "channel_slice" else c_in, 3, 7, dtype=torch.float64)
+    x = base[:, 1 : 1 + c_in] if layout == "channel_slice" else base
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.requires_grad_()
+    weight = torch.randn(c_out, c_in, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(c_out, dtype=torch.float64, requires_grad=True) if with_bias else None
+    out = ops.pixel_matmul(x, weight, bias)
+    torch.testing.assert_close(out, F.conv2d(x, weight[:, :, None, None], bias), atol=1e-13, rtol=1e-13)
+    assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    assert torch.autograd.gradcheck(lambda *a: ops.pixel_matmul(*a), inputs)
+
+
+def test_eager_cpu_mix_runs_as_matrix_products_not_a_convolution(monkeypatch):
+    """On CPU tensors the eager mix, directly and through the op ``fastflow::conv1x1_ieee`` (what
+    ``torch.compile`` sees), is :func:`pixel_matmul`, not oneDNN's 1x1 convolution (several times slower there at
+    flow channel counts)."""
+    calls = []
+
+    def recorded(*args):
+        calls.append(args[0].shape)
+        return pixel_matmul(*args)
+
+    pixel_matmul = ops.pixel_matmul
+    monkeypatch.setattr(ops, "pixel_matmul", recorded)
+    monkeypatch.setattr(F, "conv2d", None)  # a convolution would raise
+    x, weight = torch.randn(2, 6, 4, 4), torch.randn(6, 6)
+    torch.testing.assert_close(channel_mix_ref(x, weight), pixel_matmul(x, weight))
+    torch.testing.assert_close(torch.ops.fastflow.conv1x1_ieee(x, weight, None), pixel_matmul(x, weight))
+    assert calls == [x.shape, x.shape]
