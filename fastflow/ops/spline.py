@@ -88,11 +88,10 @@ class _BinParams(NamedTuple):
 
 
 def _sizes_and_knots(raw_sizes: torch.Tensor, spline: _Spline, min_size: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bin sizes ``2 bound (min + (1 - K min) softmax(raw))`` and right knots ``-bound + cumsum(sizes)``, the
-    last knot exactly ``bound``."""
+    """Bin sizes ``2 bound (min + (1 - K min) softmax(raw))`` and right knots ``-bound + cumsum(sizes)`` (the last
+    one is taken as exactly ``bound`` where it is read, :func:`_bin_params`)."""
     sizes = 2.0 * spline.bound * (min_size + (1.0 - spline.bins * min_size) * torch.softmax(raw_sizes, dim=-1))
-    right = torch.cumsum(sizes, dim=-1) - spline.bound
-    return sizes, torch.cat([right[..., :-1], torch.full_like(right[..., -1:], spline.bound)], dim=-1)
+    return sizes, torch.cumsum(sizes, dim=-1) - spline.bound
 
 
 def _at(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -100,21 +99,27 @@ def _at(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def _bin_params(v: torch.Tensor, raw: torch.Tensor, spline: _Spline, inverse: bool) -> _BinParams:
-    """The bin of ``v`` (``x``, or ``y`` when ``inverse``; within the bound) and its knot quantities."""
+    """The bin ``k`` of ``v`` (``x``, or ``y`` when ``inverse``; within the bound) and its knot quantities, read
+    at ``k`` and ``k - 1`` from the per-bin tensors: the first bin's left knots are ``-bound`` and its left
+    derivative 1, the last bin's right knots ``bound`` and its right derivative 1 (no padded copies of the
+    ``(..., K)`` tensors)."""
     k_bins = spline.bins
     raw_w, raw_h, raw_d = raw.split([k_bins, k_bins, k_bins - 1], dim=-1)
     widths, x_right = _sizes_and_knots(raw_w, spline, spline.min_width)
     heights, y_right = _sizes_and_knots(raw_h, spline, spline.min_height)
-    lower = torch.full_like(x_right[..., :1], -spline.bound)
-    x_left, y_left = torch.cat([lower, x_right[..., :-1]], -1), torch.cat([lower, y_right[..., :-1]], -1)
-    ends = torch.ones_like(x_right[..., :1])
-    d_right = torch.cat([spline.min_derivative + F.softplus(raw_d), ends], dim=-1)  # d_{j+1}: bin j's right end
-    d_left = torch.cat([ends, d_right[..., :-1]], dim=-1)
+    inner_d = spline.min_derivative + F.softplus(raw_d)  # d_1 .. d_{K-1}, the interior knots' derivatives
     interior = (y_right if inverse else x_right)[..., :-1]
     k = (interior <= v.unsqueeze(-1)).sum(dim=-1)
-    x_bin = (_at(x_left, k), _at(widths, k), _at(x_right, k))
-    y_bin = (_at(y_left, k), _at(heights, k), _at(y_right, k))
-    return _BinParams(*x_bin, *y_bin, _at(d_left, k), _at(d_right, k))
+    first, last = k == 0, k == k_bins - 1
+    below = (k - 1).clamp_min(0)
+    xl, yl = (torch.where(first, -spline.bound, _at(right, below)) for right in (x_right, y_right))
+    xr, yr = (torch.where(last, spline.bound, _at(right, k)) for right in (x_right, y_right))
+    if k_bins == 1:  # no interior knot: both ends have derivative 1
+        d0 = d1 = torch.ones_like(xr)
+    else:
+        d0 = torch.where(first, 1.0, _at(inner_d, below))
+        d1 = torch.where(last, 1.0, _at(inner_d, k.clamp_max(k_bins - 2)))
+    return _BinParams(xl, _at(widths, k), xr, yl, _at(heights, k), yr, d0, d1)
 
 
 def _clamp_rounding(v: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor | float) -> torch.Tensor:
