@@ -26,7 +26,9 @@ have none);
 Cases: one FlowStep forward+backward (B=2, C=12, 16x16, hidden 512) and the reference training step (Glow
 L=3, K=8, hidden 64, 32x32, batch 8, with Adam's step, ``fused=True``: one kernel in every mode), for
 ``eager`` (standard backprop), ``reversible``, ``compiled`` and ``compiled-reversible`` (``torch.compile`` of
-the loss, whose backward AOTAutograd compiles), on the backend the device gets. Every variant runs one
+the loss, whose backward AOTAutograd compiles), on the backend the device gets, so on the CPU through the
+CPU's ops: there eager runs Glow's network's 1x1 convolution as a ``bmm`` (reading the weight once per sample) and
+a bias pass (:class:`fastflow.nn.PointwiseConv2d`), where CUDA runs one convolution. Every variant runs one
 whole warm-up step first (ActNorm's initialisation, Adam's state, compilation), so the count is of a steady
 step. Compiled variants need a torch whose ``TorchDispatchMode`` has ``ignore_compile_internals``
 (torch >= 2.9); on an older one their rows say so instead of counting.

@@ -8,6 +8,7 @@ from fastflow.nn.coupling import AdditiveCoupling, AffineCoupling
 from fastflow.nn.coupling_network import (
     ConvNetwork,
     MLPNetwork,
+    PointwiseConv2d,
     Subnet,
     ZeroConv2d,
     conv_subnet,
@@ -39,6 +40,7 @@ __all__ = [
     "MaskedAutoregressiveSpline",
     "Patchify",
     "Permutation",
+    "PointwiseConv2d",
     "SplineCoupling",
     "Split",
     "Squeeze",
