@@ -552,14 +552,16 @@ def test_channel_mix_grads_are_the_autograd_gradients(backend, c_in, c_out):
         ops.channel_mix_grads(grad_y[:, :1], x.detach(), weight.detach())
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channel_slice"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channel_slice", "few_pixels"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_pixel_matmul_equals_the_1x1_convolution(layout, with_bias):
     """The CPU's matrix-product mix equals ``conv2d`` with a 1x1 filter, values and float64 gradients, for NCHW,
-    channels_last (whose layout the output keeps) and channel-slice inputs, odd sizes and batch 1."""
+    channels_last (whose layout the output keeps), channel-slice inputs and NCHW inputs of fewer pixels than an
+    eighth of their channels (the rows product), odd sizes and batch 1."""
     torch.manual_seed(0)
-    c_in, c_out = 5, 3
-    base = torch.randn(1, 2 * c_in if layout == "channel_slice" else c_in, 3, 7, dtype=torch.float64)
+    c_in, c_out = (16, 3) if layout == "few_pixels" else (5, 3)
+    size = (1, 2) if layout == "few_pixels" else (3, 7)
+    base = torch.randn(1, 2 * c_in if layout == "channel_slice" else c_in, *size, dtype=torch.float64)
     x = base[:, 1 : 1 + c_in] if layout == "channel_slice" else base
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -569,6 +571,7 @@ def test_pixel_matmul_equals_the_1x1_convolution(layout, with_bias):
     out = ops.pixel_matmul(x, weight, bias)
     torch.testing.assert_close(out, F.conv2d(x, weight[:, :, None, None], bias), atol=1e-13, rtol=1e-13)
     assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    assert out.is_contiguous() == (layout != "channels_last")
     inputs = (x, weight) if bias is None else (x, weight, bias)
     assert torch.autograd.gradcheck(lambda *a: ops.pixel_matmul(*a), inputs)
 
