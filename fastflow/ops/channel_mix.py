@@ -46,6 +46,7 @@ __all__ = [
     "ieee_float32",
     "kernel_max_channels",
     "pixel_matmul",
+    "tf32_applies",
 ]
 
 KERNEL_MAX_CHANNELS = 128
@@ -78,7 +79,7 @@ def channel_mix_ref(
     ``weight`` ``(C_out, C_in)`` and ``bias`` ``(C_out,)`` are cast to ``x``'s dtype (as the kernel does);
     ``upcast`` computes in float32 (float64 stays float64) and casts the result back to ``x``'s dtype.
     A 1x1 convolution (cuDNN; on the CPU :func:`pixel_matmul`) run through the custom op
-    ``fastflow::conv1x1_ieee`` (on the CPU outside ``torch.compile`` the ATen ops directly): float32 stays
+    ``fastflow::conv1x1_ieee`` (on the CPU the ATen ops directly, :func:`tf32_applies`): float32 stays
     IEEE float32 whatever the TF32 flags say (see :func:`ieee_float32`), and ``torch.compile`` keeps the
     op whole instead of lowering it to a convolution that would follow the flags.
     """
@@ -86,11 +87,17 @@ def channel_mix_ref(
     compute = logdet_dtype(out_dtype) if upcast else out_dtype
     x = x.to(compute)
     b = None if bias is None else bias.to(compute)
-    if x.device.type == "cpu" and not use_library_op():
-        # TF32, which the op keeps out, is a CUDA setting: on the CPU the plain ATen op and its own autograd,
-        # without the op's wrapper (host time a small CPU mix, a tabular flow's, feels)
+    if not tf32_applies(x):
         return _mix(x, weight.to(compute), b).to(out_dtype)
     return _ieee_mix(x, weight.to(compute), b).to(out_dtype)
+
+
+def tf32_applies(x: torch.Tensor) -> bool:
+    """Whether TF32 flags can round ``x``'s products, so that the invertible mix needs the IEEE op: not on the CPU,
+    which has no TF32. There the mix is plain ATen ops with their own autograd, eagerly and under
+    ``torch.compile`` alike, without the op's wrapper (whose host time a small mix feels: the compiled Glow
+    reference step took 124 ms with plain products against 140 ms with the op, one-process A/B, 2026-11-26)."""
+    return x.device.type != "cpu"
 
 
 @contextlib.contextmanager
@@ -149,14 +156,19 @@ def _conv1x1_ieee(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return _mix(x, weight, bias)
 
 
+def _weight_products(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sum_{b,h,w} grad_y x^T`` ``(C_out, C_in)``, under whatever precision flags are set."""
+    if x.shape[2] * x.shape[3] == 1:  # vectors seen as (B, C, 1, 1): one (C_out, B) @ (B, C_in) product
+        return grad_y.flatten(1).t() @ x.flatten(1)
+    # per-sample (C_out, HW) @ (HW, C_in) products summed over the batch: one bmm on the tensors' own
+    # strides (NCHW or channels_last) and one reduction, where einsum's Python planning costs more host time
+    return torch.bmm(grad_y.flatten(2), x.flatten(2).transpose(1, 2)).sum(0)
+
+
 def _conv1x1_ieee_grad_weight(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``sum_{b,h,w} grad_y x^T`` ``(C_out, C_in)``, IEEE float32 whatever the TF32 flags say."""
     with ieee_float32():
-        if x.shape[2] * x.shape[3] == 1:  # vectors seen as (B, C, 1, 1): one (C_out, B) @ (B, C_in) product
-            return grad_y.flatten(1).t() @ x.flatten(1)
-        # per-sample (C_out, HW) @ (HW, C_in) products summed over the batch: one bmm on the tensors' own
-        # strides (NCHW or channels_last) and one reduction, where einsum's Python planning costs more host time
-        return torch.bmm(grad_y.flatten(2), x.flatten(2).transpose(1, 2)).sum(0)
+        return _weight_products(grad_y, x)
 
 
 def _ieee_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -167,7 +179,10 @@ def _ieee_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 
 
 def _ieee_grad_weight(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The op ``fastflow::conv1x1_ieee_grad_weight`` (or its direct twin)."""
+    """The op ``fastflow::conv1x1_ieee_grad_weight`` (or its direct twin); plain products where TF32 does not
+    apply (:func:`tf32_applies`)."""
+    if not tf32_applies(x):
+        return _weight_products(grad_y, x)
     if use_library_op():
         return torch.ops.fastflow.conv1x1_ieee_grad_weight(grad_y, x)
     return _CONV1X1_IEEE_GRAD_WEIGHT_DIRECT(grad_y, x)

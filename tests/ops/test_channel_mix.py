@@ -332,6 +332,13 @@ def test_bad_inputs(x, weight, bias, error, match):
         channel_mix(x, weight, bias)
 
 
+@pytest.fixture
+def as_if_tf32_applied(monkeypatch):
+    """CPU tensors take the path of CUDA ones (the IEEE op), whose TF32 handling is under test."""
+    monkeypatch.setattr(ops, "tf32_applies", lambda x: True)
+
+
+@pytest.mark.usefixtures("as_if_tf32_applied")
 def test_eager_mix_runs_with_tf32_off_whatever_the_flags_say(monkeypatch):
     """The IEEE mix (the eager twin's path on CUDA tensors, checked here on CPU ones) runs its products,
     forward and backward, with both TF32 flags off and leaves them as it found them."""
@@ -377,12 +384,13 @@ def test_eager_mix_gradcheck_and_opcheck():
     torch.library.opcheck(torch.ops.fastflow.conv1x1_ieee_grad_weight.default, (grad_y, x))
 
 
-def test_compiled_eager_mix_keeps_both_directions_ieee():
-    """Under torch.compile the eager mix stays the IEEE ops in forward and backward: a traced matmul for the
-    weight gradient would follow the TF32 flags."""
+def _compiled_mix_ops() -> set[str]:
+    """The ops in the forward and backward graphs of a compiled ``tanh(channel_mix_ref(x, weight))``, whose
+    gradients must equal eager's."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
+    torch._dynamo.reset()
     graphs = []
 
     def keep(graph, example_inputs):
@@ -398,9 +406,23 @@ def test_compiled_eager_mix_keeps_both_directions_ieee():
     grads_ref = torch.autograd.grad(step(x, weight).sum(), (x, weight))
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref)
-    ops_used = {str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
+    return {str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
+
+
+@pytest.mark.usefixtures("as_if_tf32_applied")
+def test_compiled_eager_mix_keeps_both_directions_ieee():
+    """Under torch.compile the eager mix stays the IEEE ops in forward and backward where TF32 applies: a traced
+    matmul for the weight gradient would follow the TF32 flags."""
+    ops_used = _compiled_mix_ops()
     assert {"fastflow.conv1x1_ieee.default", "fastflow.conv1x1_ieee_grad_weight.default"} <= ops_used
     assert not {op for op in ops_used if "mm" in op or ("conv" in op and "ieee" not in op)}, ops_used
+
+
+def test_compiled_cpu_mix_traces_plain_products():
+    """On CPU tensors (no TF32) torch.compile sees the mix's own matrix products, not the IEEE op's wrapper."""
+    ops_used = _compiled_mix_ops()
+    assert not {op for op in ops_used if "ieee" in op}, ops_used
+    assert any("bmm" in op for op in ops_used), ops_used
 
 
 def test_registration_is_traceable_only_where_compiled_kernels_run(monkeypatch):

@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastflow
+from fastflow.ops import channel_mix as channel_mix_module
 from fastflow.ops._registration import direct_autograd, use_library_op
 from fastflow.ops.channel_mix import channel_mix, channel_mix_ref
 from fastflow.ops.coupling import affine_coupling
@@ -88,7 +89,8 @@ def test_direct_twins_match_the_library_ops_and_dispatch_modes_see_the_ops() -> 
         assert any(name in seen for seen in mode.names), (name, mode.names)
 
 
-def test_direct_ieee_mix_matches_the_library_op_and_is_twice_differentiable() -> None:
+def test_direct_ieee_mix_matches_the_library_op_and_is_twice_differentiable(monkeypatch) -> None:
+    monkeypatch.setattr(channel_mix_module, "tf32_applies", lambda x: True)  # CPU tensors on CUDA's IEEE path
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
