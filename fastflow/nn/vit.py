@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastflow.nn.gelu_mlp import gelu_mlp
+
 __all__ = ["ViTConditioner", "ViTBlock"]
 
 
@@ -37,7 +39,8 @@ class _Attention(nn.Module):
 
 class ViTBlock(nn.Module):
     """Pre-norm transformer block: ``x += SelfAttn(LN(x))``, then ``x += CrossAttn(LN(x), context)`` when
-    ``cross`` (zero-initialised output), then ``x += MLP(LN(x))`` (``E -> mlp_ratio * E -> E``, GELU)."""
+    ``cross`` (zero-initialised output), then ``x += MLP(LN(x))`` (``E -> mlp_ratio * E -> E``, GELU; run by
+    :func:`~fastflow.nn.gelu_mlp.gelu_mlp`, which keeps one hidden-size tensor for backward, not two)."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: int = 4, cross: bool = False) -> None:
         super().__init__()
@@ -54,7 +57,7 @@ class ViTBlock(nn.Module):
         x = x + self.attn(h, h)
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), context)
-        return x + self.mlp(self.norm2(x))
+        return x + gelu_mlp(self.norm2(x), self.mlp[0], self.mlp[2])
 
 
 class ViTConditioner(nn.Module):

@@ -1,0 +1,98 @@
+"""The ViT's MLP that recomputes GELU in backward (fastflow/nn/gelu_mlp.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastflow.nn.gelu_mlp import gelu_mlp
+
+
+def _mlp(dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 20), nn.GELU(), nn.Linear(20, 5)).to(dtype)
+
+
+def test_gradcheck_float64_of_input_weights_and_biases() -> None:
+    mlp = _mlp(torch.float64)
+    names = [name for name, _ in mlp.named_parameters()]
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_(True) for p in mlp.parameters()]
+
+    def run(x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(_Fused(mlp), dict(zip(["mlp." + n for n in names], params)), (x,))
+
+    assert torch.autograd.gradcheck(run, (x, *params))
+
+
+class _Fused(nn.Module):
+    def __init__(self, mlp: nn.Sequential) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_mlp(x, self.mlp[0], self.mlp[2])
+
+
+@pytest.mark.parametrize("shape", [(7, 6), (2, 3, 6), (1, 1, 1, 6)])
+def test_matches_the_sequential_mlp(shape: tuple[int, ...]) -> None:
+    mlp = _mlp()
+    x = torch.randn(shape, requires_grad=True)
+    grad = torch.randn(*shape[:-1], 5)
+    want = mlp(x)
+    want_grads = torch.autograd.grad(want, [x, *mlp.parameters()], grad)
+    got = gelu_mlp(x, mlp[0], mlp[2])
+    got_grads = torch.autograd.grad(got, [x, *mlp.parameters()], grad)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+
+
+def _saved_bytes(fn) -> int:
+    sizes = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(sizes.values())
+
+
+def test_keeps_one_hidden_size_tensor_for_backward_not_two() -> None:
+    mlp = _mlp()
+    x = torch.randn(64, 6, requires_grad=True)
+    hidden_bytes = 64 * 20 * 4
+    saved_plain, saved = _saved_bytes(lambda: mlp(x)), _saved_bytes(lambda: gelu_mlp(x, mlp[0], mlp[2]))
+    assert saved_plain - saved == hidden_bytes
+
+
+def test_bf16_autocast_computes_low_and_returns_gradients_in_the_parameters_dtype() -> None:
+    mlp = _mlp()
+    x = torch.randn(2, 3, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = gelu_mlp(x, mlp[0], mlp[2]), mlp(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad(got.float().sum(), [x, *mlp.parameters()])
+    want_grads = torch.autograd.grad(want.float().sum(), [x, *mlp.parameters()])
+    for g, w, p in zip(grads, want_grads, [x, *mlp.parameters()]):
+        assert g.dtype == p.dtype == torch.float32
+        torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)
+
+
+def test_needs_biases() -> None:
+    with pytest.raises(ValueError, match="biases"):
+        gelu_mlp(torch.randn(2, 6), nn.Linear(6, 20, bias=False), nn.Linear(20, 5))
+
+
+def test_compiles_forward_and_backward() -> None:
+    mlp = _mlp()
+    x = torch.randn(4, 6, requires_grad=True)
+    compiled = torch.compile(lambda x: gelu_mlp(x, mlp[0], mlp[2]), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), mlp(x))
+    (g,) = torch.autograd.grad(compiled(x).sum(), [x])
+    (w,) = torch.autograd.grad(mlp(x).sum(), [x])
+    torch.testing.assert_close(g, w)
