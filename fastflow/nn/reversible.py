@@ -4,7 +4,10 @@ Forward runs the layers without recording a graph and keeps only the chain's inp
 walks the layers from the last: it rebuilds each layer's input from its output with the exact inverse,
 recomputes that one layer with a graph, and backpropagates through it, so activation memory does not grow
 with depth. A layer may provide ``backward_from_output(y, grad_y, grad_logdet, context)`` to rebuild its input
-and compute its gradients in one fused pass (the couplings do); others use ``inverse`` then recompute. The walk
+and compute its gradients in one fused pass (the couplings do); others use ``inverse`` then recompute. A layer's
+``backward_from_handed(handed, grad_logdet, context)``, where it has one, is called instead with ``handed = [y,
+grad_y]``, which it empties: the walk keeps no reference to them, so the layer frees them as soon as it is done
+with them (Jet's couplings drop them once their halves are gathered). The walk
 is over :func:`~fastflow.nn.actnorm_invconv.chain_units`: an ActNorm directly followed by an InvConv1x1 is one
 unit, run and recomputed as the one fused op. Units that share parameter-only work (``batched_weights``: the
 ``C x C`` weights of a Glow level's pairs) get it batched as in standard mode: once for the forward, and in
@@ -246,15 +249,20 @@ def _as_leaves(weights: Any) -> Any:
 
 def _layer_backward(
     layer: Any,
-    y: torch.Tensor,
-    grad_y: torch.Tensor,
+    handed: list[torch.Tensor],
     grad_logdet: torch.Tensor,
     context: torch.Tensor | None,
     weights: BackwardWeights | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, grad_x)`` for one unit of a chain (a layer, or an ActNorm + InvConv1x1 pair) from its output ``y``:
-    its fused ``backward_from_output`` where it has one, else :func:`recompute_backward`; with ``weights``, its
-    share of the chain's (the gradients of ``weights.forward`` accumulate on those leaves)."""
+    """``(x, grad_x)`` for one unit of a chain (a layer, or an ActNorm + InvConv1x1 pair) from ``handed = [y,
+    grad_y]`` (emptied): its ``backward_from_handed`` or fused ``backward_from_output`` where it has one, else
+    :func:`recompute_backward`; with ``weights``, its share of the chain's (the gradients of ``weights.forward``
+    accumulate on those leaves)."""
+    taking = getattr(layer, "backward_from_handed", None)
+    if taking is not None and weights is None:
+        return taking(handed, grad_logdet, context)
+    y, grad_y = handed
+    handed.clear()
     fused = getattr(layer, "backward_from_output", None)
     if fused is not None:
         if weights is None:
@@ -318,13 +326,13 @@ def _units_backward(
     context: torch.Tensor | None,
     weights: BackwardWeights,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    y, grad_y = handed
-    handed.clear()
     for i in reversed(range(len(units))):
         inverse, forward = weights.inverse[i], weights.forward[i]
         unit_weights = None if inverse is None or forward is None else BackwardWeights(inverse, forward)
-        y, grad_y = _layer_backward(units[i], y, grad_y, grad_logdet, context, unit_weights)
-    return y, grad_y
+        handed[:] = _layer_backward(units[i], handed, grad_logdet, context, unit_weights)
+    x, grad_x = handed
+    handed.clear()
+    return x, grad_x
 
 
 def _graph_retained() -> bool:

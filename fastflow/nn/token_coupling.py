@@ -10,7 +10,7 @@ import torch
 from fastflow.nn.base import FlowLayer
 from fastflow.nn.state_upgrade import drop_inverse_order
 from fastflow.nn.vit import ViTConditioner
-from fastflow.ops.coupling import affine_coupling, affine_coupling_backward_from_output, affine_coupling_inverse
+from fastflow.ops.coupling import affine_coupling, affine_coupling_backward_from_output_, affine_coupling_inverse
 
 __all__ = ["TokenCoupling", "TokenSplit", "SpatialPattern", "SPATIAL_PATTERNS"]
 
@@ -180,39 +180,57 @@ class TokenCoupling(FlowLayer):
         context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reversible backward from the output: ``(x, grad_x)``; the gradients of the parameters, and of ``context``
-        where it requires grad (a leaf), go to their ``.grad``.
+        where it requires grad (a leaf), go to their ``.grad``. :meth:`backward_from_handed` with ``y`` and
+        ``grad_y`` handed in."""
+        return self.backward_from_handed([y, grad_y], grad_logdet, context)
 
-        ``y_a = x_a``, so the ViT runs once with a graph on it; one fused pass rebuilds ``x_b`` from ``y_b`` and
-        gives the gradients w.r.t. ``x_b`` and ``(t, r)``, which are backpropagated through the ViT; ``x_a``'s
-        gradient is ``grad_y_a`` plus its path through the ViT. Only half-size parts are gathered and the whole
-        ``x`` and ``grad_x`` are assembled last, so the ViT's backward runs beside no permuted whole copy.
+    def backward_from_handed(
+        self, handed: list[torch.Tensor], grad_logdet: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`backward_from_output` of ``handed = [y, grad_y]``, which it empties: once their halves are
+        gathered the whole ``y`` and ``grad_y`` are dropped (freed where the caller kept no reference, as in the
+        reversible walk), and ``x`` and ``grad_x`` are assembled from halves last.
+
+        ``y_a = x_a``, so the ViT runs once with a graph on it. The fused reversible backward
+        (:func:`~fastflow.ops.coupling.affine_coupling_backward_from_output`) rebuilds ``x_b`` from ``y_b`` and
+        gives the gradients w.r.t. ``x_b`` and ``(t, r)``, written over its inputs
+        (:func:`~fastflow.ops.coupling.affine_coupling_backward_from_output_`: ``x_b`` over the gathered ``y_b``,
+        ``grad_x_b`` over ``grad_y_b``, the gradient of ``(t, r)`` over the conditioner's output, whose values its
+        backward does not read: a linear head saves its input, not its output; a node that saved it would fail
+        autograd's version check, not compute a wrong gradient). The ViT's gradient w.r.t. ``x_a`` accumulates
+        onto ``grad_y_a``, which is then ``grad_x_a``.
         """
+        y, grad_y = handed
+        handed.clear()
         y = self._check_tokens("y", y)
         shaped = self._check_context(context, y)
         inputs = [p for p in self.parameters() if p.requires_grad]
         if shaped is not None and context.requires_grad:
             inputs.append(context)
         y_a, y_b = self._halves(y)
+        grad_y_a, grad_y_b = self._halves(grad_y)
+        del y, grad_y
         with torch.enable_grad():
             a = y_a.detach().requires_grad_(True)  # y_a = x_a: a new leaf
-            ctx = None if shaped is None else context.to(y.dtype)  # in the graph: its gradient reaches context
+            ctx = None if shaped is None else context.to(a.dtype)  # in the graph: its gradient reaches context
             out = self._net(a, ctx)
-        shift, raw = (self._op_view(t) for t in out.detach().chunk(2, dim=-1))
-        grad_y_b = grad_y.index_select(self.dim, self.order[self.conditioning :])
+        grad_out = out.detach()
         with torch.no_grad():
-            x_b, grad_x_b, grad_shift, grad_raw = affine_coupling_backward_from_output(
+            shift, raw = (self._op_view(t) for t in grad_out.chunk(2, dim=-1))
+            affine_coupling_backward_from_output_(
                 self._op_view(y_b), shift, raw, self._op_view(grad_y_b), grad_logdet, _SCALE
             )
-        del y_b, grad_y_b, shift, raw
-        # the gradient of (shift | raw) written over the conditioner's output, whose values its backward does not
-        # read (a linear head saves its input, not its output; a node that saved it would fail autograd's version
-        # check, not compute a wrong gradient): no third (B, N, 2F) buffer beside the ViT's activations
-        grad_out = out.detach()
-        for part, grad in zip(grad_out.chunk(2, dim=-1), (grad_shift, grad_raw)):
-            part.copy_(self._op_view(grad))
-        del grad_shift, grad_raw
+        del shift, raw
+        a.grad = grad_y_a  # accumulated into, in place
         torch.autograd.backward([out], [grad_out], inputs=[a, *inputs])
-        del grad_out, out  # before the whole x and grad_x are made
-        grad_x = self._with_transformed(grad_y, self._op_view(grad_x_b))
-        grad_x.index_add_(self.dim, self.order[: self.conditioning], a.grad)
-        return self._with_transformed(y, self._op_view(x_b)), grad_x
+        del grad_out, out
+        return self._joined(a.detach(), y_b), self._joined(a.grad, grad_y_b)
+
+    def _joined(self, part_a: torch.Tensor, part_b: torch.Tensor) -> torch.Tensor:
+        """The whole ``(B, N, F)`` tensor of the conditioning and transformed parts (laid out as :meth:`_halves`
+        gives them)."""
+        shape = list(part_a.shape)
+        shape[self.dim] += part_b.shape[self.dim]
+        whole = part_a.new_empty(shape)
+        whole.index_copy_(self.dim, self.order[: self.conditioning], part_a)
+        return whole.index_copy_(self.dim, self.order[self.conditioning :], part_b)

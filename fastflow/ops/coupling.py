@@ -38,7 +38,8 @@ interpreter, whose kernels Inductor cannot run) they are opaque ``torch.library.
 kernels. ``torch.compile(fullgraph=True)`` traces either without a graph break.
 
 Reversible backprop: :func:`affine_coupling_backward_from_output` (and its additive twin) take the forward
-*output* ``y_b`` and return the rebuilt ``x_b`` with all input gradients in one fused pass.
+*output* ``y_b`` and return the rebuilt ``x_b`` with all input gradients in one fused pass;
+:func:`affine_coupling_backward_from_output_` writes them over its inputs instead.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ __all__ = [
     "additive_coupling_inverse_ref",
     "affine_coupling_backward_from_output",
     "affine_coupling_backward_from_output_ref",
+    "affine_coupling_backward_from_output_",
     "additive_coupling_backward_from_output",
     "additive_coupling_backward_from_output_ref",
 ]
@@ -218,6 +220,35 @@ def affine_coupling_backward_from_output_ref(
     else:  # y = (x + t) * s
         grad_shift, grad_raw = grad_x, (grad_y * y_b).add_(gl).mul_(slope)
     return x_b.to(out_dtype), grad_x, grad_shift, grad_raw.to(out_dtype)
+
+
+def _backward_from_output_in_place_ref(
+    y_b: torch.Tensor,
+    shift: torch.Tensor,
+    raw: torch.Tensor,
+    grad_y: torch.Tensor,
+    grad_logdet: torch.Tensor | None,
+    scale: str,
+) -> None:
+    """:func:`affine_coupling_backward_from_output_ref` (float32 / float64, no ``b_start``) written over its
+    inputs, with the same operations in the same order (bit-identical results) and at most three scratch
+    tensors of their size alive at once."""
+    gl = 0.0 if grad_logdet is None else _per_sample(grad_logdet.to(y_b.dtype), y_b)
+    grad_raw = _log_scale_and_slope(raw, scale)[1]
+    if scale == "exp":  # y = x * s + t: x = (y - t) / s, the raw gradient reads y - t
+        y_b.sub_(shift)
+    grad_raw.mul_(torch.mul(grad_y, y_b).add_(gl))
+    log_s = _log_scale(raw, scale)
+    raw.copy_(grad_raw)
+    del grad_raw
+    y_b.mul_(torch.exp(-log_s))
+    if scale == "exp":
+        shift.copy_(grad_y)  # grad_shift = grad_y
+        grad_y.mul_(log_s.exp_())
+    else:  # y = (x + t) * s: x = y / s - t, grad_shift = grad_x
+        y_b.sub_(shift)
+        grad_y.mul_(log_s.exp_())
+        shift.copy_(grad_y)
 
 
 def additive_coupling_backward_from_output_ref(
@@ -560,6 +591,36 @@ def affine_coupling_backward_from_output(
     if b_start is not None:
         grad_shift = _channels(grad_shift, b_start, shift.shape[1])
     return x_b, grad_x, grad_shift, grad_raw
+
+
+def affine_coupling_backward_from_output_(
+    y_b: torch.Tensor,
+    shift: torch.Tensor,
+    raw: torch.Tensor,
+    grad_y: torch.Tensor,
+    grad_logdet: torch.Tensor | None,
+    scale: ScaleKind = "sigmoid",
+) -> None:
+    """:func:`affine_coupling_backward_from_output` written over its inputs: ``y_b`` becomes ``x_b``, ``grad_y``
+    ``grad_x``, ``shift`` ``grad_shift`` and ``raw`` ``grad_raw`` (four distinct tensors the caller owns, such as
+    halves a reversible walk gathered), so the results take no new memory of their size.
+
+    The eager path (float32 / float64) computes in place with at most three scratch tensors of that size, with
+    the results of the eager twin bit for bit; the Triton backends, and half dtypes, run the fused (or eager) op
+    and copy its results over (there is no in-place kernel). Not differentiable.
+    """
+    _check_affine_args("y_b", y_b, shift, raw, scale, None)
+    _check_upstream(grad_y, grad_logdet, y_b)
+    if not _use_kernel(y_b) and y_b.dtype in (torch.float32, torch.float64):
+        _backward_from_output_in_place_ref(y_b, shift, raw, grad_y, grad_logdet, scale)
+        return
+    x_b, grad_x, grad_shift, grad_raw = affine_coupling_backward_from_output(
+        y_b, shift, raw, grad_y, grad_logdet, scale
+    )
+    shift.copy_(grad_shift)  # first: grad_shift may be grad_y itself ("exp")
+    raw.copy_(grad_raw)
+    y_b.copy_(x_b)
+    grad_y.copy_(grad_x)
 
 
 def additive_coupling_backward_from_output(

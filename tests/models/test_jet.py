@@ -4,6 +4,7 @@ brute-force log-det, exact inverse, reversible gradients, context, fused vs eage
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -178,6 +179,35 @@ def test_token_coupling_fused_matches_eager(split: str) -> None:
         results[name] = (y.detach(), logdet.detach(), *grads)
     for fused, eager in zip(results[backend], results["eager"]):
         torch.testing.assert_close(fused, eager, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("split", ["channel", "spatial"])
+def test_token_coupling_frees_the_handed_output_before_its_vit_runs(split: str) -> None:
+    """``backward_from_handed`` empties the list and drops the whole ``y`` and ``grad_y`` once their halves are
+    gathered (the reversible walk keeps no other reference): neither is alive when the ViT recomputes; its
+    results equal ``backward_from_output``'s."""
+    torch.manual_seed(0)
+    layer = TokenCoupling((2, 4), 6, split, pattern="horizontal", width=8, depth=1, heads=2).double()  # type: ignore[arg-type]
+    perturb_parameters(layer, 0.5)
+    x = torch.randn(3, 8, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y, _ = layer(x)
+    gy, gl = torch.randn_like(x), torch.randn(3, dtype=torch.float64)
+    expected = layer.backward_from_output(y, gy, gl)
+    expected_grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad(set_to_none=True)
+    handed = [y.clone(), gy.clone()]
+    refs = [weakref.ref(t) for t in handed]
+    alive_at_vit = []
+    hook = layer.net.register_forward_pre_hook(lambda *_: alive_at_vit.append([r() is not None for r in refs]))
+    got = layer.backward_from_handed(handed, gl)
+    hook.remove()
+    assert handed == [] and alive_at_vit == [[False, False]]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got[0], x, atol=1e-12, rtol=1e-12)
+    for p, e in zip(layer.parameters(), expected_grads):
+        torch.testing.assert_close(p.grad, e, atol=1e-12, rtol=1e-12)
 
 
 def test_jet_on_the_interpreter_matches_eager_float32() -> None:

@@ -310,6 +310,63 @@ def test_backward_from_output(target, case: str, kind: str, dtype: torch.dtype) 
             torch.testing.assert_close(e, a, atol=TOL[dtype][0], rtol=TOL[dtype][1])
 
 
+def _in_place(backend: str, y, t, r, gy, gl, kind: str) -> tuple[torch.Tensor, ...]:
+    """``(x, gx, gt, gr)`` of :func:`C.affine_coupling_backward_from_output_` on ``backend``, written over copies
+    of ``(y, gy, t, r)`` that are strided views (every other channel of a buffer twice their size)."""
+    owned = []
+    for v in (y, t, r, gy):
+        buffer = torch.zeros(v.shape[0], 2 * v.shape[1], *v.shape[2:], dtype=v.dtype, device=v.device)
+        owned.append(buffer[:, 1::2].copy_(v))
+    y_b, shift, raw, grad_y = owned
+    with fastflow.backend(backend):
+        assert C.affine_coupling_backward_from_output_(y_b, shift, raw, grad_y, gl, kind) is None
+    return y_b, grad_y, shift, raw
+
+
+@pytest.mark.parametrize("gl_given", [True, False], ids=["grad_logdet", "no_grad_logdet"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", ["sigmoid", "exp", "sigmoid2"])
+@pytest.mark.parametrize("case", ["odd", "channel_slice", "channels_last"])
+def test_backward_from_output_in_place_is_the_eager_twin_bit_for_bit(
+    case: str, kind: str, dtype: torch.dtype, gl_given: bool
+) -> None:
+    """The in-place reversible backward writes exactly the eager twin's ``(x, gx, gt, gr)`` over
+    ``(y, gy, t, r)``, on any layout (its inputs need not be contiguous)."""
+    x, t, r = make_inputs(case, dtype, "cpu")
+    gy = _randn(x.shape, dtype, "cpu")
+    gl = _randn((x.shape[0],), torch.float64 if dtype == torch.float64 else torch.float32, "cpu") if gl_given else None
+    with fastflow.backend("eager"):
+        y, _ = forward(kind, x, t, r)
+        expected = from_output(kind, y, t, r, gy, gl)
+    for got, want in zip(_in_place("eager", y, t, r, gy, gl, kind), expected):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["sigmoid", "exp", "sigmoid2"])
+def test_backward_from_output_in_place_on_the_kernels(target, kind: str, dtype: torch.dtype) -> None:
+    """On the kernel backends (and for half dtypes eagerly) the fused op's results are copied over the inputs,
+    the shift gradient first (for ``"exp"`` it is the upstream gradient that is then overwritten)."""
+    backend, device = target
+    x, t, r = make_inputs("odd", dtype, device)
+    gy = _randn(x.shape, dtype, device)
+    gl = _randn((x.shape[0],), torch.float32, device)
+    y, _ = forward(kind, x, t, r)
+    for name in (backend, "eager"):
+        with fastflow.backend(name):  # type: ignore[arg-type]
+            expected = from_output(kind, y, t, r, gy, gl)
+        for got, want in zip(_in_place(name, y, t, r, gy, gl, kind), expected):
+            assert torch.equal(got, want)
+
+
+def test_backward_from_output_in_place_checks_its_arguments() -> None:
+    y, t, r = (torch.randn(2, 3) for _ in range(3))
+    with pytest.raises(ValueError, match="grad_y"):
+        C.affine_coupling_backward_from_output_(y, t, r, y[:1].clone(), None, "sigmoid2")
+    with pytest.raises(ValueError, match="scale"):
+        C.affine_coupling_backward_from_output_(y, t, r, y.clone(), None, "tanh")  # type: ignore[arg-type]
+
+
 def test_kernel_reads_common_layouts_without_copies(target) -> None:
     from fastflow.kernels import coupling as K
 
