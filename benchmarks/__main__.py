@@ -13,7 +13,8 @@ vector data, held-out NLL and training-step time, and a conditional flow against
 :mod:`benchmarks.tabular`), ``jet_memory`` (a Jet training step at 32 and 64 couplings, per-coupling
 checkpointing vs reversible, peak memory and time; :mod:`benchmarks.bench_jet`). CUDA only: ``train_modes``
 (the step eager vs compiled vs CUDA graph in bf16, :mod:`benchmarks.step_modes`), ``largest_batch`` (the
-largest batch that fits at 256, 512 and 1024 pixels per backprop mode), ``flowstep_max_autotune``
+largest batch that fits at 256, 512 and 1024 pixels per backprop mode), ``jet_largest_batch`` (the same for a
+Jet at 256x256, standard, checkpoint and reversible; :mod:`benchmarks.bench_jet`), ``flowstep_max_autotune``
 (``flowstep``'s first size with ``torch.compile(mode="max-autotune")`` too). Each timed case checks the fused
 result against eager first and refuses to report a speed for a wrong answer.
 
@@ -71,10 +72,11 @@ CASES = (
     "jet_memory",
     "train_modes",
     "largest_batch",
+    "jet_largest_batch",
     "flowstep_max_autotune",
 )
 CPU_ONLY = ("train_step_cpu", "peers_glow", "tabular", "jet_memory")
-CUDA_ONLY = ("train_modes", "largest_batch", "flowstep_max_autotune")
+CUDA_ONLY = ("train_modes", "largest_batch", "jet_largest_batch", "flowstep_max_autotune")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -118,6 +120,8 @@ def _run_case(
         return step_modes.gpu_mode_rows(budget)
     if name == "largest_batch":
         return train_step.largest_batch_rows(device, resolutions, budget)
+    if name == "jet_largest_batch":
+        return bench_jet.jet_largest_batch_rows(device, budget)
     return train_step.resolution_sweep(device, quick, resolutions, budget)
 
 

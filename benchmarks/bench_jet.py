@@ -1,11 +1,16 @@
 """One Jet training step (forward + backward) at 32 and 64 couplings: peak activation memory and time of
-per-coupling checkpointing (``torch.utils.checkpoint`` of every layer) against reversible backprop.
+per-coupling checkpointing (``torch.utils.checkpoint`` of every layer) against reversible backprop; and, on CUDA,
+the largest batch whose training step fits at 256x256 for standard, checkpoint and reversible backprop.
 
 Peak memory is measured as in :mod:`benchmarks.train_step`: on the CPU the peak RSS (``VmHWM``, reset just before
 the second step) above the RSS before it, in a fresh subprocess per configuration with glibc serving allocations
 of 16 KiB and more by mmap (so RSS tracks live tensors); ``max_memory_allocated`` on CUDA. ``python -m benchmarks
 --cases jet_memory`` runs it; ``reversible_vs_checkpoint`` is the reversible peak over the checkpointing one at
 the same number of couplings (the target is <= 1/4).
+
+``python -m benchmarks --device cuda --cases jet_largest_batch``: a Jet of :data:`LARGE` (256x256 RGB in 16x16
+patches, 256 tokens of 768 features, 32 couplings, a ViT of width 256 and one block each, float32) trained on
+batches of 1, 2, 4, ... up to :data:`LARGEST_BATCH_CAP` until a step runs out of CUDA memory, per mode.
 """
 
 from __future__ import annotations
@@ -15,21 +20,37 @@ import json
 import os
 import subprocess
 import sys
+import time
+from functools import partial
 from typing import Any
 
 import torch
 
-from benchmarks.common import SKIPPED, Budget, median_ms
+from benchmarks.common import SKIPPED, Budget, largest_fitting_batch, median_ms
 from benchmarks.train_step import _reset_peak_rss_kb, _status_kb, checkpoint_every_layer
 from fastflow.models import Jet
 from fastflow.nn.reversible import deferred_guards
 
-__all__ = ["COUPLINGS", "MODES", "measure", "jet_memory_rows"]
+__all__ = ["COUPLINGS", "MODES", "LARGE", "LARGEST_BATCH_CAP", "measure", "jet_memory_rows", "jet_largest_batch_rows"]
 
 COUPLINGS = (32, 64)
 MODES = ("checkpoint", "reversible")
 # 32x32 RGB in 8x8 patches: 16 tokens of 192 features, a ViT of width 64 and one block per coupling
 BASE = {"resolution": 32, "patch_size": 8, "width": 64, "depth": 1, "heads": 4, "batch": 32}
+LARGE = {"resolution": 256, "patch_size": 16, "width": 256, "depth": 1, "heads": 4, "couplings": 32}
+LARGEST_BATCH_CAP = 4096
+"""The largest batch :func:`jet_largest_batch_rows` tries (a power of two): a row that reaches it says ``capped``."""
+
+
+def _set_mode(model: Jet, mode: str) -> None:
+    """Switch ``model`` (its weights unchanged) to ``"standard"`` backprop or one of :data:`MODES`."""
+    if mode not in ("standard", *MODES):
+        raise ValueError(f"mode must be 'standard' or one of {MODES}, got {mode!r}")
+    block = model.blocks[0]
+    vars(block).pop("forward", None)  # undo an earlier checkpoint mode
+    model.reversible = mode == "reversible"
+    if mode == "checkpoint":
+        checkpoint_every_layer(block)
 
 
 def _model_and_batch(cfg: dict[str, Any], device: torch.device) -> tuple[Jet, torch.Tensor]:
@@ -38,11 +59,7 @@ def _model_and_batch(cfg: dict[str, Any], device: torch.device) -> tuple[Jet, to
         3, cfg["resolution"], patch_size=cfg["patch_size"], couplings=cfg["couplings"], width=cfg["width"],
         depth=cfg["depth"], heads=cfg["heads"],
     ).to(device)  # fmt: skip
-    if cfg["mode"] not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {cfg['mode']!r}")
-    model.reversible = cfg["mode"] == "reversible"
-    if cfg["mode"] == "checkpoint":
-        checkpoint_every_layer(model.blocks[0])
+    _set_mode(model, cfg["mode"])
     for p in model.parameters():  # gradients are model state, not activations: allocate them up front
         p.grad = torch.zeros_like(p)
     x = torch.rand(cfg["batch"], 3, cfg["resolution"], cfg["resolution"], device=device) - 0.5
@@ -103,6 +120,51 @@ def jet_memory_rows(device: torch.device, quick: bool, budget: Budget | None = N
         if all("peak_mb" in r for r in pair):
             pair[1]["reversible_vs_checkpoint"] = pair[1]["peak_mb"] / pair[0]["peak_mb"]
         rows += pair
+    return rows
+
+
+def _fits(model: Jet, batch: int, device: torch.device) -> bool:
+    """Whether one training step of ``model`` on a batch of ``batch`` images fits in CUDA memory."""
+    try:
+        x = torch.rand(batch, 3, LARGE["resolution"], LARGE["resolution"], device=device) - 0.5
+        _step(model, x)
+        torch.cuda.synchronize(device)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        x = None
+        model.zero_grad(set_to_none=False)
+        torch.cuda.empty_cache()
+
+
+def jet_largest_batch_rows(device: torch.device, budget: Budget | None = None) -> list[dict[str, Any]]:
+    """``jet_largest_batch``: for standard, checkpoint and reversible backprop, the largest power-of-two batch (up
+    to :data:`LARGEST_BATCH_CAP`) whose training step of one :data:`LARGE` Jet fits in CUDA memory (0 when batch
+    1 does not); a search stopped by ``budget`` keeps what it found with ``search: "stopped: time"``, a mode not
+    started says ``skipped: time``."""
+    budget = budget or Budget()
+    rows: list[dict[str, Any]] = []
+    model = None
+    for mode in ("standard", *MODES):
+        if budget.expired():
+            rows.append({**LARGE, "mode": mode, **SKIPPED})
+            continue
+        if model is None:
+            model, _ = _model_and_batch({**LARGE, "mode": mode, "batch": 1}, device)
+        _set_mode(model, mode)
+        start = time.perf_counter()
+        best, search = largest_fitting_batch(partial(_fits, model, device=device), LARGEST_BATCH_CAP, budget)
+        rows.append(
+            {
+                **LARGE,
+                "mode": mode,
+                "largest_batch": best,
+                "capped": best == LARGEST_BATCH_CAP,
+                "search": search,
+                "search_s": round(time.perf_counter() - start, 1),
+            }
+        )
     return rows
 
 

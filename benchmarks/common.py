@@ -21,6 +21,7 @@ __all__ = [
     "BoxedProcess",
     "Budget",
     "SKIPPED",
+    "largest_fitting_batch",
     "median_ms",
     "peak_mib",
     "copy_bandwidth_gbs",
@@ -61,6 +62,20 @@ class Budget:
     def expired(self) -> bool:
         """Whether the time is up."""
         return self.remaining() <= 0
+
+
+def largest_fitting_batch(fits: Callable[[int], bool], cap: int, budget: Budget) -> tuple[int, str]:
+    """The largest power-of-two batch up to ``cap`` for which ``fits(batch)`` (0 when batch 1 does not fit),
+    trying 1, 2, 4, ... until one does not fit, and the search's status: ``"done"``, or ``"stopped: time"``
+    when ``budget`` expired first (what was found so far is returned)."""
+    best, batch = 0, 1
+    while batch <= cap:
+        if budget.expired():
+            return best, "stopped: time"
+        if not fits(batch):
+            break
+        best, batch = batch, batch * 2
+    return best, "done"
 
 
 class BoxedProcess:

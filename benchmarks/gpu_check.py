@@ -12,7 +12,10 @@ use whatever earlier steps left, but never the time reserved for the steps after
    batch 64) and 256x256 (L=6, K=32, hidden 512, batch 4);
 6. ``largest_batch``: the largest batch that fits at 256, 512 and 1024 pixels for standard, checkpoint,
    reversible and tiled backprop;
-7. ``flowstep_max_autotune``: only with the time left (``torch.compile`` max-autotune takes minutes).
+7. ``jet_largest_batch``: the largest batch that fits for a Jet at 256x256 (standard, checkpoint, reversible),
+   issue 16's GPU figure, only with the time left (no reserve: the six steps above fill the budget; when it is
+   skipped, ``make gpu-bench BENCH_ARGS="--cases jet_largest_batch"`` is the second call of the split);
+8. ``flowstep_max_autotune``: only with the time left (``torch.compile`` max-autotune takes minutes).
 
 A benchmark step gets ``--deadline`` (its box less :data:`SOFT_MARGIN_S`): it stops starting work and writes
 what it measured, marking the rest ``skipped: time``; at the end of its box it is killed (with its children).
@@ -81,6 +84,7 @@ PLAN = (
     _bench("spline", 50, min_s=30),
     _bench("train_modes", 130, min_s=60),
     _bench("largest_batch", 80, min_s=30),
+    _bench("jet_largest_batch", 0, min_s=30),
     _bench("flowstep_max_autotune", 0, min_s=90),
 )
 """The steps of ``make gpu-check``, in order; the reserves add up to 435 s of the default 460."""

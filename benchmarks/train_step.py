@@ -19,12 +19,13 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from benchmarks.common import SKIPPED, Budget, median_ms
+from benchmarks.common import SKIPPED, Budget, largest_fitting_batch, median_ms
 from fastflow.models import Glow
 from fastflow.nn import FlowSequential
 
@@ -236,6 +237,11 @@ def _fits(model: Glow, x: torch.Tensor) -> bool:
         torch.cuda.empty_cache()
 
 
+def _fits_batch(model: Glow, x: torch.Tensor, batch: int) -> bool:
+    """:func:`_fits` on a fresh batch of ``batch`` samples shaped like ``x``."""
+    return _fits(model, x.new_empty(batch, *x.shape[1:]).uniform_(-0.5, 0.5))
+
+
 def largest_batch_rows(
     device: torch.device, resolutions: tuple[int, ...] | None = None, budget: Budget | None = None
 ) -> list[dict[str, Any]]:
@@ -261,16 +267,14 @@ def largest_batch_rows(
                 rows.append({**base, "mode": mode, **SKIPPED})
                 continue
             start = time.perf_counter()
-            best, batch, search = 0, 1, "done"
+            best, search = 0, "done"
             if model is not None and x is not None:
                 _set_mode(model, mode, tile_budget_mb=1024)
-                while batch <= LARGEST_BATCH_CAP:
-                    if budget.expired():
-                        search = "stopped: time"
-                        break
-                    if not _fits(model, x.new_empty(batch, *x.shape[1:]).uniform_(-0.5, 0.5)):
-                        break
-                    best, batch = batch, batch * 2
+                best, search = largest_fitting_batch(
+                    partial(_fits_batch, model, x),
+                    LARGEST_BATCH_CAP,
+                    budget,
+                )
             rows.append(
                 {
                     **base,

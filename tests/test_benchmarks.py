@@ -199,7 +199,8 @@ def test_gpu_check_plan_follows_the_issue_and_fits_its_deadline():
     from benchmarks.gpu_check import PLAN, deadlines
 
     assert [s.name for s in PLAN] == [
-        "gpu-tests", "coupling", "flowstep", "spline", "train_modes", "largest_batch", "flowstep_max_autotune",
+        "gpu-tests", "coupling", "flowstep", "spline", "train_modes", "largest_batch", "jet_largest_batch",
+        "flowstep_max_autotune",
     ]  # fmt: skip
     assert PLAN[0].env["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] == "1"
     ends = deadlines(PLAN, start=0.0, total_s=460.0)
@@ -252,6 +253,34 @@ def test_largest_batch_search_doubles_to_the_cap_and_stops_at_its_budget(monkeyp
     rows = train_step.largest_batch_rows(torch.device("cpu"), resolutions=(256,), budget=_ExpiresAfter(3))
     assert (rows[0]["largest_batch"], rows[0]["search"]) == (1, "stopped: time")
     assert [r.get("skipped") for r in rows[1:]] == ["time"] * 3
+
+
+def test_jet_largest_batch_search_per_mode_and_its_budget(monkeypatch):
+    """The Jet search's logic, without a GPU: a fake step fits up to a per-mode batch; the checkpoint mode wraps
+    the block's layers and the other modes undo it."""
+    from benchmarks import bench_jet
+
+    fits_up_to = {"standard": 4, "checkpoint": 64, "reversible": 10**6}
+    seen = []
+
+    def fake_fits(model, batch, device):
+        mode = "reversible" if model.reversible else "checkpoint" if "forward" in vars(model.blocks[0]) else "standard"
+        seen.append(mode)
+        return batch <= fits_up_to[mode]
+
+    small = {**bench_jet.LARGE, "resolution": 8, "patch_size": 4, "width": 8, "couplings": 2}
+    monkeypatch.setattr(bench_jet, "LARGE", small)
+    monkeypatch.setattr(bench_jet, "_fits", fake_fits)
+    rows = bench_jet.jet_largest_batch_rows(torch.device("cpu"))
+    assert {r["mode"]: (r["largest_batch"], r["capped"], r["search"]) for r in rows} == {
+        "standard": (4, False, "done"), "checkpoint": (64, False, "done"),
+        "reversible": (bench_jet.LARGEST_BATCH_CAP, True, "done"),
+    }  # fmt: skip
+    assert set(seen) == {"standard", "checkpoint", "reversible"}
+
+    rows = bench_jet.jet_largest_batch_rows(torch.device("cpu"), budget=_ExpiresAfter(2))
+    assert (rows[0]["largest_batch"], rows[0]["search"]) == (1, "stopped: time")
+    assert [r.get("skipped") for r in rows[1:]] == ["time"] * 2
 
 
 def test_tabular_case_rows_and_time_box(monkeypatch):
