@@ -20,7 +20,8 @@ Providers:
 
 ``compile`` and ``fused`` are checked before they are timed: their largest errors against float64 eager must be at
 most twice eager's own plus a small ``atol`` (a mismatch raises); zuko's and nflows' maps differ, so they are
-timed only. ``median_ms`` is the median wall time of forward + backward (CUDA events on CUDA); ``gbps`` is
+timed only. ``median_ms`` is the median wall time of forward + backward, the providers timed side by side in
+rounds on the CPU (:func:`benchmarks.common.interleaved_medians_ms`; CUDA events on CUDA); ``gbps`` is
 the fused kernels' byte count, ``(3P + 5) E`` per element of ``x`` (``P = 3K - 1``, ``E`` the element size;
 :mod:`fastflow.kernels.spline`), over that time for every provider (an effective rate for the others, which
 move more); ``saved_mb`` is what the provider keeps saved for backward:
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 
 import fastflow
-from benchmarks.common import SKIPPED, Budget, MismatchError, median_ms, peak_mib
+from benchmarks.common import SKIPPED, Budget, MismatchError, interleaved_medians_ms, peak_mib
 from fastflow.backend import interpreter_enabled, triton_available
 from fastflow.ops.spline import rq_spline, rq_spline_ref
 
@@ -51,7 +52,7 @@ TARGET_SIZE = (4096, 16, 8)
 QUICK_SIZES = (TARGET_SIZE, (4096, 64, 16))
 BOUND = 3.0
 _ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # slack of the three-way check
-_REPS = {True: 5, False: 20}  # CPU repeats for quick / full runs (CUDA uses do_bench's own)
+_ROUNDS = {True: 5, False: 10}  # CPU rounds of three timed calls for quick / full runs (CUDA: do_bench's own)
 
 Spline = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -101,6 +102,16 @@ def _fwd_bwd(
         return (y, logdet, *torch.autograd.grad((y, logdet), (x, raw), (grad_y, grad_logdet.to(logdet.dtype))))
 
     return step
+
+
+def _in_backend(backend: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run on the fastflow ``backend``."""
+
+    def run(*args: Any) -> Any:
+        with fastflow.backend(backend):  # type: ignore[arg-type]
+            return fn(*args)
+
+    return run
 
 
 def saved_bytes(spline: Spline, x: torch.Tensor, raw: torch.Tensor) -> int:
@@ -154,22 +165,28 @@ def _size_rows(size: Sequence[int], dtype: torch.dtype, device: torch.device, qu
     nbytes = x.numel() * x.element_size() * (3 * params + 5)
     base = {"op": "spline", "pass": "fwd+bwd", "batch": batch, "features": features, "bins": bins}
     base.update(dtype=str(dtype).replace("torch.", ""), device=str(device))
-    rows = []
-    for name, (backend, spline) in _providers(bins, device).items():
+    timed, memory = {}, {}
+    providers = _providers(bins, device)
+    for name, (backend, spline) in providers.items():
         if spline is None:
+            continue
+        fn = _in_backend(backend, _fwd_bwd(spline, grad_y, grad_logdet))
+        if name == "eager":
+            eager_errors = _max_errors(fn(x, raw), want)
+        elif name in ("compile", "fused"):
+            _check(f"spline {tuple(size)} {name}", fn(x, raw), eager_errors, want, _ATOL[dtype])
+        with fastflow.backend(backend):  # type: ignore[arg-type]
+            saved_mb = saved_bytes(spline, x, raw) / 2**20
+        memory[name] = {"saved_mb": saved_mb, "peak_mem_mb": peak_mib(lambda fn=fn: fn(x, raw), device)}
+        timed[name] = lambda fn=fn: fn(x, raw)
+    medians = interleaved_medians_ms(timed, device, _ROUNDS[quick])
+    rows: list[dict[str, Any]] = []
+    for name in providers:
+        if name not in medians:
             rows.append({**base, "provider": name, "skipped": "not installed"})
             continue
-        fn = _fwd_bwd(spline, grad_y, grad_logdet)
-        with fastflow.backend(backend):  # type: ignore[arg-type]
-            if name == "eager":
-                eager_errors = _max_errors(fn(x, raw), want)
-            elif name in ("compile", "fused"):
-                _check(f"spline {tuple(size)} {name}", fn(x, raw), eager_errors, want, _ATOL[dtype])
-            ms = median_ms(lambda fn=fn: fn(x, raw), device, reps=_REPS[quick])
-            peak = peak_mib(lambda fn=fn: fn(x, raw), device)
-            saved = saved_bytes(spline, x, raw)
-        rows.append({**base, "provider": name, "median_ms": ms, "gbps": nbytes / ms / 1e6, "saved_mb": saved / 2**20})
-        rows[-1]["peak_mem_mb"] = peak
+        ms = medians[name]
+        rows.append({**base, "provider": name, "median_ms": ms, "gbps": nbytes / ms / 1e6, **memory[name]})
     eager_ms = next(r["median_ms"] for r in rows if r["provider"] == "eager")
     for row in rows:
         if "median_ms" in row:

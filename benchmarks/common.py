@@ -23,6 +23,7 @@ __all__ = [
     "SKIPPED",
     "largest_fitting_batch",
     "median_ms",
+    "interleaved_medians_ms",
     "peak_mib",
     "copy_bandwidth_gbs",
     "environment",
@@ -158,6 +159,27 @@ def median_ms(fn: Callable[[], Any], device: torch.device, reps: int = 20, warmu
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_medians_ms(
+    fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int = 20, calls: int = 3
+) -> dict[str, float]:
+    """Median wall time in milliseconds of each of ``fns``, measured side by side: on the CPU ``rounds`` rounds
+    in which every function in turn makes one untimed call (its caches and allocations warm again after the
+    others ran) and ``calls`` timed ones (``time.perf_counter``), so that a slow spell of a shared machine lands
+    on all of them rather than on whichever ran then; on CUDA :func:`median_ms` of each (CUDA events, whose
+    times do not depend on the host's load)."""
+    if device.type == "cuda":
+        return {name: median_ms(fn, device) for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()
+            for _ in range(calls):
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def peak_mib(fn: Callable[[], Any], device: torch.device) -> float | None:

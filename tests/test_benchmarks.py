@@ -124,6 +124,16 @@ class _ExpiresAfter(Budget):
         return self.checks < 0
 
 
+def test_interleaved_medians_time_each_function_in_turn():
+    from benchmarks.common import interleaved_medians_ms
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    medians = interleaved_medians_ms(fns, torch.device("cpu"), rounds=4, calls=2)
+    assert list(medians) == ["a", "b", "c"] and all(m >= 0 for m in medians.values())
+    assert calls == (["a"] * 3 + ["b"] * 3 + ["c"] * 3) * 4  # per round each in turn: one warm call, two timed
+
+
 def test_budget_takes_the_earlier_of_its_limits():
     now = time.time()
     assert Budget.of().remaining() == float("inf") and not Budget.of().expired()
