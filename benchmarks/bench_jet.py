@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import SKIPPED, Budget, largest_fitting_batch, median_ms
+from benchmarks.common import SKIPPED, Budget, largest_fitting_batch, median_ms, out_of_memory
 from benchmarks.train_step import _reset_peak_rss_kb, _status_kb, checkpoint_every_layer
 from fastflow.models import Jet
 from fastflow.nn.reversible import deferred_guards
@@ -130,7 +130,9 @@ def _fits(model: Jet, batch: int, device: torch.device) -> bool:
         _step(model, x)
         torch.cuda.synchronize(device)
         return True
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one
+        if not out_of_memory(error):
+            raise
         return False
     finally:
         x = None

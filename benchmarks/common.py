@@ -22,6 +22,7 @@ __all__ = [
     "Budget",
     "SKIPPED",
     "largest_fitting_batch",
+    "out_of_memory",
     "median_ms",
     "interleaved_medians_ms",
     "peak_mib",
@@ -63,6 +64,16 @@ class Budget:
     def expired(self) -> bool:
         """Whether the time is up."""
         return self.remaining() <= 0
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says CUDA ran out of memory: ``torch.cuda.OutOfMemoryError``, or a library's own
+    allocation failure surfacing as a ``RuntimeError`` (cuBLAS ``CUBLAS_STATUS_ALLOC_FAILED``, cuDNN, an
+    attention kernel's workspace)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text)
 
 
 def largest_fitting_batch(fits: Callable[[int], bool], cap: int, budget: Budget) -> tuple[int, str]:

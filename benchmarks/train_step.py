@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from benchmarks.common import SKIPPED, Budget, largest_fitting_batch, median_ms
+from benchmarks.common import SKIPPED, Budget, largest_fitting_batch, median_ms, out_of_memory
 from fastflow.models import Glow
 from fastflow.nn import FlowSequential
 
@@ -230,7 +230,9 @@ def _fits(model: Glow, x: torch.Tensor) -> bool:
         _step(model, x)
         torch.cuda.synchronize()
         return True
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one
+        if not out_of_memory(error):
+            raise
         return False
     finally:
         model.zero_grad(set_to_none=False)

@@ -265,6 +265,15 @@ def test_largest_batch_search_doubles_to_the_cap_and_stops_at_its_budget(monkeyp
     assert [r.get("skipped") for r in rows[1:]] == ["time"] * 3
 
 
+def test_out_of_memory_recognises_cuda_and_library_allocation_failures():
+    from benchmarks.common import out_of_memory
+
+    assert out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"))
+    assert not out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not out_of_memory(ValueError("out of memory"))
+
+
 def test_jet_largest_batch_search_per_mode_and_its_budget(monkeypatch):
     """The Jet search's logic, without a GPU: a fake step fits up to a per-mode batch; the checkpoint mode wraps
     the block's layers and the other modes undo it."""

@@ -7,8 +7,10 @@ takes ``g a W2`` and, in place, ``dL/dh = (g W2) * GELU'(h)``:
 
     ``dW2 = g^T a``, ``db2 = sum g``, ``dW1 = (dL/dh)^T x``, ``db1 = sum dL/dh``, ``dL/dx = (dL/dh) W1``.
 
-Under autocast the products run in the dtype autocast gave ``h``; weight gradients come back in the weights'
-dtype and the input's gradient in the input's.
+Under autocast the products run in the dtype autocast gave ``h`` (``x`` is saved in it, as autograd saves the
+low-precision copy a linear reads); weight gradients come back in the weights' dtype and the input's gradient in
+the input's. The backward is not differentiable again (``create_graph=True`` raises, never a silent zero); under
+functorch transforms (``torch.func.grad``, ``vmap``) the plain composition runs instead.
 """
 
 from __future__ import annotations
@@ -28,32 +30,39 @@ class _GeluMLP(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
     ) -> torch.Tensor:
         h = F.linear(x, w1, b1)
-        ctx.save_for_backward(x, h, w1, w2)
-        ctx.bias_dtypes = b1.dtype, b2.dtype
+        ctx.save_for_backward(x.to(h.dtype), h, w1, w2)
+        ctx.dtypes = x.dtype, b1.dtype, b2.dtype
         return F.linear(F.gelu(h), w2, b2)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: its in-place products record no graph
+            raise RuntimeError(
+                "gelu_mlp (the ViT's MLP) has no double backward (create_graph=True); run the plain "
+                "fc2(GELU(fc1(x))) where second derivatives are needed"
+            )
         x, h, w1, w2 = ctx.saved_tensors
-        dtype = h.dtype
-        rows = h.numel() // h.shape[-1]
-        h2, g2, x2 = h.reshape(rows, -1), grad.to(dtype).reshape(rows, -1), x.to(dtype).reshape(rows, -1)
-        w1c, w2c = w1.to(dtype), w2.to(dtype)
+        x_dtype, b1_dtype, b2_dtype = ctx.dtypes
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        dtype, width = h.dtype, h.shape[-1]
+        h2, g2, x2 = h.reshape(-1, width), grad.to(dtype).reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
         hidden = F.gelu(h2)  # a = GELU(h), recomputed
-        grad_w2 = g2.T @ hidden
-        torch.mm(g2, w2c, out=hidden)  # the buffer now holds dL/da
+        grad_w2 = (g2.T @ hidden).to(w2.dtype) if need_w2 else None
+        grad_b2 = g2.sum(0).to(b2_dtype) if need_b2 else None
+        torch.mm(g2, w2.to(dtype), out=hidden)  # the buffer now holds dL/da
         torch.ops.aten.gelu_backward.grad_input(hidden, h2, grad_input=hidden)  # and now dL/dh, in place
-        grad_w1 = hidden.T @ x2
-        grad_x = (hidden @ w1c).reshape(x.shape).to(x.dtype)
-        b1_dtype, b2_dtype = ctx.bias_dtypes
-        return (
-            grad_x, grad_w1.to(w1.dtype), hidden.sum(0).to(b1_dtype), grad_w2.to(w2.dtype), g2.sum(0).to(b2_dtype)
-        )  # fmt: skip
+        grad_w1 = (hidden.T @ x2).to(w1.dtype) if need_w1 else None
+        grad_b1 = hidden.sum(0).to(b1_dtype) if need_b1 else None
+        grad_x = (hidden @ w1.to(dtype)).reshape(x.shape).to(x_dtype) if need_x else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
 def gelu_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
     """``fc2(GELU(fc1(x)))`` (exact, erf GELU) for ``x`` ``(..., fc1.in_features)``, saving ``x`` and ``fc1(x)``
-    for backward but not ``GELU(fc1(x))`` (module docstring); both linears need biases."""
+    for backward but not ``GELU(fc1(x))`` (module docstring); both linears need biases. The linears' own
+    ``forward`` (and their hooks) are not called: their parameters are."""
     if fc1.bias is None or fc2.bias is None:
         raise ValueError("gelu_mlp needs linears with biases")
+    if torch._C._are_functorch_transforms_active():
+        return fc2(F.gelu(fc1(x)))
     return _GeluMLP.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)

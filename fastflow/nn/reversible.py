@@ -5,9 +5,11 @@ walks the layers from the last: it rebuilds each layer's input from its output w
 recomputes that one layer with a graph, and backpropagates through it, so activation memory does not grow
 with depth. A layer may provide ``backward_from_output(y, grad_y, grad_logdet, context)`` to rebuild its input
 and compute its gradients in one fused pass (the couplings do); others use ``inverse`` then recompute. A layer's
-``backward_from_handed(handed, grad_logdet, context)``, where it has one, is called instead with ``handed = [y,
-grad_y]``, which it empties: the walk keeps no reference to them, so the layer frees them as soon as it is done
-with them (Jet's couplings drop them once their halves are gathered). The walk
+``backward_from_handed(handed, grad_logdet, context)``, where it has one and takes no share of batched weights, is
+called instead with ``handed = [y, grad_y]``, which it empties: the walk keeps no reference to them, so the layer
+frees them as soon as it is done with them (Jet's couplings drop them once their halves are gathered). The
+chain's own ``grad_y`` is held by autograd for the whole backward, so only the walk's later ones are freed. The
+walk
 is over :func:`~fastflow.nn.actnorm_invconv.chain_units`: an ActNorm directly followed by an InvConv1x1 is one
 unit, run and recomputed as the one fused op. Units that share parameter-only work (``batched_weights``: the
 ``C x C`` weights of a Glow level's pairs) get it batched as in standard mode: once for the forward, and in

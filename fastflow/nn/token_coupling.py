@@ -48,7 +48,8 @@ class TokenCoupling(FlowLayer):
     output keeps the input's token and feature order. ``context_features > 0``: the conditioner cross-attends to a
     ``context`` ``(B, context_features)`` or ``(B, M, context_features)``, which ``forward`` and ``inverse`` need.
     The conditioner's output is cast to ``x``'s dtype, so under autocast the ViT runs in low precision and the
-    transform in ``x``'s. ``backward_from_output`` serves reversible backprop (:mod:`fastflow.nn.reversible`).
+    transform in ``x``'s. ``backward_from_handed`` serves reversible backprop (:mod:`fastflow.nn.reversible`);
+    ``backward_from_output`` is the same with ``y`` and ``grad_y`` passed as arguments.
     """
 
     def __init__(
@@ -203,6 +204,8 @@ class TokenCoupling(FlowLayer):
         y, grad_y = handed
         handed.clear()
         y = self._check_tokens("y", y)
+        if grad_y.shape != y.shape:
+            raise ValueError(f"grad_y must have y's shape {tuple(y.shape)}, got {tuple(grad_y.shape)}")
         shaped = self._check_context(context, y)
         inputs = [p for p in self.parameters() if p.requires_grad]
         if shaped is not None and context.requires_grad:
@@ -224,7 +227,11 @@ class TokenCoupling(FlowLayer):
         a.grad = grad_y_a  # accumulated into, in place
         torch.autograd.backward([out], [grad_out], inputs=[a, *inputs])
         del grad_out, out
-        return self._joined(a.detach(), y_b), self._joined(a.grad, grad_y_b)
+        x = self._joined(a.detach(), y_b)
+        del y_b
+        grad_x_a = a.grad
+        del a
+        return x, self._joined(grad_x_a, grad_y_b)
 
     def _joined(self, part_a: torch.Tensor, part_b: torch.Tensor) -> torch.Tensor:
         """The whole ``(B, N, F)`` tensor of the conditioning and transformed parts (laid out as :meth:`_halves`

@@ -40,7 +40,9 @@ class _Attention(nn.Module):
 class ViTBlock(nn.Module):
     """Pre-norm transformer block: ``x += SelfAttn(LN(x))``, then ``x += CrossAttn(LN(x), context)`` when
     ``cross`` (zero-initialised output), then ``x += MLP(LN(x))`` (``E -> mlp_ratio * E -> E``, GELU; run by
-    :func:`~fastflow.nn.gelu_mlp.gelu_mlp`, which keeps one hidden-size tensor for backward, not two)."""
+    :func:`~fastflow.nn.gelu_mlp.gelu_mlp` on ``mlp``'s two linears, which keeps one hidden-size tensor for
+    backward, not two: ``mlp`` stays an ``nn.Sequential`` for its ``state_dict`` keys, but its modules' own
+    ``forward`` and hooks are not called)."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: int = 4, cross: bool = False) -> None:
         super().__init__()

@@ -602,15 +602,19 @@ def affine_coupling_backward_from_output_(
     scale: ScaleKind = "sigmoid",
 ) -> None:
     """:func:`affine_coupling_backward_from_output` written over its inputs: ``y_b`` becomes ``x_b``, ``grad_y``
-    ``grad_x``, ``shift`` ``grad_shift`` and ``raw`` ``grad_raw`` (four distinct tensors the caller owns, such as
-    halves a reversible walk gathered), so the results take no new memory of their size.
+    ``grad_x``, ``shift`` ``grad_shift`` and ``raw`` ``grad_raw`` (four distinct, non-overlapping tensors the caller
+    owns, none requiring grad, such as halves a reversible walk gathered).
 
-    The eager path (float32 / float64) computes in place with at most three scratch tensors of that size, with
-    the results of the eager twin bit for bit; the Triton backends, and half dtypes, run the fused (or eager) op
-    and copy its results over (there is no in-place kernel). Not differentiable.
+    The eager path (float32 / float64) computes in place with at most three scratch tensors of their size, so the
+    results take no new memory, and gives the eager twin's results bit for bit. The Triton backends, and half
+    dtypes, run the fused (or eager) op and copy its results over: there is no in-place kernel, so on those the
+    op's outputs exist beside the inputs until copied. Not differentiable.
     """
     _check_affine_args("y_b", y_b, shift, raw, scale, None)
     _check_upstream(grad_y, grad_logdet, y_b)
+    for name, t in (("y_b", y_b), ("shift", shift), ("raw", raw), ("grad_y", grad_y)):
+        if t.requires_grad:
+            raise ValueError(f"{name} requires grad: the in-place backward writes over it (pass a detached tensor)")
     if not _use_kernel(y_b) and y_b.dtype in (torch.float32, torch.float64):
         _backward_from_output_in_place_ref(y_b, shift, raw, grad_y, grad_logdet, scale)
         return

@@ -208,6 +208,8 @@ def test_token_coupling_frees_the_handed_output_before_its_vit_runs(split: str) 
     torch.testing.assert_close(got[0], x, atol=1e-12, rtol=1e-12)
     for p, e in zip(layer.parameters(), expected_grads):
         torch.testing.assert_close(p.grad, e, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="grad_y must have y's shape"):
+        layer.backward_from_output(y, torch.randn(3, 8, 7, dtype=torch.float64), gl)
 
 
 def test_jet_on_the_interpreter_matches_eager_float32() -> None:

@@ -35,7 +35,7 @@ class _Fused(nn.Module):
         return gelu_mlp(x, self.mlp[0], self.mlp[2])
 
 
-@pytest.mark.parametrize("shape", [(7, 6), (2, 3, 6), (1, 1, 1, 6)])
+@pytest.mark.parametrize("shape", [(7, 6), (2, 3, 6), (1, 1, 1, 6), (0, 6), (2, 0, 6)])
 def test_matches_the_sequential_mlp(shape: tuple[int, ...]) -> None:
     mlp = _mlp()
     x = torch.randn(shape, requires_grad=True)
@@ -93,6 +93,38 @@ def test_compiles_forward_and_backward() -> None:
     x = torch.randn(4, 6, requires_grad=True)
     compiled = torch.compile(lambda x: gelu_mlp(x, mlp[0], mlp[2]), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), mlp(x))
+    (g,) = torch.autograd.grad(compiled(x).sum(), [x])
+    (w,) = torch.autograd.grad(mlp(x).sum(), [x])
+    torch.testing.assert_close(g, w)
+
+
+def test_skips_the_gradients_no_input_needs() -> None:
+    mlp = _mlp()
+    mlp[0].weight.requires_grad_(False)
+    x = torch.randn(5, 6)  # no gradient wanted for the input either
+    gelu_mlp(x, mlp[0], mlp[2]).sum().backward()
+    want = [p.grad.clone() for p in mlp.parameters() if p.requires_grad]
+    mlp.zero_grad(set_to_none=True)
+    mlp(x).sum().backward()
+    assert mlp[0].weight.grad is None
+    for g, w in zip(want, [p.grad for p in mlp.parameters() if p.requires_grad]):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+
+
+def test_second_backward_raises_and_functorch_runs_the_plain_mlp() -> None:
+    mlp = _mlp(torch.float64)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(gelu_mlp(x, mlp[0], mlp[2]).sum(), [x], create_graph=True)
+    got = torch.func.grad(lambda v: gelu_mlp(v, mlp[0], mlp[2]).sum())(x.detach())
+    want = torch.func.grad(lambda v: mlp(v).sum())(x.detach())
+    torch.testing.assert_close(got, want)
+
+
+def test_compiles_with_inductor() -> None:
+    mlp = _mlp()
+    x = torch.randn(4, 6, requires_grad=True)
+    compiled = torch.compile(lambda x: gelu_mlp(x, mlp[0], mlp[2]), fullgraph=True)
     (g,) = torch.autograd.grad(compiled(x).sum(), [x])
     (w,) = torch.autograd.grad(mlp(x).sum(), [x])
     torch.testing.assert_close(g, w)

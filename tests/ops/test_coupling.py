@@ -365,6 +365,8 @@ def test_backward_from_output_in_place_checks_its_arguments() -> None:
         C.affine_coupling_backward_from_output_(y, t, r, y[:1].clone(), None, "sigmoid2")
     with pytest.raises(ValueError, match="scale"):
         C.affine_coupling_backward_from_output_(y, t, r, y.clone(), None, "tanh")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="raw requires grad"):
+        C.affine_coupling_backward_from_output_(y, t, r.requires_grad_(), y.clone(), None, "sigmoid2")
 
 
 def test_kernel_reads_common_layouts_without_copies(target) -> None:
