@@ -42,7 +42,7 @@ from benchmarks.common import SKIPPED, Budget, MismatchError, interleaved_median
 from fastflow.backend import interpreter_enabled, triton_available
 from fastflow.ops.spline import rq_spline, rq_spline_ref
 
-__all__ = ["BATCHES", "BINS", "FEATURES", "QUICK_SIZES", "run", "saved_bytes"]
+__all__ = ["BATCHES", "BINS", "FEATURES", "QUICK_SIZES", "grid_sizes", "run", "saved_bytes"]
 
 BATCHES = (4096, 65536)
 FEATURES = (8, 64)
@@ -50,6 +50,18 @@ BINS = (8, 16)
 TARGET_SIZE = (4096, 16, 8)
 """Issue 15's target size (``B``, ``D``, ``K``): timed first, before the grid."""
 QUICK_SIZES = (TARGET_SIZE, (4096, 64, 16))
+
+
+def grid_sizes() -> list[tuple[int, int, int]]:
+    """The full run's sizes: :data:`TARGET_SIZE`, then the grid with the batch sizes taken in turn, the largest
+    ``D`` and ``K`` first within each: a run cut by its time box (``make gpu-check``'s spline step) has rows at
+    both batch sizes, not only at the first."""
+    per_batch = [
+        [(b, d, k) for d in sorted(FEATURES, reverse=True) for k in sorted(BINS, reverse=True)] for b in BATCHES
+    ]
+    return [TARGET_SIZE, *(size for sizes in zip(*per_batch) for size in sizes)]
+
+
 BOUND = 3.0
 _ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # slack of the three-way check
 _ROUNDS = {True: 5, False: 10}  # CPU rounds of three timed calls for quick / full runs (CUDA: do_bench's own)
@@ -207,7 +219,7 @@ def run(
     """
     device = torch.device(device)
     if sizes is None:
-        sizes = QUICK_SIZES if quick else [TARGET_SIZE] + [(b, d, k) for b in BATCHES for d in FEATURES for k in BINS]
+        sizes = QUICK_SIZES if quick else grid_sizes()
     rows: list[dict[str, Any]] = []
     for size in sizes:
         if budget is not None and budget.expired():

@@ -302,6 +302,15 @@ def test_jet_largest_batch_search_per_mode_and_its_budget(monkeypatch):
     assert [r.get("skipped") for r in rows[1:]] == ["time"] * 2
 
 
+def test_spline_grid_takes_the_batch_sizes_in_turn():
+    from benchmarks.bench_spline import BATCHES, BINS, FEATURES, TARGET_SIZE, grid_sizes
+
+    sizes = grid_sizes()
+    assert sizes[0] == TARGET_SIZE
+    assert sorted(sizes[1:]) == sorted((b, d, k) for b in BATCHES for d in FEATURES for k in BINS)
+    assert [b for b, _, _ in sizes[1:5]] == [4096, 65536, 4096, 65536]  # a cut run has rows at both
+
+
 def test_tabular_case_rows_and_time_box(monkeypatch):
     """The ``tabular`` case at a few steps: every dataset and library gets a finite held-out NLL and a step time,
     the conditional rows compare with per-condition flows; past its time box the rest is marked skipped."""
