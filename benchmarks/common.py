@@ -76,18 +76,26 @@ def out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text)
 
 
-def largest_fitting_batch(fits: Callable[[int], bool], cap: int, budget: Budget) -> tuple[int, str]:
-    """The largest power-of-two batch up to ``cap`` for which ``fits(batch)`` (0 when batch 1 does not fit),
-    trying 1, 2, 4, ... until one does not fit, and the search's status: ``"done"``, or ``"stopped: time"``
-    when ``budget`` expired first (what was found so far is returned)."""
-    best, batch = 0, 1
+def largest_fitting_batch(fits: Callable[[int], bool], cap: int, budget: Budget) -> dict[str, Any]:
+    """A largest-batch row's fields: ``largest_batch``, the largest power-of-two batch up to ``cap`` for which
+    ``fits(batch)`` (0 when batch 1 does not fit), trying 1, 2, 4, ... until one does not fit; ``capped`` (it
+    reached ``cap``); ``search``, ``"done"`` or ``"stopped: time"`` when ``budget`` expired first (what was found
+    so far is kept); ``search_s``, the seconds the search took."""
+    start = time.perf_counter()
+    best, batch, search = 0, 1, "done"
     while batch <= cap:
         if budget.expired():
-            return best, "stopped: time"
+            search = "stopped: time"
+            break
         if not fits(batch):
             break
         best, batch = batch, batch * 2
-    return best, "done"
+    return {
+        "largest_batch": best,
+        "capped": best == cap,
+        "search": search,
+        "search_s": round(time.perf_counter() - start, 1),
+    }
 
 
 class BoxedProcess:

@@ -18,7 +18,7 @@ import json
 import os
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -239,6 +239,10 @@ def _fits(model: Glow, x: torch.Tensor) -> bool:
         torch.cuda.empty_cache()
 
 
+def _nothing_fits(batch: int) -> bool:
+    return False
+
+
 def _fits_batch(model: Glow, x: torch.Tensor, batch: int) -> bool:
     """:func:`_fits` on a fresh batch of ``batch`` samples shaped like ``x``."""
     return _fits(model, x.new_empty(batch, *x.shape[1:]).uniform_(-0.5, 0.5))
@@ -268,25 +272,11 @@ def largest_batch_rows(
             if budget.expired():
                 rows.append({**base, "mode": mode, **SKIPPED})
                 continue
-            start = time.perf_counter()
-            best, search = 0, "done"
+            fits: Callable[[int], bool] = _nothing_fits  # no model: not even batch 1
             if model is not None and x is not None:
                 _set_mode(model, mode, tile_budget_mb=1024)
-                best, search = largest_fitting_batch(
-                    partial(_fits_batch, model, x),
-                    LARGEST_BATCH_CAP,
-                    budget,
-                )
-            rows.append(
-                {
-                    **base,
-                    "mode": mode,
-                    "largest_batch": best,
-                    "capped": best == LARGEST_BATCH_CAP,
-                    "search": search,
-                    "search_s": round(time.perf_counter() - start, 1),
-                }
-            )
+                fits = partial(_fits_batch, model, x)
+            rows.append({**base, "mode": mode, **largest_fitting_batch(fits, LARGEST_BATCH_CAP, budget)})
         model = x = None
         torch.cuda.empty_cache()
     return rows
