@@ -9,8 +9,7 @@ and compute its gradients in one fused pass (the couplings do); others use ``inv
 called instead with ``handed = [y, grad_y]``, which it empties: the walk keeps no reference to them, so the layer
 frees them as soon as it is done with them (Jet's couplings drop them once their halves are gathered). The
 chain's own ``grad_y`` is held by autograd for the whole backward, so only the walk's later ones are freed. The
-walk
-is over :func:`~fastflow.nn.actnorm_invconv.chain_units`: an ActNorm directly followed by an InvConv1x1 is one
+walk is over :func:`~fastflow.nn.actnorm_invconv.chain_units`: an ActNorm directly followed by an InvConv1x1 is one
 unit, run and recomputed as the one fused op. Units that share parameter-only work (``batched_weights``: the
 ``C x C`` weights of a Glow level's pairs) get it batched as in standard mode: once for the forward, and in
 backward once for the rebuild and once with a graph for the recomputes, which take the weights as detached

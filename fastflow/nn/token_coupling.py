@@ -142,10 +142,6 @@ class TokenCoupling(FlowLayer):
             t.index_select(self.dim, self.order[self.conditioning :]),
         )
 
-    def _with_transformed(self, t: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-        """A copy of ``t`` with its transformed part replaced by ``part`` (laid out as :meth:`_halves` gives it)."""
-        return t.index_copy(self.dim, self.order[self.conditioning :], part)
-
     def _net(self, x_a: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """The conditioner's output ``(shift | raw)`` on the conditioning part ``x_a``, in ``x_a``'s dtype."""
         return self.net(x_a, context).to(x_a.dtype)
@@ -163,7 +159,7 @@ class TokenCoupling(FlowLayer):
         shift, raw = (self._op_view(t) for t in self._net(x_a, context).chunk(2, dim=-1))
         op = affine_coupling_inverse if inverse else affine_coupling
         y_b, logdet = op(self._op_view(x_b), shift, raw, _SCALE)
-        return self._with_transformed(x, self._op_view(y_b)), logdet
+        return self._joined(x_a, self._op_view(y_b)), logdet
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y, logdet)`` for tokens ``x`` ``(B, N, F)``."""

@@ -234,11 +234,10 @@ def _backward_from_output_in_place_ref(
     inputs, with the same operations in the same order (bit-identical results) and at most three scratch
     tensors of their size alive at once."""
     gl = 0.0 if grad_logdet is None else _per_sample(grad_logdet.to(y_b.dtype), y_b)
-    grad_raw = _log_scale_and_slope(raw, scale)[1]
+    log_s, grad_raw = _log_scale_and_slope(raw, scale)
     if scale == "exp":  # y = x * s + t: x = (y - t) / s, the raw gradient reads y - t
         y_b.sub_(shift)
     grad_raw.mul_(torch.mul(grad_y, y_b).add_(gl))
-    log_s = _log_scale(raw, scale)
     raw.copy_(grad_raw)
     del grad_raw
     y_b.mul_(torch.exp(-log_s))
