@@ -189,13 +189,14 @@ class FlowModel(nn.Module):
         return context if self.prior.conditional else None
 
     def _block_context(self, context: torch.Tensor | None) -> torch.Tensor | None:
-        return context if self._blocks_use_context else None
+        return None if context is None or not self._blocks_use_context else context
 
     def _encode(
         self, x: torch.Tensor, context: torch.Tensor | None, diagnose: bool = False
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        zeros = x.new_zeros(x.shape[0], dtype=logdet_dtype(x.dtype))
-        logdet_total, log_prior = zeros, zeros
+        # running sums start from the first term (a zero start would add a graph node per term)
+        logdet_total: torch.Tensor | None = None
+        log_prior: torch.Tensor | None = None
         latents: list[torch.Tensor] = []
         if diagnose and not bool(torch.isfinite(x).all()):
             count = int((~torch.isfinite(x)).sum())
@@ -206,18 +207,21 @@ class FlowModel(nn.Module):
                 for j, layer in enumerate(block.layers):
                     x, logdet = run_layer(layer, x, block_context)
                     _raise_if_nonfinite(f"blocks.{i}.layers.{j} ({type(layer).__name__})", x, logdet)
-                    logdet_total = logdet_total + logdet
+                    logdet_total = _added(logdet_total, logdet)
             else:
                 x, logdet = block(x, block_context)
-                logdet_total = logdet_total + logdet
+                logdet_total = _added(logdet_total, logdet)
             if i < len(self.splits):
                 x, z_out, split_log_p = self.splits[i](x)
                 if diagnose:
                     _raise_if_nonfinite(f"splits.{i}", z_out, split_log_p, "prior log-density")
                 latents.append(z_out)
-                log_prior = log_prior + split_log_p
+                log_prior = _added(log_prior, split_log_p)
         latents.append(x)
-        return latents, logdet_total, log_prior + self.prior.log_prob(x, self._prior_context(context))
+        log_prior = _added(log_prior, self.prior.log_prob(x, self._prior_context(context)))
+        if logdet_total is None:  # a model without blocks
+            logdet_total = x.new_zeros(x.shape[0], dtype=logdet_dtype(x.dtype))
+        return latents, logdet_total, log_prior
 
     def encode_with_logdet(
         self, x: torch.Tensor, context: torch.Tensor | None = None
@@ -387,3 +391,8 @@ def _raise_if_nonfinite(where: str, out: torch.Tensor, log_term: torch.Tensor, w
         raise FloatingPointError(f"non-finite output at {where}")
     if not bool(torch.isfinite(log_term).all()):
         raise FloatingPointError(f"non-finite {what} at {where}")
+
+
+def _added(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    """``total + term``, or ``term`` where there is no total yet."""
+    return term if total is None else total + term

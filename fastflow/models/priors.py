@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastflow.nn.distributions import gaussian_log_prob, gaussian_sample
+from fastflow.nn.distributions import gaussian_log_prob, gaussian_sample, standard_gaussian_log_prob
 from fastflow.nn.reversible import guards_deferred
 from fastflow.ops._checks import logdet_dtype
 
@@ -115,6 +115,9 @@ class GaussianPrior(TopPrior):
 
     def log_prob(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample log-density, shape ``(B,)``."""
+        if self.params is None and self.class_proj is None:  # the standard normal: no mean and scale to build
+            self._check_label_form(y, z.shape[0])
+            return standard_gaussian_log_prob(z)
         mean, logs = self.mean_logs(z.shape[0], y, z.device, z.dtype)
         return gaussian_log_prob(z, mean, logs)
 

@@ -75,10 +75,7 @@ class ActNormInvConv:
         if weights is None:
             (weights,) = self._compute_weights([self], x, inverse=False)
         with exact_dtype(x):
-            y, logdet = actnorm_invconv(
-                as_pixels(x), actnorm.bias, actnorm.logs, weights.weight, weights.weight_logdet, weights.folded
-            )
-        return y.view_as(x), logdet
+            return actnorm_invconv(x, actnorm.bias, actnorm.logs, weights.weight, weights.weight_logdet, weights.folded)
 
     def inverse(
         self, y: torch.Tensor, context: torch.Tensor | None = None, weights: MixWeights | None = None
@@ -89,10 +86,9 @@ class ActNormInvConv:
         if weights is None:
             (weights,) = self._compute_weights([self], y, inverse=True)
         with exact_dtype(y):
-            x, logdet = actnorm_invconv_inverse(
-                as_pixels(y), actnorm.bias, actnorm.logs, weights.weight, weights.weight_logdet, weights.folded
+            return actnorm_invconv_inverse(
+                y, actnorm.bias, actnorm.logs, weights.weight, weights.weight_logdet, weights.folded
             )
-        return x.view_as(y), logdet
 
     def backward_from_output(
         self,

@@ -8,7 +8,7 @@ import torch
 
 from fastflow.ops._checks import logdet_dtype
 
-__all__ = ["gaussian_log_prob", "gaussian_sample"]
+__all__ = ["gaussian_log_prob", "gaussian_sample", "standard_gaussian_log_prob"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -19,6 +19,14 @@ def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, logs: torch.Tensor) -
     z, mean, logs = z.to(dtype), mean.to(dtype), logs.to(dtype)
     log_p = -0.5 * (_LOG_2PI + 2.0 * logs + (z - mean) ** 2 * torch.exp(-2.0 * logs))
     return log_p.reshape(z.shape[0], -1).sum(dim=1)
+
+
+def standard_gaussian_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``sum log N(z; 0, 1) = -(sum z^2 + D log(2 pi)) / 2`` over the ``D`` elements of a sample, in
+    float32 (float64 for float64 ``z``), shape ``(B,)``: :func:`gaussian_log_prob` at ``mean = logs = 0`` without
+    materialising them."""
+    z = z.to(logdet_dtype(z.dtype)).reshape(z.shape[0], -1)
+    return (z * z).sum(dim=1).mul(-0.5).sub(0.5 * z.shape[1] * _LOG_2PI)
 
 
 def gaussian_sample(mean: torch.Tensor, logs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -26,8 +27,11 @@ __all__ = [
 ]
 
 
-def exact_dtype(x: torch.Tensor) -> torch.autocast:
-    """Autocast off: the mix must run in the input's dtype to stay invertible to its rounding."""
+def exact_dtype(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off: the mix must run in the input's dtype to stay invertible to its rounding. Where autocast is
+    off already, a null context (entering ``torch.autocast`` costs host time every layer would pay)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 

@@ -23,7 +23,8 @@ Batched fold: :func:`fold_actnorm` and :func:`fold_actnorm_inverse` take paramet
 dimensions, so a level of ``K`` flow steps folds its ``K`` pairs in one launch per operation and hands each
 step its :class:`FoldedMix` (the ``folded`` argument of the two ops), instead of each step folding its own.
 
-Shapes: ``x`` ``(B, C, H, W)``; ``bias`` and ``logs`` ``(1, C, 1, 1)``; ``weight`` and ``weight_inverse``
+Shapes: ``x`` ``(B, C, H, W)`` or vectors ``(B, C)`` (folded on every backend: one ``linear`` on the CPU, the
+pixel mix of ``(B, C, 1, 1)`` elsewhere); ``bias`` and ``logs`` ``(1, C, 1, 1)``; ``weight`` and ``weight_inverse``
 ``(C, C)``; ``weight_logdet`` a scalar tensor (``log|det W|``).
 """
 
@@ -32,11 +33,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from fastflow.backend import resolve_backend
 from fastflow.ops._checks import check_float_tensor, logdet_dtype
 from fastflow.ops.actnorm import actnorm_inverse_ref, actnorm_ref
-from fastflow.ops.channel_mix import channel_mix, channel_mix_ref
+from fastflow.ops.channel_mix import channel_mix, channel_mix_ref, tf32_applies
 
 __all__ = [
     "FoldedMix",
@@ -109,8 +111,8 @@ def _check_args(
     weight_logdet: torch.Tensor,
 ) -> None:
     check_float_tensor(x_name, x)
-    if x.dim() != 4:
-        raise ValueError(f"{x_name} must have shape (B, C, H, W), got {tuple(x.shape)}")
+    if x.dim() not in (2, 4):
+        raise ValueError(f"{x_name} must have shape (B, C, H, W) or (B, C), got {tuple(x.shape)}")
     channels = x.shape[1]
     for name, t in (("bias", bias), ("logs", logs)):
         check_float_tensor(name, t)
@@ -128,8 +130,22 @@ def _check_args(
 
 
 def _per_sample(logdet: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A per-pixel log-det times ``H * W``, expanded to ``(B,)``, float32 (float64 for float64 ``x``)."""
-    return (logdet.to(logdet_dtype(x.dtype)) * (x.shape[2] * x.shape[3])).expand(x.shape[0])
+    """A per-pixel log-det times ``H * W`` (1 for vectors), expanded to ``(B,)``, float32 (float64 for float64
+    ``x``)."""
+    logdet = logdet.to(logdet_dtype(x.dtype))
+    if x.dim() == 4 and x.shape[2] * x.shape[3] != 1:
+        logdet = logdet * (x.shape[2] * x.shape[3])
+    return logdet.expand(x.shape[0])
+
+
+def _folded_mix(x: torch.Tensor, folded: FoldedMix) -> torch.Tensor:
+    """``folded.weight @ x + folded.bias`` per pixel (per row for vectors): :func:`channel_mix`, except that vectors
+    on the CPU (no TF32 to keep out, no kernel) take one ``linear`` without the pixel view around it."""
+    if x.dim() == 4:
+        return channel_mix(x, folded.weight, folded.bias)
+    if tf32_applies(x):
+        return channel_mix(x[:, :, None, None], folded.weight, folded.bias).view(x.shape[0], -1)
+    return F.linear(x, folded.weight.to(x.dtype), folded.bias.to(x.dtype))
 
 
 def _channels(t: torch.Tensor) -> torch.Tensor:
@@ -157,7 +173,7 @@ def actnorm_invconv(
         return actnorm_invconv_ref(x, bias, logs, weight, weight_logdet)
     if folded is None:
         folded = fold_actnorm(_channels(bias), _channels(logs), weight, weight_logdet.reshape(()))
-    return channel_mix(x, folded.weight, folded.bias), _per_sample(folded.logdet, x)
+    return _folded_mix(x, folded), _per_sample(folded.logdet, x)
 
 
 def actnorm_invconv_inverse(
@@ -179,7 +195,7 @@ def actnorm_invconv_inverse(
         return actnorm_invconv_inverse_ref(y, bias, logs, weight_inverse, weight_logdet)
     if folded is None:
         folded = fold_actnorm_inverse(_channels(bias), _channels(logs), weight_inverse, weight_logdet.reshape(()))
-    return channel_mix(y, folded.weight, folded.bias), _per_sample(folded.logdet, y)
+    return _folded_mix(y, folded), _per_sample(folded.logdet, y)
 
 
 def actnorm_invconv_ref(

@@ -84,7 +84,11 @@ def _channels(x: torch.Tensor, b_start: int, count: int) -> torch.Tensor:
 def _with_channels(x: torch.Tensor, part: torch.Tensor, b_start: int) -> torch.Tensor:
     """``x`` with channels ``[b_start, b_start + part.shape[1])`` replaced by ``part`` (a new tensor)."""
     end = b_start + part.shape[1]
-    return torch.cat([x[:, :b_start], part, x[:, end:]], dim=1)
+    pieces = [x[:, :b_start]] if b_start > 0 else []  # no empty slice: each would cost a node in the backward
+    pieces.append(part)
+    if end < x.shape[1]:
+        pieces.append(x[:, end:])
+    return torch.cat(pieces, dim=1)
 
 
 def _log_scale(raw: torch.Tensor, scale: str) -> torch.Tensor:
@@ -109,7 +113,8 @@ def _log_scale_and_slope(raw: torch.Tensor, scale: str) -> tuple[torch.Tensor, t
 
 
 def _per_sample_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype).reshape(t.shape[0], -1).sum(dim=1)
+    t = t.to(dtype)
+    return (t if t.dim() == 2 else t.reshape(t.shape[0], -1)).sum(dim=1)
 
 
 def affine_coupling_ref(

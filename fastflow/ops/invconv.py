@@ -34,12 +34,28 @@ def _algebra_dtype(device: torch.device) -> torch.dtype:
 def _lu_factors(
     lower: torch.Tensor, upper: torch.Tensor, sign_s: torch.Tensor, log_s: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, U + diag(sign_s * exp(log_s)))`` in the algebra dtype (float64 where the device has it)."""
+    """``(L - I, U + diag(sign_s * exp(log_s)))`` in the algebra dtype (float64 where the device has it): the
+    strictly lower part of ``L`` (its unit diagonal is added by the callers' products), the upper factor."""
     dtype = _algebra_dtype(lower.device)
-    eye = torch.eye(lower.shape[-1], dtype=dtype, device=lower.device)
-    unit_lower = torch.tril(lower.to(dtype), diagonal=-1) + eye
+    lower_exact = lower.to(dtype)
+    upper_exact = lower_exact if upper is lower else upper.to(dtype)  # one cast for a packed matrix
     diag = torch.diag_embed(sign_s.to(dtype) * torch.exp(log_s.to(dtype)))
-    return unit_lower, torch.triu(upper.to(dtype), diagonal=1) + diag
+    return torch.tril(lower_exact, diagonal=-1), torch.triu(upper_exact, diagonal=1) + diag
+
+
+def _unit_lower_times(strict_lower: torch.Tensor, upper_diag: torch.Tensor) -> torch.Tensor:
+    """``L @ U = U + (L - I) @ U`` in one fused multiply-add per matrix (``baddbmm``), for any leading dims."""
+    shape = upper_diag.shape
+    flat = [t.reshape(-1, shape[-2], shape[-1]) for t in (upper_diag, strict_lower)]
+    return torch.baddbmm(flat[0], flat[1], flat[0]).view(shape)
+
+
+def _permuted_rows(a: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``P @ a`` (row ``i`` of each matrix is its row ``perm[i]``) for ``a`` ``(..., C, C)`` and ``perm`` ``(..., C)``:
+    one ``index_select`` over the stacked rows (several times cheaper than ``gather``, backward included)."""
+    rows = a.shape[-2]
+    starts = torch.arange(0, perm[..., 0].numel() * rows, rows, device=perm.device).view(*perm.shape[:-1], 1)
+    return a.reshape(-1, a.shape[-1]).index_select(0, (perm + starts).reshape(-1)).view(a.shape)
 
 
 def lu_weight_and_logdet(
@@ -47,9 +63,8 @@ def lu_weight_and_logdet(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W, log|det W|)`` from the LU factors; ``W`` is ``(..., C, C)`` in ``lower``'s dtype, the log-det
     ``(...)`` in ``log_s``'s dtype."""
-    unit_lower, upper_diag = _lu_factors(lower, upper, sign_s, log_s)
-    product = unit_lower @ upper_diag
-    weight = torch.gather(product, -2, perm.unsqueeze(-1).expand_as(product))  # rows: P @ (L U)
+    strict_lower, upper_diag = _lu_factors(lower, upper, sign_s, log_s)
+    weight = _permuted_rows(_unit_lower_times(strict_lower, upper_diag), perm)
     return weight.to(lower.dtype), log_s.sum(-1)
 
 
@@ -58,9 +73,9 @@ def lu_inverse_weight(
 ) -> torch.Tensor:
     """``W^-1`` (``(..., C, C)`` in ``lower``'s dtype) from two triangular solves against the identity, then
     the inverse permutation."""
-    unit_lower, upper_diag = _lu_factors(lower, upper, sign_s, log_s)
-    eye = torch.eye(lower.shape[-1], dtype=unit_lower.dtype, device=lower.device)
-    lower_inv = torch.linalg.solve_triangular(unit_lower, eye, upper=False, unitriangular=True)
+    strict_lower, upper_diag = _lu_factors(lower, upper, sign_s, log_s)
+    eye = torch.eye(lower.shape[-1], dtype=upper_diag.dtype, device=lower.device)
+    lower_inv = torch.linalg.solve_triangular(strict_lower, eye, upper=False, unitriangular=True)
     inverse = torch.linalg.solve_triangular(upper_diag, lower_inv, upper=True)
     return torch.gather(inverse, -1, perm.unsqueeze(-2).expand_as(inverse)).to(lower.dtype)  # columns: @ P^T
 
