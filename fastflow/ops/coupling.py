@@ -81,14 +81,21 @@ def _channels(x: torch.Tensor, b_start: int, count: int) -> torch.Tensor:
     return x.narrow(1, b_start, count)
 
 
+def _channel_parts(x: torch.Tensor, b_start: int, count: int) -> tuple[torch.Tensor, ...]:
+    """``(before, x_b, after)``: channels ``[0, b_start)``, ``[b_start, b_start + count)`` and the rest, as one
+    split (views; its backward is one ``cat`` where a slice per part would each build a zero tensor)."""
+    return x.split([b_start, count, x.shape[1] - b_start - count], dim=1)
+
+
+def _joined(before: torch.Tensor, part: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """``cat([before, part, after])`` along the channels, leaving out empty parts (no node for them backward)."""
+    return torch.cat([t for t in (before, part, after) if t.shape[1]], dim=1)
+
+
 def _with_channels(x: torch.Tensor, part: torch.Tensor, b_start: int) -> torch.Tensor:
     """``x`` with channels ``[b_start, b_start + part.shape[1])`` replaced by ``part`` (a new tensor)."""
-    end = b_start + part.shape[1]
-    pieces = [x[:, :b_start]] if b_start > 0 else []  # no empty slice: each would cost a node in the backward
-    pieces.append(part)
-    if end < x.shape[1]:
-        pieces.append(x[:, end:])
-    return torch.cat(pieces, dim=1)
+    before, _, after = _channel_parts(x, b_start, part.shape[1])
+    return _joined(before, part, after)
 
 
 def _log_scale(raw: torch.Tensor, scale: str) -> torch.Tensor:
@@ -128,8 +135,9 @@ def affine_coupling_ref(
     """Eager forward: ``(y_b, logdet)``; ``upcast`` computes in float32 and casts ``y_b`` back. With
     ``b_start``: ``(y, logdet)`` of the whole input (module docstring)."""
     if b_start is not None:
-        y_b, logdet = affine_coupling_ref(_channels(x_b, b_start, shift.shape[1]), shift, raw, scale, upcast)
-        return _with_channels(x_b, y_b, b_start), logdet
+        before, part, after = _channel_parts(x_b, b_start, shift.shape[1])
+        y_b, logdet = affine_coupling_ref(part, shift, raw, scale, upcast)
+        return _joined(before, y_b, after), logdet
     out_dtype = x_b.dtype
     if upcast:
         x_b, shift, raw = (t.to(logdet_dtype(out_dtype)) for t in (x_b, shift, raw))
@@ -148,10 +156,9 @@ def affine_coupling_inverse_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager inverse: ``(x_b, -logdet)``; with ``b_start`` of the whole output."""
     if b_start is not None:
-        x_b, neg_logdet = affine_coupling_inverse_ref(
-            _channels(y_b, b_start, shift.shape[1]), shift, raw, scale, upcast
-        )
-        return _with_channels(y_b, x_b, b_start), neg_logdet
+        before, part, after = _channel_parts(y_b, b_start, shift.shape[1])
+        x_b, neg_logdet = affine_coupling_inverse_ref(part, shift, raw, scale, upcast)
+        return _joined(before, x_b, after), neg_logdet
     out_dtype = y_b.dtype
     if upcast:
         y_b, shift, raw = (t.to(logdet_dtype(out_dtype)) for t in (y_b, shift, raw))
@@ -165,8 +172,9 @@ def additive_coupling_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager additive forward: ``(x_b + shift, 0)``; with ``b_start`` of the whole input."""
     if b_start is not None:
-        y_b, zero = additive_coupling_ref(_channels(x_b, b_start, shift.shape[1]), shift)
-        return _with_channels(x_b, y_b, b_start), zero
+        before, part, after = _channel_parts(x_b, b_start, shift.shape[1])
+        y_b, zero = additive_coupling_ref(part, shift)
+        return _joined(before, y_b, after), zero
     return x_b + shift, x_b.new_zeros(x_b.shape[0], dtype=logdet_dtype(x_b.dtype))
 
 
@@ -175,8 +183,9 @@ def additive_coupling_inverse_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager additive inverse: ``(y_b - shift, 0)``; with ``b_start`` of the whole output."""
     if b_start is not None:
-        x_b, zero = additive_coupling_inverse_ref(_channels(y_b, b_start, shift.shape[1]), shift)
-        return _with_channels(y_b, x_b, b_start), zero
+        before, part, after = _channel_parts(y_b, b_start, shift.shape[1])
+        x_b, zero = additive_coupling_inverse_ref(part, shift)
+        return _joined(before, x_b, after), zero
     return y_b - shift, y_b.new_zeros(y_b.shape[0], dtype=logdet_dtype(y_b.dtype))
 
 
