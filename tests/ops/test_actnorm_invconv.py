@@ -163,6 +163,27 @@ def test_batched_fold_gives_each_step_the_fold_it_makes_alone():
                 torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vectors_equal_their_pixel_view_forward_inverse_and_gradients(backend):
+    """``(B, C)`` vectors (one ``linear`` on the CPU) give the values and gradients of ``(B, C, 1, 1)`` pixels."""
+    p = {k: v.double().requires_grad_() for k, v in _params(6).items()}
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with fastflow.backend(backend):
+        for fn, weight in ((actnorm_invconv, "weight"), (actnorm_invconv_inverse, "weight_inverse")):
+            args = (p["bias"], p["logs"], p[weight], p["weight_logdet"])
+            y_vec, ld_vec = fn(x, *args)
+            y_pix, ld_pix = fn(x[:, :, None, None], *args)
+            assert y_vec.shape == x.shape and ld_vec.shape == (5,)
+            torch.testing.assert_close(y_vec, y_pix.view_as(x), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(ld_vec, ld_pix, rtol=1e-12, atol=1e-12)
+            upstream = torch.randn_like(x)
+            leaves = [p["bias"], p["logs"], p[weight], p["weight_logdet"]]
+            got = torch.autograd.grad((y_vec * upstream).sum() + ld_vec.sum(), leaves)
+            want = torch.autograd.grad((y_pix.view_as(x) * upstream).sum() + ld_pix.sum(), leaves)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
 def test_float64_logdet_dtype():
     p = _params(3, torch.float64)
     _, logdet = _forward(actnorm_invconv, torch.randn(2, 3, 2, 2, dtype=torch.float64), p)
@@ -184,6 +205,7 @@ def test_torch_compile_fullgraph():
     "field, value, error, match",
     [
         ("x", torch.randn(2, 3, 4), ValueError, "x must"),
+        ("x", torch.randn(2, 3, 4, 4, 1), ValueError, "x must"),
         ("x", torch.ones(2, 3, 4, 4, dtype=torch.int64), TypeError, "x must"),
         ("bias", torch.randn(3), ValueError, "bias must"),
         ("logs", torch.randn(1, 4, 1, 1), ValueError, "logs must"),
