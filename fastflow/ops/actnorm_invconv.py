@@ -23,9 +23,9 @@ Batched fold: :func:`fold_actnorm` and :func:`fold_actnorm_inverse` take paramet
 dimensions, so a level of ``K`` flow steps folds its ``K`` pairs in one launch per operation and hands each
 step its :class:`FoldedMix` (the ``folded`` argument of the two ops), instead of each step folding its own.
 
-Shapes: ``x`` ``(B, C, H, W)`` or vectors ``(B, C)`` (folded on every backend: one ``linear`` on the CPU, the
-pixel mix of ``(B, C, 1, 1)`` elsewhere); ``bias`` and ``logs`` ``(1, C, 1, 1)``; ``weight`` and ``weight_inverse``
-``(C, C)``; ``weight_logdet`` a scalar tensor (``log|det W|``).
+Shapes: ``x`` ``(B, C, H, W)`` or vectors ``(B, C)`` (folded on every backend: one ``linear`` on the eager
+backend on the CPU, the channel mix of ``(B, C, 1, 1)`` pixels elsewhere); ``bias`` and ``logs`` ``(1, C, 1, 1)``;
+``weight`` and ``weight_inverse`` ``(C, C)``; ``weight_logdet`` a scalar tensor (``log|det W|``).
 """
 
 from __future__ import annotations
@@ -140,10 +140,11 @@ def _per_sample(logdet: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _folded_mix(x: torch.Tensor, folded: FoldedMix) -> torch.Tensor:
     """``folded.weight @ x + folded.bias`` per pixel (per row for vectors): :func:`channel_mix`, except that vectors
-    on the CPU (no TF32 to keep out, no kernel) take one ``linear`` without the pixel view around it."""
+    on the eager backend on the CPU (no kernel, no TF32 to keep out) take the one ``linear`` it would run, without
+    the pixel view and checks around it."""
     if x.dim() == 4:
         return channel_mix(x, folded.weight, folded.bias)
-    if tf32_applies(x):
+    if resolve_backend(x) != "eager" or tf32_applies(x):
         return channel_mix(x[:, :, None, None], folded.weight, folded.bias).view(x.shape[0], -1)
     return F.linear(x, folded.weight.to(x.dtype), folded.bias.to(x.dtype))
 
