@@ -194,7 +194,7 @@ class FlowModel(nn.Module):
     def _encode(
         self, x: torch.Tensor, context: torch.Tensor | None, diagnose: bool = False
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        # running sums start from the first term (a zero start would add a graph node per term)
+        # running sums start from their first term (a zero start costs an allocation and an add per sum)
         logdet_total: torch.Tensor | None = None
         log_prior: torch.Tensor | None = None
         latents: list[torch.Tensor] = []

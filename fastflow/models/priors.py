@@ -116,6 +116,8 @@ class GaussianPrior(TopPrior):
     def log_prob(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample log-density, shape ``(B,)``."""
         if self.params is None and self.class_proj is None:  # the standard normal: no mean and scale to build
+            if tuple(z.shape[1:]) != self.shape:
+                raise ValueError(f"z must have shape (B, {', '.join(map(str, self.shape))}), got {tuple(z.shape)}")
             self._check_label_form(y, z.shape[0])
             return standard_gaussian_log_prob(z)
         mean, logs = self.mean_logs(z.shape[0], y, z.device, z.dtype)

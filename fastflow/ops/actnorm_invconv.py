@@ -145,7 +145,7 @@ def _folded_mix(x: torch.Tensor, folded: FoldedMix) -> torch.Tensor:
     if x.dim() == 4:
         return channel_mix(x, folded.weight, folded.bias)
     if resolve_backend(x) != "eager" or tf32_applies(x):
-        return channel_mix(x[:, :, None, None], folded.weight, folded.bias).view(x.shape[0], -1)
+        return channel_mix(x[:, :, None, None], folded.weight, folded.bias).flatten(1)
     return F.linear(x, folded.weight.to(x.dtype), folded.bias.to(x.dtype))
 
 
@@ -207,7 +207,8 @@ def actnorm_invconv_ref(
     weight_logdet: torch.Tensor,
     upcast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager twin: :func:`~fastflow.ops.actnorm.actnorm_ref` then :func:`channel_mix_ref`, two passes.
+    """Eager twin: :func:`~fastflow.ops.actnorm.actnorm_ref` then :func:`channel_mix_ref`, two passes, on
+    ``(B, C, H, W)`` (vectors as ``(B, C, 1, 1)`` pixels).
 
     ``upcast`` computes in float32 (float64 stays float64) and casts ``y`` back to ``x``'s dtype.
     """
@@ -228,7 +229,8 @@ def actnorm_invconv_inverse_ref(
     weight_logdet: torch.Tensor,
     upcast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager twin of the inverse: :func:`channel_mix_ref` with ``W^-1``, then the ActNorm inverse."""
+    """Eager twin of the inverse: :func:`channel_mix_ref` with ``W^-1``, then the ActNorm inverse, on
+    ``(B, C, H, W)`` (vectors as ``(B, C, 1, 1)`` pixels)."""
     out_dtype = y.dtype
     if upcast:
         y = y.to(logdet_dtype(out_dtype))

@@ -35,7 +35,8 @@ def _lu_factors(
     lower: torch.Tensor, upper: torch.Tensor, sign_s: torch.Tensor, log_s: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L - I, U + diag(sign_s * exp(log_s)))`` in the algebra dtype (float64 where the device has it): the
-    strictly lower part of ``L`` (its unit diagonal is added by the callers' products), the upper factor."""
+    strictly lower part of ``L`` (its unit diagonal left implicit: :func:`_unit_lower_times` adds ``U``, the
+    triangular solve takes ``unitriangular=True``) and the upper factor."""
     dtype = _algebra_dtype(lower.device)
     lower_exact = lower.to(dtype)
     upper_exact = lower_exact if upper is lower else upper.to(dtype)  # one cast for a packed matrix
@@ -51,8 +52,9 @@ def _unit_lower_times(strict_lower: torch.Tensor, upper_diag: torch.Tensor) -> t
 
 
 def _permuted_rows(a: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``P @ a`` (row ``i`` of each matrix is its row ``perm[i]``) for ``a`` ``(..., C, C)`` and ``perm`` ``(..., C)``:
-    one ``index_select`` over the stacked rows (several times cheaper than ``gather``, backward included)."""
+    """``P @ a`` (row ``i`` of each matrix is its row ``perm[i]``) for ``a`` ``(..., C, C)`` and ``perm`` ``(..., C)``
+    with the same leading dims: one ``index_select`` over the stacked rows (several times cheaper than ``gather``,
+    backward included)."""
     rows = a.shape[-2]
     starts = torch.arange(0, perm[..., 0].numel() * rows, rows, device=perm.device).view(*perm.shape[:-1], 1)
     return a.reshape(-1, a.shape[-1]).index_select(0, (perm + starts).reshape(-1)).view(a.shape)

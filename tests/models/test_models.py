@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from fastflow.models import NICE, Glow, RealNVP, dequantize
+from fastflow.models.priors import GaussianPrior
+from fastflow.nn.distributions import gaussian_log_prob, standard_gaussian_log_prob
 from fastflow.nn.reversible import deferred_guards
 from tests.helpers import brute_force_logdet, perturb_parameters
 
@@ -263,3 +265,18 @@ def test_spline_coupling_models_train_reversibly_with_standard_gradients(backend
         results.append([loss.detach(), *(p.grad for p in model.parameters())])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, {}), (torch.float32, {"rtol": 1e-6, "atol": 1e-4})])
+def test_standard_normal_prior_equals_the_gaussian_at_zero_mean_and_scale(dtype, tolerance):
+    for shape in ((4, 3), (2, 3, 8, 8)):
+        z = torch.randn(shape, dtype=dtype)
+        zeros = torch.zeros_like(z)
+        want = gaussian_log_prob(z, zeros, zeros)
+        torch.testing.assert_close(standard_gaussian_log_prob(z), want, **tolerance)
+        prior = GaussianPrior(tuple(shape[1:]), learned=False)
+        torch.testing.assert_close(prior.log_prob(z), want, **tolerance)
+    with pytest.raises(ValueError, match="labels"):
+        GaussianPrior((3,), learned=False).log_prob(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"z must have shape \(B, 3\)"):
+        GaussianPrior((3,), learned=False).log_prob(torch.randn(2, 4))

@@ -167,9 +167,11 @@ def test_batched_fold_gives_each_step_the_fold_it_makes_alone():
 def test_vectors_equal_their_pixel_view_forward_inverse_and_gradients(backend):
     """``(B, C)`` vectors (one ``linear`` on the CPU) give the values and gradients of ``(B, C, 1, 1)`` pixels."""
     p = {k: v.double().requires_grad_() for k, v in _params(6).items()}
-    x = torch.randn(5, 6, dtype=torch.float64)
+    x = torch.randn(6, 5, dtype=torch.float64).t()  # non-contiguous rows
     with fastflow.backend(backend):
         for fn, weight in ((actnorm_invconv, "weight"), (actnorm_invconv_inverse, "weight_inverse")):
+            empty, empty_logdet = fn(x[:0], p["bias"], p["logs"], p[weight], p["weight_logdet"])
+            assert empty.shape == (0, 6) and empty_logdet.shape == (0,)
             args = (p["bias"], p["logs"], p[weight], p["weight_logdet"])
             y_vec, ld_vec = fn(x, *args)
             y_pix, ld_pix = fn(x[:, :, None, None], *args)
@@ -188,6 +190,16 @@ def test_float64_logdet_dtype():
     p = _params(3, torch.float64)
     _, logdet = _forward(actnorm_invconv, torch.randn(2, 3, 2, 2, dtype=torch.float64), p)
     assert logdet.dtype == torch.float64
+
+
+def test_vectors_torch_compile_fullgraph():
+    p = _params(5)
+    compiled = torch.compile(lambda x: _forward(actnorm_invconv, x, p), fullgraph=True, backend="aot_eager")
+    x = torch.randn(7, 5)
+    y, logdet = compiled(x)
+    y_ref, logdet_ref = _forward(actnorm_invconv_ref, x[:, :, None, None], p)
+    torch.testing.assert_close(y, y_ref.flatten(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logdet, logdet_ref)
 
 
 def test_torch_compile_fullgraph():

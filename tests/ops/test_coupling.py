@@ -417,6 +417,15 @@ def test_output_layout_follows_input(target) -> None:
     assert y.is_contiguous()
 
 
+def test_channel_split_output_layout_follows_input(target) -> None:
+    backend, device = target
+    x, t, r, _ = make_split_inputs("split_channels_last", torch.float32, device)
+    for b_start in (0, 1, x.shape[1] - t.shape[1]):  # the transformed part first, inside, last
+        with fastflow.backend(backend):
+            y, _ = C.affine_coupling(x, t, r, "sigmoid", b_start)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_empty_batch(target) -> None:
     backend, device = target
     x = torch.zeros(0, 3, 4, device=device)
