@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import SKIPPED, Budget, largest_fitting_batch, median_ms, out_of_memory
+from benchmarks.common import SKIPPED, Budget, largest_fitting_batch, median_ms, step_fits
 from benchmarks.train_step import _reset_peak_rss_kb, _status_kb, checkpoint_every_layer
 from fastflow.models import Jet
 from fastflow.nn.reversible import deferred_guards
@@ -124,19 +124,8 @@ def jet_memory_rows(device: torch.device, quick: bool, budget: Budget | None = N
 
 def _fits(model: Jet, batch: int, device: torch.device) -> bool:
     """Whether one training step of ``model`` on a batch of ``batch`` images fits in CUDA memory."""
-    try:
-        x = torch.rand(batch, 3, LARGE["resolution"], LARGE["resolution"], device=device) - 0.5
-        _step(model, x)
-        torch.cuda.synchronize(device)
-        return True
-    except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one
-        if not out_of_memory(error):
-            raise
-        return False
-    finally:
-        x = None
-        model.zero_grad(set_to_none=False)
-        torch.cuda.empty_cache()
+    side = LARGE["resolution"]
+    return step_fits(lambda: _step(model, torch.rand(batch, 3, side, side, device=device) - 0.5), model)
 
 
 def jet_largest_batch_rows(device: torch.device, budget: Budget | None = None) -> list[dict[str, Any]]:

@@ -16,12 +16,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 __all__ = [
     "BoxedProcess",
     "Budget",
     "SKIPPED",
     "largest_fitting_batch",
+    "step_fits",
     "out_of_memory",
     "median_ms",
     "interleaved_medians_ms",
@@ -74,6 +76,23 @@ def out_of_memory(error: BaseException) -> bool:
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text)
+
+
+def step_fits(step: Callable[[], Any], model: nn.Module) -> bool:
+    """Whether ``step()`` (one training step of ``model``) runs within CUDA memory: False on an out-of-memory
+    error (:func:`out_of_memory`), other errors raised. ``model``'s gradients are zeroed in place and the cache
+    emptied after, so the next try starts from the same memory."""
+    try:
+        step()
+        torch.cuda.synchronize()
+        return True
+    except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one
+        if not out_of_memory(error):
+            raise
+        return False
+    finally:
+        model.zero_grad(set_to_none=False)
+        torch.cuda.empty_cache()
 
 
 def largest_fitting_batch(fits: Callable[[int], bool], cap: int, budget: Budget) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from benchmarks.common import SKIPPED, Budget, largest_fitting_batch, median_ms, out_of_memory
+from benchmarks.common import SKIPPED, Budget, largest_fitting_batch, median_ms, step_fits
 from fastflow.models import Glow
 from fastflow.nn import FlowSequential
 
@@ -226,17 +226,7 @@ LARGEST_BATCH_CAP = 64
 
 def _fits(model: Glow, x: torch.Tensor) -> bool:
     """Whether one training step of ``model`` on ``x`` fits in CUDA memory."""
-    try:
-        _step(model, x)
-        torch.cuda.synchronize()
-        return True
-    except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one
-        if not out_of_memory(error):
-            raise
-        return False
-    finally:
-        model.zero_grad(set_to_none=False)
-        torch.cuda.empty_cache()
+    return step_fits(lambda: _step(model, x), model)
 
 
 def _nothing_fits(batch: int) -> bool:
