@@ -352,6 +352,33 @@ def test_spline_case_checks_and_times_every_provider():
     assert len(skipped) == len(bench_spline.QUICK_SIZES) and all(r["skipped"] == "time" for r in skipped)
 
 
+def test_spline_check_bounds_the_mean_error_and_the_largest():
+    """The spline case's three-way check passes a provider whose errors are eager's in distribution but peak at
+    another element (largest 4x eager's); it refuses one wrong element (largest over 8x eager's) and a
+    provider less accurate on the whole (mean over 2x eager's)."""
+    from benchmarks import bench_spline
+    from benchmarks.common import MismatchError
+
+    truth = torch.linspace(-1.0, 1.0, 1000, dtype=torch.float64)
+    noise = 1e-7 * torch.randn(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    eager = truth + noise
+    eager[10] += 1e-5
+    eager_errors = bench_spline._errors([eager], [truth])
+
+    def check(got: torch.Tensor) -> None:
+        bench_spline._check("spline", [got], eager_errors, [truth], atol=0.0)
+
+    other_peak = truth + noise
+    other_peak[500] += 4e-5
+    check(other_peak)
+    wrong_element = truth + noise
+    wrong_element[500] += 1e-3
+    with pytest.raises(MismatchError, match="y: largest error"):
+        check(wrong_element)
+    with pytest.raises(MismatchError, match="y: mean error"):
+        check(truth + 3 * noise.abs() + 1e-6)
+
+
 def test_tabular_fastflow_nsf_trainee_steps():
     from benchmarks import tabular
 
