@@ -352,6 +352,28 @@ def test_spline_case_checks_and_times_every_provider():
     assert len(skipped) == len(bench_spline.QUICK_SIZES) and all(r["skipped"] == "time" for r in skipped)
 
 
+def test_spline_case_records_a_compile_mismatch_and_raises_on_a_fused_one(monkeypatch: pytest.MonkeyPatch):
+    """A compiled result off by 1e-3 is not timed: its row says so and the other providers are timed; the same
+    error in the fused kernels stops the case."""
+    from benchmarks import bench_spline
+    from benchmarks.common import MismatchError
+    from fastflow.ops.spline import rq_spline_ref
+
+    def off(x: torch.Tensor, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, logdet = rq_spline_ref(x, raw, 4, bench_spline.BOUND)
+        return y + 1e-3, logdet
+
+    providers = bench_spline._providers
+    monkeypatch.setattr(bench_spline, "_providers", lambda *a: {**providers(*a), "compile": ("eager", off)})
+    rows = {r["provider"]: r for r in bench_spline.run("cpu", quick=True, sizes=[(64, 3, 4)])}
+    assert rows["compile"]["skipped"] == "mismatch" and "compile y: largest error" in rows["compile"]["mismatch"]
+    assert "median_ms" not in rows["compile"] and rows["eager"]["median_ms"] > 0 and rows["zuko"]["median_ms"] > 0
+
+    monkeypatch.setattr(bench_spline, "_providers", lambda *a: {**providers(*a), "fused": ("eager", off)})
+    with pytest.raises(MismatchError, match="fused y: largest error"):
+        bench_spline.run("cpu", quick=True, sizes=[(64, 3, 4)])
+
+
 def test_spline_check_bounds_the_mean_error_and_the_largest():
     """The spline case's three-way check passes a provider whose errors are eager's in distribution but peak at
     another element (largest 4x eager's); it refuses one wrong element (largest over 8x eager's) and a
