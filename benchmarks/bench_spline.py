@@ -11,7 +11,8 @@ Providers:
 - ``eager``: :func:`fastflow.ops.spline.rq_spline_ref`, autograd through ATen;
 - ``fused``: :func:`fastflow.ops.spline.rq_spline` on the Triton backend (CUDA only: on the CPU the kernels run
   only under the interpreter, whose times say nothing of speed);
-- ``compile``: ``torch.compile`` of the eager twin;
+- ``compile``: ``torch.compile`` of :func:`fastflow.ops.spline.rq_spline` on the eager backend: the eager twin's
+  forward with closed-form gradients (:mod:`fastflow.ops.spline_compiled`);
 - ``zuko``: ``zuko.transforms.MonotonicRQSTransform`` on the same raw tensors (its own map from raw parameters:
   soft-clipped softmax sizes, ``exp`` derivatives; the same spline, its parity is tested in
   ``tests/ops/test_spline_parity.py``), ``call_and_ladj`` with the log-det summed per sample;
@@ -101,7 +102,7 @@ def _providers(bins: int, device: torch.device) -> dict[str, tuple[str, Spline |
     torch._dynamo.reset()  # one compiled graph per size: never the recompile limit's silent eager fallback
     providers: dict[str, tuple[str, Spline | None]] = {
         "eager": ("eager", lambda x, raw: rq_spline_ref(x, raw, bins, BOUND)),
-        "compile": ("eager", torch.compile(lambda x, raw: rq_spline_ref(x, raw, bins, BOUND), dynamic=False)),
+        "compile": ("eager", torch.compile(lambda x, raw: rq_spline(x, raw, bins, BOUND), dynamic=False)),
     }
     if device.type == "cuda" and triton_available() and not interpreter_enabled():
         providers["fused"] = ("triton", lambda x, raw: rq_spline(x, raw, bins, BOUND))

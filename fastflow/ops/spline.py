@@ -31,12 +31,16 @@ softmax without minimum sizes of soft-clipped raw sizes, and ``exp`` of soft-cli
 ``w`` and derivatives ``d`` from here are zuko's for raw parameters ``clip^-1(log w)`` and ``clip^-1(log d)``
 (tested in ``tests/ops/test_spline_parity.py``). Its default ``bound`` is 5.
 
-Dispatch: the public functions run the eager references (autograd through ATen) on the ``"eager"`` backend and
-the torch.library ops ``fastflow::rq_spline_fwd`` / ``fastflow::rq_spline_inv`` (fused Triton kernels of
-:mod:`fastflow.kernels.spline`) on ``"triton"`` / ``"interpret"``. Both ops' backwards are the fused op
-``fastflow::rq_spline_bwd`` (one pass: gradients to the input and to all raw parameters), saving the op's input
-and ``raw``; neither is differentiable again. Registration as in :mod:`fastflow.ops.coupling`
-(:data:`fastflow.ops._registration.TRACEABLE`): triton ops where Triton compiles, custom ops otherwise.
+Dispatch: the public functions run the eager references (autograd through ATen, the math in
+:mod:`fastflow.ops.spline_eager`) on the ``"eager"`` backend, except :func:`rq_spline` in float32 / float64 while
+``torch.compile`` traces, which takes the same forward with closed-form gradients
+(:mod:`fastflow.ops.spline_compiled`: Inductor fuses them, where autograd's ``gather`` and ``cumsum`` backwards
+stay library calls); and the torch.library ops ``fastflow::rq_spline_fwd`` / ``fastflow::rq_spline_inv``
+(fused Triton kernels of :mod:`fastflow.kernels.spline`) on ``"triton"`` / ``"interpret"``. Both ops'
+backwards are the fused op ``fastflow::rq_spline_bwd`` (one pass: gradients to the input and to all raw
+parameters), saving the op's input and ``raw``; neither is differentiable again. Registration as in
+:mod:`fastflow.ops.coupling` (:data:`fastflow.ops._registration.TRACEABLE`): triton ops where Triton compiles,
+custom ops otherwise.
 
 Reversible backprop: :func:`rq_spline_backward_from_output` takes the forward *output* ``y`` and returns the
 rebuilt ``x`` with the gradients in one fused pass.
@@ -48,11 +52,12 @@ import math
 from typing import Any, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 from fastflow.backend import resolve_backend
+from fastflow.ops import spline_eager as eager
 from fastflow.ops._checks import check_float_tensor, check_same_shape, logdet_dtype
 from fastflow.ops._registration import TRACEABLE, direct_autograd, kernel_function, registration, use_library_op
+from fastflow.ops.spline_compiled import rq_spline_closed_form
 
 __all__ = [
     "rq_spline",
@@ -64,148 +69,14 @@ __all__ = [
 ]
 
 
-class _Spline(NamedTuple):
-    """The spline's constants (module docstring)."""
-
-    bins: int
-    bound: float
-    min_width: float
-    min_height: float
-    min_derivative: float
-
-
-class _BinParams(NamedTuple):
-    """Knot quantities of the bin holding each element: left knots, bin sizes, right knots, end derivatives."""
-
-    xl: torch.Tensor
-    w: torch.Tensor
-    xr: torch.Tensor
-    yl: torch.Tensor
-    h: torch.Tensor
-    yr: torch.Tensor
-    d0: torch.Tensor
-    d1: torch.Tensor
-
-
-def _sizes_and_knots(raw_sizes: torch.Tensor, spline: _Spline, min_size: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bin sizes ``2 bound (min + (1 - K min) softmax(raw))`` and right knots ``-bound + cumsum(sizes)`` (the last
-    one is taken as exactly ``bound`` where it is read, :func:`_bin_params`)."""
-    sizes = 2.0 * spline.bound * (min_size + (1.0 - spline.bins * min_size) * torch.softmax(raw_sizes, dim=-1))
-    return sizes, torch.cumsum(sizes, dim=-1) - spline.bound
-
-
-def _at(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    return t.gather(-1, k.unsqueeze(-1)).squeeze(-1)
-
-
-def _bin_params(v: torch.Tensor, raw: torch.Tensor, spline: _Spline, inverse: bool) -> _BinParams:
-    """The bin ``k`` of ``v`` (``x``, or ``y`` when ``inverse``; within the bound) and its knot quantities, read
-    at ``k`` and ``k - 1`` from the per-bin tensors: the first bin's left knots are ``-bound`` and its left
-    derivative 1, the last bin's right knots ``bound`` and its right derivative 1 (no padded copies of the
-    ``(..., K)`` tensors)."""
-    k_bins = spline.bins
-    raw_w, raw_h, raw_d = raw.split([k_bins, k_bins, k_bins - 1], dim=-1)
-    widths, x_right = _sizes_and_knots(raw_w, spline, spline.min_width)
-    heights, y_right = _sizes_and_knots(raw_h, spline, spline.min_height)
-    inner_d = spline.min_derivative + F.softplus(raw_d)  # d_1 .. d_{K-1}, the interior knots' derivatives
-    interior = (y_right if inverse else x_right)[..., :-1]
-    k = (interior <= v.unsqueeze(-1)).sum(dim=-1)
-    first, last = k == 0, k == k_bins - 1
-    below = (k - 1).clamp_min(0)
-    xl, yl = (torch.where(first, -spline.bound, _at(right, below)) for right in (x_right, y_right))
-    xr, yr = (torch.where(last, spline.bound, _at(right, k)) for right in (x_right, y_right))
-    if k_bins == 1:  # no interior knot: both ends have derivative 1
-        d0 = d1 = torch.ones_like(xr)
-    else:
-        d0 = torch.where(first, 1.0, _at(inner_d, below))
-        d1 = torch.where(last, 1.0, _at(inner_d, k.clamp_max(k_bins - 2)))
-    return _BinParams(xl, _at(widths, k), xr, yl, _at(heights, k), yr, d0, d1)
-
-
-def _clamp_rounding(v: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor | float) -> torch.Tensor:
-    """``v`` clamped to ``[lo, hi]`` with the identity's gradient. The clamps only undo rounding (a bin's size is
-    not the difference of its knots): positions stay in ``[0, 1]`` and results between their bin's knots, so
-    the map is monotone across bins; the derivatives are those of the unclamped value, as in the fused
-    backward."""
-    return v + (v.clamp(lo, hi) - v).detach()
-
-
-def _from_nearer_knot(upper: torch.Tensor, frac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(u, v = 1 - u)`` from the position ``frac`` measured from the left knot, or from the right one where
-    ``upper``."""
-    frac = _clamp_rounding(frac, 0.0, 1.0)
-    return torch.where(upper, 1.0 - frac, frac), torch.where(upper, frac, 1.0 - frac)
-
-
-def _log_slope(u: torch.Tensor, v: torch.Tensor, s: torch.Tensor, p: _BinParams) -> torch.Tensor:
-    """``log dy/dx = 2 log(s / D) + log M`` at position ``u = 1 - v`` of the bin (module docstring)."""
-    t = u * v
-    den = s + (p.d0 + p.d1 - 2.0 * s) * t
-    m = p.d1 * u * u + 2.0 * s * t + p.d0 * v * v
-    return 2.0 * torch.log(s / den) + torch.log(m)
-
-
-def _forward(x: torch.Tensor, raw: torch.Tensor, spline: _Spline) -> tuple[torch.Tensor, torch.Tensor]:
-    """Element-wise ``(y, log dy/dx)``, positions measured from the nearer knot in ``x`` and ``y`` alike (so knots
-    and the bound map to knots and the bound exactly, and the inverse measures ``y`` from the same knot). The
-    spline branch sees the clamped ``x``, so it stays finite (and so do its gradients) where the identity tails
-    are taken."""
-    inside = (x >= -spline.bound) & (x <= spline.bound)
-    xc = x.clamp(-spline.bound, spline.bound)
-    p = _bin_params(xc, raw, spline, inverse=False)
-    s = p.h / p.w
-    upper = p.xr - xc < xc - p.xl
-    u, v = _from_nearer_knot(upper, torch.where(upper, p.xr - xc, xc - p.xl) / p.w)
-    t = u * v
-    den = s + (p.d0 + p.d1 - 2.0 * s) * t
-    from_lo, from_hi = p.h * (s * u * u + p.d0 * t) / den, p.h * (s * v * v + p.d1 * t) / den
-    y = _clamp_rounding(torch.where(from_hi < from_lo, p.yr - from_hi, p.yl + from_lo), p.yl, p.yr)
-    return torch.where(inside, y, x), torch.where(inside, _log_slope(u, v, s, p), 0.0)
-
-
-def _root(e: torch.Tensor, h: torch.Tensor, s: torch.Tensor, d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
-    """Root in ``[0, 1]`` of the inverse's quadratic for the offset ``e = y - yl`` in its stable form
-    (``2c / (-b - sqrt)`` for ``b >= 0``, ``(sqrt - b) / 2a`` for ``b < 0``), each with a safe denominator where
-    it is not taken; from the right knot, ``e = yr - y`` with ``d0``, ``d1`` swapped gives ``1 - u``."""
-    kappa = d0 + d1 - 2.0 * s
-    a = h * (s - d0) + e * kappa
-    b = h * d0 - e * kappa
-    c = -s * e
-    root = (b * b - 4.0 * a * c).clamp_min(0.0).sqrt()
-    pos = b >= 0
-    one = torch.ones_like(b)
-    return torch.where(pos, 2.0 * c / torch.where(pos, -b - root, -one), (root - b) / torch.where(pos, one, 2.0 * a))
-
-
-def _inverse(y: torch.Tensor, raw: torch.Tensor, spline: _Spline) -> tuple[torch.Tensor, torch.Tensor]:
-    """Element-wise ``(x, -log dy/dx)``; from the right knot in a bin's upper half, where the mirrored spline is
-    solved for ``1 - u`` (from ``yr - y``, ``d0`` and ``d1`` swapped): the offset stays small and the
-    quadratic's coefficients do not cancel."""
-    inside = (y >= -spline.bound) & (y <= spline.bound)
-    yc = y.clamp(-spline.bound, spline.bound)
-    p = _bin_params(yc, raw, spline, inverse=True)
-    s = p.h / p.w
-    upper = p.yr - yc < yc - p.yl
-    offset = torch.where(upper, p.yr - yc, yc - p.yl)
-    u, v = _from_nearer_knot(
-        upper, _root(offset, p.h, s, torch.where(upper, p.d1, p.d0), torch.where(upper, p.d0, p.d1))
-    )
-    x = _clamp_rounding(torch.where(u > 0.5, p.xr - v * p.w, p.xl + u * p.w), p.xl, p.xr)
-    return torch.where(inside, x, y), torch.where(inside, -_log_slope(u, v, s, p), 0.0)
-
-
-def _per_sample_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype).reshape(t.shape[0], -1).sum(dim=1)
-
-
 def _ref(
-    v: torch.Tensor, raw: torch.Tensor, spline: _Spline, inverse: bool, upcast: bool
+    v: torch.Tensor, raw: torch.Tensor, spline: eager.Spline, inverse: bool, upcast: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out_dtype = v.dtype
     if upcast:
         v, raw = v.to(logdet_dtype(out_dtype)), raw.to(logdet_dtype(out_dtype))
-    out, log_slope = (_inverse if inverse else _forward)(v, raw, spline)
-    return out.to(out_dtype), _per_sample_sum(log_slope, logdet_dtype(out_dtype))
+    out, log_slope = (eager.inverse if inverse else eager.forward)(v, raw, spline)
+    return out.to(out_dtype), eager.per_sample_sum(log_slope, logdet_dtype(out_dtype))
 
 
 def rq_spline_ref(
@@ -263,11 +134,11 @@ def rq_spline_backward_from_output_ref(
     acc = logdet_dtype(out_dtype) if upcast else out_dtype
     y, raw, grad_y = y.to(acc), raw.to(acc), grad_y.to(acc)
     with torch.no_grad():
-        x = _inverse(y, raw, spline)[0]
+        x = eager.inverse(y, raw, spline)[0]
     with torch.enable_grad():
         x_in, raw_in = x.detach().requires_grad_(), raw.detach().requires_grad_()
-        out, log_slope = _forward(x_in, raw_in, spline)
-        logdet = _per_sample_sum(log_slope, logdet_dtype(out_dtype))
+        out, log_slope = eager.forward(x_in, raw_in, spline)
+        logdet = eager.per_sample_sum(log_slope, logdet_dtype(out_dtype))
         gl = torch.zeros_like(logdet) if grad_logdet is None else grad_logdet.to(logdet.dtype)
         grad_x, grad_raw = torch.autograd.grad((out, logdet), (x_in, raw_in), (grad_y, gl))
     return x.to(out_dtype), grad_x.to(out_dtype), grad_raw.to(out_dtype)
@@ -421,7 +292,9 @@ def _ops() -> _SplineOps:
     return _LIBRARY if use_library_op() else _DIRECT
 
 
-def _checked(bins: object, bound: object, min_width: object, min_height: object, min_derivative: object) -> _Spline:
+def _checked(
+    bins: object, bound: object, min_width: object, min_height: object, min_derivative: object
+) -> eager.Spline:
     """The spline's constants, or a TypeError / ValueError naming the first bad one."""
     if isinstance(bins, bool) or not isinstance(bins, int):
         raise TypeError(f"bins must be an int, got {type(bins).__name__}")
@@ -436,10 +309,10 @@ def _checked(bins: object, bound: object, min_width: object, min_height: object,
     for name in ("min_width", "min_height"):
         if values[name] * bins > 1:
             raise ValueError(f"{name} * bins must be <= 1 (the bins fill [-bound, bound]), got {values[name]} * {bins}")
-    return _Spline(bins, float(bound), float(min_width), float(min_height), float(min_derivative))
+    return eager.Spline(bins, float(bound), float(min_width), float(min_height), float(min_derivative))
 
 
-def _check_args(x_name: str, x: torch.Tensor, raw: torch.Tensor, spline: _Spline) -> None:
+def _check_args(x_name: str, x: torch.Tensor, raw: torch.Tensor, spline: eager.Spline) -> None:
     check_float_tensor(x_name, x, min_dim=2)
     check_float_tensor("raw", raw)
     params = 3 * spline.bins - 1
@@ -489,6 +362,8 @@ def rq_spline(
     _check_args("x", x, raw, spline)
     if _use_kernel(x):
         return _ops().fwd(x, raw, *spline[1:])
+    if torch.compiler.is_compiling() and x.dtype in (torch.float32, torch.float64):
+        return rq_spline_closed_form(x, raw, spline)
     return _ref(x, raw, spline, False, False)
 
 

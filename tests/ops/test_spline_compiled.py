@@ -1,0 +1,85 @@
+"""Tests for ``fastflow/ops/spline_compiled.py``: the spline forward with closed-form gradients equals the eager
+twin's autograd (float64, awkward layouts, one and two bins, the extremes), passes gradcheck, and is what
+``rq_spline`` takes on the eager backend under ``torch.compile`` (float32 and float64 only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastflow
+from fastflow.ops import spline as S
+from fastflow.ops import spline_compiled as C
+from fastflow.ops import spline_eager as E
+from tests.ops.test_spline import BOUND, _extreme_inputs, _randn, assert_three_way, make_inputs
+
+CASES = [("odd", 3), ("strided", 8), ("toy2d", 2), ("batch1", 1), ("transposed", 4)]
+
+
+def _spline(bins: int) -> E.Spline:
+    return E.Spline(bins, BOUND, 1e-3, 1e-3, 1e-3)
+
+
+def _results(fn, x: torch.Tensor, raw: torch.Tensor, gy: torch.Tensor, gl: torch.Tensor) -> list[torch.Tensor]:
+    """``[y, logdet, grad_x, grad_raw]`` of ``fn(x, raw)`` for upstream ``gy`` and ``gl``."""
+    x, raw = x.detach().requires_grad_(), raw.detach().requires_grad_()
+    y, logdet = fn(x, raw)
+    return [y, logdet, *torch.autograd.grad((y, logdet), (x, raw), (gy, gl))]
+
+
+@pytest.mark.parametrize(("case", "bins"), CASES, ids=[f"{c}-K{k}" for c, k in CASES])
+def test_closed_form_equals_autograd_of_the_eager_twin(case: str, bins: int) -> None:
+    x, raw = make_inputs(case, bins, torch.float64, "cpu")
+    gy, gl = _randn(tuple(x.shape), torch.float64, "cpu"), _randn((x.shape[0],), torch.float64, "cpu")
+    want = _results(lambda x, raw: S.rq_spline_ref(x, raw, bins, BOUND), x, raw, gy, gl)
+    got = _results(lambda x, raw: C.rq_spline_closed_form(x, raw, _spline(bins)), x, raw, gy, gl)
+    assert (x.abs() > BOUND).any() and (x.abs() < BOUND).any()  # both tails and the spline are exercised
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("bins", [1, 4])
+def test_closed_form_gradcheck_float64(bins: int) -> None:
+    x, raw = make_inputs("odd", bins, torch.float64, "cpu")
+    x = torch.where((x.abs() - BOUND).abs() < 1e-3, 0.5, x)  # the log-det's slope jumps at the bound
+    inputs = (x.requires_grad_(), raw.requires_grad_())
+    assert torch.autograd.gradcheck(lambda x, raw: C.rq_spline_closed_form(x, raw, _spline(bins)), inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_closed_form_at_the_extremes(dtype: torch.dtype) -> None:
+    """Tiny and huge bins and derivatives, the far tails, the bound and the knots: finite gradients, within
+    twice the eager float32 error of float64 (equal to it in float64); zero raw gradients outside the bound."""
+    x, raw = _extreme_inputs(dtype, "cpu")
+    gy, gl = _randn(tuple(x.shape), dtype, "cpu"), torch.ones(x.shape[0], dtype=torch.float64).to(dtype)
+    exact = _results(
+        lambda x, raw: S.rq_spline_ref(x, raw, 4, BOUND), x.double(), raw.double(), gy.double(), gl.double()
+    )
+    eager = _results(lambda x, raw: S.rq_spline_ref(x, raw, 4, BOUND), x, raw, gy, gl)
+    got = _results(lambda x, raw: C.rq_spline_closed_form(x, raw, _spline(4)), x, raw, gy, gl)
+    for g, e, w in zip(got, eager, exact):
+        assert torch.isfinite(g).all()
+        assert_three_way(g, e, w, 1e-10 * max(1.0, w.abs().max().item()))
+    outside = x.abs() > BOUND
+    assert torch.equal(got[2][outside], gy[outside]) and not got[3][outside].any()
+
+
+def test_rq_spline_takes_the_closed_form_only_under_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager runs keep autograd through the eager twin; ``torch.compile(fullgraph=True)`` of ``rq_spline`` on the
+    eager backend traces the closed-form gradients and matches the eager twin to float32 rounding."""
+    traced = []
+    monkeypatch.setattr(S, "rq_spline_closed_form", lambda *args: traced.append(1) or C.rq_spline_closed_form(*args))
+    x, raw = make_inputs("odd", 3, torch.float32, "cpu")
+    gy, gl = _randn(tuple(x.shape), torch.float32, "cpu"), _randn((x.shape[0],), torch.float32, "cpu")
+    exact = _results(
+        lambda x, raw: S.rq_spline_ref(x, raw, 3, BOUND), x.double(), raw.double(), gy.double(), gl.double()
+    )
+    with fastflow.backend("eager"):
+        eager = _results(lambda x, raw: S.rq_spline(x, raw, 3, BOUND), x, raw, gy, gl)
+        assert not traced
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x, raw: S.rq_spline(x, raw, 3, BOUND), fullgraph=True, dynamic=False)
+        got = _results(compiled, x, raw, gy, gl)
+    assert traced
+    for g, e, w in zip(got, eager, exact):
+        assert_three_way(g, e, w, 2e-5 * max(1.0, w.abs().max().item()))
