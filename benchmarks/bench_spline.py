@@ -11,8 +11,9 @@ Providers:
 - ``eager``: :func:`fastflow.ops.spline.rq_spline_ref`, autograd through ATen;
 - ``fused``: :func:`fastflow.ops.spline.rq_spline` on the Triton backend (CUDA only: on the CPU the kernels run
   only under the interpreter, whose times say nothing of speed);
-- ``compile``: ``torch.compile`` of :func:`fastflow.ops.spline.rq_spline` on the eager backend: the eager twin's
-  forward with closed-form gradients (:mod:`fastflow.ops.spline_compiled`);
+- ``compile``: ``torch.compile`` of :func:`fastflow.ops.spline.rq_spline` on the eager backend: in float32 and
+  float64 the eager twin's forward with closed-form gradients (:mod:`fastflow.ops.spline_compiled`), in the
+  half dtypes autograd through the eager twin;
 - ``zuko``: ``zuko.transforms.MonotonicRQSTransform`` on the same raw tensors (its own map from raw parameters:
   soft-clipped softmax sizes, ``exp`` derivatives; the same spline, its parity is tested in
   ``tests/ops/test_spline_parity.py``), ``call_and_ladj`` with the log-det summed per sample;

@@ -57,7 +57,7 @@ def _gradients(
     m = p.d1 * u * u + 2.0 * s * t + p.d0 * v * v
     inv_den, inv_m = 1.0 / (s + (p.d0 + p.d1 - 2.0 * s) * t), 1.0 / m
     gy = torch.where(inside, grad_y, 0.0)
-    gl = torch.where(inside, grad_logdet.reshape(-1, *(1,) * (x.dim() - 1)), 0.0)
+    gl = torch.where(inside, grad_logdet.reshape(x.shape[0], *(1,) * (x.dim() - 1)), 0.0)
     hy = gy * p.h * inv_den * inv_den
     m_u = 2.0 * (p.d1 * u + s * (v - u) - p.d0 * v)
     g_u = hy * s * m + gl * (m_u * inv_m - 2.0 * (p.d0 + p.d1 - 2.0 * s) * (v - u) * inv_den)

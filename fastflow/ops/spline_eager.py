@@ -145,4 +145,4 @@ def inverse(y: torch.Tensor, raw: torch.Tensor, spline: Spline) -> tuple[torch.T
 
 
 def per_sample_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype).reshape(t.shape[0], -1).sum(dim=1)
+    return t.to(dtype).flatten(1).sum(dim=1)

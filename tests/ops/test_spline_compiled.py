@@ -83,3 +83,16 @@ def test_rq_spline_takes_the_closed_form_only_under_compile(monkeypatch: pytest.
     assert traced
     for g, e, w in zip(got, eager, exact):
         assert_three_way(g, e, w, 2e-5 * max(1.0, w.abs().max().item()))
+
+
+def test_empty_batch_on_the_eager_paths() -> None:
+    """B = 0: the eager twin (forward, inverse, its reversible backward) and the closed form return empty
+    results of the right shapes, gradients included."""
+    x, raw = torch.zeros(0, 3, requires_grad=True), torch.zeros(0, 3, 8, requires_grad=True)
+    for fn in (lambda x, raw: S.rq_spline_ref(x, raw, 3), lambda x, raw: C.rq_spline_closed_form(x, raw, _spline(3))):
+        y, logdet = fn(x, raw)
+        grad_x, grad_raw = torch.autograd.grad((y, logdet), (x, raw), (torch.ones_like(y), torch.ones_like(logdet)))
+        assert y.shape == grad_x.shape == x.shape and logdet.shape == (0,) and grad_raw.shape == raw.shape
+    x_back, neg_logdet = S.rq_spline_inverse_ref(x.detach(), raw.detach(), 3)
+    rebuilt, grad_x, grad_raw = S.rq_spline_backward_from_output_ref(x.detach(), raw.detach(), x.detach(), None, 3)
+    assert x_back.shape == rebuilt.shape == grad_x.shape == (0, 3) and neg_logdet.shape == (0,)
