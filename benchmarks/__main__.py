@@ -76,6 +76,8 @@ CASES = (
     "flowstep_max_autotune",
 )
 CPU_ONLY = ("train_step_cpu", "peers_glow", "tabular", "jet_memory")
+RESOLUTION_CASES = ("train_resolution", "largest_batch", "train_modes")
+"""The cases ``--resolutions`` restricts (the rows of other resolutions already in the results file are kept)."""
 CUDA_ONLY = ("train_modes", "largest_batch", "jet_largest_batch", "flowstep_max_autotune")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -117,7 +119,7 @@ def _run_case(
     if name == "jet_memory":
         return bench_jet.jet_memory_rows(device, quick, budget)
     if name == "train_modes":
-        return step_modes.gpu_mode_rows(budget)
+        return step_modes.gpu_mode_rows(budget, resolutions)
     if name == "largest_batch":
         return train_step.largest_batch_rows(device, resolutions, budget)
     if name == "jet_largest_batch":
@@ -137,7 +139,7 @@ def _merged(
     if case == "actnorm_invconv" and channels:
         kept = [r for r in earlier if r["channels"] not in channels]
         return sorted(kept + rows, key=lambda r: (r["channels"], r["height"]))  # stable: mode, variant
-    if case in ("train_resolution", "largest_batch") and resolutions:
+    if case in RESOLUTION_CASES and resolutions:
         kept = [r for r in earlier if r.get("resolution") not in resolutions]
         return sorted(kept + rows, key=lambda r: r.get("resolution", 0))  # stable: mode
     return rows
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resolutions",
         type=lambda v: tuple(int(r) for r in v.split(",")),
-        help="train_resolution and largest_batch only: these resolutions (comma-separated); rows of others "
+        help=f"{', '.join(RESOLUTION_CASES)} only: these resolutions (comma-separated); rows of others "
         "already in the results file are kept, so the sweep can be run in parts within a time limit",
     )
     parser.add_argument("--budget-s", type=float, default=None, help="time box of each case, in seconds")
@@ -228,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--channels must lie in 1..{max(bench_actnorm_invconv.CHANNELS)}: wider channel mixes are not "
             "checked for register spills and always run on cuDNN"
         )
-    if args.resolutions and not {"train_resolution", "largest_batch"} & set(cases):
-        parser.error("--resolutions applies to the train_resolution and largest_batch cases only; add one to --cases")
+    if args.resolutions and not set(RESOLUTION_CASES) & set(cases):
+        parser.error(f"--resolutions applies to the {', '.join(RESOLUTION_CASES)} cases only; add one to --cases")
     env = environment(device)
     env["copy_bandwidth_gbs"] = copy_bandwidth_gbs(device)
     print(

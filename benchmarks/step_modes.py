@@ -226,11 +226,17 @@ def _child_rows(
     return got, {"error": f"the measuring process exited with status {child.process.returncode}"}
 
 
-def gpu_mode_rows(budget: Budget | None = None) -> list[dict[str, Any]]:
-    """``train_modes``: rows of ``{config, mode, ms, speedup_vs_eager, speedup_vs_compile, ...}``."""
-    got, missing = _child_rows(list(GPU_ORDER), budget or Budget())
+def gpu_mode_rows(budget: Budget | None = None, resolutions: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    """``train_modes``: rows of ``{config, mode, ms, speedup_vs_eager, speedup_vs_compile, ...}`` for the configs
+    of :data:`GPU_CONFIGS` at ``resolutions`` (default: all), so that one size's three modes, the compilation
+    included, can have a call of their own."""
+    chosen = [i for i, cfg in enumerate(GPU_CONFIGS) if resolutions is None or cfg["resolution"] in resolutions]
+    if not chosen:
+        sizes = sorted(cfg["resolution"] for cfg in GPU_CONFIGS)
+        raise ValueError(f"train_modes measures resolutions {sizes}, got {list(resolutions or ())}")
+    got, missing = _child_rows([(mode, i) for mode, i in GPU_ORDER if i in chosen], budget or Budget())
     rows = []
-    for index, cfg in enumerate(GPU_CONFIGS):
+    for index, cfg in ((i, GPU_CONFIGS[i]) for i in chosen):
         group = [
             {**cfg, "mode": mode, **got.get((mode, index), missing)} for mode in ("eager", "compile", "cuda-graph")
         ]

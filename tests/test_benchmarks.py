@@ -205,6 +205,23 @@ def test_train_modes_rows_compare_with_eager_and_compile(monkeypatch):
     assert rows[256, "cuda-graph"] == {**step_modes.GPU_CONFIGS[1], "mode": "cuda-graph", "skipped": "time"}
 
 
+def test_train_modes_runs_one_resolution_in_a_call_of_its_own(monkeypatch):
+    """``--resolutions 32``: the child measures the three modes of the 32x32 config only, and the results file
+    keeps the 256x256 rows of an earlier run; a resolution it does not measure is refused."""
+    from benchmarks import step_modes
+    from benchmarks.__main__ import _merged
+
+    orders = []
+    monkeypatch.setattr(step_modes, "_child_rows", lambda order, budget: (orders.append(order), ({}, {}))[1])
+    rows = step_modes.gpu_mode_rows(resolutions=(32,))
+    assert orders == [[("eager", 0), ("cuda-graph", 0), ("compile", 0)]]
+    assert {(r["resolution"], r["mode"]) for r in rows} == {(32, "eager"), (32, "compile"), (32, "cuda-graph")}
+    earlier = [{"resolution": r, "mode": "eager", "ms": 1.0} for r in (32, 256)]
+    assert [r["resolution"] for r in _merged("train_modes", rows, earlier, None, (32,))] == [32, 32, 32, 256]
+    with pytest.raises(ValueError, match="train_modes measures resolutions"):
+        step_modes.gpu_mode_rows(resolutions=(64,))
+
+
 def test_gpu_check_plan_follows_the_issue_and_fits_its_deadline():
     from benchmarks.gpu_check import PLAN, deadlines
 
