@@ -304,7 +304,7 @@ def _checked(
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-        if not (math.isfinite(value) and value > 0):
+        if not 0 < value < math.inf:  # finite and > 0 (NaN fails too); a comparison Dynamo folds on constants
             raise ValueError(f"{name} must be finite and > 0, got {value}")
     for name in ("min_width", "min_height"):
         if values[name] * bins > 1:

@@ -575,6 +575,9 @@ def _assert_bad_inputs_raise(device: str) -> None:
         S.rq_spline(x, raw, 3, bound=-1.0)
     with pytest.raises(ValueError, match="min_derivative must be finite and > 0"):
         S.rq_spline(x, raw, 3, min_derivative=0.0)
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="bound must be finite and > 0"):
+            S.rq_spline(x, raw, 3, bound=value)
     with pytest.raises(ValueError, match="min_width \\* bins must be <= 1"):
         S.rq_spline(x, raw, 3, min_width=0.5)
     with pytest.raises(TypeError, match="min_height must be a float"):
