@@ -46,16 +46,10 @@ def _gradients(
     """``(grad_x, grad_raw)`` of ``grad_y . y + grad_logdet . logdet`` (module docstring)."""
     bins, bound = spline.bins, spline.bound
     raw_w, raw_h, raw_d = raw.split([bins, bins, bins - 1], dim=-1)
-    inside = (x >= -bound) & (x <= bound)
-    xc = x.clamp(-bound, bound)
-    p = eager.bin_params(xc, raw, spline, inverse=False)
-    s = p.h / p.w
-    upper = p.xr - xc < xc - p.xl
-    u, v = eager.from_nearer_knot(upper, torch.where(upper, p.xr - xc, xc - p.xl) / p.w)
-    t = u * v
+    inside, p, s, u, v = eager.locate(x, raw, spline)
+    t, den, m = eager.rqs_terms(u, v, s, p)
     num = s * u * u + p.d0 * t
-    m = p.d1 * u * u + 2.0 * s * t + p.d0 * v * v
-    inv_den, inv_m = 1.0 / (s + (p.d0 + p.d1 - 2.0 * s) * t), 1.0 / m
+    inv_den, inv_m = 1.0 / den, 1.0 / m
     gy = torch.where(inside, grad_y, 0.0)
     gl = torch.where(inside, grad_logdet.reshape(x.shape[0], *(1,) * (x.dim() - 1)), 0.0)
     hy = gy * p.h * inv_den * inv_den

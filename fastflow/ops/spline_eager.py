@@ -9,7 +9,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BinParams", "Spline", "bin_params", "forward", "from_nearer_knot", "inverse", "per_sample_sum"]
+__all__ = [
+    "BinParams",
+    "Position",
+    "Spline",
+    "bin_params",
+    "forward",
+    "inverse",
+    "locate",
+    "per_sample_sum",
+    "rqs_terms",
+]
 
 
 class Spline(NamedTuple):
@@ -80,37 +90,57 @@ def _clamp_rounding(v: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor 
     return v + (v.clamp(lo, hi) - v).detach()
 
 
-def from_nearer_knot(upper: torch.Tensor, frac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _from_nearer_knot(upper: torch.Tensor, frac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(u, v = 1 - u)`` from the position ``frac`` measured from the left knot, or from the right one where
     ``upper``."""
     frac = _clamp_rounding(frac, 0.0, 1.0)
     return torch.where(upper, 1.0 - frac, frac), torch.where(upper, frac, 1.0 - frac)
 
 
-def _log_slope(u: torch.Tensor, v: torch.Tensor, s: torch.Tensor, p: BinParams) -> torch.Tensor:
-    """``log dy/dx = 2 log(s / D) + log M`` at position ``u = 1 - v`` of the bin (module docstring)."""
+class Position(NamedTuple):
+    """Where each element lies: ``inside`` the bound, the quantities ``p`` of its bin, ``s = H / W`` and its
+    position ``u = 1 - v`` in the bin."""
+
+    inside: torch.Tensor
+    p: BinParams
+    s: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+
+
+def locate(x: torch.Tensor, raw: torch.Tensor, spline: Spline) -> Position:
+    """Bin and position of each ``x``, measured from the nearer knot (so knots and the bound map to knots and the
+    bound exactly, and the inverse measures ``y`` from the same knot); outside the bound those of the clamped
+    ``x``, so the spline branch stays finite (and so do its gradients) where the identity tails are taken."""
+    inside = (x >= -spline.bound) & (x <= spline.bound)
+    xc = x.clamp(-spline.bound, spline.bound)
+    p = bin_params(xc, raw, spline, inverse=False)
+    upper = p.xr - xc < xc - p.xl
+    u, v = _from_nearer_knot(upper, torch.where(upper, p.xr - xc, xc - p.xl) / p.w)
+    return Position(inside, p, p.h / p.w, u, v)
+
+
+def rqs_terms(
+    u: torch.Tensor, v: torch.Tensor, s: torch.Tensor, p: BinParams
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``t = u v``, the denominator ``D = s + (d0 + d1 - 2 s) t`` of ``(y - yl) / H`` and
+    ``M = d1 u^2 + 2 s t + d0 v^2`` at position ``u = 1 - v`` of the bin (:mod:`fastflow.ops.spline`)."""
     t = u * v
-    den = s + (p.d0 + p.d1 - 2.0 * s) * t
-    m = p.d1 * u * u + 2.0 * s * t + p.d0 * v * v
+    return t, s + (p.d0 + p.d1 - 2.0 * s) * t, p.d1 * u * u + 2.0 * s * t + p.d0 * v * v
+
+
+def _log_slope(s: torch.Tensor, den: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``log dy/dx = 2 log(s / D) + log M``."""
     return 2.0 * torch.log(s / den) + torch.log(m)
 
 
 def forward(x: torch.Tensor, raw: torch.Tensor, spline: Spline) -> tuple[torch.Tensor, torch.Tensor]:
-    """Element-wise ``(y, log dy/dx)``, positions measured from the nearer knot in ``x`` and ``y`` alike (so knots
-    and the bound map to knots and the bound exactly, and the inverse measures ``y`` from the same knot). The
-    spline branch sees the clamped ``x``, so it stays finite (and so do its gradients) where the identity tails
-    are taken."""
-    inside = (x >= -spline.bound) & (x <= spline.bound)
-    xc = x.clamp(-spline.bound, spline.bound)
-    p = bin_params(xc, raw, spline, inverse=False)
-    s = p.h / p.w
-    upper = p.xr - xc < xc - p.xl
-    u, v = from_nearer_knot(upper, torch.where(upper, p.xr - xc, xc - p.xl) / p.w)
-    t = u * v
-    den = s + (p.d0 + p.d1 - 2.0 * s) * t
+    """Element-wise ``(y, log dy/dx)`` (:func:`locate`: ``y`` too is measured from the nearer knot)."""
+    inside, p, s, u, v = locate(x, raw, spline)
+    t, den, m = rqs_terms(u, v, s, p)
     from_lo, from_hi = p.h * (s * u * u + p.d0 * t) / den, p.h * (s * v * v + p.d1 * t) / den
     y = _clamp_rounding(torch.where(from_hi < from_lo, p.yr - from_hi, p.yl + from_lo), p.yl, p.yr)
-    return torch.where(inside, y, x), torch.where(inside, _log_slope(u, v, s, p), 0.0)
+    return torch.where(inside, y, x), torch.where(inside, _log_slope(s, den, m), 0.0)
 
 
 def _root(e: torch.Tensor, h: torch.Tensor, s: torch.Tensor, d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
@@ -137,11 +167,12 @@ def inverse(y: torch.Tensor, raw: torch.Tensor, spline: Spline) -> tuple[torch.T
     s = p.h / p.w
     upper = p.yr - yc < yc - p.yl
     offset = torch.where(upper, p.yr - yc, yc - p.yl)
-    u, v = from_nearer_knot(
+    u, v = _from_nearer_knot(
         upper, _root(offset, p.h, s, torch.where(upper, p.d1, p.d0), torch.where(upper, p.d0, p.d1))
     )
     x = _clamp_rounding(torch.where(u > 0.5, p.xr - v * p.w, p.xl + u * p.w), p.xl, p.xr)
-    return torch.where(inside, x, y), torch.where(inside, -_log_slope(u, v, s, p), 0.0)
+    _, den, m = rqs_terms(u, v, s, p)
+    return torch.where(inside, x, y), torch.where(inside, -_log_slope(s, den, m), 0.0)
 
 
 def per_sample_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
