@@ -418,6 +418,65 @@ def test_spline_check_bounds_the_mean_error_and_the_largest():
         check(truth + 3 * noise.abs() + 1e-6)
 
 
+def test_spline_near_knot_flags_the_elements_whose_bin_float32_leaves_open():
+    """An ``x`` one float32 ulp from an interior knot is flagged, as is one at the check's limit; the bin
+    midpoints and the bound (a knot of no bin pair) are not."""
+    from benchmarks import bench_spline
+    from fastflow.ops import spline_eager as E
+
+    bins, eps = 4, torch.finfo(torch.float32).eps
+    raw = torch.randn(3, 3 * bins - 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    spline = E.Spline(bins, bench_spline.BOUND, 1e-3, 1e-3, 1e-3)
+    sizes, right = E.sizes_and_knots(raw[:, :bins], spline, 1e-3)
+    knot = right[:, 1]
+    limit = bench_spline.KNOT_ULPS * eps * bench_spline.BOUND
+    x = torch.stack(
+        [
+            torch.nextafter(knot.float(), torch.tensor(-9.0)).double(),
+            knot + 0.99 * limit,
+            knot - 0.5 * sizes[:, 1],  # the middle of bin 1
+            torch.full_like(knot, bench_spline.BOUND),
+        ],
+        dim=1,
+    )
+    raw = raw.unsqueeze(1).expand(3, 4, -1)
+    near = bench_spline._near_knot(x, raw, bins, torch.float32)
+    assert near[:, :2].all() and not near[:, 2:].any()
+    assert not bench_spline._near_knot(x, raw, bins, torch.float64)[:, 1].any()
+
+
+def test_spline_check_leaves_out_near_knot_gradients_but_not_their_nans():
+    """A gradient taken from the neighbouring bin at an element next to a knot passes the three-way check; the
+    same error elsewhere, a NaN there, or an error in ``y`` there do not."""
+    from benchmarks import bench_spline
+    from benchmarks.common import MismatchError
+
+    gen = torch.Generator().manual_seed(0)
+    truth = [torch.randn(50, 4, generator=gen, dtype=torch.float64) for _ in range(2)]
+    truth.insert(1, torch.randn(50, generator=gen, dtype=torch.float64))
+    truth.append(torch.randn(50, 4, 5, generator=gen, dtype=torch.float64))
+    eager = [t + 1e-7 * torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in truth]
+    near = torch.zeros(50, 4, dtype=torch.bool)
+    near[7, 2] = True
+    eager_errors = bench_spline._errors(eager, truth, near)
+
+    def check(index: int, at: tuple[int, ...], value: float) -> None:
+        got = [t.clone() for t in eager]
+        got[index][at] = value
+        bench_spline._check("spline", got, eager_errors, truth, 0.0, near)
+
+    check(2, (7, 2), 3e3)
+    check(3, (7, 2, 4), -1e2)
+    for index, at, value, message in (
+        (2, (7, 3), 3e3, "grad_x: largest error"),
+        (3, (8, 2, 0), 3e3, "grad_raw: largest error"),
+        (2, (7, 2), math.nan, "grad_x: not finite"),
+        (0, (7, 2), 3e3, "y: largest error"),
+    ):
+        with pytest.raises(MismatchError, match=message):
+            check(index, at, value)
+
+
 def test_tabular_fastflow_nsf_trainee_steps():
     from benchmarks import tabular
 

@@ -19,6 +19,7 @@ __all__ = [
     "locate",
     "per_sample_sum",
     "rqs_terms",
+    "sizes_and_knots",
 ]
 
 
@@ -47,7 +48,7 @@ class BinParams(NamedTuple):
     k: torch.Tensor
 
 
-def _sizes_and_knots(raw_sizes: torch.Tensor, spline: Spline, min_size: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sizes_and_knots(raw_sizes: torch.Tensor, spline: Spline, min_size: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Bin sizes ``2 bound (min + (1 - K min) softmax(raw))`` and right knots ``-bound + cumsum(sizes)`` (the last
     one is taken as exactly ``bound`` where it is read, :func:`bin_params`)."""
     sizes = 2.0 * spline.bound * (min_size + (1.0 - spline.bins * min_size) * torch.softmax(raw_sizes, dim=-1))
@@ -65,8 +66,8 @@ def bin_params(v: torch.Tensor, raw: torch.Tensor, spline: Spline, inverse: bool
     ``(..., K)`` tensors)."""
     k_bins = spline.bins
     raw_w, raw_h, raw_d = raw.split([k_bins, k_bins, k_bins - 1], dim=-1)
-    widths, x_right = _sizes_and_knots(raw_w, spline, spline.min_width)
-    heights, y_right = _sizes_and_knots(raw_h, spline, spline.min_height)
+    widths, x_right = sizes_and_knots(raw_w, spline, spline.min_width)
+    heights, y_right = sizes_and_knots(raw_h, spline, spline.min_height)
     inner_d = spline.min_derivative + F.softplus(raw_d)  # d_1 .. d_{K-1}, the interior knots' derivatives
     interior = (y_right if inverse else x_right)[..., :-1]
     k = (interior <= v.unsqueeze(-1)).sum(dim=-1)

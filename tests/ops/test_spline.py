@@ -124,7 +124,7 @@ def test_eager_spline_is_monotone_continuous_and_identity_outside() -> None:
     bins = 5
     spline = E.Spline(bins, BOUND, 1e-3, 1e-3, 1e-3)
     raw = _randn((3 * bins - 1,), torch.float64, "cpu", 2.0)
-    x_knots, y_knots = (E._sizes_and_knots(raw[i * bins : (i + 1) * bins], spline, 1e-3)[1][:-1] for i in range(2))
+    x_knots, y_knots = (E.sizes_and_knots(raw[i * bins : (i + 1) * bins], spline, 1e-3)[1][:-1] for i in range(2))
     grid = torch.linspace(-4.0, 4.0, 4001, dtype=torch.float64)
     x = torch.cat([grid, x_knots, x_knots - 1e-9, x_knots + 1e-9])[None]
     y, _ = S.rq_spline_ref(x, raw.expand(*x.shape, -1), bins, BOUND)
@@ -348,7 +348,7 @@ def _extreme_inputs(dtype: torch.dtype, device: str, bins: int = 4) -> tuple[tor
     raw[4, 2 * bins :] = -big
     raw[5] = big * torch.tensor([(-1.0) ** i for i in range(params)])
     raw = raw.to(dtype)
-    knots = E._sizes_and_knots(raw[:, :bins], E.Spline(bins, BOUND, 1e-3, 1e-3, 1e-3), 1e-3)[1][:, :-1]
+    knots = E.sizes_and_knots(raw[:, :bins], E.Spline(bins, BOUND, 1e-3, 1e-3, 1e-3), 1e-3)[1][:, :-1]
     inner = torch.tensor([-1e6, 1e6, -BOUND, BOUND, 0.0, 0.5, -1.0], dtype=dtype)
     x = torch.cat([inner.expand(6, -1), knots], dim=1)
     raw = raw[:, None, :].expand(-1, x.shape[1], -1).contiguous()
