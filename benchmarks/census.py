@@ -24,7 +24,9 @@ have none);
 (issue 13's target for the compiled training step: at most 0.2 and 0.67).
 
 Cases: one FlowStep forward+backward (B=2, C=12, 16x16, hidden 512) and the reference training step (Glow
-L=3, K=8, hidden 64, 32x32, batch 8, with Adam's step, ``fused=True``: one kernel in every mode), for
+L=3, K=8, hidden 64, 32x32, batch 8, with Adam's step, ``fused=True``: one kernel in every mode; in the layout
+:class:`fastflow.step.TrainStep` gives each mode, :func:`fastflow.step.default_channels_last`: channels-last
+for the compiled modes on the CPU), for
 ``eager`` (standard backprop), ``reversible``, ``compiled`` and ``compiled-reversible`` (``torch.compile`` of
 the loss, whose backward AOTAutograd compiles), on the backend the device gets, so on the CPU through the
 CPU's ops: there eager runs Glow's network's 1x1 convolution as a ``bmm`` (reading the weight once per sample) and
@@ -49,6 +51,7 @@ from benchmarks.common import SKIPPED, Budget, dynamo_counts
 from fastflow.backend import resolve_backend
 from fastflow.models import Glow
 from fastflow.nn import FlowSequential, FlowStep
+from fastflow.step import default_channels_last
 
 __all__ = ["MODES", "OpCensus", "census_rows", "count_step", "inductor_kernels_counted"]
 
@@ -235,6 +238,10 @@ def _training_step(mode: str, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(0)
     model = Glow(3, 32, levels=3, steps=8, hidden=64, reversible="reversible" in mode).to(device).train()
     x = torch.rand(8, 3, 32, 32, device=device) - 0.5
+    compiled = mode.startswith("compiled")
+    if default_channels_last("compile" if compiled else "eager", device):  # the layout TrainStep gives this mode
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         model.bits_per_dim(x)  # ActNorm's data-dependent init, before any compilation
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
@@ -242,7 +249,6 @@ def _training_step(mode: str, device: torch.device) -> dict[str, Any]:
     def objective(x: torch.Tensor) -> torch.Tensor:
         return model.bits_per_dim(x).mean()
 
-    compiled = mode.startswith("compiled")
     loss_fn = torch.compile(objective) if compiled else objective
 
     def backward(loss: torch.Tensor) -> None:

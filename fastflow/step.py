@@ -20,7 +20,7 @@ from torch import nn
 from fastflow.models import FlowModel
 from fastflow.nn.reversible import deferred_guards
 
-__all__ = ["STEP_MODES", "BitsPerDim", "StepMode", "TrainStep", "make_adam"]
+__all__ = ["STEP_MODES", "BitsPerDim", "StepMode", "TrainStep", "default_channels_last", "make_adam"]
 
 StepMode = Literal["eager", "compile", "cuda-graph"]
 STEP_MODES = ("eager", "compile", "cuda-graph")
@@ -48,6 +48,15 @@ def make_adam(parameters: Iterable[nn.Parameter], lr: float, mode: StepMode = "e
     return torch.optim.Adam(parameters, lr=lr, fused=True, capturable=mode == "cuda-graph")
 
 
+def default_channels_last(mode: str, device: torch.device) -> bool:
+    """Whether :class:`TrainStep` lays the convolutions out channels-last when not told: for ``"compile"`` on the
+    CPU. There Inductor picks the channels-last layout for the convolutions itself and copies their weight
+    gradients back to the parameters' layout (50 copies in the reference Glow step, L=3, K=8, hidden 64, 32x32):
+    with the weights and the input channels-last those copies go, the step moves 6% fewer bytes and it ran 1-7%
+    faster in three in-process A/Bs (2026-11-26). Elsewhere the layout is left as it is."""
+    return mode == "compile" and device.type == "cpu"
+
+
 def _autocast(device: torch.device, amp: str | None, cache_enabled: bool = True) -> AbstractContextManager[None]:
     # A captured graph must not keep autocast's weight-cast cache: the casts are recorded, not cached.
     dtype = AMP_DTYPES[amp] if amp is not None else None
@@ -73,8 +82,9 @@ class TrainStep:
     replayed, as is every later step; shapes are static, so every
     batch must have the first one's shape and dtype; ``optimizer`` from :func:`make_adam` with that mode; no fp16, no
     DDP). ``channels_last`` stores the convolution weights and the input in channels-last order, the layout tensor
-    cores want under ``amp="bf16"``. The learning rate lives in a device tensor shared by the parameter groups, so a
-    warm-up schedule changes neither compiled code nor the captured graph.
+    cores want under ``amp="bf16"``; None (the default) does so where :func:`default_channels_last` says (compiled
+    steps on the CPU). The learning rate lives in a device tensor shared by the parameter groups, so a warm-up
+    schedule changes neither compiled code nor the captured graph.
     """
 
     def __init__(
@@ -86,7 +96,7 @@ class TrainStep:
         amp: str | None = None,
         scaler: torch.amp.GradScaler | None = None,
         mode: StepMode = "eager",
-        channels_last: bool = False,
+        channels_last: bool | None = None,
     ) -> None:
         if mode not in STEP_MODES:
             raise ValueError(f"mode must be one of {STEP_MODES}, got {mode!r}")
@@ -104,6 +114,8 @@ class TrainStep:
                 raise ValueError("mode='cuda-graph' does not capture DistributedDataParallel's gradient all-reduce")
             if not all(group.get("capturable", False) for group in optimizer.param_groups):
                 raise ValueError("mode='cuda-graph' needs a capturable optimizer: make_adam(..., mode='cuda-graph')")
+        if channels_last is None:
+            channels_last = default_channels_last(mode, self.device)
         self.objective, self.model, self.optimizer = objective, model, optimizer
         self.clip, self.amp, self.mode, self.channels_last = clip, amp, mode, channels_last
         self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), dtype=torch.float32, device=self.device)

@@ -90,8 +90,8 @@ class TrainConfig:
     ``amp`` (``"bf16"``, ``"fp16"`` with loss scaling, or ``None``), progress on stderr when ``progress``
     (:class:`~fastflow.progress.Progress`), and neither progress nor held-out lines on stdout when ``quiet``.
     ``step_mode`` runs each step ``"eager"``, compiled (``"compile"``) or replayed from a CUDA graph
-    (``"cuda-graph"``), and ``channels_last`` lays the convolutions out channels-last
-    (:class:`fastflow.step.TrainStep`).
+    (``"cuda-graph"``), and ``channels_last`` lays the convolutions out channels-last (None: where
+    :func:`fastflow.step.default_channels_last` says; :class:`fastflow.step.TrainStep`).
 
     With ``out`` set, rank 0 writes ``out/checkpoint.pt`` and a grid of ``samples`` samples at
     ``temperature`` every ``save_every`` steps (0: only at the end) and at the end; with held-out data it
@@ -113,7 +113,7 @@ class TrainConfig:
     temperature: float = 0.7
     quiet: bool = False
     step_mode: str = "eager"
-    channels_last: bool = False
+    channels_last: bool | None = None
 
     def __post_init__(self) -> None:
         if self.amp is not None and self.amp not in AMP_DTYPES:

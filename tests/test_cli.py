@@ -345,6 +345,9 @@ def test_channels_last_flag_trains_and_is_stored_for_resume(tmp_path):
     assert main(["train", *TINY, "--out", str(tmp_path / "run"), "--quiet", "--channels-last"]) == 0
     extra = load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))[1]["extra"]
     assert extra["cli"]["channels_last"] is True and extra["train_config"]["channels_last"] is True
+    assert main(["train", *TINY, "--out", str(tmp_path / "off"), "--quiet", "--no-channels-last"]) == 0
+    extra = load_checkpoint(str(tmp_path / "off" / "checkpoint.pt"))[1]["extra"]
+    assert extra["cli"]["channels_last"] is False and extra["train_config"]["channels_last"] is False
 
 
 def test_data_without_resolution_uses_the_image_size_and_says_so(tmp_path, capsys):

@@ -10,12 +10,17 @@ from fastflow.step import CAPTURE_WARMUP_STEPS, BitsPerDim, TrainStep, make_adam
 
 
 def _run(
-    mode: str, device: str = "cpu", steps: int = 3, dtype: torch.dtype = torch.float64, **kwargs
+    mode: str,
+    device: str = "cpu",
+    steps: int = 3,
+    dtype: torch.dtype = torch.float64,
+    reversible: bool = False,
+    **kwargs,
 ) -> tuple[list[float], torch.Tensor]:
     """Losses of ``steps`` steps of a tiny Glow, and its flattened weights after them. Float64 by default: Adam
     turns float32 rounding noise in near-zero gradients into steps of size lr, which would hide real differences."""
     torch.manual_seed(0)
-    model = Glow(3, 8, levels=2, steps=2, hidden=16).to(device, dtype)
+    model = Glow(3, 8, levels=2, steps=2, hidden=16, reversible=reversible).to(device, dtype)
     batches = [torch.rand(4, 3, 8, 8, device=device, dtype=dtype) - 0.5 for _ in range(steps)]
     with torch.no_grad():
         model.bits_per_dim(batches[0])  # ActNorm's data-dependent init, outside the step
@@ -29,6 +34,22 @@ def test_compiled_step_matches_eager():
     losses, weights = _run("eager")
     compiled_losses, compiled_weights = _run("compile")
     assert losses[0] != losses[-1]  # the steps trained
+    torch.testing.assert_close(compiled_losses, losses, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(compiled_weights, weights, atol=1e-9, rtol=1e-9)
+
+
+def test_compiled_step_on_the_cpu_is_channels_last_unless_told_and_matches_eager():
+    """``channels_last=None`` picks channels-last for compiled CPU steps only; compiled reversible training in
+    that layout gives eager's losses and weights."""
+    model = Glow(3, 8, levels=2, steps=1, hidden=8)
+    assert [
+        TrainStep(BitsPerDim(model), model, make_adam(model.parameters(), 1e-3), mode=mode).channels_last
+        for mode in ("eager", "compile")
+    ] == [False, True]
+    step = TrainStep(BitsPerDim(model), model, make_adam(model.parameters(), 1e-3), mode="compile", channels_last=False)
+    assert not step.channels_last
+    losses, weights = _run("eager", reversible=True)
+    compiled_losses, compiled_weights = _run("compile", reversible=True)
     torch.testing.assert_close(compiled_losses, losses, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(compiled_weights, weights, atol=1e-9, rtol=1e-9)
 
