@@ -239,7 +239,7 @@ def _training_step(mode: str, device: torch.device) -> dict[str, Any]:
     model = Glow(3, 32, levels=3, steps=8, hidden=64, reversible="reversible" in mode).to(device).train()
     x = torch.rand(8, 3, 32, 32, device=device) - 0.5
     compiled = mode.startswith("compiled")
-    if default_channels_last("compile" if compiled else "eager", device):  # the layout TrainStep gives this mode
+    if default_channels_last("compile" if compiled else "eager", device, model):  # the layout TrainStep gives
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():

@@ -48,13 +48,14 @@ def make_adam(parameters: Iterable[nn.Parameter], lr: float, mode: StepMode = "e
     return torch.optim.Adam(parameters, lr=lr, fused=True, capturable=mode == "cuda-graph")
 
 
-def default_channels_last(mode: str, device: torch.device) -> bool:
+def default_channels_last(mode: str, device: torch.device, model: nn.Module) -> bool:
     """Whether :class:`TrainStep` lays the convolutions out channels-last when not told: for ``"compile"`` on the
-    CPU. There Inductor picks the channels-last layout for the convolutions itself and copies their weight
-    gradients back to the parameters' layout (50 copies in the reference Glow step, L=3, K=8, hidden 64, 32x32):
-    with the weights and the input channels-last those copies go, the step moves 6% fewer bytes and it ran 1-7%
-    faster in three in-process A/Bs (2026-11-26). Elsewhere the layout is left as it is."""
-    return mode == "compile" and device.type == "cpu"
+    CPU, where ``model`` has convolution weights (4-D parameters). There Inductor picks the channels-last layout
+    for the convolutions itself and copies their weight gradients back to the parameters' layout (50 copies in the
+    reference Glow step, L=3, K=8, hidden 64, 32x32): with the weights and the input channels-last those copies
+    go, the step moves 6% fewer bytes and it ran 1-7% faster in three in-process A/Bs (2026-11-26). Elsewhere the
+    layout is left as it is."""
+    return mode == "compile" and device.type == "cpu" and any(p.dim() == 4 for p in model.parameters())
 
 
 def _autocast(device: torch.device, amp: str | None, cache_enabled: bool = True) -> AbstractContextManager[None]:
@@ -115,7 +116,7 @@ class TrainStep:
             if not all(group.get("capturable", False) for group in optimizer.param_groups):
                 raise ValueError("mode='cuda-graph' needs a capturable optimizer: make_adam(..., mode='cuda-graph')")
         if channels_last is None:
-            channels_last = default_channels_last(mode, self.device)
+            channels_last = default_channels_last(mode, self.device, model)
         self.objective, self.model, self.optimizer = objective, model, optimizer
         self.clip, self.amp, self.mode, self.channels_last = clip, amp, mode, channels_last
         self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), dtype=torch.float32, device=self.device)

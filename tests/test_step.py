@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastflow.models import Glow
+from fastflow.models import Glow, Jet
 from fastflow.step import CAPTURE_WARMUP_STEPS, BitsPerDim, TrainStep, make_adam
 
 
@@ -39,8 +39,8 @@ def test_compiled_step_matches_eager():
 
 
 def test_compiled_step_on_the_cpu_is_channels_last_unless_told_and_matches_eager():
-    """``channels_last=None`` picks channels-last for compiled CPU steps only; compiled reversible training in
-    that layout gives eager's losses and weights."""
+    """``channels_last=None`` picks channels-last for compiled CPU steps of models with convolutions only;
+    compiled reversible training in that layout gives eager's losses and weights."""
     model = Glow(3, 8, levels=2, steps=1, hidden=8)
     assert [
         TrainStep(BitsPerDim(model), model, make_adam(model.parameters(), 1e-3), mode=mode).channels_last
@@ -48,6 +48,8 @@ def test_compiled_step_on_the_cpu_is_channels_last_unless_told_and_matches_eager
     ] == [False, True]
     step = TrainStep(BitsPerDim(model), model, make_adam(model.parameters(), 1e-3), mode="compile", channels_last=False)
     assert not step.channels_last
+    jet = Jet(3, 8, patch_size=2, couplings=2, width=16, depth=1, heads=2)  # no convolution weights
+    assert not TrainStep(BitsPerDim(jet), jet, make_adam(jet.parameters(), 1e-3), mode="compile").channels_last
     losses, weights = _run("eager", reversible=True)
     compiled_losses, compiled_weights = _run("compile", reversible=True)
     torch.testing.assert_close(compiled_losses, losses, atol=1e-9, rtol=1e-9)
