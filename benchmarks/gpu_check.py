@@ -26,7 +26,8 @@ step's status and seconds.
 
 Budget (``--total-s``, default 460 s, so that with ``make gpu-install`` the whole check stays under 8 minutes
 on a fresh H100): the reserves in :data:`PLAN`, from the last GPU timings (the gpu tests 99 s on an H200 on
-2026-11-26, which filled their 105 s box: pytest lists the slowest eight; coupling 33 s and flowstep's default
+2026-11-26, which filled their 105 s box, so their box now ends at 120 s, taken from ``largest_batch``, whose
+512-pixel searches stop on time anyway; pytest lists the slowest eight; coupling 33 s and flowstep's default
 compile about 40 s on the H100; the step eager and CUDA graph at both sizes about 40 s on the H200) and
 estimates for the rest (``torch.compile`` of the whole step: one to three minutes per size, so the 256x256
 compile is the row most likely to be cut); each benchmark step also pays ~5 s to start (import, CUDA context,
@@ -77,18 +78,18 @@ PLAN = (
     Step(
         "gpu-tests",
         ("-m", "pytest", "-q", "--durations=8", "-m", "gpu", "tests"),
-        80,
+        100,
         env={"FASTFLOW_TEST_GPU": "1", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "1"},
     ),
     _bench("coupling", 40),
     _bench("flowstep", 55),
     _bench("spline", 50, min_s=30),
     _bench("train_modes", 130, min_s=60),
-    _bench("largest_batch", 80, min_s=30),
+    _bench("largest_batch", 65, min_s=30),
     _bench("jet_largest_batch", 0, min_s=30),
     _bench("flowstep_max_autotune", 0, min_s=90),
 )
-"""The steps of ``make gpu-check``, in order; the reserves add up to 435 s of the default 460."""
+"""The steps of ``make gpu-check``, in order; the reserves add up to 440 s of the default 460."""
 
 
 def deadlines(plan: Sequence[Step], start: float, total_s: float) -> list[float]:
