@@ -25,8 +25,8 @@ have none);
 
 Cases: one FlowStep forward+backward (B=2, C=12, 16x16, hidden 512) and the reference training step (Glow
 L=3, K=8, hidden 64, 32x32, batch 8, with Adam's step, ``fused=True``: one kernel in every mode; in the layout
-:class:`fastflow.step.TrainStep` gives each mode, :func:`fastflow.step.default_channels_last`: channels-last
-for the compiled modes on the CPU), for
+:class:`fastflow.step.TrainStep` gives it, :func:`fastflow.step.default_channels_last`: channels-last on the
+CPU), for
 ``eager`` (standard backprop), ``reversible``, ``compiled`` and ``compiled-reversible`` (``torch.compile`` of
 the loss, whose backward AOTAutograd compiles), on the backend the device gets, so on the CPU through the
 CPU's ops: there eager runs Glow's network's 1x1 convolution as a ``bmm`` (reading the weight once per sample) and
@@ -238,8 +238,7 @@ def _training_step(mode: str, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(0)
     model = Glow(3, 32, levels=3, steps=8, hidden=64, reversible="reversible" in mode).to(device).train()
     x = torch.rand(8, 3, 32, 32, device=device) - 0.5
-    compiled = mode.startswith("compiled")
-    if default_channels_last("compile" if compiled else "eager", device, model):  # the layout TrainStep gives
+    if default_channels_last(device, model):  # the layout TrainStep gives it
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -249,6 +248,7 @@ def _training_step(mode: str, device: torch.device) -> dict[str, Any]:
     def objective(x: torch.Tensor) -> torch.Tensor:
         return model.bits_per_dim(x).mean()
 
+    compiled = mode.startswith("compiled")
     loss_fn = torch.compile(objective) if compiled else objective
 
     def backward(loss: torch.Tensor) -> None:

@@ -427,8 +427,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--cuda-graph", action="store_true", default=None, help="capture the whole training step in "
                    "a CUDA graph after 3 warm-up steps and replay it (single GPU, static batch)")  # fmt: skip
     t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels-last "
-                   "convolutions (the layout tensor cores want under --amp bf16; default: on with --compile on the "
-                   "CPU, where it measured faster, off otherwise)")  # fmt: skip
+                   "convolutions (the layout tensor cores want under --amp bf16; default: on on the CPU, where it "
+                   "measured faster, off on CUDA)")  # fmt: skip
     t.add_argument("--iterations", type=steps, help="training steps (default 1500)")
     t.add_argument("--batch", type=count, help="global batch, split over the ranks (default 64)")
     t.add_argument("--lr", type=positive, help="Adam learning rate after warm-up (default 2e-3)")

@@ -48,14 +48,16 @@ def make_adam(parameters: Iterable[nn.Parameter], lr: float, mode: StepMode = "e
     return torch.optim.Adam(parameters, lr=lr, fused=True, capturable=mode == "cuda-graph")
 
 
-def default_channels_last(mode: str, device: torch.device, model: nn.Module) -> bool:
-    """Whether :class:`TrainStep` lays the convolutions out channels-last when not told: for ``"compile"`` on the
-    CPU, where ``model`` has convolution weights (4-D parameters). There Inductor picks the channels-last layout
-    for the convolutions itself and copies their weight gradients back to the parameters' layout (50 copies in the
-    reference Glow step, L=3, K=8, hidden 64, 32x32): with the weights and the input channels-last those copies
-    go, the step moves 6% fewer bytes and it ran 1-7% faster in three in-process A/Bs (2026-11-26). Elsewhere the
-    layout is left as it is."""
-    return mode == "compile" and device.type == "cpu" and any(p.dim() == 4 for p in model.parameters())
+def default_channels_last(device: torch.device, model: nn.Module) -> bool:
+    """Whether :class:`TrainStep` lays the convolutions out channels-last when not told: on the CPU, where
+    ``model`` has convolution weights (4-D parameters), in every mode. Measured in one process against the
+    parameters' own layout (2026-11-26/27): the eager Glow step 5% faster at the reference size (L=3, K=8,
+    hidden 64, 32x32, batch 8; two A/Bs) and 11-16% at the digits demo's (L=2, K=8, hidden 64, 8x8, batch 64),
+    reversible 13% faster at the demo's size and within 2% at the reference size; compiled, 1-7% faster in
+    three A/Bs, where Inductor otherwise lays the convolutions out channels-last itself and copies their weight
+    gradients back every step (50 copies in the reference step). On CUDA the layout is left as it is
+    (``channels_last=True`` asks for it, as tensor cores want under bf16)."""
+    return device.type == "cpu" and any(p.dim() == 4 for p in model.parameters())
 
 
 def _autocast(device: torch.device, amp: str | None, cache_enabled: bool = True) -> AbstractContextManager[None]:
@@ -83,9 +85,9 @@ class TrainStep:
     replayed, as is every later step; shapes are static, so every
     batch must have the first one's shape and dtype; ``optimizer`` from :func:`make_adam` with that mode; no fp16, no
     DDP). ``channels_last`` stores the convolution weights and the input in channels-last order, the layout tensor
-    cores want under ``amp="bf16"``; None (the default) does so where :func:`default_channels_last` says (compiled
-    steps on the CPU). The learning rate lives in a device tensor shared by the parameter groups, so a warm-up
-    schedule changes neither compiled code nor the captured graph.
+    cores want under ``amp="bf16"``; None (the default) does so where :func:`default_channels_last` says (on the
+    CPU, for models with convolutions). The learning rate lives in a device tensor shared by the parameter groups,
+    so a warm-up schedule changes neither compiled code nor the captured graph.
     """
 
     def __init__(
@@ -116,7 +118,7 @@ class TrainStep:
             if not all(group.get("capturable", False) for group in optimizer.param_groups):
                 raise ValueError("mode='cuda-graph' needs a capturable optimizer: make_adam(..., mode='cuda-graph')")
         if channels_last is None:
-            channels_last = default_channels_last(mode, self.device, model)
+            channels_last = default_channels_last(self.device, model)
         self.objective, self.model, self.optimizer = objective, model, optimizer
         self.clip, self.amp, self.mode, self.channels_last = clip, amp, mode, channels_last
         self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), dtype=torch.float32, device=self.device)
