@@ -51,7 +51,7 @@ from benchmarks.common import SKIPPED, Budget, dynamo_counts
 from fastflow.backend import resolve_backend
 from fastflow.models import Glow
 from fastflow.nn import FlowSequential, FlowStep
-from fastflow.step import default_channels_last
+from fastflow.step import convolutions_channels_last, default_channels_last
 
 __all__ = ["MODES", "OpCensus", "census_rows", "count_step", "inductor_kernels_counted"]
 
@@ -239,7 +239,7 @@ def _training_step(mode: str, device: torch.device) -> dict[str, Any]:
     model = Glow(3, 32, levels=3, steps=8, hidden=64, reversible="reversible" in mode).to(device).train()
     x = torch.rand(8, 3, 32, 32, device=device) - 0.5
     if default_channels_last(device, model):  # the layout TrainStep gives it
-        model.to(memory_format=torch.channels_last)
+        convolutions_channels_last(model)
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         model.bits_per_dim(x)  # ActNorm's data-dependent init, before any compilation

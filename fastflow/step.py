@@ -20,7 +20,15 @@ from torch import nn
 from fastflow.models import FlowModel
 from fastflow.nn.reversible import deferred_guards
 
-__all__ = ["STEP_MODES", "BitsPerDim", "StepMode", "TrainStep", "default_channels_last", "make_adam"]
+__all__ = [
+    "STEP_MODES",
+    "BitsPerDim",
+    "StepMode",
+    "TrainStep",
+    "convolutions_channels_last",
+    "default_channels_last",
+    "make_adam",
+]
 
 StepMode = Literal["eager", "compile", "cuda-graph"]
 STEP_MODES = ("eager", "compile", "cuda-graph")
@@ -48,16 +56,30 @@ def make_adam(parameters: Iterable[nn.Parameter], lr: float, mode: StepMode = "e
     return torch.optim.Adam(parameters, lr=lr, fused=True, capturable=mode == "cuda-graph")
 
 
+def _kernels(model: nn.Module) -> list[nn.Parameter]:
+    """The convolution kernels of ``model`` wider than 1x1 (4-D parameters with more than one tap): the weights a
+    memory format lays out differently (a ``(C_out, C_in, 1, 1)`` weight, or ActNorm's ``(1, C, 1, 1)``, has
+    the same memory in every format, only strides that DistributedDataParallel would compare)."""
+    return [p for p in model.parameters() if p.dim() == 4 and p.shape[2] * p.shape[3] > 1]
+
+
+def convolutions_channels_last(model: nn.Module) -> None:
+    """Store ``model``'s convolution kernels wider than 1x1 channels-last, in place (the parameters stay the same
+    objects, so an optimizer built on them keeps them)."""
+    for kernel in _kernels(model):
+        kernel.data = kernel.data.contiguous(memory_format=torch.channels_last)
+
+
 def default_channels_last(device: torch.device, model: nn.Module) -> bool:
     """Whether :class:`TrainStep` lays the convolutions out channels-last when not told: on the CPU, where
-    ``model`` has convolution weights (4-D parameters), in every mode. Measured in one process against the
+    ``model`` has convolution kernels wider than 1x1, in every mode. Measured in one process against the
     parameters' own layout (2026-11-26/27): the eager Glow step 5% faster at the reference size (L=3, K=8,
     hidden 64, 32x32, batch 8; two A/Bs) and 11-16% at the digits demo's (L=2, K=8, hidden 64, 8x8, batch 64),
     reversible 13% faster at the demo's size and within 2% at the reference size; compiled, 1-7% faster in
     three A/Bs, where Inductor otherwise lays the convolutions out channels-last itself and copies their weight
     gradients back every step (50 copies in the reference step). On CUDA the layout is left as it is
     (``channels_last=True`` asks for it, as tensor cores want under bf16)."""
-    return device.type == "cpu" and any(p.dim() == 4 for p in model.parameters())
+    return device.type == "cpu" and bool(_kernels(model))
 
 
 def _autocast(device: torch.device, amp: str | None, cache_enabled: bool = True) -> AbstractContextManager[None]:
@@ -86,7 +108,9 @@ class TrainStep:
     batch must have the first one's shape and dtype; ``optimizer`` from :func:`make_adam` with that mode; no fp16, no
     DDP). ``channels_last`` stores the convolution weights and the input in channels-last order, the layout tensor
     cores want under ``amp="bf16"``; None (the default) does so where :func:`default_channels_last` says (on the
-    CPU, for models with convolutions). The learning rate lives in a device tensor shared by the parameter groups,
+    CPU, for models with convolutions), except around a ``DistributedDataParallel`` objective, whose gradient
+    buckets have the strides the parameters had when it was built (:func:`fastflow.train.train` lays the model
+    out before wrapping it). The learning rate lives in a device tensor shared by the parameter groups,
     so a warm-up schedule changes neither compiled code nor the captured graph.
     """
 
@@ -117,8 +141,10 @@ class TrainStep:
                 raise ValueError("mode='cuda-graph' does not capture DistributedDataParallel's gradient all-reduce")
             if not all(group.get("capturable", False) for group in optimizer.param_groups):
                 raise ValueError("mode='cuda-graph' needs a capturable optimizer: make_adam(..., mode='cuda-graph')")
-        if channels_last is None:
-            channels_last = default_channels_last(self.device, model)
+        if channels_last is None:  # a DDP objective keeps its layout (lay the model out before wrapping it)
+            channels_last = not isinstance(objective, nn.parallel.DistributedDataParallel) and default_channels_last(
+                self.device, model
+            )
         self.objective, self.model, self.optimizer = objective, model, optimizer
         self.clip, self.amp, self.mode, self.channels_last = clip, amp, mode, channels_last
         self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), dtype=torch.float32, device=self.device)
@@ -129,7 +155,7 @@ class TrainStep:
             self.skip = torch.zeros((), device=self.device)
             optimizer.found_inf = self.skip  # type: ignore[attr-defined]  # fused Adam skips its update where set
         if channels_last:
-            objective.to(memory_format=torch.channels_last)
+            convolutions_channels_last(objective)
         self._loss_fn = self._loss
         if mode == "compile":
             # static shapes: one graph per model; the fused Adam update is one kernel per dtype group already

@@ -42,7 +42,14 @@ from fastflow.models import FlowModel, dequantize
 from fastflow.nn import ActNorm
 from fastflow.nn.reversible import ReconstructionError
 from fastflow.progress import Progress
-from fastflow.step import STEP_MODES, BitsPerDim, TrainStep, make_adam
+from fastflow.step import (
+    STEP_MODES,
+    BitsPerDim,
+    TrainStep,
+    convolutions_channels_last,
+    default_channels_last,
+    make_adam,
+)
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -399,13 +406,18 @@ def train(
     model.train()
     if start < config.steps:
         initialize_actnorm(model, *local_batch(start), amp=config.amp)
+    channels_last = config.channels_last
+    if channels_last is None:
+        channels_last = default_channels_last(device, model)
+    if channels_last:  # before DDP wraps the model: its gradient buckets take the parameters' strides
+        convolutions_channels_last(model)
     objective: nn.Module = BitsPerDim(model)
     if world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         objective = DistributedDataParallel(objective, device_ids=device_ids)
     step_runner = TrainStep(
         objective, model, optimizer, clip=config.clip, amp=config.amp, scaler=scaler,
-        mode=config.step_mode, channels_last=config.channels_last,  # type: ignore[arg-type]
+        mode=config.step_mode, channels_last=channels_last,  # type: ignore[arg-type]
     )  # fmt: skip
     main = rank == 0
     extra = checkpoint_extra or {}
