@@ -38,6 +38,7 @@ inputs included; ``peak_mem_mb`` (CUDA) what one forward + backward adds at its 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -75,7 +76,9 @@ MAX_ERROR_FACTOR = 8.0
 """How many times eager's largest error a checked provider's largest error may be (see :func:`_check`)."""
 KNOT_ULPS = 32
 """Within how many ``eps(dtype) bound`` of a knot an element's bin counts as ambiguous (:func:`_near_knot`)."""
-_MIN_SIZE = 1e-3  # rq_spline's default minimum width, height and derivative, which the providers take
+_DEFAULTS = inspect.signature(rq_spline).parameters
+_MINIMUMS = tuple(float(_DEFAULTS[n].default) for n in ("min_width", "min_height", "min_derivative"))
+"""``rq_spline``'s default minimum width, height and derivative, which the providers take."""
 _ROUNDS = {True: 5, False: 10}  # CPU rounds of three timed calls for quick / full runs (CUDA: do_bench's own)
 
 Spline = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -161,8 +164,8 @@ def _near_knot(x: torch.Tensor, raw: torch.Tensor, bins: int, dtype: torch.dtype
     continuous there, but their gradients jump (the spline is C1, not C2): on an H200 at B=65536, D=8, K=16 an
     ``x`` one float32 ulp below a knot had its ``grad_x`` from the bin above (-140 against 2874), in the fused
     kernels and in torch.compile alike, correct for that bin."""
-    spline = eager.Spline(bins, BOUND, _MIN_SIZE, _MIN_SIZE, _MIN_SIZE)
-    knots = eager.sizes_and_knots(raw[..., :bins], spline, _MIN_SIZE)[1][..., :-1]
+    spline = eager.Spline(bins, BOUND, *_MINIMUMS)
+    knots = eager.sizes_and_knots(raw[..., :bins], spline, spline.min_width)[1][..., :-1]
     distance = (x.unsqueeze(-1) - knots).abs().amin(dim=-1)
     return distance <= KNOT_ULPS * torch.finfo(dtype).eps * BOUND
 

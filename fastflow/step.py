@@ -73,8 +73,8 @@ def convolutions_channels_last(model: nn.Module) -> None:
 def default_channels_last(device: torch.device, model: nn.Module) -> bool:
     """Whether :class:`TrainStep` lays the convolutions out channels-last when not told: on the CPU, where
     ``model`` has convolution kernels wider than 1x1, in every mode. Measured in one process against the
-    parameters' own layout (2026-11-26/27): the eager Glow step 5% faster at the reference size (L=3, K=8,
-    hidden 64, 32x32, batch 8; three A/Bs: 5-7%) and 11-16% at the digits demo's (L=2, K=8, hidden 64, 8x8,
+    parameters' own layout (2026-11-26/27): the eager Glow step 5-7% faster at the reference size (L=3, K=8,
+    hidden 64, 32x32, batch 8; three A/Bs) and 11-16% at the digits demo's (L=2, K=8, hidden 64, 8x8,
     batch 64), reversible 13% faster at both sizes (at the reference size with the kernels alone converted; with
     every 4-D parameter converted, one earlier A/B read 2% slower); compiled, 1-7% faster in
     three A/Bs, where Inductor otherwise lays the convolutions out channels-last itself and copies their weight
