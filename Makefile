@@ -54,7 +54,7 @@ gpu-install:
 	$(GPU_PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 
 gpu-test: gpu-install
-	FASTFLOW_TEST_GPU=1 $(GPU_PY) -m pytest -q -m gpu tests
+	$(GPU_PY) -m benchmarks.gpu_tests
 
 gpu-bench: gpu-install
 	$(GPU_PY) -m benchmarks --device cuda $(BENCH_ARGS)

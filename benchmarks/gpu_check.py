@@ -3,8 +3,8 @@
 Steps, in this order, each a child process with a time box (``reserve_s``: the seconds kept for it; a step may
 use whatever earlier steps left, but never the time reserved for the steps after it):
 
-1. ``gpu-tests``: the gpu-marked tests (``pytest -m gpu``) with TF32 on (``TORCH_ALLOW_TF32_CUBLAS_OVERRIDE``;
-   cuDNN's TF32 is PyTorch's default);
+1. ``gpu-tests``: the gpu-marked tests (``pytest -m gpu``) with TF32 on, in four concurrent pytest processes
+   (:mod:`benchmarks.gpu_tests`: their time is mostly cold compilation, CPU work);
 2. ``coupling`` and 3. ``flowstep``: the fused kernels against eager and ``torch.compile``;
 4. ``spline``: the rational-quadratic spline, fused against eager, ``torch.compile``, zuko and nflows
    (issue 15's target size first);
@@ -25,9 +25,9 @@ result files are copied to ``<out>/results/`` after every step, and ``<out>/gpu-
 step's status and seconds.
 
 Budget (``--total-s``, default 460 s, so that with ``make gpu-install`` the whole check stays under 8 minutes
-on a fresh H100): the reserves in :data:`PLAN`, from the last GPU timings (the gpu tests 99 s on an H200 on
-2026-11-26, which filled their 105 s box, so their box now ends at 120 s, taken from ``largest_batch``, whose
-512-pixel searches stop on time anyway; pytest lists the slowest eight; coupling 33 s and flowstep's default
+on a fresh H100): the reserves in :data:`PLAN`, from the last GPU timings (the gpu tests, in one process, 99 s
+on an H200 on 2026-11-26 and killed at their 120 s box on an H100 on 2026-11-27 with no line written: pytest's
+output was block-buffered into the pipe, so every step's child now runs unbuffered; coupling 33 s and flowstep's default
 compile about 40 s on the H100; the step eager and CUDA graph at both sizes about 40 s on the H200) and
 estimates for the rest (``torch.compile`` of the whole step: one to three minutes per size, so the 256x256
 compile is the row most likely to be cut); each benchmark step also pays ~5 s to start (import, CUDA context,
@@ -75,12 +75,7 @@ def _bench(case: str, reserve_s: float, min_s: float = 20.0) -> Step:
 
 
 PLAN = (
-    Step(
-        "gpu-tests",
-        ("-m", "pytest", "-q", "--durations=8", "-m", "gpu", "tests"),
-        100,
-        env={"FASTFLOW_TEST_GPU": "1", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "1"},
-    ),
+    Step("gpu-tests", ("-m", "benchmarks.gpu_tests", "--shards", "4"), 100),
     _bench("coupling", 40),
     _bench("flowstep", 55),
     _bench("spline", 50, min_s=30),
@@ -107,7 +102,7 @@ def _run(step: Step, until: float, log_path: str | None) -> str:
     if step.is_benchmark:
         cmd += ["--deadline", f"{until - SOFT_MARGIN_S:.0f}"]
     with open(log_path, "w") if log_path else contextlib.nullcontext() as log:
-        child = BoxedProcess(cmd, step.env)
+        child = BoxedProcess(cmd, {"PYTHONUNBUFFERED": "1", **step.env})  # a killed step's log keeps its lines
         for line in child.lines(until):
             print(line, end="", flush=True)
             if log:

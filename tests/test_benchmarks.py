@@ -229,7 +229,7 @@ def test_gpu_check_plan_follows_the_issue_and_fits_its_deadline():
         "gpu-tests", "coupling", "flowstep", "spline", "train_modes", "largest_batch", "jet_largest_batch",
         "flowstep_max_autotune",
     ]  # fmt: skip
-    assert PLAN[0].env["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] == "1"
+    assert PLAN[0].argv[:2] == ("-m", "benchmarks.gpu_tests")
     ends = deadlines(PLAN, start=0.0, total_s=460.0)
     assert ends == sorted(ends) and ends[-1] == 460.0
     assert ends[0] == 460.0 - sum(s.reserve_s for s in PLAN[1:])
@@ -244,10 +244,46 @@ def test_gpu_check_kills_a_step_at_its_time_box(tmp_path):
     status = _run(sleeper, until=start + 3, log_path=str(tmp_path / "sleeper.log"))
     assert status == "killed at its time box" and time.time() - start < 20
     assert (tmp_path / "sleeper.log").read_text() == "started\n"
+    # unflushed output of a killed child is in its log too (children run unbuffered)
+    quiet = Step("quiet", ("-c", "import time; print('half way'); time.sleep(60)"), 0)
+    assert _run(quiet, until=time.time() + 3, log_path=str(tmp_path / "quiet.log")) == "killed at its time box"
+    assert (tmp_path / "quiet.log").read_text() == "half way\n"
     assert _run(Step("ok", ("-c", "print('done')"), 0), until=time.time() + 60, log_path=None) == "ok"
     assert (
         _run(Step("bad", ("-c", "raise SystemExit(3)"), 0), until=time.time() + 60, log_path=None) == "failed (exit 3)"
     )
+
+
+def test_gpu_tests_deal_keeps_a_functions_cases_together_and_balances():
+    from benchmarks.gpu_tests import PYTEST_ENV, deal
+
+    ids = ["a.py::f[1]", "a.py::f[2]", "a.py::f[3]", "a.py::g", "b.py::h[x]", "b.py::h[y]", "b.py::k"]
+    shards = deal(ids, 3)
+    assert shards == [["a.py::f[1]", "a.py::f[2]", "a.py::f[3]"], ["a.py::g", "b.py::k"], ["b.py::h[x]", "b.py::h[y]"]]
+    assert deal(ids, 1) == [ids] and len(deal(ids[:2], 4)) == 1  # empty shards dropped
+    with pytest.raises(ValueError, match="shards must be >= 1"):
+        deal(ids, 0)
+    assert PYTEST_ENV["FASTFLOW_TEST_GPU"] == "1" and PYTEST_ENV["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] == "1"
+
+
+def test_gpu_tests_runs_shards_and_reports_a_failure(tmp_path, capsys):
+    from benchmarks.gpu_tests import main
+
+    (tmp_path / "test_marked.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.gpu\n@pytest.mark.parametrize('n', [1, 2])\ndef test_ok(n):\n    assert n\n"
+        "@pytest.mark.gpu\ndef test_other():\n    assert True\n"
+        "def test_unmarked():\n    raise AssertionError('not selected')\n"
+    )
+    assert main(["--shards", "2", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" PASSED") == 3 and "test_unmarked" not in out
+    assert "[shard 0]" in out and "[shard 1]" in out  # test_ok's two cases in one shard, test_other in the other
+    assert {line.split()[1][:-1] for line in out.splitlines() if "test_ok[" in line and "PASSED" in line} == {"0"}
+    (tmp_path / "test_broken.py").write_text("import pytest\n@pytest.mark.gpu\ndef test_fails():\n    assert False\n")
+    assert main(["--shards", "2", str(tmp_path)]) == 1
+    assert main(["--marker", "no_such_marker", str(tmp_path)]) == 1
+    assert "no tests collected" in capsys.readouterr().out
 
 
 def test_normflows_glow_has_the_demo_structure():
