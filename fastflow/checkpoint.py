@@ -122,7 +122,7 @@ def build_model(name: str, config: dict[str, Any], source: str = "") -> FlowMode
     cls = _model_class(name, config, source)
     try:
         return cls(**config)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: a value no check caught, raised by torch
         raise ValueError(_where(source, f"invalid config for {name}: {err}")) from err
 
 
@@ -143,14 +143,20 @@ def _few(names: list[str]) -> str:
     return shown + (f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else "")
 
 
-def _load_weights(model: FlowModel, state_dict: Any, source: str) -> None:
+def _load_weights(model: FlowModel, state_dict: Any, source: str, adopt_dtype: bool = False) -> None:
     """``model.load_state_dict(state_dict)`` with a short ``ValueError`` on a mismatch: only the missing,
-    unexpected and wrongly shaped parameter names, a handful of each with the count."""
+    unexpected, wrongly shaped and wrongly typed parameter names, a handful of each with the count. With
+    ``adopt_dtype`` (a model built for the file) the model first takes the weights' floating dtype (float64 weights
+    stay float64); otherwise every weight must have the model's dtype (nothing is converted silently)."""
     if not isinstance(state_dict, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
     ):
         raise ValueError(f"{source}: the weights are not a mapping of parameter names to tensors")
-    state_dict = upgraded_state_dict(state_dict)  # weights saved in earlier layouts load too
+    try:
+        state_dict = upgraded_state_dict(state_dict)  # weights saved in earlier layouts load too
+    except (RuntimeError, ValueError, IndexError) as err:
+        message = " ".join(str(err).split())[:300]
+        raise ValueError(f"{source}: weights in an earlier layout that cannot be upgraded: {message}") from err
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -159,9 +165,26 @@ def _load_weights(model: FlowModel, state_dict: Any, source: str) -> None:
         for k, v in state_dict.items()
         if k in expected and v.shape != expected[k].shape
     ]
+    if adopt_dtype and not (missing or unexpected or reshaped):
+        dtypes = {v.dtype for k, v in state_dict.items() if v.is_floating_point() and expected[k].is_floating_point()}
+        if len(dtypes) > 1:
+            raise ValueError(f"{source}: the floating-point weights have several dtypes ({sorted(map(str, dtypes))})")
+        if dtypes:
+            model.to(dtypes.pop())
+            expected = model.state_dict()
+    retyped = [
+        f"{k} {v.dtype} in the file, {expected[k].dtype} in the model"
+        for k, v in state_dict.items()
+        if k in expected and v.dtype != expected[k].dtype
+    ]
     problems = [
         f"{len(names)} {kind} ({_few(names)})"
-        for kind, names in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
+        for kind, names in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("of another shape", reshaped),
+            ("of another dtype", retyped),
+        )
         if names
     ]
     if problems:
@@ -177,9 +200,9 @@ def _load_weights(model: FlowModel, state_dict: Any, source: str) -> None:
 def _check_loadable(value: Any, name: str) -> None:
     """``TypeError`` naming ``name`` unless ``value`` is made of what ``torch.load(weights_only=True)`` reads
     back: plain Python values, tensors, dtypes, devices and containers of them."""
-    if value is None or isinstance(
-        value, (bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype, torch.device, torch.Size)
-    ):
+    if value is None or type(value) in (bool, int, float, complex, str, bytes):  # not subclasses (numpy, enums)
+        return
+    if isinstance(value, (torch.Tensor, torch.dtype, torch.device, torch.Size)):
         return
     if type(value) in (dict, collections.OrderedDict):
         for k, v in value.items():
@@ -295,7 +318,7 @@ def load_checkpoint(
     name, config = payload["model_class"], payload["config"]
     if model is None:
         model = build_model(name, config, where)
-        _load_weights(model, payload["state_dict"], where)
+        _load_weights(model, payload["state_dict"], where, adopt_dtype=True)
         return model.to(map_location), payload
     cls = _model_class(name, config, where)
     if type(model) is not cls:
@@ -365,5 +388,5 @@ def load_pretrained(
         state_dict = load_file(weights_path, device=str(map_location))
     except (OSError, SafetensorError) as err:
         raise ValueError(f"cannot read {weights_path!r}: {' '.join(str(err).split())[:300]}") from err
-    _load_weights(model, state_dict, repr(weights_path))
+    _load_weights(model, state_dict, repr(weights_path), adopt_dtype=True)
     return model.to(map_location)

@@ -255,17 +255,29 @@ def _restore(
         raise ValueError(f"cannot resume from {path!r}: it holds no training state (optimizer, step)")
     _check_same_run(path, config, extra.get("train_config"))
     state = payload["optimizer"]
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or "state" not in state or not all(isinstance(g, dict) for g in groups):
+        raise ValueError(f"cannot resume from {path!r}: its optimizer state is not an optimizer's state_dict")
+    if (
+        not isinstance(extra.get("scaler"), dict)
+        or isinstance(extra["step"], bool)
+        or not isinstance(extra["step"], int)
+    ):
+        raise ValueError(f"cannot resume from {path!r}: its training state needs a loss-scaler dict and an int step")
     settings = {k: optimizer.param_groups[0][k] for k in ("fused", "foreach", "capturable")}
     for group in state["param_groups"]:  # the checkpoint's Adam settings (older ones: not fused) would be restored
         group.update(settings)
     try:
         optimizer.load_state_dict(state)
-    except ValueError as err:  # e.g. written before the LU factors were packed: one parameter fewer per 1x1 conv
+    except (ValueError, KeyError, TypeError) as err:  # e.g. from before the LU factors were packed: fewer parameters
         raise ValueError(
             f"cannot resume from {path!r}: its optimizer state does not fit this model's parameters ({err}); its "
             "weights still load with fastflow.checkpoint.load_checkpoint"
         ) from err
-    scaler.load_state_dict(extra["scaler"])
+    try:
+        scaler.load_state_dict(extra["scaler"])
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise ValueError(f"cannot resume from {path!r}: its loss-scaler state does not load ({err!r})") from err
     return int(extra["step"]), extra.get("heldout_bits_per_dim")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import pickle
@@ -9,12 +10,13 @@ import shlex
 import stat
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
-from fastflow.checkpoint import load_checkpoint, save_checkpoint
+from fastflow.checkpoint import build_model, load_checkpoint, load_pretrained, save_checkpoint, save_pretrained
 from fastflow.cli import main
-from fastflow.models import Glow, RealNVP
+from fastflow.models import Glow, RealNVP, TabularFlow
 from fastflow.train import TrainConfig
 from tests.helpers import perturb_parameters
 
@@ -165,9 +167,21 @@ def test_training_extras_round_trip_under_weights_only(tmp_path):
     assert torch.equal(payload["extra"].pop("rng"), extra.pop("rng")) and payload["extra"] == extra
 
 
-def test_extras_that_would_not_load_are_refused_before_writing(tmp_path):
-    with pytest.raises(TypeError, match=r"extra 'stats'\['mean'\] is a .*_RunsCode"):
-        save_checkpoint(tmp_path / "ckpt.pt", _trained_glow(), stats={"mean": _RunsCode(print, "x")})
+class _Level(enum.IntEnum):
+    HIGH = 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"stats": {"mean": _RunsCode(print, "x")}}, r"extra 'stats'\['mean'\] is a .*_RunsCode"),
+        ({"bpd": np.float64(1.5)}, r"extra 'bpd' is a numpy.float64"),  # a float subclass: would not load back
+        ({"level": _Level.HIGH}, r"extra 'level' is a .*_Level"),
+    ],
+)
+def test_extras_that_would_not_load_are_refused_before_writing(tmp_path, extra, named):
+    with pytest.raises(TypeError, match=named):
+        save_checkpoint(tmp_path / "ckpt.pt", _trained_glow(), **extra)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -186,6 +200,8 @@ def _write_payload(path, **changes):
         ({"coupling": "quadratic"}, "config key 'coupling' of Glow must be"),
         ({"image_size": [4, 4, 4]}, "config key 'image_size'"),
         ({"steps": 0}, "invalid config for Glow: levels and steps must be >= 1"),
+        ({"hidden": -4}, "invalid config for Glow: hidden must be >= 1, got -4"),
+        ({"num_classes": -2}, "invalid config for Glow: num_classes must be >= 0, got -2"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, config_change, named):
@@ -271,3 +287,52 @@ def test_built_model_moves_to_map_location(tmp_path):
     save_checkpoint(tmp_path / "ckpt.pt", _trained_glow())
     model, payload = load_checkpoint(tmp_path / "ckpt.pt", map_location="cuda")
     assert all(p.is_cuda for p in model.parameters()) and payload["state_dict"]["prior.params"].is_cuda
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "named"),
+    [
+        ("NICE", {"in_channels": 1, "image_size": 4, "couplings": -3}, "couplings must be >= 1, got -3"),
+        ("NICE", {"in_channels": 0, "image_size": 4}, "in_channels must be >= 1, got 0"),
+        ("NICE", {"in_channels": 1, "image_size": 4, "hidden": -4}, "hidden must be >= 1, got -4"),
+        ("RealNVP", {"in_channels": -1, "image_size": 4}, "in_channels must be >= 1, got -1"),
+    ],
+)
+def test_sizes_below_their_minimum_are_named(name, config, named):
+    with pytest.raises(ValueError, match=f"invalid config for {name}: {named}"):
+        build_model(name, config, "")
+
+
+def test_malformed_weights_in_an_old_layout_name_the_file(tmp_path):
+    model = Glow(1, 4, levels=1, steps=1, hidden=8)
+    weights = model.state_dict()
+    packed = next(k for k in weights if k.endswith("lu_packed"))
+    weights[packed[: -len("lu_packed")] + "log_s"] = torch.zeros(5)  # beside a (4, 4) lu_packed
+    _write_payload(tmp_path / "old.pt", state_dict=weights)
+    with pytest.raises(ValueError, match=r"old.pt.*earlier layout that cannot be upgraded"):
+        load_checkpoint(tmp_path / "old.pt")
+
+
+def test_float64_weights_load_as_float64_in_both_formats(tmp_path):
+    torch.manual_seed(0)
+    model = TabularFlow(3, transforms=2, hidden=8).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    model.log_prob(x)  # ActNorm's initialisation
+    perturb_parameters(model)
+    model.eval()
+    save_checkpoint(tmp_path / "ckpt.pt", model)
+    save_pretrained(tmp_path / "shared", model)
+    for loaded in (load_checkpoint(tmp_path / "ckpt.pt")[0], load_pretrained(tmp_path / "shared")):
+        assert {p.dtype for p in loaded.parameters()} == {torch.float64}
+        torch.testing.assert_close(loaded.eval().log_prob(x), model.log_prob(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"ckpt.pt.*of another dtype \(.*torch.float64 in the file, torch.float32"):
+        load_checkpoint(tmp_path / "ckpt.pt", TabularFlow(3, transforms=2, hidden=8))  # no silent conversion
+
+
+def test_weights_of_a_non_float_dtype_are_refused(tmp_path):
+    weights = Glow(1, 4, levels=1, steps=1, hidden=8).state_dict()
+    key = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[key] = weights[key].to(torch.complex64)
+    _write_payload(tmp_path / "complex.pt", state_dict=weights)
+    with pytest.raises(ValueError, match=rf"complex.pt.*1 of another dtype \({key} torch.complex64 in the file"):
+        load_checkpoint(tmp_path / "complex.pt")

@@ -96,6 +96,27 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
         train(_model(), _data(), _config(tmp_path, 2), resume=True)
 
 
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda payload: payload.update(optimizer="junk"), "its optimizer state is not an optimizer's state_dict"),
+        (lambda payload: payload["extra"].pop("scaler"), "its training state needs a loss-scaler dict and an int step"),
+        (
+            lambda payload: payload["extra"].update(step="2"),
+            "its training state needs a loss-scaler dict and an int step",
+        ),
+    ],
+)
+def test_resume_from_a_damaged_training_state_names_the_file(tmp_path, damage, named):
+    train(_model(), _data(), _config(tmp_path, 2))
+    path = tmp_path / CHECKPOINT_NAME
+    payload = torch.load(path, weights_only=True)
+    damage(payload)
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=f"cannot resume from .*{CHECKPOINT_NAME}.*: {named}"):
+        train(_model(seed=1), _data(), _config(tmp_path, 4), resume=True)
+
+
 def test_heldout_bits_per_dim_is_reported_and_stored(tmp_path, capsys):
     train(_model(), _data(), _config(tmp_path, 4, eval_every=2), heldout=_data()[:8])
     lines = [line for line in capsys.readouterr().out.splitlines() if "held-out" in line]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fastflow.models._args import int_at_least
 from fastflow.models.base import FlowModel
 from fastflow.models.priors import GaussianPrior
 from fastflow.nn.flow_step import CouplingKind, FlowStep
@@ -58,8 +59,9 @@ class Glow(FlowModel):
         h, w = image_hw(image_size)
         if levels < 1 or steps < 1:
             raise ValueError(f"levels and steps must be >= 1, got levels={levels}, steps={steps}")
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        int_at_least("in_channels", in_channels, 1)
+        int_at_least("hidden", hidden, 1)
+        int_at_least("num_classes", num_classes, 0)
         if h % 2**levels or w % 2**levels:
             raise ValueError(f"image_size {(h, w)} must be divisible by 2**levels = {2**levels}")
         config = dict(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fastflow.models._args import int_at_least
 from fastflow.models.base import FlowModel
 from fastflow.models.glow import image_hw
 from fastflow.models.priors import GaussianPrior
@@ -14,14 +15,6 @@ from fastflow.nn.token_coupling import SPATIAL_PATTERNS, TokenCoupling
 __all__ = ["Jet"]
 
 _SPLITS = ("channel", "spatial")
-
-
-def _int_at_least(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
 
 
 class Jet(FlowModel):
@@ -66,14 +59,14 @@ class Jet(FlowModel):
         seed: int = 0,
     ) -> None:
         h, w = image_hw(image_size)
-        _int_at_least("in_channels", in_channels, 1)
-        _int_at_least("patch_size", patch_size, 1)
-        _int_at_least("couplings", couplings, 1)
-        _int_at_least("width", width, 1)
-        _int_at_least("depth", depth, 0)
-        _int_at_least("heads", heads, 1)
-        _int_at_least("context", context, 0)
-        _int_at_least("seed", seed, 0)
+        int_at_least("in_channels", in_channels, 1)
+        int_at_least("patch_size", patch_size, 1)
+        int_at_least("couplings", couplings, 1)
+        int_at_least("width", width, 1)
+        int_at_least("depth", depth, 0)
+        int_at_least("heads", heads, 1)
+        int_at_least("context", context, 0)
+        int_at_least("seed", seed, 0)
         if h % patch_size or w % patch_size:
             raise ValueError(f"image_size {(h, w)} must be divisible by patch_size = {patch_size}")
         if width % heads:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastflow.models._args import int_at_least
 from fastflow.models.base import FlowModel
 from fastflow.models.glow import image_hw
 from fastflow.models.priors import LogisticPrior
@@ -74,6 +75,10 @@ class NICE(FlowModel):
         depth: int = 5, n_bins: int = 256, reversible: bool = False,
     ) -> None:  # fmt: skip
         h, w = image_hw(image_size)
+        int_at_least("in_channels", in_channels, 1)
+        int_at_least("couplings", couplings, 1)
+        int_at_least("hidden", hidden, 1)
+        int_at_least("depth", depth, 0)
         d = in_channels * h * w
         config = dict(
             in_channels=in_channels,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
+from fastflow.models._args import int_at_least
 from fastflow.models.base import FlowModel
 from fastflow.models.priors import GaussianPrior
-from fastflow.models.tabular import _positive_int
 from fastflow.nn.autoregressive import MaskedAutoregressiveSpline
 from fastflow.nn.base import FlowLayer
 from fastflow.nn.invconv import InvertibleLinear
@@ -47,11 +47,11 @@ class NSF(FlowModel):
         *,
         reversible: bool = False,
     ) -> None:
-        _positive_int("features", features, 2)
-        _positive_int("context", context, 0)
-        _positive_int("transforms", transforms, 1)
-        _positive_int("bins", bins, 1)
-        _positive_int("hidden", hidden, 1)
+        int_at_least("features", features, 2)
+        int_at_least("context", context, 0)
+        int_at_least("transforms", transforms, 1)
+        int_at_least("bins", bins, 1)
+        int_at_least("hidden", hidden, 1)
         if isinstance(bound, bool) or not isinstance(bound, (int, float)):
             raise TypeError(f"bound must be a float, got {type(bound).__name__} {bound!r}")
         if not (math.isfinite(bound) and bound > 0):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from fastflow.models._args import int_at_least
 from fastflow.models.base import FlowModel
 from fastflow.models.glow import image_hw
 from fastflow.models.priors import GaussianPrior
@@ -49,8 +50,9 @@ class RealNVP(FlowModel):
         if coupling not in ("affine", "spline"):
             raise ValueError(f"coupling must be 'affine' or 'spline', got {coupling!r}")
         h, w = image_hw(image_size)
-        if scales < 1:
-            raise ValueError(f"scales must be >= 1, got {scales}")
+        int_at_least("in_channels", in_channels, 1)
+        int_at_least("scales", scales, 1)
+        int_at_least("hidden", hidden, 1)
         if h % 2 ** (scales - 1) or w % 2 ** (scales - 1):
             raise ValueError(f"image_size {(h, w)} must be divisible by 2**(scales-1) = {2 ** (scales - 1)}")
         config = dict(

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
+from fastflow.models._args import int_at_least
 from fastflow.models.base import FlowModel
 from fastflow.models.priors import GaussianPrior
 from fastflow.nn.flow_step import FlowStep
 from fastflow.nn.sequential import FlowSequential
 
 __all__ = ["TabularFlow"]
-
-
-def _positive_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
 
 
 class TabularFlow(FlowModel):
@@ -40,10 +33,10 @@ class TabularFlow(FlowModel):
     def __init__(
         self, features: int, context: int = 0, transforms: int = 5, hidden: int = 64, *, reversible: bool = False
     ) -> None:
-        _positive_int("features", features, 2)
-        _positive_int("context", context, 0)
-        _positive_int("transforms", transforms, 1)
-        _positive_int("hidden", hidden, 1)
+        int_at_least("features", features, 2)
+        int_at_least("context", context, 0)
+        int_at_least("transforms", transforms, 1)
+        int_at_least("hidden", hidden, 1)
         config = dict(features=features, context=context, transforms=transforms, hidden=hidden, reversible=reversible)
         steps = [
             FlowStep(
