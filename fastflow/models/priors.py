@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -147,7 +149,7 @@ class LogisticPrior(TopPrior):
         self.check_labels(y)
         dtype = logdet_dtype(z.dtype)
         zf = z.to(dtype)
-        return -(F.softplus(zf) + F.softplus(-zf)).reshape(z.shape[0], -1).sum(dim=1)
+        return -(F.softplus(zf) + F.softplus(-zf)).reshape(z.shape[0], math.prod(z.shape[1:])).sum(dim=1)
 
     def sample(
         self,

@@ -64,18 +64,29 @@ class ActNorm(FlowLayer):
         """Set ``bias = -mean`` and ``logs = -log(std)`` from the batch ``x`` (once; ``logs = 0`` where
         ``std <= eps``).
 
-        Two passes (the mean, then the mean squared deviation from it) in the parameters' dtype, at least
-        float32: a one-pass ``E[x^2] - E[x]^2`` cancels catastrophically when the mean is large against the
-        spread.
+        Two passes (the mean, then the mean squared deviation from it) in float64: a one-pass
+        ``E[x^2] - E[x]^2`` cancels catastrophically when the mean is large against the spread, and float32
+        squares overflow from ``|x| ~ 2e19``. A batch whose statistics are not finite (a NaN or an infinity in
+        it) or do not fit the parameters' dtype, or an empty batch, is a ``ValueError`` and the layer stays
+        uninitialised, so the next batch initialises it.
         """
-        dtype = torch.promote_types(self.bias.dtype, torch.float32)
-        xf = as_pixels(x).detach().to(dtype)
+        if x.numel() == 0:
+            raise ValueError(f"{self.name}: cannot initialise from an empty batch (shape {tuple(x.shape)})")
+        xf = as_pixels(x).detach().to(torch.float64)
         mean = _mean_over_ranks(xf.mean(dim=(0, 2, 3)))
         var = _mean_over_ranks((xf - mean.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3)))
         std = var.sqrt()
         degenerate = std <= self.eps
         logs = torch.where(degenerate, torch.zeros_like(std), -torch.log(std.clamp_min(self.eps)))
-        if bool(degenerate.any()):  # once per layer, at initialisation: a host sync is fine here
+        bias, logs = (-mean).to(self.bias.dtype), logs.to(self.logs.dtype)
+        # once per layer, at initialisation: host syncs are fine here
+        if not bool(torch.isfinite(bias).all() & torch.isfinite(logs).all()):
+            raise ValueError(
+                f"{self.name}: cannot initialise from a batch of shape {tuple(x.shape)} whose per-channel mean or "
+                f"standard deviation is not finite in {self.bias.dtype} (NaN or infinite values, or values too "
+                "large); the layer stays uninitialised"
+            )
+        if bool(degenerate.any()):
             channels = degenerate.nonzero().flatten().tolist()
             warnings.warn(
                 f"{self.name}: channel(s) {channels} hold a single value in the initialisation batch of shape "
@@ -84,7 +95,7 @@ class ActNorm(FlowLayer):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self.bias.copy_(-mean.view_as(self.bias))
+        self.bias.copy_(bias.view_as(self.bias))
         self.logs.copy_(logs.view_as(self.logs))
         self.initialized.fill_(True)
         self._initialized = True

@@ -120,7 +120,7 @@ def _log_scale_and_slope(raw: torch.Tensor, scale: str) -> tuple[torch.Tensor, t
 
 
 def _per_sample_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype).reshape(t.shape[0], -1).sum(dim=1)
+    return t.to(dtype).reshape(t.shape[0], math.prod(t.shape[1:])).sum(dim=1)
 
 
 def affine_coupling_ref(

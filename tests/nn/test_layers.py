@@ -118,6 +118,40 @@ def test_actnorm_single_valued_channel_keeps_scale_one_and_warns_naming_the_laye
     assert model.bits_per_dim(x).mean() < 100
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_actnorm_refuses_to_initialise_from_a_nonfinite_batch_and_stays_uninitialised(bad):
+    layer = ActNorm(3)
+    x = torch.randn(4, 3, 2, 2)
+    poisoned = x.clone()
+    poisoned[1, 2, 0, 1] = bad
+    with pytest.raises(ValueError, match=r"ActNorm: cannot initialise from a batch of shape \(4, 3, 2, 2\)"):
+        layer(poisoned)
+    assert not layer.is_initialized and not bool(layer.initialized)
+    assert torch.equal(layer.logs, torch.zeros_like(layer.logs)) and torch.equal(
+        layer.bias, torch.zeros_like(layer.bias)
+    )
+    y, _ = layer(x)  # the next batch initialises it
+    assert layer.is_initialized and bool(torch.isfinite(y).all())
+
+
+def test_layers_take_an_empty_batch_once_initialised_and_actnorm_refuses_to_initialise_from_one():
+    step = FlowStep(4, 8, vectors=True)
+    with pytest.raises(ValueError, match=r"cannot initialise from an empty batch \(shape \(0, 4\)\)"):
+        step(torch.randn(0, 4))
+    step(torch.randn(5, 4))
+    for layer, x in ((step, torch.randn(0, 4)), (AffineCoupling(4, 8), torch.randn(0, 4, 4, 4))):
+        y, logdet = layer(x)
+        assert y.shape == x.shape and logdet.shape == (0,)
+
+
+def test_actnorm_init_of_values_whose_float32_squares_overflow():
+    layer = ActNorm(2)
+    x = torch.randn(64, 2) * 1e20  # the variance, 1e40, overflows float32
+    y, logdet = layer(x)
+    assert bool(torch.isfinite(layer.logs).all()) and bool(torch.isfinite(logdet).all())
+    torch.testing.assert_close(y.double().std(0), torch.ones(2, dtype=torch.float64), rtol=0.05, atol=0)
+
+
 def test_actnorm_initialized_flag_survives_state_dict():
     trained = ActNorm(2).train()
     trained(torch.randn(8, 2, 4, 4) * 5)
