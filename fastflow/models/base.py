@@ -315,12 +315,20 @@ class FlowModel(nn.Module):
         self, latents: list[torch.Tensor | None], context: torch.Tensor | None = None, temperature: float = 1.0
     ) -> torch.Tensor:
         """Exact inverse of :meth:`encode`; a ``None`` split latent is drawn from its prior at ``temperature``.
-        Differentiable (the split priors' draws are reparameterised)."""
+        Differentiable (the split priors' draws are reparameterised). With ``check_finite``, a non-finite result
+        (from non-finite latents or context) raises ``FloatingPointError`` (one host read; not where guards are
+        deferred, whose step records a non-finite loss instead)."""
         if len(latents) != len(self.blocks):
             raise ValueError(f"latents must be a list of {len(self.blocks)} tensors, got {len(latents)}")
         x = latents[-1]
-        if x is None:
-            raise ValueError("latents[-1] (the top latent) must be a tensor")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"latents[-1] (the top latent) must be a tensor, got {type(x).__name__}")
+        if tuple(x.shape[1:]) != self.prior.shape or x.dim() == 0:
+            shape = ", ".join(map(str, self.prior.shape))
+            raise ValueError(f"latents[-1] (the top latent) must have shape (B, {shape}), got {tuple(x.shape)}")
+        dtype = self.floating_parameter().dtype
+        if x.dtype != dtype:
+            raise TypeError(f"latents[-1] is {x.dtype} but the model is {dtype}: convert one, e.g. .to({dtype})")
         sizes = {i: z.shape[0] for i, z in enumerate(latents) if isinstance(z, torch.Tensor)}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"latents must share one batch size, got batch sizes {sizes} (index: size)")
@@ -330,6 +338,11 @@ class FlowModel(nn.Module):
             if i < len(self.splits):
                 x = self.splits[i].inverse(x, latents[i], temperature)
             x, _ = self.blocks[i].inverse(x, block_context)
+        if self.check_finite and not guards_deferred(x):
+            if not bool(torch.isfinite(x).all()):
+                raise FloatingPointError(
+                    "the decoded samples hold non-finite values (NaN/Inf): check the latents and the context"
+                )
         return x
 
     def rsample(self, n: int, context: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastflow.nn.base import FlowLayer, check_features
+from fastflow.nn.base import FlowLayer, check_features, check_network_dtype
 from fastflow.nn.context import shape_context
 from fastflow.nn.spline_coupling import start_at_identity
 from fastflow.ops.spline import rq_spline, rq_spline_inverse
@@ -111,6 +111,7 @@ class MaskedAutoregressiveSpline(FlowLayer):
         x = check_features(name, x, self.features)
         if x.dim() != 2:
             raise ValueError(f"{name} must be vectors (B, D) for this layer, got shape {tuple(x.shape)}")
+        check_network_dtype(name, x, self.net)
         return x, shape_context(context, x, self.context_features) if self.uses_context else None
 
     def _raw(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 
 from fastflow.ops._checks import logdet_dtype
 
-__all__ = ["FlowLayer", "as_pixels", "check_features", "check_image", "run_layer", "zero_logdet"]
+__all__ = ["FlowLayer", "as_pixels", "check_features", "check_image", "check_network_dtype", "run_layer", "zero_logdet"]
 
 
 def _check_floating(name: str, x: object) -> torch.Tensor:
@@ -44,6 +44,20 @@ def check_features(name: str, x: object, features: int | None = None) -> torch.T
         raise ValueError(f"{name} must have shape (B, D) or (B, C, H, W), got rank {x.dim()} shape {tuple(x.shape)}")
     _check_count(name, x, features)
     return x
+
+
+def check_network_dtype(name: str, x: torch.Tensor, net: nn.Module) -> None:
+    """``TypeError`` naming ``name`` unless ``x`` has the dtype of ``net``'s (a conditioner's) floating parameters,
+    or autocast is on for its device: a float16 batch into a float32 network fails deep in a matrix product
+    otherwise. Not checked while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        return
+    reference = next((p for p in net.parameters() if p.is_floating_point()), None)
+    if reference is not None and x.dtype != reference.dtype:
+        raise TypeError(
+            f"{name} is {x.dtype} but the layer's network is {reference.dtype}: convert one, e.g. "
+            f"{name}.to({reference.dtype}) or layer.to({x.dtype})"
+        )
 
 
 def as_pixels(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from fastflow.nn.base import FlowLayer, check_features
+from fastflow.nn.base import FlowLayer, check_features, check_network_dtype
 from fastflow.nn.context import shape_context
 from fastflow.nn.coupling_network import Subnet, build_subnet, conv_subnet, mlp_subnet
 from fastflow.nn.tiling import Tile, Tiling, check_tileable, tiles
@@ -110,6 +110,7 @@ class _Coupling(FlowLayer):
             raise ValueError(
                 f"{name} must be {expected} for this coupling (vectors={self.vectors}), got shape {tuple(x.shape)}"
             )
+        check_network_dtype(name, x, self.net)
         return x
 
     def _context(self, context: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:

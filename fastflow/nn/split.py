@@ -55,4 +55,11 @@ class Split(nn.Module):
             z_out = gaussian_sample(mean, logs, temperature)
         else:
             check_image("z_out", z_out, self.out_channels)
+            if (z_out.shape[0], *z_out.shape[2:]) != (z_keep.shape[0], *z_keep.shape[2:]):
+                raise ValueError(
+                    f"z_out must have z_keep's batch and spatial size, shape ({z_keep.shape[0]}, {self.out_channels}, "
+                    f"{', '.join(map(str, z_keep.shape[2:]))}), got {tuple(z_out.shape)}"
+                )
+            if z_out.dtype != z_keep.dtype:
+                raise TypeError(f"z_out is {z_out.dtype} but z_keep is {z_keep.dtype}: convert one")
         return torch.cat([z_keep, z_out], dim=1)

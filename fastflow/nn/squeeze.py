@@ -11,7 +11,7 @@ __all__ = ["Squeeze", "squeeze2d", "unsqueeze2d"]
 
 def squeeze2d(x: torch.Tensor) -> torch.Tensor:
     """Each 2x2 spatial block becomes 4 channels: output channel ``c * 4 + 2 * i + j`` is pixel ``(i, j)``."""
-    b, c, h, w = x.shape
+    b, c, h, w = check_image("x", x).shape
     if h % 2 or w % 2:
         raise ValueError(f"squeeze needs even height and width, got x of shape {tuple(x.shape)}")
     x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
@@ -20,7 +20,7 @@ def squeeze2d(x: torch.Tensor) -> torch.Tensor:
 
 def unsqueeze2d(y: torch.Tensor) -> torch.Tensor:
     """Exact inverse of :func:`squeeze2d`."""
-    b, c, h, w = y.shape
+    b, c, h, w = check_image("y", y).shape
     if c % 4:
         raise ValueError(f"unsqueeze needs channels divisible by 4, got y of shape {tuple(y.shape)}")
     y = y.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 
-from fastflow.nn.base import FlowLayer
+from fastflow.nn.base import FlowLayer, check_network_dtype
 from fastflow.nn.state_upgrade import drop_inverse_order
 from fastflow.nn.vit import ViTConditioner
 from fastflow.ops.coupling import affine_coupling, affine_coupling_backward_from_output_, affine_coupling_inverse
@@ -112,6 +112,7 @@ class TokenCoupling(FlowLayer):
             )
         if x.dim() != 3 or tuple(x.shape[1:]) != (self.tokens, self.features):
             raise ValueError(f"{name} must have shape (B, {self.tokens}, {self.features}), got {tuple(x.shape)}")
+        check_network_dtype(name, x, self.net)
         return x
 
     def _check_context(self, context: object, x: torch.Tensor) -> torch.Tensor | None:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastflow.models import NICE, Glow, RealNVP, dequantize
+from fastflow.models import NICE, Glow, RealNVP, TabularFlow, dequantize
 from fastflow.models.priors import GaussianPrior
 from fastflow.nn.distributions import gaussian_log_prob, standard_gaussian_log_prob
 from fastflow.nn.reversible import deferred_guards
@@ -136,7 +136,23 @@ def test_deferred_finite_check_records_and_check_guards_names_the_layer():
         (lambda m: m.log_prob(torch.rand(2, 2, 4, 4, dtype=torch.float64) - 0.5), TypeError, "x is torch.float64 but"),
         (lambda m: m.log_prob(torch.rand(2, 2, 4, 4, dtype=torch.bfloat16) - 0.5), TypeError, "model is torch.float32"),
         (lambda m: m.log_prob(torch.rand(0, 2, 4, 4) - 0.5), ValueError, "empty batch"),
-        (lambda m: m.decode([torch.zeros(2, 4, 2, 2), torch.zeros(3, 4, 1, 1)]), ValueError, "share one batch size"),
+        (lambda m: m.decode([torch.zeros(2, 4, 2, 2), torch.zeros(3, 16, 1, 1)]), ValueError, "share one batch size"),
+        (
+            lambda m: m.decode([None, torch.zeros(2, 4, 1, 1)]),
+            ValueError,
+            r"latents\[-1\] \(the top latent\) must have shape \(B, 16, 1, 1\), got \(2, 4, 1, 1\)",
+        ),
+        (lambda m: m.decode([None, torch.zeros(2, 16, 1, 1).double()]), TypeError, r"latents\[-1\] is torch.float64"),
+        (
+            lambda m: m.decode([torch.zeros(2, 4, 1, 1), torch.zeros(2, 16, 1, 1)]),
+            ValueError,
+            r"z_out must have z_keep's batch and spatial size, shape \(2, 4, 2, 2\), got \(2, 4, 1, 1\)",
+        ),
+        (
+            lambda m: m.decode([torch.zeros(2, 4, 2, 2).double(), torch.zeros(2, 16, 1, 1)]),
+            TypeError,
+            "z_out is torch.float64 but z_keep is torch.float32",
+        ),
         (
             lambda m: m.log_prob(torch.rand(2, 2, 4, 4), torch.tensor([0, 1])),
             ValueError,
@@ -280,3 +296,15 @@ def test_standard_normal_prior_equals_the_gaussian_at_zero_mean_and_scale(dtype,
         GaussianPrior((3,), learned=False).log_prob(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"z must have shape \(B, 3\)"):
         GaussianPrior((3,), learned=False).log_prob(torch.randn(2, 4))
+
+
+def test_nonfinite_context_or_latents_do_not_pass_silently_through_sampling():
+    model = TabularFlow(4, context=2, transforms=1, hidden=8)
+    context = torch.randn(3, 2)
+    context[1, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="decoded samples hold non-finite values"):
+        model.sample(3, context)
+    with pytest.raises(FloatingPointError, match="decoded samples hold non-finite values"):
+        model.decode([torch.full((2, 4), float("inf"))], torch.randn(2, 2))
+    model.check_finite = False
+    assert bool(torch.isnan(model.sample(3, context)).any())

@@ -22,6 +22,7 @@ from fastflow.nn import (
     Squeeze,
 )
 from fastflow.nn.invconv import exact_dtype, stacked_weights
+from fastflow.nn.squeeze import squeeze2d, unsqueeze2d
 from fastflow.nn.tiling import Tiling
 from tests.helpers import brute_force_logdet, perturb_parameters
 
@@ -315,6 +316,8 @@ def test_split_round_trip_and_prior():
         (lambda: AffineCoupling(4, hidden=8), torch.randint(0, 3, (2, 4, 4, 4)), TypeError, "floating"),
         (lambda: Squeeze(), torch.randn(2, 3, 5, 4), ValueError, "even height and width"),
         (lambda: Squeeze(), torch.randn(3, 4, 4), ValueError, "rank 3"),
+        (lambda: squeeze2d, torch.randn(4, 4, 4), ValueError, r"x must have shape \(B, C, H, W\), got rank 3"),
+        (lambda: unsqueeze2d, torch.randn(2, 3), ValueError, r"y must have shape \(B, C, H, W\), got rank 2"),
         (lambda: FlowStep(4, hidden=8), [1.0, 2.0], TypeError, "torch.Tensor"),
     ],
 )

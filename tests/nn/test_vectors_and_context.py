@@ -18,7 +18,9 @@ from fastflow.nn import (
     FlowStep,
     InvConv1x1,
     InvertibleLinear,
+    MaskedAutoregressiveSpline,
     Permutation,
+    SplineCoupling,
     Squeeze,
 )
 from fastflow.nn.tiling import Tiling
@@ -294,6 +296,24 @@ def test_bad_inputs_and_contexts_raise_clear_errors(make, x, context, error, mat
 def test_bad_constructor_arguments_raise(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+@pytest.mark.parametrize(
+    "make, x",
+    [
+        (lambda: AffineCoupling(4, 8, vectors=True), torch.randn(2, 4, dtype=torch.float16)),
+        (lambda: AffineCoupling(4, 8), torch.randn(2, 4, 4, 4, dtype=torch.float64)),
+        (lambda: SplineCoupling(4, 8, vectors=True), torch.randn(2, 4, dtype=torch.bfloat16)),
+        (lambda: MaskedAutoregressiveSpline(3, hidden=8), torch.randn(2, 3, dtype=torch.float64)),
+    ],
+)
+def test_a_batch_of_another_dtype_than_the_network_is_named(make, x):
+    layer = make()
+    for run in (layer, layer.inverse):
+        with pytest.raises(TypeError, match=rf"(x|y) is {x.dtype} but the layer's network is torch.float32"):
+            run(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the network's inputs itself
+        layer(x.float())
 
 
 def test_unconditional_layers_ignore_a_context():
