@@ -81,15 +81,15 @@ class _Parser(argparse.ArgumentParser):
 def _number(cast: type, low: float, strict: bool = False) -> Callable[[str], Any]:
     """An argparse type: a finite ``cast`` (int or float) ``>= low`` (``> low`` when ``strict``)."""
     kind = "an integer" if cast is int else "a finite number"
-    bound = f"{'>' if strict else '>='} {low:g}"
+    bound = "" if low == -math.inf else f" {'>' if strict else '>='} {low:g}"
 
     def parse(text: str) -> Any:
         try:
             value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {kind}{bound}, got {text!r}") from None
         if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be {kind} {bound}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {kind}{bound}, got {text!r}")
         return value
 
     return parse
@@ -158,6 +158,9 @@ def _resolve_train_flags(args: argparse.Namespace) -> int:
         for name, value in stored.items():
             if name not in given:
                 setattr(args, name, value)
+        for mode, other in (("compile", "cuda_graph"), ("cuda_graph", "compile")):
+            if getattr(args, mode) and mode in given and other not in given:
+                setattr(args, other, False)  # one step mode given on --resume replaces the run's
         start = int(extra.get("step", 0))
     elif os.path.exists(checkpoint):
         raise ValueError(f"{checkpoint!r} exists: pass --resume to continue that run, or choose another --out")
@@ -174,7 +177,10 @@ def _resolve_train_flags(args: argparse.Namespace) -> int:
     if args.compile and args.cuda_graph:
         raise ValueError("choose one of --compile and --cuda-graph")
     if args.cuda_graph and (args.device == "cpu" or not torch.cuda.is_available()):
-        raise ValueError("--cuda-graph needs a CUDA device")
+        inherited = " (the run was started with it: --no-cuda-graph resumes it without)" if args.resume else ""
+        raise ValueError(f"--cuda-graph needs a CUDA device{inherited}")
+    if "tile_size" in given and "tile_memory_mb" in given:
+        raise ValueError("choose one of --tile-size and --tile-memory-mb")
     if args.cuda_graph and args.amp == "fp16":
         raise ValueError("--cuda-graph runs in float32 or under --amp bf16, not --amp fp16 (loss scaling)")
     if args.resolution is None:
@@ -193,14 +199,14 @@ def _resolve_train_flags(args: argparse.Namespace) -> int:
     return start
 
 
-def _check_writable(folder: str) -> None:
-    """Create ``folder`` and write a scratch file in it, so an unwritable --out fails before the first step."""
+def _check_writable(folder: str, what: str = "--out") -> None:
+    """Create ``folder`` and write a scratch file in it, so an unwritable output fails before the work."""
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        raise ValueError(f"--out {folder!r} is not a writable folder: {err.strerror or err}") from err
+        raise ValueError(f"{what} {folder!r} is not a writable folder: {err.strerror or err}") from err
 
 
 def _training_data(args: argparse.Namespace) -> tuple[ImageSource, torch.Tensor, int, str]:
@@ -284,8 +290,17 @@ def _train(args: argparse.Namespace) -> int:
         distributed.teardown()
 
 
+def _check_output_file(path: str) -> None:
+    """Create ``path``'s folder and write a scratch file in it, so an unwritable --out fails before the work."""
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path!r} is a folder: give the image file to write")
+    _check_writable(os.path.dirname(os.path.abspath(path)), "the folder of --out")
+
+
 def _load(args: argparse.Namespace) -> tuple[FlowModel, dict[str, Any]]:
     """``(model in eval mode, checkpoint payload)``; ``ValueError`` if the weights hold NaN or Inf."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, payload = load_checkpoint(args.checkpoint, map_location=device)
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -309,6 +324,7 @@ def _write(images: torch.Tensor, path: str, nrow: int | None = None, what: str =
 
 
 def _sample(args: argparse.Namespace) -> None:
+    _check_output_file(args.out)
     model, _ = _load(args)
     torch.manual_seed(args.seed)
     samples = model.sample(args.n, temperature=args.temperature)
@@ -316,6 +332,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _interpolate(args: argparse.Namespace) -> None:
+    _check_output_file(args.out)
     model, _ = _load(args)
     a, b = (load_image_spec(spec, model.image_shape, model.n_bins) for spec in (args.a, args.b))
     _write(interpolate(model, a, b, args.steps), args.out, nrow=args.steps)
@@ -348,7 +365,7 @@ def _class_images(args: argparse.Namespace, model: FlowModel, payload: dict[str,
                 f"{model.n_bins} levels"
             )
         for flag, spec in (("--label-from", args.label_from), ("--label-to", args.label_to)):
-            if not spec.isdigit():
+            if not spec.isdigit() or int(spec) > 9:
                 raise ValueError(f"{flag} must be a digit class 0 to 9 for a digits model, got {spec!r}")
         return digits_of_class(int(args.label_to)), digits_of_class(int(args.label_from))
     channels, res = model.image_shape[0], model.image_shape[1]
@@ -362,6 +379,13 @@ def _class_images(args: argparse.Namespace, model: FlowModel, payload: dict[str,
 
 
 def _manipulate(args: argparse.Namespace) -> None:
+    dirs = [v is not None for v in (args.attribute_dir, args.without_dir)]
+    labels = [v is not None for v in (args.label_from, args.label_to)]
+    if not ((all(dirs) and not any(labels)) or (all(labels) and not any(dirs))):
+        raise ValueError("manipulate needs either --attribute-dir and --without-dir, or --label-from and --label-to")
+    if args.data is not None and args.label_from is None:
+        raise ValueError("--data goes with --label-from and --label-to")
+    _check_output_file(args.out)
     model, payload = _load(args)
     image = load_image_spec(args.image, model.image_shape, model.n_bins)
     if args.label_from is not None:
@@ -376,6 +400,11 @@ def _manipulate(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    if not args.directory:
+        raise ValueError("directory must name the folder to write")
+    if os.path.exists(args.directory) and not os.path.isdir(args.directory):
+        raise ValueError(f"directory {args.directory!r} is a file: give a folder to write")
+    _check_writable(args.directory, "directory")
     model, _ = load_checkpoint(args.checkpoint)
     model.save_pretrained(args.directory)
     weights, config = (os.path.join(args.directory, name) for name in ("model.safetensors", "config.json"))
@@ -422,14 +451,15 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     t.add_argument("--tile-size", type=count, help="with --reversible: fixed tile side instead of the budget")
     t.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (fp16 with loss scaling)")
-    t.add_argument("--compile", action="store_true", default=None, help="compile the training step with "
-                   "torch.compile (Inductor; CPU or CUDA; the first steps compile)")  # fmt: skip
-    t.add_argument("--cuda-graph", action="store_true", default=None, help="capture the whole training step in "
-                   "a CUDA graph after 3 warm-up steps and replay it (single GPU, static batch)")  # fmt: skip
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="compile the training "
+                   "step with torch.compile (Inductor; CPU or CUDA; the first steps compile)")  # fmt: skip
+    t.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None, help="capture the whole "
+                   "training step in a CUDA graph after 3 warm-up steps and replay it (single GPU, static "
+                   "batch)")  # fmt: skip
     t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels-last "
                    "convolutions (the layout tensor cores want under --amp bf16; default: on on the CPU, where it "
                    "measured faster, off on CUDA)")  # fmt: skip
-    t.add_argument("--iterations", type=steps, help="training steps (default 1500)")
+    t.add_argument("--iterations", type=count, help="training steps (default 1500)")
     t.add_argument("--batch", type=count, help="global batch, split over the ranks (default 64)")
     t.add_argument("--lr", type=positive, help="Adam learning rate after warm-up (default 2e-3)")
     t.add_argument("--warmup", type=steps, help="linear learning-rate warm-up steps (default 100)")
@@ -492,15 +522,7 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``fastflow`` command line; returns the exit status (0, or 1, 2, 130: see the module docstring)."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command == "manipulate":
-        dirs = [v is not None for v in (args.attribute_dir, args.without_dir)]
-        labels = [v is not None for v in (args.label_from, args.label_to)]
-        if not ((all(dirs) and not any(labels)) or (all(labels) and not any(dirs))):
-            parser.error("manipulate needs either --attribute-dir and --without-dir, or --label-from and --label-to")
-        if args.data is not None and args.label_from is None:
-            parser.error("manipulate --data goes with --label-from and --label-to")
+    args = _parser().parse_args(argv)
     try:
         status = args.run(args)
     except KeyboardInterrupt:

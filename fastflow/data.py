@@ -3,6 +3,7 @@ photos bundled with scikit-learn, and the step-seeded batches the training loop 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -195,6 +196,8 @@ def load_image_spec(spec: str, image_shape: tuple[int, int, int], n_bins: int) -
     (resized and center-cropped, see :mod:`fastflow.image_folder`). ``ValueError`` naming ``spec`` if it does
     not fit the model."""
     kind, _, index = spec.partition(":")
+    if kind in ("digits", "photos") and not index.isdigit() and not os.path.exists(spec):
+        raise ValueError(f"{spec}: the index after '{kind}:' must be an integer >= 0")
     if kind in ("digits", "photos") and index.isdigit():
         if kind == "digits":
             _check_embedded(spec, image_shape, n_bins, (1, 8, 8), DIGITS_N_BINS)

@@ -3,8 +3,12 @@ interpolate, manipulate, and bad input that exits with status 2 naming the file 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fastflow.checkpoint import load_checkpoint
@@ -135,10 +139,43 @@ def test_bad_input_for_a_checkpoint_exits_2_and_keeps_the_output(rgb_run, digits
 def test_manipulate_needs_one_kind_of_direction(digits_run, capsys):
     ckpt = str(digits_run / "checkpoint.pt")
     for extra in ([], ["--label-from", "1"], ["--label-from", "1", "--label-to", "2", "--without-dir", "x"]):
-        with pytest.raises(SystemExit) as exit_info:
-            main(["manipulate", ckpt, "digits:0", *extra])
-        assert exit_info.value.code == 2
-    assert "either --attribute-dir and --without-dir, or --label-from and --label-to" in capsys.readouterr().err
+        line = _one_line_error(capsys, ["manipulate", ckpt, "digits:0", *extra], 2, ["fastflow manipulate: error"])
+        assert "either --attribute-dir and --without-dir, or --label-from and --label-to" in line
+    argv = ["manipulate", ckpt, "digits:0", "--attribute-dir", "a", "--without-dir", "b", "--data", "c"]
+    _one_line_error(capsys, argv, 2, ["--data goes with --label-from and --label-to"])
+    _one_line_error(
+        capsys, ["manipulate", ckpt, "digits:0", "--label-from", "1", "--label-to", "12"], 2, ["--label-to"]
+    )
+    _usage_error(capsys, ["manipulate", ckpt, "digits:0", "--strengths", "nan"], ["must be a finite number, got 'nan'"])
+    for spec in ("digits:-1", "digits:x"):
+        argv = ["interpolate", ckpt, spec, "digits:0", "--out", "x.png"]
+        _one_line_error(capsys, argv, 2, [spec, "must be an integer >= 0"])
+
+
+def test_outputs_are_checked_before_the_work(digits_run, tmp_path, capsys, monkeypatch):
+    ckpt = str(digits_run / "checkpoint.pt")
+    monkeypatch.setattr("fastflow.cli._load", lambda args: pytest.fail("loaded the model before checking --out"))
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    _one_line_error(capsys, ["sample", ckpt, "--out", str(folder)], 2, ["folder.png", "is a folder"])
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    _one_line_error(capsys, ["sample", ckpt, "--out", str(blocker / "x.png")], 2, ["not a writable folder"])
+    _one_line_error(capsys, ["interpolate", ckpt, "digits:0", "digits:1", "--out", str(blocker / "x.png")], 2, ["file"])
+    _one_line_error(capsys, ["export", ckpt, str(blocker)], 2, ["directory", "is a file"])
+    _one_line_error(capsys, ["export", ckpt, ""], 2, ["directory must name the folder"])
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is missing")
+def test_device_cuda_without_cuda_is_one_line(digits_run, tmp_path, capsys):
+    argv = ["sample", str(digits_run / "checkpoint.pt"), "--device", "cuda", "--out", str(tmp_path / "s.png")]
+    _one_line_error(capsys, argv, 2, ["device 'cuda' was asked for but CUDA is not available"])
+
+
+def test_python_dash_m_fastflow_runs_the_cli():
+    done = subprocess.run([sys.executable, "-m", "fastflow", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "usage: fastflow" in done.stdout
 
 
 def test_reversible_training_runs_the_coupling_networks_in_tiles(tmp_path, monkeypatch):
@@ -217,6 +254,7 @@ def test_flags_out_of_range_are_one_line_usage_errors(digits_run, tmp_path, caps
     _usage_error(capsys, ["train", *TINY, "--lr", "-0.1", *out], ["--lr", "> 0"])
     _usage_error(capsys, ["train", *TINY, "--clip", "nan", *out], ["--clip", ">= 0"])
     _usage_error(capsys, ["train", *TINY, "--batch", "0", *out], ["--batch", "integer >= 1"])
+    _usage_error(capsys, ["train", *TINY, "--iterations", "0", *out], ["--iterations", "integer >= 1"])
     _usage_error(capsys, ["sample", ckpt, "--out", str(tmp_path / "grid.gif")], ["grid.gif", ".jpg"])
     assert not (tmp_path / "run").exists()
 
@@ -313,6 +351,22 @@ def test_resume_restores_the_run_flags_and_refuses_contradictions(tmp_path, caps
     assert ckpt.read_bytes() == before
 
 
+def test_resume_can_turn_a_step_mode_off_or_swap_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--iterations", "2", "--out", str(out), "--quiet"]) == 0
+    ckpt = out / "checkpoint.pt"
+    payload = torch.load(ckpt, weights_only=True)
+    payload["extra"]["cli"]["cuda_graph"] = True  # as if the run had been started on a GPU with --cuda-graph
+    torch.save(payload, ckpt)
+    resume = ["train", "--out", str(out), "--resume", "--device", "cpu", "--quiet"]
+    _one_line_error(capsys, resume, 2, ["--cuda-graph needs a CUDA device", "--no-cuda-graph"])
+    capsys.readouterr()
+    assert main([*resume, "--compile"]) == 0  # --compile replaces the run's mode (no "choose one" error)
+    assert "already at step 2 of 2" in capsys.readouterr().out
+    assert main([*resume, "--no-cuda-graph", "--iterations", "3"]) == 0
+    assert load_checkpoint(ckpt)[1]["extra"]["cli"]["cuda_graph"] is False
+
+
 def test_progress_in_a_log_is_bounded_and_quiet_prints_only_the_final_line(tmp_path, capsys):
     assert main(["train", *TINY, "--iterations", "3", "--eval-every", "1", "--out", str(tmp_path / "a")]) == 0
     captured = capsys.readouterr()
@@ -330,6 +384,8 @@ def test_settings_are_checked_before_the_first_step(tmp_path, capsys):
     _one_line_error(capsys, ["train", *TINY, "--out", str(blocker / "run")], 2, ["--out", "not a writable folder"])
     out = ["--out", str(tmp_path / "run")]
     _one_line_error(capsys, ["train", *TINY, "--tile-size", "2", *out], 2, ["--tile-size", "--reversible"])
+    both = ["--reversible", "--tile-size", "2", "--tile-memory-mb", "1"]
+    _one_line_error(capsys, ["train", *TINY, *both, *out], 2, ["choose one of --tile-size and --tile-memory-mb"])
     _one_line_error(
         capsys, ["train", *TINY, "--resolution", "12", "--levels", "3", *out], 2, ["divisible by 2**levels = 8"]
     )

@@ -38,3 +38,34 @@ def test_short_run_writes_plots_and_beats_the_untrained_flow(dataset, tmp_path):
     assert math.isfinite(result.nll_untrained) and math.isfinite(result.nll_trained)
     # the untrained flow is a Gaussian fitted by ActNorm's data init; 100 steps must beat it clearly
     assert result.nll_trained < result.nll_untrained - 0.2
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--batch", "0"], "--batch must be >= 1"),
+        (["--transforms", "0"], "--transforms must be >= 1"),
+        (["--hidden", "0"], "--hidden must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--lr", "-1"], "--lr must be a finite number > 0"),
+        (["--lr", "nan"], "--lr must be a finite number > 0"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(flags, named, tmp_path, capsys):
+    from fastflow.examples.toy import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*flags, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_out_is_a_usage_error(tmp_path, capsys):
+    from fastflow.examples.toy import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(blocker / "out")])
+    assert exit_info.value.code == 2 and "is not a writable folder" in capsys.readouterr().err

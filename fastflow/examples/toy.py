@@ -4,7 +4,9 @@ negative log-likelihood before and after training, and write a density heat-map 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -137,10 +139,17 @@ def main(argv: list[str] | None = None) -> ToyResult:
         "--threads", type=int, default=1, help="CPU threads (a 2-D flow's matrices are too small to share out)"
     )
     args = parser.parse_args(argv)
-    if args.steps < 0:
-        parser.error(f"--steps must be >= 0, got {args.steps}")
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
+    for flag, low in (("steps", 1), ("batch", 1), ("transforms", 1), ("hidden", 1), ("threads", 1), ("seed", 0)):
+        if getattr(args, flag) < low:
+            parser.error(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):
+            pass
+    except OSError as err:
+        parser.error(f"--out {args.out!r} is not a writable folder: {err.strerror or err}")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
