@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastflow.models._args import int_at_least
 from fastflow.models.base import FlowModel
 from fastflow.models.priors import GaussianPrior
 from fastflow.nn.flow_step import CouplingKind, FlowStep
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.split import Split
 from fastflow.nn.squeeze import Squeeze
+from fastflow.ops._checks import int_at_least
 from fastflow.ops.coupling import ScaleKind
 
 __all__ = ["Glow"]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from fastflow.models._args import int_at_least
 from fastflow.models.base import FlowModel
 from fastflow.models.glow import image_hw
 from fastflow.models.priors import GaussianPrior
 from fastflow.nn.patchify import Patchify, Unpatchify
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.token_coupling import SPATIAL_PATTERNS, TokenCoupling
+from fastflow.ops._checks import int_at_least
 
 __all__ = ["Jet"]
 

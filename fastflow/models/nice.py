@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastflow.models._args import int_at_least
 from fastflow.models.base import FlowModel
 from fastflow.models.glow import image_hw
 from fastflow.models.priors import LogisticPrior
 from fastflow.nn.base import FlowLayer
 from fastflow.nn.coupling_network import mlp_network
 from fastflow.nn.sequential import FlowSequential
-from fastflow.ops._checks import logdet_dtype
+from fastflow.ops._checks import int_at_least, logdet_dtype
 from fastflow.ops.coupling import additive_coupling, additive_coupling_inverse
 
 __all__ = ["NICE", "NICECoupling", "DiagonalScaling"]

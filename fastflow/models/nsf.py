@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-from fastflow.models._args import int_at_least
 from fastflow.models.base import FlowModel
 from fastflow.models.priors import GaussianPrior
 from fastflow.nn.autoregressive import MaskedAutoregressiveSpline
@@ -13,6 +12,7 @@ from fastflow.nn.invconv import InvertibleLinear
 from fastflow.nn.permutation import Permutation
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.spline_coupling import SplineCoupling
+from fastflow.ops._checks import int_at_least
 
 __all__ = ["NSF"]
 

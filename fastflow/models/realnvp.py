@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastflow.models._args import int_at_least
 from fastflow.models.base import FlowModel
 from fastflow.models.glow import image_hw
 from fastflow.models.priors import GaussianPrior
@@ -15,6 +14,7 @@ from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.spline_coupling import SplineCoupling
 from fastflow.nn.split import Split
 from fastflow.nn.squeeze import Squeeze
+from fastflow.ops._checks import int_at_least
 
 __all__ = ["RealNVP"]
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastflow.models._args import int_at_least
 from fastflow.models.base import FlowModel
 from fastflow.models.priors import GaussianPrior
 from fastflow.nn.flow_step import FlowStep
 from fastflow.nn.sequential import FlowSequential
+from fastflow.ops._checks import int_at_least
 
 __all__ = ["TabularFlow"]
 

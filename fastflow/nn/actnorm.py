@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastflow.nn.base import FlowLayer, as_pixels, check_features
+from fastflow.ops._checks import int_at_least
 from fastflow.ops.actnorm import actnorm_inverse_ref, actnorm_ref
 
 __all__ = ["ActNorm"]
@@ -37,8 +38,7 @@ class ActNorm(FlowLayer):
 
     def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
         super().__init__()
-        if num_channels < 1:
-            raise ValueError(f"num_channels must be >= 1, got {num_channels}")
+        int_at_least("num_channels", num_channels, 1)
         self.num_channels = num_channels
         self.eps = eps
         self.bias = nn.Parameter(torch.zeros(1, num_channels, 1, 1))

@@ -11,6 +11,7 @@ from fastflow.nn.base import FlowLayer, check_features, check_network_dtype
 from fastflow.nn.context import shape_context
 from fastflow.nn.coupling_network import Subnet, build_subnet, conv_subnet, mlp_subnet
 from fastflow.nn.tiling import Tile, Tiling, check_tileable, tiles
+from fastflow.ops._checks import int_at_least
 from fastflow.ops.coupling import (
     SCALE_KINDS,
     ScaleKind,
@@ -61,10 +62,10 @@ class _Coupling(FlowLayer):
             raise ValueError("mask='checkerboard' needs images: vectors=True takes mask='channel'")
         if parity not in (0, 1):
             raise ValueError(f"parity must be 0 or 1, got {parity}")
+        int_at_least("num_channels", num_channels, 1)
         if mask == "channel" and num_channels < 2:
             raise ValueError(f"a channel-mask coupling needs num_channels >= 2, got {num_channels}")
-        if hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {hidden}")
+        int_at_least("hidden", hidden, 1)
         if isinstance(context_features, bool) or not isinstance(context_features, int) or context_features < 0:
             raise ValueError(f"context_features must be an int >= 0, got {context_features!r}")
         self.num_channels = num_channels

@@ -11,7 +11,7 @@ from torch import nn
 
 from fastflow.nn.base import FlowLayer, as_pixels, check_features
 from fastflow.nn.state_upgrade import pack_lu_factors
-from fastflow.ops._checks import logdet_dtype
+from fastflow.ops._checks import int_at_least, logdet_dtype
 from fastflow.ops.channel_mix import channel_mix
 from fastflow.ops.invconv import dense_inverse_weight, lu_inverse_weight, lu_weight_and_logdet
 
@@ -64,8 +64,7 @@ class InvConv1x1(FlowLayer):
 
     def __init__(self, num_channels: int, lu: bool = True, *, init: InvConvInit = "rotation") -> None:
         super().__init__()
-        if num_channels < 1:
-            raise ValueError(f"num_channels must be >= 1, got {num_channels}")
+        int_at_least("num_channels", num_channels, 1)
         if init not in INVCONV_INITS:
             raise ValueError(f"init must be one of {INVCONV_INITS}, got {init!r}")
         self.num_channels = num_channels
@@ -136,8 +135,7 @@ class InvertibleLinear(InvConv1x1):
     form)."""
 
     def __init__(self, features: int, lu: bool = True, *, init: InvConvInit = "rotation") -> None:
-        if features < 1:
-            raise ValueError(f"features must be >= 1, got {features}")
+        int_at_least("features", features, 1)
         super().__init__(features, lu=lu, init=init)
 
 

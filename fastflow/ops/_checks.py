@@ -1,10 +1,19 @@
-"""Argument checks shared by the ops: raised at the public boundary, naming the argument."""
+"""Argument checks shared by the ops, layers and models: raised at the public boundary, naming the argument."""
 
 from __future__ import annotations
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def int_at_least(name: str, value: object, low: int) -> int:
+    """``value``, or a ``TypeError`` (not an int, or a bool) / ``ValueError`` (below ``low``) naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
 
 
 def check_float_tensor(name: str, t: object, min_dim: int = 1) -> torch.Tensor:
