@@ -123,10 +123,11 @@ class TokenCoupling(FlowLayer):
             raise ValueError(f"context is required: the coupling conditions on {self.context_features} features")
         if not isinstance(context, torch.Tensor) or not context.is_floating_point():
             raise TypeError(f"context must be a floating-point torch.Tensor, got {getattr(context, 'dtype', context)}")
-        if context.dim() not in (2, 3) or context.shape[0] != x.shape[0] or context.shape[-1] != self.context_features:
+        shape_ok = context.shape[0] == x.shape[0] and context.shape[-1] == self.context_features
+        if context.dim() not in (2, 3) or not shape_ok or (context.dim() == 3 and context.shape[1] == 0):
             raise ValueError(
                 f"context must have shape ({x.shape[0]}, {self.context_features}) or ({x.shape[0]}, M, "
-                f"{self.context_features}), got {tuple(context.shape)}"
+                f"{self.context_features}) with M >= 1, got {tuple(context.shape)}"
             )
         return context.to(x.dtype)
 

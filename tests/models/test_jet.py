@@ -299,6 +299,10 @@ def test_bad_inputs_raise() -> None:
         model.log_prob(x)
     with pytest.raises(ValueError, match="context must have shape"):
         model.log_prob(x, torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"with M >= 1, got \(2, 0, 3\)"):  # no tokens: no conditioning at all
+        model.log_prob(x, torch.randn(2, 0, 3))
+    with pytest.raises(TypeError, match=r"x is torch.float64 but the layer's network is torch.float32"):
+        TokenCoupling((2, 2), 4)(torch.randn(2, 4, 4, dtype=torch.float64))
     layer = TokenCoupling((2, 2), 4)
     with pytest.raises(ValueError, match=r"x must have shape \(B, 4, 4\)"):
         layer(torch.randn(2, 4, 5))
