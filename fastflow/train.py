@@ -39,8 +39,10 @@ from fastflow.data import ImageSource, TensorImages, batch_at_step
 from fastflow.distributed import rank_and_world_size, shard
 from fastflow.images import save_grid
 from fastflow.models import FlowModel, dequantize
+from fastflow.models.base import check_levels
 from fastflow.nn import ActNorm
 from fastflow.nn.reversible import ReconstructionError
+from fastflow.ops._checks import int_at_least
 from fastflow.progress import Progress
 from fastflow.step import (
     STEP_MODES,
@@ -127,15 +129,16 @@ class TrainConfig:
             raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {self.amp!r}")
         if self.step_mode not in STEP_MODES:
             raise ValueError(f"step_mode must be one of {STEP_MODES}, got {self.step_mode!r}")
-        for name in ("steps", "save_every", "eval_every", "warmup", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.batch < 1 or self.lr <= 0 or self.samples < 1:
-            raise ValueError(f"batch, lr and samples must be positive, got {self.batch}, {self.lr}, {self.samples}")
+        for name, low in (("steps", 1), ("batch", 1), ("samples", 1)):
+            int_at_least(name, getattr(self, name), low)
+        for name in ("save_every", "eval_every", "warmup", "seed"):
+            int_at_least(name, getattr(self, name), 0)
         for name in ("lr", "clip", "temperature"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.lr == 0:
+            raise ValueError("lr must be > 0, got 0")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of ``step`` (0-based): linear warm-up over ``warmup`` steps, then constant."""
@@ -299,9 +302,12 @@ def _write_outputs(
     if samples:
         device = next(model.parameters()).device
         model.eval()
+        # a class-conditional prior draws the classes in turn
+        num_classes = getattr(model.prior, "num_classes", 0) if model.prior.conditional else 0
+        classes = torch.arange(config.samples, device=device) % num_classes if num_classes else None
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.seed)
-            grid = model.sample(config.samples, temperature=config.temperature)
+            grid = model.sample(config.samples, classes, temperature=config.temperature)
         model.train()
         save_image_grid(grid, os.path.join(out, f"samples-{step:06d}.png"))
     save_checkpoint(
@@ -372,6 +378,7 @@ def train(
     labels: torch.Tensor | None = None,
     heldout: torch.Tensor | None = None,
     resume: bool = False,
+    heldout_labels: torch.Tensor | None = None,
     checkpoint_extra: dict[str, Any] | None = None,
 ) -> list[float]:
     """Train ``model`` (already on its device) and return the training bits/dim of each step run.
@@ -380,7 +387,10 @@ def train(
     :class:`~fastflow.data.ImageSource`. Batch ``s`` is a function of ``(config.seed, s)`` only
     (:func:`~fastflow.data.batch_at_step`), so ``resume=True`` (continue from ``config.out``'s checkpoint:
     weights, optimizer, loss scaler, step) reproduces the loss curve of an uninterrupted run. ``heldout``:
-    integer levels for the periodic held-out bits/dim. The first batch initialises ActNorm.
+    integer levels for the periodic held-out bits/dim, with ``heldout_labels`` for a class-conditional model.
+    Levels (a tensor ``data`` and ``heldout``) are checked before the first step: integer, the model's image
+    shape, in ``[0, n_bins)``. The first batch initialises ActNorm. A class-conditional model's sample grids
+    draw the classes in turn.
     ``checkpoint_extra``: more entries (plain Python values) for every checkpoint's ``extra``.
 
     Raises :class:`TrainingDiverged` naming the global step when the loss is not finite and
@@ -397,7 +407,15 @@ def train(
     if tuple(source.image_shape) != tuple(model.image_shape):
         raise ValueError(f"data has images of shape {tuple(source.image_shape)}, the model {model.image_shape}")
     if isinstance(source, TensorImages):  # once, here: the step itself does not read the labels' range
+        check_levels("data", source.levels, model.image_shape, model.n_bins)
         model.prior.check_labels(source.labels)
+    if heldout is not None:
+        check_levels("heldout", heldout, model.image_shape, model.n_bins)
+        if heldout_labels is not None and tuple(heldout_labels.shape) != (len(heldout),):
+            raise ValueError(f"heldout_labels must have shape ({len(heldout)},), got {tuple(heldout_labels.shape)}")
+        model.prior.check_labels(heldout_labels)
+    elif heldout_labels is not None:
+        raise ValueError("heldout_labels go with heldout")
     rank, world_size = rank_and_world_size()
     device = next(model.parameters()).device
     optimizer = make_adam(model.parameters(), config.lr, config.step_mode)  # type: ignore[arg-type]
@@ -460,7 +478,7 @@ def train(
                 recent = history[-50:]
                 loss_text = f"loss {sum(recent) / len(recent):.3f} bits/dim"
             if main and heldout is not None and evaluating:
-                heldout_bpd = evaluate_bits_per_dim(model, heldout)
+                heldout_bpd = evaluate_bits_per_dim(model, heldout, heldout_labels)
                 line = f"step {done}: held-out {heldout_bpd:.3f} bits/dim"
                 if progress is not None:
                     progress.write(line)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -63,7 +65,36 @@ def test_bad_arguments_are_refused(model):
         interpolate(model, _levels(1, 0), _levels(1, 1), steps=1)
     with pytest.raises(ValueError, match="a must hold one image"):
         interpolate(model, _levels(2, 0), _levels(1, 1))
-    with pytest.raises(ValueError, match=r"levels must be integer pixel levels of shape \(N, 3, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"levels must have shape \(N, 3, 4, 4\) with N >= 1"):
         encode_flat(model, torch.zeros(1, 1, 4, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="levels must be an integer tensor"):
+        encode_flat(model, _pixels(_levels(1, 0)))
     with pytest.raises(ValueError, match=r"direction must have shape \(48,\)"):
         manipulate(model, _levels(1, 0), torch.zeros(3), [1.0])
+    out_of_range = _levels(1, 0)
+    out_of_range[0, 0, 0, 0] = N_BINS + 3
+    with pytest.raises(ValueError, match=r"image must lie in \[0, n_bins\) = \[0, 16\), got values in \[\d+, 19\]"):
+        manipulate(model, out_of_range, torch.zeros(48), [1.0])
+    with pytest.raises(
+        ValueError, match=r"with_attribute must have shape \(N, 3, 4, 4\) with N >= 1, got \(0, 3, 4, 4\)"
+    ):
+        attribute_direction(model, _levels(0, 0), _levels(2, 1))
+    with pytest.raises(ValueError, match="strengths must not be empty"):
+        manipulate(model, _levels(1, 0), torch.zeros(48), [])
+
+
+def test_strengths_may_be_a_tensor_and_the_model_keeps_its_mode_and_dtype(model):
+    image = _levels(1, 5)
+    direction = torch.zeros(48)
+    from_list = manipulate(model, image, direction, [0.0, 1.0])
+    torch.testing.assert_close(manipulate(model, image, direction, torch.tensor([0.0, 1.0])), from_list)
+    model.train()
+    try:
+        interpolate(model, _levels(1, 1), _levels(1, 2), steps=3)
+        assert model.training, "the latent API left the model in eval mode"
+    finally:
+        model.eval()
+    double = copy.deepcopy(model).double()
+    strip = interpolate(double, _levels(1, 1), _levels(1, 2), steps=3)
+    assert strip.dtype == torch.float64
+    torch.testing.assert_close(strip[0], _pixels(_levels(1, 1))[0].double(), rtol=0, atol=1e-9)

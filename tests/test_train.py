@@ -242,6 +242,49 @@ def test_resume_refuses_other_run_settings(tmp_path):
         train(_model(), _data(), TrainConfig(steps=4, batch=4, lr=0.5, warmup=2, out=str(tmp_path)), resume=True)
 
 
+@pytest.mark.parametrize(
+    "bad, error, named",
+    [
+        ({"steps": 2.5}, TypeError, "steps must be an int, got float 2.5"),
+        ({"steps": 0}, ValueError, "steps must be >= 1, got 0"),
+        ({"warmup": float("nan")}, TypeError, "warmup must be an int, got float nan"),
+        ({"batch": 0}, ValueError, "batch must be >= 1, got 0"),
+        ({"save_every": -1}, ValueError, "save_every must be >= 0, got -1"),
+        ({"samples": True}, TypeError, "samples must be an int, got bool True"),
+    ],
+)
+def test_integer_settings_are_checked(bad, error, named):
+    with pytest.raises(error, match=named):
+        TrainConfig(**bad)
+
+
+def test_a_class_conditional_run_writes_its_grids_and_evaluates_with_heldout_labels(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = Glow(1, 4, levels=1, steps=1, hidden=8, n_bins=N_BINS, num_classes=3)
+    data = _data()
+    labels = torch.arange(len(data)) % 3
+    config = TrainConfig(steps=2, batch=8, progress=False, out=str(tmp_path), samples=4, eval_every=1)
+    with pytest.raises(ValueError, match="class labels"):  # held-out data of a conditional model needs its labels
+        train(model, data, config, labels=labels, heldout=data[:6])
+    history = train(model, data, config, labels=labels, heldout=data[:6], heldout_labels=labels[:6])
+    assert len(history) == 2 and (tmp_path / CHECKPOINT_NAME).exists()
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1]["extra"]["heldout_bits_per_dim"] is not None
+    assert sorted(p.name for p in tmp_path.glob("samples-*.png")) == ["samples-000002.png"]
+
+
+@pytest.mark.parametrize("where", ["data", "heldout"])
+def test_levels_out_of_range_are_refused_before_the_first_step(tmp_path, where):
+    data = _data().clone()
+    bad = data.clone()
+    bad[5, 0, 1, 1] = N_BINS + 2
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    args = {"data": bad} if where == "data" else {"data": data, "heldout": bad[:8]}
+    with pytest.raises(ValueError, match=rf"{where} must lie in \[0, n_bins\) = \[0, {N_BINS}\)"):
+        train(model, config=_config(tmp_path, 2), **args)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("bad", [{"lr": float("nan")}, {"clip": float("inf")}, {"temperature": float("nan")}])
 def test_non_finite_settings_are_refused(bad):
     with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a finite number"):

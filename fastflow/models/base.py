@@ -20,7 +20,7 @@ from fastflow.nn.split import Split
 from fastflow.nn.tiling import DEFAULT_TILE_BUDGET_MB, Tiling
 from fastflow.ops._checks import logdet_dtype
 
-__all__ = ["FlowModel", "dequantize"]
+__all__ = ["FlowModel", "check_levels", "dequantize"]
 
 
 def dequantize(levels: torch.Tensor, n_bins: int) -> torch.Tensor:
@@ -39,6 +39,20 @@ def dequantize(levels: torch.Tensor, n_bins: int) -> torch.Tensor:
             raise ValueError(f"levels must lie in [0, n_bins) = [0, {n_bins}), got values in [{int(low)}, {int(high)}]")
     u = torch.rand(levels.shape, device=levels.device)
     return (levels.float() + u) / n_bins - 0.5
+
+
+def check_levels(name: str, levels: object, image_shape: tuple[int, ...], n_bins: int) -> torch.Tensor:
+    """``levels``, or a ``TypeError`` / ``ValueError`` naming ``name`` unless it is a non-empty integer tensor of
+    pixel levels ``(N, *image_shape)`` in ``[0, n_bins)`` (the range check reads two numbers from the device)."""
+    if not isinstance(levels, torch.Tensor) or levels.is_floating_point() or levels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of pixel levels, got {getattr(levels, 'dtype', levels)}")
+    if levels.dim() != 1 + len(image_shape) or tuple(levels.shape[1:]) != tuple(image_shape) or len(levels) == 0:
+        shape = ", ".join(map(str, image_shape))
+        raise ValueError(f"{name} must have shape (N, {shape}) with N >= 1, got {tuple(levels.shape)}")
+    low, high = levels.aminmax()
+    if int(low) < 0 or int(high) >= n_bins:
+        raise ValueError(f"{name} must lie in [0, n_bins) = [0, {n_bins}), got values in [{int(low)}, {int(high)}]")
+    return levels
 
 
 class FlowModel(nn.Module):
