@@ -540,7 +540,7 @@ def coupling_backward(
     channel_dim = None if b_start is None else 1
     inputs, order, _ = _prepare([u, shift, shift if raw is None else raw, grad_y], channel_dim)
     # grad_raw is dense in the iteration order, so adding it never splits a run
-    runs = _runs([*inputs, shift if grad_raw is None else grad_raw], order, channel_dim)
+    runs = _runs([*inputs, inputs[1] if grad_raw is None else grad_raw], order, channel_dim)
     assert runs is not None
     rows, block = _block_sizes(batch, u.numel() // batch)
     grid = (cdiv(batch, rows) * cdiv(u.numel() // batch, block),)

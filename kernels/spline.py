@@ -169,8 +169,8 @@ def _edges(right, size, k, at, before, BOUND: tl.constexpr):
 @triton.jit
 def _between(v, lo, hi):
     """``v`` clamped to ``[lo, hi]``: results stay in their bin between its knots (so the map is monotone across
-    bins and sends the bound to itself) however the rounding of ``lo + size`` falls."""
-    return tl.minimum(tl.maximum(v, lo), hi)
+    bins and sends the bound to itself) however the rounding of ``lo + size`` falls; a NaN stays NaN."""
+    return tl.minimum(tl.maximum(v, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -245,7 +245,7 @@ def _locate(
     else:
         upper = xr - vc < vc - xl
         frac = tl.where(upper, xr - vc, vc - xl) / w
-    frac = tl.minimum(tl.maximum(frac, 0.0), 1.0)
+    frac = _between(frac, 0.0, 1.0)  # a NaN (from NaN raw parameters) stays NaN
     u = tl.where(upper, 1.0 - frac, frac)
     v = tl.where(upper, frac, 1.0 - frac)
     return inside, k, at, before, pw, ph, xl, w, xr, yl, h, yr, s, d0, d1, u, v
@@ -330,7 +330,10 @@ def rq_spline_fwd_kernel(
     else:
         out = _position_y(v, s, d1, t, num, den, yl, h, yr)
     tl.store(out_ptr + rows * N + cols, tl.where(inside, out, val).to(out_ptr.dtype.element_ty), mask=mask)
-    partial = tl.sum(tl.reshape(tl.where(inside & mask, log_slope, 0.0), (ROWS, BLOCK)), axis=1)
+    # outside the bound: 0, or NaN for a NaN input (the bound's comparisons send it there)
+    partial = tl.sum(
+        tl.reshape(tl.where(inside & mask, log_slope, tl.where(val != val, val, 0.0)), (ROWS, BLOCK)), axis=1
+    )
     r = first_row + tl.arange(0, ROWS)
     tl.store(part_ptr + r.to(tl.int64) * n_col_blocks + col_block, partial, mask=r < B)
 

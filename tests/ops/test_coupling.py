@@ -287,7 +287,7 @@ def test_gradcheck_float64(target, kind: str, direction: str) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("case", ["odd", "channel_slice", "channels_last"])
+@pytest.mark.parametrize("case", ["odd", "channel_slice", "channels_last", "mixed_5d"])
 def test_backward_from_output(target, case: str, kind: str, dtype: torch.dtype) -> None:
     """Fused reversible backward against its eager twin, and the twin against autograd of the forward."""
     backend, device = target
@@ -745,7 +745,9 @@ def split_from_output(kind: str, y, t, r, gy, gl, b_start: int) -> tuple[torch.T
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("case", ["split_nchw", "split_parity1", "split_channels_last", "split_cropped"])
+@pytest.mark.parametrize(
+    "case", ["split_nchw", "split_parity1", "split_channels_last", "split_cropped", "split_copied"]
+)
 def test_channel_split_backward_from_output(target, case: str, kind: str, dtype: torch.dtype) -> None:
     """Reversible backward on the whole tensors: rebuilt ``x`` and ``grad_x`` whole, against the eager twin
     and (in float32/float64) against autograd of the split forward."""

@@ -331,6 +331,27 @@ def test_empty_batch(target) -> None:
     assert y.shape == x_back.shape == grad_x.shape == x.shape and logdet.shape == (0,) and grad_raw.shape == raw.shape
 
 
+@pytest.mark.parametrize("where", ["x", "width", "height", "derivative"])
+def test_nan_passes_to_the_output_and_the_logdet_on_every_backend(target, where: str) -> None:
+    """A NaN input element, or a NaN raw parameter its bin uses (every width and height enter the softmaxes; a
+    derivative only its knot's bins), gives a NaN output and a NaN log-det for its sample, forward and inverse,
+    on the kernels as on the eager twin (a clamp that dropped NaN gave finite output)."""
+    backend, device = target
+    bins = 4
+    x = torch.tensor([[-2.0, -1.0, 2.0], [0.1, 0.2, 0.3]], device=device)  # x[0, 0] in the bin of knot 1
+    raw = torch.zeros(2, 3, 3 * bins - 1, device=device)
+    if where == "x":
+        x[0, 0] = float("nan")
+    else:
+        raw[0, 0, {"width": 0, "height": bins, "derivative": 2 * bins}[where]] = float("nan")
+    for name in (backend, "eager"):
+        with fastflow.backend(name):
+            for fn in (S.rq_spline, S.rq_spline_inverse):
+                out, logdet = fn(x, raw, bins)
+                assert bool(out[0, 0].isnan()) and bool(logdet[0].isnan()), (name, fn.__name__)
+                assert bool(out[1].isfinite().all()) and bool(logdet[1].isfinite()), (name, fn.__name__)
+
+
 # ------------------------------------------------------------------------------------------- extremes
 
 
