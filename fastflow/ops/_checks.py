@@ -27,14 +27,19 @@ def check_float_tensor(name: str, t: object, min_dim: int = 1) -> torch.Tensor:
     return t
 
 
+def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """Raise ValueError unless ``t`` is on ``ref``'s device."""
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref.device} like {ref_name}, got {t.device}")
+
+
 def check_same_shape(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     """Raise ValueError unless ``t`` matches ``ref`` in shape, dtype and device."""
     if t.shape != ref.shape:
         raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
     if t.dtype != ref.dtype:
         raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"{name} must be on {ref.device} like {ref_name}, got {t.device}")
+    check_same_device(name, t, ref_name, ref)
 
 
 def check_channel_slice(

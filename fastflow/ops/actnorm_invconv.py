@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fastflow.backend import resolve_backend
-from fastflow.ops._checks import check_float_tensor, logdet_dtype
+from fastflow.ops._checks import check_float_tensor, check_same_device, logdet_dtype
 from fastflow.ops.actnorm import actnorm_inverse_ref, actnorm_ref
 from fastflow.ops.channel_mix import channel_mix, channel_mix_ref, tf32_applies
 
@@ -127,6 +127,8 @@ def _check_args(
     check_float_tensor("weight_logdet", weight_logdet, min_dim=0)
     if weight_logdet.numel() != 1:
         raise ValueError(f"weight_logdet must be a scalar tensor, got shape {tuple(weight_logdet.shape)}")
+    for name, t in (("bias", bias), ("logs", logs), (weight_name, weight), ("weight_logdet", weight_logdet)):
+        check_same_device(name, t, x_name, x)
 
 
 def _per_sample(logdet: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from fastflow.backend import resolve_backend
-from fastflow.ops._checks import check_float_tensor, logdet_dtype
+from fastflow.ops._checks import check_float_tensor, check_same_device, logdet_dtype
 from fastflow.ops._registration import TRACEABLE, direct_autograd, kernel_function, registration, use_library_op
 
 __all__ = [
@@ -379,14 +379,12 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"weight must have shape (C_out, C_in), got {tuple(weight.shape)}")
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"channel mismatch: weight has C_in={weight.shape[1]} but x has {x.shape[1]} channels")
-    if weight.device != x.device:
-        raise ValueError(f"weight must be on {x.device} like x, got {weight.device}")
+    check_same_device("weight", weight, "x", x)
     if bias is not None:
         check_float_tensor("bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape (C_out,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.device != x.device:
-            raise ValueError(f"bias must be on {x.device} like x, got {bias.device}")
+        check_same_device("bias", bias, "x", x)
 
 
 INT32_SAMPLE_LIMIT = 2**31
@@ -408,9 +406,11 @@ def channel_mix_grads(
     ``grad_weight`` and a sum for ``grad_bias``. ``grad_x`` is in ``x``'s dtype; the other two in float32
     (float64 for float64 ``x``) on the fused path and in ``x``'s dtype on the eager one."""
     _check_args(x, weight, None)
+    check_float_tensor("grad_y", grad_y)
     want = (x.shape[0], weight.shape[0], *x.shape[2:])
     if tuple(grad_y.shape) != want:
         raise ValueError(f"grad_y must have shape {want}, got {tuple(grad_y.shape)}")
+    check_same_device("grad_y", grad_y, "x", x)
     too_wide = max(weight.shape) > kernel_max_channels(x.dtype)
     if resolve_backend(x) == "eager" or too_wide or not _fits_int32(x, weight):
         grad_y = grad_y.to(x.dtype)

@@ -624,9 +624,15 @@ def affine_coupling_backward_from_output_(
     """
     _check_affine_args("y_b", y_b, shift, raw, scale, None)
     _check_upstream(grad_y, grad_logdet, y_b)
-    for name, t in (("y_b", y_b), ("shift", shift), ("raw", raw), ("grad_y", grad_y)):
+    named = (("y_b", y_b), ("shift", shift), ("raw", raw), ("grad_y", grad_y))
+    for name, t in named:
         if t.requires_grad:
             raise ValueError(f"{name} requires grad: the in-place backward writes over it (pass a detached tensor)")
+    starts = {}
+    for name, t in named:  # the same tensor twice (one written over the other): the cheap, common mistake
+        if t.numel() and t.data_ptr() in starts:
+            raise ValueError(f"{name} and {starts[t.data_ptr()]} start at the same memory: pass four distinct tensors")
+        starts.setdefault(t.data_ptr(), name)
     if not _use_kernel(y_b) and y_b.dtype in (torch.float32, torch.float64):
         _backward_from_output_in_place_ref(y_b, shift, raw, grad_y, grad_logdet, scale)
         return

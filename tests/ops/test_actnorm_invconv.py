@@ -224,6 +224,9 @@ def test_torch_compile_fullgraph():
         ("weight", torch.randn(4, 3), ValueError, "channel mismatch"),
         ("weight", torch.ones(3, 3, dtype=torch.int32), TypeError, "weight must"),
         ("weight_logdet", torch.randn(3), ValueError, "weight_logdet must"),
+        ("weight", torch.eye(3, device="meta"), ValueError, "weight must be on cpu like x, got meta"),
+        ("bias", torch.zeros(1, 3, 1, 1, device="meta"), ValueError, "bias must be on cpu like x"),
+        ("weight_logdet", torch.zeros((), device="meta"), ValueError, "weight_logdet must be on cpu like x"),
     ],
 )
 def test_bad_inputs(field, value, error, match):

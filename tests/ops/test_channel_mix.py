@@ -332,6 +332,20 @@ def test_bad_inputs(x, weight, bias, error, match):
         channel_mix(x, weight, bias)
 
 
+@pytest.mark.parametrize(
+    "grad_y, error, match",
+    [
+        (torch.randn(2, 5, 4, 4, device="meta"), ValueError, "grad_y must be on cpu like x, got meta"),
+        (torch.ones(2, 5, 4, 4, dtype=torch.int64), TypeError, "grad_y must be float16"),
+        ([[1.0]], TypeError, "grad_y must be a torch.Tensor"),
+    ],
+)
+def test_bad_upstream_gradients_are_named(grad_y, error, match):
+    for backend in ("eager", "interpret"):
+        with fastflow.backend(backend), pytest.raises(error, match=match):
+            ops.channel_mix_grads(grad_y, torch.randn(2, 3, 4, 4), torch.randn(5, 3))
+
+
 @pytest.fixture
 def as_if_tf32_applied(monkeypatch):
     """CPU tensors take the path of CUDA ones (the IEEE op), whose TF32 handling is under test."""

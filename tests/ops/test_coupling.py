@@ -371,6 +371,8 @@ def test_backward_from_output_in_place_on_the_kernels(target, kind: str, dtype: 
 
 def test_backward_from_output_in_place_checks_its_arguments() -> None:
     y, t, r = (torch.randn(2, 3) for _ in range(3))
+    with pytest.raises(ValueError, match="shift and y_b start at the same memory"):
+        C.affine_coupling_backward_from_output_(y, y, r, torch.randn(2, 3), None, "sigmoid")
     with pytest.raises(ValueError, match="grad_y"):
         C.affine_coupling_backward_from_output_(y, t, r, y[:1].clone(), None, "sigmoid2")
     with pytest.raises(ValueError, match="scale"):
