@@ -18,7 +18,7 @@ from fastflow.nn.reversible import drift_tripped, guards_deferred, read_drift_gu
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.split import Split
 from fastflow.nn.tiling import DEFAULT_TILE_BUDGET_MB, Tiling
-from fastflow.ops._checks import logdet_dtype
+from fastflow.ops._checks import int_at_least, logdet_dtype
 
 __all__ = ["FlowModel", "check_levels", "dequantize"]
 
@@ -94,8 +94,11 @@ class FlowModel(nn.Module):
             raise ValueError(
                 f"need one split between consecutive blocks, got {len(blocks)} blocks, {len(splits)} splits"
             )
-        if n_bins is not None and n_bins < 2:
-            raise ValueError(f"n_bins must be >= 2, got {n_bins}")
+        if n_bins is not None:
+            int_at_least("n_bins", n_bins, 2)
+        reversible = config.get("reversible", False)
+        if not isinstance(reversible, bool):
+            raise TypeError(f"reversible must be a bool, got {type(reversible).__name__} {reversible!r}")
         self.blocks = nn.ModuleList(blocks)
         self.splits = nn.ModuleList(splits)
         self.prior = prior
@@ -107,7 +110,7 @@ class FlowModel(nn.Module):
         # buffer: no state_dict entry, and DDP's buffer broadcast would overwrite each rank's own record)
         self._nonfinite_seen = torch.zeros((), dtype=torch.bool)
         self._range_checked = False
-        self.reversible = bool(config.get("reversible", False))
+        self.reversible = reversible
         for name, module in self.named_modules():
             if isinstance(module, ActNorm):
                 module.name = name  # warnings name the layer by its path in the model
@@ -121,9 +124,14 @@ class FlowModel(nn.Module):
         if tile_size is not None or memory_budget_mb is not None:
             budget = DEFAULT_TILE_BUDGET_MB if memory_budget_mb is None else memory_budget_mb
             tiling = Tiling(tile_size=tile_size, memory_budget_mb=budget)
-        for module in self.modules():
-            if hasattr(module, "tiling"):
-                module.tiling = tiling
+        tiled = [module for module in self.modules() if hasattr(module, "tiling")]
+        if tiling is not None and not tiled:
+            raise ValueError(
+                f"{type(self).__name__} has no layer that runs in spatial tiles (only couplings with convolutional "
+                "networks do)"
+            )
+        for module in tiled:
+            module.tiling = tiling
 
     @property
     def reversible(self) -> bool:

@@ -12,6 +12,7 @@ from torch import nn
 from fastflow.nn.base import FlowLayer, check_features, check_network_dtype
 from fastflow.nn.context import shape_context
 from fastflow.nn.spline_coupling import start_at_identity
+from fastflow.ops._checks import int_at_least
 from fastflow.ops.spline import rq_spline, rq_spline_inverse
 
 __all__ = ["MADE", "MaskedAutoregressiveSpline", "MaskedLinear"]
@@ -84,11 +85,13 @@ class MaskedAutoregressiveSpline(FlowLayer):
         depth: int = 2,
     ) -> None:
         super().__init__()
-        for name, value, low in (("features", features, 1), ("hidden", hidden, 1), ("bins", bins, 1)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
+        for name, value, low in (
+            ("features", features, 1),
+            ("hidden", hidden, 1),
+            ("bins", bins, 1),
+            ("depth", depth, 1),
+        ):
+            int_at_least(name, value, low)
         if isinstance(bound, bool) or not isinstance(bound, (int, float)):
             raise TypeError(f"bound must be a float, got {type(bound).__name__}")
         if not (math.isfinite(bound) and bound > 0):

@@ -49,6 +49,9 @@ class Tiling:
             raise TypeError(f"tile_size must be an int, got {self.tile_size!r}")
         if self.tile_size is not None and self.tile_size < 1:
             raise ValueError(f"tile_size must be >= 1, got {self.tile_size}")
+        budget = self.memory_budget_mb
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise TypeError(f"memory_budget_mb must be a number, got {budget!r}")
         if not math.isfinite(self.memory_budget_mb) or self.memory_budget_mb <= 0:
             raise ValueError(f"memory_budget_mb must be a finite number > 0, got {self.memory_budget_mb}")
 

@@ -237,11 +237,13 @@ def test_conditional_model_requires_valid_labels():
         (lambda: RealNVP(1, 4, coupling="additive"), "coupling must be 'affine' or 'spline'"),
         (lambda: NICE(1, 3), "even number of dimensions"),
         (lambda: Glow(1, 8, levels=1, n_bins=1), "n_bins must be >= 2"),
+        (lambda: Glow(1, 8, levels=1, n_bins=2.5), "n_bins must be an int, got float 2.5"),
+        (lambda: Glow(1, 8, levels=1, reversible="no"), "reversible must be a bool, got str 'no'"),
         (lambda: Glow(1, 0, levels=1), "image_size must be >= 1, got 0"),
     ],
 )
 def test_bad_model_config_raises(make, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         make()
 
 

@@ -12,7 +12,13 @@ import torch
 from fastflow.models import Glow, RealNVP
 from fastflow.nn import FlowSequential, FlowStep
 from fastflow.nn.actnorm_invconv import ActNormInvConv
-from fastflow.nn.reversible import ReconstructionError, deferred_guards, drift_tripped, read_drift_guard
+from fastflow.nn.reversible import (
+    ReconstructionError,
+    _relative_drift,
+    deferred_guards,
+    drift_tripped,
+    read_drift_guard,
+)
 from tests.helpers import loss_and_grads, perturb_parameters
 
 
@@ -105,6 +111,16 @@ def test_reconstruction_drift_through_64_steps_is_small():
         x_back, _ = chain.inverse(y)
     drift = float((x_back - x).abs().max() / x.abs().max())
     assert drift < 1e-4, f"float32 drift through 64 Glow steps: {drift:.2e}"
+
+
+def test_drift_is_measured_in_the_inputs_dtype():
+    """A float64 drift far below float32's rounding is measured as such (cast first, it read 6e-8 and tripped
+    float64's default max_drift of 1e-8)."""
+    original = torch.tensor([1.0 + 2.0**-24, 3.0, -2.0], dtype=torch.float64)  # a float32 rounding midpoint
+    rebuilt = original.clone()
+    rebuilt[0] += 1e-15
+    drift = float(_relative_drift(rebuilt, original))
+    assert 1e-16 < drift < 1e-15
 
 
 def test_drift_guard_raises_instead_of_returning_bad_gradients():

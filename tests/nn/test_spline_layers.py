@@ -260,6 +260,7 @@ def test_reversible_vector_stack_on_the_kernels_equals_standard_eager():
         (lambda: MaskedAutoregressiveSpline(3, bound=float("inf")), ValueError, "bound must be finite"),
         (lambda: MaskedAutoregressiveSpline(3, context_features=-1), ValueError, "context_features must be"),
         (lambda: MaskedAutoregressiveSpline(3, depth=0), ValueError, "depth must be >= 1"),
+        (lambda: MaskedAutoregressiveSpline(3, depth=1.5), TypeError, "depth must be an int, got float 1.5"),
     ],
 )
 def test_bad_arguments_raise(make, error, match):

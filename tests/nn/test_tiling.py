@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastflow.models import Glow, RealNVP
+from fastflow.models import Glow, Jet, RealNVP
 from fastflow.nn import AffineCoupling
 from fastflow.nn.tiling import ACTIVE_HIDDEN_TENSORS, HALO, Tiling, choose_tile_size, tiles
 from tests.helpers import loss_and_grads, perturb_parameters
@@ -94,6 +94,19 @@ def test_set_tiling_refuses_a_budget_that_is_not_positive_and_finite(budget):
     model = Glow(1, 8, levels=1, steps=1, hidden=8)
     with pytest.raises(ValueError, match="memory_budget_mb must be a finite number > 0"):
         model.set_tiling(memory_budget_mb=budget)
+
+
+@pytest.mark.parametrize("budget", ["100", True])
+def test_set_tiling_refuses_a_budget_that_is_not_a_number(budget):
+    with pytest.raises(TypeError, match="memory_budget_mb must be a number"):
+        Glow(1, 8, levels=1, steps=1, hidden=8).set_tiling(memory_budget_mb=budget)
+
+
+def test_set_tiling_of_a_model_without_tileable_layers_is_refused():
+    model = Jet(1, 8, patch_size=2, couplings=2, width=8, depth=1, heads=2)
+    with pytest.raises(ValueError, match="Jet has no layer that runs in spatial tiles"):
+        model.set_tiling(tile_size=2)
+    model.set_tiling()  # turning tiling off is always fine
 
 
 def test_tile_cost_model_matches_a_measured_peak():
