@@ -404,8 +404,8 @@ def _export(args: argparse.Namespace) -> None:
         raise ValueError("directory must name the folder to write")
     if os.path.exists(args.directory) and not os.path.isdir(args.directory):
         raise ValueError(f"directory {args.directory!r} is a file: give a folder to write")
+    model, _ = load_checkpoint(args.checkpoint)  # first: a bad checkpoint leaves no folder behind
     _check_writable(args.directory, "directory")
-    model, _ = load_checkpoint(args.checkpoint)
     model.save_pretrained(args.directory)
     weights, config = (os.path.join(args.directory, name) for name in ("model.safetensors", "config.json"))
     print(f"wrote {weights} and {config}")
