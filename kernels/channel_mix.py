@@ -14,7 +14,8 @@ read once per program and is negligible):
 - forward:  ``N * (C_in + C_out) * e``  (read ``x`` once, write ``y`` once)
 - backward: ``N * (2 * C_in + C_out) * e`` (read ``x`` and ``grad_y`` once, write ``grad_x`` once) plus
   ``P * C_out * (C_in + 1) * a`` for the per-program partial sums (``P`` programs, ``a`` = 4 or 8 bytes),
-  which the launcher keeps below a quarter of the size of ``x``.
+  which the launcher keeps, at 4 bytes each, below a quarter of the size of ``x`` (half for float64 partials),
+  except that every input-channel block gets at least one program.
 
 Layout: a forward program owns ``BLOCK_P`` pixels of one sample and every channel; a backward program
 owns ``CI_BLOCK`` input channels (grid axis 0) of the tiles it visits (axis 1), so the weight-gradient
@@ -392,8 +393,8 @@ def channel_mix_forward(
 
 def _backward_programs(x: torch.Tensor, n_tiles: int, n_ci_blocks: int, c_in: int, c_out: int) -> int:
     """Persistent programs per input-channel block for the backward: about 4 per SM in all (2 on the CPU
-    interpreter), no more than the tiles, and few enough that the float32 partial buffers stay under a
-    quarter of the bytes of ``x``."""
+    interpreter), no more than the tiles, and few enough that the partial buffers, counted at 4 bytes an entry,
+    stay under a quarter of the bytes of ``x`` (at least one, whatever the budget)."""
     per_device = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
     partial_budget = (x.numel() * x.element_size()) // (4 * 4 * c_out * (c_in + 1))
     return max(1, min(n_tiles, per_device // n_ci_blocks, partial_budget))

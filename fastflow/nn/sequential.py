@@ -37,8 +37,9 @@ class FlowSequential(FlowLayer):
     ``reversible=True`` trains with memory-saving reversible backprop (:mod:`fastflow.nn.reversible`):
     only the chain's input and output are kept, each unit's input is rebuilt by its inverse during
     backward. Same parameters, outputs and gradients (within ``max_drift``) as standard backprop. Like
-    reentrant checkpointing, parameter gradients reach ``.grad`` through ``backward()`` and
-    ``torch.autograd.grad`` w.r.t. the parameters. Reversible training batches the units' weights too: once for the
+    reentrant checkpointing, parameter gradients reach ``.grad`` through ``backward()`` (nested backward calls);
+    ``torch.autograd.grad`` w.r.t. the parameters does not return them (w.r.t. the input and the context it
+    does). Reversible training batches the units' weights too: once for the
     forward, and in backward once for the rebuild and once (with a graph) for the recomputes
     (:func:`~fastflow.nn.reversible.chain_backward_from_output`).
     """

@@ -19,9 +19,10 @@ kernels, both ops are ``torch.library.triton_op`` ops launching through ``torch.
 Inductor could not compile a user Triton kernel, so there the opaque op runs it as it runs eagerly.
 
 Precision: float32 mixes are IEEE float32 on every path, whatever ``torch.backends.cudnn.allow_tf32`` /
-``torch.backends.cuda.matmul.allow_tf32`` say (both kernels use IEEE ``tl.dot``; the eager path runs its
-convolution with TF32 off). Every caller is an invertible mix (the 1x1 convolution and its ActNorm fold),
-and TF32 would break invertibility: the reversible backward's drift guard fires under it.
+``torch.backends.cuda.matmul.allow_tf32`` say (the kernels' float32 path is an FMA loop, not ``tl.dot``, and
+wider float32 mixes go to the eager path, which runs its convolution with TF32 off). Every caller is an
+invertible mix (the 1x1 convolution and its ActNorm fold), and TF32 would break invertibility: the reversible
+backward's drift guard fires under it.
 """
 
 from __future__ import annotations
