@@ -10,6 +10,7 @@ of the batch and one replay. Both need a step without host syncs (fastflow's gua
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import Literal
@@ -53,6 +54,8 @@ def make_adam(parameters: Iterable[nn.Parameter], lr: float, mode: StepMode = "e
     """The fused Adam, whose step count stays on the device (the default implementation reads it on the host every
     step) and which skips its update where ``found_inf`` is set (see :class:`TrainStep`); ``"cuda-graph"`` also
     needs ``capturable=True``."""
+    if mode not in STEP_MODES:
+        raise ValueError(f"mode must be one of {STEP_MODES}, got {mode!r}")
     return torch.optim.Adam(parameters, lr=lr, fused=True, capturable=mode == "cuda-graph")
 
 
@@ -61,6 +64,10 @@ def _kernels(model: nn.Module) -> list[nn.Parameter]:
     memory format lays out differently (a ``(C_out, C_in, 1, 1)`` weight, or ActNorm's ``(1, C, 1, 1)``, has
     the same memory in every format, only strides that DistributedDataParallel would compare)."""
     return [p for p in model.parameters() if p.dim() == 4 and p.shape[2] * p.shape[3] > 1]
+
+
+def _is_channels_last(kernel: torch.Tensor) -> bool:
+    return kernel.is_contiguous(memory_format=torch.channels_last)
 
 
 def convolutions_channels_last(model: nn.Module) -> None:
@@ -98,9 +105,11 @@ class TrainStep:
     ``objective`` computes the per-sample loss of ``model`` (or is a ``DistributedDataParallel`` around such a
     module). :attr:`skip` (0-dim, the fused Adam's ``found_inf``) is set on the device once a loss is not finite or
     ``model``'s guards tripped, this step or an earlier one: every later update is then skipped, so the weights stay
-    those of the first failing step until the caller reads the guards (``FlowModel.check_guards``) and stops. Under
+    those of the first failing step until the caller reads the guards (``FlowModel.check_guards``) and stops. With a
+    DistributedDataParallel objective the flag is all-reduced (max) every step, so every rank skips alike (one
+    rank's NaN reaches every rank's reduced gradients). The optimizer must be fused (:func:`make_adam`). Under
     fp16 loss scaling (``scaler`` enabled) the scaler hands the optimizer its own ``found_inf`` instead, which covers
-    non-finite losses but not drift, and :attr:`skip` is None.
+    non-finite losses but not drift, and :attr:`skip` is None. ``clip`` must be a finite number >= 0.
 
     ``mode``: ``"eager"``; ``"compile"`` (Inductor, CPU or CUDA, static shapes: the loss and its backward
     compile on the first step; the fused Adam update stays one kernel per dtype group); ``"cuda-graph"`` (CUDA
@@ -130,6 +139,8 @@ class TrainStep:
             raise ValueError(f"mode must be one of {STEP_MODES}, got {mode!r}")
         if amp is not None and amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}")
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (math.isfinite(clip) and clip >= 0):
+            raise ValueError(f"clip must be a finite number >= 0 (0: no clipping), got {clip!r}")
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.device = self.parameters[0].device
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
@@ -142,10 +153,21 @@ class TrainStep:
                 raise ValueError("mode='cuda-graph' does not capture DistributedDataParallel's gradient all-reduce")
             if not all(group.get("capturable", False) for group in optimizer.param_groups):
                 raise ValueError("mode='cuda-graph' needs a capturable optimizer: make_adam(..., mode='cuda-graph')")
-        if channels_last is None:  # a DDP objective keeps its layout (lay the model out before wrapping it)
-            channels_last = not isinstance(objective, nn.parallel.DistributedDataParallel) and default_channels_last(
-                self.device, model
+        distributed = isinstance(objective, nn.parallel.DistributedDataParallel)
+        if self.scaler is None and not all(group.get("fused", False) for group in optimizer.param_groups):
+            raise ValueError(
+                "TrainStep needs a fused optimizer, which skips a failed step's update on the device (found_inf): "
+                "make_adam(model.parameters(), lr, mode)"
             )
+        if channels_last is None:  # a DDP objective keeps its layout (lay the model out before wrapping it)
+            channels_last = not distributed and default_channels_last(self.device, model)
+        elif channels_last and distributed and any(not _is_channels_last(p) for p in _kernels(model)):
+            raise ValueError(
+                "channels_last=True with a DistributedDataParallel objective needs the model laid out before DDP "
+                "wrapped it (convolutions_channels_last(model), then DDP): DDP's gradient buckets keep the strides "
+                "they were built with"
+            )
+        self.distributed = distributed
         self.objective, self.model, self.optimizer = objective, model, optimizer
         self.clip, self.amp, self.mode, self.channels_last = clip, amp, mode, channels_last
         self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), dtype=torch.float32, device=self.device)
@@ -176,8 +198,10 @@ class TrainStep:
         """Set :attr:`skip` where this step's loss is not finite or a guard tripped (the drift records are complete
         after backward)."""
         if self.skip is not None:
-            failed = ~torch.isfinite(loss) | self.model.guards_tripped()
-            torch.maximum(self.skip, failed.to(self.skip.dtype), out=self.skip)
+            failed = (~torch.isfinite(loss) | self.model.guards_tripped()).to(self.skip.dtype)
+            if self.distributed:  # every rank skips alike: one rank's NaN reached all ranks' reduced gradients
+                torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+            torch.maximum(self.skip, failed, out=self.skip)
 
     def _update(self) -> None:
         if self.clip > 0:

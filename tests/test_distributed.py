@@ -5,6 +5,7 @@ trains on the whole global batch."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import socket
@@ -22,6 +23,7 @@ from fastflow.cli import main
 from fastflow.data import TensorImages, batch_at_step
 from fastflow.models import FlowModel, Glow, Jet
 from fastflow.nn import ActNorm
+from fastflow.step import BitsPerDim, TrainStep, make_adam
 from fastflow.train import TrainConfig, initialize_actnorm, train
 
 BATCH, N_BINS, STEPS = 8, 17, 3
@@ -85,6 +87,57 @@ def _worker(rank: int, world_size: int, port: int, folder: str, name: str) -> No
         torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         distributed.teardown()
+
+
+def _skip_worker(rank: int, world_size: int, port: int, folder: str) -> None:
+    """A NaN in rank 0's shard only: every rank must skip the update (DDP's reduced gradients are NaN on all)."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    context = distributed.setup("cpu")
+    try:
+        model = _model("glow")
+        x = (batch_at_step(_source(), 0, BATCH, N_BINS)[0].float() + 0.5) / N_BINS - 0.5
+        shard = distributed.shard(x, context.rank, context.world_size).clone()
+        initialize_actnorm(model, shard)
+        objective = torch.nn.parallel.DistributedDataParallel(BitsPerDim(model))
+        step = TrainStep(objective, model, make_adam(model.parameters(), LR), clip=1.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        if context.rank == 0:
+            shard[0, 0, 0, 0] = float("nan")
+        loss = step(shard, None, LR)
+        unchanged = all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        torch.save({"skip": float(step.skip), "loss": float(loss), "unchanged": unchanged}, f"{folder}/skip{rank}.pt")
+    finally:
+        distributed.teardown()
+
+
+def test_a_nonfinite_loss_on_one_rank_skips_the_update_on_every_rank(tmp_path):
+    mp.spawn(_skip_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"skip{r}.pt") for r in range(2)]
+    assert math.isnan(ranks[0]["loss"]) and math.isfinite(ranks[1]["loss"])
+    assert all(r["skip"] == 1.0 and r["unchanged"] for r in ranks), ranks
+
+
+def test_channels_last_with_a_ddp_objective_needs_the_layout_first():
+    from fastflow.step import convolutions_channels_last
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = _model("glow")
+        objective = torch.nn.parallel.DistributedDataParallel(BitsPerDim(model))
+        with pytest.raises(ValueError, match="channels_last=True with a DistributedDataParallel objective"):
+            TrainStep(objective, model, make_adam(model.parameters(), LR), channels_last=True)
+        laid_out = _model("glow")
+        convolutions_channels_last(laid_out)
+        objective = torch.nn.parallel.DistributedDataParallel(BitsPerDim(laid_out))
+        TrainStep(objective, laid_out, make_adam(laid_out.parameters(), LR), channels_last=True)  # accepted
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_shards_are_disjoint_and_cover_the_batch():

@@ -86,6 +86,14 @@ def test_step_refuses_bad_settings():
         TrainStep(BitsPerDim(model), model, make_adam(model.parameters(), 1e-3), mode="graph")
     with pytest.raises(ValueError, match="needs a model on a CUDA device"):
         TrainStep(BitsPerDim(model), model, make_adam(model.parameters(), 1e-3), mode="cuda-graph")
+    for clip in (-1.0, float("nan"), "50"):
+        with pytest.raises(ValueError, match="clip must be a finite number >= 0"):
+            TrainStep(BitsPerDim(model), model, make_adam(model.parameters(), 1e-3), clip=clip)
+    for optimizer in (torch.optim.Adam(model.parameters(), lr=1e-3), torch.optim.SGD(model.parameters(), lr=1e-3)):
+        with pytest.raises(ValueError, match="needs a fused optimizer.*make_adam"):  # not at the first step
+            TrainStep(BitsPerDim(model), model, optimizer)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        make_adam(model.parameters(), 1e-3, "bogus")  # type: ignore[arg-type]
 
 
 @pytest.mark.gpu
