@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -215,8 +216,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results", help="folder for <device>.json/.md/.png")
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else default_cases(device.type)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device (cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.budget_s is not None and not (math.isfinite(args.budget_s) and args.budget_s >= 0):
+        parser.error(f"--budget-s must be a finite number >= 0, got {args.budget_s}")
+    if args.cases is None:
+        cases = default_cases(device.type)
+    else:
+        cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+        if not cases:
+            parser.error(f"--cases names no case; choose from {CASES}")
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         parser.error(f"unknown cases {unknown}; choose from {CASES}")

@@ -16,6 +16,7 @@ against float32 eager before it is timed; a mismatch raises instead of reporting
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -105,6 +106,7 @@ def _bench_pass(
 ) -> list[dict[str, Any]]:
     """Rows of one (kind, pass, size): each provider checked against float32 eager, then timed."""
     backward = pass_name == "fwd+bwd"
+    torch.manual_seed(0)  # the same inputs in every run
     x, t, r = _inputs(size, dtype, device, requires_grad=backward)
     grad_y, grad_logdet = torch.randn_like(x), torch.randn(x.shape[0], device=device)
     want = _reference(kind, backward, (x, t, r), grad_y, grad_logdet)
@@ -115,7 +117,9 @@ def _bench_pass(
         fn = _fwd_bwd(op, kind, grad_y, grad_logdet) if backward else op
         with fastflow.backend(backend), torch.set_grad_enabled(backward):  # type: ignore[arg-type]
             for i, (got, ref) in enumerate(zip(fn(x, t, r), want)):
-                check_close(f"coupling {kind} {pass_name} {name} output {i}", got, ref, atol, rtol)
+                # a per-sample log-det sums x[0].numel() terms: its float32 rounding grows with their count
+                scale = math.sqrt(x[0].numel()) if ref.dim() == 1 else 1.0
+                check_close(f"coupling {kind} {pass_name} {name} output {i}", got, ref, atol * scale, rtol)
             ms = median_ms(lambda fn=fn: fn(x, t, r), device, reps=_REPS[quick])
             peak = peak_mib(lambda fn=fn: fn(x, t, r), device)
         gbs = nbytes / ms / 1e6

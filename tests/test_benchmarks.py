@@ -73,6 +73,29 @@ def test_bad_channels_argument(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--device", "cpu", "--cases", ""], "--cases names no case"),
+        (["--device", "cpu", "--cases", ","], "--cases names no case"),
+        (["--device", "foo"], "--device 'foo' is not a torch device"),
+        (["--device", "cpu", "--cases", "spline", "--budget-s", "-5"], "--budget-s must be a finite number >= 0"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(argv, match, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and match in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is missing")
+def test_device_cuda_without_cuda_is_a_usage_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cuda", "--cases", "coupling", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "no CUDA device is available" in capsys.readouterr().err
+
+
 def test_threshold_note_names_the_channels_timed():
     from benchmarks.__main__ import _threshold_note
 
