@@ -23,20 +23,27 @@ from fastflow.ops._checks import int_at_least, logdet_dtype
 __all__ = ["FlowModel", "check_levels", "dequantize"]
 
 
+def _check_integer_levels(name: str, levels: object, n_bins: int) -> torch.Tensor:
+    """``levels``, or a ``TypeError`` / ``ValueError`` naming ``name`` unless it is an integer tensor with values in
+    ``[0, n_bins)`` (the range check reads two numbers from the device)."""
+    if not isinstance(levels, torch.Tensor) or levels.is_floating_point() or levels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {getattr(levels, 'dtype', type(levels).__name__)}")
+    if levels.numel():
+        low, high = levels.aminmax()
+        if int(low) < 0 or int(high) >= n_bins:
+            raise ValueError(f"{name} must lie in [0, n_bins) = [0, {n_bins}), got values in [{int(low)}, {int(high)}]")
+    return levels
+
+
 def dequantize(levels: torch.Tensor, n_bins: int) -> torch.Tensor:
     """Uniform dequantization of integer pixel levels in ``[0, n_bins)`` to ``(k + u) / n_bins - 0.5``.
 
     This is the input convention of every model: continuous values in ``[-0.5, 0.5)``. ``ValueError`` for
     levels outside ``[0, n_bins)`` (a check that reads two numbers back from the device).
     """
-    if not isinstance(levels, torch.Tensor) or levels.is_floating_point() or levels.dtype == torch.bool:
-        raise TypeError(f"levels must be an integer tensor, got {getattr(levels, 'dtype', type(levels).__name__)}")
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 2:
         raise ValueError(f"n_bins must be an int >= 2, got {n_bins!r}")
-    if levels.numel():
-        low, high = levels.aminmax()
-        if int(low) < 0 or int(high) >= n_bins:
-            raise ValueError(f"levels must lie in [0, n_bins) = [0, {n_bins}), got values in [{int(low)}, {int(high)}]")
+    _check_integer_levels("levels", levels, n_bins)
     u = torch.rand(levels.shape, device=levels.device)
     return (levels.float() + u) / n_bins - 0.5
 
@@ -44,14 +51,10 @@ def dequantize(levels: torch.Tensor, n_bins: int) -> torch.Tensor:
 def check_levels(name: str, levels: object, image_shape: tuple[int, ...], n_bins: int) -> torch.Tensor:
     """``levels``, or a ``TypeError`` / ``ValueError`` naming ``name`` unless it is a non-empty integer tensor of
     pixel levels ``(N, *image_shape)`` in ``[0, n_bins)`` (the range check reads two numbers from the device)."""
-    if not isinstance(levels, torch.Tensor) or levels.is_floating_point() or levels.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor of pixel levels, got {getattr(levels, 'dtype', levels)}")
+    levels = _check_integer_levels(name, levels, n_bins)
     if levels.dim() != 1 + len(image_shape) or tuple(levels.shape[1:]) != tuple(image_shape) or len(levels) == 0:
         shape = ", ".join(map(str, image_shape))
         raise ValueError(f"{name} must have shape (N, {shape}) with N >= 1, got {tuple(levels.shape)}")
-    low, high = levels.aminmax()
-    if int(low) < 0 or int(high) >= n_bins:
-        raise ValueError(f"{name} must lie in [0, n_bins) = [0, {n_bins}), got values in [{int(low)}, {int(high)}]")
     return levels
 
 
