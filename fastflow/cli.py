@@ -14,7 +14,6 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -34,7 +33,7 @@ from fastflow.data import (
     split_heldout,
 )
 from fastflow.image_folder import image_size, list_classes, list_images, load_image_folder, load_labelled_folder
-from fastflow.images import IMAGE_FORMATS
+from fastflow.images import IMAGE_FORMATS, check_writable_folder
 from fastflow.latent import attribute_direction, interpolate, manipulate
 from fastflow.models import FlowModel, Glow, Jet
 from fastflow.train import (
@@ -199,16 +198,6 @@ def _resolve_train_flags(args: argparse.Namespace) -> int:
     return start
 
 
-def _check_writable(folder: str, what: str = "--out") -> None:
-    """Create ``folder`` and write a scratch file in it, so an unwritable output fails before the work."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise ValueError(f"{what} {folder!r} is not a writable folder: {err.strerror or err}") from err
-
-
 def _training_data(args: argparse.Namespace) -> tuple[ImageSource, torch.Tensor, int, str]:
     """``(train source, held-out levels, n_bins, description)`` from ``--data`` or the embedded data."""
     if args.n_bits is not None and not 1 <= args.n_bits <= 8:
@@ -262,7 +251,7 @@ def _train(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
     )  # fmt: skip
     source, heldout, n_bins, description = _training_data(args)
-    _check_writable(args.out)
+    check_writable_folder(args.out)
     context = distributed.setup(args.device)
     try:
         torch.manual_seed(args.seed)
@@ -294,7 +283,7 @@ def _check_output_file(path: str) -> None:
     """Create ``path``'s folder and write a scratch file in it, so an unwritable --out fails before the work."""
     if os.path.isdir(path):
         raise ValueError(f"--out {path!r} is a folder: give the image file to write")
-    _check_writable(os.path.dirname(os.path.abspath(path)), "the folder of --out")
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), "the folder of --out")
 
 
 def _load(args: argparse.Namespace) -> tuple[FlowModel, dict[str, Any]]:
@@ -405,7 +394,7 @@ def _export(args: argparse.Namespace) -> None:
     if os.path.exists(args.directory) and not os.path.isdir(args.directory):
         raise ValueError(f"directory {args.directory!r} is a file: give a folder to write")
     model, _ = load_checkpoint(args.checkpoint)  # first: a bad checkpoint leaves no folder behind
-    _check_writable(args.directory, "directory")
+    check_writable_folder(args.directory, "directory")
     model.save_pretrained(args.directory)
     weights, config = (os.path.join(args.directory, name) for name in ("model.safetensors", "config.json"))
     print(f"wrote {weights} and {config}")

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 
 import torch
 
-__all__ = ["IMAGE_FORMATS", "save_grid"]
+__all__ = ["IMAGE_FORMATS", "check_writable_folder", "save_grid"]
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # file extension -> PIL format
 JPEG_QUALITY = 95
+
+
+def check_writable_folder(folder: str, what: str = "--out") -> None:
+    """Create ``folder`` and write a scratch file in it, so an unwritable output fails before the work:
+    ``ValueError`` naming it as ``what``."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"{what} {folder!r} is not a writable folder: {err.strerror or err}") from err
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int | None = None, scale: int = 1) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 
 from fastflow.examples.toy_data import TOY_DATASETS, toy_dataset
+from fastflow.images import check_writable_folder
 from fastflow.models import TabularFlow
 
 __all__ = ["ToyResult", "heldout_nll", "main", "plot_density", "plot_samples", "train_flow"]
@@ -145,11 +145,9 @@ def main(argv: list[str] | None = None) -> ToyResult:
     if not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be a finite number > 0, got {args.lr}")
     try:
-        os.makedirs(args.out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=args.out):
-            pass
-    except OSError as err:
-        parser.error(f"--out {args.out!r} is not a writable folder: {err.strerror or err}")
+        check_writable_folder(args.out)
+    except ValueError as err:
+        parser.error(str(err))
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
