@@ -10,7 +10,9 @@ takes ``g a W2`` and, in place, ``dL/dh = (g W2) * GELU'(h)``:
 Under autocast the products run in the dtype autocast gave ``h`` (``x`` is saved in it, as autograd saves the
 low-precision copy a linear reads); weight gradients come back in the weights' dtype and the input's gradient in
 the input's. The backward is not differentiable again (``create_graph=True`` raises, never a silent zero); under
-functorch transforms (``torch.func.grad``, ``vmap``) the plain composition runs instead.
+functorch transforms (``torch.func.grad``, ``vmap``) the plain composition runs instead, and a backward batched
+by ``vmap`` (``torch.autograd.grad(..., is_grads_batched=True)``, ``jacobian(..., vectorize=True)``) computes
+``dL/dh`` out of place.
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["gelu_mlp"]
+
+
+def _batched(grad: torch.Tensor) -> bool:
+    """Whether the backward runs under vmap: a functorch transform, or autograd's own batched gradients
+    (``is_grads_batched=True``, ``jacobian(..., vectorize=True)``), whose batching rules have no out= products.
+    Never while ``torch.compile`` traces (it traces the backward unbatched)."""
+    if torch.compiler.is_compiling():
+        return False
+    legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return torch._C._are_functorch_transforms_active() or (legacy is not None and legacy(grad))
 
 
 class _GeluMLP(torch.autograd.Function):
@@ -49,8 +61,11 @@ class _GeluMLP(torch.autograd.Function):
         hidden = F.gelu(h2)  # a = GELU(h), recomputed
         grad_w2 = (g2.T @ hidden).to(w2.dtype) if need_w2 else None
         grad_b2 = g2.sum(0).to(b2_dtype) if need_b2 else None
-        torch.mm(g2, w2.to(dtype), out=hidden)  # the buffer now holds dL/da
-        torch.ops.aten.gelu_backward.grad_input(hidden, h2, grad_input=hidden)  # and now dL/dh, in place
+        if _batched(grad):  # a backward vmap runs batched: no out= products
+            hidden = torch.ops.aten.gelu_backward(g2 @ w2.to(dtype), h2)
+        else:
+            torch.mm(g2, w2.to(dtype), out=hidden)  # the buffer now holds dL/da
+            torch.ops.aten.gelu_backward.grad_input(hidden, h2, grad_input=hidden)  # and now dL/dh, in place
         grad_w1 = (hidden.T @ x2).to(w1.dtype) if need_w1 else None
         grad_b1 = hidden.sum(0).to(b1_dtype) if need_b1 else None
         grad_x = (hidden @ w1.to(dtype)).reshape(x.shape).to(x_dtype) if need_x else None

@@ -128,3 +128,18 @@ def test_compiles_with_inductor() -> None:
     (g,) = torch.autograd.grad(compiled(x).sum(), [x])
     (w,) = torch.autograd.grad(mlp(x).sum(), [x])
     torch.testing.assert_close(g, w)
+
+
+def test_batched_backward_matches_the_sequential_mlp() -> None:
+    """vmap over the backward (``is_grads_batched``, ``jacobian(vectorize=True)``) has no out= products: the fused
+    backward takes its out-of-place branch and agrees with the plain composition."""
+    mlp = _mlp(torch.float64)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    grads = torch.randn(4, 3, 5, dtype=torch.float64)
+    inputs = [x, mlp[0].weight, mlp[2].bias]
+    fused = torch.autograd.grad(gelu_mlp(x, mlp[0], mlp[2]), inputs, grads, is_grads_batched=True)
+    plain = torch.autograd.grad(mlp(x), inputs, grads, is_grads_batched=True)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b)
+    jacobian = torch.autograd.functional.jacobian(lambda v: gelu_mlp(v, mlp[0], mlp[2]), x.detach(), vectorize=True)
+    torch.testing.assert_close(jacobian, torch.autograd.functional.jacobian(mlp, x.detach(), vectorize=True))
