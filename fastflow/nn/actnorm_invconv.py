@@ -106,7 +106,9 @@ class ActNormInvConv:
         log-det ``H W (sum(logs) + log|det W|)`` adds ``H W sum_b grad_logdet`` to the gradients of ``logs`` and
         ``log|det W|`` (of the folded log-det). ``weights``: the pair's share of its chain's
         (:class:`~fastflow.nn.reversible.BackwardWeights`, whose forward leaves take their gradients), computed
-        here when None. Parameter gradients reach ``.grad`` through one ``torch.autograd.backward``."""
+        here when None. Parameter gradients reach ``.grad`` through one ``torch.autograd.backward``; with
+        ``weights.pending``, the leaves' gradients are written to their ``.grad`` and ActNorm's go to ``pending``,
+        for the chain's one backward (no nested backward here)."""
         actnorm = self.actnorm
         check_features("y", y, actnorm.num_channels)
         if weights is None:
@@ -126,6 +128,7 @@ class ActNormInvConv:
                     (forward.folded.bias, grad_bias),
                     (forward.folded.logdet, logdet_grad),
                 ]
+                params: list[tuple[torch.Tensor, torch.Tensor]] = []
             else:
                 a = channel_mix(out, inverse.weight)
                 grad_a, grad_weight, _ = channel_mix_grads(grad_out, a, forward.weight)
@@ -133,15 +136,9 @@ class ActNormInvConv:
                 grad_logs = (grad_a * a).sum((0, 2, 3), keepdim=True) + logdet_grad
                 x = a.mul_(torch.exp(-actnorm.logs).to(a.dtype)).sub_(actnorm.bias.to(a.dtype))
                 grad_x = grad_a.mul_(scale)
-                pairs = [
-                    (forward.weight, grad_weight),
-                    (forward.weight_logdet, logdet_grad),
-                    (actnorm.bias, grad_x.sum((0, 2, 3), keepdim=True)),
-                    (actnorm.logs, grad_logs),
-                ]
-        used = [(t, g.to(t.dtype).reshape(t.shape)) for t, g in pairs if t.requires_grad]
-        if used:
-            torch.autograd.backward([t for t, _ in used], [g for _, g in used])
+                pairs = [(forward.weight, grad_weight), (forward.weight_logdet, logdet_grad)]
+                params = [(actnorm.bias, grad_x.sum((0, 2, 3), keepdim=True)), (actnorm.logs, grad_logs)]
+        _take_gradients(pairs, params, None if weights is None else weights.pending)
         return x.view_as(y), grad_x.view_as(y)
 
     @staticmethod
@@ -186,6 +183,30 @@ class ActNormInvConv:
             folded = fold(bias, logs, weight, weight_logdet)
             per_pair = zip(unstack_tensor(weight), unstack_tensor(weight_logdet), *map(unstack_tensor, folded))
             return [MixWeights(w, ld, FoldedMix(fw, fb, fld)) for w, ld, fw, fb, fld in per_pair]
+
+
+def _take_gradients(
+    weights: list[tuple[torch.Tensor, torch.Tensor]],
+    params: list[tuple[torch.Tensor, torch.Tensor]],
+    pending: list[tuple[torch.Tensor, torch.Tensor]] | None,
+) -> None:
+    """Hand the gradients of a pair's reversible backward on: ``weights`` pairs ``(tensor, gradient)`` for its mixing
+    weights, ``params`` for ActNorm's parameters, each gradient cast and shaped like its tensor. Without
+    ``pending``, one ``torch.autograd.backward`` for all. With it (the weights are then the detached leaves of the
+    chain's walk, used by this pair alone), the weights' gradients are written to their ``.grad`` and the
+    parameters' appended to ``pending``, for the walk's own backward (parameters keep autograd's accumulation and
+    hooks: DistributedDataParallel's)."""
+    weights, params = (
+        [(t, g.to(t.dtype).reshape(t.shape)) for t, g in pairs if t.requires_grad] for pairs in (weights, params)
+    )
+    if pending is None:
+        used = weights + params
+        if used:
+            torch.autograd.backward([t for t, _ in used], [g for _, g in used])
+        return
+    for t, g in weights:
+        t.grad = g if t.grad is None else t.grad + g
+    pending.extend(params)
 
 
 def _is_pair(first: nn.Module, second: nn.Module) -> bool:

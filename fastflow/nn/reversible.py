@@ -228,10 +228,15 @@ def recompute_backward(
 class BackwardWeights(NamedTuple):
     """A unit's share of its chain's batched weights in reversible backward (entries of :func:`shared_weights`):
     ``inverse`` to rebuild its input, ``forward`` (detached leaves that require grad) to recompute its output. The
-    gradients the recompute leaves on ``forward`` are taken on to the parameters by whoever made the leaves."""
+    gradients the recompute leaves on ``forward`` are taken on to the parameters by whoever made the leaves.
+
+    ``pending``: where a unit may put ``(parameter, gradient)`` pairs instead of backpropagating them itself; whoever
+    made the leaves takes them to ``.grad`` in its one backward with the leaves' (one nested backward per chain,
+    not one per unit). None: the unit backpropagates its own."""
 
     inverse: Any
     forward: Any
+    pending: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def _weight_tensors(weights: Any) -> list[torch.Tensor]:
@@ -312,9 +317,10 @@ def _walk(
     with torch.enable_grad():
         forward = shared_weights(units, handed[0], inverse=False)
     leaves = _as_leaves(forward)
-    x, grad_x = _units_backward(units, handed, grad_logdet, context, BackwardWeights(inverse, leaves))
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+    x, grad_x = _units_backward(units, handed, grad_logdet, context, BackwardWeights(inverse, leaves, pending))
     weight_leaves = zip(_weight_tensors(forward), _weight_tensors(leaves), strict=True)
-    used = [(w, leaf.grad) for w, leaf in weight_leaves if leaf.grad is not None]
+    used = [(w, leaf.grad) for w, leaf in weight_leaves if leaf.grad is not None] + pending
     if used:
         torch.autograd.backward([w for w, _ in used], [grad for _, grad in used])
     return x, grad_x
@@ -329,7 +335,9 @@ def _units_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     for i in reversed(range(len(units))):
         inverse, forward = weights.inverse[i], weights.forward[i]
-        unit_weights = None if inverse is None or forward is None else BackwardWeights(inverse, forward)
+        unit_weights = (
+            None if inverse is None or forward is None else BackwardWeights(inverse, forward, weights.pending)
+        )
         handed[:] = _layer_backward(units[i], handed, grad_logdet, context, unit_weights)
     x, grad_x = handed
     handed.clear()
