@@ -61,6 +61,7 @@ class Glow(FlowModel):
             raise ValueError(f"levels and steps must be >= 1, got levels={levels}, steps={steps}")
         int_at_least("in_channels", in_channels, 1)
         int_at_least("hidden", hidden, 1)
+        int_at_least("n_bins", n_bins, 2)
         int_at_least("num_classes", num_classes, 0)
         if h % 2**levels or w % 2**levels:
             raise ValueError(f"image_size {(h, w)} must be divisible by 2**levels = {2**levels}")

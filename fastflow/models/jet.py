@@ -61,6 +61,7 @@ class Jet(FlowModel):
         h, w = image_hw(image_size)
         int_at_least("in_channels", in_channels, 1)
         int_at_least("patch_size", patch_size, 1)
+        int_at_least("n_bins", n_bins, 2)
         int_at_least("couplings", couplings, 1)
         int_at_least("width", width, 1)
         int_at_least("depth", depth, 0)
@@ -71,6 +72,8 @@ class Jet(FlowModel):
             raise ValueError(f"image_size {(h, w)} must be divisible by patch_size = {patch_size}")
         if width % heads:
             raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
+        if context and not depth:
+            raise ValueError(f"context = {context} needs depth >= 1: only the ViT blocks' cross-attention reads it")
         if isinstance(kinds, str) or not kinds or any(k not in _SPLITS for k in kinds):
             raise ValueError(f"kinds must be a non-empty sequence of 'channel' / 'spatial', got {kinds!r}")
         kinds = tuple(kinds)

@@ -76,6 +76,7 @@ class NICE(FlowModel):
         h, w = image_hw(image_size)
         int_at_least("in_channels", in_channels, 1)
         int_at_least("couplings", couplings, 1)
+        int_at_least("n_bins", n_bins, 2)
         int_at_least("hidden", hidden, 1)
         int_at_least("depth", depth, 0)
         d = in_channels * h * w

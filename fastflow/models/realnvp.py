@@ -52,6 +52,7 @@ class RealNVP(FlowModel):
         h, w = image_hw(image_size)
         int_at_least("in_channels", in_channels, 1)
         int_at_least("scales", scales, 1)
+        int_at_least("n_bins", n_bins, 2)
         int_at_least("hidden", hidden, 1)
         if h % 2 ** (scales - 1) or w % 2 ** (scales - 1):
             raise ValueError(f"image_size {(h, w)} must be divisible by 2**(scales-1) = {2 ** (scales - 1)}")

@@ -33,6 +33,9 @@ class Patchify(FlowLayer):
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], patch_size: int) -> None:
         super().__init__()
+        sizes_ok = isinstance(image_size, (tuple, list)) and len(image_size) == 2
+        if not sizes_ok or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in image_size):
+            raise ValueError(f"image_size must be (H, W), two ints >= 1, got {image_size!r}")
         h, w = image_size
         if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(f"patch_size must be an int >= 1, got {patch_size!r}")

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 
 from fastflow.nn.base import FlowLayer, check_network_dtype
+from fastflow.nn.permutation import loaded_permutation_error
 from fastflow.nn.state_upgrade import drop_inverse_order
 from fastflow.nn.vit import ViTConditioner
 from fastflow.ops.coupling import affine_coupling, affine_coupling_backward_from_output_, affine_coupling_inverse
@@ -132,9 +133,13 @@ class TokenCoupling(FlowLayer):
         return context.to(x.dtype)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Loads state dicts that still hold the earlier ``inverse_order`` buffer (dropped)."""
+        """Loads state dicts that still hold the earlier ``inverse_order`` buffer (dropped); refuses (through
+        ``load_state_dict``'s error list) an ``order`` that is not a permutation of the split dimension."""
         drop_inverse_order(state_dict, prefix)
+        error = loaded_permutation_error(state_dict, prefix + "order", len(self.order))
         super()._load_from_state_dict(state_dict, prefix, *args)
+        if error is not None:
+            args[-1].append(error)  # error_msgs: load_state_dict raises with it
 
     def _halves(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The conditioning and transformed parts of ``t`` ``(B, N, F)``, gathered by the fixed permutation (two
@@ -208,8 +213,8 @@ class TokenCoupling(FlowLayer):
         inputs = [p for p in self.parameters() if p.requires_grad]
         if shaped is not None and context.requires_grad:
             inputs.append(context)
-        y_a, y_b = self._halves(y)
-        grad_y_a, grad_y_b = self._halves(grad_y)
+        y_a, y_b = self._halves(y.detach())  # no graph through y: the halves are written over in place
+        grad_y_a, grad_y_b = self._halves(grad_y.detach())
         del y, grad_y
         with torch.enable_grad():
             a = y_a.detach().requires_grad_(True)  # y_a = x_a: a new leaf

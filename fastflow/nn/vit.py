@@ -92,6 +92,11 @@ class ViTConditioner(nn.Module):
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if width % heads:
             raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
+        if context_features and not depth:
+            raise ValueError(
+                f"context_features = {context_features} needs depth >= 1: the context reaches the tokens only "
+                "through the blocks' cross-attention"
+            )
         self.tokens = tokens
         self.context_features = context_features
         self.embed = nn.Linear(in_features, width)

@@ -283,6 +283,10 @@ def test_vit_conditioner_shapes_and_zero_head() -> None:
         (lambda: Jet(1, 8, patch_size=2.0), TypeError, "patch_size must be an int"),
         (lambda: Jet(1, 6, patch_size=2, kinds=("spatial",)), ValueError, "equal halves"),
         (lambda: Jet(1, 4, patch_size=1, kinds=("channel",)), ValueError, "needs features >= 2"),
+        (lambda: Jet(1, 8, depth=0, context=3), ValueError, "needs depth >= 1"),  # the context would be unread
+        (lambda: ViTConditioner(6, 10, 5, width=8, depth=0, heads=2, context_features=3), ValueError, "depth >= 1"),
+        (lambda: Jet(1, 8, n_bins=None), TypeError, "n_bins must be an int"),  # would not load from a checkpoint
+        (lambda: Patchify(3, 8, 2), ValueError, r"image_size must be \(H, W\)"),
         (lambda: TokenCoupling((2, 2), 4, "diagonal"), ValueError, "split must be"),  # type: ignore[arg-type]
         (lambda: TokenCoupling((2, 2), 4, pattern="rings"), ValueError, "pattern must be"),  # type: ignore[arg-type]
     ],
@@ -308,3 +312,29 @@ def test_bad_inputs_raise() -> None:
         layer(torch.randn(2, 4, 5))
     with pytest.raises(TypeError, match="x must be a floating-point"):
         layer(torch.ones(2, 4, 4, dtype=torch.int64))
+
+
+def test_a_token_order_that_is_not_a_permutation_is_refused_on_load() -> None:
+    """A repeated index would leave a token of the output unwritten (uninitialised memory)."""
+    model = Jet(3, 4, patch_size=2, couplings=2, width=8, depth=1, heads=2)
+    state = model.state_dict()
+    key = next(k for k in state if k.endswith(".order"))
+    order = state[key].clone()
+    order[-1] = order[-2]
+    with pytest.raises(RuntimeError, match=f"{key} must be a permutation"):
+        Jet(3, 4, patch_size=2, couplings=2, width=8, depth=1, heads=2).load_state_dict({**state, key: order})
+
+
+def test_backward_from_output_takes_an_output_that_requires_grad() -> None:
+    torch.manual_seed(0)
+    coupling = TokenCoupling((2, 2), 4, width=8, depth=1, heads=2)
+    with torch.no_grad():
+        for p in coupling.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 4, 4, requires_grad=True)
+    y, logdet = coupling(x)  # y requires grad: the backward must not write over it through its graph
+    grad_y, grad_logdet = torch.randn_like(y), torch.randn(2)
+    rebuilt, grad_x = coupling.backward_from_output(y, grad_y, grad_logdet)
+    torch.autograd.backward([y, logdet], [grad_y, grad_logdet])
+    torch.testing.assert_close(rebuilt, x.detach())
+    torch.testing.assert_close(grad_x, x.grad)

@@ -3,6 +3,7 @@ inverse, the context reaching the conditioner, custom conditioners, the kernels 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -143,6 +144,19 @@ def test_permutations_reorder_dim_one_with_zero_logdet():
     assert logdet.tolist() == [0.0, 0.0]
     random = Permutation(5, "random")
     assert sorted(random.perm.tolist()) == list(range(5)) and "perm" in random.state_dict()
+    assert Permutation(3, np.array([2, 0, 1])).perm.tolist() == [2, 0, 1]
+
+
+def test_a_permutation_that_does_not_invert_is_refused_on_load():
+    state = Permutation(3, [2, 0, 1]).state_dict()
+    cases = (("perm", [0, 0, 1], "perm must be a permutation"), ("inverse_perm", [0, 1, 2], "inverse"))
+    for key, value, match in cases:
+        bad = dict(state, **{key: torch.tensor(value)})
+        with pytest.raises(RuntimeError, match=match):
+            Permutation(3).load_state_dict(bad)
+    loaded = Permutation(3)
+    loaded.load_state_dict(state)
+    assert loaded.perm.tolist() == [2, 0, 1] and loaded.inverse_perm.tolist() == [1, 2, 0]
 
 
 def test_invertible_linear_logdet_is_sum_of_log_s_without_a_pixel_factor():
@@ -290,6 +304,10 @@ def test_bad_inputs_and_contexts_raise_clear_errors(make, x, context, error, mat
         (lambda: AffineCoupling(4, context_features=-1), ValueError, "context_features must be an int >= 0"),
         (lambda: Permutation(3, [0, 0, 1]), ValueError, "permutation of range"),
         (lambda: Permutation(3, "shuffle"), ValueError, "order must be"),
+        (lambda: Permutation(3, [0.5, 2.0, 1.0]), TypeError, "integer indices"),  # was truncated to [0, 2, 1]
+        (lambda: Permutation(3, [True, False, True]), TypeError, "integer indices"),
+        (lambda: Permutation(3, {2, 0, 1}), TypeError, "got a set"),  # no order of its own
+        (lambda: Permutation(3, 5), ValueError, "permutation of range"),
         (lambda: InvertibleLinear(0), ValueError, "features must be >= 1"),
     ],
 )
