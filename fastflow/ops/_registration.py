@@ -88,7 +88,7 @@ def direct_autograd(
     """``apply`` of an ``autograd.Function`` running ``forward`` (an op's body, launching its kernels directly)
     with the ``setup_context`` and ``backward`` the op registers with ``register_autograd``. Unless
     ``differentiable_backward``, a backward run to be differentiated again (``create_graph=True``) raises, as
-    the op's second backward does (its backward op has no autograd): never a silent zero gradient.
+    the op's second backward does (its backward op has no autograd): never a silent zero or constant gradient.
 
     The Function's ``forward`` takes ``ctx`` and calls ``setup_context`` itself, with the positional inputs
     completed by ``forward``'s defaults (bound once here): a Function with its own ``setup_context`` binds
@@ -108,7 +108,10 @@ def direct_autograd(
         return output
 
     def first_order_backward(ctx: Any, *grads: Any) -> Any:
-        if torch.is_grad_enabled() and any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
+        # grad mode is on in a backward only under create_graph=True: the gradients it returns would be constants
+        # of the graph (their dependence on the inputs, through the saved tensors, unrecorded), whatever the
+        # incoming gradients are (a loss's constant 1 included)
+        if torch.is_grad_enabled() and any(ctx.needs_input_grad):
             raise RuntimeError(
                 f"fastflow's fused {forward.__name__} has no double backward (create_graph=True); "
                 "run it on the eager backend: with fastflow.backend('eager'): ..."

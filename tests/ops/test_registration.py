@@ -15,6 +15,7 @@ from fastflow.ops import channel_mix as channel_mix_module
 from fastflow.ops._registration import direct_autograd, use_library_op
 from fastflow.ops.channel_mix import channel_mix, channel_mix_ref
 from fastflow.ops.coupling import affine_coupling
+from fastflow.ops.spline import rq_spline
 
 
 class _OpNames(TorchDispatchMode):
@@ -103,13 +104,28 @@ def test_direct_ieee_mix_matches_the_library_op_and_is_twice_differentiable(monk
 
 
 @pytest.mark.parametrize("library", [False, True])
-def test_fused_backward_is_not_differentiated_again(library: bool) -> None:
+@pytest.mark.parametrize("loss", ["square", "linear"])
+def test_fused_backward_is_not_differentiated_again(library: bool, loss: str) -> None:
     """A double backward through a fused op raises (the library op at its second backward, the direct twin
-    already when the first runs with create_graph=True), never gives a silent zero."""
+    already when the first runs with create_graph=True), never gives a silent zero or constant gradient: also
+    for a loss linear in the outputs, whose incoming gradients are constants (the first gradient still depends
+    on the inputs, through the saved tensors)."""
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     t, r = (torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
     with fastflow.backend("interpret"), _OpNames() if library else contextlib.nullcontext():
         y, logdet = affine_coupling(x, t, r, "sigmoid", b_start=2)
+        total = y.square().sum() + logdet.sum() if loss == "square" else logdet.sum()
         with pytest.raises(RuntimeError, match="no double backward|no autograd formula"):
-            (grad_x,) = torch.autograd.grad(y.square().sum() + logdet.sum(), x, create_graph=True)
-            torch.autograd.grad(grad_x.sum(), (x, t, r), allow_unused=True)
+            (grad_x,) = torch.autograd.grad(total, x, create_graph=True)
+            torch.autograd.grad(grad_x.square().sum(), (x, t, r), allow_unused=True)
+
+
+def test_fused_spline_log_det_gradient_is_not_differentiated_again() -> None:
+    """A gradient penalty on the spline's log-det (the review's case: its first gradient came back without a
+    graph on the kernel path, so the penalty's gradient was silently dropped)."""
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    raw = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    with fastflow.backend("interpret"):
+        _, logdet = rq_spline(x, raw, 3)
+        with pytest.raises(RuntimeError, match="no double backward"):
+            torch.autograd.grad(logdet.sum(), x, create_graph=True)
