@@ -127,6 +127,13 @@ def _raw_tiles(raw_ptr, offs, mask, r_sk, acc_ty, K: tl.constexpr, KP: tl.conste
 
 
 @triton.jit
+def _raw_nan(widths, heights, derivs):
+    """Per element: whether any of its raw parameters (the padding is 0) is NaN."""
+    nan = (widths != widths).to(tl.int32) + (heights != heights).to(tl.int32) + (derivs != derivs).to(tl.int32)
+    return tl.max(nan, axis=1) > 0
+
+
+@triton.jit
 def _knots(raw, j, K: tl.constexpr, BOUND: tl.constexpr, MIN_SIZE: tl.constexpr):
     """Softmax ``p`` of raw bin sizes (0 in the padding), the bin sizes ``2 BOUND (MIN + (1 - K MIN) p)`` and the
     right knots, the last exactly ``BOUND``."""
@@ -330,10 +337,11 @@ def rq_spline_fwd_kernel(
     else:
         out = _position_y(v, s, d1, t, num, den, yl, h, yr)
     tl.store(out_ptr + rows * N + cols, tl.where(inside, out, val).to(out_ptr.dtype.element_ty), mask=mask)
-    # outside the bound: 0, or NaN for a NaN input (the bound's comparisons send it there)
-    partial = tl.sum(
-        tl.reshape(tl.where(inside & mask, log_slope, tl.where(val != val, val, 0.0)), (ROWS, BLOCK)), axis=1
-    )
+    # outside the bound: 0, or NaN for a NaN input (the bound's comparisons send it there); NaN wherever a raw
+    # parameter of the element is NaN, even one it does not read (outside the bound, another bin's derivative)
+    log_slope = tl.where(inside & mask, log_slope, tl.where(val != val, val, 0.0))
+    log_slope = tl.where(_raw_nan(widths, heights, derivs), float("nan"), log_slope)
+    partial = tl.sum(tl.reshape(log_slope, (ROWS, BLOCK)), axis=1)
     r = first_row + tl.arange(0, ROWS)
     tl.store(part_ptr + r.to(tl.int64) * n_col_blocks + col_block, partial, mask=r < B)
 

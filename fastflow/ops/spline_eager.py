@@ -141,13 +141,20 @@ def forward(x: torch.Tensor, raw: torch.Tensor, spline: Spline) -> tuple[torch.T
     t, den, m = rqs_terms(u, v, s, p)
     from_lo, from_hi = p.h * (s * u * u + p.d0 * t) / den, p.h * (s * v * v + p.d1 * t) / den
     y = _clamp_rounding(torch.where(from_hi < from_lo, p.yr - from_hi, p.yl + from_lo), p.yl, p.yr)
-    return torch.where(inside, y, x), torch.where(inside, _log_slope(s, den, m), _tail_log_slope(x))
+    log_slope = torch.where(inside, _log_slope(s, den, m), _tail_log_slope(x))
+    return torch.where(inside, y, x), _nan_where_raw_is(log_slope, raw)
 
 
 def _tail_log_slope(v: torch.Tensor) -> torch.Tensor:
     """The log-slope outside the bound: 0 (identity tails), NaN for a NaN input, which the bound's comparisons
     send there (so a NaN input gives a NaN log-det, not a finite one)."""
     return v.where(v.isnan(), 0.0)
+
+
+def _nan_where_raw_is(log_slope: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """``log_slope``, NaN for every element with a NaN among its raw parameters: a NaN conditioner output gives a
+    NaN log-det even where the element reads no NaN (outside the bound, or a derivative of another bin)."""
+    return log_slope.masked_fill(raw.isnan().any(-1), float("nan"))
 
 
 def _root(e: torch.Tensor, h: torch.Tensor, s: torch.Tensor, d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
@@ -179,7 +186,8 @@ def inverse(y: torch.Tensor, raw: torch.Tensor, spline: Spline) -> tuple[torch.T
     )
     x = _clamp_rounding(torch.where(u > 0.5, p.xr - v * p.w, p.xl + u * p.w), p.xl, p.xr)
     _, den, m = rqs_terms(u, v, s, p)
-    return torch.where(inside, x, y), torch.where(inside, -_log_slope(s, den, m), _tail_log_slope(y))
+    log_slope = torch.where(inside, -_log_slope(s, den, m), _tail_log_slope(y))
+    return torch.where(inside, x, y), _nan_where_raw_is(log_slope, raw)
 
 
 def per_sample_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -352,6 +352,24 @@ def test_nan_passes_to_the_output_and_the_logdet_on_every_backend(target, where:
                 assert bool(out[1].isfinite().all()) and bool(logdet[1].isfinite()), (name, fn.__name__)
 
 
+@pytest.mark.parametrize("where", ["width", "derivative of another bin"])
+def test_a_nan_raw_parameter_the_element_does_not_read_still_gives_a_nan_logdet(target, where: str) -> None:
+    """A NaN in an element's raw parameters that its value does not read (any, outside the bound; a derivative of
+    another bin's knot) gives a NaN log-det for its sample on every backend: a NaN conditioner output never
+    becomes a finite log-likelihood (its gradients were NaN, so one optimizer step wrote NaN into every weight)."""
+    backend, device = target
+    bins = 4
+    x = torch.tensor([[5.0, -2.5, 0.0], [0.1, 0.2, 0.3]], device=device)  # x[0, 0] outside the bound, x[0, 1] in bin 0
+    raw = torch.zeros(2, 3, 3 * bins - 1, device=device)
+    element, index = ((0, 0), 0) if where == "width" else ((0, 1), 3 * bins - 2)  # the last interior knot
+    raw[0, element[1], index] = float("nan")
+    for name in (backend, "eager"):
+        with fastflow.backend(name):
+            for fn in (S.rq_spline, S.rq_spline_inverse):
+                _, logdet = fn(x, raw, bins)
+                assert bool(logdet[0].isnan()) and bool(logdet[1].isfinite()), (name, fn.__name__)
+
+
 # ------------------------------------------------------------------------------------------- extremes
 
 
