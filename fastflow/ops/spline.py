@@ -356,7 +356,7 @@ def rq_spline(
     same float dtype and device, any strides. ``y`` has ``x``'s shape and dtype (contiguous on the Triton
     backends), ``logdet`` is ``(B,)`` float32 (float64 for float64). Identity with log-det 0 outside
     ``[-bound, bound]``. ``min_width * bins`` and ``min_height * bins`` must be ``<= 1``. Differentiable in
-    ``x`` and ``raw``.
+    ``x`` and ``raw``. float16 / bfloat16 inputs are computed in float32 on every backend, rounded once.
     """
     spline = _checked(bins, bound, min_width, min_height, min_derivative)
     _check_args("x", x, raw, spline)
@@ -364,7 +364,13 @@ def rq_spline(
         return _ops().fwd(x, raw, *spline[1:])
     if torch.compiler.is_compiling() and x.dtype in (torch.float32, torch.float64):
         return rq_spline_closed_form(x, raw, spline)
-    return _ref(x, raw, spline, False, False)
+    return _ref(x, raw, spline, False, _half(x))
+
+
+def _half(t: torch.Tensor) -> bool:
+    """Whether the eager fallback computes ``t`` in float32 (upcast): float16 and bfloat16, as the kernels do in
+    their registers (the knots are cumulative sums, and a half-precision spline is not even monotone)."""
+    return t.dtype in (torch.float16, torch.bfloat16)
 
 
 def rq_spline_inverse(
@@ -381,7 +387,7 @@ def rq_spline_inverse(
     _check_args("y", y, raw, spline)
     if _use_kernel(y):
         return _ops().inv(y, raw, *spline[1:])
-    return _ref(y, raw, spline, True, False)
+    return _ref(y, raw, spline, True, _half(y))
 
 
 def rq_spline_backward_from_output(
@@ -405,6 +411,6 @@ def rq_spline_backward_from_output(
     _check_args("y", y, raw, spline)
     _check_upstream(grad_y, grad_logdet, y)
     if not _use_kernel(y):
-        return rq_spline_backward_from_output_ref(y, raw, grad_y, grad_logdet, *spline)
+        return rq_spline_backward_from_output_ref(y, raw, grad_y, grad_logdet, *spline, upcast=_half(y))
     grad_x, grad_raw, x = _ops().bwd(y, raw, grad_y, grad_logdet, *spline[1:], "rebuild")
     return x, grad_x, grad_raw

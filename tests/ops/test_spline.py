@@ -181,8 +181,9 @@ def test_forward_and_inverse_match_eager(target, case: str, bins: int, dtype: to
         y, logdet = forward(x, raw, bins)
         x_back, neg_logdet = inverse(y, raw, bins)
     with fastflow.backend("eager"):
-        y_ref, logdet_ref = forward(x, raw, bins)
-        x_ref, neg_logdet_ref = inverse(y, raw, bins)
+        # the eager twin in the inputs' precision (the public eager path computes half inputs in float32)
+        y_ref, logdet_ref = S.rq_spline_ref(x, raw, bins, BOUND)
+        x_ref, neg_logdet_ref = S.rq_spline_inverse_ref(y, raw, bins, BOUND)
         y_exact, logdet_exact = forward(*_double(x, raw), bins)
         x_exact, neg_logdet_exact = inverse(*_double(y, raw), bins)
     assert y.shape == x.shape and y.dtype == dtype and y.is_contiguous()
@@ -636,3 +637,24 @@ def test_bad_inputs_raise_on_kernel_backend(target) -> None:
     backend, device = target
     with fastflow.backend(backend):
         _assert_bad_inputs_raise(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_the_eager_backend_computes_in_float32(dtype: torch.dtype) -> None:
+    """float16 / bfloat16 inputs on the eager backend are computed in float32, as the kernels do in their registers:
+    the outputs are the float32 ones rounded once, monotone, and the log-det is float32's. Computed in half, the
+    knot sums and the rational function erred by 10-14 ulps, the float16 map was not monotone and the log-det of
+    4,000 points was off by 6 to 30."""
+    torch.manual_seed(0)
+    x = torch.linspace(-3.2, 3.2, 4000)[None].to(dtype)
+    raw = torch.randn(1, 1, 23).expand(1, 4000, 23).to(dtype)
+    with fastflow.backend("eager"):
+        y, logdet = S.rq_spline(x, raw, 8)
+        x_back, _ = S.rq_spline_inverse(y, raw, 8)
+    y32, logdet32 = S.rq_spline(x.float(), raw.float(), 8)
+    torch.testing.assert_close(y, y32.to(dtype), atol=0, rtol=0)
+    torch.testing.assert_close(logdet, logdet32)
+    assert bool((y.float().diff() >= 0).all())
+    with fastflow.backend("eager"):
+        x_back32, _ = S.rq_spline_inverse(y.float(), raw.float(), 8)
+    torch.testing.assert_close(x_back, x_back32.to(dtype), atol=0, rtol=0)
