@@ -13,6 +13,7 @@ from fastflow.nn.permutation import Permutation
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.spline_coupling import SplineCoupling
 from fastflow.ops._checks import int_at_least
+from fastflow.ops.spline import check_layer_bins
 
 __all__ = ["NSF"]
 
@@ -50,7 +51,7 @@ class NSF(FlowModel):
         int_at_least("features", features, 2)
         int_at_least("context", context, 0)
         int_at_least("transforms", transforms, 1)
-        int_at_least("bins", bins, 1)
+        check_layer_bins(bins)
         int_at_least("hidden", hidden, 1)
         if isinstance(bound, bool) or not isinstance(bound, (int, float)):
             raise TypeError(f"bound must be a float, got {type(bound).__name__} {bound!r}")

@@ -13,7 +13,7 @@ from fastflow.nn.base import FlowLayer, check_features, check_network_dtype
 from fastflow.nn.context import shape_context
 from fastflow.nn.spline_coupling import start_at_identity
 from fastflow.ops._checks import int_at_least
-from fastflow.ops.spline import rq_spline, rq_spline_inverse
+from fastflow.ops.spline import check_layer_bins, rq_spline, rq_spline_inverse
 
 __all__ = ["MADE", "MaskedAutoregressiveSpline", "MaskedLinear"]
 
@@ -88,10 +88,10 @@ class MaskedAutoregressiveSpline(FlowLayer):
         for name, value, low in (
             ("features", features, 1),
             ("hidden", hidden, 1),
-            ("bins", bins, 1),
             ("depth", depth, 1),
         ):
             int_at_least(name, value, low)
+        check_layer_bins(bins)
         if isinstance(bound, bool) or not isinstance(bound, (int, float)):
             raise TypeError(f"bound must be a float, got {type(bound).__name__}")
         if not (math.isfinite(bound) and bound > 0):

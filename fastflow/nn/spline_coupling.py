@@ -10,7 +10,7 @@ from torch import nn
 
 from fastflow.nn.coupling import MaskKind, _Coupling
 from fastflow.nn.coupling_network import Subnet
-from fastflow.ops.spline import rq_spline, rq_spline_backward_from_output, rq_spline_inverse
+from fastflow.ops.spline import check_layer_bins, rq_spline, rq_spline_backward_from_output, rq_spline_inverse
 
 __all__ = ["SplineCoupling", "identity_derivative_raw", "start_at_identity"]
 
@@ -86,10 +86,7 @@ class SplineCoupling(_Coupling):
         context_features: int = 0,
         vectors: bool = False,
     ) -> None:
-        if isinstance(bins, bool) or not isinstance(bins, int):
-            raise TypeError(f"bins must be an int, got {type(bins).__name__}")
-        if bins < 1:
-            raise ValueError(f"bins must be >= 1, got {bins}")
+        check_layer_bins(bins)
         if isinstance(bound, bool) or not isinstance(bound, (int, float)):
             raise TypeError(f"bound must be a float, got {type(bound).__name__}")
         if not (math.isfinite(bound) and bound > 0):

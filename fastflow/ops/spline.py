@@ -55,11 +55,13 @@ import torch
 
 from fastflow.backend import resolve_backend
 from fastflow.ops import spline_eager as eager
-from fastflow.ops._checks import check_float_tensor, check_same_shape, logdet_dtype
+from fastflow.ops._checks import check_float_tensor, check_same_shape, int_at_least, logdet_dtype
 from fastflow.ops._registration import TRACEABLE, direct_autograd, kernel_function, registration, use_library_op
 from fastflow.ops.spline_compiled import rq_spline_closed_form
 
 __all__ = [
+    "MAX_LAYER_BINS",
+    "check_layer_bins",
     "rq_spline",
     "rq_spline_inverse",
     "rq_spline_ref",
@@ -290,6 +292,21 @@ _DIRECT = _direct_ops()
 def _ops() -> _SplineOps:
     """The ``torch.library`` ops while tracing or under a dispatch mode, else their direct twins."""
     return _LIBRARY if use_library_op() else _DIRECT
+
+
+MAX_LAYER_BINS = 1000
+"""The most bins a spline layer takes: layers keep the op's default minimum bin width and height, ``1e-3`` of
+``[-bound, bound]``, and ``bins`` of them must fit."""
+
+
+def check_layer_bins(bins: object) -> int:
+    """``bins`` of a spline layer, or a TypeError / ValueError naming it: an int in ``[1, MAX_LAYER_BINS]``."""
+    int_at_least("bins", bins, 1)
+    if bins > MAX_LAYER_BINS:  # type: ignore[operator]
+        raise ValueError(
+            f"bins must be <= {MAX_LAYER_BINS} (each bin is at least 1e-3 of [-bound, bound] wide and high), got {bins}"
+        )
+    return bins  # type: ignore[return-value]
 
 
 def _checked(

@@ -250,6 +250,8 @@ def test_reversible_vector_stack_on_the_kernels_equals_standard_eager():
     [
         (lambda: SplineCoupling(4, bins=0, vectors=True), ValueError, "bins must be >= 1"),
         (lambda: SplineCoupling(4, bins=2.0, vectors=True), TypeError, "bins must be an int"),
+        (lambda: SplineCoupling(4, bins=1001, vectors=True), ValueError, "bins must be <= 1000"),  # at construction
+        (lambda: MaskedAutoregressiveSpline(3, bins=1001), ValueError, "bins must be <= 1000"),
         (lambda: SplineCoupling(4, bound=-1.0, vectors=True), ValueError, "bound must be finite and > 0"),
         (lambda: SplineCoupling(4, bound="3", vectors=True), TypeError, "bound must be a float"),
         (lambda: SplineCoupling(1, vectors=True), ValueError, "num_channels >= 2"),
