@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastflow.ops._checks import int_at_least
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "image_size",
@@ -107,7 +109,7 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = image.size
             orientation = image.getexif().get(0x0112, 1)  # 5 to 8 turn the image by 90 degrees
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read image {os.fspath(path)!r}: {err}") from err
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
@@ -117,13 +119,14 @@ def load_image(path: str | os.PathLike[str], resolution: int, channels: int | No
     ``ValueError`` naming the file if it cannot be read, is too small, or has not ``channels`` channels."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    int_at_least("resolution", resolution, 1)
     name = os.fspath(path)
     try:
         with Image.open(path) as image:
             image.load()
             grey = image.mode in GREY_MODES
             image = _to_8_bit(ImageOps.exif_transpose(image), grey)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read image {name!r}: {err}") from err
     found = 1 if grey else 3
     if channels is not None and found != channels:
@@ -149,6 +152,7 @@ def load_image_folder(folder: str | os.PathLike[str], resolution: int, channels:
 def _load_images(files: list[Path], resolution: int, channels: int | None) -> torch.Tensor:
     """``files`` stacked as uint8 ``(N, C, resolution, resolution)``, all with the first one's channels
     unless ``channels`` is given."""
+    int_at_least("resolution", resolution, 1)  # before any file is read
     images = []
     for path in files:
         images.append(load_image(path, resolution, channels))

@@ -55,6 +55,22 @@ def test_unreadable_image_names_the_file(tmp_path):
         load_image_folder(tmp_path, 8)
 
 
+def test_an_image_over_pil_s_pixel_limit_names_the_file(tmp_path, monkeypatch):
+    """PIL's decompression-bomb refusal is not an OSError: it came through as PIL's own error, naming no file."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the limit is PIL's, here lowered to a small image's
+    Image.new("L", (30, 30)).save(tmp_path / "huge.png")
+    for load in (lambda: load_image_folder(tmp_path, 8), lambda: image_size(tmp_path / "huge.png")):
+        with pytest.raises(ValueError, match="cannot read image .*huge.png"):
+            load()
+
+
+@pytest.mark.parametrize(("resolution", "error"), [(0, ValueError), (True, TypeError), (8.5, TypeError)])
+def test_a_bad_resolution_is_named(tmp_path, resolution, error):
+    Image.new("L", (16, 16)).save(tmp_path / "a.png")
+    with pytest.raises(error, match="resolution must be"):
+        load_image_folder(tmp_path, resolution)
+
+
 def test_image_smaller_than_the_resolution_names_the_file(tmp_path):
     _save(tmp_path / "big.png", np.zeros((16, 16)))
     _save(tmp_path / "small.png", np.zeros((16, 7)))
