@@ -14,41 +14,74 @@ import torch
 
 from fastflow.models import FlowModel
 from fastflow.models.base import check_levels
+from fastflow.ops._checks import int_at_least
 
 __all__ = ["attribute_direction", "decode_flat", "encode_flat", "interpolate", "manipulate"]
 
 
+def _check_quantized(model: FlowModel) -> None:
+    if model.n_bins is None:
+        raise ValueError(
+            f"the latent API edits images of quantized levels: {type(model).__name__} has no n_bins (vector data)"
+        )
+
+
+def _rows(context: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if context is None else context[start:stop]
+
+
+def _check_context_rows(name: str, context: object, rows: int) -> torch.Tensor | None:
+    """``context`` (None, or a tensor of one row per image: ``rows`` of them), or a clear error naming ``name``."""
+    if context is None:
+        return None
+    if not isinstance(context, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(context).__name__}")
+    if context.dim() == 0 or len(context) != rows:
+        raise ValueError(f"{name} must have one row per image ({rows}), got shape {tuple(context.shape)}")
+    return context
+
+
 @torch.no_grad()
 def encode_flat(
-    model: FlowModel, levels: torch.Tensor, batch: int = 256, name: str = "levels"
+    model: FlowModel,
+    levels: torch.Tensor,
+    batch: int = 256,
+    name: str = "levels",
+    context: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Size]]:
     """``(z (N, D), shapes)``: the latents of integer ``levels`` ``(N, C, H, W)`` (``N >= 1``, in ``[0, n_bins)``;
     ``name`` is what errors call them) concatenated per image, in the model's dtype, and the per-image shape of
-    each latent for :func:`decode_flat`. Runs the model in eval mode and leaves its mode as it was."""
+    each latent for :func:`decode_flat`. ``context``: one row per image for a conditional model (class labels
+    ``(N,)`` for a class-conditional one). Runs the model in eval mode and leaves its mode as it was."""
+    _check_quantized(model)
     check_levels(name, levels, model.image_shape, model.n_bins)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    int_at_least("batch", batch, 1)
+    context = _check_context_rows("context", context, len(levels))
     parameter = model.floating_parameter()
     flat, shapes = [], []
     with _eval_mode(model):
         for start in range(0, len(levels), batch):
             x = (levels[start : start + batch].to(parameter.dtype) + 0.5) / model.n_bins - 0.5
-            latents = model.encode(x.to(parameter.device))
+            latents = model.encode(x.to(parameter.device), _rows(context, start, start + batch))
             shapes = [z.shape[1:] for z in latents]
             flat.append(torch.cat([z.flatten(1) for z in latents], dim=1))
     return torch.cat(flat), shapes
 
 
 @torch.no_grad()
-def decode_flat(model: FlowModel, z: torch.Tensor, shapes: Sequence[torch.Size]) -> torch.Tensor:
+def decode_flat(
+    model: FlowModel, z: torch.Tensor, shapes: Sequence[torch.Size], context: torch.Tensor | None = None
+) -> torch.Tensor:
     """Images ``(N, C, H, W)`` in about ``[-0.5, 0.5]`` from flat latents ``z`` ``(N, D)`` (see
-    :func:`encode_flat`), decoded in eval mode (the model's mode is left as it was)."""
+    :func:`encode_flat`; ``context`` one row per image), decoded in eval mode (the model's mode is left as it
+    was)."""
     sizes = [s.numel() for s in shapes]
-    if z.dim() != 2 or z.shape[1] != sum(sizes):
-        raise ValueError(f"z must have shape (N, {sum(sizes)}), got {tuple(z.shape)}")
+    if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != sum(sizes):
+        raise ValueError(f"z must have shape (N, {sum(sizes)}), got {tuple(getattr(z, 'shape', ()))}")
+    context = _check_context_rows("context", context, len(z))
     parts = z.split(sizes, dim=1)
     with _eval_mode(model):
-        return model.decode([p.reshape(len(z), *s) for p, s in zip(parts, shapes)])
+        return model.decode([p.reshape(len(z), *s) for p, s in zip(parts, shapes)], context)
 
 
 @contextlib.contextmanager
@@ -61,38 +94,68 @@ def _eval_mode(model: FlowModel) -> Iterator[None]:
         model.train(was_training)
 
 
-def interpolate(model: FlowModel, a: torch.Tensor, b: torch.Tensor, steps: int = 8) -> torch.Tensor:
+def _repeated(context: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    return None if context is None else context.expand(rows, *context.shape[1:])
+
+
+def _one_image(name: str, model: FlowModel, image: object) -> torch.Tensor:
+    image = check_levels(name, image, model.image_shape, model.n_bins)
+    if len(image) != 1:
+        raise ValueError(f"{name} must hold one image, got {len(image)}")
+    return image
+
+
+def interpolate(
+    model: FlowModel, a: torch.Tensor, b: torch.Tensor, steps: int = 8, context: torch.Tensor | None = None
+) -> torch.Tensor:
     """``steps`` images ``(steps, C, H, W)`` decoded from ``(1 - t) z_a + t z_b`` for ``t`` evenly spaced in
     ``[0, 1]``, where ``z_a``, ``z_b`` are the flat latents of the single images ``a``, ``b`` (``(1, C, H, W)``
-    integer levels): the first and last images are the reconstructions of ``a`` and ``b``."""
-    if steps < 2:
-        raise ValueError(f"steps must be >= 2, got {steps}")
-    for name, image in (("a", a), ("b", b)):
-        if len(check_levels(name, image, model.image_shape, model.n_bins)) != 1:
-            raise ValueError(f"{name} must hold one image, got {len(image)}")
-    z, shapes = encode_flat(model, torch.cat([a, b]))
-    t = torch.linspace(0.0, 1.0, steps, device=z.device)[:, None]
-    return decode_flat(model, (1 - t) * z[0] + t * z[1], shapes)
+    integer levels): the first and last images are the reconstructions of ``a`` and ``b``. A conditional model
+    interpolates at one ``context`` (one row: a class label ``(1,)`` for a class-conditional model), which
+    encodes both images and decodes every step."""
+    _check_quantized(model)
+    int_at_least("steps", steps, 2)
+    images = torch.cat([_one_image("a", model, a), _one_image("b", model, b)])
+    context = _check_context_rows("context", context, 1)
+    z, shapes = encode_flat(model, images, context=_repeated(context, 2))
+    t = torch.linspace(0.0, 1.0, steps, device=z.device, dtype=z.dtype)[:, None]
+    return decode_flat(model, (1 - t) * z[0] + t * z[1], shapes, _repeated(context, steps))
 
 
-def attribute_direction(model: FlowModel, with_attribute: torch.Tensor, without: torch.Tensor) -> torch.Tensor:
+def attribute_direction(
+    model: FlowModel,
+    with_attribute: torch.Tensor,
+    without: torch.Tensor,
+    context_with: torch.Tensor | None = None,
+    context_without: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Flat latent direction ``(D,)``: mean latent of the images ``with_attribute`` minus the mean latent of
-    the images ``without`` (integer levels ``(N, C, H, W)`` each)."""
-    z_with = encode_flat(model, with_attribute, name="with_attribute")[0]
-    return z_with.mean(0) - encode_flat(model, without, name="without")[0].mean(0)
+    the images ``without`` (integer levels ``(N, C, H, W)`` each; a conditional model's contexts one row per
+    image of each)."""
+    z_with = encode_flat(model, with_attribute, name="with_attribute", context=context_with)[0]
+    return z_with.mean(0) - encode_flat(model, without, name="without", context=context_without)[0].mean(0)
 
 
 def manipulate(
-    model: FlowModel, image: torch.Tensor, direction: torch.Tensor, strengths: Sequence[float]
+    model: FlowModel,
+    image: torch.Tensor,
+    direction: torch.Tensor,
+    strengths: Sequence[float],
+    context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Images ``(len(strengths), C, H, W)`` decoded from ``z + s * direction`` for each strength ``s``, where
-    ``z`` is the flat latent of the single image ``image`` (``(1, C, H, W)`` integer levels)."""
-    if len(image) != 1:
-        raise ValueError(f"image must hold one image, got {len(image)}")
-    z, shapes = encode_flat(model, image, name="image")
+    ``z`` is the flat latent of the single image ``image`` (``(1, C, H, W)`` integer levels); a conditional
+    model's ``context`` (one row) encodes the image and decodes every result."""
+    _check_quantized(model)
+    image = _one_image("image", model, image)
+    context = _check_context_rows("context", context, 1)
+    z, shapes = encode_flat(model, image, name="image", context=context)
+    if not isinstance(direction, torch.Tensor) or not direction.is_floating_point():
+        found = getattr(direction, "dtype", type(direction).__name__)
+        raise TypeError(f"direction must be a floating-point torch.Tensor, got {found}")
     if direction.shape != (z.shape[1],):
         raise ValueError(f"direction must have shape ({z.shape[1]},), got {tuple(direction.shape)}")
     s = torch.as_tensor(strengths, dtype=z.dtype).to(z.device).reshape(-1, 1)  # a list or a tensor of strengths
     if len(s) == 0:
         raise ValueError("strengths must not be empty")
-    return decode_flat(model, z + s * direction.to(z.device), shapes)
+    return decode_flat(model, z + s * direction.to(z.device, z.dtype), shapes, _repeated(context, len(s)))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastflow.latent import attribute_direction, decode_flat, encode_flat, interpolate, manipulate
-from fastflow.models import Glow
+from fastflow.models import Glow, TabularFlow
 from tests.helpers import perturb_parameters
 
 N_BINS = 16
@@ -81,6 +81,38 @@ def test_bad_arguments_are_refused(model):
         attribute_direction(model, _levels(0, 0), _levels(2, 1))
     with pytest.raises(ValueError, match="strengths must not be empty"):
         manipulate(model, _levels(1, 0), torch.zeros(48), [])
+    with pytest.raises(TypeError, match="steps must be an int"):
+        interpolate(model, _levels(1, 0), _levels(1, 1), steps=3.0)
+    with pytest.raises(TypeError, match="direction must be a floating-point torch.Tensor, got list"):
+        manipulate(model, _levels(1, 0), [0.0] * 48, [1.0])
+    with pytest.raises(ValueError, match=r"image must have shape \(N, 3, 4, 4\)"):
+        manipulate(model, torch.tensor(3), torch.zeros(48), [1.0])  # 0-d: was len() of a 0-d tensor
+    with pytest.raises(ValueError, match="context was given but Glow is unconditional"):
+        interpolate(model, _levels(1, 0), _levels(1, 1), context=torch.tensor([1]))
+    with pytest.raises(ValueError, match="has no n_bins"):
+        encode_flat(TabularFlow(4), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_a_class_conditional_model_interpolates_and_edits_at_one_label():
+    torch.manual_seed(0)
+    model = Glow(3, 4, levels=2, steps=2, hidden=8, n_bins=N_BINS, num_classes=3).train()
+    model.log_prob(torch.rand(8, 3, 4, 4) - 0.5, torch.arange(8) % 3)  # ActNorm initialisation
+    perturb_parameters(model)
+    model.eval()
+    a, b, label = _levels(1, 1), _levels(1, 2), torch.tensor([2])
+    with pytest.raises(ValueError, match="context"):
+        interpolate(model, a, b)  # a class-conditional model needs its label
+    strip = interpolate(model, a, b, steps=3, context=label)
+    torch.testing.assert_close(strip[0], _pixels(a)[0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(strip[-1], _pixels(b)[0], rtol=0, atol=1e-4)
+    z, shapes = encode_flat(model, torch.cat([a, b]), context=label.expand(2))
+    middle = decode_flat(model, z.mean(0, keepdim=True), shapes, label)
+    torch.testing.assert_close(strip[1:2], middle, rtol=0, atol=1e-5)
+    direction = attribute_direction(model, _levels(2, 3), _levels(2, 4), torch.tensor([0, 1]), torch.tensor([2, 2]))
+    edited = manipulate(model, a, direction, [0.0, 1.0], context=label)
+    torch.testing.assert_close(edited[0], _pixels(a)[0], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match=r"context must have one row per image \(1\)"):
+        manipulate(model, a, direction, [1.0], context=torch.tensor([0, 1]))
 
 
 def test_strengths_may_be_a_tensor_and_the_model_keeps_its_mode_and_dtype(model):
