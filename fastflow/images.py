@@ -8,6 +8,8 @@ import tempfile
 
 import torch
 
+from fastflow.ops._checks import int_at_least
+
 __all__ = ["IMAGE_FORMATS", "check_writable_folder", "save_grid"]
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # file extension -> PIL format
@@ -34,8 +36,17 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int | No
     image_format = IMAGE_FORMATS.get(os.path.splitext(os.fspath(path))[1].lower())
     if image_format is None:
         raise ValueError(f"cannot write {os.fspath(path)!r}: the file name must end in one of {sorted(IMAGE_FORMATS)}")
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        raise TypeError(
+            f"images must be a floating-point tensor in [-0.5, 0.5], got {getattr(images, 'dtype', images)}"
+        )
+    if images.dim() != 4 or images.shape[1] not in (1, 3) or len(images) == 0:
+        raise ValueError(f"images must have shape (N, 1 or 3, H, W) with N >= 1, got {tuple(images.shape)}")
+    if not bool(torch.isfinite(images).all()):  # NaN would be written black and Inf white
+        raise ValueError("images hold NaN/Inf values: nothing to draw for them")
+    if nrow is not None:
+        int_at_least("nrow", nrow, 1)
+    int_at_least("scale", scale, 1)
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     ncol = math.ceil(n / nrow)

@@ -233,6 +233,25 @@ def test_samples_that_come_out_nan_exit_1_and_write_nothing(digits_run, tmp_path
     assert "nothing was written" in line and not out.exists()
 
 
+def test_samples_decoded_to_nan_get_the_count_and_the_temperature_hint(digits_run, tmp_path, capsys, monkeypatch):
+    """Through the real decode (non-finite latents from the prior): the model's own finite check used to raise
+    first, with a message about latents and contexts a CLI user never sets."""
+    from fastflow.models.priors import GaussianPrior
+
+    real = GaussianPrior.sample
+
+    def partly_inf(self, n, temperature, *args, **kwargs):
+        z = real(self, n, temperature, *args, **kwargs)
+        z[:3] = float("inf")
+        return z
+
+    monkeypatch.setattr(GaussianPrior, "sample", partly_inf)
+    out = tmp_path / "grid.png"
+    argv = ["sample", str(digits_run / "checkpoint.pt"), "--n", "8", "--temperature", "2", "--out", str(out)]
+    line = _one_line_error(capsys, argv, 1, ["of 8 samples", "NaN", "grid.png", "--temperature below 2"])
+    assert "nothing was written" in line and not out.exists()
+
+
 def test_a_checkpoint_with_a_nan_weight_is_refused(digits_run, tmp_path, capsys):
     import torch
 

@@ -343,6 +343,7 @@ class FlowModel(nn.Module):
         Differentiable (the split priors' draws are reparameterised). With ``check_finite``, a non-finite result
         (from non-finite latents or context) raises ``FloatingPointError`` (one host read; not where guards are
         deferred, whose step records a non-finite loss instead)."""
+        _check_temperature(temperature)
         if len(latents) != len(self.blocks):
             raise ValueError(f"latents must be a list of {len(self.blocks)} tensors, got {len(latents)}")
         x = latents[-1]

@@ -8,7 +8,7 @@ from torch import nn
 from fastflow.models.base import FlowModel
 from fastflow.models.glow import image_hw
 from fastflow.models.priors import LogisticPrior
-from fastflow.nn.base import FlowLayer
+from fastflow.nn.base import FlowLayer, check_features
 from fastflow.nn.coupling_network import mlp_network
 from fastflow.nn.sequential import FlowSequential
 from fastflow.ops._checks import int_at_least, logdet_dtype
@@ -53,16 +53,24 @@ class DiagonalScaling(FlowLayer):
         super().__init__()
         self.log_scale = nn.Parameter(torch.zeros(1, *shape))
 
-    def _logdet(self, x: torch.Tensor) -> torch.Tensor:
+    def _logdet(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``sum(s)`` per sample, after checking that ``x`` is a ``(B, *shape)`` floating tensor (the scaling would
+        broadcast any other shape, and its log-det would not be the map's)."""
+        x = check_features(name, x)  # a floating tensor, (B, D) or (B, C, H, W)
+        if x.shape[1:] != self.log_scale.shape[1:]:
+            shape = ", ".join(map(str, self.log_scale.shape[1:]))
+            raise ValueError(f"{name} must have shape (B, {shape}), got {tuple(x.shape)}")
         return self.log_scale.to(logdet_dtype(x.dtype)).sum().expand(x.shape[0])
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x * exp(s), sum(s))``; ``context`` is ignored."""
-        return x * torch.exp(self.log_scale).to(x.dtype), self._logdet(x)
+        logdet = self._logdet("x", x)
+        return x * torch.exp(self.log_scale).to(x.dtype), logdet
 
     def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(y * exp(-s), -sum(s))``."""
-        return y * torch.exp(-self.log_scale).to(y.dtype), -self._logdet(y)
+        logdet = self._logdet("y", y)
+        return y * torch.exp(-self.log_scale).to(y.dtype), -logdet
 
 
 class NICE(FlowModel):

@@ -133,6 +133,7 @@ def test_deferred_finite_check_records_and_check_guards_names_the_layer():
         (lambda m: m.sample(2, temperature=float("nan")), ValueError, "temperature must be finite"),
         (lambda m: m.sample(2, temperature=float("inf")), ValueError, "temperature must be finite"),
         (lambda m: m.sample(2, temperature="hot"), TypeError, "temperature must be a real number"),
+        (lambda m: m.decode([None, torch.zeros(2, 16, 1, 1)], temperature=-1.0), ValueError, "temperature must be"),
         (lambda m: m.log_prob(torch.rand(2, 2, 4, 4, dtype=torch.float64) - 0.5), TypeError, "x is torch.float64 but"),
         (lambda m: m.log_prob(torch.rand(2, 2, 4, 4, dtype=torch.bfloat16) - 0.5), TypeError, "model is torch.float32"),
         (lambda m: m.log_prob(torch.rand(0, 2, 4, 4) - 0.5), ValueError, "empty batch"),
@@ -310,3 +311,13 @@ def test_nonfinite_context_or_latents_do_not_pass_silently_through_sampling():
         model.decode([torch.full((2, 4), float("inf"))], torch.randn(2, 2))
     model.check_finite = False
     assert bool(torch.isnan(model.sample(3, context)).any())
+
+
+def test_nice_diagonal_scaling_refuses_a_shape_it_would_broadcast():
+    from fastflow.models.nice import DiagonalScaling
+
+    scaling = DiagonalScaling((3, 2, 2))
+    for x in (torch.randn(2, 1, 2, 2), torch.randn(2, 5, 2, 2)):  # both broadcast to a (2, 3 or 5, 2, 2) output
+        for fn, name in ((scaling, "x"), (scaling.inverse, "y")):
+            with pytest.raises(ValueError, match=rf"{name} must have shape \(B, 3, 2, 2\)"):
+                fn(x)

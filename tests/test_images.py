@@ -1,0 +1,34 @@
+"""The image grid writer (fastflow/images.py): what it refuses instead of drawing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from fastflow.images import save_grid
+
+
+def test_a_grid_is_written_with_the_images_in_rows(tmp_path):
+    images = torch.linspace(-0.5, 0.5, 6).view(6, 1, 1, 1).expand(6, 1, 2, 2)
+    save_grid(images, tmp_path / "grid.png", nrow=3)
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (3 * 3 + 1, 2 * 3 + 1)  # 3 columns and 2 rows of 2x2 images, 1-pixel borders
+    assert grid.getpixel((1, 1)) == 0 and grid.getpixel((7, 4)) == 255
+
+
+@pytest.mark.parametrize(
+    ("images", "kwargs", "error", "match"),
+    [
+        (torch.full((2, 1, 2, 2), float("nan")), {}, ValueError, "NaN/Inf"),  # was drawn black
+        (torch.full((2, 1, 2, 2), float("inf")), {}, ValueError, "NaN/Inf"),  # was drawn white
+        (torch.full((2, 1, 2, 2), 100, dtype=torch.uint8), {}, TypeError, "floating-point"),  # was drawn white
+        (torch.zeros(0, 1, 2, 2), {}, ValueError, "N >= 1"),  # was a ZeroDivisionError
+        (torch.zeros(2, 1, 2, 2), {"nrow": -1}, ValueError, "nrow must be >= 1"),
+        (torch.zeros(2, 1, 2, 2), {"scale": 0}, ValueError, "scale must be >= 1"),
+    ],
+)
+def test_what_cannot_be_drawn_is_refused_and_nothing_is_written(tmp_path, images, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        save_grid(images, tmp_path / "grid.png", **kwargs)
+    assert not (tmp_path / "grid.png").exists()
