@@ -12,6 +12,7 @@ import torch
 
 from fastflow.image_folder import load_image
 from fastflow.models import dequantize
+from fastflow.ops._checks import int_at_least
 
 __all__ = [
     "DIGITS_N_BINS",
@@ -51,13 +52,17 @@ class TensorImages:
     labels: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.levels.is_floating_point() or self.levels.dim() != 4 or len(self.levels) == 0:
+        integer = not (self.levels.is_floating_point() or self.levels.is_complex() or self.levels.dtype == torch.bool)
+        if not integer or self.levels.dim() != 4 or len(self.levels) == 0:
             raise ValueError(
                 f"levels must be a non-empty integer tensor (N, C, H, W), got {self.levels.dtype} "
                 f"{tuple(self.levels.shape)}"
             )
-        if self.labels is not None and self.labels.shape != (len(self.levels),):
-            raise ValueError(f"labels must have shape ({len(self.levels)},), got {tuple(self.labels.shape)}")
+        if self.labels is not None:
+            if self.labels.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"labels must be integer class labels, got {self.labels.dtype}")
+            if self.labels.shape != (len(self.levels),):
+                raise ValueError(f"labels must have shape ({len(self.levels)},), got {tuple(self.labels.shape)}")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -104,7 +109,8 @@ def quantize(pixels: torch.Tensor, n_bins: int) -> torch.Tensor:
     ``n_bins = 2**n_bits`` this keeps the top ``n_bits`` bits."""
     if pixels.dtype != torch.uint8:
         raise TypeError(f"pixels must be uint8, got {pixels.dtype}")
-    if not 2 <= n_bins <= 256:
+    int_at_least("n_bins", n_bins, 2)  # an int: a float gave float levels
+    if n_bins > 256:
         raise ValueError(f"n_bins must be in [2, 256], got {n_bins}")
     return pixels.long() * n_bins // 256
 
@@ -150,8 +156,9 @@ def load_photo_crops(
     resolution: int, n_bins: int, heldout_crops: int = 64, seed: int = 0
 ) -> tuple[PhotoCrops, TensorImages]:
     """``(train, heldout)`` from the bundled photos quantized to ``n_bins`` levels: training crops come from
-    the left part of each photo, ``heldout_crops`` fixed crops per photo (``seed``) from the right-hand strip
-    (a sixth of the width, at least ``resolution``), so held-out pixels are never trained on."""
+    the left part of each photo, ``heldout_crops`` times the number of photos fixed crops (``seed``; each from a
+    photo drawn at random) from the right-hand strips (a sixth of the width, at least ``resolution``), so
+    held-out pixels are never trained on."""
     photos = [quantize(photo, n_bins) for photo in load_photos()]
     width = photos[0].shape[2]
     strip = max(resolution, round(width * PHOTO_HELDOUT_FRACTION))
@@ -208,11 +215,15 @@ def load_image_spec(spec: str, image_shape: tuple[int, int, int], n_bins: int) -
         if int(index) >= len(levels):
             raise ValueError(f"{spec}: there are {len(levels)} held-out {kind} (0 to {len(levels) - 1})")
         return levels[int(index)].unsqueeze(0)
+    if image_shape[1] != image_shape[2]:
+        raise ValueError(f"{spec}: an image file is cropped square, but the model's images are {image_shape[1:]}")
     return quantize(load_image(spec, image_shape[1], image_shape[0]), n_bins).unsqueeze(0)
 
 
 def digits_of_class(label: int) -> torch.Tensor:
     """The training digits of class ``label`` (0 to 9) as integer levels ``(N, 1, 8, 8)``."""
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise TypeError(f"digit label must be an int, got {type(label).__name__} {label!r}")
     if not 0 <= label <= 9:
         raise ValueError(f"digit label must be in [0, 9], got {label}")
     levels, labels, _, _ = load_digits()

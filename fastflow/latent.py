@@ -7,13 +7,12 @@ are encoded at the centres of their pixel bins, ``(k + 0.5) / n_bins - 0.5``, so
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from fastflow.models import FlowModel
-from fastflow.models.base import check_levels
+from fastflow.models.base import check_levels, eval_mode
 from fastflow.ops._checks import int_at_least
 
 __all__ = ["attribute_direction", "decode_flat", "encode_flat", "interpolate", "manipulate"]
@@ -59,7 +58,7 @@ def encode_flat(
     context = _check_context_rows("context", context, len(levels))
     parameter = model.floating_parameter()
     flat, shapes = [], []
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, len(levels), batch):
             x = (levels[start : start + batch].to(parameter.dtype) + 0.5) / model.n_bins - 0.5
             latents = model.encode(x.to(parameter.device), _rows(context, start, start + batch))
@@ -80,18 +79,8 @@ def decode_flat(
         raise ValueError(f"z must have shape (N, {sum(sizes)}), got {tuple(getattr(z, 'shape', ()))}")
     context = _check_context_rows("context", context, len(z))
     parts = z.split(sizes, dim=1)
-    with _eval_mode(model):
+    with eval_mode(model):
         return model.decode([p.reshape(len(z), *s) for p, s in zip(parts, shapes)], context)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: FlowModel) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _repeated(context: torch.Tensor | None, rows: int) -> torch.Tensor | None:

@@ -9,6 +9,7 @@ from PIL import Image
 
 from fastflow.data import (
     DIGITS_N_BINS,
+    TensorImages,
     digits_of_class,
     load_digits,
     load_image_spec,
@@ -55,6 +56,8 @@ def test_image_specs_resolve_embedded_images_and_files(tmp_path):
         load_image_spec("digits:9999", (1, 8, 8), 17)
     with pytest.raises(ValueError, match="white.png.*3 channel"):
         load_image_spec(str(tmp_path / "white.png"), (1, 8, 8), 17)
+    with pytest.raises(ValueError, match=r"white.png: an image file is cropped square.*\(8, 16\)"):
+        load_image_spec(str(tmp_path / "white.png"), (3, 8, 16), 4)  # was an (8, 8) image for an 8x16 model
 
 
 def test_digits_of_a_class():
@@ -63,6 +66,17 @@ def test_digits_of_a_class():
     assert len(sevens) == int((labels == 7).sum()) > 0
     with pytest.raises(ValueError, match="digit label"):
         digits_of_class(10)
+    with pytest.raises(TypeError, match="digit label must be an int"):
+        digits_of_class(3.5)  # was an empty tensor
+
+
+def test_data_values_that_would_pass_as_something_else_are_refused():
+    with pytest.raises(TypeError, match="n_bins must be an int"):
+        quantize(torch.zeros(2, dtype=torch.uint8), 16.5)  # gave float levels
+    with pytest.raises(ValueError, match="levels must be a non-empty integer tensor"):
+        TensorImages(torch.zeros(2, 1, 2, 2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="labels must be integer class labels"):
+        TensorImages(torch.zeros(2, 1, 2, 2, dtype=torch.long), torch.tensor([0.0, 1.0]))
 
 
 def test_a_sixteen_bit_image_spec_keeps_its_grey_level(tmp_path):

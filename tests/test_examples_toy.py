@@ -69,3 +69,17 @@ def test_an_unwritable_out_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--out", str(blocker / "out")])
     assert exit_info.value.code == 2 and "is not a writable folder" in capsys.readouterr().err
+
+
+def test_the_plots_leave_the_model_in_its_mode_and_take_a_constant_coordinate(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastflow.examples.toy import plot_density, plot_samples
+    from fastflow.models import TabularFlow
+
+    model = TabularFlow(2, transforms=1, hidden=8).train()
+    data = torch.stack([torch.randn(64), torch.full((64,), 2.0)], dim=1)  # y is constant: a zero span
+    model.log_prob(data)  # ActNorm initialisation (warns on the constant feature)
+    plot_density(model, data, str(tmp_path / "density.png"), resolution=16)
+    plot_samples(model, data, str(tmp_path / "samples.png"), n=32)
+    assert model.training  # the plots used to leave it in eval mode
+    assert (tmp_path / "density.png").exists() and (tmp_path / "samples.png").exists()

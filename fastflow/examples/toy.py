@@ -15,6 +15,7 @@ import torch
 from fastflow.examples.toy_data import TOY_DATASETS, toy_dataset
 from fastflow.images import check_writable_folder
 from fastflow.models import TabularFlow
+from fastflow.models.base import eval_mode
 
 __all__ = ["ToyResult", "heldout_nll", "main", "plot_density", "plot_samples", "train_flow"]
 
@@ -35,11 +36,8 @@ class ToyResult:
 
 def heldout_nll(model: TabularFlow, x: torch.Tensor) -> float:
     """Mean negative log-likelihood ``-log p(x)`` in nats per point over ``x`` ``(N, D)``, in eval mode."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         nll = -model.log_prob(x).mean()
-    model.train(was_training)
     return float(nll)
 
 
@@ -77,7 +75,7 @@ def _pyplot() -> Any:
 def _extent(data: torch.Tensor, margin: float = 0.25) -> tuple[float, float, float, float]:
     """``(x_min, x_max, y_min, y_max)`` around ``data`` ``(N, 2)``, widened by ``margin`` of its span."""
     low, high = data.min(0).values, data.max(0).values
-    pad = margin * (high - low)
+    pad = margin * torch.where(high > low, high - low, torch.ones_like(high))  # a constant coordinate: span 1
     low, high = low - pad, high + pad
     return float(low[0]), float(high[0]), float(low[1]), float(high[1])
 
@@ -89,8 +87,7 @@ def plot_density(model: TabularFlow, data: torch.Tensor, path: str, resolution: 
     x0, x1, y0, y1 = _extent(data)
     xs, ys = torch.linspace(x0, x1, resolution), torch.linspace(y0, y1, resolution)
     grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         density = torch.cat([model.log_prob(chunk).exp() for chunk in grid.split(8192)])
     fig, ax = plt.subplots(figsize=(6, 6 * (y1 - y0) / (x1 - x0) + 0.5))
     ax.imshow(density.reshape(resolution, resolution).numpy(), extent=(x0, x1, y0, y1), origin="lower", cmap="viridis")
@@ -107,8 +104,7 @@ def plot_samples(model: TabularFlow, data: torch.Tensor, path: str, n: int = 200
     """Scatter of ``n`` model samples next to ``n`` points of ``data``, on the same axes limits; returns
     ``path``."""
     plt = _pyplot()
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         samples = model.sample(n)
     x0, x1, y0, y1 = _extent(data)
     fig, axes = plt.subplots(1, 2, figsize=(10, 5), sharex=True, sharey=True)

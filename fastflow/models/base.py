@@ -3,9 +3,11 @@ optionally conditioned on a context."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,7 +22,18 @@ from fastflow.nn.split import Split
 from fastflow.nn.tiling import DEFAULT_TILE_BUDGET_MB, Tiling
 from fastflow.ops._checks import int_at_least, logdet_dtype
 
-__all__ = ["FlowModel", "check_levels", "dequantize"]
+__all__ = ["FlowModel", "check_levels", "dequantize", "eval_mode"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the block with ``model`` in eval mode, then put back the mode it had (train or eval)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _check_integer_levels(name: str, levels: object, n_bins: int) -> torch.Tensor:

@@ -26,6 +26,8 @@ class NICECoupling(FlowLayer):
         if num_features % 2:
             raise ValueError(f"NICE needs an even number of dimensions C*H*W, got {num_features}")
         self.num_features = num_features
+        if parity not in (0, 1) or isinstance(parity, bool):
+            raise ValueError(f"parity must be 0 or 1, got {parity!r}")
         self.parity = parity
         self.mlp = mlp_network(num_features // 2, hidden, num_features // 2, depth)
 

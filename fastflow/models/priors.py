@@ -10,7 +10,7 @@ from torch import nn
 
 from fastflow.nn.distributions import gaussian_log_prob, gaussian_sample, standard_gaussian_log_prob
 from fastflow.nn.reversible import guards_deferred
-from fastflow.ops._checks import logdet_dtype
+from fastflow.ops._checks import int_at_least, logdet_dtype
 
 __all__ = ["GaussianPrior", "LogisticPrior", "TopPrior"]
 
@@ -30,6 +30,11 @@ class TopPrior(nn.Module):
 
     def log_prob(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def _check_latent(self, z: torch.Tensor) -> None:
+        """``ValueError`` unless ``z`` is a batch ``(B, *shape)`` (a density of another shape would broadcast)."""
+        if tuple(z.shape[1:]) != self.shape or z.dim() == 0:
+            raise ValueError(f"z must have shape (B, {', '.join(map(str, self.shape))}), got {tuple(z.shape)}")
 
     def check_labels(self, y: torch.Tensor | None) -> None:
         """``ValueError`` unless ``y`` suits the prior: ``None``, as it has no class conditioning."""
@@ -54,6 +59,7 @@ class GaussianPrior(TopPrior):
 
     def __init__(self, shape: tuple[int, ...], learned: bool = True, num_classes: int = 0) -> None:
         super().__init__(shape)
+        int_at_least("num_classes", num_classes, 0)
         c, rest = shape[0], tuple(shape[1:])
         self.num_classes = num_classes
         self.params = nn.Parameter(torch.zeros(1, 2 * c, *rest)) if learned else None
@@ -80,8 +86,8 @@ class GaussianPrior(TopPrior):
         if self.class_proj is not None and y is not None:
             if not guards_deferred(y):  # where guards defer, the labels' range was checked before (fastflow.train)
                 self.check_labels(y)
-            one_hot = F.one_hot(y.to(device).long(), self.num_classes).to(dtype)
-            shift = self.class_proj(one_hot).to(dtype)
+            one_hot = F.one_hot(y.to(device).long(), self.num_classes).to(self.class_proj.weight.dtype)
+            shift = self.class_proj(one_hot).to(dtype)  # in the prior's dtype, then the one asked for
             params = params + shift.reshape(n, 2 * c, *[1] * len(rest))
         mean, logs = params.chunk(2, dim=1)
         return mean, logs
@@ -117,9 +123,8 @@ class GaussianPrior(TopPrior):
 
     def log_prob(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample log-density, shape ``(B,)``."""
+        self._check_latent(z)
         if self.params is None and self.class_proj is None:  # the standard normal: no mean and scale to build
-            if tuple(z.shape[1:]) != self.shape:
-                raise ValueError(f"z must have shape (B, {', '.join(map(str, self.shape))}), got {tuple(z.shape)}")
             self._check_label_form(y, z.shape[0])
             return standard_gaussian_log_prob(z)
         mean, logs = self.mean_logs(z.shape[0], y, z.device, z.dtype)
@@ -146,6 +151,7 @@ class LogisticPrior(TopPrior):
 
     def log_prob(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample log-density, shape ``(B,)``."""
+        self._check_latent(z)
         self.check_labels(y)
         dtype = logdet_dtype(z.dtype)
         zf = z.to(dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -39,6 +40,8 @@ class ActNorm(FlowLayer):
     def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
         super().__init__()
         int_at_least("num_channels", num_channels, 1)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise ValueError(f"eps must be a finite float > 0, got {eps!r}")
         self.num_channels = num_channels
         self.eps = eps
         self.bias = nn.Parameter(torch.zeros(1, num_channels, 1, 1))

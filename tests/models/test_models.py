@@ -301,6 +301,32 @@ def test_standard_normal_prior_equals_the_gaussian_at_zero_mean_and_scale(dtype,
         GaussianPrior((3,), learned=False).log_prob(torch.randn(2, 4))
 
 
+def test_priors_refuse_what_they_would_broadcast_or_misread():
+    from fastflow.models.priors import LogisticPrior
+
+    with pytest.raises(ValueError, match=r"z must have shape \(B, 2, 2\)"):
+        LogisticPrior((2, 2)).log_prob(torch.randn(3, 5))  # was a log-density of the wrong shape's elements
+    with pytest.raises(ValueError, match=r"z must have shape \(B, 3, 2, 2\)"):
+        GaussianPrior((3, 2, 2)).log_prob(torch.randn(2, 3, 2, 1))  # a learned top prior
+    with pytest.raises(ValueError, match="num_classes must be >= 0"):
+        GaussianPrior((3,), num_classes=-1)  # was silently unconditional
+    with pytest.raises(TypeError, match="num_classes must be an int"):
+        GaussianPrior((3,), num_classes=2.5)
+    prior = GaussianPrior((3, 2, 2), num_classes=4)  # float32 parameters, a float64 draw asked for
+    assert prior.sample(2, 1.0, torch.tensor([0, 3]), dtype=torch.float64).dtype == torch.float64
+
+
+def test_layer_constants_are_checked_at_construction():
+    from fastflow.models.nice import NICECoupling
+    from fastflow.nn import ActNorm
+
+    for eps in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="eps must be a finite float > 0"):
+            ActNorm(3, eps=eps)  # a negative eps blamed NaN input on a constant batch
+    with pytest.raises(ValueError, match="parity must be 0 or 1"):
+        NICECoupling(4, 8, 2, parity=2)  # was an IndexError at the first forward
+
+
 def test_nonfinite_context_or_latents_do_not_pass_silently_through_sampling():
     model = TabularFlow(4, context=2, transforms=1, hidden=8)
     context = torch.randn(3, 2)
