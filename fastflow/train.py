@@ -158,11 +158,11 @@ def evaluate_bits_per_dim(
     model.eval()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    device = next(model.parameters()).device
+    parameter = model.floating_parameter()
     total = 0.0
     for start in range(0, len(levels), batch):
-        x = dequantize(levels[start : start + batch], model.n_bins).to(device)
-        y = None if labels is None else labels[start : start + batch].to(device)
+        x = dequantize(levels[start : start + batch], model.n_bins).to(parameter.device, parameter.dtype)
+        y = None if labels is None else labels[start : start + batch].to(parameter.device)
         total += float(model.bits_per_dim(x, y).sum())
     torch.random.set_rng_state(generator_state)
     model.train(was_training)
@@ -426,11 +426,13 @@ def train(
             raise ValueError("resume=True needs config.out, the folder holding the checkpoint")
         start, heldout_bpd = _restore(os.path.join(config.out, CHECKPOINT_NAME), model, optimizer, scaler, config)
 
+    dtype = model.floating_parameter().dtype
+
     def local_batch(step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, y = batch_at_step(source, step, config.batch, model.n_bins, config.seed)
         if y is not None and not isinstance(source, TensorImages):  # labels drawn on the host: no device read
             model.prior.check_labels(y)
-        x = shard(x, rank, world_size).to(device)
+        x = shard(x, rank, world_size).to(device, dtype)  # the model's dtype: float64 and half models train too
         return x, None if y is None else shard(y, rank, world_size).to(device)
 
     model.train()

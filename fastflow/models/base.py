@@ -191,7 +191,7 @@ class FlowModel(nn.Module):
         if x.shape[0] == 0:
             raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}): pass at least one sample")
         dtype = self.floating_parameter().dtype
-        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != dtype:  # under autocast too: autocast computes the networks in low precision, not the flow
             raise TypeError(f"x is {x.dtype} but the model is {dtype}: convert one, e.g. x.to({dtype})")
         # the first batch only (a check per step would sync with the device), and never where guards defer
         if self.n_bins is not None and not self._range_checked and not guards_deferred(x):

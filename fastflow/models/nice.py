@@ -36,7 +36,8 @@ class NICECoupling(FlowLayer):
         # through in one pass, writing the output in x's own element order (so the reshape back is a view)
         halves = x.reshape(x.shape[0], self.num_features // 2, 2).transpose(1, 2)
         op = additive_coupling_inverse if inverse else additive_coupling
-        out, logdet = op(halves, self.mlp(halves[:, self.parity])[:, None], b_start=1 - self.parity)
+        shift = self.mlp(halves[:, self.parity]).to(x.dtype)  # under autocast the MLP answers in its dtype
+        out, logdet = op(halves, shift[:, None], b_start=1 - self.parity)
         return out.transpose(1, 2).reshape(x.shape), logdet
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,10 +47,11 @@ def check_features(name: str, x: object, features: int | None = None) -> torch.T
 
 
 def check_network_dtype(name: str, x: torch.Tensor, net: nn.Module) -> None:
-    """``TypeError`` naming ``name`` unless ``x`` has the dtype of ``net``'s (a conditioner's) floating parameters,
-    or autocast is on for its device: a float16 batch into a float32 network fails deep in a matrix product
-    otherwise. Not checked while ``torch.compile`` traces."""
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+    """``TypeError`` naming ``name`` unless ``x`` has the dtype of ``net``'s (a conditioner's) floating parameters:
+    a float16 batch into a float32 network fails deep in a matrix product otherwise, or, under autocast, would run
+    the flow in float16 (autocast lowers the networks' precision, never the flow's). Not checked while
+    ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
         return
     reference = next((p for p in net.parameters() if p.is_floating_point()), None)
     if reference is not None and x.dtype != reference.dtype:

@@ -13,7 +13,7 @@ from fastflow.nn.base import FlowLayer, as_pixels, check_features
 from fastflow.nn.state_upgrade import pack_lu_factors
 from fastflow.ops._checks import int_at_least, logdet_dtype
 from fastflow.ops.channel_mix import channel_mix
-from fastflow.ops.invconv import dense_inverse_weight, lu_inverse_weight, lu_weight_and_logdet
+from fastflow.ops.invconv import dense_inverse_weight, dense_logdet, lu_inverse_weight, lu_weight_and_logdet
 
 __all__ = [
     "INVCONV_INITS",
@@ -97,11 +97,11 @@ class InvConv1x1(FlowLayer):
         """``(W, log|det W|)``: the ``(C, C)`` weight and its log-det (a scalar, per pixel)."""
         if self.lu:
             return lu_weight_and_logdet(self.perm, self.lu_packed, self.lu_packed, self.sign_s, self.log_s)
-        return self.weight, torch.linalg.slogdet(self.weight)[1]
+        return self.weight, dense_logdet(self.weight)
 
     def weight_logdet(self) -> torch.Tensor:
         """``log|det W|`` (a scalar): ``sum(log_s)`` in LU form, ``slogdet`` otherwise."""
-        return self.log_s.sum() if self.lu else torch.linalg.slogdet(self.weight)[1]
+        return self.log_s.sum() if self.lu else dense_logdet(self.weight)
 
     def inverse_weight(self) -> torch.Tensor:
         """``W^-1``: by triangular solves in LU form, ``torch.linalg.inv`` otherwise (both in float64)."""
@@ -167,5 +167,5 @@ def stacked_weights(convs: Sequence[InvConv1x1], inverse: bool = False) -> tuple
             return lu_inverse_weight(perm, packed, packed, sign_s, log_s), log_s.sum(-1)
         return lu_weight_and_logdet(perm, packed, packed, sign_s, log_s)
     weight = stack_tensors([conv.weight for conv in convs])
-    logdet = torch.linalg.slogdet(weight)[1]
+    logdet = dense_logdet(weight)
     return (dense_inverse_weight(weight) if inverse else weight), logdet

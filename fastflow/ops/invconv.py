@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dense_inverse_weight", "lu_weight_and_logdet", "lu_inverse_weight"]
+from fastflow.ops._checks import logdet_dtype
+
+__all__ = ["dense_inverse_weight", "dense_logdet", "lu_weight_and_logdet", "lu_inverse_weight"]
 
 
 def _algebra_dtype(device: torch.device) -> torch.dtype:
@@ -80,6 +82,12 @@ def lu_inverse_weight(
     lower_inv = torch.linalg.solve_triangular(strict_lower, eye, upper=False, unitriangular=True)
     inverse = torch.linalg.solve_triangular(upper_diag, lower_inv, upper=True)
     return torch.gather(inverse, -1, perm.unsqueeze(-2).expand_as(inverse)).to(lower.dtype)  # columns: @ P^T
+
+
+def dense_logdet(weight: torch.Tensor) -> torch.Tensor:
+    """``log|det W|`` ``(...)`` of plain (not LU) ``(..., C, C)`` weights, by ``slogdet`` in the algebra dtype (it has
+    no half-precision kernel), in float32 for half weights (float64 for float64)."""
+    return torch.linalg.slogdet(weight.to(_algebra_dtype(weight.device)))[1].to(logdet_dtype(weight.dtype))
 
 
 def dense_inverse_weight(weight: torch.Tensor) -> torch.Tensor:
