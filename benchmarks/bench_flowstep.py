@@ -1,7 +1,10 @@
 """One Glow FlowStep (ActNorm -> LU 1x1 conv -> affine coupling), forward and forward+backward:
-eager vs fused (Triton, CUDA only) vs torch.compile of the eager step (mode default). The case
-``flowstep_max_autotune`` adds ``torch.compile(mode="max-autotune")`` at the first size: minutes of autotuning
-on a GPU, so it is a case of its own, last in ``make gpu-check``."""
+eager vs fused (Triton, CUDA only) vs torch.compile of the eager step (mode default, static shapes: compiled
+afresh per size). The case ``flowstep_max_autotune`` adds ``torch.compile(mode="max-autotune-no-cudagraphs")`` at
+the first size (autotuning alone: CUDA graphs would also take the launches off the host, which no other variant
+gets): minutes of autotuning on a GPU, so it is a case of its own, last in ``make gpu-check``. Every variant's
+output, log-det and gradients (of the input and of every parameter) are checked against eager's before it is
+timed."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from typing import Any
 import torch
 
 import fastflow
-from benchmarks.common import SKIPPED, Budget, check_close, median_ms
+from benchmarks.common import SKIPPED, Budget, MismatchError, check_close, median_ms
 from fastflow.nn import FlowStep
 
 __all__ = ["run"]
@@ -30,22 +33,48 @@ def _fwd_bwd(step: FlowStep, x: torch.Tensor) -> None:
     (y.float().square().mean() - logdet.mean()).backward()
 
 
+def _results(module: torch.nn.Module, step: FlowStep, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of ``module``'s output and log-det on ``x``, and the gradients of :func:`_fwd_bwd`'s loss
+    w.r.t. ``x`` and each of ``step``'s parameters (the module's, compiled or not)."""
+    x.grad = None
+    step.zero_grad(set_to_none=True)
+    y, logdet = module(x)
+    (y.float().square().mean() - logdet.mean()).backward()
+    grads = [(f"grad {name}", p.grad) for name, p in step.named_parameters() if p.grad is not None]
+    return [("y", y.detach()), ("logdet", logdet.detach()), ("grad x", x.grad), *grads]
+
+
+def _check(name: str, results: list[tuple[str, torch.Tensor]], eager: list[tuple[str, torch.Tensor]]) -> None:
+    """Each result against eager's: the output at 1e-3, log-det and gradients relative to their largest magnitude
+    (1e-2 of it: TF32 coupling networks on a GPU round at 1e-3)."""
+    names, eager_names = [n for n, _ in results], [n for n, _ in eager]
+    if names != eager_names:
+        raise MismatchError(f"flowstep {name}: results {names}, eager's {eager_names}")
+    for (what, got), (_, want) in zip(results, eager):
+        atol = 1e-3 if what == "y" else 1e-2 * max(1.0, want.abs().max().item())
+        check_close(f"flowstep {name} {what}", got, want, atol=atol, rtol=1e-2 if what != "y" else 1e-3)
+
+
 def _time_variants(
     step: FlowStep, x: torch.Tensor, device: torch.device, max_autotune: bool
 ) -> dict[str, tuple[float, float]]:
-    """``{variant: (fwd_ms, fwd_bwd_ms)}`` after checking each variant's output against eager."""
+    """``{variant: (fwd_ms, fwd_bwd_ms)}`` after checking each variant's results against eager (:func:`_check`)."""
     with fastflow.backend("eager"):
-        eager_out = step(x)[0].detach()
+        eager = _results(step, step, x)
     variants: dict[str, tuple[torch.nn.Module, str]] = {"eager": (step, "eager")}
     if device.type == "cuda":
         variants["fused"] = (step, "triton")
-    variants["compile"] = (torch.compile(step), "eager")
+    torch._dynamo.reset()  # static shapes per size: no size marked dynamic by the previous one's compilation
+    variants["compile"] = (torch.compile(step, dynamic=False), "eager")
     if max_autotune:
-        variants["compile-max-autotune"] = (torch.compile(step, mode="max-autotune"), "eager")
+        variants["compile-max-autotune"] = (
+            torch.compile(step, mode="max-autotune-no-cudagraphs", dynamic=False),
+            "eager",
+        )
     timings = {}
     for name, (module, backend) in variants.items():
         with fastflow.backend(backend):
-            check_close(f"flowstep {name}", module(x)[0].detach(), eager_out, atol=1e-3, rtol=1e-3)
+            _check(name, _results(module, step, x), eager)
             timings[name] = (
                 median_ms(lambda m=module: m(x), device),
                 median_ms(lambda m=module: _fwd_bwd(m, x), device),

@@ -216,16 +216,20 @@ def test_train_modes_rows_compare_with_eager_and_compile(monkeypatch):
     from benchmarks import step_modes
 
     got = {
-        ("eager", 0): {"ms": 30.0, "loss_step1": 5.0},
-        ("cuda-graph", 0): {"ms": 10.0, "loss_step1": 5.01},
-        ("compile", 0): {"ms": 15.0, "loss_step1": 6.0},
-        ("eager", 1): {"ms": 90.0, "loss_step1": 4.0},
+        ("eager", 0): {"ms": 30.0, "loss_step1": 5.0, "loss_check": 4.0},
+        ("cuda-graph", 0): {"ms": 10.0, "loss_step1": 5.01, "loss_check": 4.01},
+        ("compile", 0): {"ms": 15.0, "loss_step1": 5.0, "loss_check": 4.0},
+        ("eager", 1): {"ms": 90.0, "loss_step1": 4.0, "loss_check": 3.0},
+        ("cuda-graph", 1): {"ms": 30.0, "loss_step1": 4.0, "loss_check": 3.5},  # a wrong replayed step
     }
     monkeypatch.setattr(step_modes, "_child_rows", lambda order, budget: (got, {"skipped": "time"}))
     rows = {(r["resolution"], r["mode"]): r for r in step_modes.gpu_mode_rows()}
     assert rows[32, "cuda-graph"]["speedup_vs_eager"] == 3.0 and rows[32, "cuda-graph"]["speedup_vs_compile"] == 1.5
-    assert rows[32, "cuda-graph"]["matches_eager"] and not rows[32, "compile"]["matches_eager"]
-    assert rows[256, "cuda-graph"] == {**step_modes.GPU_CONFIGS[1], "mode": "cuda-graph", "skipped": "time"}
+    assert rows[32, "cuda-graph"]["matches_eager"] and rows[32, "compile"]["matches_eager"]
+    wrong = rows[256, "cuda-graph"]  # its first loss matches: the check after the updates does not, so no time
+    assert not wrong["matches_eager"] and "ms" not in wrong and "speedup_vs_eager" not in wrong
+    assert wrong["error"].startswith("mismatch")
+    assert rows[256, "compile"] == {**step_modes.GPU_CONFIGS[1], "mode": "compile", "skipped": "time"}
 
 
 def test_train_modes_runs_one_resolution_in_a_call_of_its_own(monkeypatch):
