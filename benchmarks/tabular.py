@@ -32,7 +32,9 @@ steps. ``gap_vs_per_condition`` is ``(nll_conditional - nll_per_condition) / |nl
 
 Seed rows (``moons, seeds``): ``fastflow`` and ``zuko_realnvp`` on two moons trained from each of
 :data:`SPREAD_SEEDS` (model initialisation and batches): the mean held-out NLL and each seed's, the spread a
-one-seed difference should be read against.
+one-seed difference should be read against. A seed whose training the time box cut short is left out of the mean
+(``truncated_seeds`` counts them); with no complete seed the row says ``skipped``. Unconditional rows give the
+``steps`` each model trained.
 
 A model whose training stops on an error (a non-finite loss) gets its error in the row instead of numbers.
 """
@@ -266,25 +268,30 @@ def seed_spread_rows(quick: bool, budget: Budget | None = None) -> list[dict[str
     setting = SETTINGS["quick" if quick else "full"]
     train, validation, test = tabular_datasets(0)["moons"]
     nlls: dict[str, list[float]] = {"fastflow": [], "zuko_realnvp": []}
+    truncated = 0  # seeds whose training the budget cut short: left out of the mean
     for seed in SPREAD_SEEDS[:2] if quick else SPREAD_SEEDS:
         if budget.expired():
             break
-        trainees, _ = _trained(tuple(nlls), (train, validation), setting, seed, budget)
+        trainees, steps = _trained(tuple(nlls), (train, validation), setting, seed, budget)
+        if steps < setting["steps"]:
+            truncated += 1
+            continue
         for library, trainee in trainees.items():
             if trainee.error is None:
                 trainee.restore_best()
                 nlls[library].append(trainee.heldout_nll(test))
     base = {"dataset": "moons, seeds", "features": 2, "batch": setting["batch"], **MATCHED, "steps": setting["steps"]}
-    return [
-        {
-            **base,
-            "library": library,
-            "seeds": len(values),
-            "heldout_nll": statistics.fmean(values) if values else math.nan,
-            "heldout_nll_per_seed": " ".join(f"{v:.3f}" for v in values),
-        }
-        for library, values in nlls.items()
-    ]
+    rows = []
+    for library, values in nlls.items():
+        row = {**base, "library": library, "seeds": len(values)}
+        if values:
+            row.update(heldout_nll=statistics.fmean(values), heldout_nll_per_seed=" ".join(f"{v:.3f}" for v in values))
+        else:
+            row.update(SKIPPED)
+        if truncated:
+            row["truncated_seeds"] = truncated
+        rows.append(row)
+    return rows
 
 
 def unconditional_rows(quick: bool, budget: Budget | None = None, seed: int = 0) -> list[dict[str, Any]]:
@@ -344,7 +351,7 @@ def conditional_rows(quick: bool, budget: Budget | None = None, seed: int = 0) -
 
     per_condition: list[float] = []
     errors: list[str] = []
-    for theta in THETAS:
+    for theta in THETAS:  # not cut by the budget: the comparison needs every condition's full run
         torch.manual_seed(seed)
         single = {"fastflow": _fastflow(2, 0, steps)}
         _train_round_robin(single, train[theta], steps, batch, seed, Budget())

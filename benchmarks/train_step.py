@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from benchmarks.common import SKIPPED, Budget, largest_fitting_batch, median_ms, step_fits
+from benchmarks.common import SKIPPED, Budget, largest_fitting_batch, median_ms, out_of_memory, step_fits
 from fastflow.models import Glow
 from fastflow.nn import FlowSequential
 
@@ -151,11 +151,13 @@ def measure_isolated(cfg: dict[str, Any], device: torch.device, reps: int = 3) -
 
 
 def _relative_to_standard(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with ``memory_vs_standard`` / ``time_vs_standard`` where both they and the standard row have the
+    measurement (a row out of memory, ``error: oom``, has none)."""
     standard = next((r for r in rows if r["mode"] == "standard" and "ms" in r), None)
     for row in rows:
         if standard is None or "ms" not in row:
             continue
-        if "peak_mb" in standard:
+        if "peak_mb" in standard and "peak_mb" in row:
             row["memory_vs_standard"] = row["peak_mb"] / standard["peak_mb"]
         row["time_vs_standard"] = row["ms"] / standard["ms"]
     return rows
@@ -213,9 +215,11 @@ def resolution_sweep(
                         {**base, "resolution": resolution, "levels": levels, "mode": mode}, device, budget
                     )
                 )
-            except torch.cuda.OutOfMemoryError:
+            except RuntimeError as err:  # torch.cuda.OutOfMemoryError is one
+                if not out_of_memory(err):
+                    raise
                 torch.cuda.empty_cache()
-                group.append({**base, "resolution": resolution, "levels": levels, "mode": mode, "ms": float("nan")})
+                group.append({**base, "resolution": resolution, "levels": levels, "mode": mode, "error": "oom"})
         rows += _relative_to_standard(group)
     return rows
 

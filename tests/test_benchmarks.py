@@ -414,6 +414,9 @@ def test_tabular_case_rows_and_time_box(monkeypatch):
 
     skipped = tabular.unconditional_rows(quick=True, budget=_ExpiresAfter(1))
     assert [r.get("skipped") for r in skipped] == [None, None, "time", "time", "time", "time"]
+    # a seed cut short by the time box is not averaged in as if it had trained its steps
+    cut = tabular.seed_spread_rows(quick=True, budget=_ExpiresAfter(2))
+    assert [(r["seeds"], r["truncated_seeds"], r.get("skipped")) for r in cut] == [(0, 1, "time"), (0, 1, "time")]
 
 
 def test_spline_case_checks_and_times_every_provider():
@@ -565,3 +568,23 @@ def test_checkpoint_mode_gives_the_standard_loss_and_gradients():
         results.append([loss.detach(), *(p.grad.clone() for p in model.parameters())])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+def test_a_resolution_out_of_memory_is_marked_and_left_out_of_the_ratios():
+    """An out-of-memory row used to become the baseline (``ms`` NaN: every ratio NaN) or break the ratios."""
+    rows = train_step._relative_to_standard(
+        [
+            {"mode": "standard", "error": "oom"},
+            {"mode": "reversible", "ms": 20.0, "peak_mb": 100.0},
+        ]
+    )
+    assert "time_vs_standard" not in rows[1]
+    rows = train_step._relative_to_standard(
+        [
+            {"mode": "standard", "ms": 10.0, "peak_mb": 400.0},
+            {"mode": "checkpoint", "error": "oom"},
+            {"mode": "reversible", "ms": 15.0, "peak_mb": 100.0},
+        ]
+    )
+    assert "time_vs_standard" not in rows[1] and rows[2]["time_vs_standard"] == 1.5
+    assert rows[2]["memory_vs_standard"] == 0.25
