@@ -20,7 +20,7 @@ from fastflow.nn.reversible import drift_tripped, guards_deferred, read_drift_gu
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.split import Split
 from fastflow.nn.tiling import DEFAULT_TILE_BUDGET_MB, Tiling
-from fastflow.ops._checks import int_at_least, logdet_dtype
+from fastflow.ops._checks import check_bool, int_at_least, logdet_dtype
 
 __all__ = ["FlowModel", "check_levels", "dequantize", "eval_mode"]
 
@@ -112,9 +112,7 @@ class FlowModel(nn.Module):
             )
         if n_bins is not None:
             int_at_least("n_bins", n_bins, 2)
-        reversible = config.get("reversible", False)
-        if not isinstance(reversible, bool):
-            raise TypeError(f"reversible must be a bool, got {type(reversible).__name__} {reversible!r}")
+        reversible = check_bool("reversible", config.get("reversible", False))
         self.blocks = nn.ModuleList(blocks)
         self.splits = nn.ModuleList(splits)
         self.prior = prior
@@ -156,6 +154,7 @@ class FlowModel(nn.Module):
 
     @reversible.setter
     def reversible(self, value: bool) -> None:
+        check_bool("reversible", value)  # "no" would switch it on, and the config would not load back
         for block in self.blocks:
             block.reversible = value
         self.config["reversible"] = value
@@ -337,6 +336,11 @@ class FlowModel(nn.Module):
         """Per-sample continuous log-density ``log p(x | context)`` in nats, shape ``(B,)``, float32 (float64 for
         a float64 model)."""
         return self.encode_with_log_prob(x, context)[1]
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`log_prob`: ``model(x, context)``, so that ``torch.compile(model)`` (which compiles ``forward``
+        only) and module hooks see the density."""
+        return self.log_prob(x, context)
 
     def bits_per_dim(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample discrete NLL in bits per dimension (see the class docstring), shape ``(B,)``; images only."""

@@ -8,7 +8,7 @@ from fastflow.nn.flow_step import CouplingKind, FlowStep
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.split import Split
 from fastflow.nn.squeeze import Squeeze
-from fastflow.ops._checks import int_at_least
+from fastflow.ops._checks import check_bool, int_at_least
 from fastflow.ops.coupling import ScaleKind
 
 __all__ = ["Glow"]
@@ -57,8 +57,10 @@ class Glow(FlowModel):
         reversible: bool = False,
     ) -> None:
         h, w = image_hw(image_size)
-        if levels < 1 or steps < 1:
-            raise ValueError(f"levels and steps must be >= 1, got levels={levels}, steps={steps}")
+        int_at_least("levels", levels, 1)
+        int_at_least("steps", steps, 1)
+        check_bool("lu", lu)
+        check_bool("learn_top", learn_top)
         int_at_least("in_channels", in_channels, 1)
         int_at_least("hidden", hidden, 1)
         int_at_least("n_bins", n_bins, 2)

@@ -12,7 +12,7 @@ from fastflow.nn.invconv import InvertibleLinear
 from fastflow.nn.permutation import Permutation
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.spline_coupling import SplineCoupling
-from fastflow.ops._checks import int_at_least
+from fastflow.ops._checks import check_bool, int_at_least
 from fastflow.ops.spline import check_layer_bins
 
 __all__ = ["NSF"]
@@ -57,8 +57,7 @@ class NSF(FlowModel):
             raise TypeError(f"bound must be a float, got {type(bound).__name__} {bound!r}")
         if not (math.isfinite(bound) and bound > 0):
             raise ValueError(f"bound must be finite and > 0, got {bound}")
-        if not isinstance(autoregressive, bool):
-            raise TypeError(f"autoregressive must be a bool, got {type(autoregressive).__name__}")
+        check_bool("autoregressive", autoregressive)
         config = dict(
             features=features, context=context, transforms=transforms, bins=bins, hidden=hidden, bound=float(bound),
             autoregressive=autoregressive, reversible=reversible,

@@ -10,7 +10,7 @@ from fastflow.nn.coupling_network import Subnet
 from fastflow.nn.invconv import InvConv1x1, InvConvInit
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.spline_coupling import SplineCoupling
-from fastflow.ops.coupling import ScaleKind
+from fastflow.ops.coupling import SCALE_KINDS, ScaleKind
 
 __all__ = ["FlowStep", "CouplingKind"]
 
@@ -43,6 +43,8 @@ class FlowStep(FlowSequential):
         invconv_init: InvConvInit = "rotation",
     ) -> None:
         options = dict(subnet=subnet, context_features=context_features, vectors=vectors)
+        if scale not in SCALE_KINDS:  # checked whatever the coupling: a model's config keeps it
+            raise ValueError(f"scale must be one of {SCALE_KINDS}, got {scale!r}")
         coupling_layer: AffineCoupling | AdditiveCoupling | SplineCoupling
         if coupling == "affine":
             coupling_layer = AffineCoupling(num_channels, hidden, scale, **options)

@@ -11,7 +11,7 @@ from torch import nn
 
 from fastflow.nn.base import FlowLayer, as_pixels, check_features
 from fastflow.nn.state_upgrade import pack_lu_factors
-from fastflow.ops._checks import int_at_least, logdet_dtype
+from fastflow.ops._checks import check_bool, int_at_least, logdet_dtype
 from fastflow.ops.channel_mix import channel_mix
 from fastflow.ops.invconv import dense_inverse_weight, dense_logdet, lu_inverse_weight, lu_weight_and_logdet
 
@@ -65,6 +65,7 @@ class InvConv1x1(FlowLayer):
     def __init__(self, num_channels: int, lu: bool = True, *, init: InvConvInit = "rotation") -> None:
         super().__init__()
         int_at_least("num_channels", num_channels, 1)
+        check_bool("lu", lu)
         if init not in INVCONV_INITS:
             raise ValueError(f"init must be one of {INVCONV_INITS}, got {init!r}")
         self.num_channels = num_channels

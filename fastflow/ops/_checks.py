@@ -16,6 +16,14 @@ def int_at_least(name: str, value: object, low: int) -> int:
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    """``value``, or a ``TypeError`` naming ``name`` unless it is a bool (``"no"``, ``1`` or ``None`` would pass
+    by truthiness, and a config holding them would not load back)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_float_tensor(name: str, t: object, min_dim: int = 1) -> torch.Tensor:
     """Raise TypeError/ValueError unless ``t`` is a floating tensor of a supported dtype and rank."""
     if not isinstance(t, torch.Tensor):

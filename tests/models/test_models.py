@@ -233,7 +233,7 @@ def test_conditional_model_requires_valid_labels():
     "make, match",
     [
         (lambda: Glow(1, 6, levels=2), "divisible by 2\\*\\*levels"),
-        (lambda: Glow(1, 8, levels=0), "levels and steps must be >= 1"),
+        (lambda: Glow(1, 8, levels=0), "levels must be >= 1"),
         (lambda: RealNVP(1, 6, scales=3), "divisible by 2\\*\\*\\(scales-1\\)"),
         (lambda: RealNVP(1, 4, coupling="additive"), "coupling must be 'affine' or 'spline'"),
         (lambda: NICE(1, 3), "even number of dimensions"),
@@ -347,3 +347,30 @@ def test_nice_diagonal_scaling_refuses_a_shape_it_would_broadcast():
         for fn, name in ((scaling, "x"), (scaling.inverse, "y")):
             with pytest.raises(ValueError, match=rf"{name} must have shape \(B, 3, 2, 2\)"):
                 fn(x)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: Glow(1, 4, levels=True, steps=1, hidden=4), TypeError, "levels must be an int"),
+        (lambda: Glow(1, 4, levels=2.5, steps=1, hidden=4), TypeError, "levels must be an int"),
+        (lambda: Glow(1, 4, levels=1, steps=None, hidden=4), TypeError, "steps must be an int"),
+        (lambda: Glow(1, 4, levels=1, steps=1, hidden=4, lu="no"), TypeError, "lu must be a bool"),  # was LU
+        (lambda: Glow(1, 4, levels=1, steps=1, hidden=4, learn_top=None), TypeError, "learn_top must be a bool"),
+        (lambda: Glow(1, 4, levels=1, steps=1, hidden=4, coupling="additive", scale="bogus"), ValueError, "scale"),
+    ],
+)
+def test_glow_arguments_that_would_not_load_back_are_refused(make, error, match):
+    """Each was accepted, and the checkpoint of the model built with it failed to load."""
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_switching_reversible_takes_a_bool_only():
+    model = Glow(1, 4, levels=1, steps=1, hidden=4)
+    for value in ("no", 1, None):  # "no" switched it on; 1 was stored and the checkpoint would not load
+        with pytest.raises(TypeError, match="reversible must be a bool"):
+            model.reversible = value
+    assert model.reversible is False and model.config["reversible"] is False
+    model.reversible = True
+    assert model.reversible and model.config["reversible"] is True
