@@ -347,11 +347,14 @@ def _read_window(
     drifted beyond ``max_drift``.
     """
     stacked = torch.stack(losses)
+    tripped_elsewhere = False
     if world_size > 1:
-        stats = torch.cat([stacked, torch.tensor([float(stop)], device=stacked.device)])
+        # every rank raises together: a drift recorded on one rank alone is counted in the same all-reduce
+        tripped = model.guards_tripped().to(stacked.device, stacked.dtype).reshape(1)
+        stats = torch.cat([stacked, torch.tensor([float(stop)], device=stacked.device), tripped])
         torch.distributed.all_reduce(stats)
-        *sums, stops = stats.tolist()
-        values, stop = [total / world_size for total in sums], stops > 0
+        *sums, stops, trips = stats.tolist()
+        values, stop, tripped_elsewhere = [total / world_size for total in sums], stops > 0, trips > 0
     else:
         values = stacked.tolist()
     bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
@@ -368,6 +371,11 @@ def _read_window(
         model.check_guards()
     except ReconstructionError as err:
         raise ReconstructionError(f"steps {first + 1}-{first + len(values)}: {err}") from err
+    if tripped_elsewhere:
+        raise ReconstructionError(
+            f"steps {first + 1}-{first + len(values)}: a reversible backward on another rank rebuilt its input with a "
+            "drift beyond max_drift (that rank's error names the chain)"
+        )
     return values, stop
 
 

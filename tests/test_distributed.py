@@ -23,6 +23,7 @@ from fastflow.cli import main
 from fastflow.data import TensorImages, batch_at_step
 from fastflow.models import FlowModel, Glow, Jet
 from fastflow.nn import ActNorm
+from fastflow.nn.reversible import ReconstructionError
 from fastflow.step import BitsPerDim, TrainStep, make_adam
 from fastflow.train import TrainConfig, initialize_actnorm, train
 
@@ -40,6 +41,8 @@ def _free_port() -> int:
 
 MODELS = {
     "glow": lambda: Glow(1, 4, levels=2, steps=2, hidden=8, n_bins=N_BINS),
+    # two reversible chains: each parameter's gradient must reach DDP once ("mark a variable ready only once")
+    "glow_reversible": lambda: Glow(1, 4, levels=2, steps=2, hidden=8, n_bins=N_BINS, reversible=True),
     # reversible: the walk's nested backward calls accumulate the parameter gradients that DDP reduces
     "jet_reversible": lambda: Jet(
         1, 4, patch_size=2, couplings=3, width=8, depth=1, heads=2, n_bins=N_BINS, reversible=True
@@ -111,6 +114,43 @@ def _skip_worker(rank: int, world_size: int, port: int, folder: str) -> None:
         torch.save({"skip": float(step.skip), "loss": float(loss), "unchanged": unchanged}, f"{folder}/skip{rank}.pt")
     finally:
         distributed.teardown()
+
+
+def _drift_worker(rank: int, world_size: int, port: int, folder: str) -> None:
+    """Rank 1's chains alone drift beyond a tightened max_drift on step 2: every rank must raise (the record was a
+    buffer DDP overwrote with rank 0's, and the ranks read their guards apart: rank 1 alone raised, or none)."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    context = distributed.setup("cpu")
+    try:
+        model = _model("glow_reversible")
+        drifting = model.bits_per_dim
+
+        def bits_per_dim(batch: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            for block in model.blocks:  # the third call is step 2 (after ActNorm's init and step 1)
+                block.max_drift = 1e-30 if context.rank == 1 and len(calls) == 2 else None
+            calls.append(1)
+            return drifting(batch, y)
+
+        calls: list[int] = []
+        model.bits_per_dim = bits_per_dim
+        try:
+            train(model, _source(), TrainConfig(steps=STEPS, batch=BATCH, lr=LR, warmup=1, progress=False))
+            outcome = "returned"
+        except ReconstructionError as err:
+            outcome = str(err)
+        torch.save({"outcome": outcome}, f"{folder}/drift{rank}.pt")
+    finally:
+        distributed.teardown()
+
+
+def test_a_drift_on_one_rank_raises_on_every_rank(tmp_path):
+    mp.spawn(_drift_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    outcomes = [torch.load(tmp_path / f"drift{r}.pt")["outcome"] for r in range(2)]
+    assert "another rank" in outcomes[0], outcomes
+    assert "times its max_drift" in outcomes[1] and "another rank" not in outcomes[1], outcomes
 
 
 def test_a_nonfinite_loss_on_one_rank_skips_the_update_on_every_rank(tmp_path):

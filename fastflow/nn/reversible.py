@@ -120,17 +120,22 @@ class DriftRecord(nn.Module):
 
     A submodule of its chain (:class:`~fastflow.nn.FlowSequential` makes one at construction), so it moves with
     the model and ``torch.compile`` sees the same module state from the first step on (no recompile when the
-    first backward records); it adds nothing to the state dict. ``excess`` (a 0-dim buffer, float32 unless the
+    first backward records); it adds nothing to the state dict. ``excess`` (a 0-dim tensor, float32 unless the
     model is cast) is the largest ``drift / max_drift`` of the chain's backward passes: above 1 the guard tripped,
-    NaN means a non-finite rebuilt input. ``max_drift`` is the tolerance of the latest pass, to word the error.
+    NaN means a non-finite rebuilt input. ``max_drift`` is the tolerance of the latest pass (the error gives the
+    ratio: a tolerance changed between reads would misstate a drift computed back from it).
+    ``excess`` is no buffer (it moves and casts with the module all the same): DistributedDataParallel broadcasts
+    buffers from rank 0 at every forward, which would overwrite another rank's record of a drift.
     """
-
-    excess: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("excess", torch.zeros((), dtype=torch.float32), persistent=False)
+        self.excess = torch.zeros((), dtype=torch.float32)
         self.max_drift = math.inf
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> DriftRecord:
+        self.excess = fn(self.excess)
+        return super()._apply(fn, recurse)
 
     def note(self, drift: torch.Tensor, max_drift: float) -> None:
         """Fold a backward pass's relative ``drift`` (0-dim, on the device) into the record, in place."""
@@ -183,7 +188,7 @@ def read_drift_guard(module: nn.Module) -> ReconstructionError | None:
     for _, record in records:
         record.excess.zero_()
     tripped = [
-        f"{name or 'the chain'} ({ratio * record.max_drift:.3g} > max_drift {record.max_drift:.3g})"
+        f"{name or 'the chain'} ({ratio:.3g} times its max_drift, {record.max_drift:.3g} in the latest pass)"
         for (name, record), ratio in zip(records, excess)
         if not ratio <= 1
     ]
@@ -386,10 +391,9 @@ class _ReversibleChain(torch.autograd.Function):
         layers: nn.ModuleList,
         max_drift: float | None,
         record: DriftRecord,
-        *params: nn.Parameter,
+        anchor: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.layers = layers
-        ctx.num_params = len(params)
         ctx.tol = default_max_drift(x) if max_drift is None else max_drift
         # decided here, where the caller's context is: the backward may run on another thread (autograd's)
         deferred = ctx.tol != math.inf and guards_deferred(x)
@@ -441,7 +445,7 @@ class _ReversibleChain(torch.autograd.Function):
             if before is not None:
                 p.grad = before if p.grad is None else before.add_(p.grad)
         grad_context = None if context is None else context.grad
-        return (grad_y, grad_context, None, None, None) + (None,) * ctx.num_params
+        return grad_y, grad_context, None, None, None, None
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
@@ -504,5 +508,9 @@ def reversible_chain(
     records it in the chain's ``record`` on the device when :func:`guards_deferred` holds here (see the module
     docstring)."""
     max_drift = check_max_drift(max_drift)
-    params = _params(layers)
-    return _ReversibleChain.apply(x, context, layers, max_drift, record, *params)
+    # The outputs require grad (so that the backward runs) when a parameter does, through an empty leaf rather than
+    # the parameters themselves: with the parameters as inputs, the outer backward would also run each one's
+    # AccumulateGrad (with no gradient) after the walk's nested backward had, and DistributedDataParallel marks a
+    # parameter ready on each: "Expected to mark a variable ready only once" with two or more chains.
+    anchor = x.new_empty(0).requires_grad_(any(p.requires_grad for p in layers.parameters()))
+    return _ReversibleChain.apply(x, context, layers, max_drift, record, anchor)

@@ -172,7 +172,7 @@ def test_deferred_drift_guard_records_on_the_device_and_raises_when_read():
         error = read_drift_guard(chain)
         assert (error is not None) == drifts
     assert isinstance(error, ReconstructionError)
-    assert re.search(r"relative drift beyond max_drift in the chain \(\S+ > max_drift 0.001\)", str(error))
+    assert re.search(r"relative drift beyond max_drift in the chain \(\S+ times its max_drift, 0.001 in", str(error))
     assert read_drift_guard(chain) is None and not bool(drift_tripped(chain)), "the read cleared the record"
 
 
