@@ -161,6 +161,11 @@ class TrainStep:
             )
         if channels_last is None:  # a DDP objective keeps its layout (lay the model out before wrapping it)
             channels_last = not distributed and default_channels_last(self.device, model)
+        elif channels_last and len(getattr(model, "image_shape", (0, 0, 0))) != 3:
+            raise ValueError(
+                f"channels_last=True is for image batches (B, C, H, W); the model takes (B, "
+                f"{', '.join(map(str, model.image_shape))})"  # type: ignore[union-attr]
+            )
         elif channels_last and distributed and any(not _is_channels_last(p) for p in _kernels(model)):
             raise ValueError(
                 "channels_last=True with a DistributedDataParallel objective needs the model laid out before DDP "

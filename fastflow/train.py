@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
@@ -39,7 +40,7 @@ from fastflow.data import ImageSource, TensorImages, batch_at_step
 from fastflow.distributed import rank_and_world_size, shard
 from fastflow.images import save_grid
 from fastflow.models import FlowModel, dequantize
-from fastflow.models.base import check_levels
+from fastflow.models.base import check_levels, eval_mode
 from fastflow.nn import ActNorm
 from fastflow.nn.reversible import ReconstructionError
 from fastflow.ops._checks import int_at_least
@@ -133,8 +134,12 @@ class TrainConfig:
             int_at_least(name, getattr(self, name), low)
         for name in ("save_every", "eval_every", "warmup", "seed"):
             int_at_least(name, getattr(self, name), 0)
+        if self.seed >= 2**64:  # torch.manual_seed's range: the first sample grid would fail, after training
+            raise ValueError(f"seed must be < 2**64, got {self.seed}")
         for name in ("lr", "clip", "temperature"):
             value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):  # True was taken as 1.0
+                raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.lr == 0:
@@ -154,18 +159,15 @@ def evaluate_bits_per_dim(
     seed: int = 1,
 ) -> float:
     """Mean bits/dim of integer ``levels`` under ``model`` with one fixed-seed uniform dequantization."""
-    was_training = model.training
-    model.eval()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     parameter = model.floating_parameter()
     total = 0.0
-    for start in range(0, len(levels), batch):
-        x = dequantize(levels[start : start + batch], model.n_bins).to(parameter.device, parameter.dtype)
-        y = None if labels is None else labels[start : start + batch].to(parameter.device)
-        total += float(model.bits_per_dim(x, y).sum())
-    torch.random.set_rng_state(generator_state)
-    model.train(was_training)
+    cuda = [parameter.device] if parameter.device.type == "cuda" else []
+    with eval_mode(model), torch.random.fork_rng(devices=cuda):  # every generator it seeds is restored after
+        torch.manual_seed(seed)
+        for start in range(0, len(levels), batch):
+            x = dequantize(levels[start : start + batch], model.n_bins).to(parameter.device, parameter.dtype)
+            y = None if labels is None else labels[start : start + batch].to(parameter.device)
+            total += float(model.bits_per_dim(x, y).sum())
     return total / len(levels)
 
 
@@ -299,17 +301,6 @@ def _write_outputs(
     with a fixed seed, so grids of successive checkpoints show the same latents; the training RNG streams are
     left untouched."""
     os.makedirs(out, exist_ok=True)
-    if samples:
-        device = next(model.parameters()).device
-        model.eval()
-        # a class-conditional prior draws the classes in turn
-        num_classes = getattr(model.prior, "num_classes", 0) if model.prior.conditional else 0
-        classes = torch.arange(config.samples, device=device) % num_classes if num_classes else None
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(config.seed)
-            grid = model.sample(config.samples, classes, temperature=config.temperature)
-        model.train()
-        save_image_grid(grid, os.path.join(out, f"samples-{step:06d}.png"))
     save_checkpoint(
         os.path.join(out, CHECKPOINT_NAME),
         model,
@@ -320,6 +311,18 @@ def _write_outputs(
         heldout_bits_per_dim=heldout_bpd,
         **extra,
     )
+    if samples:  # after the checkpoint: a grid that cannot be drawn costs the grid, not the run's state
+        device = next(model.parameters()).device
+        # a class-conditional prior draws the classes in turn
+        num_classes = getattr(model.prior, "num_classes", 0) if model.prior.conditional else 0
+        classes = torch.arange(config.samples, device=device) % num_classes if num_classes else None
+        try:
+            with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(config.seed)
+                grid = model.sample(config.samples, classes, temperature=config.temperature)
+            save_image_grid(grid, os.path.join(out, f"samples-{step:06d}.png"))
+        except (FloatingPointError, ValueError) as err:  # non-finite samples: an unstable inverse, too hot a T
+            warnings.warn(f"no sample grid at step {step}: {err}", RuntimeWarning, stacklevel=2)
 
 
 def _train_step(step: TrainStep, x: torch.Tensor, y: torch.Tensor | None, lr: float) -> torch.Tensor:
@@ -363,7 +366,7 @@ def _read_window(
         try:
             with _autocast(stacked.device, amp):
                 model.check_guards(*batch_at(first + bad))
-        except (FloatingPointError, ReconstructionError) as err:
+        except (FloatingPointError, ReconstructionError, ValueError) as err:  # ValueError: the batch is not finite
             cause = err
         reason = f"non-finite training loss {values[bad]}" if cause is None else str(cause)
         raise TrainingDiverged(first + bad + 1, reason) from cause

@@ -251,6 +251,10 @@ def test_resume_refuses_other_run_settings(tmp_path):
         ({"batch": 0}, ValueError, "batch must be >= 1, got 0"),
         ({"save_every": -1}, ValueError, "save_every must be >= 0, got -1"),
         ({"samples": True}, TypeError, "samples must be an int, got bool True"),
+        ({"lr": True}, TypeError, "lr must be a real number, got bool True"),  # was taken as 1.0
+        ({"clip": True}, TypeError, "clip must be a real number"),
+        ({"temperature": True}, TypeError, "temperature must be a real number"),  # failed at the first grid
+        ({"seed": 2**64}, ValueError, "seed must be < 2"),  # failed at the first grid, after the training
     ],
 )
 def test_integer_settings_are_checked(bad, error, named):
@@ -332,3 +336,40 @@ def test_quiet_prints_nothing(tmp_path, capsys):
     train(_model(), _data(), _config(tmp_path, 4, eval_every=2, quiet=True), heldout=_data()[:8])
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+def test_a_non_finite_batch_names_its_step(tmp_path, monkeypatch):
+    """A NaN pixel in step 4's batch: the updates from it on are skipped and the error names the step (it was a
+    bare ValueError from the diagnosis)."""
+    import fastflow.train as train_module
+
+    real = train_module.batch_at_step
+
+    def poisoned(source, step, *args, **kwargs):
+        x, y = real(source, step, *args, **kwargs)
+        if step == 3:
+            x = x.clone()
+            x[0, 0, 0, 0] = float("nan")
+        return x, y
+
+    monkeypatch.setattr(train_module, "batch_at_step", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step 4 \(x holds 1 non-finite") as info:
+        train(_model(), _data(), _config(tmp_path, 6))
+    assert info.value.step == 4
+
+
+def test_a_sample_grid_that_cannot_be_drawn_warns_and_keeps_the_checkpoint(tmp_path):
+    """Non-finite samples (here too hot a temperature) cost the grid, not the checkpoint (which came after it)."""
+    with pytest.warns(RuntimeWarning, match="no sample grid at step 2"):
+        train(_model(), _data(), _config(tmp_path, 2, save_every=2, temperature=1e30))
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1]["extra"]["step"] == 2
+    assert not list(tmp_path.glob("samples-*.png"))
+
+
+def test_channels_last_is_refused_for_vectors():
+    from fastflow.models import TabularFlow
+    from fastflow.step import TrainStep, make_adam
+
+    model = TabularFlow(4, transforms=1, hidden=4)
+    with pytest.raises(ValueError, match=r"channels_last=True is for image batches .* \(B, 4\)"):
+        TrainStep(model, model, make_adam(model.parameters(), 1e-3), channels_last=True)
