@@ -199,7 +199,7 @@ def _write_payload(path, **changes):
         ({"levels": "1"}, "config key 'levels' of Glow must be int, got '1'"),
         ({"coupling": "quadratic"}, "config key 'coupling' of Glow must be"),
         ({"image_size": [4, 4, 4]}, "config key 'image_size'"),
-        ({"steps": 0}, "invalid config for Glow: levels and steps must be >= 1"),
+        ({"steps": 0}, "invalid config for Glow: steps must be >= 1, got 0"),
         ({"hidden": -4}, "invalid config for Glow: hidden must be >= 1, got -4"),
         ({"num_classes": -2}, "invalid config for Glow: num_classes must be >= 0, got -2"),
     ],
