@@ -13,7 +13,8 @@ speed-ups are against eager in the same run. GB/s is reported against the bytes 
 move, ``B*H*W*2C*e`` forward and ``B*H*W*5C*e`` forward+backward (``e`` the element size: read ``x``,
 write ``y``; then read ``x`` and ``grad_y``, write ``grad_x``), for every variant, and as a percentage
 of a measured device-to-device copy. Peak memory is measured on CUDA. The fused outputs and gradients are
-checked against eager before any timing; a mismatch raises instead of reporting.
+checked against eager before any timing; a mismatch raises instead of reporting. The compiled twin's are checked
+too, once per size: a mismatch (or a failed compilation) is reported in its rows instead of a time.
 
 Channels: the issue's grid ``C in {6, 12, 24, 48, 96}`` plus 128, the widest launch class of the kernel
 (wider tiles spill registers; see ``kernels/channel_mix.py``). The run raises
@@ -90,11 +91,14 @@ def _kernel_up_to(channels: int) -> Iterator[None]:
         channel_mix_ops.KERNEL_MAX_CHANNELS, channel_mix_ops.KERNEL_MAX_CHANNELS_FLOAT32 = saved
 
 
-def _check_fused(x: torch.Tensor, params: tuple[torch.Tensor, ...], grad_y: torch.Tensor) -> None:
-    """Fused output, log-det and gradients against eager; raises on a mismatch."""
+def _check_fused(
+    x: torch.Tensor, params: tuple[torch.Tensor, ...], grad_y: torch.Tensor, fn: Callable = actnorm_invconv
+) -> None:
+    """``fn``'s (the fused op's, or the compiled twin's) output, log-det and gradients against eager; raises on a
+    mismatch."""
     inputs = (x, *params[:3])
     want_y, want_logdet = actnorm_invconv_ref(x, *params)
-    got_y, got_logdet = actnorm_invconv(x, *params)
+    got_y, got_logdet = fn(x, *params)
     _check("y", got_y, want_y, x.dtype)
     _check("logdet", got_logdet, want_logdet, torch.float32)
     want_grads = torch.autograd.grad(want_y, inputs, grad_y)
@@ -153,10 +157,12 @@ def run(
                 for name, fn in variants.items():
                     timed = functools.partial(step, fn, x, params, grad_y)
                     try:
+                        if name == "compiled" and mode == "forward":  # checked as the fused op is, once per size
+                            _check_fused(x, params, grad_y, fn)
                         timed()  # warm-up, and the compile of the compiled variant
                         times[name] = median_ms(timed, device)
                         peak, error = peak_mib(timed, device), None
-                    except Exception as err:  # a torch.compile failure is reported, not fatal
+                    except Exception as err:  # a torch.compile failure or mismatch is reported (no time), not fatal
                         times[name], peak, error = None, None, repr(err)[:200]
                     ms, eager_ms = times[name], times.get("eager")
                     gbps = None if ms is None else n_bytes / (ms * 1e6)
