@@ -147,6 +147,11 @@ def run(
             x = torch.randn(batch, channels, height, width, device=device, dtype=dtype, requires_grad=True)
             grad_y = torch.randn_like(x)
             _check_fused(x, params, grad_y)
+            compiled_error: Exception | None = None
+            try:  # the compiled twin, checked as the fused op is (a failed compilation shows here too)
+                _check_fused(x, params, grad_y, variants["compiled"])
+            except Exception as err:
+                compiled_error = err
 
             pixel_bytes = batch * height * width * channels * x.element_size()
             for mode, step, n_bytes in (
@@ -157,8 +162,8 @@ def run(
                 for name, fn in variants.items():
                     timed = functools.partial(step, fn, x, params, grad_y)
                     try:
-                        if name == "compiled" and mode == "forward":  # checked as the fused op is, once per size
-                            _check_fused(x, params, grad_y, fn)
+                        if name == "compiled" and compiled_error is not None:
+                            raise compiled_error
                         timed()  # warm-up, and the compile of the compiled variant
                         times[name] = median_ms(timed, device)
                         peak, error = peak_mib(timed, device), None

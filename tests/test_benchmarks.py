@@ -588,3 +588,20 @@ def test_a_resolution_out_of_memory_is_marked_and_left_out_of_the_ratios():
     )
     assert "time_vs_standard" not in rows[1] and rows[2]["time_vs_standard"] == 1.5
     assert rows[2]["memory_vs_standard"] == 0.25
+
+
+def test_actnorm_invconv_reports_a_wrong_compiled_twin_without_a_time(monkeypatch):
+    """The compiled twin is checked like the fused op: a wrong one gets an error in its rows, not a time."""
+
+    def wrong_compile(fn, **kwargs):
+        def compiled(x, *params):
+            y, logdet = fn(x, *params)
+            return y * 1.01, logdet
+
+        return compiled
+
+    monkeypatch.setattr(bench_actnorm_invconv.torch, "compile", wrong_compile)
+    rows = bench_actnorm_invconv.run(torch.device("cpu"), torch.float32, quick=True, channels=(6,))
+    compiled = [r for r in rows if r["variant"] == "compiled"]
+    assert compiled and all(r["median_ms"] is None and "MismatchError" in r["error"] for r in compiled)
+    assert all(r["median_ms"] > 0 for r in rows if r["variant"] == "eager")
