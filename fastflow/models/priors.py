@@ -103,10 +103,12 @@ class GaussianPrior(TopPrior):
             raise ValueError(
                 f"context (class labels) is required: the model is conditioned on {self.num_classes} classes"
             )
-        if y.dim() != 1 or (n is not None and len(y) != n) or y.dtype not in (torch.int32, torch.int64):
+        if y.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"context (class labels) must be int32 or int64 labels, got {y.dtype}")
+        if y.dim() != 1 or (n is not None and len(y) != n):
             raise ValueError(
                 f"context (class labels) must be integer labels of shape ({'N' if n is None else n},), got "
-                f"{y.dtype} {tuple(y.shape)}"
+                f"{tuple(y.shape)}"
             )
 
     def check_labels(self, y: torch.Tensor | None) -> None:

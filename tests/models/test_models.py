@@ -227,6 +227,10 @@ def test_conditional_model_requires_valid_labels():
         model.log_prob(x)
     with pytest.raises(ValueError, match=r"y must be in \[0, 3\)"):
         model.log_prob(x, torch.tensor([0, 5]))
+    with pytest.raises(TypeError, match="class labels. must be int32 or int64 labels, got torch.float32"):
+        model.log_prob(x, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"must be integer labels of shape \(2,\), got \(2, 1\)"):
+        model.log_prob(x, torch.tensor([[0], [1]]))
 
 
 @pytest.mark.parametrize(
