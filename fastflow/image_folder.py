@@ -152,7 +152,6 @@ def load_image_folder(folder: str | os.PathLike[str], resolution: int, channels:
 def _load_images(files: list[Path], resolution: int, channels: int | None) -> torch.Tensor:
     """``files`` stacked as uint8 ``(N, C, resolution, resolution)``, all with the first one's channels
     unless ``channels`` is given."""
-    int_at_least("resolution", resolution, 1)  # before any file is read
     images = []
     for path in files:
         images.append(load_image(path, resolution, channels))

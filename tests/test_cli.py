@@ -216,39 +216,25 @@ def _usage_error(capsys, argv, names):
     assert len(err) == 1 and all(name in err[0] for name in names), err
 
 
-def test_samples_that_come_out_nan_exit_1_and_write_nothing(digits_run, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(("where", "count"), [("samples", "4 of 8 samples"), ("prior", "of 8 samples")])
+def test_samples_that_come_out_nan_exit_1_and_write_nothing(digits_run, tmp_path, capsys, monkeypatch, where, count):
+    """NaN samples, or (``prior``) non-finite latents through the real decode, whose own finite check used to raise
+    first, with a message about latents and contexts a CLI user never sets: the count and the temperature hint."""
     from fastflow.models import FlowModel
-
-    real = FlowModel.sample
-
-    def partly_nan(self, n, temperature=0.7, y=None):
-        x = real(self, n, temperature=temperature)
-        x[:4, 0, 0, 0] = float("nan")
-        return x
-
-    monkeypatch.setattr(FlowModel, "sample", partly_nan)
-    out = tmp_path / "grid.png"
-    argv = ["sample", str(digits_run / "checkpoint.pt"), "--n", "8", "--temperature", "2", "--out", str(out)]
-    line = _one_line_error(capsys, argv, 1, ["4 of 8 samples", "NaN", "grid.png", "--temperature below 2"])
-    assert "nothing was written" in line and not out.exists()
-
-
-def test_samples_decoded_to_nan_get_the_count_and_the_temperature_hint(digits_run, tmp_path, capsys, monkeypatch):
-    """Through the real decode (non-finite latents from the prior): the model's own finite check used to raise
-    first, with a message about latents and contexts a CLI user never sets."""
     from fastflow.models.priors import GaussianPrior
 
-    real = GaussianPrior.sample
+    owner, rows, value = (FlowModel, 4, float("nan")) if where == "samples" else (GaussianPrior, 3, float("inf"))
+    real = owner.sample
 
-    def partly_inf(self, n, temperature, *args, **kwargs):
-        z = real(self, n, temperature, *args, **kwargs)
-        z[:3] = float("inf")
-        return z
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out[:rows] = value
+        return out
 
-    monkeypatch.setattr(GaussianPrior, "sample", partly_inf)
+    monkeypatch.setattr(owner, "sample", poisoned)
     out = tmp_path / "grid.png"
     argv = ["sample", str(digits_run / "checkpoint.pt"), "--n", "8", "--temperature", "2", "--out", str(out)]
-    line = _one_line_error(capsys, argv, 1, ["of 8 samples", "NaN", "grid.png", "--temperature below 2"])
+    line = _one_line_error(capsys, argv, 1, [count, "NaN", "grid.png", "--temperature below 2"])
     assert "nothing was written" in line and not out.exists()
 
 

@@ -63,12 +63,17 @@ def _actnorm_state(model: FlowModel) -> list[torch.Tensor]:
     return [torch.cat([m.bias.flatten(), m.logs.flatten()]) for m in model.modules() if isinstance(m, ActNorm)]
 
 
-def _worker(rank: int, world_size: int, port: int, folder: str, name: str) -> None:
+def _join(rank: int, world_size: int, port: int) -> distributed.Context:
+    """This process as ``rank`` of ``world_size`` gloo ranks on ``port`` (one thread)."""
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
-    context = distributed.setup("cpu")
+    return distributed.setup("cpu")
+
+
+def _worker(rank: int, world_size: int, port: int, folder: str, name: str) -> None:
+    context = _join(rank, world_size, port)
     try:
         model, source = _model(name), _source()
         x = distributed.shard(batch_at_step(source, 0, BATCH, N_BINS)[0], context.rank, context.world_size)
@@ -94,11 +99,7 @@ def _worker(rank: int, world_size: int, port: int, folder: str, name: str) -> No
 
 def _skip_worker(rank: int, world_size: int, port: int, folder: str) -> None:
     """A NaN in rank 0's shard only: every rank must skip the update (DDP's reduced gradients are NaN on all)."""
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    context = distributed.setup("cpu")
+    context = _join(rank, world_size, port)
     try:
         model = _model("glow")
         x = (batch_at_step(_source(), 0, BATCH, N_BINS)[0].float() + 0.5) / N_BINS - 0.5
@@ -119,11 +120,7 @@ def _skip_worker(rank: int, world_size: int, port: int, folder: str) -> None:
 def _drift_worker(rank: int, world_size: int, port: int, folder: str) -> None:
     """Rank 1's chains alone drift beyond a tightened max_drift on step 2: every rank must raise (the record was a
     buffer DDP overwrote with rank 0's, and the ranks read their guards apart: rank 1 alone raised, or none)."""
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    context = distributed.setup("cpu")
+    context = _join(rank, world_size, port)
     try:
         model = _model("glow_reversible")
         drifting = model.bits_per_dim

@@ -69,6 +69,13 @@ def check_channel_slice(
     check_same_shape(name, t, ref_name, ref.narrow(1, start, t.shape[1]))
 
 
+def upcasts(t: torch.Tensor) -> bool:
+    """Whether an op's eager fallback computes ``t`` in float32 (its ``upcast``): for float16 and bfloat16, as the
+    kernels do in their registers, so that both backends round once (a bfloat16 ``log 2`` rounds; a half-precision
+    spline's knot sums are not even monotone)."""
+    return t.dtype in (torch.float16, torch.bfloat16)
+
+
 def logdet_dtype(dtype: torch.dtype) -> torch.dtype:
     """Log-dets accumulate in float32 for half inputs and keep float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from fastflow.backend import resolve_backend
-from fastflow.ops._checks import check_channel_slice, check_float_tensor, check_same_shape, logdet_dtype
+from fastflow.ops._checks import check_channel_slice, check_float_tensor, check_same_shape, logdet_dtype, upcasts
 from fastflow.ops._registration import TRACEABLE, direct_autograd, kernel_function, registration, use_library_op
 
 __all__ = [
@@ -538,13 +538,7 @@ def affine_coupling(
     _check_affine_args("x_b", x_b, shift, raw, scale, b_start)
     if _use_kernel(x_b):
         return _ops().fwd(x_b, shift, raw, scale, b_start)
-    return affine_coupling_ref(x_b, shift, raw, scale, _half(x_b), b_start)
-
-
-def _half(t: torch.Tensor) -> bool:
-    """Whether the eager fallback computes in float32 (upcast): for float16 and bfloat16, as the kernels do in their
-    registers (in bfloat16 even ``log 2`` rounds, and the log-det summed a bias of about 2e-3 nats per element)."""
-    return t.dtype in (torch.float16, torch.bfloat16)
+    return affine_coupling_ref(x_b, shift, raw, scale, upcasts(x_b), b_start)
 
 
 def affine_coupling_inverse(
@@ -558,7 +552,7 @@ def affine_coupling_inverse(
     _check_affine_args("y_b", y_b, shift, raw, scale, b_start)
     if _use_kernel(y_b):
         return _ops().inv(y_b, shift, raw, scale, b_start)
-    return affine_coupling_inverse_ref(y_b, shift, raw, scale, _half(y_b), b_start)
+    return affine_coupling_inverse_ref(y_b, shift, raw, scale, upcasts(y_b), b_start)
 
 
 def additive_coupling(
@@ -604,7 +598,7 @@ def affine_coupling_backward_from_output(
     _check_upstream(grad_y, grad_logdet, y_b)
     if not _use_kernel(y_b):
         return affine_coupling_backward_from_output_ref(
-            y_b, shift, raw, grad_y, grad_logdet, scale, _half(y_b), b_start
+            y_b, shift, raw, grad_y, grad_logdet, scale, upcasts(y_b), b_start
         )
     grad_x, grad_raw, x_b = _ops().bwd(y_b, shift, raw, grad_y, grad_logdet, scale, True, b_start)
     grad_shift = grad_y if scale == "exp" else grad_x

@@ -55,7 +55,7 @@ import torch
 
 from fastflow.backend import resolve_backend
 from fastflow.ops import spline_eager as eager
-from fastflow.ops._checks import check_float_tensor, check_same_shape, int_at_least, logdet_dtype
+from fastflow.ops._checks import check_float_tensor, check_same_shape, int_at_least, logdet_dtype, upcasts
 from fastflow.ops._registration import TRACEABLE, direct_autograd, kernel_function, registration, use_library_op
 from fastflow.ops.spline_compiled import rq_spline_closed_form
 
@@ -381,13 +381,7 @@ def rq_spline(
         return _ops().fwd(x, raw, *spline[1:])
     if torch.compiler.is_compiling() and x.dtype in (torch.float32, torch.float64):
         return rq_spline_closed_form(x, raw, spline)
-    return _ref(x, raw, spline, False, _half(x))
-
-
-def _half(t: torch.Tensor) -> bool:
-    """Whether the eager fallback computes ``t`` in float32 (upcast): float16 and bfloat16, as the kernels do in
-    their registers (the knots are cumulative sums, and a half-precision spline is not even monotone)."""
-    return t.dtype in (torch.float16, torch.bfloat16)
+    return _ref(x, raw, spline, False, upcasts(x))
 
 
 def rq_spline_inverse(
@@ -404,7 +398,7 @@ def rq_spline_inverse(
     _check_args("y", y, raw, spline)
     if _use_kernel(y):
         return _ops().inv(y, raw, *spline[1:])
-    return _ref(y, raw, spline, True, _half(y))
+    return _ref(y, raw, spline, True, upcasts(y))
 
 
 def rq_spline_backward_from_output(
@@ -428,6 +422,6 @@ def rq_spline_backward_from_output(
     _check_args("y", y, raw, spline)
     _check_upstream(grad_y, grad_logdet, y)
     if not _use_kernel(y):
-        return rq_spline_backward_from_output_ref(y, raw, grad_y, grad_logdet, *spline, upcast=_half(y))
+        return rq_spline_backward_from_output_ref(y, raw, grad_y, grad_logdet, *spline, upcast=upcasts(y))
     grad_x, grad_raw, x = _ops().bwd(y, raw, grad_y, grad_logdet, *spline[1:], "rebuild")
     return x, grad_x, grad_raw
