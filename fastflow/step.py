@@ -37,6 +37,13 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CAPTURE_WARMUP_STEPS = 3  # eager steps on a side stream before capture: lazy state (Adam moments, cuDNN plans) exists
 
 
+def _total_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The 2-norm of all of ``grads`` together, on the device (no host read), as ``clip_grad_norm_`` computes it."""
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
 class BitsPerDim(nn.Module):
     """The training objective, per-sample bits/dim of ``model``, as a module's forward (what :class:`TrainStep`
     calls, so that DDP's gradient hooks see the whole model)."""
@@ -103,13 +110,16 @@ class TrainStep:
     0-dim float32 device tensor (reading it is the caller's choice, and a host sync).
 
     ``objective`` computes the per-sample loss of ``model`` (or is a ``DistributedDataParallel`` around such a
-    module). :attr:`skip` (0-dim, the fused Adam's ``found_inf``) is set on the device once a loss is not finite or
-    ``model``'s guards tripped, this step or an earlier one: every later update is then skipped, so the weights stay
-    those of the first failing step until the caller reads the guards (``FlowModel.check_guards``) and stops. With a
+    module). :attr:`skip` (0-dim, the fused Adam's ``found_inf``) is set on the device once a loss or the gradient
+    norm is not finite or ``model``'s guards tripped, this step or an earlier one: every later update is then
+    skipped, so the weights stay those of the first failing step until the caller reads the guards
+    (``FlowModel.check_guards``) and stops. With a
     DistributedDataParallel objective the flag is all-reduced (max) every step, so every rank skips alike (one
     rank's NaN reaches every rank's reduced gradients). The optimizer must be fused (:func:`make_adam`). Under
     fp16 loss scaling (``scaler`` enabled) the scaler hands the optimizer its own ``found_inf`` instead, which covers
-    non-finite losses but not drift, and :attr:`skip` is None. ``clip`` must be a finite number >= 0.
+    non-finite losses and gradients but not drift, and :attr:`skip` is None. ``clip`` must be a finite number >= 0.
+    :attr:`grad_norm` is the latest step's gradient norm before clipping (a 0-dim device tensor, read at the
+    caller's choice; None before the first step).
 
     ``mode``: ``"eager"``; ``"compile"`` (Inductor, CPU or CUDA, static shapes: the loss and its backward
     compile on the first step; the fused Adam update stays one kernel per dtype group); ``"cuda-graph"`` (CUDA
@@ -179,6 +189,7 @@ class TrainStep:
         for group in optimizer.param_groups:
             group["lr"] = self.lr
         self.skip: torch.Tensor | None = None
+        self.grad_norm: torch.Tensor | None = None
         if self.scaler is None:
             self.skip = torch.zeros((), device=self.device)
             optimizer.found_inf = self.skip  # type: ignore[attr-defined]  # fused Adam skips its update where set
@@ -194,35 +205,40 @@ class TrainStep:
         self._static_x: torch.Tensor | None = None  # the captured step's buffers
         self._static_y: torch.Tensor | None = None
         self._static_loss: torch.Tensor | None = None
+        self._static_grad_norm: torch.Tensor | None = None
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         with _autocast(self.device, self.amp, cache_enabled=self.mode != "cuda-graph"):
             return self.objective(x, y).mean()
 
     def _record_failure(self, loss: torch.Tensor) -> None:
-        """Set :attr:`skip` where this step's loss is not finite or a guard tripped (the drift records are complete
-        after backward)."""
+        """Set :attr:`skip` where this step's loss or gradient norm is not finite or a guard tripped (the drift
+        records are complete after backward)."""
         if self.skip is not None:
-            failed = (~torch.isfinite(loss) | self.model.guards_tripped()).to(self.skip.dtype)
+            assert self.grad_norm is not None  # set by _clip, which runs first
+            finite = torch.isfinite(loss) & torch.isfinite(self.grad_norm)
+            failed = (~finite | self.model.guards_tripped()).to(self.skip.dtype)
             if self.distributed:  # every rank skips alike: one rank's NaN reached all ranks' reduced gradients
                 torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
             torch.maximum(self.skip, failed, out=self.skip)
 
-    def _update(self) -> None:
+    def _clip(self) -> None:
+        """Clip the gradients' norm at :attr:`clip` (0: no clipping); :attr:`grad_norm` gets their norm before."""
         if self.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.clip, foreach=True)
-        self.optimizer.step()
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.clip, foreach=True)
+        else:
+            self.grad_norm = _total_norm([p.grad for p in self.parameters if p.grad is not None], self.device)
 
     def _backward_and_update(self, loss: torch.Tensor) -> None:
         if self.scaler is None:
             loss.backward()
+            self._clip()  # a non-finite norm makes the clipped gradients NaN: the update is skipped below
             self._record_failure(loss)
-            self._update()
+            self.optimizer.step()
             return
         self.scaler.scale(loss).backward()  # fp16: unscale before clipping; the scaler skips non-finite steps
         self.scaler.unscale_(self.optimizer)
-        if self.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.clip, foreach=True)
+        self._clip()
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
@@ -242,6 +258,7 @@ class TrainStep:
             loss = self._loss(self._static_x, self._static_y)
             self._backward_and_update(loss)
             self._static_loss = loss.detach().float()
+            self._static_grad_norm = self.grad_norm
         return graph
 
     def _replay(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -260,6 +277,8 @@ class TrainStep:
         if static_y is not None and y is not None:
             static_y.copy_(y)
         self._graph.replay()
+        assert self._static_grad_norm is not None  # set by _capture
+        self.grad_norm = self._static_grad_norm.clone()  # this step's, as in the other modes
         return static_loss.clone()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None, lr: float) -> torch.Tensor:

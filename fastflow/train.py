@@ -9,7 +9,8 @@ Ctrl-C asks to stop: one transfer for the losses, two small ones for the guards.
 last 50 losses read.
 
 Failures name the step: a non-finite loss raises :class:`TrainingDiverged` naming the first step whose loss was
-not finite (and, with ``check_finite``, the first layer with a non-finite output on that step's batch); a
+not finite (and, with ``check_finite``, the first layer with a non-finite output on that step's batch), as does a
+non-finite gradient norm at a finite loss; a
 reversible backward that drifted beyond ``max_drift`` raises :class:`~fastflow.nn.reversible.ReconstructionError`
 naming the steps since the previous read. From such a step on, the device skips every optimizer update until the
 read stops the run, so the weights (and a diagnosis run on them) are those of the first failing step; under
@@ -325,31 +326,38 @@ def _write_outputs(
             warnings.warn(f"no sample grid at step {step}: {err}", RuntimeWarning, stacklevel=2)
 
 
-def _train_step(step: TrainStep, x: torch.Tensor, y: torch.Tensor | None, lr: float) -> torch.Tensor:
+def _train_step(
+    step: TrainStep, x: torch.Tensor, y: torch.Tensor | None, lr: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimisation step on the batch ``(x, y)`` at learning rate ``lr`` without a host read
-    (:class:`fastflow.step.TrainStep`); returns the loss, a 0-dim float32 device tensor."""
-    return step(x, y, lr)
+    (:class:`fastflow.step.TrainStep`); returns the loss, a 0-dim float32 device tensor, and the gradient norm
+    (None under fp16 loss scaling, where non-finite gradients are the scaler's business)."""
+    loss = step(x, y, lr)
+    return loss, None if step.skip is None else step.grad_norm
 
 
 def _read_window(
     model: FlowModel,
     losses: list[torch.Tensor],
+    grad_norms: list[torch.Tensor],
     first: int,
     stop: bool,
     world_size: int,
     batch_at: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]],
     amp: str | None,
 ) -> tuple[list[float], bool]:
-    """Read what the steps ``first`` .. ``first + len(losses) - 1`` (0-based) left on the device: their losses in
-    one transfer (averaged over the ranks, in one all-reduce with the ranks' Ctrl-C requests ``stop``), then the
-    model's guards. Returns ``(losses, whether any rank asked to stop)``.
+    """Read what the steps ``first`` .. ``first + len(losses) - 1`` (0-based) left on the device: their losses and
+    gradient norms (``grad_norms``: one per step, or none) in one transfer (averaged over the ranks, in one
+    all-reduce with the ranks' Ctrl-C requests ``stop``), then the model's guards. Returns ``(losses, whether any
+    rank asked to stop)``.
 
     :class:`TrainingDiverged` names the first step whose loss is not finite; its reason names the layer when
     ``check_finite`` finds it on that step's batch (``batch_at(step)``, the same batch again) under the weights
-    the skipped updates kept. ``ReconstructionError`` names the steps of the window when a reversible backward
-    drifted beyond ``max_drift``.
+    the skipped updates kept. Then the first step whose gradient norm is not finite at a finite loss.
+    ``ReconstructionError`` names the steps of the window when a reversible backward drifted beyond ``max_drift``.
     """
-    stacked = torch.stack(losses)
+    count = len(losses)
+    stacked = torch.stack(losses + [norm.to(losses[0]) for norm in grad_norms])
     tripped_elsewhere = False
     if world_size > 1:
         # every rank raises together: a drift recorded on one rank alone is counted in the same all-reduce
@@ -357,9 +365,10 @@ def _read_window(
         stats = torch.cat([stacked, torch.tensor([float(stop)], device=stacked.device), tripped])
         torch.distributed.all_reduce(stats)
         *sums, stops, trips = stats.tolist()
-        values, stop, tripped_elsewhere = [total / world_size for total in sums], stops > 0, trips > 0
+        read, stop, tripped_elsewhere = [total / world_size for total in sums], stops > 0, trips > 0
     else:
-        values = stacked.tolist()
+        read = stacked.tolist()
+    values, norms = read[:count], read[count:]
     bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
     if bad is not None:
         cause: Exception | None = None
@@ -370,6 +379,11 @@ def _read_window(
             cause = err
         reason = f"non-finite training loss {values[bad]}" if cause is None else str(cause)
         raise TrainingDiverged(first + bad + 1, reason) from cause
+    bad = next((i for i, norm in enumerate(norms) if not math.isfinite(norm)), None)
+    if bad is not None:
+        raise TrainingDiverged(
+            first + bad + 1, f"non-finite gradient norm {norms[bad]} at a finite training loss {values[bad]:.4g}"
+        )
     try:
         model.check_guards()
     except ReconstructionError as err:
@@ -470,12 +484,16 @@ def train(
         read_every = min(READ_EVERY, max(1, math.ceil(config.steps / PROGRESS_LINES)))
     history: list[float] = []
     pending: list[torch.Tensor] = []  # the losses of the steps since the last read, on the device
+    pending_norms: list[torch.Tensor] = []  # and their gradient norms (none under fp16 loss scaling)
     loss_text = ""
     with _deferred_interrupt() as interrupt_requested, _closing(progress):
         for step in range(start, config.steps):
             try:
                 x, y = local_batch(step)
-                pending.append(_train_step(step_runner, x, y, config.lr_at(step)))
+                loss, grad_norm = _train_step(step_runner, x, y, config.lr_at(step))
+                pending.append(loss)
+                if grad_norm is not None:
+                    pending_norms.append(grad_norm)
             except FloatingPointError as err:  # raised at once, not recorded by a deferred guard: this step's
                 raise TrainingDiverged(step + 1, str(err)) from err
             done = step + 1
@@ -485,9 +503,12 @@ def train(
             # ranks read at the same steps (a read all-reduces): a Ctrl-C forces a read only without other ranks
             if last or done % read_every == 0 or saving or evaluating or (requested and world_size == 1):
                 first = done - len(pending)
-                losses, stop = _read_window(model, pending, first, requested, world_size, local_batch, config.amp)
+                losses, stop = _read_window(
+                    model, pending, pending_norms, first, requested, world_size, local_batch, config.amp
+                )
                 history.extend(losses)
                 pending.clear()
+                pending_norms.clear()
                 recent = history[-50:]
                 loss_text = f"loss {sum(recent) / len(recent):.3f} bits/dim"
             if main and heldout is not None and evaluating:

@@ -87,9 +87,9 @@ def _train_without_host_reads(
             on_batch(at)
         return fetch(source, at, *args, **kwargs)
 
-    def counted_read(model: Glow, losses: list[torch.Tensor], first: int, *args: Any) -> Any:
+    def counted_read(model: Glow, losses: list[torch.Tensor], norms: list[torch.Tensor], first: int, *args: Any) -> Any:
         read_at.append(first + len(losses))
-        return read_window(model, losses, first, *args)
+        return read_window(model, losses, norms, first, *args)
 
     monkeypatch.setattr(train_module, "_train_step", armed_step)
     monkeypatch.setattr(train_module, "batch_at_step", reads.allow(fetch_batch))

@@ -205,6 +205,24 @@ def test_a_non_finite_loss_names_the_global_step(tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1]["extra"]["step"] == 3, "the last checkpoint survives"
 
 
+@pytest.mark.parametrize("clip", [50.0, 0.0])
+def test_non_finite_gradients_at_a_finite_loss_name_their_step_and_never_reach_the_weights(clip):
+    """A gradient that blows up while the loss stays finite (here: a hook on step 3's backward) is caught like a
+    non-finite loss: that step is named and its update, and every later one, skipped."""
+    model, steps_done = _model(), []
+    weight = next(model.parameters())
+
+    def blow_up(grad: torch.Tensor) -> torch.Tensor:
+        steps_done.append(1)
+        return grad * float("inf") if len(steps_done) == 3 else grad
+
+    weight.register_hook(blow_up)
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step 3 \(non-finite gradient norm") as info:
+        train(model, _data(), TrainConfig(steps=6, batch=8, progress=False, clip=clip))
+    assert info.value.step == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_resume_from_a_checkpoint_of_a_non_fused_adam(tmp_path):
     """Checkpoints written before the training step went sync-free hold a non-fused Adam's settings."""
     train(_model(), _data(), _config(tmp_path, 2))
