@@ -128,6 +128,26 @@ def _run_case(
     return train_step.resolution_sweep(device, quick, resolutions, budget)
 
 
+_NOT_IDENTITY = {"skipped", "run", "error"}
+"""Row keys that do not say which unit a row measures (a skipped row carries the unit's keys and these)."""
+
+
+def _skipped_for_time(row: dict[str, Any]) -> bool:
+    return str(row.get("skipped", "")).startswith("time")
+
+
+def _earlier_measured(row: dict[str, Any], earlier: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The one measured row of ``earlier`` for the unit of ``row`` (same values for every key of ``row`` that says
+    which unit it is); None when there is none, or several."""
+    identity = {k: v for k, v in row.items() if k not in _NOT_IDENTITY}
+    if not identity:
+        return None
+    matches = [
+        r for r in earlier if "skipped" not in r and all(k in r and r[k] == v for k, v in identity.items())
+    ]  # fmt: skip
+    return matches[0] if len(matches) == 1 else None
+
+
 def _merged(
     case: str,
     rows: list[dict[str, Any]],
@@ -135,15 +155,30 @@ def _merged(
     channels: tuple[int, ...] | None,
     resolutions: tuple[int, ...] | None,
 ) -> list[dict[str, Any]]:
-    """``rows`` of a run of ``case`` restricted by ``--channels`` or ``--resolutions``, with the ``earlier`` rows
-    of the channels or resolutions it did not run (so a grid can be run in parts); otherwise ``rows``."""
+    """``rows`` of a run of ``case``, merged with the ``earlier`` rows of the results file:
+
+    - restricted by ``--channels`` or ``--resolutions``, the earlier rows of the channels or resolutions the run
+      did not measure stay (so a grid can be run in parts);
+    - a row the run skipped for time (``skipped: time``) gives way to the earlier measured row of the same unit,
+      which keeps its own ``run`` stamp; a case skipped whole keeps all its earlier rows.
+
+    A time-boxed run thus never replaces a measurement with a skip."""
+    if rows and all(_skipped_for_time(r) and not set(r) - _NOT_IDENTITY for r in rows) and earlier:
+        return earlier
     if case == "actnorm_invconv" and channels:
-        kept = [r for r in earlier if r["channels"] not in channels]
-        return sorted(kept + rows, key=lambda r: (r["channels"], r["height"]))  # stable: mode, variant
-    if case in RESOLUTION_CASES and resolutions:
+        kept = [r for r in earlier if r.get("channels") not in channels]
+        rows = sorted(kept + rows, key=lambda r: (r.get("channels", 0), r.get("height", 0)))  # stable: mode, variant
+    elif case in RESOLUTION_CASES and resolutions:
         kept = [r for r in earlier if r.get("resolution") not in resolutions]
-        return sorted(kept + rows, key=lambda r: r.get("resolution", 0))  # stable: mode
-    return rows
+        rows = sorted(kept + rows, key=lambda r: r.get("resolution", 0))  # stable: mode
+    return [(_skipped_for_time(r) and _earlier_measured(r, earlier)) or r for r in rows]
+
+
+def _stamped(rows: list[dict[str, Any]], env: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
+    """``rows`` with the ``run`` they come from: the date, and ``quick`` for a ``--quick`` run (a results file
+    merges rows of several runs)."""
+    run = env["date"] + (" quick" if quick else "")
+    return [{**row, "run": run} for row in rows]
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -154,11 +189,11 @@ def _threshold_note(rows: list[dict[str, Any]]) -> str:
     """The channel-mix kernel threshold these results support, as a line under the case's table."""
     threshold = bench_actnorm_invconv.kernel_max_channels(rows)
     if threshold is None:
-        return "\nNo fused (Triton) timings here: this run says nothing of KERNEL_MAX_CHANNELS.\n"
+        return "\nNo fused (Triton) timings here: these rows say nothing of KERNEL_MAX_CHANNELS.\n"
     timed = sorted({r["channels"] for r in rows})
     missing = sorted(set(bench_actnorm_invconv.CHANNELS) - set(timed))
     return (
-        f"\nKERNEL_MAX_CHANNELS supported by this run: {threshold} (largest C where fused beats eager at every "
+        f"\nKERNEL_MAX_CHANNELS supported by these rows: {threshold} (largest C where fused beats eager at every "
         f"size, forward and forward+backward, and at every smaller C timed; C timed: {timed}"
         + (f"; not timed: {missing}" if missing else "")
         + ").\n"
@@ -170,19 +205,24 @@ def _earlier_results(path: str, device: str) -> dict[str, list[dict[str, Any]]]:
     can be run case by case within a time limit) instead of dropping the others."""
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        earlier = json.load(f)
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError) as err:  # e.g. cut short by a kill in an older version's in-place write
+        aside = f"{path}.unreadable"
+        os.replace(path, aside)
+        print(f"warning: {path} could not be read ({err}); moved to {aside}, starting a new file", flush=True)
+        return {}
     return earlier["results"] if earlier.get("environment", {}).get("device") == device else {}
 
 
-def _write(
-    results: dict[str, list[dict[str, Any]]], env: dict[str, Any], quick: bool, out: str, slug: str
-) -> list[str]:
-    """Write ``<slug>.json``, ``.md`` and ``.png`` under ``out`` from every case in ``results``."""
+def _write(results: dict[str, list[dict[str, Any]]], env: dict[str, Any], out: str, slug: str) -> list[str]:
+    """Write ``<slug>.json``, ``.md`` and ``.png`` under ``out`` from every case in ``results``; ``env`` is the
+    latest run's (the rows say their own run)."""
     tables = {case: _table(rows) for case, rows in results.items()}
     if "actnorm_invconv" in results:
         tables["actnorm_invconv"] += _threshold_note(results["actnorm_invconv"])
-    payload = {"environment": env, "quick": quick, "results": results}
+    payload = {"environment": env, "results": results}  # each row's "run" says its date and whether it was quick
     json_path, md_path = write_results(payload, tables, out, slug)
     png_path = plot_results(results, f"{out}/{slug}.png", env["device"])
     return [json_path, md_path] + ([png_path] if png_path else [])
@@ -262,10 +302,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n## {case}: skipped, no time left", flush=True)
         else:
             rows = _run_case(case, device, DTYPES[args.dtype], args.quick, args.channels, args.resolutions, budget)
+            rows = _stamped(rows, env, args.quick)
             results[case] = _merged(case, rows, results.get(case, []), args.channels, args.resolutions)
             print(f"\n## {case} ({time.perf_counter() - start:.0f} s)\n\n{_table(results[case])}", flush=True)
         # Written after every case: a time limit loses only the case in hand.
-        paths = _write(results, env, args.quick, args.out, slug)
+        paths = _write(results, env, args.out, slug)
     if "actnorm_invconv" in results:
         print(_threshold_note(results["actnorm_invconv"]))
     if paths:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -148,18 +149,26 @@ class BoxedProcess:
         UNIX time ``until`` passes (then it is killed and :attr:`killed` set)."""
         while True:
             try:
+                if until is not None and time.time() >= until:
+                    raise queue.Empty  # checked on every line: a child that never stops printing is killed too
                 line = self._lines.get(timeout=None if until is None else max(until - time.time(), 0.01))
             except queue.Empty:
-                if self.own_group:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                else:
-                    self.process.kill()
-                self.killed = True
+                self.kill()
                 break
             if line is None:
                 break
             yield line
         self.process.wait()
+
+    def kill(self) -> None:
+        """Kill the child (and its group where it leads one: children it left behind too); :attr:`killed` says
+        whether it was still running."""
+        self.killed = self.process.poll() is None
+        with contextlib.suppress(ProcessLookupError):
+            if self.own_group:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            elif self.killed:
+                self.process.kill()
 
 
 class MismatchError(AssertionError):
@@ -182,13 +191,33 @@ def dynamo_counts() -> tuple[int, int]:
     return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
+DO_BENCH_REP_MS = 100
+"""``triton.testing.do_bench``'s ``rep``: the milliseconds of calls it times (at least one call)."""
+
+
+def _cuda_event_ms(fn: Callable[[], Any]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def median_ms(fn: Callable[[], Any], device: torch.device, reps: int = 20, warmup: int = 3) -> float:
-    """Median wall time of ``fn`` in milliseconds over warm runs: ``triton.testing.do_bench`` (CUDA events)
-    on CUDA, ``time.perf_counter`` around each call on the CPU."""
+    """Median wall time of ``fn`` in milliseconds over warm runs. On CUDA (CUDA events):
+    ``triton.testing.do_bench`` where ``reps`` calls fit its :data:`DO_BENCH_REP_MS`, else (a whole training
+    step: do_bench would time a single call) ``reps`` calls timed one by one after ``warmup`` warm ones. On
+    the CPU, ``time.perf_counter`` around each of ``reps`` calls after ``warmup``."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        fn()  # warm, so that the estimate below is of a warm call
+        if _cuda_event_ms(fn) * reps <= DO_BENCH_REP_MS:
+            return float(do_bench(fn, warmup=25, rep=DO_BENCH_REP_MS, return_mode="median"))
+        for _ in range(warmup - 2):
+            fn()
+        return statistics.median(_cuda_event_ms(fn) for _ in range(reps))
     for _ in range(warmup):
         fn()
     times = []
@@ -288,16 +317,24 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
 
 
 def write_results(payload: dict[str, Any], tables: dict[str, str], out_dir: str, slug: str) -> tuple[str, str]:
-    """Write ``<out_dir>/<slug>.json`` and ``<out_dir>/<slug>.md``; returns both paths."""
+    """Write ``<out_dir>/<slug>.json`` and ``<out_dir>/<slug>.md``, each whole or not at all (written beside and
+    renamed: a kill mid-write leaves the previous file); returns both paths."""
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, f"{slug}.json")
     md_path = os.path.join(out_dir, f"{slug}.md")
-    with open(json_path, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
     env = payload["environment"]
-    header = f"# fastflow benchmarks on {env['device']} ({env['date']}, torch {env['torch']}, triton {env['triton']})\n"
-    with open(md_path, "w") as f:
-        f.write(header)
-        for title, table in tables.items():
-            f.write(f"\n## {title}\n\n{table}\n")
+    header = (
+        f"# fastflow benchmarks on {env['device']} (latest run {env['date']}, torch {env['torch']}, "
+        f"triton {env['triton']}; each row's `run` gives its date, and `quick` for a --quick run)\n"
+    )
+    markdown = header + "".join(f"\n## {title}\n\n{table}\n" for title, table in tables.items())
+    _replace_file(json_path, json.dumps(payload, indent=2, default=str))
+    _replace_file(md_path, markdown)
     return json_path, md_path
+
+
+def _replace_file(path: str, text: str) -> None:
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        f.write(text)
+    os.replace(partial, path)

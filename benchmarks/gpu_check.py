@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -95,6 +96,18 @@ def deadlines(plan: Sequence[Step], start: float, total_s: float) -> list[float]
     return ends
 
 
+_RUNNING: list[BoxedProcess] = []
+"""The step running now: each runs in a process group of its own, which a signal to ours does not reach."""
+
+
+def _stop_running(signum: int, frame: object) -> None:
+    """On SIGTERM or SIGINT (a ``timeout`` around ``make gpu-check``, Ctrl-C): kill the running step's group too,
+    so that nothing keeps the GPU or writes results after the check is gone."""
+    for child in _RUNNING:
+        child.kill()
+    raise SystemExit(128 + signum)
+
+
 def _run(step: Step, until: float, log_path: str | None) -> str:
     """Run ``step`` until it ends or ``until`` (UNIX time) passes; returns its status. Output goes to this
     process's stdout and to ``log_path``."""
@@ -103,11 +116,15 @@ def _run(step: Step, until: float, log_path: str | None) -> str:
         cmd += ["--deadline", f"{until - SOFT_MARGIN_S:.0f}"]
     with open(log_path, "w") if log_path else contextlib.nullcontext() as log:
         child = BoxedProcess(cmd, {"PYTHONUNBUFFERED": "1", **step.env})  # a killed step's log keeps its lines
-        for line in child.lines(until):
-            print(line, end="", flush=True)
-            if log:
-                log.write(line)
-                log.flush()
+        _RUNNING.append(child)
+        try:
+            for line in child.lines(until):
+                print(line, end="", flush=True)
+                if log:
+                    log.write(line)
+                    log.flush()
+        finally:
+            _RUNNING.remove(child)
     if child.killed:
         return "killed at its time box"
     return "ok" if child.process.returncode == 0 else f"failed (exit {child.process.returncode})"
@@ -141,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown steps {unknown}; choose from {[s.name for s in PLAN]}")
         plan = [s for s in PLAN if s.name in names]
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_running)
     start = time.time()
     ends = deadlines(plan, start, args.total_s)
     log_dir = os.path.join(args.out, "gpu-check") if args.out else None

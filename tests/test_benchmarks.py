@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 
 import pytest
@@ -57,7 +58,7 @@ def test_cpu_run_of_some_channels_keeps_the_other_channels_rows(tmp_path):
         (h, m, v) for h in (32, 128) for m in ("forward", "forward+backward") for v in ("eager", "fused", "compiled")
     }
     assert all(r["median_ms"] > 0 for r in new if r["error"] is None)
-    assert "says nothing of KERNEL_MAX_CHANNELS" in (tmp_path / "cpu.md").read_text()
+    assert "say nothing of KERNEL_MAX_CHANNELS" in (tmp_path / "cpu.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -100,7 +101,9 @@ def test_threshold_note_names_the_channels_timed():
     from benchmarks.__main__ import _threshold_note
 
     note = _threshold_note(_rows({48: [2.0], 96: [1.5]}))
-    assert "supported by this run: 96" in note and "C timed: [48, 96]" in note and "not timed: [6, 12, 24, 128]" in note
+    assert (
+        "supported by these rows: 96" in note and "C timed: [48, 96]" in note and "not timed: [6, 12, 24, 128]" in note
+    )
 
 
 def test_census_counts_launches_and_bytes_per_pixel():
@@ -212,15 +215,137 @@ def test_resolution_rows_merge_with_earlier_ones():
     assert _merged("largest_batch", new, earlier, None, None) == new  # a full run replaces the case
 
 
+def test_a_time_boxed_run_never_replaces_a_measurement_with_a_skip():
+    """Rows skipped for time give way to the earlier measured row of the same unit (with its own run stamp); a
+    case skipped whole keeps its earlier rows; measured rows replace earlier ones; an earlier case-level skip
+    row (no channels key) does not break a --channels merge."""
+    from benchmarks.__main__ import _merged
+
+    earlier = [
+        {"size": "a", "variant": "eager", "ms": 1.0, "run": "2026-11-25"},
+        {"size": "b", "variant": "eager", "ms": 2.0, "run": "2026-11-25"},
+        {"size": "c", "variant": "eager", "error": "oom", "run": "2026-11-25"},
+    ]
+    new = [
+        {"size": "a", "variant": "eager", "ms": 1.5, "run": "2026-11-27"},
+        {"size": "b", "variant": "eager", "skipped": "time", "run": "2026-11-27"},
+        {"size": "c", "variant": "eager", "skipped": "time", "run": "2026-11-27"},
+        {"size": "d", "variant": "eager", "skipped": "time", "run": "2026-11-27"},
+    ]
+    assert _merged("coupling", new, earlier, None, None) == [new[0], earlier[1], earlier[2], new[3]]
+    whole_skip = [{"skipped": "time", "run": "2026-11-27"}]
+    assert _merged("coupling", whole_skip, earlier, None, None) == earlier
+    assert _merged("coupling", whole_skip, [], None, None) == whole_skip
+    rows = [{"channels": 6, "height": 32, "ms": 1.0}]
+    assert _merged("actnorm_invconv", rows, [{"skipped": "time"}], (6,), None) == [{"skipped": "time"}, *rows]
+    ambiguous = [{"size": "b", "variant": "eager", "ms": 2.0}, {"size": "b", "variant": "eager", "ms": 3.0}]
+    assert _merged("coupling", new[1:2], ambiguous, None, None) == new[1:2]  # which one? neither
+
+
+def test_results_are_stamped_and_written_whole(tmp_path, capsys, monkeypatch):
+    """Each row says its run (date, quick); the files are replaced whole (no partial file left); an unreadable
+    results file is moved aside with a warning instead of failing the run."""
+    from benchmarks import census
+    from benchmarks.__main__ import _stamped
+
+    env = {"date": "2026-11-27"}
+    assert _stamped([{"a": 1}], env, True) == [{"a": 1, "run": "2026-11-27 quick"}]
+    assert _stamped([{"a": 1}], env, False) == [{"a": 1, "run": "2026-11-27"}]
+    (tmp_path / "cpu.json").write_text('{"environment": {"dev')  # cut short by a kill mid-write
+    monkeypatch.setattr(census, "census_rows", lambda device, budget=None: [{"case": "x", "mode": "eager"}])
+    assert main(["--device", "cpu", "--cases", "census", "--quick", "--out", str(tmp_path)]) == 0
+    assert "could not be read" in capsys.readouterr().out
+    assert (tmp_path / "cpu.json.unreadable").read_text() == '{"environment": {"dev'
+    payload = json.loads((tmp_path / "cpu.json").read_text())
+    run = f"{payload['environment']['date']} quick"
+    assert payload["results"] == {"census": [{"case": "x", "mode": "eager", "run": run}]}
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_cuda_median_of_a_long_call_times_every_rep(monkeypatch):
+    """A call too long for do_bench's 100 ms (which would time it once) is timed ``reps`` times, one by one."""
+    import triton.testing
+
+    from benchmarks import common
+
+    calls = []
+    timings = iter([300.0, 310.0, 290.0, 500.0])  # the estimate, then three reps
+    monkeypatch.setattr(common, "_cuda_event_ms", lambda fn: (fn(), next(timings))[1])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda *a, **k: pytest.fail("do_bench times one call"))
+    assert common.median_ms(lambda: calls.append(1), torch.device("cuda"), reps=3, warmup=1) == 310.0
+    assert len(calls) == 5  # a warm call, the estimate, three reps
+    monkeypatch.setattr(common, "_cuda_event_ms", lambda fn: 1.0)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **k: 0.5)
+    assert common.median_ms(lambda: None, torch.device("cuda"), reps=20) == 0.5  # short calls: do_bench
+
+
+def test_flowstep_check_scales_with_dtype_and_a_mismatch_loses_its_time(monkeypatch):
+    from benchmarks import bench_flowstep
+    from benchmarks.common import MismatchError
+
+    want = torch.linspace(-4, 4, 64, dtype=torch.bfloat16)
+    got = (want.float() + 0.023).to(torch.bfloat16)  # within bfloat16's rounding of a whole step
+    bench_flowstep._check("bf16", [("y", got), ("logdet", got)], [("y", want), ("logdet", want)])
+    with pytest.raises(MismatchError):
+        bench_flowstep._check("fp32", [("y", got.float())], [("y", want.float())])
+
+    monkeypatch.setattr(bench_flowstep, "_sizes", lambda device, quick: [(2, 4, 4, 4, 8)])
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    checked = bench_flowstep._check
+
+    def wrong_compile(name, results, eager):
+        if name == "compile":
+            raise MismatchError("flowstep compile y: fused result differs from eager")
+        checked(name, results, eager)
+
+    monkeypatch.setattr(bench_flowstep, "_check", wrong_compile)
+    rows = {r["variant"]: r for r in bench_flowstep.run(torch.device("cpu"), torch.float32, quick=True)}
+    assert "fwd_bwd_ms" not in rows["compile"] and rows["compile"]["error"].startswith("MismatchError")
+    assert rows["eager"]["speedup_vs_eager"] == 1.0 and "speedup_vs_compile" not in rows["eager"]
+
+
+def test_a_child_that_never_stops_printing_is_killed_at_its_box():
+    from benchmarks.common import BoxedProcess
+
+    child = BoxedProcess([sys.executable, "-c", "while True: print('x', flush=True)"])
+    start = time.time()
+    for _ in child.lines(until=start + 1):
+        pass
+    assert child.killed and time.time() - start < 10
+
+
+def test_gpu_check_takes_the_running_step_down_with_it():
+    """SIGTERM or SIGINT to gpu-check (a timeout around make) kills the running step's own process group."""
+    import signal
+
+    from benchmarks import gpu_check
+    from benchmarks.common import BoxedProcess
+
+    child = BoxedProcess([sys.executable, "-c", "import time; time.sleep(60)"])
+    gpu_check._RUNNING.append(child)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            gpu_check._stop_running(signal.SIGTERM, None)
+    finally:
+        gpu_check._RUNNING.remove(child)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert child.process.wait(timeout=10) == -signal.SIGKILL and child.killed
+
+
 def test_train_modes_rows_compare_with_eager_and_compile(monkeypatch):
     from benchmarks import step_modes
 
+    def measured(ms, loss_step1, loss_check, grad_norm=2.0, update_norm=0.1):
+        return dict(
+            ms=ms, loss_step1=loss_step1, loss_check=loss_check, grad_norm_check=grad_norm, update_norm=update_norm
+        )
+
     got = {
-        ("eager", 0): {"ms": 30.0, "loss_step1": 5.0, "loss_check": 4.0},
-        ("cuda-graph", 0): {"ms": 10.0, "loss_step1": 5.01, "loss_check": 4.01},
-        ("compile", 0): {"ms": 15.0, "loss_step1": 5.0, "loss_check": 4.0},
-        ("eager", 1): {"ms": 90.0, "loss_step1": 4.0, "loss_check": 3.0},
-        ("cuda-graph", 1): {"ms": 30.0, "loss_step1": 4.0, "loss_check": 3.5},  # a wrong replayed step
+        ("eager", 0): measured(30.0, 5.0, 4.0),
+        ("cuda-graph", 0): measured(10.0, 5.01, 4.01, grad_norm=2.02),  # within bf16's tolerances
+        ("compile", 0): measured(15.0, 5.0, 4.0, update_norm=0.102),
+        ("eager", 1): measured(90.0, 4.0, 3.0),
+        ("cuda-graph", 1): measured(30.0, 4.0, 3.5),  # a wrong replayed step
     }
     monkeypatch.setattr(step_modes, "_child_rows", lambda order, budget: (got, {"skipped": "time"}))
     rows = {(r["resolution"], r["mode"]): r for r in step_modes.gpu_mode_rows()}
@@ -228,8 +353,31 @@ def test_train_modes_rows_compare_with_eager_and_compile(monkeypatch):
     assert rows[32, "cuda-graph"]["matches_eager"] and rows[32, "compile"]["matches_eager"]
     wrong = rows[256, "cuda-graph"]  # its first loss matches: the check after the updates does not, so no time
     assert not wrong["matches_eager"] and "ms" not in wrong and "speedup_vs_eager" not in wrong
-    assert wrong["error"].startswith("mismatch")
+    assert wrong["error"].startswith("mismatch with eager: loss_check 3.5 against 3")
     assert rows[256, "compile"] == {**step_modes.GPU_CONFIGS[1], "mode": "compile", "skipped": "time"}
+
+    # equal losses (the update at TIMING_LR moves them less than bf16's tolerance) do not hide a gradient off by
+    # a constant factor (which Adam's normalised update would not show) nor a replay that updated nothing
+    got[("cuda-graph", 0)] = measured(10.0, 5.0, 4.0, grad_norm=3.0)
+    got[("compile", 0)] = measured(15.0, 5.0, 4.0, update_norm=0.1 * (1 - 1 / step_modes.CHECK_STEP))
+    rows = {(r["resolution"], r["mode"]): r for r in step_modes.gpu_mode_rows()}
+    assert "grad_norm_check 3 against 2" in rows[32, "cuda-graph"]["error"] and "ms" not in rows[32, "cuda-graph"]
+    assert "update_norm" in rows[32, "compile"]["error"] and not rows[32, "compile"]["matches_eager"]
+
+
+def test_step_variants_agree_with_eager_within_the_fp32_check():
+    """A real reversible step matches eager's losses, gradient norm and updates within :data:`_CHECKED`'s float32
+    tolerances (which a wrong mode fails: the mocked rows above), and the check reads a gradient norm from
+    TrainStep."""
+    from benchmarks import step_modes
+
+    cfg = {"resolution": 8, "levels": 2, "steps": 2, "hidden": 8, "batch": 2, "amp": None}
+    rows = [
+        {"variant": name, **step_modes._Variant(cfg, "eager", reversible, torch.device("cpu")).row(1.0)}
+        for name, reversible in (("eager", False), ("reversible", True))
+    ]
+    step_modes._compare(rows, rows[0], None)
+    assert rows[1]["matches_eager"] and rows[0]["grad_norm_check"] > 0 and rows[0]["update_norm"] > 0
 
 
 def test_train_modes_runs_one_resolution_in_a_call_of_its_own(monkeypatch):
@@ -242,6 +390,10 @@ def test_train_modes_runs_one_resolution_in_a_call_of_its_own(monkeypatch):
     monkeypatch.setattr(step_modes, "_child_rows", lambda order, budget: (orders.append(order), ({}, {}))[1])
     rows = step_modes.gpu_mode_rows(resolutions=(32,))
     assert orders == [[("eager", 0), ("cuda-graph", 0), ("compile", 0)]]
+    step_modes.gpu_mode_rows()  # both sizes: the compilations (the slow part) after every eager and graph row
+    assert orders[1] == [
+        ("eager", 0), ("cuda-graph", 0), ("eager", 1), ("cuda-graph", 1), ("compile", 0), ("compile", 1),
+    ]  # fmt: skip
     assert {(r["resolution"], r["mode"]) for r in rows} == {(32, "eager"), (32, "compile"), (32, "cuda-graph")}
     earlier = [{"resolution": r, "mode": "eager", "ms": 1.0} for r in (32, 256)]
     assert [r["resolution"] for r in _merged("train_modes", rows, earlier, None, (32,))] == [32, 32, 32, 256]
