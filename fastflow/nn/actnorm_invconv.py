@@ -209,14 +209,27 @@ def _take_gradients(
     pending.extend(params)
 
 
+def _runs_as_written(module: nn.Module, kind: type[nn.Module]) -> bool:
+    """Whether ``module`` computes ``kind``'s own forward and inverse and has no hooks: then fusing it with its
+    neighbour changes nothing (the fused op reads its parameters, it does not call it)."""
+    hooks = (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks)
+    own = type(module).forward is kind.forward and type(module).inverse is kind.inverse  # type: ignore[attr-defined]
+    return isinstance(module, kind) and own and not any(hooks)
+
+
 def _is_pair(first: nn.Module, second: nn.Module) -> bool:
-    return isinstance(first, ActNorm) and isinstance(second, InvConv1x1) and first.num_channels == second.num_channels
+    return (
+        _runs_as_written(first, ActNorm)
+        and _runs_as_written(second, InvConv1x1)
+        and first.num_channels == second.num_channels  # type: ignore[union-attr]
+    )
 
 
 def chain_units(layers: Iterable[nn.Module]) -> list[nn.Module | ActNormInvConv]:
     """What a container runs for ``layers``, in order: the layers, except that an :class:`ActNorm` directly
     followed by an :class:`InvConv1x1` of its width (or :class:`~fastflow.nn.InvertibleLinear`) becomes one
-    :class:`ActNormInvConv`."""
+    :class:`ActNormInvConv`, unless either has hooks or a subclass's own ``forward`` or ``inverse`` (those run
+    as the layers they are)."""
     units: list[nn.Module | ActNormInvConv] = []
     for layer in layers:
         previous = units[-1] if units else None

@@ -137,9 +137,19 @@ class _Coupling(FlowLayer):
         return x * mask, mask, None
 
     def _net_output(self, a: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        """The network's output on ``a`` (and the context), in ``a``'s dtype."""
+        """The network's output on ``a`` (and the context), in ``a``'s dtype; ``ValueError`` naming ``subnet``
+        unless it is ``(B, outputs_per_channel * out_channels, ...)`` with ``a``'s batch and spatial size (a
+        wider one would transform the conditioning channels too: no inverse, a wrong log-det)."""
         # the context joins the network input; without one no torch.cat (a is a view of the coupling input)
         out = self.net(a if context is None else torch.cat([a, context], dim=1))
+        expected = (a.shape[0], self.outputs_per_channel * self.out_channels, *a.shape[2:])
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"the coupling's subnet returned {got} for an input of shape {tuple(a.shape)}; it must return shape "
+                f"{expected}: subnet(in_features, out_features) must map in_features to out_features = "
+                f"{self.outputs_per_channel} x {self.out_channels}"
+            )
         # Under autocast the network may answer in another dtype; the transform runs in the input's dtype.
         return out.to(a.dtype)
 
@@ -238,8 +248,10 @@ class _Coupling(FlowLayer):
             x, grad_x, grad_outs = self._transform_backward_from_output(
                 y[core], [o.detach() for o in outs], grad_y[core], grad_logdet, b_start
             )
-        torch.autograd.backward(outs, grad_outs, inputs=[a, *inputs])
-        return x, grad_x, a.grad
+        pairs = [(o, g) for o, g in zip(outs, grad_outs) if o.requires_grad]  # a subnet may ignore its input
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], inputs=[a, *inputs])
+        return x, grad_x, a.grad if a.grad is not None else torch.zeros_like(a)
 
     def backward_from_output(
         self,

@@ -15,13 +15,15 @@ unit, run and recomputed as the one fused op. Units that share parameter-only wo
 backward once for the rebuild and once with a graph for the recomputes, which take the weights as detached
 leaves; one backward through that graph at the end of the walk takes the leaves' gradients to the parameters.
 Parameter gradients are accumulated into ``.grad`` by nested backward calls, as reentrant checkpointing does:
-``loss.backward()`` (and DDP) see them, ``torch.autograd.grad(loss, params)`` does not. A ``context`` is an input
+``loss.backward()`` (and DDP) see them, ``torch.autograd.grad(loss, params)`` does not; a backward that takes no
+parameter gradients (``torch.autograd.grad(loss, x)``, ``loss.backward(inputs=[x])``) leaves ``.grad`` as it was.
+There is no double backward (``create_graph=True`` raises). A ``context`` is an input
 of the chain like ``x``: every layer sees it, and its gradient (the sum over the layers, collected on a leaf
 during the walk) is returned to autograd, so ``torch.autograd.grad`` w.r.t. the context works.
 
 Drift guard: after the walk, the rebuilt chain input is compared with the saved one (relative drift
-``max|x_rebuilt - x| / max|x|`` against ``max_drift``). How a drift beyond it is reported depends on where the
-forward ran:
+``max|x_rebuilt - x| / max(max|x|, max|y|)`` against ``max_drift``, ``y`` the chain output). How a drift beyond
+it is reported depends on where the forward ran:
 
 - immediately, by default: the backward reads the drift (a host sync) and raises :class:`ReconstructionError`
   instead of returning gradients computed at wrong points, and the chain's parameters keep the ``.grad`` they
@@ -71,7 +73,7 @@ __all__ = [
     "reversible_chain",
 ]
 
-# Relative drift max|x_rebuilt - x| / max|x| tolerated per chain, by dtype of the chain input.
+# Relative drift max|x_rebuilt - x| / max(max|x|, max|y|) tolerated per chain, by dtype of the chain input.
 DEFAULT_MAX_DRIFT = {torch.float64: 1e-8, torch.float32: 1e-3, torch.bfloat16: 1e-1, torch.float16: 5e-2}
 TF32_MAX_DRIFT = 5e-2
 """Default for float32 chains on CUDA while ``torch.backends.cudnn.allow_tf32`` is on (PyTorch's default):
@@ -394,6 +396,7 @@ class _ReversibleChain(torch.autograd.Function):
         anchor: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.layers = layers
+        ctx.parameters_node = anchor.grad_fn  # runs in a backward that takes the parameters' gradients (below)
         ctx.tol = default_max_drift(x) if max_drift is None else max_drift
         # decided here, where the caller's context is: the backward may run on another thread (autograd's)
         deferred = ctx.tol != math.inf and guards_deferred(x)
@@ -410,6 +413,11 @@ class _ReversibleChain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor, grad_logdet: torch.Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # only under create_graph=True
+            raise RuntimeError(
+                "a reversible chain has no double backward (create_graph=True): its walk records no graph, so the "
+                "gradients it returns could not be differentiated again; set reversible=False for this"
+            )
         x_in, context = ctx.saved_tensors
         y = ctx.output.take()
         if context is not None:  # a leaf that collects the context's gradient over the walk
@@ -418,8 +426,10 @@ class _ReversibleChain(torch.autograd.Function):
             grad_y = torch.zeros_like(y)
         if grad_logdet is None:
             grad_logdet = y.new_zeros(y.shape[0], dtype=torch.float32)
-        # an immediate check commits gradients only once it passed: the walk accumulates into fresh ones
-        params = _params(ctx.layers) if ctx.immediate else []
+        # an immediate check commits gradients only once it passed: the walk accumulates into fresh ones; a backward
+        # that does not take the parameters' gradients (torch.autograd.grad, backward(inputs=...)) gets none
+        wanted = _parameter_gradients_wanted(ctx.parameters_node)
+        params = _params(ctx.layers) if ctx.immediate or not wanted else []
         grads_before = [p.grad for p in params]
         for p in params:
             p.grad = None
@@ -429,23 +439,36 @@ class _ReversibleChain(torch.autograd.Function):
             autocast = torch.autocast(
                 ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast, cache_enabled=False
             )
+            output_size = _largest_magnitude(y) if ctx.record is not None or ctx.immediate else None
             handed = [y, grad_y]
             del y  # the walk drops the chain's output after its last unit
             with autocast:
                 y, grad_y = _walk(ctx.layers, handed, grad_logdet, context, None)
-            if ctx.record is not None:
-                ctx.record.note(_relative_drift(y, x_in), ctx.tol)
-            elif ctx.immediate:
-                _raise_if_beyond(float(_relative_drift(y, x_in)), ctx.tol)
+            if output_size is not None:
+                drift = _relative_drift(y, x_in, output_size)
+                if ctx.record is not None:
+                    ctx.record.note(drift, ctx.tol)
+                else:
+                    _raise_if_beyond(float(drift), ctx.tol)
         except BaseException:
             for p, before in zip(params, grads_before):  # no gradients computed at wrong points reach .grad
                 p.grad = before
             raise
         for p, before in zip(params, grads_before):
-            if before is not None:
+            if not wanted:
+                p.grad = before
+            elif before is not None:
                 p.grad = before if p.grad is None else before.add_(p.grad)
         grad_context = None if context is None else context.grad
         return grad_y, grad_context, None, None, None, None
+
+
+def _parameter_gradients_wanted(node: Any) -> bool:
+    """Whether the running backward takes the chain's parameter gradients: whether it will run ``node``, the chain's
+    anchor's view (:func:`reversible_chain`), which ``loss.backward()`` does and ``torch.autograd.grad(loss, x)``
+    or ``loss.backward(inputs=[x])`` do not. True where torch cannot say."""
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+    return node is not None and (will_execute is None or bool(will_execute(node)))
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
@@ -478,12 +501,24 @@ def check_max_drift(max_drift: float | None) -> float | None:
     return float(max_drift)
 
 
-def _relative_drift(rebuilt: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    """``max|rebuilt - original| / max|original|`` as a 0-dim float32 tensor on the device (no host read). The
-    difference is taken in the inputs' dtype and then cast: cast first, float64 inputs could not show a drift
-    below float32's rounding (6e-8), above float64's default ``max_drift``."""
+def _largest_magnitude(t: torch.Tensor) -> torch.Tensor:
+    """``max|t|`` as a 0-dim float32 tensor on the device (0 for an empty ``t``)."""
+    if t.numel() == 0:
+        return t.new_zeros((), dtype=torch.float32)
+    return t.detach().abs().max().float()
+
+
+def _relative_drift(rebuilt: torch.Tensor, original: torch.Tensor, output_size: torch.Tensor) -> torch.Tensor:
+    """``max|rebuilt - original| / max(max|original|, output_size)`` (0 for an empty batch) as a 0-dim float32
+    tensor on the device (no host read), where ``output_size`` is ``max|y|`` of the chain's output: the rebuild's
+    rounding follows the activations along the chain, so an input near zero is measured against the output too
+    (against its own size alone, an all-zero input whose activations are O(1) tripped the guard). The difference
+    is taken in the inputs' dtype and then cast: cast first, float64 inputs could not show a drift below float32's
+    rounding (6e-8), above float64's default ``max_drift``."""
     original = original.detach()
-    scale = original.abs().max().float().clamp_min(1e-12)
+    if original.numel() == 0:
+        return output_size.new_zeros(())
+    scale = torch.maximum(_largest_magnitude(original), output_size).clamp_min(1e-12)
     return (rebuilt - original.to(rebuilt.dtype)).abs().max().float() / scale
 
 
@@ -513,4 +548,6 @@ def reversible_chain(
     # AccumulateGrad (with no gradient) after the walk's nested backward had, and DistributedDataParallel marks a
     # parameter ready on each: "Expected to mark a variable ready only once" with two or more chains.
     anchor = x.new_empty(0).requires_grad_(any(p.requires_grad for p in layers.parameters()))
-    return _ReversibleChain.apply(x, context, layers, max_drift, record, anchor)
+    # through a view: the backward asks whether the running backward will execute the view's node, which tells a
+    # backward that takes parameter gradients from one that does not (no such query exists for a leaf)
+    return _ReversibleChain.apply(x, context, layers, max_drift, record, anchor.view_as(anchor))

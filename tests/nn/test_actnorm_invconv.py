@@ -128,6 +128,29 @@ def test_units_pair_only_an_actnorm_directly_before_an_invconv_of_its_width():
     assert units[1].parameters() == [*actnorm.parameters(), *conv.parameters()]
 
 
+def test_a_pair_with_hooks_or_its_own_forward_runs_as_its_layers():
+    """The fused unit reads the layers' parameters, it does not call them: a layer with a hook, or a subclass with a
+    forward of its own, is not fused (its hook fires, its forward runs)."""
+    class Clamped(ActNorm):
+        def forward(self, x, context=None):
+            y, logdet = super().forward(x, context)
+            return y.clamp(-1, 1), logdet
+
+    assert isinstance(chain_units([ActNorm(4), InvertibleLinear(4)])[0], ActNormInvConv)
+    assert [type(u).__name__ for u in chain_units([Clamped(4), InvConv1x1(4)])] == ["Clamped", "InvConv1x1"]
+    seen = []
+    hooked = InvConv1x1(4)
+    hooked.register_forward_hook(lambda module, args, out: seen.append(out[0].shape))
+    chain = FlowSequential(ActNorm(4), hooked).eval()
+    assert [type(u).__name__ for u in chain_units(chain.layers)] == ["ActNorm", "InvConv1x1"]
+    chain(torch.randn(2, 4, 3, 3))
+    assert seen == [torch.Size([2, 4, 3, 3])]
+    chain = FlowSequential(Clamped(4), InvConv1x1(4)).eval()
+    x = 4 * torch.randn(2, 4, 3, 3)
+    by_hand = chain.layers[1](chain.layers[0](x)[0])[0]
+    torch.testing.assert_close(chain(x)[0], by_hand)
+
+
 def test_level_of_chains_built_by_hand_batches_their_weights(monkeypatch):
     """A level nesting chains built by hand computes all their pairs' weights in one call, like FlowSteps'."""
     level = FlowSequential(Squeeze(), *(_by_hand(8, False) for _ in range(3))).eval()

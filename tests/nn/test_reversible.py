@@ -119,7 +119,7 @@ def test_drift_is_measured_in_the_inputs_dtype():
     original = torch.tensor([1.0 + 2.0**-24, 3.0, -2.0], dtype=torch.float64)  # a float32 rounding midpoint
     rebuilt = original.clone()
     rebuilt[0] += 1e-15
-    drift = float(_relative_drift(rebuilt, original))
+    drift = float(_relative_drift(rebuilt, original, torch.zeros(())))
     assert 1e-16 < drift < 1e-15
 
 
@@ -435,3 +435,86 @@ def test_handed_output_is_kept_where_torch_cannot_say_whether_the_graph_is_retai
     handed.take()
     with pytest.raises(RuntimeError, match="second time"):
         handed.take()
+
+
+def _vector_chain(reversible: bool = True) -> FlowSequential:
+    torch.manual_seed(0)
+    chain = FlowSequential(FlowStep(3, 8, vectors=True, scale="exp"), FlowStep(3, 8, vectors=True, scale="exp"))
+    chain = chain.double().train()
+    chain(torch.randn(16, 3, dtype=torch.float64))  # ActNorm's init
+    perturb_parameters(chain, 0.1)
+    chain.reversible = reversible
+    return chain
+
+
+def test_a_double_backward_through_a_reversible_chain_raises_instead_of_dropping_its_term():
+    chain = _vector_chain()
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y, logdet = chain(x)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad((y.square().sum() - logdet.sum()), x, create_graph=True)
+
+
+@pytest.mark.parametrize("how", ["autograd.grad", "backward(inputs=[x])"])
+def test_a_backward_that_takes_no_parameter_gradients_leaves_them_alone(how):
+    """As in standard mode: ``torch.autograd.grad(loss, x)`` and ``backward(inputs=[x])`` give x's gradient and
+    write no parameter's ``.grad`` (before, the walk's nested backward filled them all); a full backward after it
+    gives the parameters exactly their gradients."""
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for reversible in (False, True):
+        chain = _vector_chain(reversible)
+        y, logdet = chain(x)
+        loss = y.square().sum() - logdet.sum()
+        if how == "autograd.grad":
+            (grads[reversible],) = torch.autograd.grad(loss, x, retain_graph=True)
+        else:
+            x.grad = None
+            loss.backward(inputs=[x], retain_graph=True)
+            grads[reversible] = x.grad
+        assert all(p.grad is None for p in chain.parameters())
+        loss.backward()
+        grads[reversible, "params"] = [p.grad.clone() for p in chain.parameters()]
+    torch.testing.assert_close(grads[True], grads[False])
+    for got, want in zip(grads[True, "params"], grads[False, "params"]):
+        torch.testing.assert_close(got, want)
+
+
+def test_an_empty_batch_and_an_all_zero_batch_train_reversibly():
+    """The drift guard is measured against the chain's output too: an all-zero input (whose activations are not
+    zero) rebuilt to float rounding does not trip it, and an empty batch has no drift (before: a crash)."""
+    for batch in (4, 0):
+        x = torch.zeros(batch, 3, dtype=torch.float64)
+        results = []
+        for reversible in (False, True):
+            chain = _vector_chain(reversible)
+            y, logdet = chain(x)
+            (y.square().sum() - logdet.sum()).backward()
+            results.append([p.grad for p in chain.parameters()])
+        for got, want in zip(*results[::-1]):
+            torch.testing.assert_close(got, want)
+
+
+def test_a_subnet_that_ignores_its_input_trains_reversibly():
+    class Constant(torch.nn.Module):
+        def __init__(self, in_features: int, out_features: int) -> None:
+            super().__init__()
+            self.b = torch.nn.Parameter(torch.full((out_features,), 0.1))
+
+        def forward(self, a: torch.Tensor) -> torch.Tensor:
+            return self.b.expand(a.shape[0], -1)
+
+    from fastflow.nn import AffineCoupling
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    results = []
+    for reversible in (False, True):
+        chain = FlowSequential(AffineCoupling(4, 8, "exp", vectors=True, subnet=Constant), reversible=reversible)
+        chain = chain.double()
+        y, logdet = chain(x)
+        x.grad = None
+        (y.square().sum() - logdet.sum()).backward()
+        results.append((x.grad.clone(), chain.layers[0].net.b.grad.clone()))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want)

@@ -198,6 +198,30 @@ def test_subnet_factory_gets_in_and_out_features_including_the_context():
     assert calls == [(3 + 4, 2 * 4), (6 + 1, 6)]
 
 
+@pytest.mark.parametrize("extra", [2, -1])
+@pytest.mark.parametrize("kind", ["affine", "additive", "spline"])
+def test_a_subnet_of_the_wrong_output_width_is_a_clear_error(kind, extra):
+    """A conditioner wider than the coupling's out_features would transform conditioning channels too (no inverse,
+    a wrong log-det); a narrower one would leave channels untransformed: both are refused, naming the subnet."""
+    from fastflow.nn import SplineCoupling
+
+    def subnet(in_features, out_features):
+        return torch.nn.Linear(in_features, out_features + extra)
+
+    def image_subnet(in_features, out_features):
+        return torch.nn.Conv2d(in_features, out_features + extra, 3, padding=1)
+
+    layers = {
+        "affine": lambda: AffineCoupling(4, scale="exp", parity=1, vectors=True, subnet=subnet),
+        "additive": lambda: AdditiveCoupling(4, subnet=image_subnet),
+        "spline": lambda: SplineCoupling(4, vectors=True, subnet=subnet),
+    }
+    layer = layers[kind]()
+    x = torch.randn(2, 4) if kind != "additive" else torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"subnet returned .* it must return shape"):
+        layer(x)
+
+
 @pytest.mark.parametrize("side", [1, 2])
 def test_tiling_runs_on_a_conditioner_that_declares_its_halo_exact_with_context(side):
     """A custom conditioner with ``halo`` tiles exactly: outputs, and the reversible backward's input, parameter
