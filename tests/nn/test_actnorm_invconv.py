@@ -131,6 +131,7 @@ def test_units_pair_only_an_actnorm_directly_before_an_invconv_of_its_width():
 def test_a_pair_with_hooks_or_its_own_forward_runs_as_its_layers():
     """The fused unit reads the layers' parameters, it does not call them: a layer with a hook, or a subclass with a
     forward of its own, is not fused (its hook fires, its forward runs)."""
+
     class Clamped(ActNorm):
         def forward(self, x, context=None):
             y, logdet = super().forward(x, context)
