@@ -84,6 +84,19 @@ def convolutions_channels_last(model: nn.Module) -> None:
         kernel.data = kernel.data.contiguous(memory_format=torch.channels_last)
 
 
+def _lay_out_state_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Give each state tensor of ``optimizer`` shaped like its parameter (Adam's moments) the parameter's strides,
+    values kept. A state loaded from a run in another layout (``channels_last`` may change on resume) would
+    otherwise pair each weight with another element's moments: the fused CPU Adam ignores strides."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    laid_out = torch.empty_strided(p.shape, p.stride(), dtype=value.dtype, device=value.device)
+                    state[key] = laid_out.copy_(value)
+
+
 def default_channels_last(device: torch.device, model: nn.Module) -> bool:
     """Whether :class:`TrainStep` lays the convolutions out channels-last when not told: on the CPU, where
     ``model`` has convolution kernels wider than 1x1, in every mode. Measured in one process against the
@@ -130,8 +143,9 @@ class TrainStep:
     cores want under ``amp="bf16"``; None (the default) does so where :func:`default_channels_last` says (on the
     CPU, for models with convolutions), except around a ``DistributedDataParallel`` objective, whose gradient
     buckets have the strides the parameters had when it was built (:func:`fastflow.train.train` lays the model
-    out before wrapping it). The learning rate lives in a device tensor shared by the parameter groups,
-    so a warm-up schedule changes neither compiled code nor the captured graph.
+    out before wrapping it). An optimizer state loaded in another layout (a checkpoint of a run with another
+    ``channels_last``) is laid out like the parameters, values kept. The learning rate lives in a device tensor
+    shared by the parameter groups, so a warm-up schedule changes neither compiled code nor the captured graph.
     """
 
     def __init__(
@@ -195,6 +209,7 @@ class TrainStep:
             optimizer.found_inf = self.skip  # type: ignore[attr-defined]  # fused Adam skips its update where set
         if channels_last:
             convolutions_channels_last(objective)
+        _lay_out_state_like_parameters(optimizer)  # the layout is fixed now: a resumed Adam state follows it
         self._loss_fn = self._loss
         if mode == "compile":
             # static shapes: one graph per model; the fused Adam update is one kernel per dtype group already

@@ -6,7 +6,7 @@ reversible drift check) only record there (:func:`~fastflow.nn.reversible.deferr
 in one go every :data:`READ_EVERY` steps (with progress shown, every 5% of the run if that is more often, so each
 line of a progress log shows a fresh loss), on the steps that evaluate or save, after the last step and when
 Ctrl-C asks to stop: one transfer for the losses, two small ones for the guards. Progress shows the mean of the
-last 50 losses read.
+last 50 losses read (a checkpoint keeps them, so a resumed run shows the uninterrupted run's).
 
 Failures name the step: a non-finite loss raises :class:`TrainingDiverged` naming the first step whose loss was
 not finite (and, with ``check_finite``, the first layer with a non-finite output on that step's batch), as does a
@@ -39,12 +39,12 @@ from torch.nn.parallel import DistributedDataParallel
 from fastflow.checkpoint import load_checkpoint, save_checkpoint
 from fastflow.data import ImageSource, TensorImages, batch_at_step
 from fastflow.distributed import rank_and_world_size, shard
-from fastflow.images import save_grid
+from fastflow.images import check_writable_folder, save_grid
 from fastflow.models import FlowModel, dequantize
 from fastflow.models.base import check_levels, eval_mode
 from fastflow.nn import ActNorm
 from fastflow.nn.reversible import ReconstructionError
-from fastflow.ops._checks import int_at_least
+from fastflow.ops._checks import check_bool, int_at_least
 from fastflow.progress import Progress
 from fastflow.step import (
     STEP_MODES,
@@ -73,6 +73,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 RUN_KEYS = ("batch", "seed", "lr", "warmup", "clip", "amp")  # settings a resumed run must share with its checkpoint
 READ_EVERY = 25  # the loop reads losses and guards from the device at most this many steps apart
 PROGRESS_LINES = 20  # a progress log prints a line every 5% of the run: a read for each keeps its loss fresh
+RECENT_LOSSES = 50  # progress shows the mean of this many last losses; checkpoints keep them for a resumed run
 
 
 class TrainingDiverged(FloatingPointError):
@@ -99,14 +100,16 @@ class TrainConfig:
     """Optimisation settings: ``steps`` of a global ``batch`` of images (split evenly over the ranks), Adam at
     ``lr`` after ``warmup`` linear steps, gradient-norm clipping at ``clip`` (0 disables it), autocast to
     ``amp`` (``"bf16"``, ``"fp16"`` with loss scaling, or ``None``), progress on stderr when ``progress``
-    (:class:`~fastflow.progress.Progress`), and neither progress nor held-out lines on stdout when ``quiet``.
+    (:class:`~fastflow.progress.Progress`), and neither progress nor held-out lines on stdout when ``quiet``
+    (both bools).
     ``step_mode`` runs each step ``"eager"``, compiled (``"compile"``) or replayed from a CUDA graph
     (``"cuda-graph"``), and ``channels_last`` lays the convolutions out channels-last (None: where
-    :func:`fastflow.step.default_channels_last` says; :class:`fastflow.step.TrainStep`).
+    :func:`fastflow.step.default_channels_last` says; :class:`fastflow.step.TrainStep`; it may change on resume).
 
-    With ``out`` set, rank 0 writes ``out/checkpoint.pt`` and a grid of ``samples`` samples at
-    ``temperature`` every ``save_every`` steps (0: only at the end) and at the end; with held-out data it
-    reports held-out bits/dim every ``eval_every`` steps (0: only at the end) and at the end.
+    ``out`` is a folder path (a str or ``os.PathLike``, stored as a str) or None. With ``out`` set, rank 0 checks
+    that it can write there before the first step and writes ``out/checkpoint.pt`` and a grid of ``samples``
+    samples at ``temperature`` every ``save_every`` steps (0: only at the end) and at the end; with held-out data
+    it reports held-out bits/dim every ``eval_every`` steps (0: only at the end) and at the end.
     """
 
     steps: int = 1500
@@ -117,7 +120,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     amp: str | None = None
-    out: str | None = None
+    out: str | os.PathLike[str] | None = None
     save_every: int = 0
     eval_every: int = 0
     samples: int = 64
@@ -145,6 +148,19 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.lr == 0:
             raise ValueError("lr must be > 0, got 0")
+        for name in ("progress", "quiet"):
+            check_bool(name, getattr(self, name))
+        if self.channels_last is not None and not isinstance(self.channels_last, bool):  # "no" would be true
+            raise TypeError(
+                f"channels_last must be a bool or None, got {type(self.channels_last).__name__} {self.channels_last!r}"
+            )
+        if self.out is not None:
+            if not isinstance(self.out, (str, os.PathLike)) or not isinstance(os.fspath(self.out), str):
+                raise TypeError(
+                    f"out must be a folder path (str or os.PathLike) or None, got {type(self.out).__name__} "
+                    f"{self.out!r}"
+                )
+            self.out = os.fspath(self.out)  # a plain str: checkpoints store the config
 
     def lr_at(self, step: int) -> float:
         """Learning rate of ``step`` (0-based): linear warm-up over ``warmup`` steps, then constant."""
@@ -250,9 +266,10 @@ def _check_same_run(path: str, config: TrainConfig, stored: dict[str, Any] | Non
 
 def _restore(
     path: str, model: FlowModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, config: TrainConfig
-) -> tuple[int, float | None]:
+) -> tuple[int, float | None, list[float]]:
     """Load ``path`` (written by :func:`train`) into the model, optimizer and loss scaler after checking that
-    ``config`` continues the same run (:data:`RUN_KEYS`); returns ``(steps done, last held-out bits/dim)``."""
+    ``config`` continues the same run (:data:`RUN_KEYS`); returns ``(steps done, last held-out bits/dim, the last
+    losses read)``; a checkpoint from before the losses were kept gives none."""
     if not os.path.exists(path):
         raise ValueError(f"cannot resume: no checkpoint {path!r}")
     _, payload = load_checkpoint(path, model, map_location=next(model.parameters()).device)
@@ -270,6 +287,9 @@ def _restore(
         or not isinstance(extra["step"], int)
     ):
         raise ValueError(f"cannot resume from {path!r}: its training state needs a loss-scaler dict and an int step")
+    recent = extra.get("recent_losses", [])
+    if not isinstance(recent, list) or not all(type(v) in (int, float) for v in recent):
+        raise ValueError(f"cannot resume from {path!r}: its recent_losses must be a list of numbers")
     settings = {k: optimizer.param_groups[0][k] for k in ("fused", "foreach", "capturable")}
     for group in state["param_groups"]:  # the checkpoint's Adam settings (older ones: not fused) would be restored
         group.update(settings)
@@ -284,32 +304,55 @@ def _restore(
         scaler.load_state_dict(extra["scaler"])
     except (KeyError, TypeError, RuntimeError) as err:
         raise ValueError(f"cannot resume from {path!r}: its loss-scaler state does not load ({err!r})") from err
-    return int(extra["step"]), extra.get("heldout_bits_per_dim")
+    return int(extra["step"]), extra.get("heldout_bits_per_dim"), recent[-RECENT_LOSSES:]
+
+
+def _check_out(out: str | os.PathLike[str], rank: int, world_size: int, device: torch.device) -> None:
+    """Rank 0 creates ``out`` and writes a scratch file in it before the first step, so an unwritable output folder
+    fails before the training, not after it: ``ValueError`` naming it, on every rank (a rank left waiting for rank
+    0 would hang)."""
+    error: ValueError | None = None
+    if rank == 0:
+        try:
+            check_writable_folder(os.fspath(out), "config.out")
+        except ValueError as err:
+            error = err
+    if world_size > 1:
+        failed = torch.tensor(float(error is not None), device=device)
+        torch.distributed.broadcast(failed, src=0)
+        if error is None and bool(failed):
+            error = ValueError(f"config.out {os.fspath(out)!r} is not a writable folder on rank 0 (its error says why)")
+    if error is not None:
+        raise error
 
 
 def _write_outputs(
-    out: str,
+    out: str | os.PathLike[str],
     model: FlowModel,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     config: TrainConfig,
     step: int,
     heldout_bpd: float | None,
+    recent_losses: list[float],
     extra: dict[str, Any],
     samples: bool = True,
-) -> None:
-    """Checkpoint (model, optimizer, loss scaler, step, ``extra``) and, with ``samples``, a sample grid drawn
-    with a fixed seed, so grids of successive checkpoints show the same latents; the training RNG streams are
-    left untouched."""
+) -> list[str]:
+    """Checkpoint (model, optimizer, loss scaler, step, the last losses read, ``extra``) and, with ``samples``, a
+    sample grid drawn with a fixed seed, so grids of successive checkpoints show the same latents; the training RNG
+    streams are left untouched. Returns the paths written: the checkpoint, then the grid unless it could not be
+    drawn (a ``RuntimeWarning`` of one line says why)."""
     os.makedirs(out, exist_ok=True)
+    checkpoint = os.path.join(out, CHECKPOINT_NAME)
     save_checkpoint(
-        os.path.join(out, CHECKPOINT_NAME),
+        checkpoint,
         model,
         optimizer,
         step=step,
         scaler=scaler.state_dict(),
         train_config=asdict(config),
         heldout_bits_per_dim=heldout_bpd,
+        recent_losses=recent_losses,
         **extra,
     )
     if samples:  # after the checkpoint: a grid that cannot be drawn costs the grid, not the run's state
@@ -321,9 +364,20 @@ def _write_outputs(
             with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(config.seed)
                 grid = model.sample(config.samples, classes, temperature=config.temperature)
-            save_image_grid(grid, os.path.join(out, f"samples-{step:06d}.png"))
+            path = os.path.join(out, f"samples-{step:06d}.png")
+            save_image_grid(grid, path)
+            return [checkpoint, path]
         except (FloatingPointError, ValueError) as err:  # non-finite samples: an unstable inverse, too hot a T
-            warnings.warn(f"no sample grid at step {step}: {err}", RuntimeWarning, stacklevel=2)
+            # a pseudo file name, which has no source line to echo: the warning prints as one line
+            warnings.warn_explicit(
+                f"no sample grid at step {step}: {err}", RuntimeWarning, f"<{__name__}>", 0, module=__name__
+            )
+    return [checkpoint]
+
+
+def _loss_text(recent: list[float]) -> str:
+    """The progress text for the losses ``recent`` (empty: none yet)."""
+    return f"loss {sum(recent) / len(recent):.3f} bits/dim" if recent else ""
 
 
 def _train_step(
@@ -405,6 +459,7 @@ def train(
     resume: bool = False,
     heldout_labels: torch.Tensor | None = None,
     checkpoint_extra: dict[str, Any] | None = None,
+    written: list[str] | None = None,
 ) -> list[float]:
     """Train ``model`` (already on its device) and return the training bits/dim of each step run.
 
@@ -417,6 +472,9 @@ def train(
     shape, in ``[0, n_bins)``. The first batch initialises ActNorm. A class-conditional model's sample grids
     draw the classes in turn.
     ``checkpoint_extra``: more entries (plain Python values) for every checkpoint's ``extra``.
+    ``written``: a list that is emptied, then set at each save (rank 0 alone writes) to the paths that save wrote
+    (the checkpoint, then the sample grid unless it could not be drawn): after the call, the last save's files.
+    ``config.out`` is checked to be a writable folder before the first step (``ValueError``).
 
     Raises :class:`TrainingDiverged` naming the global step when the loss is not finite and
     :class:`~fastflow.nn.reversible.ReconstructionError` when a reversible backward drifted, both at the next read
@@ -446,10 +504,16 @@ def train(
     optimizer = make_adam(model.parameters(), config.lr, config.step_mode)  # type: ignore[arg-type]
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     start, heldout_bpd = 0, None
+    recent: list[float] = []  # the last losses read, for progress (and checkpoints)
+    if written is not None:
+        written.clear()
     if resume:
         if config.out is None:
             raise ValueError("resume=True needs config.out, the folder holding the checkpoint")
-        start, heldout_bpd = _restore(os.path.join(config.out, CHECKPOINT_NAME), model, optimizer, scaler, config)
+        path = os.path.join(config.out, CHECKPOINT_NAME)
+        start, heldout_bpd, recent = _restore(path, model, optimizer, scaler, config)
+    if config.out is not None:  # after _restore, which creates no folder for a checkpoint that is not there
+        _check_out(config.out, rank, world_size, device)
 
     dtype = model.floating_parameter().dtype
 
@@ -485,7 +549,7 @@ def train(
     history: list[float] = []
     pending: list[torch.Tensor] = []  # the losses of the steps since the last read, on the device
     pending_norms: list[torch.Tensor] = []  # and their gradient norms (none under fp16 loss scaling)
-    loss_text = ""
+    loss_text = _loss_text(recent)
     with _deferred_interrupt() as interrupt_requested, _closing(progress):
         for step in range(start, config.steps):
             try:
@@ -509,8 +573,8 @@ def train(
                 history.extend(losses)
                 pending.clear()
                 pending_norms.clear()
-                recent = history[-50:]
-                loss_text = f"loss {sum(recent) / len(recent):.3f} bits/dim"
+                recent = (recent + losses)[-RECENT_LOSSES:]
+                loss_text = _loss_text(recent)
             if main and heldout is not None and evaluating:
                 heldout_bpd = evaluate_bits_per_dim(model, heldout, heldout_labels)
                 line = f"step {done}: held-out {heldout_bpd:.3f} bits/dim"
@@ -519,7 +583,11 @@ def train(
                 elif not config.quiet:
                     print(line, flush=True)
             if main and config.out is not None and (saving or stop):
-                _write_outputs(config.out, model, optimizer, scaler, config, done, heldout_bpd, extra, samples=saving)
+                files = _write_outputs(
+                    config.out, model, optimizer, scaler, config, done, heldout_bpd, recent, extra, samples=saving
+                )
+                if written is not None:
+                    written[:] = files
             if progress is not None:
                 held = "" if heldout_bpd is None else f"held-out {heldout_bpd:.3f}"
                 progress.update(done, ", ".join(part for part in (loss_text, held) if part))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -61,6 +63,33 @@ def test_channels_last_step_matches_eager():
     cl_losses, cl_weights = _run("eager", channels_last=True)
     torch.testing.assert_close(cl_losses, losses, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(cl_weights, weights, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("saved_channels_last", [True, False])
+def test_an_adam_state_of_the_other_layout_takes_the_parameters_layout(saved_channels_last):
+    """A resumed Adam state keeps the layout it was saved in; TrainStep gives it the parameters' layout once it has
+    fixed theirs, values kept (the fused CPU Adam ignores strides: each weight got another element's moments)."""
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64) - 0.5
+    torch.manual_seed(0)
+    model = Glow(3, 8, levels=2, steps=1, hidden=8).double()
+    with torch.no_grad():
+        model.bits_per_dim(x)
+    optimizer = make_adam(model.parameters(), 1e-3)
+    TrainStep(BitsPerDim(model), model, optimizer, channels_last=saved_channels_last)(x, None, lr=1e-3)
+    saved = copy.deepcopy(optimizer.state_dict())
+    resumed = copy.deepcopy(model)
+    for p in resumed.parameters():  # a fresh model, laid out as built
+        p.data = p.data.contiguous()
+    resumed_optimizer = make_adam(resumed.parameters(), 1e-3)
+    resumed_optimizer.load_state_dict(saved)
+    TrainStep(BitsPerDim(resumed), resumed, resumed_optimizer, channels_last=not saved_channels_last)
+    parameters = list(resumed.parameters())
+    assert any(saved["state"][i]["exp_avg"].stride() != p.stride() for i, p in enumerate(parameters)), "one layout"
+    for i, p in enumerate(parameters):
+        for key in ("exp_avg", "exp_avg_sq"):
+            state = resumed_optimizer.state[p][key]
+            assert state.stride() == p.stride(), (i, key)
+            torch.testing.assert_close(state, saved["state"][i][key], rtol=0, atol=0)
 
 
 def test_step_sets_the_learning_rate_and_skips_updates_after_a_failure():

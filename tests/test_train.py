@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import warnings
 
 import pytest
 import torch
@@ -32,8 +34,8 @@ def _model(seed: int = 0) -> Glow:
     return Glow(1, 4, levels=1, steps=2, hidden=8, n_bins=N_BINS)
 
 
-def _config(out, steps: int, **kw) -> TrainConfig:
-    return TrainConfig(steps=steps, batch=8, lr=1e-2, warmup=2, progress=False, out=str(out), samples=4, **kw)
+def _config(out, steps: int, progress: bool = False, **kw) -> TrainConfig:
+    return TrainConfig(steps=steps, batch=8, lr=1e-2, warmup=2, progress=progress, out=str(out), samples=4, **kw)
 
 
 def test_batches_depend_only_on_seed_and_step():
@@ -66,6 +68,52 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
     _, payload = load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)
     assert payload["extra"]["step"] == 6
     assert sorted(os.listdir(tmp_path / "split")) == [CHECKPOINT_NAME, "samples-000003.png", "samples-000006.png"]
+
+
+@pytest.mark.parametrize("saved, resumed", [(True, False), (False, True)])
+def test_resume_in_the_other_channels_last_layout_matches_the_uninterrupted_run(tmp_path, saved, resumed):
+    """The Adam moments saved in one layout follow the parameters into the other (the fused CPU Adam ignores
+    strides: each weight got another element's moments, 4e-2 off after three steps). Float64: the layouts then
+    differ by rounding alone."""
+    full_model = _model().double()
+    train(full_model, _data(), _config(tmp_path / "full", 6, channels_last=saved))
+    train(_model().double(), _data(), _config(tmp_path / "split", 3, channels_last=saved))
+    resumed_model = _model(seed=1).double()
+    train(resumed_model, _data(), _config(tmp_path / "split", 6, channels_last=resumed), resume=True)
+    for name, value in full_model.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[name], value, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def _progress_losses(err: str) -> dict[str, str]:
+    """``{"4/6": "loss 1.234 bits/dim", ...}`` from the lines of a progress log."""
+    return {m.group(1): m.group(2) for m in re.finditer(r"train (\d+/\d+) .*?(loss \S+ bits/dim)", err)}
+
+
+def test_a_resumed_run_shows_the_progress_loss_of_the_uninterrupted_run(tmp_path, capsys):
+    """The mean of the last 50 losses goes on from the checkpoint's losses (it restarted from none)."""
+    train(_model(), _data(), _config(tmp_path / "full", 6, progress=True))
+    full = _progress_losses(capsys.readouterr().err)
+    train(_model(), _data(), _config(tmp_path / "split", 3))
+    capsys.readouterr()
+    train(_model(seed=1), _data(), _config(tmp_path / "split", 6, progress=True), resume=True)
+    resumed = _progress_losses(capsys.readouterr().err)
+    assert list(resumed) == ["4/6", "5/6", "6/6"]
+    assert resumed == {step: full[step] for step in resumed}
+    _, payload = load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)
+    assert len(payload["extra"]["recent_losses"]) == 6
+
+
+def test_resume_from_a_checkpoint_without_its_recent_losses(tmp_path, capsys):
+    """Checkpoints written before the progress losses were kept still resume; progress starts from none."""
+    train(_model(), _data(), _config(tmp_path, 2))
+    path = tmp_path / CHECKPOINT_NAME
+    payload = torch.load(path, weights_only=True)
+    del payload["extra"]["recent_losses"]
+    torch.save(payload, path)
+    capsys.readouterr()
+    history = train(_model(seed=1), _data(), _config(tmp_path, 4, progress=True), resume=True)
+    assert len(history) == 2
+    assert _progress_losses(capsys.readouterr().err)["3/4"] == f"loss {history[0]:.3f} bits/dim"
 
 
 def test_a_run_killed_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -249,7 +297,7 @@ def test_labels_outside_the_classes_are_refused_before_training():
     model = Glow(1, 4, levels=1, steps=1, hidden=8, n_bins=N_BINS, num_classes=3)
     labels = torch.arange(len(_data())) % 4
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"y must be in \[0, 3\), got values in \[0, 3\]"):
+    with pytest.raises(ValueError, match=r"context \(class labels\) must be in \[0, 3\), got values in \[0, 3\]"):
         train(model, _data(), TrainConfig(steps=2, batch=8, progress=False), labels=labels)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
@@ -273,11 +321,31 @@ def test_resume_refuses_other_run_settings(tmp_path):
         ({"clip": True}, TypeError, "clip must be a real number"),
         ({"temperature": True}, TypeError, "temperature must be a real number"),  # failed at the first grid
         ({"seed": 2**64}, ValueError, "seed must be < 2"),  # failed at the first grid, after the training
+        ({"channels_last": "no"}, TypeError, "channels_last must be a bool or None, got str 'no'"),  # was on
+        ({"progress": "yes"}, TypeError, "progress must be a bool, got str 'yes'"),
+        ({"quiet": 1}, TypeError, "quiet must be a bool, got int 1"),
+        ({"out": 5}, TypeError, r"out must be a folder path \(str or os.PathLike\) or None, got int 5"),
+        ({"out": b"run"}, TypeError, "out must be a folder path"),
     ],
 )
 def test_integer_settings_are_checked(bad, error, named):
     with pytest.raises(error, match=named):
         TrainConfig(**bad)
+
+
+def test_out_may_be_a_path_and_is_stored_as_a_str(tmp_path):
+    assert TrainConfig(out=tmp_path).out == str(tmp_path)  # a checkpoint stores the config: plain values only
+
+
+def test_an_unwritable_out_fails_before_the_first_step(tmp_path):
+    """``out`` is checked before the training (it was found out by the first save, after all the steps)."""
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=f"config.out '{taken}' is not a writable folder"):
+        train(model, _data(), _config(taken, 2))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "a step ran"
 
 
 def test_a_class_conditional_run_writes_its_grids_and_evaluates_with_heldout_labels(tmp_path, capsys):
@@ -377,11 +445,27 @@ def test_a_non_finite_batch_names_its_step(tmp_path, monkeypatch):
 
 
 def test_a_sample_grid_that_cannot_be_drawn_warns_and_keeps_the_checkpoint(tmp_path):
-    """Non-finite samples (here too hot a temperature) cost the grid, not the checkpoint (which came after it)."""
-    with pytest.warns(RuntimeWarning, match="no sample grid at step 2"):
-        train(_model(), _data(), _config(tmp_path, 2, save_every=2, temperature=1e30))
+    """Non-finite samples (here too hot a temperature) cost the grid, not the checkpoint (which came after it):
+    ``written`` names the checkpoint alone (the CLI claimed the grid too) and the warning is one line (it echoed a
+    line of train.py's source, under --quiet too)."""
+    written = ["stale"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(_model(), _data(), _config(tmp_path, 2, save_every=2, temperature=1e30), written=written)
+    assert [str(w.message).split(":")[0] for w in caught] == ["no sample grid at step 2"]
+    assert all(w.category is RuntimeWarning for w in caught)
+    shown = warnings.formatwarning(caught[0].message, caught[0].category, caught[0].filename, caught[0].lineno)
+    assert shown.count("\n") == 1, shown
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1]["extra"]["step"] == 2
     assert not list(tmp_path.glob("samples-*.png"))
+    assert written == [str(tmp_path / CHECKPOINT_NAME)]
+
+
+def test_written_names_the_files_of_the_last_save(tmp_path):
+    written: list[str] = []
+    train(_model(), _data(), _config(tmp_path, 4, save_every=2), written=written)
+    assert written == [str(tmp_path / CHECKPOINT_NAME), str(tmp_path / "samples-000004.png")]
+    assert sorted(os.listdir(tmp_path)) == [CHECKPOINT_NAME, "samples-000002.png", "samples-000004.png"]
 
 
 def test_channels_last_is_refused_for_vectors():
