@@ -199,16 +199,17 @@ def _load_weights(model: FlowModel, state_dict: Any, source: str, adopt_dtype: b
 
 def _check_loadable(value: Any, name: str) -> None:
     """``TypeError`` naming ``name`` unless ``value`` is made of what ``torch.load(weights_only=True)`` reads
-    back: plain Python values, tensors, dtypes, devices and containers of them."""
+    back: plain Python values, tensors and parameters (not subclasses), dtypes, devices, and lists, tuples, sets
+    (not frozensets), sizes and dicts of them."""
     if value is None or type(value) in (bool, int, float, complex, str, bytes):  # not subclasses (numpy, enums)
         return
-    if isinstance(value, (torch.Tensor, torch.dtype, torch.device, torch.Size)):
-        return
+    if type(value) in (torch.Tensor, torch.nn.Parameter) or isinstance(value, (torch.dtype, torch.device)):
+        return  # not tensor subclasses, which weights-only loading refuses
     if type(value) in (dict, collections.OrderedDict):
         for k, v in value.items():
             _check_loadable(k, f"{name} key")
             _check_loadable(v, f"{name}[{k!r}]")
-    elif isinstance(value, (list, tuple, set, frozenset)) and type(value) in (list, tuple, set, frozenset):
+    elif type(value) in (list, tuple, set, torch.Size):  # not frozenset, which weights-only loading refuses
         for i, v in enumerate(value):
             _check_loadable(v, f"{name}[{i}]")
     else:
@@ -255,6 +256,26 @@ def _atomic_file(path: str | os.PathLike[str]) -> Iterator[str]:
                 os.close(fd)
 
 
+def _saved_model(model: Any) -> FlowModel:
+    """``model`` without its ``torch.compile`` (``_orig_mod``) and DistributedDataParallel / DataParallel
+    (``module``) wrappers, whose class and parameter names would not load back; ``TypeError`` naming ``model``
+    unless what is inside is an instance of a class of ``MODEL_CLASSES`` itself, not of a subclass (a file names
+    the class it is rebuilt as)."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif isinstance(model, torch.nn.Module) and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    if MODEL_CLASSES.get(type(model).__name__) is not type(model):
+        raise TypeError(
+            f"model must be a {', '.join(sorted(MODEL_CLASSES))} (the class itself, not a subclass: the file is "
+            f"loaded back as the class it names), got a {type(model).__module__}.{type(model).__qualname__}"
+        )
+    return model
+
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     model: FlowModel,
@@ -265,8 +286,11 @@ def save_checkpoint(
     in the same folder and an atomic rename, so a run killed mid-write or a full disk leaves the previous file
     intact (``OSError`` naming ``path``). The file gets the mode of any new file (0666 less the umask).
 
-    Everything must load back with ``torch.load(weights_only=True)``: ``extra`` values are plain Python values,
-    tensors, lists, tuples and dicts of them (a ``TypeError`` naming the entry otherwise, before writing)."""
+    ``model`` may be wrapped by ``torch.compile`` or (Distributed)DataParallel: the model inside is saved. It must be
+    an instance of a fastflow model class, not of a subclass, and everything must load back with
+    ``torch.load(weights_only=True)``: ``extra`` values are plain Python values, tensors, lists, tuples and dicts of
+    them (a ``TypeError`` naming ``model`` or the entry otherwise, before writing)."""
+    model = _saved_model(model)
     payload = {
         "model_class": type(model).__name__,
         "config": dict(model.config),
@@ -282,35 +306,73 @@ def save_checkpoint(
         torch.save(payload, f)
 
 
-def _refusal(err: BaseException) -> str:
-    """The reason ``torch.load(weights_only=True)`` gave, in a few words (not its advice to load unsafely)."""
-    found = re.search(r"GLOBAL (\S+)", str(err))
+def _head(path: str) -> bytes | None:
+    """The first bytes of the file ``path`` (None where it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(10)
+    except OSError:
+        return None
+
+
+def _shared_format(path: str) -> str | None:
+    """Where ``path`` is a folder or a file of :func:`save_pretrained`'s format (``.safetensors`` by its name or
+    header, ``config.json``): that it is no checkpoint and what loads it; else None."""
+    pretrained = f"a folder of {WEIGHTS_NAME} and {CONFIG_NAME} loads with FlowModel.from_pretrained"
+    if os.path.isdir(path):
+        return f"{path!r} is a folder, not a checkpoint file: {pretrained}"
+    head = _head(path)
+    header = head is not None and head[8:10] == b'{"'  # safetensors: an 8-byte header length, then JSON
+    if header or path.endswith(".safetensors") or os.path.basename(path) == CONFIG_NAME:
+        return f"{path!r} is not a PyTorch checkpoint but a file of a shared model folder: {pretrained}"
+    return None
+
+
+def _unreadable(path: str, err: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed with ``err``, in one line naming the file: a pickle that
+    would run code or that safe loading refuses, a folder or file of :func:`save_pretrained`'s format, a file
+    in neither of torch.save's formats (a zip archive, a binary pickle), or the error itself (with its type when
+    its message alone says little)."""
+    unsafe = f"{path!r} is not a safe fastflow checkpoint"
+    found = re.search(r"GLOBAL (\S+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
     if found:
-        return f"it would call {found.group(1)}, which is refused without running it"
-    return "it holds pickle instructions that safe (weights-only) loading refuses"
+        return f"{unsafe}: it would call {found.group(1)}, which is refused without running it"
+    shared = _shared_format(path)
+    if shared is not None:
+        return shared
+    head = _head(path)
+    if head is not None and not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip, or a pickle
+        what = "it is empty" if not head else "it does not start like one (a zip archive, or a pickle of protocol >= 2)"
+        return f"{path!r} is not a PyTorch checkpoint: {what}"
+    if isinstance(err, pickle.UnpicklingError):
+        return f"{unsafe}: it holds pickle instructions that safe (weights-only) loading refuses"
+    message = " ".join(str(err).split())[:300]
+    if isinstance(err, OSError):
+        message = err.strerror or message
+    elif len(message) < 40:  # a bare key, index or nothing: the type says what went wrong
+        message = f"{type(err).__name__}: {message}" if message else type(err).__name__
+    return f"cannot read checkpoint {path!r}: {message}"
 
 
 def load_checkpoint(
     path: str | os.PathLike[str], model: FlowModel | None = None, map_location: str | torch.device = "cpu"
 ) -> tuple[FlowModel, dict[str, Any]]:
     """Load ``path`` with ``torch.load(weights_only=True)``, so a crafted file cannot run code: it fails with a
-    one-line ``ValueError`` naming the file. Builds the model from the stored (validated) config and moves it to
-    ``map_location``, or loads into ``model`` after checking that its architecture matches (``ValueError``
-    naming the config keys that differ, or the missing, unexpected and wrongly shaped parameters). Returns
-    ``(model, payload)`` with payload keys ``model_class``, ``config``, ``state_dict``, ``optimizer``,
-    ``extra``."""
+    one-line ``ValueError`` naming the file, as does a file that is no PyTorch checkpoint (for a folder or a file
+    of :func:`save_pretrained`'s format, the message points to ``from_pretrained``). Builds the model from the
+    stored (validated) config and moves it to ``map_location``, or loads into ``model`` after checking that its
+    architecture matches (``ValueError`` naming the config keys that differ, or the missing, unexpected and
+    wrongly shaped parameters). Returns ``(model, payload)`` with payload keys ``model_class``, ``config``,
+    ``state_dict``, ``optimizer``, ``extra``."""
     where = f"checkpoint {os.fspath(path)!r}"
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # stderr stays one line
             payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{os.fspath(path)!r} is not a safe fastflow checkpoint: {_refusal(err)}") from err
     except Exception as err:  # untrusted bytes may fail in any way: one line naming the file
-        message = " ".join(str(err).split())[:300] or type(err).__name__
-        raise ValueError(f"cannot read {where}: {message}") from err
+        raise ValueError(_unreadable(os.fspath(path), err)) from err
     if not isinstance(payload, dict) or not {"model_class", "config", "state_dict"} <= payload.keys():
-        raise ValueError(f"{os.fspath(path)!r} is not a fastflow checkpoint")
+        raise ValueError(_shared_format(os.fspath(path)) or f"{os.fspath(path)!r} is not a fastflow checkpoint")
     payload.setdefault("optimizer", None)
     payload.setdefault("extra", {})
     if not isinstance(payload["extra"], dict):
@@ -333,11 +395,13 @@ def load_checkpoint(
 def save_pretrained(directory: str | os.PathLike[str], model: FlowModel) -> None:
     """Write ``directory/model.safetensors`` (the ``state_dict``, contiguous CPU tensors) and
     ``directory/config.json`` (``{"model_class", "config", "fastflow_version"}``, tuples as lists), each
-    atomically; the format models are shared in, loaded by :func:`load_pretrained` without running code."""
+    atomically; the format models are shared in, loaded by :func:`load_pretrained` without running code. Wrappers
+    and subclasses as in :func:`save_checkpoint` (``TypeError`` naming ``model``, before writing)."""
     from safetensors.torch import save_file
 
     from fastflow import __version__
 
+    model = _saved_model(model)
     config = json.loads(json.dumps(model.config))  # tuples -> lists, and a TypeError for non-JSON values
     tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()

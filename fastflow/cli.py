@@ -2,7 +2,8 @@
 
 Every failure is one line on stderr, never a traceback (set ``FASTFLOW_DEBUG=1`` to get one), with a non-zero
 exit status: 2 for bad input (a flag out of range, an unreadable or too small image, a wrong channel count, a
-checkpoint of another architecture, a missing file, an unwritable ``--out``), found before anything is written;
+checkpoint of another architecture or of a model the command cannot serve, a missing file, an unwritable
+``--out``), found before anything is written;
 1 when a run fails (training diverged, images that came out NaN/Inf, a full disk); 130 when Ctrl-C interrupts
 (``train`` first saves a checkpoint at the current step and prints the command that resumes it).
 """
@@ -10,10 +11,12 @@ checkpoint of another architecture, a missing file, an unwritable ``--out``), fo
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import shlex
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -160,6 +163,9 @@ def _resolve_train_flags(args: argparse.Namespace) -> int:
         for mode, other in (("compile", "cuda_graph"), ("cuda_graph", "compile")):
             if getattr(args, mode) and mode in given and other not in given:
                 setattr(args, other, False)  # one step mode given on --resume replaces the run's
+        for tiling, other in (("tile_size", "tile_memory_mb"), ("tile_memory_mb", "tile_size")):
+            if tiling in given and other not in given:
+                setattr(args, other, None)  # one tiling given on --resume replaces the run's (its default below)
         start = int(extra.get("step", 0))
     elif os.path.exists(checkpoint):
         raise ValueError(f"{checkpoint!r} exists: pass --resume to continue that run, or choose another --out")
@@ -239,7 +245,6 @@ def _model(args: argparse.Namespace, in_channels: int, n_bins: int) -> tuple[Flo
 
 def _train(args: argparse.Namespace) -> int:
     start = _resolve_train_flags(args)
-    checkpoint = os.path.join(args.out, CHECKPOINT_NAME)
     if args.resume and start >= args.iterations:
         print(f"already at step {start} of {args.iterations}: nothing to do (a larger --iterations trains further)")
         return 0
@@ -265,33 +270,68 @@ def _train(args: argparse.Namespace) -> int:
                 f"{len(heldout)} held-out images, {context.world_size} rank(s) on {context.device.type}"
             )
         flags = {name: getattr(args, name) for name in TRAIN_DEFAULTS}  # plain values, for --resume
+        written: list[str] = []
         try:
-            history = train(model, source, config, heldout=heldout, resume=args.resume, checkpoint_extra={"cli": flags})
+            train(
+                model, source, config, heldout=heldout, resume=args.resume, checkpoint_extra={"cli": flags},
+                written=written,
+            )  # fmt: skip
         except TrainingInterrupted as stop:
             if context.is_main:
                 resume = f"fastflow train --out {shlex.quote(args.out)} --resume"
                 print(f"interrupted at step {stop.step}; resume with: {resume}", file=sys.stderr)
             return EXIT_INTERRUPTED
-        if context.is_main and history:
-            print(f"wrote {checkpoint} and {args.out}/samples-{args.iterations:06d}.png")
+        if context.is_main and written:  # the grid is missing where it could not be drawn (a warning said why)
+            print(f"wrote {' and '.join(written)}")
         return 0
     finally:
         distributed.teardown()
 
 
 def _check_output_file(path: str) -> None:
-    """Create ``path``'s folder and write a scratch file in it, so an unwritable --out fails before the work."""
+    """``ValueError`` unless the image file ``path`` can be written, so an unwritable --out fails before the work:
+    ``path`` is no folder, and its folder, or the nearest existing folder above it (where :func:`_write` makes the
+    missing ones), takes a scratch file. Creates no folder: a command that fails later leaves nothing behind."""
     if os.path.isdir(path):
         raise ValueError(f"--out {path!r} is a folder: give the image file to write")
-    check_writable_folder(os.path.dirname(os.path.abspath(path)), "the folder of --out")
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), existing)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ValueError(f"the folder of --out {folder!r} is not a writable folder: {err.strerror or err}") from err
+
+
+def _check_servable(args: argparse.Namespace, model: FlowModel) -> None:
+    """``ValueError`` saying what ``model`` is, unless the checkpoint commands can serve it: a model of images of 1
+    or 3 channels (what an image file holds) that needs no context (they set no class labels or context)."""
+    command, name = f"fastflow {args.command}", type(model).__name__
+    holds = f"{args.checkpoint!r} holds"
+    if model.n_bins is None or len(model.image_shape) != 3:
+        features = math.prod(model.image_shape)
+        raise ValueError(f"{holds} a {name} of {features}-feature vectors, not images: {command} works on images")
+    if model.prior.conditional:
+        raise ValueError(f"{holds} a class-conditional {name}: {command} takes no class labels")
+    if model.conditional:
+        raise ValueError(f"{holds} a {name} conditioned on a context: {command} takes no context")
+    channels = model.image_shape[0]
+    if channels not in (1, 3):
+        raise ValueError(f"{holds} a {name} of {channels}-channel images: {command} works on images of 1 or 3 channels")
 
 
 def _load(args: argparse.Namespace) -> tuple[FlowModel, dict[str, Any]]:
-    """``(model in eval mode, checkpoint payload)``; ``ValueError`` if the weights hold NaN or Inf."""
+    """``(model in eval mode, checkpoint payload)``; ``ValueError`` for a model the command cannot serve (see
+    :func:`_check_servable`) or weights that hold NaN or Inf."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but CUDA is not available")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, payload = load_checkpoint(args.checkpoint, map_location=device)
+    _check_servable(args, model)
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""

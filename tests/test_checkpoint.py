@@ -171,12 +171,18 @@ class _Level(enum.IntEnum):
     HIGH = 2
 
 
+class _TensorKind(torch.Tensor):
+    """A tensor subclass: weights-only loading refuses it."""
+
+
 @pytest.mark.parametrize(
     ("extra", "named"),
     [
         ({"stats": {"mean": _RunsCode(print, "x")}}, r"extra 'stats'\['mean'\] is a .*_RunsCode"),
         ({"bpd": np.float64(1.5)}, r"extra 'bpd' is a numpy.float64"),  # a float subclass: would not load back
         ({"level": _Level.HIGH}, r"extra 'level' is a .*_Level"),
+        ({"v": frozenset({1})}, r"extra 'v' is a builtins.frozenset"),
+        ({"t": {"w": torch.ones(2).as_subclass(_TensorKind)}}, r"extra 't'\['w'\] is a .*_TensorKind"),
     ],
 )
 def test_extras_that_would_not_load_are_refused_before_writing(tmp_path, extra, named):
@@ -336,3 +342,83 @@ def test_weights_of_a_non_float_dtype_are_refused(tmp_path):
     _write_payload(tmp_path / "complex.pt", state_dict=weights)
     with pytest.raises(ValueError, match=rf"complex.pt.*1 of another dtype \({key} torch.complex64 in the file"):
         load_checkpoint(tmp_path / "complex.pt")
+
+
+class _MyGlow(Glow):
+    """A user's subclass: a checkpoint names the class it is rebuilt as, so it would load back as another class."""
+
+
+def test_compiled_and_data_parallel_models_save_the_model_inside(tmp_path):
+    model = _trained_glow()
+    x = torch.rand(3, 1, 4, 4) - 0.5
+    for i, wrapped in enumerate(
+        [torch.compile(model), torch.nn.DataParallel(model), torch.compile(torch.nn.DataParallel(model))]
+    ):
+        save_checkpoint(tmp_path / f"{i}.pt", wrapped)
+        save_pretrained(tmp_path / f"shared{i}", wrapped)
+        for loaded in (load_checkpoint(tmp_path / f"{i}.pt")[0], load_pretrained(tmp_path / f"shared{i}")):
+            assert type(loaded) is Glow
+            torch.testing.assert_close(loaded.eval().log_prob(x), model.log_prob(x), rtol=0, atol=0)
+
+
+def test_a_subclass_of_a_model_is_refused_before_writing(tmp_path):
+    model = _MyGlow(1, 4, levels=1, steps=1, hidden=8)
+    with pytest.raises(TypeError, match=r"model must be a .*Glow.*not a subclass.*_MyGlow"):
+        save_checkpoint(tmp_path / "ckpt.pt", torch.compile(model))
+    with pytest.raises(TypeError, match=r"model must be a .*_MyGlow"):
+        save_pretrained(tmp_path / "shared", model)
+    with pytest.raises(TypeError, match=r"model must be a .*_MyGlow"):
+        model.save_pretrained(tmp_path / "shared")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _corrupt_lu_buffer(tmp_path, make, suffix, value):
+    model = make()
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model)
+    payload = torch.load(path, weights_only=True)
+    key = next(k for k in payload["state_dict"] if k.endswith(suffix))
+    payload["state_dict"][key] = torch.full_like(payload["state_dict"][key], value)
+    torch.save(payload, path)
+    return path, key
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: Glow(2, 4, levels=1, steps=1, hidden=8), lambda: TabularFlow(3, transforms=1, hidden=8)],
+    ids=["InvConv1x1", "InvertibleLinear"],
+)
+@pytest.mark.parametrize(
+    ("suffix", "value", "named"), [("perm", 0, "must be a permutation of range"), ("sign_s", 0.5, "must be all")]
+)
+def test_a_corrupt_lu_permutation_or_sign_is_refused(tmp_path, make, suffix, value, named):
+    """A ``perm`` of zeros or a ``sign_s`` of 0.5 loaded, giving a finite but wrong log-density."""
+    path, key = _corrupt_lu_buffer(tmp_path, make, suffix, value)
+    with pytest.raises(ValueError, match=rf"ckpt.pt.*{key.replace('.', '[.]')} {named}"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "named"),
+    [
+        ("text.pt", b"hello world\n", "is not a PyTorch checkpoint: it does not start like one"),
+        ("image.png", b"\x89PNG\r\n\x1a\n" + bytes(32), "is not a PyTorch checkpoint: it does not start like one"),
+        ("config.json", b'{"model_class": "Glow", "config": {}}', "shared model folder: .*from_pretrained"),
+        ("weights.safetensors", None, "shared model folder: .*from_pretrained"),
+        ("empty.pt", b"", "is not a PyTorch checkpoint: it is empty"),
+        ("memo.pt", b"\x80\x02h\x05.", r"cannot read checkpoint .*memo.pt': KeyError: 5$"),
+        ("folder", None, "is a folder, not a checkpoint file: .*FlowModel.from_pretrained"),
+    ],
+)
+def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path, name, content, named):
+    path = tmp_path / name
+    if name == "folder":
+        save_pretrained(path, Glow(1, 4, levels=1, steps=1, hidden=8))
+    elif content is None:
+        save_pretrained(tmp_path, Glow(1, 4, levels=1, steps=1, hidden=8))
+        (tmp_path / "model.safetensors").rename(path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=named) as info:
+        load_checkpoint(path)
+    assert name in str(info.value) and "not a safe" not in str(info.value), "a file that is no pickle is not unsafe"

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fastflow.checkpoint import load_checkpoint
+from fastflow.checkpoint import load_checkpoint, save_checkpoint
 from fastflow.cli import main
+from fastflow.models import NSF, Glow, Jet, TabularFlow
 
 SCALE = 8  # 8x8 images (plus a 1-pixel border) are enlarged 8 times in the PNGs
 TINY = ["--levels", "2", "--steps", "1", "--hidden", "8", "--batch", "16", "--iterations", "4", "--device", "cpu"]
@@ -383,6 +384,15 @@ def test_progress_in_a_log_is_bounded_and_quiet_prints_only_the_final_line(tmp_p
     ]
 
 
+def test_the_final_line_names_only_the_files_written(tmp_path, capsys):
+    """A sample grid that cannot be drawn (samples too hot to be finite) is not claimed as written."""
+    out = tmp_path / "hot"
+    with pytest.warns(RuntimeWarning, match="no sample grid at step 2"):
+        assert main(["train", *TINY, "--iterations", "2", "--temperature", "1e30", "--quiet", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"wrote {out / 'checkpoint.pt'}"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
+
+
 def test_settings_are_checked_before_the_first_step(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -452,3 +462,87 @@ def test_train_a_jet_then_resume_and_sample_it(tmp_path, capsys):
     _one_line_error(capsys, ["train", *jet, "--resolution", "9", *out], 2, ["divisible by --patch-size 2"])
     _one_line_error(capsys, ["train", *jet, "--reversible", "--tile-size", "2", *out], 2, ["--tile-size", "Glow"])
     _one_line_error(capsys, ["train", "--couplings", "4", *out], 2, ["--couplings", "--model glow"])
+
+
+UNSERVABLE = {
+    "class-conditional": (
+        lambda: Glow(1, 8, levels=1, steps=1, hidden=8, n_bins=17, num_classes=3),
+        "holds a class-conditional Glow: fastflow {} takes no class labels",
+    ),
+    "jet-context": (
+        lambda: Jet(1, 8, patch_size=2, couplings=1, width=8, depth=1, heads=2, context=2, n_bins=17),
+        "holds a Jet conditioned on a context: fastflow {} takes no context",
+    ),
+    "tabular": (
+        lambda: TabularFlow(4, transforms=1, hidden=8),
+        "holds a TabularFlow of 4-feature vectors, not images: fastflow {} works on images",
+    ),
+    "nsf-context": (
+        lambda: NSF(4, context=2, transforms=1, hidden=8),
+        "holds a NSF of 4-feature vectors, not images: fastflow {} works on images",
+    ),
+    "2-channel": (
+        lambda: Glow(2, 8, levels=1, steps=1, hidden=8, n_bins=17),
+        "holds a Glow of 2-channel images: fastflow {} works on images of 1 or 3 channels",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNSERVABLE))
+def test_checkpoints_the_commands_cannot_serve_are_refused_up_front(tmp_path, capsys, kind):
+    """They failed late, with messages about what the CLI cannot set (class labels, a context, the image shape), or
+    (2 channels) after sampling."""
+    make, message = UNSERVABLE[kind]
+    ckpt = str(tmp_path / "model.pt")
+    save_checkpoint(ckpt, make())
+    out = tmp_path / "new" / "out.png"
+    for command, *args in (
+        ("sample", "--n", "2"),
+        ("interpolate", "digits:0", "digits:1"),
+        ("manipulate", "digits:0", "--label-from", "1", "--label-to", "2"),
+    ):
+        argv = [command, ckpt, *args, "--device", "cpu", "--out", str(out)]
+        line = _one_line_error(capsys, argv, 2, [f"fastflow {command}: error: {ckpt!r}", message.format(command)])
+        assert line.endswith(message.format(command)), line
+    assert list(tmp_path.iterdir()) == [tmp_path / "model.pt"]
+
+
+def test_a_bad_checkpoint_or_image_creates_no_output_folder(digits_run, tmp_path, capsys):
+    """``--out new/sub/x.png`` made ``new/sub/`` before the checkpoint was read."""
+    out = str(tmp_path / "new" / "sub" / "x.png")
+    _one_line_error(capsys, ["sample", str(tmp_path / "missing.pt"), "--out", out], 2, ["missing.pt"])
+    ckpt = str(digits_run / "checkpoint.pt")
+    _one_line_error(capsys, ["interpolate", ckpt, "digits:0", "digits:x", "--out", out], 2, ["digits:x"])
+    argv = ["manipulate", ckpt, "digits:0", "--attribute-dir", str(tmp_path / "none"), "--without-dir", "x"]
+    _one_line_error(capsys, [*argv, "--out", out], 2, ["none"])
+    assert list(tmp_path.iterdir()) == []
+    assert main(["sample", ckpt, "--n", "2", "--out", out]) == 0  # the folders are made when the image is written
+    assert (tmp_path / "new" / "sub" / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "tile_size", "tile_memory_mb"),
+    [
+        (["--tile-size", "2"], ["--tile-memory-mb", "1"], None, 1.0),
+        (["--tile-memory-mb", "1"], ["--tile-size", "2"], 2, 1024.0),
+    ],
+)
+def test_resume_replaces_one_tiling_by_the_other(tmp_path, monkeypatch, first, then, tile_size, tile_memory_mb):
+    """``--tile-memory-mb`` on --resume of a ``--tile-size`` run was ignored (both set: the tile size won)."""
+    from fastflow.models import FlowModel
+
+    calls = []
+    real = FlowModel.set_tiling
+
+    def spy(self, tile_size=None, memory_budget_mb=None):
+        calls.append((tile_size, memory_budget_mb))
+        real(self, tile_size, memory_budget_mb)
+
+    monkeypatch.setattr(FlowModel, "set_tiling", spy)
+    out = str(tmp_path / "run")
+    assert main(["train", *TINY, "--iterations", "1", "--reversible", *first, "--out", out, "--quiet"]) == 0
+    resume = ["train", "--out", out, "--resume", "--iterations", "2", "--device", "cpu", "--quiet"]
+    assert main([*resume, *then]) == 0
+    assert calls[-1] == (tile_size, tile_memory_mb)
+    cli = load_checkpoint(tmp_path / "run" / "checkpoint.pt")[1]["extra"]["cli"]
+    assert (cli["tile_size"], cli["tile_memory_mb"]) == (tile_size, tile_memory_mb)

@@ -24,6 +24,8 @@ from fastflow.ops._checks import check_bool, int_at_least, logdet_dtype
 
 __all__ = ["FlowModel", "check_levels", "dequantize", "eval_mode"]
 
+_BELOW_HALF = 0.5 - 2**-25  # the largest float32 below 0.5 (24-bit significand: its spacing below 0.5 is 2**-25)
+
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
@@ -51,14 +53,16 @@ def _check_integer_levels(name: str, levels: object, n_bins: int) -> torch.Tenso
 def dequantize(levels: torch.Tensor, n_bins: int) -> torch.Tensor:
     """Uniform dequantization of integer pixel levels in ``[0, n_bins)`` to ``(k + u) / n_bins - 0.5``.
 
-    This is the input convention of every model: continuous values in ``[-0.5, 0.5)``. ``ValueError`` for
-    levels outside ``[0, n_bins)`` (a check that reads two numbers back from the device).
+    This is the input convention of every model: continuous float32 values in ``[-0.5, 0.5)`` (``k + u`` may
+    round up to ``k + 1`` in float32, which for the top level would be 0.5: the result is clamped to the largest
+    float32 below 0.5).
+    ``ValueError`` for levels outside ``[0, n_bins)`` (a check that reads two numbers back from the device).
     """
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 2:
         raise ValueError(f"n_bins must be an int >= 2, got {n_bins!r}")
     _check_integer_levels("levels", levels, n_bins)
     u = torch.rand(levels.shape, device=levels.device)
-    return (levels.float() + u) / n_bins - 0.5
+    return ((levels.float() + u) / n_bins - 0.5).clamp_max(_BELOW_HALF)
 
 
 def check_levels(name: str, levels: object, image_shape: tuple[int, ...], n_bins: int) -> torch.Tensor:
@@ -235,9 +239,10 @@ class FlowModel(nn.Module):
         logdet_total: torch.Tensor | None = None
         log_prior: torch.Tensor | None = None
         latents: list[torch.Tensor] = []
-        if diagnose and not bool(torch.isfinite(x).all()):
-            count = int((~torch.isfinite(x)).sum())
-            raise ValueError(f"x holds {count} non-finite values (NaN/Inf): the model needs finite inputs")
+        if diagnose:  # non-finite inputs are named as such, not blamed on the first layer they reach
+            _raise_if_nonfinite_input("x", x)
+            if isinstance(context, torch.Tensor) and context.is_floating_point():
+                _raise_if_nonfinite_input("context", context)
         block_context = self._block_context(context)
         for i, block in enumerate(self.blocks):
             if diagnose:
@@ -285,7 +290,8 @@ class FlowModel(nn.Module):
     @torch.no_grad()
     def _diagnose(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         """Rerun the forward on ``(x, context)`` layer by layer and raise ``FloatingPointError`` naming the first
-        layer with a non-finite output or log-det (``ValueError`` for non-finite ``x``), else one blaming the prior."""
+        layer with a non-finite output or log-det (``ValueError`` naming a non-finite ``x`` or floating-point
+        ``context``), else one blaming the prior."""
         self._encode(x, context, diagnose=True)
         raise FloatingPointError("log p(x) is not finite, though every layer's output is: check the prior")
 
@@ -306,9 +312,9 @@ class FlowModel(nn.Module):
 
         ``FloatingPointError`` if a forward saw a non-finite ``log p(x)``: given the batch that produced it
         (``x``, with its ``context``), the forward is rerun on it layer by layer to name the first layer with a
-        non-finite output or log-det, as the immediate check does (a ``ValueError`` if ``x`` itself is not
-        finite); the weights must still be the ones of that forward. ``ReconstructionError`` naming the
-        reversible chains whose backward rebuilt its input with a drift beyond ``max_drift``
+        non-finite output or log-det, as the immediate check does (a ``ValueError`` if ``x`` or a floating-point
+        ``context`` is not finite); the weights must still be the ones of that forward. ``ReconstructionError``
+        naming the reversible chains whose backward rebuilt its input with a drift beyond ``max_drift``
         (:func:`~fastflow.nn.reversible.read_drift_guard`): the gradients of that backward were computed at
         wrong points.
         """
@@ -440,6 +446,12 @@ def _check_temperature(temperature: object) -> None:
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__} {temperature!r}")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+
+
+def _raise_if_nonfinite_input(name: str, value: torch.Tensor) -> None:
+    if not bool(torch.isfinite(value).all()):
+        count = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"{name} holds {count} non-finite values (NaN/Inf): the model needs finite inputs")
 
 
 def _raise_if_nonfinite(where: str, out: torch.Tensor, log_term: torch.Tensor, what: str = "log-det") -> None:

@@ -121,7 +121,9 @@ class GaussianPrior(TopPrior):
         if y is not None and y.numel():
             low, high = (int(v) for v in y.aminmax())
             if low < 0 or high >= self.num_classes:
-                raise ValueError(f"y must be in [0, {self.num_classes}), got values in [{low}, {high}]")
+                raise ValueError(
+                    f"context (class labels) must be in [0, {self.num_classes}), got values in [{low}, {high}]"
+                )
 
     def log_prob(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample log-density, shape ``(B,)``."""

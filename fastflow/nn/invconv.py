@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fastflow.nn.base import FlowLayer, as_pixels, check_features
+from fastflow.nn.permutation import loaded_permutation_error
 from fastflow.nn.state_upgrade import pack_lu_factors
 from fastflow.ops._checks import check_bool, int_at_least, logdet_dtype
 from fastflow.ops.channel_mix import channel_mix
@@ -89,10 +90,18 @@ class InvConv1x1(FlowLayer):
         return torch.diagonal(self.lu_packed)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Loads the earlier LU forms too (:func:`~fastflow.nn.state_upgrade.pack_lu_factors`)."""
+        """Loads the earlier LU forms too (:func:`~fastflow.nn.state_upgrade.pack_lu_factors`). Refuses (through
+        ``load_state_dict``'s error list) a ``perm`` that is not a permutation of the channels, or a ``sign_s``
+        with an entry other than +1 or -1: either would give a finite but wrong log-density."""
+        errors = []
         if self.lu:
             pack_lu_factors(state_dict, prefix)
+            errors.append(loaded_permutation_error(state_dict, prefix + "perm", self.num_channels))
+            sign_s = state_dict.get(prefix + "sign_s")
+            if isinstance(sign_s, torch.Tensor) and not bool(((sign_s == 1) | (sign_s == -1)).all()):
+                errors.append(f"{prefix}sign_s must be all +1 or -1 (the signs of U's diagonal), got {sign_s!r}")
         super()._load_from_state_dict(state_dict, prefix, *args)
+        args[-1].extend(error for error in errors if error is not None)  # error_msgs: load_state_dict raises
 
     def weight_and_logdet(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W, log|det W|)``: the ``(C, C)`` weight and its log-det (a scalar, per pixel)."""

@@ -174,6 +174,27 @@ def test_nonfinite_input_is_blamed_on_the_input_not_a_layer():
         model.log_prob(x)
 
 
+def test_nonfinite_context_is_blamed_on_the_context_not_a_layer():
+    """It was ``FloatingPointError: non-finite output at blocks.0...``; non-finite ``x`` was a ``ValueError``."""
+    model = TabularFlow(4, context=2, transforms=1, hidden=8)
+    x, context = torch.randn(3, 4), torch.randn(3, 2)
+    context[1] = float("nan")
+    with pytest.raises(ValueError, match="context holds 2 non-finite values"):
+        model.log_prob(x, context)
+    with deferred_guards():
+        model.log_prob(x, context)  # recorded, then named by check_guards
+    with pytest.raises(ValueError, match="context holds 2 non-finite values"):
+        model.check_guards(x, context)
+
+
+def test_dequantize_stays_below_one_half_where_float32_rounds_up(monkeypatch):
+    """``255 + (1 - 2**-24)`` rounds to 256 in float32: the top level came out exactly 0.5."""
+    monkeypatch.setattr(torch, "rand", lambda shape, device=None: torch.full(shape, 1 - 2**-24, device=device))
+    x = dequantize(torch.tensor([0, 254, 255]), 256)
+    assert x.dtype == torch.float32 and float(x.max()) < 0.5 and float(x.min()) > -0.5
+    assert torch.floor((x[2].double() + 0.5) * 256) == 255  # in its bin (float64: x + 0.5 rounds to 1 in float32)
+
+
 def test_nonfinite_split_prior_is_called_a_log_density():
     model = _model("glow_affine_lu").float()
     with torch.no_grad():
@@ -225,7 +246,7 @@ def test_conditional_model_requires_valid_labels():
     x = torch.rand(2, *model.image_shape) - 0.5
     with pytest.raises(ValueError, match="context .class labels. is required"):
         model.log_prob(x)
-    with pytest.raises(ValueError, match=r"y must be in \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"context \(class labels\) must be in \[0, 3\), got values in \[0, 5\]"):
         model.log_prob(x, torch.tensor([0, 5]))
     with pytest.raises(TypeError, match="class labels. must be int32 or int64 labels, got torch.float32"):
         model.log_prob(x, torch.tensor([0.0, 1.0]))
