@@ -51,7 +51,11 @@ def interpreter_enabled() -> bool:
 
 
 def resolve_backend(x: torch.Tensor) -> Literal["eager", "triton", "interpret"]:
-    """The backend an op runs for input ``x`` under the current override."""
+    """The backend an op runs for input ``x`` under the current override; ``"eager"`` under functorch transforms
+    (``vmap``, ``torch.func.grad`` / ``jacrev`` / ``jvp``), whatever the override: they batch and differentiate the
+    eager twins natively, while a fused op's autograd wrapper refuses their grad transforms."""
+    if torch._C._are_functorch_transforms_active():
+        return "eager"
     name = _overrides[-1] if _overrides else _DEFAULT
     if name == "auto":
         if x.is_cuda and _TRITON_AVAILABLE and not _INTERPRETER_ENABLED:

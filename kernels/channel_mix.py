@@ -71,7 +71,6 @@ default, ``torch.library.wrap_triton`` when :mod:`fastflow.ops.channel_mix` regi
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -80,7 +79,7 @@ import torch
 import triton
 import triton.language as tl
 from fastflow.kernels.aot import AotSpec
-from fastflow.kernels.launch import cdiv, next_power_of_2
+from fastflow.kernels.launch import cached_on_sizes, cdiv, next_power_of_2
 
 __all__ = [
     "channel_mix_fwd_kernel",
@@ -265,7 +264,7 @@ def channel_mix_bwd_kernel(
         tl.store(gb_part_ptr + part + co, gb_acc.to(acc_dtype), mask=co_mask)
 
 
-@functools.lru_cache(maxsize=1024)
+@cached_on_sizes
 def _launch_params(
     c_in: int, c_out: int, hw: int, dtype: torch.dtype, on_cpu: bool, backward: bool
 ) -> Mapping[str, Any]:
@@ -423,7 +422,11 @@ def channel_mix_backward(
     n_tiles = batch * n_pblocks
     if n_tiles == 0 or c_in == 0 or c_out == 0:
         grad_x.zero_()
-        return grad_x, x.new_zeros((c_out, c_in), dtype=acc_dtype), x.new_zeros((c_out,), dtype=acc_dtype)
+        # no input channels: y is the bias at every pixel, whose gradient is still grad_y summed
+        grad_bias = grad_y.to(acc_dtype).sum((0, 2, 3)) if n_tiles and c_in == 0 else None
+        if grad_bias is None:
+            grad_bias = x.new_zeros((c_out,), dtype=acc_dtype)
+        return grad_x, x.new_zeros((c_out, c_in), dtype=acc_dtype), grad_bias
     n_ci_blocks = cdiv(c_in, params["CI_BLOCK"])
     n_prog = _backward_programs(x, n_tiles, n_ci_blocks, c_in, c_out)
     gw_part = torch.empty((n_prog, c_out, c_in), dtype=acc_dtype, device=x.device)

@@ -37,7 +37,7 @@ kernel               Glow, Jet (sigmoid[2])        RealNVP (exp)                
 ===================  ============================  ============================  =====================  ============
 forward / inverse    4E: x, t, r -> y              4E: x, t, r -> y              3E: x, t -> y          2E: x -> y
 backward             6E: x, t, r, gy -> gx, gr     5E: x, r, gy -> gx, gr        none (gx = gt = gy)    2E: gy -> gx
-reversible backward  7E: y, t, r, gy -> x, gx, gr  7E: y, t, r, gy -> x, gx, gr  4E: y, t, gy -> x, gx  4E
+reversible backward  7E: y, t, r, gy -> x, gx, gr  7E: y, t, r, gy -> x, gx, gr  5E: y, t, gy -> x, gx  4E
 ===================  ============================  ============================  =====================  ============
 
 Layout: every input keeps its own strides. The non-batch dims are ordered by the first input's strides
@@ -66,7 +66,6 @@ key on the kernels' source).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -74,7 +73,7 @@ import torch
 import triton
 import triton.language as tl
 from fastflow.kernels.aot import AotSpec
-from fastflow.kernels.launch import cdiv, next_power_of_2
+from fastflow.kernels.launch import cached_on_sizes, cdiv, next_power_of_2
 
 __all__ = [
     "SIGMOID",
@@ -343,7 +342,7 @@ class _Runs(NamedTuple):
 # launchers thousands of times with a few dozen distinct layouts, and the host time per launch is what bounds it.
 
 
-@functools.lru_cache(maxsize=1024)
+@cached_on_sizes
 def _order_and_permutation(stride: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
     """Dims batch first, then the others outermost in memory first (stable for ties), and the permutation that
     views a tensor laid out in that order in the original dim order (None when the order is the identity)."""
@@ -380,7 +379,7 @@ def _runs(tensors: list[torch.Tensor], order: tuple[int, ...], channel_dim: int 
     return _runs_of(tuple(tensors[0].shape), tuple(t.stride() for t in tensors), order, channel_dim)
 
 
-@functools.lru_cache(maxsize=1024)
+@cached_on_sizes
 def _runs_of(
     shape: tuple[int, ...], strides: tuple[tuple[int, ...], ...], order: tuple[int, ...], channel_dim: int | None
 ) -> _Runs | None:
@@ -420,7 +419,7 @@ def _prepare(inputs: list[torch.Tensor], channel_dim: int | None) -> tuple[list[
     return inputs, order, runs
 
 
-@functools.lru_cache(maxsize=1024)
+@cached_on_sizes
 def _block_sizes(batch: int, n: int) -> tuple[int, int]:
     """``(ROWS, BLOCK)`` of the launch heuristic described in the module docstring."""
     block = min(next_power_of_2(n), TILE)
@@ -437,7 +436,7 @@ def _launch_args(u: torch.Tensor, runs: _Runs, b_start: int | None, b_channels: 
     return _launch_ints(batch, u.numel() // batch, runs, b_start, b_channels)
 
 
-@functools.lru_cache(maxsize=1024)
+@cached_on_sizes
 def _launch_ints(batch: int, n: int, runs: _Runs, b_start: int | None, b_channels: int) -> tuple[int, ...]:
     """:func:`_launch_args` on the sizes."""
     if n >= 2**31 - TILE:

@@ -5,7 +5,41 @@ wrapper that unwraps its arguments, a few microseconds per call on a path that r
 
 from __future__ import annotations
 
-__all__ = ["cdiv", "next_power_of_2"]
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["cached_on_sizes", "cdiv", "next_power_of_2"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _concrete(value: Any) -> Any:
+    if isinstance(value, torch.SymInt):
+        return int(value)
+    if isinstance(value, tuple):
+        items = [_concrete(v) for v in value]
+        return type(value)._make(items) if hasattr(value, "_make") else tuple(items)  # NamedTuples stay such
+    return value
+
+
+def cached_on_sizes(fn: _F) -> _F:
+    """``functools.lru_cache`` for launch geometry, a pure function of sizes and strides (plain ints and tuples).
+    Under ``torch.compile`` with dynamic shapes they arrive as ``SymInt``s, which the cache cannot hash and Triton's
+    launch geometry cannot use: such a call makes them concrete first (``int()``, a guard: the compiled graph is
+    specialised to these sizes, and a new size recompiles). The cached path pays nothing for it."""
+    cached = functools.lru_cache(maxsize=1024)(fn)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return cached(*args, **kwargs)
+        except TypeError:  # unhashable: a SymInt among the sizes
+            return cached(*map(_concrete, args), **{k: _concrete(v) for k, v in kwargs.items()})
+
+    return call  # type: ignore[return-value]
 
 
 def cdiv(a: int, b: int) -> int:

@@ -69,7 +69,6 @@ The launchers take a ``wrap_triton`` callable applied to each kernel before its 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -77,7 +76,7 @@ import torch
 import triton
 import triton.language as tl
 from fastflow.kernels.aot import AotSpec
-from fastflow.kernels.launch import cdiv, next_power_of_2
+from fastflow.kernels.launch import cached_on_sizes, cdiv, next_power_of_2
 
 __all__ = [
     "FORWARD",
@@ -419,7 +418,7 @@ def _bins(raw: torch.Tensor) -> int:
     return (params + 1) // 3
 
 
-@functools.lru_cache(maxsize=1024)
+@cached_on_sizes
 def _tile_sizes(batch: int, n: int, bins: int) -> tuple[int, int, int]:
     """``(KP, ROWS, BLOCK)`` of the launch heuristic described in the module docstring."""
     kp = next_power_of_2(bins)
@@ -433,7 +432,7 @@ def _merged_stride(t: torch.Tensor, dims: range) -> int | None:
     return _merged_stride_of(tuple(t.shape), t.stride(), dims.start, dims.stop)
 
 
-@functools.lru_cache(maxsize=1024)
+@cached_on_sizes
 def _merged_stride_of(shape: tuple[int, ...], stride: tuple[int, ...], start: int, stop: int) -> int | None:
     """:func:`_merged_stride` on a shape and strides (cached: it runs per launch)."""
     kept = [d for d in range(start, stop) if shape[d] != 1]

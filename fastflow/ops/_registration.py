@@ -71,7 +71,8 @@ def use_library_op() -> bool:
     """Whether a fused op is called through ``torch.library`` rather than its direct twin: while
     ``torch.compile`` traces (Dynamo folds this to True without a graph break), while a dispatch mode is
     active (fake tensors, ``make_fx``, a ``TorchDispatchMode`` census), which must see the op whole, and under
-    functorch transforms (``vmap``, ``torch.func.grad``), which need the registered op's ``setup_context``."""
+    functorch transforms, which need the registered op's ``setup_context`` (the fused ops themselves run their
+    eager twins there: :func:`fastflow.backend.resolve_backend`)."""
     return (
         torch.compiler.is_compiling()
         or _get_current_dispatch_mode() is not None

@@ -173,7 +173,11 @@ def _conv1x1_ieee_grad_weight(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Te
 
 
 def _ieee_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The op ``fastflow::conv1x1_ieee`` (or its direct twin, :mod:`fastflow.ops._registration`)."""
+    """The op ``fastflow::conv1x1_ieee`` (or its direct twin, :mod:`fastflow.ops._registration`); under functorch
+    transforms, which refuse both (their autograd has no functorch rule), the plain convolution under IEEE flags
+    (its backward then follows the TF32 flags)."""
+    if torch._C._are_functorch_transforms_active():
+        return _conv1x1_ieee(x, weight, bias)
     if use_library_op():
         return torch.ops.fastflow.conv1x1_ieee(x, weight, bias)
     return _CONV1X1_IEEE_DIRECT(x, weight, bias)
@@ -250,7 +254,10 @@ _CONV1X1_IEEE_GRAD_WEIGHT_DIRECT = direct_autograd(
 
 def _output_format(x: torch.Tensor) -> torch.memory_format:
     """channels_last for channels_last inputs, else contiguous: the layout of every output built from ``x``
-    (the fake kernels use it too, so traced and real strides agree)."""
+    (the fake kernels use it too, so traced and real strides agree). Contiguous under functorch transforms, where
+    ``vmap`` cannot query other layouts."""
+    if torch._C._are_functorch_transforms_active():
+        return torch.contiguous_format
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import fastflow
 from fastflow.ops import _registration
 from fastflow.ops import channel_mix as ops
-from fastflow.ops.channel_mix import channel_mix, channel_mix_ref
+from fastflow.ops.channel_mix import channel_mix, channel_mix_grads, channel_mix_ref
 
 # (dtype, atol, rtol) for kernel vs eager in the same dtype, outputs of order 1
 DTYPE_TOL = [
@@ -629,3 +629,19 @@ def test_eager_cpu_mix_runs_as_matrix_products_not_a_convolution(monkeypatch):
     torch.testing.assert_close(channel_mix_ref(x, weight), pixel_matmul(x, weight))
     torch.testing.assert_close(torch.ops.fastflow.conv1x1_ieee(x, weight, None), pixel_matmul(x, weight))
     assert calls == [x.shape, x.shape]
+
+
+def test_no_input_channels_still_give_the_bias_its_gradient(target):
+    """With ``C_in = 0`` the output is the bias at every pixel: its gradient is ``grad_y`` summed, as eager's."""
+    backend, device = target
+    x, weight = torch.randn(2, 0, 2, 3, device=device), torch.randn(3, 0, device=device)
+    grad_y = torch.randn(2, 3, 2, 3, device=device)
+    grads = {}
+    for name in ("eager", backend):
+        bias = torch.randn(3, device=device, requires_grad=True)
+        with fastflow.backend(name):
+            channel_mix(x, weight, bias).backward(grad_y)
+            grads[name] = (bias.grad, channel_mix_grads(grad_y, x, weight)[2])
+    for got, want in zip(grads[backend], grads["eager"]):
+        torch.testing.assert_close(got.float(), want.float())
+        torch.testing.assert_close(want.float(), grad_y.sum((0, 2, 3)))

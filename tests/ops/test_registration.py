@@ -129,3 +129,86 @@ def test_fused_spline_log_det_gradient_is_not_differentiated_again() -> None:
         _, logdet = rq_spline(x, raw, 3)
         with pytest.raises(RuntimeError, match="no double backward"):
             torch.autograd.grad(logdet.sum(), x, create_graph=True)
+
+
+def test_compiled_fused_ops_follow_a_new_size(target) -> None:
+    """``torch.compile``'s dynamic shapes (a second size marks a dimension dynamic) reach the ops' fake kernels and
+    launch geometry as SymInts: they specialise (a guard) instead of failing on the geometry cache."""
+    backend, device = target
+    torch._dynamo.reset()
+
+    def objective(x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        y, logdet = affine_coupling(x, t, r)
+        z, spline_logdet = rq_spline(y.flatten(1), r.flatten(1)[:, :, None].expand(-1, -1, 23).contiguous(), 8)
+        return channel_mix(z.view_as(x), w).square().sum() + logdet.sum() + spline_logdet.sum()
+
+    compiled = torch.compile(objective, backend="aot_eager", fullgraph=True)
+    for side in (3, 5, 6):
+        inputs = [torch.randn(2, 4, side, side, device=device) for _ in range(3)] + [torch.randn(4, 4, device=device)]
+        with fastflow.backend(backend):
+            got = compiled(*inputs)
+            with fastflow.backend("eager"):
+                want = objective(*inputs)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+_SYMBOLIC_TRACE = """
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from fastflow.ops import channel_mix as M, coupling as C, spline as S
+c, s, m = (ops._define_ops(name, traceable=True) for ops, name in ((C, "t_c"), (S, "t_s"), (M, "t_m")))
+image = lambda: torch.randn(2, 3, 5, 5)
+for fn, args in (
+    (lambda a, b, r: c.fwd(a, b, r, "sigmoid", None), [image() for _ in range(3)]),
+    (lambda a, b, r, g, l: c.bwd(a, b, r, g, l, "exp", True, None), [image() for _ in range(4)] + [torch.randn(2)]),
+    (lambda a, r: s.fwd(a, r, 3.0, 1e-3, 1e-3, 1e-3), [torch.randn(4, 3), torch.randn(4, 3, 23)]),
+    (lambda x, w, b: m.mix(x, w, b), [image(), torch.randn(3, 3), torch.randn(3)]),
+    (lambda g, x, w: m.backward(g, x, w), [image(), image(), torch.randn(3, 3)]),
+):
+    make_fx(fn, tracing_mode="symbolic")(*args)
+print("traced")
+"""
+
+
+def test_the_triton_op_registration_traces_with_symbolic_shapes() -> None:
+    """What a CUDA build registers (``torch.library.triton_op``, whose fake kernel is the op's own launch code)
+    traces with every size symbolic; without the interpreter (no GPU needed to trace), in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    if not hasattr(torch.library, "triton_op"):
+        pytest.skip("torch.library.triton_op needs torch >= 2.6")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", _SYMBOLIC_TRACE], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "traced" in result.stdout, result.stderr[-3000:]
+
+
+def test_functorch_transforms_run_the_eager_twins(target) -> None:
+    """``torch.func.grad`` / ``jacrev`` / ``vmap`` through the public ops on a kernel backend give eager's results:
+    the ops resolve to their eager twins under the transforms (a fused op's autograd wrapper refuses grad
+    transforms)."""
+    backend, device = target
+    x, t, r = torch.randn(3, 2, 4, 3, 3, device=device, dtype=torch.float64).unbind(0)
+    weight = torch.randn(4, 4, device=device, dtype=torch.float64)
+
+    def coupling_loss(v: torch.Tensor) -> torch.Tensor:
+        y, logdet = affine_coupling(x, v, r)
+        return y.square().sum() + logdet.sum()
+
+    def mixed(v: torch.Tensor) -> torch.Tensor:
+        return channel_mix(v[None], weight)[0]
+
+    results = {}
+    for name in ("eager", backend):
+        with fastflow.backend(name):
+            results[name] = (
+                torch.func.grad(coupling_loss)(t),
+                torch.func.jacrev(lambda v: rq_spline(v, r.flatten(1)[:, :, None].expand(-1, -1, 8), 3)[1])(
+                    x.flatten(1)
+                ),
+                torch.func.vmap(mixed)(x),
+            )
+    for got, want in zip(results[backend], results["eager"]):
+        torch.testing.assert_close(got, want)
