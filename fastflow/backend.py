@@ -78,7 +78,9 @@ def resolve_backend(x: torch.Tensor) -> Literal["eager", "triton", "interpret"]:
 
 @contextlib.contextmanager
 def backend(name: BackendName) -> Iterator[None]:
-    """Context manager that forces ``name`` as the backend of every fastflow op inside the block."""
+    """Context manager that forces ``name`` as the backend of every fastflow op inside the block. The override is
+    process-wide (ops on other threads see it while the block runs): a plain list that ``torch.compile`` traces
+    and guards on, where a context variable would break the graph."""
     _overrides.append(_check_name(name))
     try:
         yield

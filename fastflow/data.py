@@ -184,9 +184,7 @@ def batch_at_step(
     # torch's CPU generator keeps 32 bits of a seed: mix (seed, step) into them with numpy's SeedSequence.
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
     levels, labels = source.draw(batch, generator)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        return dequantize(levels, n_bins), labels
+    return dequantize(levels, n_bins, generator), labels  # no global RNG (a CUDA one) reseeded
 
 
 def _check_embedded(spec: str, image_shape: tuple[int, ...], n_bins: int, shape: tuple[int, ...], bins: int) -> None:

@@ -178,11 +178,11 @@ def evaluate_bits_per_dim(
     """Mean bits/dim of integer ``levels`` under ``model`` with one fixed-seed uniform dequantization."""
     parameter = model.floating_parameter()
     total = 0.0
-    cuda = [parameter.device] if parameter.device.type == "cuda" else []
-    with eval_mode(model), torch.random.fork_rng(devices=cuda):  # every generator it seeds is restored after
-        torch.manual_seed(seed)
+    generator = torch.Generator(levels.device).manual_seed(seed)  # the global RNGs untouched
+    with eval_mode(model):
         for start in range(0, len(levels), batch):
-            x = dequantize(levels[start : start + batch], model.n_bins).to(parameter.device, parameter.dtype)
+            x = dequantize(levels[start : start + batch], model.n_bins, generator)
+            x = x.to(parameter.device, parameter.dtype)
             y = None if labels is None else labels[start : start + batch].to(parameter.device)
             total += float(model.bits_per_dim(x, y).sum())
     return total / len(levels)

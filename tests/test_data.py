@@ -10,6 +10,7 @@ from PIL import Image
 from fastflow.data import (
     DIGITS_N_BINS,
     TensorImages,
+    batch_at_step,
     digits_of_class,
     load_digits,
     load_image_spec,
@@ -82,3 +83,23 @@ def test_data_values_that_would_pass_as_something_else_are_refused():
 def test_a_sixteen_bit_image_spec_keeps_its_grey_level(tmp_path):
     Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "grey16.png")
     assert torch.all(load_image_spec(str(tmp_path / "grey16.png"), (1, 8, 8), 4) == 2), "mid-grey, not white"
+
+
+def test_batches_and_held_out_evaluation_reseed_no_global_generator(monkeypatch):
+    """The batch of a step and the held-out dequantization draw from generators of their own: seeding the global
+    one (torch.manual_seed also seeds every CUDA generator, which fork_rng(devices=[]) would not restore) would
+    clobber the caller's random streams."""
+    from fastflow.models import Glow
+    from fastflow.train import evaluate_bits_per_dim
+
+    levels = torch.randint(0, 4, (6, 1, 4, 4))
+    model = Glow(1, 4, levels=1, steps=1, hidden=4, n_bins=4)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the global RNG was reseeded")
+
+    monkeypatch.setattr(torch, "manual_seed", refused)
+    x, _ = batch_at_step(TensorImages(levels), 3, 4, 4, seed=1)
+    again, _ = batch_at_step(TensorImages(levels), 3, 4, 4, seed=1)
+    assert torch.equal(x, again) and x.shape == (4, 1, 4, 4)
+    assert evaluate_bits_per_dim(model, levels) == evaluate_bits_per_dim(model, levels)

@@ -50,8 +50,9 @@ def _check_integer_levels(name: str, levels: object, n_bins: int) -> torch.Tenso
     return levels
 
 
-def dequantize(levels: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Uniform dequantization of integer pixel levels in ``[0, n_bins)`` to ``(k + u) / n_bins - 0.5``.
+def dequantize(levels: torch.Tensor, n_bins: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform dequantization of integer pixel levels in ``[0, n_bins)`` to ``(k + u) / n_bins - 0.5``, ``u``
+    drawn from ``generator`` (on its device, then moved to ``levels``'), else from the global RNG.
 
     This is the input convention of every model: continuous float32 values in ``[-0.5, 0.5)`` (``k + u`` may
     round up to ``k + 1`` in float32, which for the top level would be 0.5: the result is clamped to the largest
@@ -61,7 +62,10 @@ def dequantize(levels: torch.Tensor, n_bins: int) -> torch.Tensor:
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 2:
         raise ValueError(f"n_bins must be an int >= 2, got {n_bins!r}")
     _check_integer_levels("levels", levels, n_bins)
-    u = torch.rand(levels.shape, device=levels.device)
+    if generator is None:
+        u = torch.rand(levels.shape, device=levels.device)
+    else:
+        u = torch.rand(levels.shape, device=generator.device, generator=generator).to(levels.device)
     return ((levels.float() + u) / n_bins - 0.5).clamp_max(_BELOW_HALF)
 
 
