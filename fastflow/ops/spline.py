@@ -354,8 +354,13 @@ def _check_upstream(grad_y: torch.Tensor, grad_logdet: torch.Tensor | None, y: t
         raise ValueError(f"grad_logdet must be on {y.device} like y, got {grad_logdet.device}")
 
 
-def _use_kernel(x: torch.Tensor) -> bool:
-    return resolve_backend(x) != "eager"
+KERNEL_MAX_BINS = 4096
+"""The most bins the fused kernels take (their per-element tile of bins stays far within Triton's block size
+limit); more bins run the eager twin on every backend."""
+
+
+def _use_kernel(x: torch.Tensor, spline: eager.Spline) -> bool:
+    return spline.bins <= KERNEL_MAX_BINS and resolve_backend(x) != "eager"
 
 
 def rq_spline(
@@ -373,11 +378,12 @@ def rq_spline(
     same float dtype and device, any strides. ``y`` has ``x``'s shape and dtype (contiguous on the Triton
     backends), ``logdet`` is ``(B,)`` float32 (float64 for float64). Identity with log-det 0 outside
     ``[-bound, bound]``. ``min_width * bins`` and ``min_height * bins`` must be ``<= 1``. Differentiable in
-    ``x`` and ``raw``. float16 / bfloat16 inputs are computed in float32 on every backend, rounded once.
+    ``x`` and ``raw``. float16 / bfloat16 inputs are computed in float32 on every backend, rounded once. More than
+    :data:`KERNEL_MAX_BINS` bins run the eager twin on every backend.
     """
     spline = _checked(bins, bound, min_width, min_height, min_derivative)
     _check_args("x", x, raw, spline)
-    if _use_kernel(x):
+    if _use_kernel(x, spline):
         return _ops().fwd(x, raw, *spline[1:])
     if torch.compiler.is_compiling() and x.dtype in (torch.float32, torch.float64):
         return rq_spline_closed_form(x, raw, spline)
@@ -396,7 +402,7 @@ def rq_spline_inverse(
     """Spline inverse ``(x, -logdet)`` on the chosen backend; arguments as :func:`rq_spline`."""
     spline = _checked(bins, bound, min_width, min_height, min_derivative)
     _check_args("y", y, raw, spline)
-    if _use_kernel(y):
+    if _use_kernel(y, spline):
         return _ops().inv(y, raw, *spline[1:])
     return _ref(y, raw, spline, True, upcasts(y))
 
@@ -421,7 +427,7 @@ def rq_spline_backward_from_output(
     spline = _checked(bins, bound, min_width, min_height, min_derivative)
     _check_args("y", y, raw, spline)
     _check_upstream(grad_y, grad_logdet, y)
-    if not _use_kernel(y):
+    if not _use_kernel(y, spline):
         return rq_spline_backward_from_output_ref(y, raw, grad_y, grad_logdet, *spline, upcast=upcasts(y))
     grad_x, grad_raw, x = _ops().bwd(y, raw, grad_y, grad_logdet, *spline[1:], "rebuild")
     return x, grad_x, grad_raw

@@ -658,3 +658,24 @@ def test_half_precision_on_the_eager_backend_computes_in_float32(dtype: torch.dt
     with fastflow.backend("eager"):
         x_back32, _ = S.rq_spline_inverse(y.float(), raw.float(), 8)
     torch.testing.assert_close(x_back, x_back32.to(dtype), atol=0, rtol=0)
+
+
+def test_more_bins_than_the_kernels_take_run_the_eager_twin(target, monkeypatch) -> None:
+    """Past :data:`KERNEL_MAX_BINS` (a Triton block-size limit) the op runs eagerly on a kernel backend instead of
+    failing deep in Triton; below it the kernels run."""
+    backend, device = target
+    monkeypatch.setattr(S, "KERNEL_MAX_BINS", 4)  # the real limit (4096 bins) is slow on the interpreter
+    launched = []
+    ops = S._ops()
+    monkeypatch.setattr(S, "_ops", lambda: launched.append(1) or ops)
+    x = torch.randn(2, 3, device=device)
+    for bins, kernels in ((4, 1), (5, 0)):
+        launched.clear()
+        raw = torch.randn(2, 3, 3 * bins - 1, device=device)
+        with fastflow.backend(backend):
+            got = S.rq_spline(x, raw, bins)
+        with fastflow.backend("eager"):
+            want = S.rq_spline(x, raw, bins)
+        assert len(launched) == kernels
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
