@@ -37,11 +37,32 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CAPTURE_WARMUP_STEPS = 3  # eager steps on a side stream before capture: lazy state (Adam moments, cuDNN plans) exists
 
 
+def _norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The 2-norm of each of ``grads``, half-precision ones accumulated in float32 (an fp16 sum of squares
+    overflows at 65504 while every element is finite)."""
+    if not any(g.dtype in (torch.float16, torch.bfloat16) for g in grads):
+        return list(torch._foreach_norm(grads))
+    try:
+        return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    except TypeError:  # a torch whose _foreach_norm takes no dtype
+        return [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+
+
 def _total_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The 2-norm of all of ``grads`` together, on the device (no host read), as ``clip_grad_norm_`` computes it."""
+    """The 2-norm of all of ``grads`` together, on the device (no host read); float32 at least."""
     if not grads:
         return torch.zeros((), device=device)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    norms = _norms(grads)
+    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+
+
+def _scale_to_norm(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale ``grads`` in place by ``min(1, max_norm / (norm + 1e-6))``, as ``clip_grad_norm_`` does (a non-finite
+    ``norm`` makes them NaN), with the factor from a float32 ``norm`` whatever their dtype."""
+    factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for dtype in {g.dtype for g in grads}:
+        torch._foreach_mul_([g for g in grads if g.dtype == dtype], factor.to(dtype))
 
 
 class BitsPerDim(nn.Module):
@@ -131,8 +152,8 @@ class TrainStep:
     rank's NaN reaches every rank's reduced gradients). The optimizer must be fused (:func:`make_adam`). Under
     fp16 loss scaling (``scaler`` enabled) the scaler hands the optimizer its own ``found_inf`` instead, which covers
     non-finite losses and gradients but not drift, and :attr:`skip` is None. ``clip`` must be a finite number >= 0.
-    :attr:`grad_norm` is the latest step's gradient norm before clipping (a 0-dim device tensor, read at the
-    caller's choice; None before the first step).
+    :attr:`grad_norm` is the latest step's gradient norm before clipping (a 0-dim device tensor, float32 at least,
+    read at the caller's choice; None before the first step, and under fp16 loss scaling without clipping).
 
     ``mode``: ``"eager"``; ``"compile"`` (Inductor, CPU or CUDA, static shapes: the loss and its backward
     compile on the first step; the fused Adam update stays one kernel per dtype group); ``"cuda-graph"`` (CUDA
@@ -238,11 +259,12 @@ class TrainStep:
             torch.maximum(self.skip, failed, out=self.skip)
 
     def _clip(self) -> None:
-        """Clip the gradients' norm at :attr:`clip` (0: no clipping); :attr:`grad_norm` gets their norm before."""
+        """:attr:`grad_norm` gets the gradients' norm (float32 for half-precision gradients), and the gradients are
+        scaled to a norm of at most :attr:`clip` (0: no clipping)."""
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        self.grad_norm = _total_norm(grads, self.device)
         if self.clip > 0:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.clip, foreach=True)
-        else:
-            self.grad_norm = _total_norm([p.grad for p in self.parameters if p.grad is not None], self.device)
+            _scale_to_norm(grads, self.grad_norm, self.clip)
 
     def _backward_and_update(self, loss: torch.Tensor) -> None:
         if self.scaler is None:
@@ -253,7 +275,8 @@ class TrainStep:
             return
         self.scaler.scale(loss).backward()  # fp16: unscale before clipping; the scaler skips non-finite steps
         self.scaler.unscale_(self.optimizer)
-        self._clip()
+        if self.clip > 0:  # the scaler decides the skips: no norm needed otherwise
+            self._clip()
         self.scaler.step(self.optimizer)
         self.scaler.update()
 

@@ -74,6 +74,8 @@ RUN_KEYS = ("batch", "seed", "lr", "warmup", "clip", "amp")  # settings a resume
 READ_EVERY = 25  # the loop reads losses and guards from the device at most this many steps apart
 PROGRESS_LINES = 20  # a progress log prints a line every 5% of the run: a read for each keeps its loss fresh
 RECENT_LOSSES = 50  # progress shows the mean of this many last losses; checkpoints keep them for a resumed run
+CHECKPOINT_ENTRIES = ("step", "scaler", "train_config", "heldout_bits_per_dim", "recent_losses")
+"""The entries of a checkpoint's ``extra`` that :func:`train` writes (``checkpoint_extra`` may not use them)."""
 
 
 class TrainingDiverged(FloatingPointError):
@@ -471,7 +473,8 @@ def train(
     Levels (a tensor ``data`` and ``heldout``) are checked before the first step: integer, the model's image
     shape, in ``[0, n_bins)``. The first batch initialises ActNorm. A class-conditional model's sample grids
     draw the classes in turn.
-    ``checkpoint_extra``: more entries (plain Python values) for every checkpoint's ``extra``.
+    ``checkpoint_extra``: more entries (plain Python values) for every checkpoint's ``extra``, none of
+    :data:`CHECKPOINT_ENTRIES` nor ``path``, ``model``, ``optimizer`` (``ValueError``, before the first step).
     ``written``: a list that is emptied, then set at each save (rank 0 alone writes) to the paths that save wrote
     (the checkpoint, then the sample grid unless it could not be drawn): after the call, the last save's files.
     ``config.out`` is checked to be a writable folder before the first step (``ValueError``).
@@ -486,6 +489,12 @@ def train(
     """
     if labels is not None and not isinstance(data, torch.Tensor):
         raise ValueError("labels go with a levels tensor; an ImageSource draws its own labels")
+    taken = sorted(set(checkpoint_extra or {}) & {*CHECKPOINT_ENTRIES, "path", "model", "optimizer"})
+    if taken:  # before the first step: a collision would fail the first save, after the training
+        raise ValueError(
+            f"checkpoint_extra may not use {taken}: train() writes those entries itself (path, model and optimizer "
+            "are save_checkpoint's arguments)"
+        )
     source = TensorImages(data, labels) if isinstance(data, torch.Tensor) else data
     if tuple(source.image_shape) != tuple(model.image_shape):
         raise ValueError(f"data has images of shape {tuple(source.image_shape)}, the model {model.image_shape}")

@@ -133,3 +133,36 @@ def test_step_modes_match_eager_on_cuda(mode):
     other_losses, other_weights = _run(mode, "cuda", steps)
     torch.testing.assert_close(other_losses, losses, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(other_weights, weights, atol=1e-9, rtol=1e-9)
+
+
+def test_clipping_matches_torch_and_half_gradients_take_a_float32_norm():
+    """The step's clipping is ``clip_grad_norm_``'s; an fp16 model whose gradient norm exceeds fp16's range (every
+    element finite) takes its update (the norm is accumulated in float32, not flagged as non-finite)."""
+    torch.manual_seed(0)
+    model = Glow(3, 8, levels=2, steps=1, hidden=8).double()
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64) - 0.5
+    with torch.no_grad():
+        model.bits_per_dim(x)
+    twin = Glow(3, 8, levels=2, steps=1, hidden=8).double()
+    twin.load_state_dict(model.state_dict())
+    step = TrainStep(BitsPerDim(model), model, make_adam(model.parameters(), 1e-3), clip=0.5, channels_last=False)
+    step(x, None, 1e-3)
+    optimizer = make_adam(twin.parameters(), 1e-3)
+    twin.bits_per_dim(x).mean().backward()
+    want_norm = torch.nn.utils.clip_grad_norm_(list(twin.parameters()), 0.5)
+    optimizer.step()
+    torch.testing.assert_close(step.grad_norm, want_norm)
+    for got, want in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(got, want)
+
+    half = Glow(1, 4, levels=1, steps=1, hidden=8, n_bins=4).half()
+    levels = (torch.rand(8, 1, 4, 4) - 0.5).half()
+    half.bits_per_dim(levels)
+    largest = max(half.parameters(), key=lambda p: p.numel())
+    largest.register_hook(lambda grad: torch.full_like(grad, 5e3))  # a norm of 5e3 * sqrt(numel) > 65504
+    for clip in (0.0, 50.0):
+        before = largest.detach().clone()
+        step = TrainStep(BitsPerDim(half), half, make_adam(half.parameters(), 1e-3), clip=clip, channels_last=False)
+        step(levels, None, 1e-3)
+        assert step.grad_norm.dtype == torch.float32 and torch.isfinite(step.grad_norm) and step.grad_norm > 65504
+        assert float(step.skip) == 0 and not torch.equal(largest.detach(), before)

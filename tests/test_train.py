@@ -475,3 +475,12 @@ def test_channels_last_is_refused_for_vectors():
     model = TabularFlow(4, transforms=1, hidden=4)
     with pytest.raises(ValueError, match=r"channels_last=True is for image batches .* \(B, 4\)"):
         TrainStep(model, model, make_adam(model.parameters(), 1e-3), channels_last=True)
+
+
+@pytest.mark.parametrize("key", ["recent_losses", "step", "optimizer"])
+def test_checkpoint_extra_may_not_take_the_entries_train_writes(tmp_path, key):
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"checkpoint_extra may not use \['{key}'\]"):
+        train(model, _data(), _config(tmp_path, 2), checkpoint_extra={key: "mine"})
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and not os.listdir(tmp_path)

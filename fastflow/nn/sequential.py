@@ -39,7 +39,8 @@ class FlowSequential(FlowLayer):
     backward. Same parameters, outputs and gradients (within ``max_drift``) as standard backprop. Like
     reentrant checkpointing, parameter gradients reach ``.grad`` through ``backward()`` (nested backward calls);
     ``torch.autograd.grad`` w.r.t. the parameters does not return them (w.r.t. the input and the context it
-    does, and leaves ``.grad`` untouched); no double backward (``create_graph=True`` raises). Reversible training
+    does, and leaves ``.grad`` untouched, as ``backward(inputs=...)`` does); no double backward
+    (``create_graph=True`` raises). Reversible training
     batches the units' weights too: once for the forward, and in backward once for the rebuild and once (with a
     graph) for the recomputes (:func:`~fastflow.nn.reversible.chain_backward_from_output`).
     """

@@ -455,23 +455,17 @@ def test_a_double_backward_through_a_reversible_chain_raises_instead_of_dropping
         torch.autograd.grad((y.square().sum() - logdet.sum()), x, create_graph=True)
 
 
-@pytest.mark.parametrize("how", ["autograd.grad", "backward(inputs=[x])"])
-def test_a_backward_that_takes_no_parameter_gradients_leaves_them_alone(how):
-    """As in standard mode: ``torch.autograd.grad(loss, x)`` and ``backward(inputs=[x])`` give x's gradient and
-    write no parameter's ``.grad`` (before, the walk's nested backward filled them all); a full backward after it
-    gives the parameters exactly their gradients."""
+def test_autograd_grad_leaves_the_parameters_gradients_alone():
+    """As in standard mode: ``torch.autograd.grad(loss, x)`` gives x's gradient and writes no parameter's ``.grad``
+    (before, the walk's nested backward filled them all); a full backward after it gives the parameters exactly
+    their gradients."""
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     grads = {}
     for reversible in (False, True):
         chain = _vector_chain(reversible)
         y, logdet = chain(x)
         loss = y.square().sum() - logdet.sum()
-        if how == "autograd.grad":
-            (grads[reversible],) = torch.autograd.grad(loss, x, retain_graph=True)
-        else:
-            x.grad = None
-            loss.backward(inputs=[x], retain_graph=True)
-            grads[reversible] = x.grad
+        (grads[reversible],) = torch.autograd.grad(loss, x, retain_graph=True)
         assert all(p.grad is None for p in chain.parameters())
         loss.backward()
         grads[reversible, "params"] = [p.grad.clone() for p in chain.parameters()]
@@ -518,3 +512,42 @@ def test_a_subnet_that_ignores_its_input_trains_reversibly():
         results.append((x.grad.clone(), chain.layers[0].net.b.grad.clone()))
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want)
+
+
+def test_backward_with_inputs_leaves_a_reversible_chains_parameters_alone():
+    """``backward(inputs=[...])`` cannot say which of a reversible chain's parameters it names (they are no inputs
+    of the chain's node): it gives none of them a ``.grad`` (before, all of them, whatever it named), and the
+    gradient of the input it names is standard mode's."""
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    results = []
+    for reversible in (False, True):
+        chain = _vector_chain(reversible)
+        y, logdet = chain(x)
+        x.grad = None
+        (y.square().sum() - logdet.sum()).backward(inputs=[x, *list(chain.parameters())[:2]])
+        results.append(x.grad.clone())
+        named_only = all(p.grad is None for p in list(chain.parameters())[2:])
+        assert named_only and all((p.grad is None) == reversible for p in list(chain.parameters())[:2])
+    torch.testing.assert_close(results[1], results[0])
+
+
+def test_the_drift_guard_keeps_the_input_scale_when_the_chain_enlarges_it():
+    """A chain whose output is 20x its input and whose inverse is 2% off must trip the float32 guard (measured
+    against the output's size, the drift read 20x smaller and passed)."""
+
+    class Scale(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = torch.nn.Parameter(torch.tensor(20.0))
+
+        def forward(self, x, context=None):
+            return x * self.s, torch.log(self.s).expand(x.shape[0]) * x[0].numel()
+
+        def inverse(self, y, context=None):
+            return y / self.s * 1.02, -torch.log(self.s).expand(y.shape[0]) * y[0].numel()
+
+    chain = FlowSequential(Scale(), reversible=True)
+    x = torch.randn(4, 8, requires_grad=True)
+    y, logdet = chain(x)
+    with pytest.raises(ReconstructionError, match="relative drift"):
+        (y.sum() + logdet.sum()).backward()
