@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fastflow.ops._checks import int_at_least
+
 __all__ = ["Context", "rank_and_world_size", "setup", "shard", "teardown"]
 
 
@@ -47,6 +49,11 @@ def setup(device: str | None = None) -> Context:
     process takes GPU ``LOCAL_RANK`` and the NCCL backend; on the CPU the gloo backend.
     """
     world_size, rank, local_rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise ValueError(
+            f"WORLD_SIZE must be >= 1 and RANK in [0, WORLD_SIZE) (LOCAL_RANK >= 0), got WORLD_SIZE={world_size}, "
+            f"RANK={rank}, LOCAL_RANK={local_rank}"
+        )
     kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if kind not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {kind!r}")
@@ -80,6 +87,9 @@ def shard(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Rank ``rank``'s contiguous ``1 / world_size`` of the batch ``x``. Its length must divide evenly: then
     the mean of the per-rank means (DDP's gradient average, ActNorm's all-reduced statistics) is the mean over
     the whole batch."""
+    int_at_least("world_size", world_size, 1)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, world_size = {world_size}), got {rank!r}")
     if len(x) % world_size:
         raise ValueError(f"the batch of {len(x)} does not split evenly over {world_size} ranks")
     size = len(x) // world_size

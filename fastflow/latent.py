@@ -144,7 +144,11 @@ def manipulate(
         raise TypeError(f"direction must be a floating-point torch.Tensor, got {found}")
     if direction.shape != (z.shape[1],):
         raise ValueError(f"direction must have shape ({z.shape[1]},), got {tuple(direction.shape)}")
-    s = torch.as_tensor(strengths, dtype=z.dtype).to(z.device).reshape(-1, 1)  # a list or a tensor of strengths
-    if len(s) == 0:
-        raise ValueError("strengths must not be empty")
+    try:
+        s = torch.as_tensor(strengths, dtype=z.dtype).to(z.device)  # a list or a tensor of strengths
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"strengths must be a sequence of numbers, got {strengths!r}") from err
+    if s.dim() > 1 or s.numel() == 0 or not torch.isfinite(s).all():
+        raise ValueError(f"strengths must be a non-empty 1-D sequence of finite numbers, got {strengths!r}")
+    s = s.reshape(-1, 1)
     return decode_flat(model, z + s * direction.to(z.device, z.dtype), shapes, _repeated(context, len(s)))

@@ -182,6 +182,21 @@ def test_shards_are_disjoint_and_cover_the_batch():
     torch.testing.assert_close(torch.cat([distributed.shard(x, r, 3) for r in range(3)]), x)
     with pytest.raises(ValueError, match="does not split evenly over 5 ranks"):
         distributed.shard(x, 0, 5)
+    with pytest.raises(ValueError, match="world_size must be"):
+        distributed.shard(x, 0, 0)
+    for rank in (3, -1):  # an empty shard before
+        with pytest.raises(ValueError, match=r"rank must be an int in \[0, world_size = 3\)"):
+            distributed.shard(x, rank, 3)
+
+
+@pytest.mark.parametrize("env", [{"WORLD_SIZE": "1", "RANK": "3"}, {"WORLD_SIZE": "0"}, {"LOCAL_RANK": "-1"}])
+def test_an_impossible_rank_environment_is_refused(monkeypatch, env):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=r"WORLD_SIZE must be >= 1 and RANK in \[0, WORLD_SIZE\)"):
+        distributed.setup("cpu")
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

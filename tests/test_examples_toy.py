@@ -83,3 +83,31 @@ def test_the_plots_leave_the_model_in_its_mode_and_take_a_constant_coordinate(tm
     plot_samples(model, data, str(tmp_path / "samples.png"), n=32)
     assert model.training  # the plots used to leave it in eval mode
     assert (tmp_path / "density.png").exists() and (tmp_path / "samples.png").exists()
+
+
+def test_the_plots_take_a_float64_model_and_refuse_a_bad_resolution(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastflow.examples.toy import plot_density, plot_samples
+    from fastflow.models import TabularFlow
+
+    model = TabularFlow(2, transforms=1, hidden=8).double()
+    data = toy_dataset("moons", 256, seed=0).double()
+    model.log_prob(data[:64])
+    plot_density(model, data, str(tmp_path / "density.png"), resolution=8)
+    plot_samples(model, data, str(tmp_path / "samples.png"), n=32)
+    assert (tmp_path / "density.png").exists() and (tmp_path / "samples.png").exists()
+    for resolution in (0, -3, 1):
+        with pytest.raises(ValueError, match="resolution"):
+            plot_density(model, data, str(tmp_path / "bad.png"), resolution=resolution)
+
+
+def test_a_missing_matplotlib_is_a_usage_error_before_training(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from fastflow.examples.toy import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--steps", "5", "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and "need matplotlib" in captured.err and "trained" not in captured.out

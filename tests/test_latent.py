@@ -79,8 +79,11 @@ def test_bad_arguments_are_refused(model):
         ValueError, match=r"with_attribute must have shape \(N, 3, 4, 4\) with N >= 1, got \(0, 3, 4, 4\)"
     ):
         attribute_direction(model, _levels(0, 0), _levels(2, 1))
-    with pytest.raises(ValueError, match="strengths must not be empty"):
-        manipulate(model, _levels(1, 0), torch.zeros(48), [])
+    for strengths in ([], [[1.0, 2.0], [3.0, 4.0]], [1.0, float("nan")]):  # a 2-D list was flattened silently
+        with pytest.raises(ValueError, match="strengths must be a non-empty 1-D sequence of finite numbers"):
+            manipulate(model, _levels(1, 0), torch.zeros(48), strengths)
+    with pytest.raises(TypeError, match="strengths must be a sequence of numbers"):
+        manipulate(model, _levels(1, 0), torch.zeros(48), "ab")
     with pytest.raises(TypeError, match="steps must be an int"):
         interpolate(model, _levels(1, 0), _levels(1, 1), steps=3.0)
     with pytest.raises(TypeError, match="direction must be a floating-point torch.Tensor, got list"):

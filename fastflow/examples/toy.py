@@ -16,6 +16,7 @@ from fastflow.examples.toy_data import TOY_DATASETS, toy_dataset
 from fastflow.images import check_writable_folder
 from fastflow.models import TabularFlow
 from fastflow.models.base import eval_mode
+from fastflow.ops._checks import int_at_least
 
 __all__ = ["ToyResult", "heldout_nll", "main", "plot_density", "plot_samples", "train_flow"]
 
@@ -83,12 +84,17 @@ def _extent(data: torch.Tensor, margin: float = 0.25) -> tuple[float, float, flo
 def plot_density(model: TabularFlow, data: torch.Tensor, path: str, resolution: int = 200) -> str:
     """Heat-map of the model's density ``p(x)`` on a ``resolution``-square grid around ``data``; returns
     ``path``."""
+    int_at_least("resolution", resolution, 2)
     plt = _pyplot()
-    x0, x1, y0, y1 = _extent(data)
-    xs, ys = torch.linspace(x0, x1, resolution), torch.linspace(y0, y1, resolution)
+    x0, x1, y0, y1 = _extent(data.float().cpu())
+    parameter = model.floating_parameter()  # the grid in the model's dtype and on its device
+    xs, ys = (
+        torch.linspace(a, b, resolution, dtype=parameter.dtype, device=parameter.device)
+        for a, b in ((x0, x1), (y0, y1))
+    )
     grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
     with eval_mode(model), torch.no_grad():
-        density = torch.cat([model.log_prob(chunk).exp() for chunk in grid.split(8192)])
+        density = torch.cat([model.log_prob(chunk).exp() for chunk in grid.split(8192)]).float().cpu()
     fig, ax = plt.subplots(figsize=(6, 6 * (y1 - y0) / (x1 - x0) + 0.5))
     ax.imshow(density.reshape(resolution, resolution).numpy(), extent=(x0, x1, y0, y1), origin="lower", cmap="viridis")
     ax.set_title("model density p(x)")
@@ -105,7 +111,8 @@ def plot_samples(model: TabularFlow, data: torch.Tensor, path: str, n: int = 200
     ``path``."""
     plt = _pyplot()
     with eval_mode(model), torch.no_grad():
-        samples = model.sample(n)
+        samples = model.sample(n).float().cpu()
+    data = data.float().cpu()
     x0, x1, y0, y1 = _extent(data)
     fig, axes = plt.subplots(1, 2, figsize=(10, 5), sharex=True, sharey=True)
     for ax, points, title in ((axes[0], data[:n], "data"), (axes[1], samples, "model samples")):
@@ -142,7 +149,8 @@ def main(argv: list[str] | None = None) -> ToyResult:
         parser.error(f"--lr must be a finite number > 0, got {args.lr}")
     try:
         check_writable_folder(args.out)
-    except ValueError as err:
+        _pyplot()  # before the training: the plots at its end need matplotlib
+    except (ValueError, ImportError) as err:
         parser.error(str(err))
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)

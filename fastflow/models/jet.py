@@ -17,6 +17,24 @@ __all__ = ["Jet"]
 _SPLITS = ("channel", "spatial")
 
 
+def _check_spatial_patterns(
+    grid: tuple[int, int], kinds: tuple[str, ...], couplings: int, image_size: tuple[int, int], patch_size: int
+) -> None:
+    """``ValueError`` naming Jet's arguments unless every spatial coupling's pattern halves the token grid: the
+    checkerboard needs an even number of tokens, the horizontal pattern an even number of rows, the vertical one
+    of columns."""
+    spatial = sum(kinds[k % len(kinds)] == "spatial" for k in range(couplings))
+    used = {SPATIAL_PATTERNS[(i // 2) % len(SPATIAL_PATTERNS)] for i in range(spatial)}
+    halves = {"checkerboard": grid[0] * grid[1] % 2 == 0, "horizontal": grid[0] % 2 == 0, "vertical": grid[1] % 2 == 0}
+    odd = sorted(pattern for pattern in used if not halves[pattern])
+    if odd:
+        raise ValueError(
+            f"image_size {image_size} // patch_size {patch_size} is a {grid[0]} x {grid[1]} grid of tokens, which "
+            f"the spatial couplings' {', '.join(odd)} pattern(s) cannot split in equal halves (they need an even "
+            f"number of tokens, of rows and of columns): choose another patch_size, or kinds=('channel',)"
+        )
+
+
 class Jet(FlowModel):
     """Jet: patchify, ``couplings`` affine couplings on the tokens, unpatchify, standard normal prior.
 
@@ -83,6 +101,7 @@ class Jet(FlowModel):
         )  # fmt: skip
         patchify = Patchify(in_channels, (h, w), patch_size)
         grid, features = patchify.grid, patchify.features
+        _check_spatial_patterns(grid, kinds, couplings, (h, w), patch_size)
         layers, spatial = [], 0
         for k in range(couplings):
             split = kinds[k % len(kinds)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from fastflow.nn.base import FlowLayer, check_image, zero_logdet
+from fastflow.ops._checks import int_at_least
 
 __all__ = ["Patchify", "Unpatchify", "patchify", "unpatchify"]
 
@@ -33,6 +34,7 @@ class Patchify(FlowLayer):
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], patch_size: int) -> None:
         super().__init__()
+        int_at_least("in_channels", in_channels, 1)
         sizes_ok = isinstance(image_size, (tuple, list)) and len(image_size) == 2
         if not sizes_ok or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in image_size):
             raise ValueError(f"image_size must be (H, W), two ints >= 1, got {image_size!r}")

@@ -68,7 +68,11 @@ class TokenCoupling(FlowLayer):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if len(grid) != 2 or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
+        if (
+            not isinstance(grid, (tuple, list))
+            or len(grid) != 2
+            or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid)
+        ):
             raise ValueError(f"grid must be two ints >= 1 (token rows, columns), got {grid!r}")
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
             raise ValueError(f"features must be an int >= 1, got {features!r}")
@@ -124,8 +128,9 @@ class TokenCoupling(FlowLayer):
             raise ValueError(f"context is required: the coupling conditions on {self.context_features} features")
         if not isinstance(context, torch.Tensor) or not context.is_floating_point():
             raise TypeError(f"context must be a floating-point torch.Tensor, got {getattr(context, 'dtype', context)}")
-        shape_ok = context.shape[0] == x.shape[0] and context.shape[-1] == self.context_features
-        if context.dim() not in (2, 3) or not shape_ok or (context.dim() == 3 and context.shape[1] == 0):
+        shape_ok = context.dim() in (2, 3) and context.shape[0] == x.shape[0]
+        shape_ok = shape_ok and context.shape[-1] == self.context_features
+        if not shape_ok or (context.dim() == 3 and context.shape[1] == 0):
             raise ValueError(
                 f"context must have shape ({x.shape[0]}, {self.context_features}) or ({x.shape[0]}, M, "
                 f"{self.context_features}) with M >= 1, got {tuple(context.shape)}"

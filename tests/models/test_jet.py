@@ -338,3 +338,27 @@ def test_backward_from_output_takes_an_output_that_requires_grad() -> None:
     torch.autograd.backward([y, logdet], [grad_y, grad_logdet])
     torch.testing.assert_close(rebuilt, x.detach())
     torch.testing.assert_close(grad_x, x.grad)
+
+
+def test_a_token_grid_the_spatial_patterns_cannot_halve_is_refused_naming_jets_arguments():
+    """MNIST-sized 28x28 images in 4x4 patches are a 7 x 7 grid: no checkerboard halves it. Refused when the Jet
+    is built, naming image_size and patch_size (before, a TokenCoupling's grid error, at some coupling counts
+    only); channel couplings alone take it."""
+    with pytest.raises(ValueError, match=r"image_size \(28, 28\) // patch_size 4 is a 7 x 7 grid .* checkerboard"):
+        Jet(1, 28, patch_size=4)
+    with pytest.raises(ValueError, match=r"3 x 2 grid .* horizontal"):
+        Jet(3, (12, 8), patch_size=4, couplings=9)
+    Jet(3, (12, 8), patch_size=4, couplings=8, width=8, depth=1, heads=2)  # its patterns all halve a 3 x 2 grid
+    Jet(1, 28, patch_size=4, kinds=("channel",), couplings=2, width=8, depth=1, heads=2)
+
+
+def test_low_level_jet_layers_refuse_bad_arguments_by_name():
+    from fastflow.nn.token_coupling import TokenCoupling
+
+    with pytest.raises(ValueError, match="grid must be two ints"):
+        TokenCoupling(4, 4)
+    layer = TokenCoupling((2, 2), 4, width=8, depth=1, heads=2, context_features=3)
+    with pytest.raises(ValueError, match="context must have shape"):
+        layer(torch.randn(2, 4, 4), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="in_channels must be"):
+        Patchify(0, (4, 4), 2)
