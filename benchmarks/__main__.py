@@ -213,7 +213,12 @@ def _earlier_results(path: str, device: str) -> dict[str, list[dict[str, Any]]]:
         os.replace(path, aside)
         print(f"warning: {path} could not be read ({err}); moved to {aside}, starting a new file", flush=True)
         return {}
-    return earlier["results"] if earlier.get("environment", {}).get("device") == device else {}
+    if earlier.get("environment", {}).get("device") != device:
+        return {}
+    # rows written before rows carried their run: marked, so a table never passes them off as this run's
+    return {
+        case: [{**row, "run": row.get("run", "unstamped")} for row in rows] for case, rows in earlier["results"].items()
+    }
 
 
 def _write(results: dict[str, list[dict[str, Any]]], env: dict[str, Any], out: str, slug: str) -> list[str]:

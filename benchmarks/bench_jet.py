@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import SKIPPED, Budget, largest_fitting_batch, median_ms, step_fits
+from benchmarks.common import SKIPPED, Budget, frozen_adam, largest_fitting_batch, median_ms, step_fits
 from benchmarks.train_step import _reset_peak_rss_kb, _status_kb, checkpoint_every_layer
 from fastflow.models import Jet
 from fastflow.nn.reversible import deferred_guards
@@ -122,28 +122,32 @@ def jet_memory_rows(device: torch.device, quick: bool, budget: Budget | None = N
     return rows
 
 
-def _fits(model: Jet, batch: int, device: torch.device) -> bool:
-    """Whether one training step of ``model`` on a batch of ``batch`` images fits in CUDA memory."""
+def _fits(model: Jet, optimizer: torch.optim.Optimizer, batch: int, device: torch.device) -> bool:
+    """Whether one training step of ``model`` on a batch of ``batch`` images, ``optimizer``'s update included,
+    fits in CUDA memory."""
     side = LARGE["resolution"]
-    return step_fits(lambda: _step(model, torch.rand(batch, 3, side, side, device=device) - 0.5), model)
+    x = torch.rand(batch, 3, side, side, device=device) - 0.5
+    return step_fits(lambda: (_step(model, x), optimizer.step()), model)
 
 
 def jet_largest_batch_rows(device: torch.device, budget: Budget | None = None) -> list[dict[str, Any]]:
     """``jet_largest_batch``: for standard, checkpoint and reversible backprop, the largest power-of-two batch (up
-    to :data:`LARGEST_BATCH_CAP`) whose training step of one :data:`LARGE` Jet fits in CUDA memory (0 when batch
+    to :data:`LARGEST_BATCH_CAP`) whose training step of one :data:`LARGE` Jet, the fused Adam's update and
+    moments included (:func:`~benchmarks.common.frozen_adam`), fits in CUDA memory (0 when batch
     1 does not); a search stopped by ``budget`` keeps what it found with ``search: "stopped: time"``, a mode not
     started says ``skipped: time``."""
     budget = budget or Budget()
     rows: list[dict[str, Any]] = []
-    model = None
+    model = optimizer = None
     for mode in ("standard", *MODES):
         if budget.expired():
             rows.append({**LARGE, "mode": mode, **SKIPPED})
             continue
         if model is None:
             model, _ = _model_and_batch({**LARGE, "mode": mode, "batch": 1}, device)
+            optimizer = frozen_adam(model)  # training holds the moments too
         _set_mode(model, mode)
-        fits = partial(_fits, model, device=device)
+        fits = partial(_fits, model, optimizer, device=device)
         rows.append({**LARGE, "mode": mode, **largest_fitting_batch(fits, LARGEST_BATCH_CAP, budget)})
     return rows
 

@@ -34,6 +34,7 @@ __all__ = [
     "device_slug",
     "markdown_table",
     "write_results",
+    "frozen_adam",
     "check_close",
     "dynamo_counts",
     "MismatchError",
@@ -94,6 +95,16 @@ def step_fits(step: Callable[[], Any], model: nn.Module) -> bool:
     finally:
         model.zero_grad(set_to_none=False)
         torch.cuda.empty_cache()
+
+
+def frozen_adam(model: nn.Module) -> torch.optim.Optimizer:
+    """The fused Adam of ``fastflow train`` at learning rate 0, its moments allocated: a largest-batch search
+    holds what training holds (weights, gradients, two moments per weight) and runs the update, weights kept."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0, fused=True)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # allocates the moments
+    return optimizer
 
 
 def largest_fitting_batch(fits: Callable[[int], bool], cap: int, budget: Budget) -> dict[str, Any]:

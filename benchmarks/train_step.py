@@ -25,7 +25,15 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from benchmarks.common import SKIPPED, Budget, largest_fitting_batch, median_ms, out_of_memory, step_fits
+from benchmarks.common import (
+    SKIPPED,
+    Budget,
+    frozen_adam,
+    largest_fitting_batch,
+    median_ms,
+    out_of_memory,
+    step_fits,
+)
 from fastflow.models import Glow
 from fastflow.nn import FlowSequential
 
@@ -228,26 +236,27 @@ LARGEST_BATCH_CAP = 64
 """The largest batch :func:`largest_batch_rows` tries (a power of two): a row that reaches it says ``capped``."""
 
 
-def _fits(model: Glow, x: torch.Tensor) -> bool:
-    """Whether one training step of ``model`` on ``x`` fits in CUDA memory."""
-    return step_fits(lambda: _step(model, x), model)
+def _fits(model: Glow, x: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether one training step of ``model`` on ``x``, ``optimizer``'s update included, fits in CUDA memory."""
+    return step_fits(lambda: (_step(model, x), optimizer.step()), model)
 
 
 def _nothing_fits(batch: int) -> bool:
     return False
 
 
-def _fits_batch(model: Glow, x: torch.Tensor, batch: int) -> bool:
+def _fits_batch(model: Glow, x: torch.Tensor, optimizer: torch.optim.Optimizer, batch: int) -> bool:
     """:func:`_fits` on a fresh batch of ``batch`` samples shaped like ``x``."""
-    return _fits(model, x.new_empty(batch, *x.shape[1:]).uniform_(-0.5, 0.5))
+    return _fits(model, x.new_empty(batch, *x.shape[1:]).uniform_(-0.5, 0.5), optimizer)
 
 
 def largest_batch_rows(
     device: torch.device, resolutions: tuple[int, ...] | None = None, budget: Budget | None = None
 ) -> list[dict[str, Any]]:
     """``largest_batch``: the largest power-of-two batch (up to :data:`LARGEST_BATCH_CAP`) whose training step
-    fits in CUDA memory, for every mode at each of :data:`RESOLUTIONS_CUDA` (Glow K=32, hidden 512, float32,
-    tiles of 1024 MB), 0 when batch 1 does not fit. One model per resolution (initialised at batch 1) switched
+    (the fused Adam's update and moments included: :func:`~benchmarks.common.frozen_adam`) fits in CUDA memory,
+    for every mode at each of :data:`RESOLUTIONS_CUDA` (Glow K=32, hidden 512, float32, tiles of 1024 MB), 0
+    when batch 1 does not fit. One model per resolution (initialised at batch 1) switched
     from mode to mode; steps at batch 1, 2, 4, ... until one does not fit. A search stopped by ``budget``
     reports what it found so far with ``search: "stopped: time"``; a mode not started says ``skipped: time``."""
     budget = budget or Budget()
@@ -256,10 +265,11 @@ def largest_batch_rows(
         if resolutions and resolution not in resolutions:
             continue
         base = {"resolution": resolution, "levels": levels, "steps": 32, "hidden": 512}
-        model = x = None
+        model = x = optimizer = None
         if not budget.expired():
             try:
                 model, x = _model_and_batch({**base, "mode": "standard", "batch": 1}, device)
+                optimizer = frozen_adam(model)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
         for mode in MODES:
@@ -267,11 +277,11 @@ def largest_batch_rows(
                 rows.append({**base, "mode": mode, **SKIPPED})
                 continue
             fits: Callable[[int], bool] = _nothing_fits  # no model: not even batch 1
-            if model is not None and x is not None:
+            if model is not None and x is not None and optimizer is not None:
                 _set_mode(model, mode, tile_budget_mb=1024)
-                fits = partial(_fits_batch, model, x)
+                fits = partial(_fits_batch, model, x, optimizer)
             rows.append({**base, "mode": mode, **largest_fitting_batch(fits, LARGEST_BATCH_CAP, budget)})
-        model = x = None
+        model = x = optimizer = None
         torch.cuda.empty_cache()
     return rows
 

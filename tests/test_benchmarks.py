@@ -52,7 +52,7 @@ def test_cpu_run_of_some_channels_keeps_the_other_channels_rows(tmp_path):
     )
 
     rows = json.loads((tmp_path / "cpu.json").read_text())["results"]["actnorm_invconv"]
-    assert rows[-1] == earlier_row  # kept, and sorted after the C=6 rows
+    assert rows[-1] == {**earlier_row, "run": "unstamped"}  # kept (marked as of an unstamped run), sorted last
     new = [r for r in rows if r["channels"] == 6]
     assert {(r["height"], r["mode"], r["variant"]) for r in new} == {
         (h, m, v) for h in (32, 128) for m in ("forward", "forward+backward") for v in ("eager", "fused", "compiled")
@@ -187,7 +187,7 @@ def test_a_run_past_its_deadline_starts_nothing_and_keeps_earlier_rows(tmp_path,
     assert main(argv) == 0
 
     results = json.loads((tmp_path / "cpu.json").read_text())["results"]
-    assert results == {"census": [earlier], "train_depth": [{"skipped": "time"}]}
+    assert results == {"census": [{**earlier, "run": "unstamped"}], "train_depth": [{"skipped": "time"}]}
     assert "census: skipped, no time left" in capsys.readouterr().out
 
 
@@ -483,7 +483,8 @@ def test_largest_batch_search_doubles_to_the_cap_and_stops_at_its_budget(monkeyp
     mode = {}
     monkeypatch.setattr(train_step, "_model_and_batch", lambda cfg, device: (object(), torch.zeros(1, 3, 4, 4)))
     monkeypatch.setattr(train_step, "_set_mode", lambda model, m, tile_budget_mb: mode.update(now=m))
-    monkeypatch.setattr(train_step, "_fits", lambda model, x: len(x) <= fits_up_to[mode["now"]])
+    monkeypatch.setattr(train_step, "frozen_adam", lambda model: "adam")
+    monkeypatch.setattr(train_step, "_fits", lambda model, x, optimizer: len(x) <= fits_up_to[mode["now"]])
 
     rows = train_step.largest_batch_rows(torch.device("cpu"), resolutions=(256,))
     assert {r["mode"]: (r["largest_batch"], r["capped"]) for r in rows} == {
@@ -514,7 +515,8 @@ def test_jet_largest_batch_search_per_mode_and_its_budget(monkeypatch):
     fits_up_to = {"standard": 4, "checkpoint": 64, "reversible": 10**6}
     seen = []
 
-    def fake_fits(model, batch, device):
+    def fake_fits(model, optimizer, batch, device):
+        assert optimizer.state  # the moments are allocated
         mode = "reversible" if model.reversible else "checkpoint" if "forward" in vars(model.blocks[0]) else "standard"
         seen.append(mode)
         return batch <= fits_up_to[mode]
@@ -757,3 +759,45 @@ def test_actnorm_invconv_reports_a_wrong_compiled_twin_without_a_time(monkeypatc
     compiled = [r for r in rows if r["variant"] == "compiled"]
     assert compiled and all(r["median_ms"] is None and "MismatchError" in r["error"] for r in compiled)
     assert all(r["median_ms"] > 0 for r in rows if r["variant"] == "eager")
+
+
+def test_coupling_providers_are_timed_side_by_side_on_the_cpu(monkeypatch):
+    """Each coupling row is checked, then every provider of a (kind, pass, size) is timed in the same rounds
+    (timed one after another, a slow spell landed on one provider: eager forward read slower than forward +
+    backward)."""
+    from benchmarks import bench_coupling, common
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the compile provider, without compiling
+    rounds = []
+    interleaved = common.interleaved_medians_ms
+
+    def recorded(fns, device, rounds_=20, calls=3, **kwargs):
+        rounds.append(sorted(fns))
+        return interleaved(fns, device, rounds_, calls)
+
+    monkeypatch.setattr(bench_coupling, "interleaved_medians_ms", recorded)
+    rows = bench_coupling.run("cpu", sizes=[(2, 4, 3, 3)], quick=True)
+    assert rounds and all(names == ["compile", "eager"] for names in rounds)
+    assert rows and all(r["median_ms"] > 0 and r["speedup_vs_eager"] > 0 for r in rows if "skipped" not in r)
+
+
+def test_profile_overhead_counts_every_kernel_launch_call():
+    from types import SimpleNamespace
+
+    from benchmarks.profile_overhead import kernel_launches
+
+    events = [("cudaLaunchKernel", 3), ("cudaLaunchKernelExC", 2), ("cuLaunchKernelEx", 1), ("cudaLaunchHostFunc", 5)]
+    assert kernel_launches([SimpleNamespace(key=k, count=c) for k, c in events]) == 6  # cuBLAS/cuDNN's ExC too
+
+
+def test_a_frozen_adam_holds_its_moments_and_keeps_the_weights():
+    from benchmarks.common import frozen_adam
+
+    model = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = frozen_adam(model)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    assert all(set(optimizer.state[p]) >= {"exp_avg", "exp_avg_sq"} for p in model.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
