@@ -4,6 +4,7 @@ trains on the whole global batch."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -72,6 +74,28 @@ def _join(rank: int, world_size: int, port: int) -> distributed.Context:
     return distributed.setup("cpu")
 
 
+@contextlib.contextmanager
+def _recorded_grad_norms() -> Iterator[list[float]]:
+    """The gradient norm of each training step ``train()`` runs in the block (before clipping: the backward's,
+    all-reduced under DDP), read after each step (a host read the tests can afford)."""
+    import fastflow.train as train_module
+
+    norms: list[float] = []
+    step = train_module._train_step
+
+    def recording(*args: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+        loss, norm = step(*args)  # type: ignore[arg-type]
+        assert norm is not None
+        norms.append(float(norm))
+        return loss, norm
+
+    train_module._train_step = recording  # type: ignore[assignment]
+    try:
+        yield norms
+    finally:
+        train_module._train_step = step
+
+
 def _worker(rank: int, world_size: int, port: int, folder: str, name: str) -> None:
     context = _join(rank, world_size, port)
     try:
@@ -86,11 +110,12 @@ def _worker(rank: int, world_size: int, port: int, folder: str, name: str) -> No
             return bits_per_dim(batch, y)
 
         model.bits_per_dim = recording_bits_per_dim  # what each rank trains on: ActNorm init, then each step
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _recorded_grad_norms() as norms:
             warnings.simplefilter("always")
             history = train(model, source, TrainConfig(steps=STEPS, batch=BATCH, lr=LR, warmup=1, progress=False))
         del model.bits_per_dim
         result = {"init": _actnorm_state(initialised), "state": model.state_dict(), "history": history, "seen": seen}
+        result["grad_norms"] = norms
         result["warnings"] = [str(w.message) for w in caught]
         torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
     finally:
@@ -215,12 +240,19 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path, name):
     for rank in ranks:
         torch.testing.assert_close(rank["init"], _actnorm_state(single), rtol=1e-5, atol=1e-6)
     single = _model(name)
-    history = train(single, _source(), TrainConfig(steps=STEPS, batch=BATCH, lr=LR, warmup=1, progress=False))
+    with _recorded_grad_norms() as norms:
+        history = train(single, _source(), TrainConfig(steps=STEPS, batch=BATCH, lr=LR, warmup=1, progress=False))
 
     for result in ranks:  # the model is laid out (channels-last on the CPU) before DDP builds its buckets
         assert not [w for w in result["warnings"] if "bucket view strides" in w]
     assert ranks[0]["history"] == ranks[1]["history"]
     torch.testing.assert_close(torch.tensor(ranks[0]["history"]), torch.tensor(history), rtol=1e-4, atol=0)
+    # the gradients themselves (Adam's normalised updates below would hide one off by a constant factor, e.g. the
+    # ranks' gradients summed rather than averaged, or each rank's own half-batch gradient)
+    assert ranks[0]["grad_norms"] == ranks[1]["grad_norms"] and len(norms) == STEPS
+    got, want = torch.tensor(ranks[0]["grad_norms"]), torch.tensor(norms)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=0)  # at the same weights
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=0)  # later: at weights up to 2 lr apart per step
     # Adam's first steps move each parameter by about +-lr whatever the gradient's size, so a near-zero gradient
     # summed in another order can move a parameter by up to 2 lr per step: compare at that scale.
     step_bound = 2 * LR * STEPS

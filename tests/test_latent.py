@@ -120,9 +120,12 @@ def test_a_class_conditional_model_interpolates_and_edits_at_one_label():
 
 def test_strengths_may_be_a_tensor_and_the_model_keeps_its_mode_and_dtype(model):
     image = _levels(1, 5)
-    direction = torch.zeros(48)
+    direction = torch.randn(48, generator=torch.Generator().manual_seed(0))
     from_list = manipulate(model, image, direction, [0.0, 1.0])
     torch.testing.assert_close(manipulate(model, image, direction, torch.tensor([0.0, 1.0])), from_list)
+    z, shapes = encode_flat(model, image)  # each row is the latent moved by its own strength
+    torch.testing.assert_close(from_list, decode_flat(model, z + torch.tensor([[0.0], [1.0]]) * direction, shapes))
+    assert not torch.equal(from_list[0], from_list[1])
     model.train()
     try:
         interpolate(model, _levels(1, 1), _levels(1, 2), steps=3)

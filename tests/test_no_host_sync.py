@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastflow.train as train_module
 from fastflow.models import Glow
@@ -18,6 +19,24 @@ from fastflow.train import TrainConfig, TrainingDiverged, initialize_actnorm, tr
 
 N_BINS = 17
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+SYNC_OPS = ("_local_scalar_dense", "equal", "is_nonzero", "nonzero", "masked_select", "_unique2", "unique_dim")
+"""ATen ops whose result depends on tensor data read on the host (a device sync on a GPU), whichever Python call
+reached them: ``torch.equal``, boolean-mask indexing, ``nonzero``, ``unique``, and every scalar conversion."""
+
+
+class _SyncOps(TorchDispatchMode):
+    """Fails (and records in ``reads``) every op of :data:`SYNC_OPS` while ``reads`` is armed and not allowing."""
+
+    def __init__(self, reads: _HostReads) -> None:
+        super().__init__()
+        self.reads = reads
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = func.overloadpacket.__name__
+        if name in SYNC_OPS and self.reads.armed and not self.reads.allowed:
+            self.reads.attempts.append(f"aten.{name}")
+            raise AssertionError(f"host read aten.{name} inside a training step")
+        return func(*args, **(kwargs or {}))
 
 
 class _HostReads:
@@ -95,7 +114,8 @@ def _train_without_host_reads(
     monkeypatch.setattr(train_module, "batch_at_step", reads.allow(fetch_batch))
     monkeypatch.setattr(train_module, "_read_window", reads.allow(counted_read))
     try:
-        history = train(model, _data(), config, labels=labels)
+        with _SyncOps(reads):  # reads that bypass Tensor's Python methods: torch.equal, masks, nonzero, ...
+            history = train(model, _data(), config, labels=labels)
     finally:
         reads.armed = False
         assert reads.attempts == [], f"host reads inside training steps: {reads.attempts}"

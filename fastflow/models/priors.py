@@ -86,7 +86,9 @@ class GaussianPrior(TopPrior):
         if self.class_proj is not None and y is not None:
             if not guards_deferred(y):  # where guards defer, the labels' range was checked before (fastflow.train)
                 self.check_labels(y)
-            one_hot = F.one_hot(y.to(device).long(), self.num_classes).to(self.class_proj.weight.dtype)
+            # one-hot by comparison: F.one_hot checks the labels' range on the host (a sync every step)
+            classes = torch.arange(self.num_classes, device=device)
+            one_hot = (y.to(device).long()[:, None] == classes).to(self.class_proj.weight.dtype)
             shift = self.class_proj(one_hot).to(dtype)  # in the prior's dtype, then the one asked for
             params = params + shift.reshape(n, 2 * c, *[1] * len(rest))
         mean, logs = params.chunk(2, dim=1)
@@ -116,7 +118,7 @@ class GaussianPrior(TopPrior):
         ``[0, num_classes)`` with class conditioning, ``None`` without. The range check reads two numbers from
         ``y``'s device; :meth:`mean_logs` skips it where guards defer (inside a training step), so
         ``fastflow.train`` checks its data set's labels once before training: an out-of-range label would make
-        ``F.one_hot`` fail on the device (CUDA: a device-side assert)."""
+        the class projection read no class (an all-zero one-hot) for it."""
         self._check_label_form(y, None)
         if y is not None and y.numel():
             low, high = (int(v) for v in y.aminmax())

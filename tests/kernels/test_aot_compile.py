@@ -3,8 +3,10 @@ registers (no GPU needed)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +35,9 @@ def test_aot_compile_kernels_sm80_sm90(module: str) -> None:
         [sys.executable, str(SCRIPT), "80", "90", module], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "compiled" in proc.stdout
+    compiled = re.search(r"compiled (\d+) kernel specs", proc.stdout)
+    specs = len(importlib.import_module(f"fastflow.kernels.{module}").aot_specs())
+    assert compiled and specs > 0 and int(compiled.group(1)) == 2 * specs, proc.stdout  # every spec, both targets
     # triton's wheels ship cuobjdump: where it is, the spill check must have run
     if (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").is_file():
         assert "no configuration spills under register pressure" in proc.stdout

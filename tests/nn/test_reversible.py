@@ -299,15 +299,28 @@ def _tf32_channel_mix(x, weight, bias=None, upcast=False):
     return y if bias is None else y + bias.to(y.dtype).reshape(1, -1, 1, 1)
 
 
+def _flag_following_mix(x, weight, bias=None):
+    """The ATen mix as an accelerator runs it: TF32-rounded while cuDNN's TF32 flag is on (emulated on the CPU,
+    which has no TF32), IEEE float32 while it is off."""
+    rounded = torch.backends.cudnn.allow_tf32
+    x, weight = (_round_to_tf32(x), _round_to_tf32(weight)) if rounded else (x, weight)
+    return torch.nn.functional.conv2d(x, weight[:, :, None, None], bias)
+
+
 def _deep_reversible_step(monkeypatch, tf32: bool):
-    """A reversible training step through 32 Glow steps of 12 channels, its 1x1 mixes TF32-rounded or not."""
+    """A reversible training step through 32 Glow steps of 12 channels, with the TF32 flags on (the flags users
+    get): its 1x1 mixes TF32-rounded (``tf32``), or on the op path, which runs the mix as an accelerator would (the
+    ATen mix follows the flags, emulated) inside the IEEE guard that is to keep it exact."""
     import fastflow.ops.actnorm_invconv as actnorm_invconv_ops
     import fastflow.ops.channel_mix as channel_mix_ops
 
     if tf32:
         monkeypatch.setattr(channel_mix_ops, "channel_mix_ref", _tf32_channel_mix)
         monkeypatch.setattr(actnorm_invconv_ops, "channel_mix_ref", _tf32_channel_mix)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # the flags users get: must not matter
+    else:
+        monkeypatch.setattr(channel_mix_ops, "tf32_applies", lambda x: True)
+        monkeypatch.setattr(channel_mix_ops, "_mix", _flag_following_mix)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     torch.manual_seed(0)
     chain = FlowSequential(*[FlowStep(12, hidden=16) for _ in range(32)], reversible=True).train()
     x = torch.randn(4, 12, 8, 8)
@@ -320,7 +333,8 @@ def _deep_reversible_step(monkeypatch, tf32: bool):
 
 def test_tf32_mixes_would_trip_the_drift_guard_and_the_op_path_never_uses_them(monkeypatch):
     """TF32 rounding of the 1x1 mixes (emulated: operands rounded to a 10-bit mantissa) moves the rebuilt
-    input of 32 Glow steps past the float32 guard; the real op path, with the TF32 flags on, does not."""
+    input of 32 Glow steps past the float32 guard; the op path, whose ATen mix follows the TF32 flags (emulated as
+    on an accelerator) and which the flags are on for, does not: its IEEE guard turns them off around the mix."""
     with monkeypatch.context() as patched:
         with pytest.raises(ReconstructionError, match="relative drift"):
             _deep_reversible_step(patched, tf32=True)

@@ -4,6 +4,8 @@ twin's autograd (float64, awkward layouts, one and two bins, the extremes), pass
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -109,10 +111,17 @@ def test_spline_layer_compiles_with_dynamic_shapes_in_one_graph() -> None:
         for parameter in layer.parameters():  # leave the identity start: every bin and tail in use
             parameter.add_(0.3 * torch.randn_like(parameter))
     torch._dynamo.reset()
-    compiled = torch.compile(layer, dynamic=True, fullgraph=True)
+    graphs = []
+
+    def counted(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(layer, backend=counted, dynamic=True, fullgraph=True)
     with fastflow.backend("eager"):
         for batch in (5, 9):
             x = 2.0 * torch.randn(batch, 4)
             (y, logdet), (y_ref, logdet_ref) = compiled(x), layer(x)
             torch.testing.assert_close(y, y_ref)
             torch.testing.assert_close(logdet, logdet_ref)
+    assert len(graphs) == 1  # the second batch size reused the first graph: no recompile
