@@ -199,10 +199,21 @@ class TrainStep:
             if not all(group.get("capturable", False) for group in optimizer.param_groups):
                 raise ValueError("mode='cuda-graph' needs a capturable optimizer: make_adam(..., mode='cuda-graph')")
         distributed = isinstance(objective, nn.parallel.DistributedDataParallel)
-        if self.scaler is None and not all(group.get("fused", False) for group in optimizer.param_groups):
-            raise ValueError(
+        if not all(group.get("fused", False) for group in optimizer.param_groups):
+            raise ValueError(  # under fp16 scaling too: a foreach or single-tensor Adam reads the lr tensor back
                 "TrainStep needs a fused optimizer, which skips a failed step's update on the device (found_inf): "
                 "make_adam(model.parameters(), lr, mode)"
+            )
+        if amp == "fp16" and self.scaler is None:
+            raise ValueError(
+                "amp='fp16' needs an enabled loss scaler (scaler=torch.amp.GradScaler(...)): fp16 "
+                "gradients underflow without one; or amp='bf16'"
+            )
+        rates = {float(group["lr"]) for group in optimizer.param_groups}
+        if len(rates) > 1:
+            raise ValueError(
+                f"the optimizer's parameter groups have different learning rates {sorted(rates)}: TrainStep sets one "
+                "learning rate, shared by every group, at each step"
             )
         if channels_last is None:  # a DDP objective keeps its layout (lay the model out before wrapping it)
             channels_last = not distributed and default_channels_last(self.device, model)
@@ -226,7 +237,7 @@ class TrainStep:
         self.skip: torch.Tensor | None = None
         self.grad_norm: torch.Tensor | None = None
         if self.scaler is None:
-            self.skip = torch.zeros((), device=self.device)
+            self.skip = torch.zeros((), dtype=torch.float32, device=self.device)  # fused Adam's found_inf dtype
             optimizer.found_inf = self.skip  # type: ignore[attr-defined]  # fused Adam skips its update where set
         if channels_last:
             convolutions_channels_last(objective)
@@ -311,6 +322,11 @@ class TrainStep:
             )
         if (y is None) != (static_y is None):
             raise ValueError("a CUDA-graph step needs labels on every step or on none")
+        if y is not None and static_y is not None and (y.shape != static_y.shape or y.dtype != static_y.dtype):
+            raise ValueError(
+                f"a CUDA-graph step needs labels shaped like the first, {tuple(static_y.shape)} {static_y.dtype}; "
+                f"got {tuple(y.shape)} {y.dtype}"
+            )
         static_x.copy_(x)
         if static_y is not None and y is not None:
             static_y.copy_(y)

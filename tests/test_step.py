@@ -166,3 +166,36 @@ def test_clipping_matches_torch_and_half_gradients_take_a_float32_norm():
         step(levels, None, 1e-3)
         assert step.grad_norm.dtype == torch.float32 and torch.isfinite(step.grad_norm) and step.grad_norm > 65504
         assert float(step.skip) == 0 and not torch.equal(largest.detach(), before)
+
+
+def test_settings_the_step_cannot_honour_are_refused():
+    """Parameter groups at different learning rates (the step sets one for all), fp16 autocast without a loss
+    scaler, and a non-fused optimizer under fp16 scaling (its lr tensor is read back) are refused; the skip flag is
+    float32 whatever the default dtype (fused Adam's found_inf)."""
+    model = Glow(3, 8, levels=1, steps=1, hidden=8)
+    params = list(model.parameters())
+    groups = torch.optim.Adam([{"params": params[:2], "lr": 1e-3}, {"params": params[2:], "lr": 1e-4}], fused=True)
+    with pytest.raises(ValueError, match="different learning rates"):
+        TrainStep(BitsPerDim(model), model, groups)
+    with pytest.raises(ValueError, match="amp='fp16' needs an enabled loss scaler"):
+        TrainStep(BitsPerDim(model), model, make_adam(params, 1e-3), amp="fp16")
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(ValueError, match="needs a fused optimizer"):
+        TrainStep(BitsPerDim(model), model, torch.optim.Adam(params, 1e-3), amp="fp16", scaler=scaler)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        double = Glow(3, 8, levels=1, steps=1, hidden=8)
+        step = TrainStep(BitsPerDim(double), double, make_adam(double.parameters(), 1e-3), channels_last=False)
+        assert step.skip.dtype == torch.float32
+        step(torch.rand(2, 3, 8, 8) - 0.5, None, 1e-3)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_the_finite_checks_record_moves_with_the_model():
+    """Left on the CPU by model.to(device), the first compiled step on the device would swap in a new record and
+    recompile the next step; it moves (and stays a bool through dtype casts)."""
+    model = Glow(3, 8, levels=1, steps=1, hidden=8).to("meta")
+    assert model._nonfinite_seen.device.type == "meta"
+    assert Glow(3, 8, levels=1, steps=1, hidden=8).double()._nonfinite_seen.dtype == torch.bool

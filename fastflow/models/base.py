@@ -7,7 +7,7 @@ import contextlib
 import math
 import operator
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -137,6 +137,12 @@ class FlowModel(nn.Module):
             if isinstance(module, ActNorm):
                 module.name = name  # warnings name the layer by its path in the model
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FlowModel:
+        # the finite check's record moves with the model (.to(device), .cuda()): left behind, the first compiled
+        # step would swap in a new one on the device and recompile the next (a bool: dtype casts leave it)
+        self._nonfinite_seen = fn(self._nonfinite_seen)
+        return super()._apply(fn, recurse)
+
     def set_tiling(self, tile_size: int | None = None, memory_budget_mb: float | None = None) -> None:
         """Run every coupling network in spatial tiles (with the halo its convolutions need, exact) when it
         runs without a graph: in reversible backprop's forward and recompute, in ``inverse``/``sample``, and
@@ -201,7 +207,9 @@ class FlowModel(nn.Module):
         if x.dtype != dtype:  # under autocast too: autocast computes the networks in low precision, not the flow
             raise TypeError(f"x is {x.dtype} but the model is {dtype}: convert one, e.g. x.to({dtype})")
         # the first batch only (a check per step would sync with the device), and never where guards defer
-        if self.n_bins is not None and not self._range_checked and not guards_deferred(x):
+        # guards_deferred first: under torch.compile it folds to True, so no guard is put on _range_checked (a
+        # resumed run sets it at its first evaluation, which would recompile the step)
+        if self.n_bins is not None and not guards_deferred(x) and not self._range_checked:
             self._range_checked = True
             low, high = x.detach().aminmax()
             if float(low) < -0.5 or float(high) > 0.5:
