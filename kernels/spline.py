@@ -198,7 +198,8 @@ def _position_y(v, s, d1, t, num, den, yl, h, yr):
 @triton.jit
 def _root(e, h, s, d0, d1):
     """Root in ``[0, 1]`` of ``a u^2 + b u + c`` for the offset ``e = y - yl`` (module docstring), in its
-    non-cancelling form; from the right knot, ``e = yr - y`` with ``d0``, ``d1`` swapped gives ``1 - u``."""
+    non-cancelling form; from the right knot, ``e = yr - y`` with ``d0``, ``d1`` swapped gives ``1 - u``; where
+    ``a`` and ``b`` both cancel to rounding, the linearised root ``e / h``."""
     kappa = d0 + d1 - 2.0 * s
     a = h * (s - d0) + e * kappa
     b = h * d0 - e * kappa
@@ -209,7 +210,12 @@ def _root(e, h, s, d0, d1):
     else:
         root = tl.sqrt_rn(disc)  # the correctly rounded root (tl.sqrt is approximate in float32)
     pos = b >= 0.0
-    return tl.where(pos, 2.0 * c / tl.where(pos, -b - root, -1.0), (root - b) / tl.where(pos, 1.0, 2.0 * a))
+    numerator = tl.where(pos, 2.0 * c, root - b)
+    denominator = tl.where(pos, -b - root, 2.0 * a)
+    u = numerator / tl.where(denominator == 0.0, 1.0, denominator)
+    # a and b cancelled to rounding (a flat bin between steep knots): the linearised root e / h (a + b = h s)
+    sane = ((denominator != 0.0) & (u >= -0.5) & (u <= 1.5)) | (u != u)  # a NaN parameter stays NaN
+    return tl.where(sane, u, e / h)
 
 
 @triton.jit

@@ -300,8 +300,9 @@ MAX_LAYER_BINS = 1000
 
 
 def check_layer_bins(bins: object) -> int:
-    """``bins`` of a spline layer, or a TypeError / ValueError naming it: an int in ``[1, MAX_LAYER_BINS]``."""
-    int_at_least("bins", bins, 1)
+    """``bins`` of a spline layer, or a TypeError / ValueError naming it: an int in ``[2, MAX_LAYER_BINS]`` (one bin
+    fills ``[-bound, bound]`` with end derivatives 1: the identity, whatever the conditioner says)."""
+    int_at_least("bins", bins, 2)
     if bins > MAX_LAYER_BINS:  # type: ignore[operator]
         raise ValueError(
             f"bins must be <= {MAX_LAYER_BINS} (each bin is at least 1e-3 of [-bound, bound] wide and high), got {bins}"

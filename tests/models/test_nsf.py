@@ -122,7 +122,7 @@ def test_the_conditional_objective_compiles_whole_with_eager_gradients(autoregre
         ({"features": 1}, ValueError, "features must be >= 2"),
         ({"features": 3, "context": -1}, ValueError, "context must be >= 0"),
         ({"features": 3, "transforms": 0}, ValueError, "transforms must be >= 1"),
-        ({"features": 3, "bins": 0}, ValueError, "bins must be >= 1"),
+        ({"features": 3, "bins": 1}, ValueError, "bins must be >= 2"),  # one bin is the identity
         ({"features": 3, "bins": 1001}, ValueError, "bins must be <= 1000"),
         ({"features": 3, "hidden": 2.5}, TypeError, "hidden must be an int"),
         ({"features": 3, "bound": 0.0}, ValueError, "bound must be finite and > 0"),

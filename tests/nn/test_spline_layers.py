@@ -248,7 +248,7 @@ def test_reversible_vector_stack_on_the_kernels_equals_standard_eager():
 @pytest.mark.parametrize(
     "make, error, match",
     [
-        (lambda: SplineCoupling(4, bins=0, vectors=True), ValueError, "bins must be >= 1"),
+        (lambda: SplineCoupling(4, bins=1, vectors=True), ValueError, "bins must be >= 2"),  # one bin: the identity
         (lambda: SplineCoupling(4, bins=2.0, vectors=True), TypeError, "bins must be an int"),
         (lambda: SplineCoupling(4, bins=1001, vectors=True), ValueError, "bins must be <= 1000"),  # at construction
         (lambda: MaskedAutoregressiveSpline(3, bins=1001), ValueError, "bins must be <= 1000"),

@@ -679,3 +679,25 @@ def test_more_bins_than_the_kernels_take_run_the_eager_twin(target, monkeypatch)
         assert len(launched) == kernels
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w)
+
+
+def test_inverse_stays_finite_where_the_quadratic_cancels(target) -> None:
+    """A flat bin between steep knots (raw derivatives ~1e4-1e5): both quadratic coefficients cancel to rounding
+    in float32, and the stable root divided by zero (eager: NaN; kernel: the far knot). The linearised root keeps
+    the result finite on every backend, the same on both."""
+    backend, device = target
+    raw = torch.tensor([-1e4, 1e4, -1e4, 1e4, -1e4, 1e4, 1e5, 1e5], device=device).view(1, 1, 8)
+    raw2 = torch.tensor([-1e4, 1e4, -1e4, 1e4, -1e4, 1e4, 1e4, 1e4], device=device).view(1, 1, 8)
+    cases = [
+        (torch.tensor([[-2.594852617221477e-07]], device=device), raw, (3,)),
+        (torch.tensor([[-3.016501537445038e-08]], device=device), raw2, (3, 3.0, 1e-3, 3e-4, 1e-3)),
+    ]
+    for y, r, args in cases:
+        results = {}
+        for name in ("eager", backend):
+            with fastflow.backend(name):
+                results[name] = S.rq_spline_inverse(y, r, *args)
+                rebuilt, grad_x, grad_raw = S.rq_spline_backward_from_output(y, r, torch.ones_like(y), None, *args)
+            assert all(torch.isfinite(t).all() for t in (*results[name], rebuilt, grad_x, grad_raw)), name
+        for got, want in zip(results[backend], results["eager"]):
+            torch.testing.assert_close(got, want)
