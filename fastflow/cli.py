@@ -11,12 +11,10 @@ checkpoint of another architecture or of a model the command cannot serve, a mis
 from __future__ import annotations
 
 import argparse
-import errno
 import math
 import os
 import shlex
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -294,17 +292,7 @@ def _check_output_file(path: str) -> None:
     missing ones), takes a scratch file. Creates no folder: a command that fails later leaves nothing behind."""
     if os.path.isdir(path):
         raise ValueError(f"--out {path!r} is a folder: give the image file to write")
-    folder = os.path.dirname(os.path.abspath(path))
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    try:
-        if not os.path.isdir(existing):
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), existing)
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        raise ValueError(f"the folder of --out {folder!r} is not a writable folder: {err.strerror or err}") from err
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), "the folder of --out", create=False)
 
 
 def _check_servable(args: argparse.Namespace, model: FlowModel) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import tempfile
@@ -16,12 +17,19 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # file extensi
 JPEG_QUALITY = 95
 
 
-def check_writable_folder(folder: str, what: str = "--out") -> None:
+def check_writable_folder(folder: str, what: str = "--out", create: bool = True) -> None:
     """Create ``folder`` and write a scratch file in it, so an unwritable output fails before the work:
-    ``ValueError`` naming it as ``what``."""
+    ``ValueError`` naming it as ``what``. Without ``create``, nothing is created: the scratch file goes to the
+    nearest existing folder at or above ``folder`` (where the missing ones would be made)."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if create:
+            os.makedirs(folder, exist_ok=True)
+        existing = os.path.abspath(folder)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), existing)
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
         raise ValueError(f"{what} {folder!r} is not a writable folder: {err.strerror or err}") from err

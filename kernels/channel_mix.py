@@ -422,10 +422,8 @@ def channel_mix_backward(
     n_tiles = batch * n_pblocks
     if n_tiles == 0 or c_in == 0 or c_out == 0:
         grad_x.zero_()
-        # no input channels: y is the bias at every pixel, whose gradient is still grad_y summed
-        grad_bias = grad_y.to(acc_dtype).sum((0, 2, 3)) if n_tiles and c_in == 0 else None
-        if grad_bias is None:
-            grad_bias = x.new_zeros((c_out,), dtype=acc_dtype)
+        # the bias's gradient is grad_y summed whatever else is empty (no input channels: y is the bias)
+        grad_bias = grad_y.sum((0, 2, 3), dtype=acc_dtype)
         return grad_x, x.new_zeros((c_out, c_in), dtype=acc_dtype), grad_bias
     n_ci_blocks = cdiv(c_in, params["CI_BLOCK"])
     n_prog = _backward_programs(x, n_tiles, n_ci_blocks, c_in, c_out)

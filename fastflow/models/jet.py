@@ -9,7 +9,7 @@ from fastflow.models.glow import image_hw
 from fastflow.models.priors import GaussianPrior
 from fastflow.nn.patchify import Patchify, Unpatchify
 from fastflow.nn.sequential import FlowSequential
-from fastflow.nn.token_coupling import SPATIAL_PATTERNS, TokenCoupling
+from fastflow.nn.token_coupling import SPATIAL_PATTERNS, TokenCoupling, _spatial_order
 from fastflow.ops._checks import int_at_least
 
 __all__ = ["Jet"]
@@ -17,16 +17,25 @@ __all__ = ["Jet"]
 _SPLITS = ("channel", "spatial")
 
 
+def _schedule(kinds: tuple[str, ...], couplings: int) -> list[tuple[str, str, int]]:
+    """``(split, pattern, parity)`` of each coupling: the kinds in turn; the spatial ones cycle through
+    :data:`SPATIAL_PATTERNS`, each pattern twice (parity 0, then 1)."""
+    schedule, spatial = [], 0
+    for k in range(couplings):
+        split = kinds[k % len(kinds)]
+        schedule.append((split, SPATIAL_PATTERNS[(spatial // 2) % len(SPATIAL_PATTERNS)], spatial % 2))
+        spatial += split == "spatial"
+    return schedule
+
+
 def _check_spatial_patterns(
-    grid: tuple[int, int], kinds: tuple[str, ...], couplings: int, image_size: tuple[int, int], patch_size: int
+    grid: tuple[int, int], schedule: list[tuple[str, str, int]], image_size: tuple[int, int], patch_size: int
 ) -> None:
-    """``ValueError`` naming Jet's arguments unless every spatial coupling's pattern halves the token grid: the
-    checkerboard needs an even number of tokens, the horizontal pattern an even number of rows, the vertical one
-    of columns."""
-    spatial = sum(kinds[k % len(kinds)] == "spatial" for k in range(couplings))
-    used = {SPATIAL_PATTERNS[(i // 2) % len(SPATIAL_PATTERNS)] for i in range(spatial)}
-    halves = {"checkerboard": grid[0] * grid[1] % 2 == 0, "horizontal": grid[0] % 2 == 0, "vertical": grid[1] % 2 == 0}
-    odd = sorted(pattern for pattern in used if not halves[pattern])
+    """``ValueError`` naming Jet's arguments unless every spatial coupling's pattern halves the token grid (a
+    TokenCoupling's own split of it)."""
+    tokens = grid[0] * grid[1]
+    spatial = {(pattern, parity) for split, pattern, parity in schedule if split == "spatial"}
+    odd = sorted({pattern for pattern, parity in spatial if 2 * _spatial_order(grid, pattern, parity)[1] != tokens})
     if odd:
         raise ValueError(
             f"image_size {image_size} // patch_size {patch_size} is a {grid[0]} x {grid[1]} grid of tokens, which "
@@ -101,18 +110,15 @@ class Jet(FlowModel):
         )  # fmt: skip
         patchify = Patchify(in_channels, (h, w), patch_size)
         grid, features = patchify.grid, patchify.features
-        _check_spatial_patterns(grid, kinds, couplings, (h, w), patch_size)
-        layers, spatial = [], 0
-        for k in range(couplings):
-            split = kinds[k % len(kinds)]
-            pattern = SPATIAL_PATTERNS[(spatial // 2) % len(SPATIAL_PATTERNS)]
-            layers.append(
-                TokenCoupling(
-                    grid, features, split, pattern=pattern, parity=spatial % 2, width=width, depth=depth,
-                    heads=heads, context_features=context, generator=torch.Generator().manual_seed(seed + k),
-                )  # type: ignore[arg-type]
-            )  # fmt: skip
-            spatial += split == "spatial"
+        schedule = _schedule(kinds, couplings)
+        _check_spatial_patterns(grid, schedule, (h, w), patch_size)
+        layers = [
+            TokenCoupling(
+                grid, features, split, pattern=pattern, parity=parity, width=width, depth=depth, heads=heads,
+                context_features=context, generator=torch.Generator().manual_seed(seed + k),
+            )  # type: ignore[arg-type]
+            for k, (split, pattern, parity) in enumerate(schedule)
+        ]  # fmt: skip
         block = FlowSequential(patchify, *layers, Unpatchify(in_channels, (h, w), patch_size))
         prior = GaussianPrior((in_channels, h, w), learned=False)
         super().__init__([block], [], prior, (in_channels, h, w), n_bins, config)

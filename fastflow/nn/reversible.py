@@ -526,8 +526,6 @@ def _relative_drift(rebuilt: torch.Tensor, original: torch.Tensor, output_size: 
     float64 inputs could not show a drift below float32's rounding (6e-8), above float64's default
     ``max_drift``."""
     original = original.detach()
-    if original.numel() == 0:
-        return output_size.new_zeros(())
     scale = torch.maximum(_largest_magnitude(original), OUTPUT_SCALE_FLOOR * output_size).clamp_min(1e-12)
     return _largest_magnitude(rebuilt - original.to(rebuilt.dtype)) / scale
 
