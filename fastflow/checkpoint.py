@@ -4,21 +4,19 @@ any code from the file; shareable ``model.safetensors`` + ``config.json`` folder
 from __future__ import annotations
 
 import collections
-import contextlib
 import inspect
 import json
 import os
 import pickle
 import re
-import secrets
 import types
 import typing
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from fastflow.atomic_file import atomic_file
 from fastflow.models import NICE, NSF, FlowModel, Glow, Jet, RealNVP, TabularFlow
 from fastflow.nn.state_upgrade import upgraded_state_dict
 
@@ -219,43 +217,6 @@ def _check_loadable(value: Any, name: str) -> None:
         )
 
 
-@contextlib.contextmanager
-def _atomic_file(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Yield a new empty temporary file next to ``path`` (mode 0666 less the umask, like any other output);
-    after the body writes it, flush it to disk and rename it over ``path``, so the previous file survives a
-    crash or a full disk. On failure the temporary file is removed and an ``OSError`` names ``path``."""
-    target = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(target)
-    tmp = os.path.join(folder, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
-    binary = getattr(os, "O_BINARY", 0)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | binary, 0o666))
-        try:
-            yield tmp
-            fd = os.open(tmp, os.O_RDWR | binary)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    except OSError as err:
-        if err.errno is None:
-            raise OSError(f"cannot write {os.fspath(path)!r}: {err}") from err
-        raise OSError(err.errno, f"cannot write {os.fspath(path)!r}: {err.strerror or err}") from err
-    if os.name == "posix":  # make the rename itself durable
-        with contextlib.suppress(OSError):
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 def _saved_model(model: Any) -> FlowModel:
     """``model`` without its ``torch.compile`` (``_orig_mod``) and DistributedDataParallel / DataParallel
     (``module``) wrappers, whose class and parameter names would not load back; ``TypeError`` naming ``model``
@@ -302,7 +263,7 @@ def save_checkpoint(
     _check_loadable(payload["optimizer"], "the optimizer state")
     for key, value in extra.items():
         _check_loadable(value, f"extra {key!r}")
-    with _atomic_file(path) as tmp, open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         torch.save(payload, f)
 
 
@@ -415,9 +376,9 @@ def save_pretrained(directory: str | os.PathLike[str], model: FlowModel) -> None
         storages.add(tensor.untyped_storage().data_ptr())
         tensors[key] = tensor
     meta = {"model_class": type(model).__name__, "config": config, "fastflow_version": __version__}
-    with _atomic_file(os.path.join(directory, WEIGHTS_NAME)) as tmp:
+    with atomic_file(os.path.join(directory, WEIGHTS_NAME)) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-    with _atomic_file(os.path.join(directory, CONFIG_NAME)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(os.path.join(directory, CONFIG_NAME)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(json.dumps(meta, indent=2) + "\n")
 
 

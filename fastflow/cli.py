@@ -33,7 +33,14 @@ from fastflow.data import (
     quantize,
     split_heldout,
 )
-from fastflow.image_folder import image_size, list_classes, list_images, load_image_folder, load_labelled_folder
+from fastflow.image_folder import (
+    image_size,
+    list_classes,
+    list_images,
+    list_labelled_images,
+    load_image_folder,
+    load_images,
+)
 from fastflow.images import IMAGE_FORMATS, check_writable_folder
 from fastflow.latent import attribute_direction, interpolate, manipulate
 from fastflow.models import FlowModel, Glow, Jet
@@ -369,7 +376,7 @@ def _class_index(flag: str, spec: str, classes: list[str], folder: str) -> int:
 
 
 def _class_images(args: argparse.Namespace, model: FlowModel, payload: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-    """``(images of --label-to, images of --label-from)`` as levels: classes of --data (else of the class folders
+    """``(images of --label-to, images of --label-from)`` as uint8 levels: classes of --data (else of the class folders
     the model was trained on), or digit classes for a model of the 8x8 digits."""
     folder = args.data
     if folder is None:
@@ -387,13 +394,13 @@ def _class_images(args: argparse.Namespace, model: FlowModel, payload: dict[str,
                 raise ValueError(f"{flag} must be a digit class 0 to 9 for a digits model, got {spec!r}")
         return digits_of_class(int(args.label_to)), digits_of_class(int(args.label_from))
     channels, res = model.image_shape[0], model.image_shape[1]
-    images, labels, classes = load_labelled_folder(folder, res, channels)
-    levels = quantize(images, model.n_bins)
+    files, labels, classes = list_labelled_images(folder)
     to, from_ = (
         _class_index(f, s, classes, folder)
         for f, s in (("--label-to", args.label_to), ("--label-from", args.label_from))
     )
-    return levels[labels == to], levels[labels == from_]
+    chosen = [[path for path, k in zip(files, labels) if k == index] for index in (to, from_)]  # only these load
+    return tuple(quantize(load_images(paths, res, channels), model.n_bins) for paths in chosen)
 
 
 def _manipulate(args: argparse.Namespace) -> None:

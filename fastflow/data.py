@@ -31,6 +31,7 @@ __all__ = [
 
 DIGITS_N_BINS = 17
 PHOTO_HELDOUT_FRACTION = 1 / 6  # right-hand strip of each photo, never cropped for training
+QUANTIZE_CHUNK = 1 << 20  # pixels quantized at a time: the int32 temporaries stay a few MiB for any data size
 
 
 class ImageSource(Protocol):
@@ -39,7 +40,8 @@ class ImageSource(Protocol):
     image_shape: tuple[int, int, int]
 
     def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(levels (n, C, H, W) int64, labels (n,) or None)`` drawn with ``generator``."""
+        """``(levels (n, C, H, W) integer (uint8 for the loaders here), labels (n,) or None)`` drawn with
+        ``generator``."""
         ...
 
 
@@ -105,27 +107,34 @@ class PhotoCrops:
 
 
 def quantize(pixels: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """8-bit ``pixels`` (uint8) to ``n_bins`` integer levels ``floor(p * n_bins / 256)`` (int64); for
-    ``n_bins = 2**n_bits`` this keeps the top ``n_bits`` bits."""
+    """8-bit ``pixels`` (uint8) to ``n_bins`` integer levels ``floor(p * n_bins / 256)`` as uint8, same shape
+    (levels lie below ``n_bins <= 256``); for ``n_bins = 2**n_bits`` this keeps the top ``n_bits`` bits.
+    Computed ``QUANTIZE_CHUNK`` pixels at a time: beyond the result, memory stays small for any size."""
     if pixels.dtype != torch.uint8:
         raise TypeError(f"pixels must be uint8, got {pixels.dtype}")
     int_at_least("n_bins", n_bins, 2)  # an int: a float gave float levels
     if n_bins > 256:
         raise ValueError(f"n_bins must be in [2, 256], got {n_bins}")
-    return pixels.long() * n_bins // 256
+    pixels = pixels.contiguous()
+    levels = torch.empty_like(pixels)
+    flat_pixels, flat_levels = pixels.view(-1), levels.view(-1)
+    for start in range(0, flat_pixels.numel(), QUANTIZE_CHUNK):
+        chunk = flat_pixels[start : start + QUANTIZE_CHUNK].to(torch.int32)  # p * n_bins reaches 65280, past int16
+        flat_levels[start : start + QUANTIZE_CHUNK] = (chunk * n_bins) >> 8
+    return levels
 
 
 def load_digits(
     test_fraction: float = 0.15, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(train_levels, train_labels, test_levels, test_labels)``: integer pixel levels in ``[0, 17)`` of
-    shape ``(N, 1, 8, 8)`` and digit labels, split at random (fixed ``seed``) with ``test_fraction`` held out."""
+    """``(train_levels, train_labels, test_levels, test_labels)``: uint8 pixel levels in ``[0, 17)`` of
+    shape ``(N, 1, 8, 8)`` and int64 digit labels, split at random (fixed ``seed``) with ``test_fraction`` held out."""
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("the embedded digits data needs scikit-learn: pip install 'fastflow[data]'") from err
     bunch = sk_load_digits()
-    levels = torch.as_tensor(bunch.images, dtype=torch.int64).unsqueeze(1)
+    levels = torch.as_tensor(bunch.images, dtype=torch.uint8).unsqueeze(1)
     labels = torch.as_tensor(bunch.target, dtype=torch.int64)
     train, test = split_heldout(len(levels), test_fraction, seed)
     return levels[train], labels[train], levels[test], labels[test]
@@ -196,7 +205,7 @@ def _check_embedded(spec: str, image_shape: tuple[int, ...], n_bins: int, shape:
 
 
 def load_image_spec(spec: str, image_shape: tuple[int, int, int], n_bins: int) -> torch.Tensor:
-    """One image as integer levels ``(1, C, H, W)`` for a model of ``image_shape`` and ``n_bins``: ``digits:N``
+    """One image as uint8 levels ``(1, C, H, W)`` for a model of ``image_shape`` and ``n_bins``: ``digits:N``
     (the N-th held-out digit), ``photos:N`` (the N-th held-out photo crop) or the path of a PNG/JPEG file
     (resized and center-cropped, see :mod:`fastflow.image_folder`). ``ValueError`` naming ``spec`` if it does
     not fit the model."""
@@ -219,7 +228,7 @@ def load_image_spec(spec: str, image_shape: tuple[int, int, int], n_bins: int) -
 
 
 def digits_of_class(label: int) -> torch.Tensor:
-    """The training digits of class ``label`` (0 to 9) as integer levels ``(N, 1, 8, 8)``."""
+    """The training digits of class ``label`` (0 to 9) as uint8 levels ``(N, 1, 8, 8)``."""
     if isinstance(label, bool) or not isinstance(label, int):
         raise TypeError(f"digit label must be an int, got {type(label).__name__} {label!r}")
     if not 0 <= label <= 9:

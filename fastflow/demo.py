@@ -11,7 +11,7 @@ import torch
 
 from fastflow.checkpoint import save_checkpoint
 from fastflow.data import DIGITS_N_BINS, load_digits
-from fastflow.images import save_grid
+from fastflow.images import check_writable_folder, save_grid
 from fastflow.models import Glow
 from fastflow.train import TrainConfig, evaluate_bits_per_dim, train
 
@@ -19,13 +19,17 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> float:
-    """Run the demo; returns the held-out bits/dim."""
+    """Run the demo; returns the held-out bits/dim. An unwritable ``--out`` exits with status 2 before training."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--out", default="runs/demo", help="folder for samples.png and checkpoint.pt")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        check_writable_folder(args.out)  # before the training, which an unwritable --out would waste
+    except ValueError as err:
+        parser.error(str(err))
 
     torch.manual_seed(args.seed)
     train_levels, _, test_levels, _ = load_digits()
@@ -38,7 +42,6 @@ def main(argv: list[str] | None = None) -> float:
     print(f"trained {args.steps} steps of batch {args.batch} in {elapsed:.1f} s")
     print(f"held-out bits/dim: {bpd:.3f} ({DIGITS_N_BINS} levels per pixel, uniform dequantization)")
 
-    os.makedirs(args.out, exist_ok=True)
     model.eval()
     samples = model.sample(64, temperature=0.7)
     save_grid(samples, os.path.join(args.out, "samples.png"), nrow=8, scale=4)

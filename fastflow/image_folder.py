@@ -3,11 +3,12 @@
 Policy: every image is resized so that its shorter side is ``resolution`` (Lanczos), then center-cropped to
 ``resolution`` x ``resolution``, so mixed sizes and aspect ratios are fine; an image smaller than
 ``resolution`` on either side is an error (it would have to be enlarged). Greyscale images (PIL modes 1, L,
-LA, I, I;16, F) have 1 channel, all others are converted to RGB (3 channels; alpha is dropped); a folder
-whose images disagree, or that disagrees with the channels asked for, is an error naming the first file
-that differs. 16-bit greyscale PNGs (PIL modes I;16 and I) are scaled from 0..65535 to 0..255, not clipped;
-the EXIF orientation of a photo is applied. Files with other suffixes and hidden files (names starting with
-``.``, such as macOS's ``._x.png``) are ignored.
+LA, I, I;16, F, and 16-bit grey+alpha PNGs) have 1 channel, all others are converted to RGB (3 channels);
+alpha is dropped. A folder whose images disagree in channels is an error naming the files that differ from
+the majority (or from the channels asked for) and how to convert them. 16-bit PNGs (grey, grey+alpha or
+colour) keep the high byte of every value (``v >> 8``, as Pillow decodes 16-bit colour), so they all agree
+and the 256 levels are equally wide. The EXIF orientation of a photo is applied. Files with other suffixes
+and hidden files (names starting with ``.``, such as macOS's ``._x.png``) are ignored.
 
 A folder that holds no images itself but sub-folders of images is labelled data (torchvision's ImageFolder
 convention): each non-hidden sub-folder is a class, classes are numbered in sorted name order, and
@@ -17,6 +18,8 @@ convention): each non-hidden sub-folder is a class, classes are numbered in sort
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +30,22 @@ from fastflow.ops._checks import int_at_least
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "image_channels",
     "image_size",
     "list_classes",
     "list_images",
     "list_labelled_images",
     "load_image",
     "load_image_folder",
+    "load_images",
     "load_labelled_folder",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")  # 16-bit greyscale PNGs open in one of these
+CHANNEL_KINDS = {1: ("grey", "L"), 3: ("RGB", "RGB")}  # channels -> (name, PIL mode to convert to)
+NAMED_FILES = 3  # an error lists at most this many files, then a count
 
 
 def _visible(path: Path) -> bool:
@@ -90,13 +97,21 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
+def _is_grey(image: Any) -> bool:
+    """Whether the opened ``image`` (before ``load()``, which clears its tile) has 1 channel: a greyscale mode,
+    or a 16-bit grey+alpha PNG, which Pillow opens as RGBA from raw mode ``LA;16B``."""
+    raw_mode = image.tile[0][3] if image.tile else None  # a PNG tile's decoder arguments are its raw mode
+    return image.mode in GREY_MODES or (isinstance(raw_mode, str) and raw_mode.startswith("LA;16"))
+
+
 def _to_8_bit(image: Any, grey: bool) -> Any:
-    """``image`` as PIL mode L (``grey``) or RGB; 16-bit greyscale is scaled by 255/65535 rather than clipped."""
+    """``image`` as PIL mode L (``grey``) or RGB; 16-bit greyscale keeps the high byte of each value."""
     from PIL import Image
 
     if image.mode in SIXTEEN_BIT_MODES:
-        levels = np.asarray(image, dtype=np.float64).clip(0, 65535) * (255 / 65535)
-        return Image.fromarray(levels.round().astype(np.uint8))
+        return Image.fromarray((np.asarray(image).clip(0, 65535) >> 8).astype(np.uint8))
+    if grey and image.mode == "RGBA":  # 16-bit grey+alpha: Pillow decoded R = G = B = the grey's high byte
+        return image.getchannel("R")
     return image.convert("L" if grey else "RGB")
 
 
@@ -114,23 +129,45 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
+def _check_channels_arg(channels: int | None) -> None:
+    if channels is not None and (isinstance(channels, bool) or channels not in CHANNEL_KINDS):
+        raise ValueError(f"channels must be 1 (grey), 3 (RGB) or None, got {channels!r}")
+
+
+def image_channels(path: str | os.PathLike[str]) -> int:
+    """The channels (1 or 3, see the module policy) the image at ``path`` loads with, read from the header only;
+    ``ValueError`` naming the file if it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return 1 if _is_grey(image) else 3
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read image {os.fspath(path)!r}: {err}") from err
+
+
 def load_image(path: str | os.PathLike[str], resolution: int, channels: int | None = None) -> torch.Tensor:
     """The image at ``path`` as a uint8 ``(C, resolution, resolution)`` tensor (see the module policy);
     ``ValueError`` naming the file if it cannot be read, is too small, or has not ``channels`` channels."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     int_at_least("resolution", resolution, 1)
+    _check_channels_arg(channels)
     name = os.fspath(path)
     try:
         with Image.open(path) as image:
+            grey = _is_grey(image)
             image.load()
-            grey = image.mode in GREY_MODES
             image = _to_8_bit(ImageOps.exif_transpose(image), grey)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read image {name!r}: {err}") from err
     found = 1 if grey else 3
     if channels is not None and found != channels:
-        raise ValueError(f"image {name!r} has {found} channel(s), expected {channels}")
+        mode = CHANNEL_KINDS[channels][1]
+        raise ValueError(
+            f"image {name!r} has {found} channel(s), expected {channels}: convert it (with Pillow: "
+            f"Image.open(path).convert({mode!r}).save(path))"
+        )
     width, height = image.size
     if min(width, height) < resolution:
         raise ValueError(f"image {name!r} is {width}x{height}, smaller than the resolution {resolution}")
@@ -144,25 +181,48 @@ def load_image(path: str | os.PathLike[str], resolution: int, channels: int | No
 
 
 def load_image_folder(folder: str | os.PathLike[str], resolution: int, channels: int | None = None) -> torch.Tensor:
-    """Every image in ``folder`` as uint8 ``(N, C, resolution, resolution)``; ``channels`` defaults to that of
-    the first image."""
-    return _load_images(list_images(folder), resolution, channels)
+    """Every image in ``folder`` as uint8 ``(N, C, resolution, resolution)`` (see :func:`load_images`)."""
+    return load_images(list_images(folder), resolution, channels)
 
 
-def _load_images(files: list[Path], resolution: int, channels: int | None) -> torch.Tensor:
-    """``files`` stacked as uint8 ``(N, C, resolution, resolution)``, all with the first one's channels
-    unless ``channels`` is given."""
-    images = []
-    for path in files:
-        images.append(load_image(path, resolution, channels))
-        channels = images[0].shape[0]
-    return torch.stack(images)
+def _check_channels(files: Sequence[str | os.PathLike[str]], channels: int | None) -> int:
+    """The channels of every file in ``files`` (``channels``, else those of most files; on a tie the first
+    file's), read from the headers; ``ValueError`` naming the files that differ and how to convert them."""
+    found = [image_channels(path) for path in files]
+    expected = channels if channels is not None else Counter(found).most_common(1)[0][0]  # ties: first seen
+    odd = [(os.fspath(path), n) for path, n in zip(files, found) if n != expected]
+    if odd:
+        names = ", ".join(repr(name) for name, _ in odd[:NAMED_FILES])
+        more = f" and {len(odd) - NAMED_FILES} more" if len(odd) > NAMED_FILES else ""
+        kind, mode = CHANNEL_KINDS[expected]
+        than = f"expected {expected}" if channels is not None else f"the other {len(files) - len(odd)} have {expected}"
+        raise ValueError(
+            f"{len(odd)} of {len(files)} images have {odd[0][1]} channel(s) ({CHANNEL_KINDS[odd[0][1]][0]}), "
+            f"{than} ({kind}): {names}{more}; convert them to {kind} (with Pillow: "
+            f"Image.open(path).convert({mode!r}).save(path)) or remove them"
+        )
+    return expected
+
+
+def load_images(files: Sequence[str | os.PathLike[str]], resolution: int, channels: int | None = None) -> torch.Tensor:
+    """The image ``files`` as uint8 ``(N, C, resolution, resolution)`` (``N >= 1``); ``channels`` defaults to
+    that of most files. Channel counts are checked from the headers before any image is decoded
+    (``ValueError`` naming the files that differ, see :func:`_check_channels`)."""
+    int_at_least("resolution", resolution, 1)
+    _check_channels_arg(channels)
+    if not files:
+        raise ValueError("files must name at least one image")
+    channels = _check_channels(files, channels)
+    images = torch.empty(len(files), channels, resolution, resolution, dtype=torch.uint8)
+    for i, path in enumerate(files):
+        images[i] = load_image(path, resolution, channels)
+    return images
 
 
 def load_labelled_folder(
     folder: str | os.PathLike[str], resolution: int, channels: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """``(images uint8 (N, C, resolution, resolution), labels int64 (N,), class names)`` of a labelled
-    ``folder`` (see the module docstring); ``channels`` defaults to that of the first image."""
+    ``folder`` (see the module docstring); ``channels`` defaults to that of most images."""
     files, labels, classes = list_labelled_images(folder)
-    return _load_images(files, resolution, channels), torch.tensor(labels, dtype=torch.int64), classes
+    return load_images(files, resolution, channels), torch.tensor(labels, dtype=torch.int64), classes

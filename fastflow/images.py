@@ -9,6 +9,7 @@ import tempfile
 
 import torch
 
+from fastflow.atomic_file import atomic_file
 from fastflow.ops._checks import int_at_least
 
 __all__ = ["IMAGE_FORMATS", "check_writable_folder", "save_grid"]
@@ -38,7 +39,8 @@ def check_writable_folder(folder: str, what: str = "--out", create: bool = True)
 def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int | None = None, scale: int = 1) -> None:
     """Write ``images`` (``(N, C, H, W)`` in ``[-0.5, 0.5]``, C = 1 or 3) as one grid, each image enlarged
     ``scale`` times with nearest-neighbour upsampling; the file is written atomically, as PNG or JPEG
-    (quality 95) by the extension of ``path`` (``ValueError`` for another extension)."""
+    (quality 95) by the extension of ``path`` (``ValueError`` for another extension), making missing folders.
+    A failed write leaves no temporary file and raises ``OSError`` naming ``path``."""
     from PIL import Image
 
     image_format = IMAGE_FORMATS.get(os.path.splitext(os.fspath(path))[1].lower())
@@ -72,6 +74,5 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int | No
     img = Image.fromarray(array[:, :, 0] if c == 1 else array)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    tmp = f"{os.fspath(path)}.tmp"
-    img.save(tmp, format=image_format, **({"quality": JPEG_QUALITY} if image_format == "JPEG" else {}))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:  # a unique temporary name next to path, removed if the write or rename fails
+        img.save(tmp, format=image_format, **({"quality": JPEG_QUALITY} if image_format == "JPEG" else {}))

@@ -3,6 +3,7 @@ interpolate, manipulate, and bad input that exits with status 2 naming the file 
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -12,7 +13,9 @@ import torch
 from PIL import Image
 
 from fastflow.checkpoint import load_checkpoint, save_checkpoint
-from fastflow.cli import main
+from fastflow.cli import _training_data, main
+from fastflow.data import split_heldout
+from fastflow.image_folder import load_image_folder
 from fastflow.models import NSF, Glow, Jet, TabularFlow
 
 SCALE = 8  # 8x8 images (plus a 1-pixel border) are enlarged 8 times in the PNGs
@@ -116,6 +119,9 @@ def test_bad_images_for_training_exit_2_and_write_nothing(tmp_path, capsys):
     (data / "zz_broken.jpg").unlink()
     _expect_error(capsys, ["train", *TINY, "--data", str(data), "--resolution", "16", "--out", str(out)], "img0.png")
     _expect_error(capsys, ["train", *TINY, "--n-bits", "4", "--out", str(out)], "--n-bits")
+    Image.new("L", (8, 8)).save(data / "a_grey.png")  # first in sorted order: the RGB files were named
+    line = _expect_error(capsys, ["train", *TINY, "--data", str(data), "--out", str(out)], "a_grey.png")
+    assert "img0.png" not in line and "convert them to RGB" in line
     assert not out.exists()
 
 
@@ -127,7 +133,8 @@ def test_bad_input_for_a_checkpoint_exits_2_and_keeps_the_output(rgb_run, digits
     rgb = str(rgb_run / "data" / "img0.png")
     out = ["--out", str(previous)]
     argv = ["manipulate", ckpt, rgb, "--attribute-dir", str(grey), "--without-dir", str(rgb_run / "data"), *out]
-    assert "1 channel(s), expected 3" in _expect_error(capsys, argv, "img0.png", untouched=previous)
+    line = _expect_error(capsys, argv, "grey/img0.png", untouched=previous)
+    assert "1 of 1 images have 1 channel(s) (grey), expected 3 (RGB)" in line and "convert them to RGB" in line
     _expect_error(capsys, ["interpolate", ckpt, rgb, str(grey / "img0.png"), *out], "grey/img0.png", previous)
     _expect_error(capsys, ["interpolate", ckpt, rgb, "digits:0", *out], "digits:0", previous)
     _expect_error(capsys, ["manipulate", ckpt, rgb, "--label-from", "1", "--label-to", "2", *out], ckpt, previous)
@@ -443,6 +450,21 @@ def test_manipulate_with_the_classes_of_a_labelled_folder(rgb_run, tmp_path, cap
     assert (tmp_path / "m.png").read_bytes() == (tmp_path / "n.png").read_bytes(), "a class by name or by index"
     line = _one_line_error(capsys, [*argv, "--label-from", "cats", "--label-to", "birds"], 2, ["birds", "cats, dogs"])
     assert "--label-to" in line
+    mice = _folder(classes / "mice", [(8, 8)], mode="L")  # grey, for an RGB model
+    (mice / "broken.png").write_bytes(b"\x89PNG not really")
+    assert main([*argv, "--label-from", "cats", "--label-to", "dogs", "--out", str(tmp_path / "o.png")]) == 0
+    assert (tmp_path / "o.png").read_bytes() == (tmp_path / "m.png").read_bytes(), "only the two classes are read"
+
+
+def test_an_image_folder_is_held_as_uint8_levels(tmp_path):
+    """Folder levels were int64: 8 times the uint8 images resident, about 16 times at the peak."""
+    data = _folder(tmp_path / "data", [(8, 8)] * 6)
+    args = argparse.Namespace(data=str(data), resolution=8, n_bits=3)
+    source, heldout, n_bins, _ = _training_data(args)
+    assert n_bins == 8 and source.levels.dtype == torch.uint8 and heldout.dtype == torch.uint8
+    before = load_image_folder(data, 8).long() * n_bins // 256  # the int64 levels of before
+    train_idx, test_idx = split_heldout(6)
+    assert torch.equal(source.levels.long(), before[train_idx]) and torch.equal(heldout.long(), before[test_idx])
 
 
 def test_train_a_jet_then_resume_and_sample_it(tmp_path, capsys):

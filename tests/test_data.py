@@ -23,8 +23,30 @@ from fastflow.data import (
 
 def test_quantize_keeps_the_top_bits():
     pixels = torch.arange(256, dtype=torch.uint8)
-    torch.testing.assert_close(quantize(pixels, 32), pixels.long() >> 3)
+    torch.testing.assert_close(quantize(pixels, 32), pixels >> 3)
     assert quantize(pixels, DIGITS_N_BINS).max() == DIGITS_N_BINS - 1
+
+
+def test_quantize_gives_uint8_levels_equal_to_the_int64_formula(monkeypatch):
+    """Levels were int64: 8 times the uint8 images resident, about 16 times at the peak."""
+    pixels = torch.arange(256, dtype=torch.uint8)
+    for n_bins in range(2, 257):
+        levels = quantize(pixels, n_bins)
+        assert levels.dtype == torch.uint8
+        assert torch.equal(levels.long(), pixels.long() * n_bins // 256), n_bins
+    monkeypatch.setattr("fastflow.data.QUANTIZE_CHUNK", 7)  # chunk edges inside rows, a ragged last chunk
+    images = torch.randint(0, 256, (5, 3, 6, 9), dtype=torch.uint8).transpose(2, 3)  # not contiguous
+    for n_bins in (17, 32, 255):
+        levels = quantize(images, n_bins)
+        assert levels.dtype == torch.uint8 and levels.shape == images.shape
+        assert torch.equal(levels.long(), images.long() * n_bins // 256)
+
+
+def test_the_embedded_data_is_uint8_levels():
+    assert load_digits()[0].dtype == torch.uint8 and digits_of_class(3).dtype == torch.uint8
+    train, heldout = load_photo_crops(16, 32, heldout_crops=1)
+    assert train.draw(2, torch.Generator().manual_seed(0))[0].dtype == torch.uint8
+    assert heldout.levels.dtype == torch.uint8
 
 
 def test_photo_crops_come_from_the_training_part_and_heldout_from_the_strip():

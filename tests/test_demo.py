@@ -24,3 +24,16 @@ def test_full_demo_reaches_target_bits_per_dim(tmp_path):
     torch.set_num_threads(2)
     bpd = main(["--out", str(tmp_path)])
     assert bpd <= 2.4
+
+
+def test_an_unwritable_out_fails_before_training(tmp_path, capsys, monkeypatch):
+    """--out was checked only when the results were written, after the training."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr("fastflow.demo.train", lambda *args, **kwargs: pytest.fail("trained before checking --out"))
+    with pytest.raises(SystemExit) as caught:
+        main(["--steps", "5", "--out", str(blocker / "demo")])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out '{blocker / 'demo'}' is not a writable folder" in err
+    assert blocker.read_text() == "not a folder"

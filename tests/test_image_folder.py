@@ -3,6 +3,9 @@ sub-folders, and errors that name the file."""
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -14,12 +17,30 @@ from fastflow.image_folder import (
     list_images,
     load_image,
     load_image_folder,
+    load_images,
     load_labelled_folder,
 )
+
+PNG_COLOUR_TYPES = {1: 0, 2: 4, 3: 2}  # channels -> PNG colour type: grey, grey+alpha, RGB
 
 
 def _save(path, array: np.ndarray, mode: str | None = None) -> None:
     Image.fromarray(array.astype(np.uint8), mode).save(path)
+
+
+def _save_png16(path, array: np.ndarray) -> None:
+    """A 16-bit PNG of ``array`` (H, W, 1 grey / 2 grey+alpha / 3 RGB) written by hand: Pillow writes none but
+    grey."""
+    height, width, channels = array.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array)  # filter 0 (none) before each row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, PNG_COLOUR_TYPES[channels], 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
 
 
 def test_wide_image_is_center_cropped_without_resizing_when_its_height_fits(tmp_path):
@@ -81,10 +102,29 @@ def test_image_smaller_than_the_resolution_names_the_file(tmp_path):
 def test_mixed_channel_counts_name_the_odd_file(tmp_path):
     _save(tmp_path / "a.png", np.zeros((8, 8, 3)))
     _save(tmp_path / "b.png", np.zeros((8, 8)))
-    with pytest.raises(ValueError, match=r"b.png.*1 channel\(s\), expected 3"):
-        load_image_folder(tmp_path, 8)
-    with pytest.raises(ValueError, match=r"a.png.*3 channel\(s\), expected 1"):
+    with pytest.raises(ValueError, match=r"1 of 2 images have 1 channel\(s\) \(grey\), the other 1 have 3.*b.png"):
+        load_image_folder(tmp_path, 8)  # a tie: the first file's channels are expected
+    with pytest.raises(ValueError, match=r"1 of 2 images have 3 channel\(s\) \(RGB\), expected 1.*a.png"):
         load_image_folder(tmp_path, 8, channels=1)
+
+
+def test_the_files_that_differ_from_most_of_the_folder_are_named(tmp_path):
+    """One grey image first in sorted order among RGB ones: the error named an RGB file."""
+    _save(tmp_path / "a_grey.png", np.zeros((8, 8)))
+    for name in ("b", "c", "d"):
+        _save(tmp_path / f"{name}.png", np.zeros((8, 8, 3)))
+    with pytest.raises(ValueError) as caught:
+        load_image_folder(tmp_path, 8)
+    message = str(caught.value)
+    assert "a_grey.png" in message and "b.png" not in message
+    assert "1 of 4 images have 1 channel(s) (grey), the other 3 have 3 (RGB)" in message
+    assert "convert them to RGB" in message and ".convert('RGB')" in message
+    for name in ("e", "f", "g", "h"):
+        _save(tmp_path / f"{name}_grey.png", np.zeros((8, 8)))
+    with pytest.raises(ValueError, match=r"5 of 8 images have 1 channel.*expected 3.*and 2 more; convert them to RGB"):
+        load_image_folder(tmp_path, 8, channels=3)  # at most three names, then a count
+    with pytest.raises(ValueError, match=r"channels must be 1 \(grey\), 3 \(RGB\) or None, got 2"):
+        load_images(list_images(tmp_path), 8, channels=2)
 
 
 def test_folder_without_images_is_an_error(tmp_path):
@@ -95,15 +135,33 @@ def test_folder_without_images_is_an_error(tmp_path):
         list_images(tmp_path / "missing")
 
 
-def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
-    ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
-    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
-    assert Image.open(tmp_path / "ramp16.png").mode in ("I;16", "I")
-    pixels = load_image(tmp_path / "ramp16.png", 64)
-    assert pixels.shape == (1, 64, 64)
-    expected = torch.from_numpy((ramp / 257).round().astype(np.uint8))
-    assert (pixels[0].int() - expected.int()).abs().max() <= 1
-    assert float((pixels == 255).float().mean()) < 0.01, "a 0..65535 ramp must not be clipped at 255"
+def test_sixteen_bit_pngs_keep_the_high_byte_whatever_their_colour_type(tmp_path):
+    """Pillow keeps the high byte of 16-bit RGB and grey+alpha; 16-bit grey was rounded from v * 255 / 65535, so
+    one ramp loaded to different values, and the end levels were half as wide as the others."""
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    Image.fromarray(ramp).save(tmp_path / "grey.png")
+    assert Image.open(tmp_path / "grey.png").mode in ("I;16", "I")
+    _save_png16(tmp_path / "rgb.png", np.stack([ramp] * 3, axis=-1))
+    assert Image.open(tmp_path / "rgb.png").tile[0][3] == "RGB;16B"
+    grey, rgb = load_image(tmp_path / "grey.png", 256), load_image(tmp_path / "rgb.png", 256)
+    assert grey.shape == (1, 256, 256) and rgb.shape == (3, 256, 256)
+    assert torch.equal(grey[0], rgb[0]), "16-bit grey and 16-bit RGB of one ramp load to the same 8-bit values"
+    assert torch.equal(grey[0], torch.from_numpy((ramp >> 8).astype(np.uint8)))
+    assert torch.bincount(grey.flatten().long(), minlength=256).tolist() == [256] * 256, "every level equally wide"
+
+
+def test_a_sixteen_bit_grey_alpha_png_is_grey(tmp_path):
+    """Pillow opens 16-bit grey+alpha as RGBA (raw mode LA;16B): it loaded as RGB with the grey in every channel."""
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    alpha = np.random.default_rng(0).integers(0, 65536, ramp.shape)  # dropped, whatever it is
+    _save_png16(tmp_path / "la.png", np.stack([ramp, alpha], axis=-1))
+    with Image.open(tmp_path / "la.png") as image:
+        assert image.mode == "RGBA" and image.tile[0][3] == "LA;16B"
+    pixels = load_image(tmp_path / "la.png", 256)
+    assert pixels.shape == (1, 256, 256), "alpha dropped, like 8-bit LA"
+    assert torch.equal(pixels[0], torch.from_numpy((ramp >> 8).astype(np.uint8)))
+    _save(tmp_path / "grey8.png", np.zeros((256, 256)))
+    assert load_image_folder(tmp_path, 256).shape == (2, 1, 256, 256), "a folder with 8-bit grey agrees"
 
 
 def test_exif_orientation_is_applied(tmp_path):

@@ -32,3 +32,22 @@ def test_what_cannot_be_drawn_is_refused_and_nothing_is_written(tmp_path, images
     with pytest.raises(error, match=match):
         save_grid(images, tmp_path / "grid.png", **kwargs)
     assert not (tmp_path / "grid.png").exists()
+
+
+def _write_half_then_fail(image, fp, *args, **kwargs):
+    with open(fp, "wb") as f:
+        f.write(b"\x89PNG half an image")
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("failure", ["directory at the path", "write"])
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch, failure):
+    """The grid was written to ``<path>.tmp``, left behind when the write or the rename failed."""
+    target = tmp_path / "grid.png"
+    if failure == "write":
+        monkeypatch.setattr(Image.Image, "save", _write_half_then_fail)
+    else:
+        target.mkdir()  # the rename over it fails
+    with pytest.raises(OSError, match="grid.png"):
+        save_grid(torch.zeros(2, 1, 2, 2), target)
+    assert [p.name for p in tmp_path.iterdir()] == (["grid.png"] if failure != "write" else [])
