@@ -32,6 +32,8 @@ float32 (float64 for float64 inputs) whatever the storage dtype:
 - inverse backward (upstream ``gx``, ``gl`` for ``-log dy/dx``): ``gy = (gx - gl L_x) / (dy/dx)`` with
   ``L_x = d(log dy/dx)/dx``, and the raw gradients are the forward's for upstream ``(-gy, -gl)``.
 - reversible backward: the forward's gradients from the output ``y``, rebuilding ``x`` in the same pass.
+- NaN: an element whose input or any raw parameter is NaN has a NaN log-det, and in every backward NaN gradients
+  for its input and all its raw parameters (NaN added to its upstream gradients), whatever it reads.
 
 ``logdet[b] = sum_n log dy/dx`` (the inverse stores ``-logdet``): each program reduces its tile into one slot of a
 ``(B, n_col_blocks)`` partial buffer that the launcher sums: deterministic, no atomics; every slot is written.
@@ -56,9 +58,9 @@ Launch heuristic (no autotune): a program covers ``ROWS x BLOCK`` elements (samp
 (``ELEMENTS = 512 / KP``, clamped to ``[16, 256]``): 4 values per thread in 4 warps for each of the per-bin tiles
 the kernels keep live. ``BLOCK = min(next_pow2(N), ELEMENTS)`` and ``ROWS`` fills the rest with samples, so small
 ``N`` (2-D toy data) still fills a tile. The AOT check (``tests/kernels/aot_compile.py``) measures the cost in
-registers, with 8 bins on sm_90 in float32: 72 (forward) to 142 (inverse backward) per thread, against 80 to 209
-with 1024 values per tile (half the warps per SM for the backward); no configuration spills. Not timed on a GPU
-yet. Pointer offsets are int64.
+registers, with 8 bins on sm_90 in float32 (Triton 3.9): 86 (forward) to 146 (reversible backward) per thread; 1024
+values per tile took up to 209 when measured (half the warps per SM for the backward); no configuration spills.
+Not timed on a GPU yet. Pointer offsets are int64.
 
 The launchers take a ``wrap_triton`` callable applied to each kernel before its launch, as in
 :mod:`fastflow.kernels.coupling` (``torch.library.wrap_triton`` when the ops are triton ops).
@@ -128,8 +130,8 @@ def _raw_tiles(raw_ptr, offs, mask, r_sk, acc_ty, K: tl.constexpr, KP: tl.conste
 @triton.jit
 def _raw_nan(widths, heights, derivs):
     """Per element: whether any of its raw parameters (the padding is 0) is NaN."""
-    nan = (widths != widths).to(tl.int32) + (heights != heights).to(tl.int32) + (derivs != derivs).to(tl.int32)
-    return tl.max(nan, axis=1) > 0
+    nan = (widths != widths) | (heights != heights) | (derivs != derivs)
+    return tl.max(nan.to(tl.int32), axis=1) > 0
 
 
 @triton.jit
@@ -372,6 +374,9 @@ def rq_spline_bwd_kernel(
     g = tl.load(g_ptr + rows * g_sb + cols * g_sn, mask=mask, other=0.0).to(acc_ty)
     gl = tl.load(gl_ptr + rows * gl_sb, mask=mask, other=0.0).to(acc_ty)
     j, widths, heights, derivs = _raw_tiles(raw_ptr, rows * r_sb + cols * r_sn, mask, r_sk, acc_ty, K, KP)
+    # 0, or NaN for an element whose input or any raw parameter is NaN (its log-det is NaN): added to the upstream
+    # gradients it makes every partial below NaN, so the element's input and raw gradients all are
+    nan = tl.where((val != val) | _raw_nan(widths, heights, derivs), float("nan"), 0.0)
     inside, k, at, before, pw, ph, xl, w, xr, yl, h, yr, s, d0, d1, u, v = _locate(
         val, j, widths, heights, derivs, K, BOUND, MIN_W, MIN_H, MIN_D, MODE != FORWARD
     )
@@ -379,25 +384,26 @@ def rq_spline_bwd_kernel(
     if MODE == INVERSE:
         # gradients of the inverse are the forward's for upstream (-gy, -gl), gy = (gx - gl L_x) / (dy/dx)
         g_in = (g - gl * _log_slope_du(u, v, s, d0, d1, den, m) / w) * (den * den) / (s * s * m)
-        gy = tl.where(inside, -g_in, 0.0)
-        gl_fwd = tl.where(inside, -gl, 0.0)
+        gy = tl.where(inside, -g_in, 0.0) + nan
+        gl_fwd = tl.where(inside, -gl, 0.0) + nan
     else:
-        gy = tl.where(inside, g, 0.0)
-        gl_fwd = tl.where(inside, gl, 0.0)
+        gy = tl.where(inside, g, 0.0) + nan
+        gl_fwd = tl.where(inside, gl, 0.0) + nan
     g_u, g_s, g_d0, g_d1, g_h = _grads(u, v, s, d0, d1, h, t, num, den, m, gy, gl_fwd)
     g_x = g_u / w
     g_w = -(g_u * u + g_s * s) / w
     g_h += g_s / w
     if MODE == INVERSE:
-        g_out = tl.where(inside, g_in, g)
+        g_out = tl.where(inside, g_in, g) + nan
     else:
-        g_out = tl.where(inside, g_x, g)
+        g_out = tl.where(inside, g_x, g) + nan
     dense = rows * N + cols
     tl.store(gu_ptr + dense, g_out.to(gu_ptr.dtype.element_ty), mask=mask)
     grad_w = _size_grads(pw, j, k, at, -g_x, g_w, 2.0 * BOUND * (1.0 - K * MIN_W), K)
     grad_h = _size_grads(ph, j, k, at, gy, g_h, 2.0 * BOUND * (1.0 - K * MIN_H), K)
-    # raw_d[j] is the derivative at knot j + 1: bin j's right end (d1 of bin k = j) and the next bin's left (d0)
-    grad_d = _sigmoid(derivs) * tl.where(at, g_d1[:, None], tl.where(before, g_d0[:, None], 0.0))
+    # raw_d[j] is the derivative at knot j + 1: bin j's right end (d1 of bin k = j) and the next bin's left (d0);
+    # the others get 0 (NaN for a NaN element)
+    grad_d = _sigmoid(derivs) * tl.where(at, g_d1[:, None], tl.where(before, g_d0[:, None], nan[:, None]))
     out_ty = graw_ptr.dtype.element_ty
     ptrs = graw_ptr + dense[:, None] * (3 * K - 1) + j[None, :]
     in_bins = mask[:, None] & (j < K)[None, :]

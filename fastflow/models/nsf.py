@@ -6,7 +6,7 @@ import math
 
 from fastflow.models.base import FlowModel
 from fastflow.models.priors import GaussianPrior
-from fastflow.nn.autoregressive import MaskedAutoregressiveSpline
+from fastflow.nn.autoregressive import DEFAULT_HIDDEN, MaskedAutoregressiveSpline, default_made_hidden
 from fastflow.nn.base import FlowLayer
 from fastflow.nn.invconv import InvertibleLinear
 from fastflow.nn.permutation import Permutation
@@ -27,11 +27,14 @@ class NSF(FlowModel):
     data's own coordinates) then a :class:`~fastflow.nn.SplineCoupling` (parities alternating) whose conditioner
     is an MLP (two hidden layers of width ``hidden``, zero-initialised output) on the kept half and the
     ``context``. ``autoregressive=True``: each transform is a
-    :class:`~fastflow.nn.MaskedAutoregressiveSpline` (MADE conditioner), the feature order reversed between
-    transforms; its density is one network pass per transform but sampling ``features`` passes.
+    :class:`~fastflow.nn.MaskedAutoregressiveSpline` (MADE conditioner, two hidden layers of width ``hidden``), the
+    feature order reversed between transforms; its density is one network pass per transform but sampling
+    ``features`` passes. A MADE keeps every dependency only with ``hidden >= features - 1`` (``>= features`` with a
+    context; a narrower ``hidden`` is a ValueError): ``hidden=None`` (the default) is 64, or that minimum where it
+    is wider for an autoregressive flow. ``config["hidden"]`` holds the width taken.
 
-    Splines have ``bins`` bins on ``[-bound, bound]`` and are the identity outside: standardise the data. Every
-    transform starts at the identity map. API as :class:`~fastflow.models.TabularFlow`: ``log_prob(x,
+    Splines have ``bins`` bins (2 to 500) on ``[-bound, bound]`` and are the identity outside: standardise the
+    data. Every transform starts at the identity map. API as :class:`~fastflow.models.TabularFlow`: ``log_prob(x,
     context=None)``, ``sample`` / ``rsample(n, context=None)``, ``encode`` / ``decode``; ``reversible=True`` trains
     with memory-saving reversible backprop.
     """
@@ -42,7 +45,7 @@ class NSF(FlowModel):
         context: int = 0,
         transforms: int = 5,
         bins: int = 8,
-        hidden: int = 64,
+        hidden: int | None = None,
         bound: float = 3.0,
         autoregressive: bool = False,
         *,
@@ -52,12 +55,14 @@ class NSF(FlowModel):
         int_at_least("context", context, 0)
         int_at_least("transforms", transforms, 1)
         check_layer_bins(bins)
+        check_bool("autoregressive", autoregressive)
+        if hidden is None:
+            hidden = default_made_hidden(features, context) if autoregressive else DEFAULT_HIDDEN
         int_at_least("hidden", hidden, 1)
         if isinstance(bound, bool) or not isinstance(bound, (int, float)):
             raise TypeError(f"bound must be a float, got {type(bound).__name__} {bound!r}")
         if not (math.isfinite(bound) and bound > 0):
             raise ValueError(f"bound must be finite and > 0, got {bound}")
-        check_bool("autoregressive", autoregressive)
         config = dict(
             features=features, context=context, transforms=transforms, bins=bins, hidden=hidden, bound=float(bound),
             autoregressive=autoregressive, reversible=reversible,

@@ -15,7 +15,11 @@ from fastflow.nn.spline_coupling import start_at_identity
 from fastflow.ops._checks import int_at_least
 from fastflow.ops.spline import check_layer_bins, rq_spline, rq_spline_inverse
 
-__all__ = ["MADE", "MaskedAutoregressiveSpline", "MaskedLinear"]
+__all__ = ["MADE", "MaskedAutoregressiveSpline", "MaskedLinear", "default_made_hidden", "min_made_hidden"]
+
+DEFAULT_HIDDEN = 64
+"""The default hidden width of :class:`~fastflow.models.NSF`'s conditioners, and of a MADE where it is wide enough
+(:func:`default_made_hidden`)."""
 
 
 class MaskedLinear(nn.Linear):
@@ -30,20 +34,43 @@ class MaskedLinear(nn.Linear):
         return F.linear(x, self.weight * self.mask, self.bias)
 
 
+def min_made_hidden(features: int, context_features: int) -> int:
+    """The narrowest hidden layer of a :class:`MADE` in which every output block sees every input before it: one
+    unit of each degree ``lo .. features - 1``, so ``features - 1`` without a context (at least 1) and
+    ``features`` with one."""
+    return features if context_features > 0 else max(features - 1, 1)
+
+
+def default_made_hidden(features: int, context_features: int) -> int:
+    """The default MADE width: :data:`DEFAULT_HIDDEN`, or :func:`min_made_hidden` where that is wider."""
+    return max(DEFAULT_HIDDEN, min_made_hidden(features, context_features))
+
+
 class MADE(nn.Sequential):
     """Autoregressive MLP: output block ``i`` (``params`` outputs, element-major) of ``net([x, context])`` depends
-    on ``x[:, :i]`` and the context only.
+    on ``x[:, :i]`` and the context only, and on every one of them.
 
     Degrees (Germain et al., 2015): input ``x_j`` has degree ``j + 1``, each context feature degree 0; hidden
     unit ``k`` has degree ``m_k = lo + k mod (features - lo)`` with ``lo = 0`` when there is a context (units of
     degree 0 carry it to the first feature's outputs) and ``1`` without; a hidden unit sees the units below of
     degree ``<= m_k``; outputs of feature ``i`` see hidden units of degree ``< i + 1``. ``depth`` masked
     ``Linear -> ReLU`` layers of width ``hidden``, then a zero-initialised masked output layer.
+
+    ``hidden`` must be at least :func:`min_made_hidden` (``features - 1``, or ``features`` with a context), else
+    a ValueError: narrower layers lack the units of the higher degrees, and later features would silently lose
+    their dependence on the inputs beyond ``hidden``.
     """
 
     def __init__(self, features: int, context_features: int, hidden: int, params: int, depth: int = 2) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
+        minimum = min_made_hidden(features, context_features)
+        if hidden < minimum:
+            with_context = " and a context" if context_features > 0 else ""
+            raise ValueError(
+                f"hidden must be >= {minimum} for {features} features{with_context} (a MADE needs a hidden unit of "
+                f"every degree, or later features lose their dependence on earlier ones), got {hidden}"
+            )
         lo = 0 if context_features > 0 else 1
         in_degrees = torch.cat([torch.arange(1, features + 1), torch.zeros(context_features, dtype=torch.int64)])
         hidden_degrees = lo + torch.arange(hidden) % max(features - lo, 1)
@@ -64,9 +91,11 @@ class MaskedAutoregressiveSpline(FlowLayer):
     ``sum_i log dy_i/dx_i`` (the Jacobian is triangular).
 
     ``raw = MADE([x, context])`` ``(B, D (3 bins - 1))`` viewed ``(B, D, 3 bins - 1)`` (:class:`MADE`, ``depth``
-    hidden layers of width ``hidden``); the spline is :func:`~fastflow.ops.spline.rq_spline` with ``bins`` bins on
-    ``[-bound, bound]``, the identity outside. It starts at the identity map (zero output layer,
-    :func:`~fastflow.nn.spline_coupling.start_at_identity`).
+    hidden layers of width ``hidden``, at least :func:`min_made_hidden`: ``D - 1``, or ``D`` with a context; by
+    default :func:`default_made_hidden`, 64 or that minimum if wider); the spline is
+    :func:`~fastflow.ops.spline.rq_spline` with ``bins`` bins (2 to
+    :data:`~fastflow.ops.spline.MAX_LAYER_BINS` = 500) on ``[-bound, bound]``, the identity outside. It starts at
+    the identity map (zero output layer, :func:`~fastflow.nn.spline_coupling.start_at_identity`).
 
     Cost: ``forward`` (density evaluation, training) is one network pass and one spline pass. ``inverse``
     (sampling) is ``D`` sequential network passes: pass ``k`` fixes feature ``k`` from the features before it,
@@ -77,7 +106,7 @@ class MaskedAutoregressiveSpline(FlowLayer):
     def __init__(
         self,
         features: int,
-        hidden: int = 64,
+        hidden: int | None = None,
         bins: int = 8,
         bound: float = 3.0,
         *,
@@ -85,12 +114,8 @@ class MaskedAutoregressiveSpline(FlowLayer):
         depth: int = 2,
     ) -> None:
         super().__init__()
-        for name, value, low in (
-            ("features", features, 1),
-            ("hidden", hidden, 1),
-            ("depth", depth, 1),
-        ):
-            int_at_least(name, value, low)
+        int_at_least("features", features, 1)
+        int_at_least("depth", depth, 1)
         check_layer_bins(bins)
         if isinstance(bound, bool) or not isinstance(bound, (int, float)):
             raise TypeError(f"bound must be a float, got {type(bound).__name__}")
@@ -98,7 +123,11 @@ class MaskedAutoregressiveSpline(FlowLayer):
             raise ValueError(f"bound must be finite and > 0, got {bound}")
         if isinstance(context_features, bool) or not isinstance(context_features, int) or context_features < 0:
             raise ValueError(f"context_features must be an int >= 0, got {context_features!r}")
+        if hidden is None:
+            hidden = default_made_hidden(features, context_features)
+        int_at_least("hidden", hidden, 1)
         self.features = features
+        self.hidden = hidden
         self.bins = bins
         self.bound = float(bound)
         self.context_features = context_features

@@ -56,8 +56,9 @@ class SplineCoupling(_Coupling):
     """Coupling ``y_b = RQS(x_b; raw)`` with ``raw = net(x_a[, context])``, ``y_a = x_a``; log-det
     ``sum log dy_b/dx_b`` per sample.
 
-    The spline is :func:`~fastflow.ops.spline.rq_spline`: ``bins`` bins on ``[-bound, bound]`` (widths and heights
-    by softmax, interior knot derivatives by softplus, all with minimums ``1e-3``), the identity outside. The
+    The spline is :func:`~fastflow.ops.spline.rq_spline`: ``bins`` bins (2 to 500,
+    :data:`~fastflow.ops.spline.MAX_LAYER_BINS`) on ``[-bound, bound]`` (widths and heights by softmax, interior
+    knot derivatives by softplus, all with minimums ``1e-3``), the identity outside. The
     channel split, ``parity``, conditioner (``subnet(in_features, out_features)`` or a module, by default an
     :class:`~fastflow.nn.MLPNetwork` for ``vectors=True`` and a :class:`~fastflow.nn.ConvNetwork` for images, of
     width ``hidden``) and ``context_features`` are :class:`~fastflow.nn.AffineCoupling`'s, with ``out_features =

@@ -20,7 +20,9 @@ Math, for ``K`` bins on ``[-bound, bound]``:
   down from its right knot), so knots and the bound map to knots and the bound exactly and a round trip
   measures ``y`` from the same knot both ways; results are clamped between their bin's knots.
 Log-det per sample: ``sum(log dy/dx)`` over every non-batch element (negated for the inverse), ``(B,)`` float32
-(float64 for float64 inputs).
+(float64 for float64 inputs). An element whose input or any raw parameter is NaN has a NaN log-det and NaN
+gradients for its input and all its raw parameters, on every backend and path (autograd of the eager twin, the
+closed form, the fused backwards), whether or not its value reads the NaN and whatever the upstream gradients.
 
 Conventions: nflows' ``unconstrained_rational_quadratic_spline`` with linear tails (its ``tail_bound`` is
 ``bound``, ``min_bin_width`` etc. the minimums, its raw widths, heights and derivatives the three parts of
@@ -294,18 +296,23 @@ def _ops() -> _SplineOps:
     return _LIBRARY if use_library_op() else _DIRECT
 
 
-MAX_LAYER_BINS = 1000
-"""The most bins a spline layer takes: layers keep the op's default minimum bin width and height, ``1e-3`` of
-``[-bound, bound]``, and ``bins`` of them must fit."""
+MAX_LAYER_BINS = 500
+"""The most bins a spline layer takes. Layers keep the op's default minimum bin width and height, ``1e-3`` of
+``[-bound, bound]``: ``bins * 1e-3`` of the range is fixed and only the rest, ``1 - bins * 1e-3``, follows the
+softmax of the raw sizes (it scales their gradients). At most 500 bins keeps at least half of the range learnable;
+at 1000 every bin is the minimum and the raw widths and heights get zero gradients."""
 
 
 def check_layer_bins(bins: object) -> int:
     """``bins`` of a spline layer, or a TypeError / ValueError naming it: an int in ``[2, MAX_LAYER_BINS]`` (one bin
-    fills ``[-bound, bound]`` with end derivatives 1: the identity, whatever the conditioner says)."""
+    fills ``[-bound, bound]`` with end derivatives 1: the identity, whatever the conditioner says; above
+    :data:`MAX_LAYER_BINS` the minimum sizes fix more than half of the range)."""
     int_at_least("bins", bins, 2)
     if bins > MAX_LAYER_BINS:  # type: ignore[operator]
         raise ValueError(
-            f"bins must be <= {MAX_LAYER_BINS} (each bin is at least 1e-3 of [-bound, bound] wide and high), got {bins}"
+            f"bins must be <= {MAX_LAYER_BINS}: each bin is at least 1e-3 of [-bound, bound] wide and high, and above "
+            f"{MAX_LAYER_BINS} bins those minimums fix more than half of the range (at 1000 all of it, leaving no "
+            f"learnable widths or heights), got {bins}"
         )
     return bins  # type: ignore[return-value]
 

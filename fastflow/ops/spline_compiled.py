@@ -14,7 +14,9 @@ the ``K`` bins, which Inductor fuses:
 - ``raw_d[j]`` is the derivative at knot ``j + 1``: ``d1`` of bin ``j`` and ``d0`` of bin ``j + 1``, times
   ``sigmoid(raw_d[j])``.
 
-Outside the bound ``gx = gy`` and the raw gradients are 0. The eager backend takes this path for float32 and
+Outside the bound ``gx = gy`` and the raw gradients are 0. An element whose input or any raw parameter is NaN gets
+NaN gradients for its input and all its raw parameters, as on the other paths
+(:func:`fastflow.ops.spline_eager.nan_elements`). The eager backend takes this path for float32 and
 float64 forwards while ``torch.compile`` traces; eager runs keep autograd through the eager forward, the
 reference the tests compare this path with.
 """
@@ -66,7 +68,9 @@ def _gradients(
     j, k = torch.arange(bins - 1, device=x.device), p.k.unsqueeze(-1)
     at_right = torch.where(j == k, g_d1.unsqueeze(-1), 0.0)
     grad_d = torch.sigmoid(raw_d) * (at_right + torch.where(j == k - 1, g_d0.unsqueeze(-1), 0.0))
-    return torch.where(inside, g_x, grad_y), torch.cat([grad_w, grad_h, grad_d], dim=-1)
+    nan = eager.nan_elements(x, raw)
+    grad_x = torch.where(inside, g_x, grad_y).masked_fill(nan, float("nan"))
+    return grad_x, torch.cat([grad_w, grad_h, grad_d], dim=-1).masked_fill(nan.unsqueeze(-1), float("nan"))
 
 
 class _ClosedFormSpline(torch.autograd.Function):

@@ -1,6 +1,7 @@
 """Eager math of the monotonic rational-quadratic spline (:mod:`fastflow.ops.spline` states it): bin sizes and
 knots from the raw parameters, the bin of each element, and the element-wise forward and inverse with their log
-slopes, in ATen ops (differentiable by autograd)."""
+slopes, in ATen ops (differentiable by autograd; an identity autograd Function makes the gradients of elements with
+a NaN input or raw parameter NaN, :func:`nan_gradients_at_nan`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ __all__ = [
     "forward",
     "inverse",
     "locate",
+    "nan_elements",
+    "nan_gradients_at_nan",
     "per_sample_sum",
     "rqs_terms",
     "sizes_and_knots",
@@ -135,8 +138,48 @@ def _log_slope(s: torch.Tensor, den: torch.Tensor, m: torch.Tensor) -> torch.Ten
     return 2.0 * torch.log(s / den) + torch.log(m)
 
 
+def nan_elements(v: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """Where ``v`` (``(B, ...)``) or any of its element's raw parameters (``(*v.shape, 3K - 1)``) is NaN: the
+    elements with a NaN log-det, whose gradients are NaN on every path (:func:`nan_gradients_at_nan`)."""
+    return v.isnan() | raw.isnan().any(-1)
+
+
+class _NanGradientsAtNan(torch.autograd.Function):
+    """Identity on ``(v, raw)`` whose backward sets the gradients of :func:`nan_elements` to NaN (ATen ops both
+    ways: functorch transforms vmap it by its generated rule)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(v: torch.Tensor, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return v.view_as(v), raw.view_as(raw)
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+        ctx.save_for_backward(nan_elements(*inputs))
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_v: torch.Tensor, grad_raw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        (nan,) = ctx.saved_tensors
+        return grad_v.masked_fill(nan, float("nan")), grad_raw.masked_fill(nan.unsqueeze(-1), float("nan"))
+
+
+def nan_gradients_at_nan(v: torch.Tensor, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(v, raw)``, through which autograd gives NaN gradients to the input and to all raw parameters of every
+    element with a NaN among them (:func:`nan_elements`), as the fused and closed-form backwards do. Autograd
+    alone would not: the identity tails pass a finite gradient to a NaN input, and an element's gradients for
+    the parameters it does not read (outside the bound, another bin's derivative) are 0."""
+    if torch.is_grad_enabled() and (v.requires_grad or raw.requires_grad):
+        return _NanGradientsAtNan.apply(v, raw)
+    return v, raw
+
+
 def forward(x: torch.Tensor, raw: torch.Tensor, spline: Spline) -> tuple[torch.Tensor, torch.Tensor]:
-    """Element-wise ``(y, log dy/dx)`` (:func:`locate`: ``y`` too is measured from the nearer knot)."""
+    """Element-wise ``(y, log dy/dx)`` (:func:`locate`: ``y`` too is measured from the nearer knot); NaN gradients
+    for :func:`nan_elements`."""
+    x, raw = nan_gradients_at_nan(x, raw)
     inside, p, s, u, v = locate(x, raw, spline)
     t, den, m = rqs_terms(u, v, s, p)
     from_lo, from_hi = p.h * (s * u * u + p.d0 * t) / den, p.h * (s * v * v + p.d1 * t) / den
@@ -179,7 +222,8 @@ def _root(e: torch.Tensor, h: torch.Tensor, s: torch.Tensor, d0: torch.Tensor, d
 def inverse(y: torch.Tensor, raw: torch.Tensor, spline: Spline) -> tuple[torch.Tensor, torch.Tensor]:
     """Element-wise ``(x, -log dy/dx)``; from the right knot in a bin's upper half, where the mirrored spline is
     solved for ``1 - u`` (from ``yr - y``, ``d0`` and ``d1`` swapped): the offset stays small and the
-    quadratic's coefficients do not cancel."""
+    quadratic's coefficients do not cancel. NaN gradients for :func:`nan_elements`."""
+    y, raw = nan_gradients_at_nan(y, raw)
     inside = (y >= -spline.bound) & (y <= spline.bound)
     yc = y.clamp(-spline.bound, spline.bound)
     p = bin_params(yc, raw, spline, inverse=True)

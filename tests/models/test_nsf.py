@@ -37,7 +37,7 @@ def _context(n: int, context: int) -> torch.Tensor | None:
 def test_signature_and_structure():
     parameters = inspect.signature(NSF).parameters
     assert list(parameters)[:7] == ["features", "context", "transforms", "bins", "hidden", "bound", "autoregressive"]
-    assert [parameters[n].default for n in ("context", "transforms", "bins", "hidden", "bound")] == [0, 5, 8, 64, 3.0]
+    assert [parameters[n].default for n in ("context", "transforms", "bins", "hidden", "bound")] == [0, 5, 8, None, 3.0]
     assert parameters["autoregressive"].default is False
     coupling, autoregressive = NSF(4, transforms=3), NSF(4, transforms=3, autoregressive=True)
     assert isinstance(coupling, FlowModel)
@@ -48,6 +48,33 @@ def test_signature_and_structure():
     assert coupling.config == dict(
         features=4, context=0, transforms=3, bins=8, hidden=64, bound=3.0, autoregressive=False, reversible=False
     )
+
+
+@pytest.mark.parametrize("context", [0, 2])
+def test_the_default_hidden_width_keeps_every_autoregressive_dependency(context):
+    """``hidden=None``: 64 for couplings (narrow widths are fine there) and for a MADE of few features, else the
+    narrowest MADE that keeps every dependency (``features - 1``, ``features`` with a context), so that
+    ``NSF(100, autoregressive=True)`` is fully autoregressive (64 hidden units reached only the first 64 inputs)."""
+    assert NSF(10, context, hidden=8).config["hidden"] == 8
+    assert NSF(100, context).config["hidden"] == NSF(10, context, autoregressive=True).config["hidden"] == 64
+    model = NSF(100, context, transforms=2, autoregressive=True)
+    assert model.config["hidden"] == (100 if context else 99)
+    for layer in (m for m in model.modules() if isinstance(m, MaskedAutoregressiveSpline)):
+        masks = [m.mask for m in layer.net if hasattr(m, "mask")]
+        reach = (masks[2] @ masks[1] @ masks[0] > 0).view(100, 3 * 8 - 1, 100 + context)
+        lower = torch.ones(100, 100, dtype=torch.bool).tril(-1)[:, None, :].expand(-1, 3 * 8 - 1, -1)
+        assert torch.equal(reach[..., :100], lower) and reach[..., 100:].all()
+
+
+def test_the_most_bins_train_their_widths():
+    """``bins=500``, the most a layer takes: the minimum sizes fix half of ``[-bound, bound]`` and the raw widths
+    still get gradients (at 1000 they got none)."""
+    torch.manual_seed(0)
+    model = NSF(2, transforms=1, bins=500, hidden=8).double()
+    perturb_parameters(model, 0.1)
+    out = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    (grad,) = torch.autograd.grad(-model.log_prob(torch.randn(8, 2, dtype=torch.float64)).sum(), out.bias)
+    assert grad.view(-1, 3 * 500 - 1)[:, :500].abs().max() > 1e-8
 
 
 @pytest.mark.parametrize("autoregressive", VARIANTS)
@@ -123,7 +150,14 @@ def test_the_conditional_objective_compiles_whole_with_eager_gradients(autoregre
         ({"features": 3, "context": -1}, ValueError, "context must be >= 0"),
         ({"features": 3, "transforms": 0}, ValueError, "transforms must be >= 1"),
         ({"features": 3, "bins": 1}, ValueError, "bins must be >= 2"),  # one bin is the identity
-        ({"features": 3, "bins": 1001}, ValueError, "bins must be <= 1000"),
+        ({"features": 3, "bins": 501}, ValueError, "bins must be <= 500: .* more than half"),
+        ({"features": 3, "bins": 501, "autoregressive": True}, ValueError, "bins must be <= 500"),
+        ({"features": 10, "hidden": 8, "autoregressive": True}, ValueError, "hidden must be >= 9 for 10 features"),
+        (
+            {"features": 10, "context": 1, "hidden": 9, "autoregressive": True},
+            ValueError,
+            "hidden must be >= 10 for 10 features and a context",
+        ),
         ({"features": 3, "hidden": 2.5}, TypeError, "hidden must be an int"),
         ({"features": 3, "bound": 0.0}, ValueError, "bound must be finite and > 0"),
         ({"features": 3, "bound": "3"}, TypeError, "bound must be a float"),

@@ -18,9 +18,10 @@ from fastflow.nn import (
     SplineCoupling,
     Squeeze,
 )
-from fastflow.nn.autoregressive import MADE
+from fastflow.nn.autoregressive import MADE, default_made_hidden, min_made_hidden
 from fastflow.nn.spline_coupling import identity_derivative_raw, start_at_identity
 from fastflow.nn.tiling import Tiling
+from fastflow.ops.spline import MAX_LAYER_BINS, rq_spline
 from tests.helpers import HaloConv, brute_force_logdet, chain_loss_and_grads, perturb_parameters, tanh_mlp
 
 # name -> (layer factory, x shape, context shape or None); perturbations keep raw parameters O(1)
@@ -160,6 +161,96 @@ def test_made_is_autoregressive_with_the_context_reaching_every_feature():
         assert reach[i, :, 4:].all(), f"feature {i}'s parameters miss the context"
 
 
+def _reach(made: MADE) -> torch.Tensor:
+    """Which inputs reach which outputs through the masks: ``(outputs, inputs)`` bools."""
+    masks = [m.mask for m in made if hasattr(m, "mask")]
+    reach = masks[0]
+    for mask in masks[1:]:
+        reach = mask @ reach
+    return reach > 0
+
+
+@torch.no_grad()
+def _positive_weights(made: MADE) -> None:
+    """Positive weights and biases: on positive inputs every ReLU is active, so each path the masks leave shows in
+    the Jacobian (at the narrowest width one dead unit would hide a whole degree)."""
+    for layer in made:
+        if hasattr(layer, "mask"):
+            layer.weight.uniform_(0.1, 0.4)
+            layer.bias.fill_(0.1)
+
+
+def _strictly_lower(features: int, params: int) -> torch.Tensor:
+    """``(features, params, features)``: output block ``i`` connected to inputs ``j < i``."""
+    return torch.ones(features, features, dtype=torch.bool).tril(-1)[:, None, :].expand(-1, params, -1)
+
+
+@pytest.mark.parametrize(("features", "context"), [(7, 0), (5, 2)])
+def test_made_at_its_narrowest_is_fully_autoregressive(features, context):
+    """At the narrowest ``hidden`` it takes (``features - 1``, or ``features`` with a context) every output block
+    ``i`` depends on every input ``j < i`` (and on the context) and on no other: through the masks, and in the
+    Jacobian."""
+    torch.manual_seed(0)
+    hidden = min_made_hidden(features, context)
+    assert hidden == (features if context else features - 1)
+    made = MADE(features, context, hidden=hidden, params=2, depth=2).double()
+    _positive_weights(made)
+    total = features + context
+    jac = torch.autograd.functional.jacobian(made, torch.rand(total, dtype=torch.float64)).view(features, 2, total)
+    reach = _reach(made).view(features, 2, total)
+    lower = _strictly_lower(features, 2)
+    assert torch.equal(reach[..., :features], lower) and torch.equal(jac[..., :features] != 0, lower)
+    assert reach[..., features:].all() and (jac[..., features:] != 0).all()
+
+
+def test_made_refuses_a_hidden_width_that_drops_dependencies():
+    """Narrower than ``features - 1`` the hidden units cycle through degrees 1..hidden only, so later features
+    would never see the inputs beyond ``hidden``: a ValueError naming ``hidden``, ``features`` and the minimum."""
+    with pytest.raises(ValueError, match="hidden must be >= 9 for 10 features .* got 4"):
+        MADE(10, 0, hidden=4, params=1)
+    with pytest.raises(ValueError, match="hidden must be >= 10 for 10 features and a context .* got 9"):
+        MADE(10, 2, hidden=9, params=1)
+    assert min_made_hidden(1, 0) == 1 and min_made_hidden(1, 3) == 1
+    assert default_made_hidden(10, 0) == 64 and default_made_hidden(100, 0) == 99 and default_made_hidden(100, 2) == 100
+
+
+def test_masked_autoregressive_spline_jacobian_is_full_lower_triangular():
+    """At the narrowest ``hidden``, ``y_i`` depends on ``x_i`` and, through its raw parameters, on every ``x_j``,
+    ``j < i``; on no later one. The default width (64, or ``features - 1`` where wider) covers any number of
+    features: at 100 the masks connect every earlier input (64 hidden units, the old default, reached 64 of them)."""
+    torch.manual_seed(0)
+    layer = MaskedAutoregressiveSpline(6, hidden=5, bins=4).double()
+    _positive_weights(layer.net)
+    jac = torch.autograd.functional.jacobian(lambda v: layer(v)[0], torch.rand(1, 6, dtype=torch.float64))
+    assert torch.equal(jac.view(6, 6) != 0, torch.ones(6, 6, dtype=torch.bool).tril())
+    wide = MaskedAutoregressiveSpline(100)
+    assert wide.hidden == 99
+    assert torch.equal(_reach(wide.net).view(100, -1, 100), _strictly_lower(100, 3 * 8 - 1))
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: SplineCoupling(4, 8, bins=500, vectors=True), lambda: MaskedAutoregressiveSpline(2, 8, bins=500)]
+)
+def test_the_most_bins_a_layer_takes_keep_learnable_widths_and_heights(make):
+    """At ``MAX_LAYER_BINS`` = 500 the minimum sizes (1e-3 of the range each) fix half of ``[-bound, bound]``: the
+    raw widths and heights still get gradients. At 1000 bins, the old cap, every bin is the minimum and their
+    gradients are exactly 0 (``1 - 1000 * 1e-3 = 0``)."""
+    assert MAX_LAYER_BINS == 500 and MAX_LAYER_BINS * 1e-3 <= 0.5
+    torch.manual_seed(0)
+    layer = make().double()
+    perturb_parameters(layer, 0.1)
+    x = torch.randn(8, 4 if isinstance(layer, SplineCoupling) else 2, dtype=torch.float64)
+    y, logdet = layer(x)
+    out = [m for m in layer.net.modules() if isinstance(m, nn.Linear)][-1]
+    (grad,) = torch.autograd.grad(0.5 * y.square().sum() - logdet.sum(), out.bias)
+    grad = grad.view(-1, 3 * 500 - 1)
+    assert grad[:, :500].abs().max() > 1e-8 and grad[:, 500:1000].abs().max() > 1e-8
+    raw = torch.randn(4, 2, 3 * 1000 - 1, dtype=torch.float64, requires_grad=True)
+    y, logdet = rq_spline(torch.randn(4, 2, dtype=torch.float64), raw, 1000)
+    (grad,) = torch.autograd.grad(y.sum() + logdet.sum(), raw)
+    assert not grad[..., :2000].any() and grad[..., 2000:].any()
+
+
 def _stack(kind: str) -> FlowSequential:
     if kind == "vectors":
         return FlowSequential(
@@ -250,8 +341,14 @@ def test_reversible_vector_stack_on_the_kernels_equals_standard_eager():
     [
         (lambda: SplineCoupling(4, bins=1, vectors=True), ValueError, "bins must be >= 2"),  # one bin: the identity
         (lambda: SplineCoupling(4, bins=2.0, vectors=True), TypeError, "bins must be an int"),
-        (lambda: SplineCoupling(4, bins=1001, vectors=True), ValueError, "bins must be <= 1000"),  # at construction
-        (lambda: MaskedAutoregressiveSpline(3, bins=1001), ValueError, "bins must be <= 1000"),
+        (lambda: SplineCoupling(4, bins=501, vectors=True), ValueError, "bins must be <= 500: .* more than half"),
+        (lambda: MaskedAutoregressiveSpline(3, bins=501), ValueError, "bins must be <= 500: .* more than half"),
+        (lambda: MaskedAutoregressiveSpline(10, hidden=8), ValueError, "hidden must be >= 9 for 10 features"),
+        (
+            lambda: MaskedAutoregressiveSpline(10, hidden=9, context_features=1),
+            ValueError,
+            "hidden must be >= 10 for 10 features and a context",
+        ),
         (lambda: SplineCoupling(4, bound=-1.0, vectors=True), ValueError, "bound must be finite and > 0"),
         (lambda: SplineCoupling(4, bound="3", vectors=True), TypeError, "bound must be a float"),
         (lambda: SplineCoupling(1, vectors=True), ValueError, "num_channels >= 2"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -369,6 +369,69 @@ def test_a_nan_raw_parameter_the_element_does_not_read_still_gives_a_nan_logdet(
             for fn in (S.rq_spline, S.rq_spline_inverse):
                 _, logdet = fn(x, raw, bins)
                 assert bool(logdet[0].isnan()) and bool(logdet[1].isfinite()), (name, fn.__name__)
+
+
+NAN_CASES = ["x", "width", "height", "derivative", "derivative of another bin", "width, outside the bound"]
+
+
+def nan_inputs(where: str, device: str, bins: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, raw)`` (float64, identity raw parameters) with a NaN at element ``[0, 0]``: the input, or a raw
+    parameter it reads (a width, a height, the derivative at its bin's right knot) or does not read (another
+    bin's derivative; a width, with ``x[0, 0]`` outside the bound)."""
+    x = torch.tensor([[-2.0, -1.0, 2.0], [0.1, 0.2, 0.3]], dtype=torch.float64, device=device)  # x[0, 0] in bin 0
+    raw = torch.zeros(2, 3, 3 * bins - 1, dtype=torch.float64, device=device)
+    index = {"width": 0, "height": bins, "derivative": 2 * bins, "derivative of another bin": 3 * bins - 2}
+    if where == "x":
+        x[0, 0] = float("nan")
+    else:
+        raw[0, 0, index.get(where, 0)] = float("nan")
+    if where.endswith("outside the bound"):
+        x[0, 0] = 5.0
+    return x, raw
+
+
+def assert_nan_gradients(grad_x: torch.Tensor, grad_raw: torch.Tensor, label: object) -> None:
+    """NaN gradients for element ``[0, 0]``'s input and every one of its raw parameters, finite ones elsewhere."""
+    assert bool(grad_x[0, 0].isnan()) and bool(grad_raw[0, 0].isnan().all()), label
+    others = torch.ones_like(grad_x, dtype=torch.bool)
+    others[0, 0] = False
+    assert bool(grad_x[others].isfinite().all()) and bool(grad_raw[others].isfinite().all()), label
+
+
+def nan_gradients(backend: str, x: torch.Tensor, raw: torch.Tensor, bins: int = 4) -> Iterator:
+    """``(label, grad_x, grad_raw)`` on ``backend``: forward and inverse with the log-det in the loss and without,
+    and the reversible backward from ``x`` taken as an output, with and without a log-det gradient."""
+    gy, gl = torch.full_like(x, 0.5), torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+    with fastflow.backend(backend):
+        for fn in (forward, inverse):
+            for upstream in (gl, None):
+                yield (backend, fn.__name__, upstream is None), *_grads(fn, x, raw, bins, gy, upstream)
+        for upstream in (gl, None):
+            _, grad_x, grad_raw = S.rq_spline_backward_from_output(x, raw, gy, upstream, bins, BOUND)
+            yield (backend, "rebuild", upstream is None), grad_x, grad_raw
+
+
+@pytest.mark.parametrize("where", NAN_CASES)
+def test_nan_gives_nan_gradients_to_its_element_on_the_eager_twin(where: str) -> None:
+    """Where an element's input or any of its raw parameters is NaN (its log-det is NaN), autograd of the eager
+    twin gives NaN gradients to that input and to all its raw parameters, whether or not the element reads the
+    NaN and whether or not the loss has the log-det (the identity tails passed a NaN input a finite gradient,
+    and parameters an element does not read got 0); the other elements' gradients stay finite."""
+    for label, grad_x, grad_raw in nan_gradients("eager", *nan_inputs(where, "cpu")):
+        assert_nan_gradients(grad_x, grad_raw, label)
+
+
+@pytest.mark.parametrize("where", NAN_CASES)
+def test_nan_gives_nan_gradients_to_its_element_on_the_kernels(target, where: str) -> None:
+    """The fused backwards (forward, inverse, reversible) give the eager twin's NaN gradients
+    (:func:`test_nan_gives_nan_gradients_to_its_element_on_the_eager_twin`), in float64 and float32: they used
+    to zero the spline's upstream at a NaN input, which sent back finite gradients."""
+    backend, device = target
+    x, raw = nan_inputs(where, device)
+    for dtype in (torch.float64, torch.float32):
+        for label, grad_x, grad_raw in nan_gradients(backend, x.to(dtype), raw.to(dtype)):
+            assert grad_x.dtype == grad_raw.dtype == dtype
+            assert_nan_gradients(grad_x, grad_raw, (*label, dtype))
 
 
 # ------------------------------------------------------------------------------------------- extremes

@@ -14,7 +14,16 @@ from fastflow.nn import SplineCoupling
 from fastflow.ops import spline as S
 from fastflow.ops import spline_compiled as C
 from fastflow.ops import spline_eager as E
-from tests.ops.test_spline import BOUND, _extreme_inputs, _randn, assert_three_way, make_inputs
+from tests.ops.test_spline import (
+    BOUND,
+    NAN_CASES,
+    _extreme_inputs,
+    _randn,
+    assert_nan_gradients,
+    assert_three_way,
+    make_inputs,
+    nan_inputs,
+)
 
 CASES = [("odd", 3), ("strided", 8), ("toy2d", 2), ("batch1", 1), ("transposed", 4)]
 
@@ -65,6 +74,31 @@ def test_closed_form_at_the_extremes(dtype: torch.dtype) -> None:
         assert_three_way(g, e, w, 1e-10 * max(1.0, w.abs().max().item()))
     outside = x.abs() > BOUND
     assert torch.equal(got[2][outside], gy[outside]) and not got[3][outside].any()
+
+
+@pytest.mark.parametrize("where", NAN_CASES)
+def test_closed_form_gives_nan_gradients_where_the_eager_twin_does(where: str) -> None:
+    """A NaN input or raw parameter of an element (read or not) gives NaN gradients to its input and to all its
+    raw parameters, for any upstream gradient of the log-det (0 included), as on the eager twin and the kernels;
+    the closed form used to pass a NaN input the finite gradient of the identity tail."""
+    x, raw = nan_inputs(where, "cpu")
+    gy = torch.full_like(x, 0.5)
+    for gl in (torch.ones(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)):
+        *_, grad_x, grad_raw = _results(lambda x, raw: C.rq_spline_closed_form(x, raw, _spline(4)), x, raw, gy, gl)
+        assert_nan_gradients(grad_x, grad_raw, gl)
+
+
+def test_nan_gradients_under_compile() -> None:
+    """``torch.compile`` of ``rq_spline`` on the eager backend (the closed form, through Inductor) gives the NaN
+    gradients of :func:`test_closed_form_gives_nan_gradients_where_the_eager_twin_does` in one graph."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, raw: S.rq_spline(x, raw, 4, BOUND), fullgraph=True, dynamic=False)
+    with fastflow.backend("eager"):
+        for where in NAN_CASES:
+            x, raw = nan_inputs(where, "cpu")
+            gy, gl = torch.full_like(x, 0.5), torch.ones(2, dtype=torch.float64)
+            *_, grad_x, grad_raw = _results(compiled, x, raw, gy, gl)
+            assert_nan_gradients(grad_x, grad_raw, where)
 
 
 def test_rq_spline_takes_the_closed_form_only_under_compile(monkeypatch: pytest.MonkeyPatch) -> None:
