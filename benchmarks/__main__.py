@@ -11,7 +11,8 @@ reference step eager, compiled, reversible; :mod:`benchmarks.step_modes`), ``pee
 against normflows' Glow, :mod:`benchmarks.peers`), ``tabular`` (TabularFlow against zuko's RealNVP and NSF on
 vector data, held-out NLL and training-step time, and a conditional flow against one flow per condition;
 :mod:`benchmarks.tabular`), ``jet_memory`` (a Jet training step at 32 and 64 couplings, per-coupling
-checkpointing vs reversible, peak memory and time; :mod:`benchmarks.bench_jet`). CUDA only: ``train_modes``
+checkpointing vs reversible, peak memory and time; :mod:`benchmarks.bench_jet`), ``pixel_mix`` (the compiled
+CPU channel mix as a summed product against ``bmm``, :mod:`benchmarks.bench_pixel_mix`). CUDA only: ``train_modes``
 (the step eager vs compiled vs CUDA graph in bf16, :mod:`benchmarks.step_modes`), ``largest_batch`` (the
 largest batch that fits at 256, 512 and 1024 pixels per backprop mode), ``jet_largest_batch`` (the same for a
 Jet at 256x256, standard, checkpoint and reversible; :mod:`benchmarks.bench_jet`), ``flowstep_max_autotune``
@@ -41,6 +42,7 @@ from benchmarks import (
     bench_coupling,
     bench_flowstep,
     bench_jet,
+    bench_pixel_mix,
     bench_spline,
     census,
     peers,
@@ -71,12 +73,13 @@ CASES = (
     "peers_glow",
     "tabular",
     "jet_memory",
+    "pixel_mix",
     "train_modes",
     "largest_batch",
     "jet_largest_batch",
     "flowstep_max_autotune",
 )
-CPU_ONLY = ("train_step_cpu", "peers_glow", "tabular", "jet_memory")
+CPU_ONLY = ("train_step_cpu", "peers_glow", "tabular", "jet_memory", "pixel_mix")
 RESOLUTION_CASES = ("train_resolution", "largest_batch", "train_modes")
 """The cases ``--resolutions`` restricts (the rows of other resolutions already in the results file are kept)."""
 CUDA_ONLY = ("train_modes", "largest_batch", "jet_largest_batch", "flowstep_max_autotune")
@@ -119,6 +122,8 @@ def _run_case(
         return tabular.tabular_rows(quick, budget)
     if name == "jet_memory":
         return bench_jet.jet_memory_rows(device, quick, budget)
+    if name == "pixel_mix":
+        return bench_pixel_mix.pixel_mix_rows(quick, budget)
     if name == "train_modes":
         return step_modes.gpu_mode_rows(budget, resolutions)
     if name == "largest_batch":

@@ -111,6 +111,14 @@ def test_fullgraph_compile_gives_eager_loss_and_gradients(preset, reversible):
             torch.testing.assert_close(p.grad, want_grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_a_compiled_reversible_chain_does_not_break_on_its_anchor():
+    """The chain's forward reads its anchor's ``grad_fn`` (whether a backward takes the parameters' gradients)
+    only eagerly: Dynamo cannot trace a ``grad_fn``, which broke every compiled chain's graph once more."""
+    model, x = _model("glow", True)
+    explanation = torch._dynamo.explain(_objective(model))(x)
+    assert "grad_fn" not in _break_reasons(explanation)
+
+
 def test_compiling_the_model_compiles_its_log_prob():
     """``torch.compile(model)`` compiles ``forward`` only: a FlowModel's forward is its log_prob (before, there was
     none, and ``compiled.log_prob`` ran eagerly, compiling nothing)."""

@@ -398,7 +398,9 @@ class _ReversibleChain(torch.autograd.Function):
         anchor: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.layers = layers
-        ctx.parameters_node = anchor.grad_fn  # runs in a backward that takes the parameters' gradients (below)
+        # runs in a backward that takes the parameters' gradients (below); Dynamo cannot trace a grad_fn (a graph
+        # break in every compiled chain), so a compiled chain's backward always takes them
+        ctx.parameters_node = None if torch.compiler.is_compiling() else anchor.grad_fn
         ctx.tol = default_max_drift(x) if max_drift is None else max_drift
         # decided here, where the caller's context is: the backward may run on another thread (autograd's)
         deferred = ctx.tol != math.inf and guards_deferred(x)

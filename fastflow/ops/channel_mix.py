@@ -41,12 +41,15 @@ from fastflow.ops._registration import TRACEABLE, direct_autograd, kernel_functi
 __all__ = [
     "KERNEL_MAX_CHANNELS",
     "KERNEL_MAX_CHANNELS_FLOAT32",
+    "PIXEL_SUM_MAX_PRODUCTS",
     "channel_mix",
     "channel_mix_grads",
     "channel_mix_ref",
+    "compiles_as_pixel_sum",
     "ieee_float32",
     "kernel_max_channels",
     "pixel_matmul",
+    "pixel_sum",
     "tf32_applies",
 ]
 
@@ -63,6 +66,14 @@ KERNEL_MAX_CHANNELS_FLOAT32 = 8
 H100 (2026-11-25) that loop against cuDNN's IEEE 1x1 convolution, at 256x256: forward 1.67x at 12 channels
 but 0.76x at 48 and 0.39x at 128, forward+backward 0.82x, 0.39x and 0.09x. Up to 8 channels (no tensor-core
 tile to miss) the kernel runs; wider float32 mixes go to cuDNN with TF32 off."""
+
+
+PIXEL_SUM_MAX_PRODUCTS = 2**21
+"""Most multiply-adds (``B H W C_in C_out``) of a mix that compiled CPU code runs as :func:`pixel_sum` rather than
+:func:`pixel_matmul` (:func:`compiles_as_pixel_sum`). Small mixes gain from Inductor fusing the sum with its
+neighbours (the compiled Glow reference step's 24 forward and 48 backward ``bmm`` launches go, its mixes all
+below 3e5 products); large ones lose to ``bmm``: ``python -m benchmarks --cases pixel_mix`` (compiled
+forward+backward of the mix alone, side by side)."""
 
 
 def kernel_max_channels(dtype: torch.dtype) -> int:
@@ -118,13 +129,33 @@ def ieee_float32() -> Iterator[None]:
 
 
 def _mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The per-pixel mix as ATen ops, under whatever precision flags are set: a convolution on accelerators,
-    :func:`pixel_matmul` on the CPU."""
+    """The per-pixel mix as ATen ops, under whatever precision flags are set: a convolution on accelerators; on
+    the CPU :func:`pixel_matmul`, or :func:`pixel_sum` while ``torch.compile`` traces a small mix
+    (:func:`compiles_as_pixel_sum`)."""
     if x.shape[2] * x.shape[3] == 1:  # vectors seen as (B, C, 1, 1): a matmul, not a convolution
         return F.linear(x.flatten(1), weight, bias).view(x.shape[0], weight.shape[0], 1, 1)
     if x.device.type == "cpu":
+        if torch.compiler.is_compiling() and compiles_as_pixel_sum(x, weight):
+            return pixel_sum(x, weight, bias)
         return pixel_matmul(x, weight, bias)
     return F.conv2d(x, weight[:, :, None, None], bias)
+
+
+def compiles_as_pixel_sum(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether compiled CPU code runs the mix of ``x`` ``(B, C_in, H, W)`` by ``weight`` ``(C_out, C_in)`` as
+    :func:`pixel_sum`: at most :data:`PIXEL_SUM_MAX_PRODUCTS` multiply-adds."""
+    return x.numel() * weight.shape[0] <= PIXEL_SUM_MAX_PRODUCTS
+
+
+def pixel_sum(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight @ x[b, :, h, w] + bias`` per pixel as a broadcast product summed over the input channels,
+    ``sum_i weight[o, i] x[b, i, h, w]``: for Inductor, which generates it as one loop fused with its neighbours
+    (and its backward's two reductions likewise), where :func:`pixel_matmul` is an extern ``bmm`` each way.
+    Eagerly it would materialise ``(B, C_out, C_in, H, W)``: only ``torch.compile`` calls it (:func:`_mix`).
+    Shapes as in :func:`pixel_matmul`."""
+    acc = logdet_dtype(x.dtype)  # half-precision products summed in float32, as the matmul accumulates
+    out = (weight.to(acc)[None, :, :, None, None] * x.to(acc)[:, None]).sum(2)
+    return (out if bias is None else out + bias.to(acc)[:, None, None]).to(x.dtype)
 
 
 def pixel_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -398,9 +398,9 @@ def test_eager_mix_gradcheck_and_opcheck():
     torch.library.opcheck(torch.ops.fastflow.conv1x1_ieee_grad_weight.default, (grad_y, x))
 
 
-def _compiled_mix_ops() -> set[str]:
-    """The ops in the forward and backward graphs of a compiled ``tanh(channel_mix_ref(x, weight))``, whose
-    gradients must equal eager's."""
+def _compiled_mix_ops(shape: tuple[int, int, int, int] = (2, 3, 4, 4)) -> set[str]:
+    """The ops in the forward and backward graphs of a compiled ``tanh(channel_mix_ref(x, weight))`` of ``x``
+    ``shape`` and a square weight, whose gradients must equal eager's."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -415,7 +415,7 @@ def _compiled_mix_ops() -> set[str]:
         return torch.tanh(channel_mix_ref(x, weight))
 
     compiled = torch.compile(step, fullgraph=True, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
-    x, weight = torch.randn(2, 3, 4, 4, requires_grad=True), _weight(3, 3).requires_grad_()
+    x, weight = torch.randn(shape, requires_grad=True), _weight(shape[1], shape[1]).requires_grad_()
     grads = torch.autograd.grad(compiled(x, weight).sum(), (x, weight))
     grads_ref = torch.autograd.grad(step(x, weight).sum(), (x, weight))
     for g, g_ref in zip(grads, grads_ref):
@@ -432,11 +432,42 @@ def test_compiled_eager_mix_keeps_both_directions_ieee():
     assert not {op for op in ops_used if "mm" in op or ("conv" in op and "ieee" not in op)}, ops_used
 
 
-def test_compiled_cpu_mix_traces_plain_products():
-    """On CPU tensors (no TF32) torch.compile sees the mix's own matrix products, not the IEEE op's wrapper."""
-    ops_used = _compiled_mix_ops()
+@pytest.mark.parametrize("shape, products", [((2, 3, 4, 4), False), ((8, 48, 32, 32), True)])
+def test_compiled_cpu_mix_traces_plain_aten_ops(shape, products):
+    """On CPU tensors (no TF32) torch.compile sees the mix's own ATen ops, not the IEEE op's wrapper: a small mix
+    (:func:`compiles_as_pixel_sum`) as a broadcast product summed over the input channels, which Inductor fuses
+    with its neighbours (no ``bmm`` either way), a large one as matrix products."""
+    x = torch.empty(shape)
+    assert ops.compiles_as_pixel_sum(x, torch.empty(shape[1], shape[1])) is not products
+    ops_used = _compiled_mix_ops(shape)
     assert not {op for op in ops_used if "ieee" in op}, ops_used
-    assert any("bmm" in op for op in ops_used), ops_used
+    assert any("bmm" in op for op in ops_used) is products, ops_used
+    assert any("sum" in op for op in ops_used), ops_used
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channel_slice"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_pixel_sum_equals_the_matrix_product_mix(layout, with_bias):
+    """:func:`pixel_sum` (compiled CPU code's small mix) equals :func:`pixel_matmul`, values and float64 gradients,
+    for NCHW, channels_last and channel-slice inputs, odd sizes, batch 1 and a rectangular weight; half-precision
+    input is summed in float32 (the result is the float32 mix rounded once, to an ulp)."""
+    torch.manual_seed(0)
+    base = torch.randn(1, 10, 3, 5, dtype=torch.float64)
+    x = base[:, 2:7] if layout == "channel_slice" else base[:, :5]
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.requires_grad_()
+    weight = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True) if with_bias else None
+    torch.testing.assert_close(ops.pixel_sum(x, weight, bias), ops.pixel_matmul(x, weight, bias))
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    assert torch.autograd.gradcheck(lambda *a: ops.pixel_sum(*a), inputs)
+    x16, w16 = x.detach().to(torch.bfloat16), weight.detach().to(torch.bfloat16)
+    b16 = None if bias is None else bias.detach().to(torch.bfloat16)
+    want = ops.pixel_matmul(x16.float(), w16.float(), None if b16 is None else b16.float()).to(torch.bfloat16)
+    got = ops.pixel_sum(x16, w16, b16)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0)  # one rounding: at most an ulp
 
 
 def test_registration_is_traceable_only_where_compiled_kernels_run(monkeypatch):
