@@ -398,9 +398,7 @@ class _ReversibleChain(torch.autograd.Function):
         anchor: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.layers = layers
-        # runs in a backward that takes the parameters' gradients (below); Dynamo cannot trace a grad_fn (a graph
-        # break in every compiled chain), so a compiled chain's backward always takes them
-        ctx.parameters_node = None if torch.compiler.is_compiling() else anchor.grad_fn
+        ctx.anchor = anchor  # its grad_fn runs in a backward that takes the parameters' gradients (read there: below)
         ctx.tol = default_max_drift(x) if max_drift is None else max_drift
         # decided here, where the caller's context is: the backward may run on another thread (autograd's)
         deferred = ctx.tol != math.inf and guards_deferred(x)
@@ -432,7 +430,7 @@ class _ReversibleChain(torch.autograd.Function):
             grad_logdet = y.new_zeros(y.shape[0], dtype=torch.float32)
         # an immediate check commits gradients only once it passed: the walk accumulates into fresh ones; a backward
         # that does not take them (torch.autograd.grad, backward(inputs=...)) gets none
-        taken = _takes_parameter_gradients(ctx.parameters_node)
+        taken = _takes_parameter_gradients(ctx.anchor.grad_fn)
         params = _params(ctx.layers) if ctx.immediate or not taken else []
         grads_before = [p.grad for p in params]
         for p in params:

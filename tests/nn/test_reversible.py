@@ -469,15 +469,18 @@ def test_a_double_backward_through_a_reversible_chain_raises_instead_of_dropping
         torch.autograd.grad((y.square().sum() - logdet.sum()), x, create_graph=True)
 
 
-def test_autograd_grad_leaves_the_parameters_gradients_alone():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_autograd_grad_leaves_the_parameters_gradients_alone(compiled):
     """As in standard mode: ``torch.autograd.grad(loss, x)`` gives x's gradient and writes no parameter's ``.grad``
     (before, the walk's nested backward filled them all); a full backward after it gives the parameters exactly
-    their gradients."""
+    their gradients. Under ``torch.compile`` too (the chain's backward asks the engine, which Dynamo does not
+    trace)."""
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     grads = {}
     for reversible in (False, True):
         chain = _vector_chain(reversible)
-        y, logdet = chain(x)
+        torch._dynamo.reset()
+        y, logdet = (torch.compile(chain, backend="aot_eager") if compiled else chain)(x)
         loss = y.square().sum() - logdet.sum()
         (grads[reversible],) = torch.autograd.grad(loss, x, retain_graph=True)
         assert all(p.grad is None for p in chain.parameters())
