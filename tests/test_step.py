@@ -109,6 +109,23 @@ def test_step_sets_the_learning_rate_and_skips_updates_after_a_failure():
     assert all(torch.equal(p, k) for p, k in zip(model.parameters(), kept))
 
 
+def test_a_step_with_out_of_range_labels_is_skipped():
+    """An out-of-range class label inside a step (no host read there) makes the loss NaN: the update is skipped
+    and the weights stay, and ``check_guards`` with the batch names the labels."""
+    torch.manual_seed(0)
+    model = Glow(1, 4, levels=2, steps=1, hidden=8, num_classes=3)
+    x = torch.rand(4, 1, 4, 4) - 0.5
+    model.log_prob(x, torch.tensor([0, 1, 2, 0]))  # ActNorm's initialisation
+    step = TrainStep(BitsPerDim(model), model, make_adam(model.parameters(), 1e-3))
+    before = [p.detach().clone() for p in model.parameters()]
+    labels = torch.tensor([0, 5, -2, 1])
+    step(x, labels, 1e-3)
+    assert float(step.skip) == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match=r"must be in \[0, 3\), got values in \[-2, 5\]"):
+        model.check_guards(x, labels)
+
+
 def test_step_refuses_bad_settings():
     model = Glow(3, 8, levels=2, steps=1, hidden=8)
     with pytest.raises(ValueError, match="mode must be one of"):

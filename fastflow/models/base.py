@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import operator
 import warnings
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from torch import nn
 from fastflow.models.priors import TopPrior
 from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.base import check_image, run_layer
-from fastflow.nn.reversible import drift_tripped, guards_deferred, read_drift_guard
+from fastflow.nn.reversible import drift_tripped, guards_deferred, moved_record, read_drift_guard
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.split import Split
 from fastflow.nn.tiling import DEFAULT_TILE_BUDGET_MB, Tiling
@@ -140,7 +141,7 @@ class FlowModel(nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FlowModel:
         # the finite check's record moves with the model (.to(device), .cuda()): left behind, the first compiled
         # step would swap in a new one on the device and recompile the next (a bool: dtype casts leave it)
-        self._nonfinite_seen = fn(self._nonfinite_seen)
+        self._nonfinite_seen = moved_record(self._nonfinite_seen, fn)
         return super()._apply(fn, recurse)
 
     def set_tiling(self, tile_size: int | None = None, memory_budget_mb: float | None = None) -> None:
@@ -332,14 +333,17 @@ class FlowModel(nn.Module):
         """
         nonfinite = self._nonfinite_seen.item()
         self._nonfinite_seen.zero_()
-        drift_error = read_drift_guard(self)
+        drift_error = read_drift_guard(self)  # read and cleared: raised, or chained to the error raised instead
         if nonfinite:
             if x is not None:
-                self._diagnose(x, context)
+                try:
+                    self._diagnose(x, context)
+                except Exception as err:
+                    raise err from drift_error
             raise FloatingPointError(
                 "log p(x) was not finite in a forward since the guards were last checked: pass that batch to "
                 "check_guards to name the layer"
-            )
+            ) from drift_error
         if drift_error is not None:
             raise drift_error
 
@@ -379,6 +383,10 @@ class FlowModel(nn.Module):
         (from non-finite latents or context) raises ``FloatingPointError`` (one host read; not where guards are
         deferred, whose step records a non-finite loss instead)."""
         _check_temperature(temperature)
+        if not isinstance(latents, (list, tuple)):
+            raise TypeError(
+                f"latents must be a list of {len(self.blocks)} tensors (encode's output), got {type(latents).__name__}"
+            )
         if len(latents) != len(self.blocks):
             raise ValueError(f"latents must be a list of {len(self.blocks)} tensors, got {len(latents)}")
         x = latents[-1]
@@ -454,7 +462,7 @@ class FlowModel(nn.Module):
 
 
 def _check_temperature(temperature: object) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):  # numpy scalars too
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__} {temperature!r}")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")

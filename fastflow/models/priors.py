@@ -84,12 +84,17 @@ class GaussianPrior(TopPrior):
         if self.params is not None:
             params = params + self.params.to(dtype)
         if self.class_proj is not None and y is not None:
-            if not guards_deferred(y):  # where guards defer, the labels' range was checked before (fastflow.train)
+            deferred = guards_deferred(y)
+            if not deferred:
                 self.check_labels(y)
             # one-hot by comparison: F.one_hot checks the labels' range on the host (a sync every step)
+            labels = y.to(device).long()
             classes = torch.arange(self.num_classes, device=device)
-            one_hot = (y.to(device).long()[:, None] == classes).to(self.class_proj.weight.dtype)
+            one_hot = (labels[:, None] == classes).to(self.class_proj.weight.dtype)
             shift = self.class_proj(one_hot).to(dtype)  # in the prior's dtype, then the one asked for
+            if deferred:  # an out-of-range label reads no class: NaN for its sample, which the finite check records
+                valid = (labels >= 0) & (labels < self.num_classes)
+                shift = torch.where(valid[:, None], shift, torch.nan)
             params = params + shift.reshape(n, 2 * c, *[1] * len(rest))
         mean, logs = params.chunk(2, dim=1)
         return mean, logs
@@ -116,9 +121,10 @@ class GaussianPrior(TopPrior):
     def check_labels(self, y: torch.Tensor | None) -> None:
         """``ValueError`` unless ``y`` suits the prior: integer class labels of shape ``(N,)`` in
         ``[0, num_classes)`` with class conditioning, ``None`` without. The range check reads two numbers from
-        ``y``'s device; :meth:`mean_logs` skips it where guards defer (inside a training step), so
-        ``fastflow.train`` checks its data set's labels once before training: an out-of-range label would make
-        the class projection read no class (an all-zero one-hot) for it."""
+        ``y``'s device; where guards defer (inside a training step) :meth:`mean_logs` makes the prior NaN for an
+        out-of-range label instead, without a host read, so the model's deferred finite check records it
+        (``check_guards`` with the batch then names the labels); ``fastflow.train`` also checks its data set's
+        labels once before training."""
         self._check_label_form(y, None)
         if y is not None and y.numel():
             low, high = (int(v) for v in y.aminmax())

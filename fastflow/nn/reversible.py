@@ -119,6 +119,14 @@ def guards_deferred(x: torch.Tensor) -> bool:
     return _DEFERRED.get() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def moved_record(record: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """A guard's record as a module's ``_apply(fn)`` moves it: ``fn(record)``, except that a record on the meta
+    device (a model built there) holds nothing and becomes zeros (``to_empty`` would leave its memory
+    uninitialised: a failure nobody saw)."""
+    moved = fn(record)
+    return torch.zeros_like(moved) if record.is_meta else moved
+
+
 class DriftRecord(nn.Module):
     """What the deferred drift checks of one reversible chain saw since the last read, kept without a host read.
 
@@ -138,7 +146,7 @@ class DriftRecord(nn.Module):
         self.max_drift = math.inf
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> DriftRecord:
-        self.excess = fn(self.excess)
+        self.excess = moved_record(self.excess, fn)
         return super()._apply(fn, recurse)
 
     def note(self, drift: torch.Tensor, max_drift: float) -> None:

@@ -128,6 +128,11 @@ def test_deferred_finite_check_records_and_check_guards_names_the_layer():
         (lambda m: m.log_prob(torch.rand(2, 2, 8, 8)), ValueError, r"x must have shape \(B, 2, 4, 4\)"),
         (lambda m: m.log_prob(torch.rand(2, 2, 4)), ValueError, "rank 3"),
         (lambda m: m.decode([torch.zeros(1)]), ValueError, "latents must be a list of 2"),
+        (
+            lambda m: m.decode(torch.zeros(3, 4)),
+            TypeError,
+            "latents must be a list of 2 tensors .encode's output., got Tensor",
+        ),
         (lambda m: m.sample(0), ValueError, "n must be >= 1"),
         (lambda m: m.sample(2.5), TypeError, "n must be an int, got float 2.5"),
         (lambda m: m.sample(2, temperature=float("nan")), ValueError, "temperature must be finite"),
@@ -252,6 +257,63 @@ def test_conditional_model_requires_valid_labels():
         model.log_prob(x, torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match=r"must be integer labels of shape \(2,\), got \(2, 1\)"):
         model.log_prob(x, torch.tensor([[0], [1]]))
+
+
+def test_out_of_range_labels_under_deferred_guards_are_recorded_not_trained_on():
+    """Inside a training step (guards deferred, no host read) an out-of-range label makes its sample's log-density
+    NaN, which the deferred finite check records; ``check_guards`` with the batch names the labels. Before, it
+    read no class (an all-zero one-hot) and trained on a finite, wrong loss."""
+    model = _model("glow_conditional").float()
+    x = torch.rand(3, *model.image_shape) - 0.5
+    labels = torch.tensor([0, 5, 1])
+    with deferred_guards():
+        log_p = model.log_prob(x, labels)
+    assert torch.isfinite(log_p[[0, 2]]).all() and torch.isnan(log_p[1])
+    assert bool(model.guards_tripped())
+    with pytest.raises(ValueError, match=r"must be in \[0, 3\), got values in \[0, 5\]"):
+        model.check_guards(x, labels)
+    with deferred_guards():
+        assert torch.isfinite(model.log_prob(x, torch.tensor([0, 2, 1]))).all()
+    assert not bool(model.guards_tripped())
+
+
+def test_a_model_built_on_the_meta_device_starts_with_clear_guards():
+    """``to_empty`` leaves every tensor uninitialised, the guards' records too (read as failures nobody saw):
+    a record coming from the meta device starts at zero."""
+    source = TabularFlow(4, transforms=2, hidden=8, reversible=True)
+    for _ in range(3):
+        junk = [torch.full((k,), float("nan")) for k in range(1, 64)]  # dirty the allocator's free memory
+        del junk
+        with torch.device("meta"):
+            model = TabularFlow(4, transforms=2, hidden=8, reversible=True)
+        model = model.to_empty(device="cpu")
+        model.load_state_dict(source.state_dict())
+        assert not bool(model.guards_tripped())
+        model.check_guards()
+
+
+def test_check_guards_keeps_a_drift_error_behind_a_finite_one():
+    """Both guards tripped: the finite check's error is raised with the drift's (read and cleared with it) as its
+    cause, not dropped."""
+    model = TabularFlow(4, transforms=2, hidden=8, reversible=True)
+    x = torch.randn(8, 4)
+    with deferred_guards():
+        model.log_prob(x).sum().backward()
+    model._nonfinite_seen.fill_(True)
+    model.blocks[0].drift_record.excess.fill_(5.0)
+    with pytest.raises(FloatingPointError) as raised:
+        model.check_guards()
+    assert "max_drift" in str(raised.value.__cause__)
+    model.check_guards()  # both records were cleared
+
+
+def test_temperature_takes_numpy_scalars():
+    np = pytest.importorskip("numpy")
+    model = _model("glow_affine_lu").float().eval()
+    torch.manual_seed(0)
+    want = model.sample(2, temperature=0.5)
+    torch.manual_seed(0)
+    torch.testing.assert_close(model.sample(2, temperature=np.float32(0.5)), want)
 
 
 @pytest.mark.parametrize(
