@@ -22,6 +22,7 @@ from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.split import Split
 from fastflow.nn.tiling import DEFAULT_TILE_BUDGET_MB, Tiling
 from fastflow.ops._checks import check_bool, int_at_least, logdet_dtype
+from fastflow.warning_location import user_stacklevel
 
 __all__ = ["FlowModel", "check_levels", "dequantize", "eval_mode"]
 
@@ -219,7 +220,7 @@ class FlowModel(nn.Module):
                     "dequantized pixels, (k + u) / n_bins - 0.5 (fastflow.models.dequantize); images in [0, 1) "
                     "give wrong bits/dim",
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=user_stacklevel(),
                 )
 
     def _check_context(self, context: object, batch: int) -> None:

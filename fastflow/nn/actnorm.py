@@ -13,6 +13,7 @@ from torch import nn
 from fastflow.nn.base import FlowLayer, as_pixels, check_features
 from fastflow.ops._checks import int_at_least
 from fastflow.ops.actnorm import actnorm_inverse_ref, actnorm_ref
+from fastflow.warning_location import user_stacklevel
 
 __all__ = ["ActNorm"]
 
@@ -96,7 +97,7 @@ class ActNorm(FlowLayer):
                 f"{tuple(x.shape)}; their scale stays 1 (logs = 0) instead of 1/eps. Initialise with a larger "
                 "or more varied first batch.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         self.bias.copy_(bias.view_as(self.bias))
         self.logs.copy_(logs.view_as(self.logs))

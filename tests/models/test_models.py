@@ -461,3 +461,19 @@ def test_switching_reversible_takes_a_bool_only():
     assert model.reversible is False and model.config["reversible"] is False
     model.reversible = True
     assert model.reversible and model.config["reversible"] is True
+
+
+def test_warnings_point_at_the_callers_line():
+    """The out-of-range input warning and ActNorm's degenerate-channel warning name the line that called the model
+    (through ``log_prob`` or the module's ``__call__``), not fastflow's or torch's frames."""
+    import inspect
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Glow(1, 4, levels=1, steps=1, hidden=4).log_prob(torch.rand(2, 1, 4, 4))
+        first = inspect.currentframe().f_lineno - 1
+        Glow(1, 4, levels=1, steps=1, hidden=4)(torch.zeros(2, 1, 4, 4))
+        second = inspect.currentframe().f_lineno - 1
+    where = [(w.filename, w.lineno, str(w.message)[:30]) for w in caught]
+    assert {(f, n) for f, n, _ in where} == {(__file__, first), (__file__, second)}, where
