@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from fastflow.backend import resolve_backend
 from fastflow.ops._checks import check_channel_slice, check_float_tensor, check_same_shape, logdet_dtype, upcasts
 from fastflow.ops._registration import TRACEABLE, direct_autograd, kernel_function, registration, use_library_op
+from fastflow.ops.overlap import share_elements
 
 __all__ = [
     "ScaleKind",
@@ -630,11 +631,10 @@ def affine_coupling_backward_from_output_(
     for name, t in named:
         if t.requires_grad:
             raise ValueError(f"{name} requires grad: the in-place backward writes over it (pass a detached tensor)")
-    starts = {}
-    for name, t in named:  # the same tensor twice (one written over the other): the cheap, common mistake
-        if t.numel() and t.data_ptr() in starts:
-            raise ValueError(f"{name} and {starts[t.data_ptr()]} start at the same memory: pass four distinct tensors")
-        starts.setdefault(t.data_ptr(), name)
+    for i, (name, t) in enumerate(named):  # one written over another would corrupt both
+        for other, u in named[:i]:
+            if share_elements(t, u):
+                raise ValueError(f"{name} and {other} share memory: pass four tensors that do not overlap")
     if not _use_kernel(y_b) and y_b.dtype in (torch.float32, torch.float64):
         _backward_from_output_in_place_ref(y_b, shift, raw, grad_y, grad_logdet, scale)
         return
