@@ -801,3 +801,26 @@ def test_a_frozen_adam_holds_its_moments_and_keeps_the_weights():
     optimizer.step()
     assert all(set(optimizer.state[p]) >= {"exp_avg", "exp_avg_sq"} for p in model.parameters())
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_pixel_mix_times_both_compiled_mixes_and_reports_a_mismatch(monkeypatch):
+    """The compiled CPU mix case times the summed product and the ``bmm`` side by side at each size, says which one
+    compiled flow code takes there, reports a variant that disagrees instead of timing it, and marks the sizes its
+    budget leaves out."""
+    from benchmarks import bench_pixel_mix
+
+    monkeypatch.setattr(bench_pixel_mix, "QUICK_SIZES", ((2, 3, 4, 4),))
+    monkeypatch.setattr(bench_pixel_mix, "interleaved_medians_ms", lambda fns, device: {n: 1.0 for n in fns})
+    rows = bench_pixel_mix.pixel_mix_rows(quick=True)
+    assert [(r["variant"], r["path"], r["median_ms"], r["error"]) for r in rows] == [
+        ("bmm", "sum", 1.0, None),
+        ("sum", "sum", 1.0, None),
+    ]
+    wrong = dict(
+        bench_pixel_mix.VARIANTS, sum=lambda x, weight, bias: bench_pixel_mix.pixel_sum(x, weight, bias) * 1.01
+    )
+    monkeypatch.setattr(bench_pixel_mix, "VARIANTS", wrong)
+    rows = bench_pixel_mix.pixel_mix_rows(quick=True)
+    assert all(r["median_ms"] is None and "differs" in r["error"] for r in rows)
+    skipped = bench_pixel_mix.pixel_mix_rows(quick=True, budget=_ExpiresAfter(0))
+    assert [(r["variant"], r["skipped"]) for r in skipped] == [("bmm", "time"), ("sum", "time")]
