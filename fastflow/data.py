@@ -109,7 +109,8 @@ class PhotoCrops:
 def quantize(pixels: torch.Tensor, n_bins: int) -> torch.Tensor:
     """8-bit ``pixels`` (uint8) to ``n_bins`` integer levels ``floor(p * n_bins / 256)`` as uint8, same shape
     (levels lie below ``n_bins <= 256``); for ``n_bins = 2**n_bits`` this keeps the top ``n_bits`` bits.
-    Computed ``QUANTIZE_CHUNK`` pixels at a time: beyond the result, memory stays small for any size."""
+    Computed ``QUANTIZE_CHUNK`` pixels at a time: beyond the result (and a contiguous copy of a non-contiguous
+    input), memory stays small for any size."""
     if pixels.dtype != torch.uint8:
         raise TypeError(f"pixels must be uint8, got {pixels.dtype}")
     int_at_least("n_bins", n_bins, 2)  # an int: a float gave float levels

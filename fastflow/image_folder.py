@@ -130,7 +130,9 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
 
 
 def _check_channels_arg(channels: int | None) -> None:
-    if channels is not None and (isinstance(channels, bool) or channels not in CHANNEL_KINDS):
+    if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int)):
+        raise TypeError(f"channels must be an int (1 or 3) or None, got {type(channels).__name__} {channels!r}")
+    if channels is not None and channels not in CHANNEL_KINDS:
         raise ValueError(f"channels must be 1 (grey), 3 (RGB) or None, got {channels!r}")
 
 

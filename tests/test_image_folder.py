@@ -125,6 +125,9 @@ def test_the_files_that_differ_from_most_of_the_folder_are_named(tmp_path):
         load_image_folder(tmp_path, 8, channels=3)  # at most three names, then a count
     with pytest.raises(ValueError, match=r"channels must be 1 \(grey\), 3 \(RGB\) or None, got 2"):
         load_images(list_images(tmp_path), 8, channels=2)
+    for bad in (3.0, "3", True):
+        with pytest.raises(TypeError, match="channels must be an int"):
+            load_images(list_images(tmp_path), 8, channels=bad)
 
 
 def test_folder_without_images_is_an_error(tmp_path):

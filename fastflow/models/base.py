@@ -340,6 +340,8 @@ class FlowModel(nn.Module):
                 try:
                     self._diagnose(x, context)
                 except Exception as err:
+                    if drift_error is None:
+                        raise
                     raise err from drift_error
             raise FloatingPointError(
                 "log p(x) was not finite in a forward since the guards were last checked: pass that batch to "

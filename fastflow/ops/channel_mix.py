@@ -152,10 +152,11 @@ def pixel_sum(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     ``sum_i weight[o, i] x[b, i, h, w]``: for Inductor, which generates it as one loop fused with its neighbours
     (and its backward's two reductions likewise), where :func:`pixel_matmul` is an extern ``bmm`` each way.
     Eagerly it would materialise ``(B, C_out, C_in, H, W)``: only ``torch.compile`` calls it (:func:`_mix`).
-    Shapes as in :func:`pixel_matmul`."""
+    Shapes and the output's layout as in :func:`pixel_matmul`."""
     acc = logdet_dtype(x.dtype)  # half-precision products summed in float32, as the matmul accumulates
     out = (weight.to(acc)[None, :, :, None, None] * x.to(acc)[:, None]).sum(2)
-    return (out if bias is None else out + bias.to(acc)[:, None, None]).to(x.dtype)
+    out = (out if bias is None else out + bias.to(acc)[:, None, None]).to(x.dtype)
+    return out.contiguous(memory_format=_output_format(x))  # x's layout, as pixel_matmul's
 
 
 def pixel_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

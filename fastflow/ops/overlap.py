@@ -30,17 +30,24 @@ def _reachable(offset: int, dims: list[tuple[int, int]]) -> bool:
 
 
 def share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` have an element at the same memory. Exact for views of one storage with the same
-    shape, strides and dtype (the halves or chunks of one tensor, interleaved or not) whose strides nest, as every
-    dense layout's and its slices' do; otherwise True as soon as their memory ranges meet (conservative)."""
-    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    """Whether ``a`` and ``b`` have an element at the same memory, compared by address (two storages may cover the
+    same memory: ``from_numpy`` of overlapping arrays, ``frombuffer``). Exact for tensors of one shape, strides and
+    dtype whose starts lie a whole number of elements apart and whose strides nest (the halves or chunks of one
+    tensor, interleaved or not, as every dense layout's and its slices'); otherwise True as soon as their memory
+    ranges meet (conservative: never a false "no")."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
-    (a_first, a_last), (b_first, b_last), size = _span(a), _span(b), a.element_size()
-    if (a_last + 1) * size <= b_first * b.element_size() or (b_last + 1) * b.element_size() <= a_first * size:
+    (a_first, a_last), (b_first, b_last) = _span(a), _span(b)
+    a_start = a.data_ptr()
+    b_start = b.data_ptr()
+    a_end = a_start + (a_last - a_first + 1) * a.element_size()
+    b_end = b_start + (b_last - b_first + 1) * b.element_size()
+    if a_end <= b_start or b_end <= a_start:
         return False
     if a.shape != b.shape or a.stride() != b.stride() or a.dtype != b.dtype:
         return True
+    apart, rest = divmod(b_start - a_start, a.element_size())
     dims = sorted(((stride, n) for n, stride in zip(a.shape, a.stride()) if n > 1), reverse=True)
-    if any(stride == 0 for stride, _ in dims) or not _nested(dims):
+    if rest or any(stride == 0 for stride, _ in dims) or not _nested(dims):
         return True
-    return _reachable(b_first - a_first, dims)
+    return _reachable(apart, dims)

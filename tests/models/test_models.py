@@ -477,3 +477,17 @@ def test_warnings_point_at_the_callers_line():
         second = inspect.currentframe().f_lineno - 1
     where = [(w.filename, w.lineno, str(w.message)[:30]) for w in caught]
     assert {(f, n) for f, n, _ in where} == {(__file__, first), (__file__, second)}, where
+
+
+def test_check_guards_keeps_the_diagnosis_error_s_own_cause(monkeypatch):
+    """With no drift error to chain, the error naming the layer is raised as it is (its own cause kept)."""
+    model = TabularFlow(4, transforms=2, hidden=8)
+
+    def diagnose(x, context):
+        raise RuntimeError("the layer failed") from KeyError("inner")
+
+    monkeypatch.setattr(model, "_diagnose", diagnose)
+    model._nonfinite_seen.fill_(True)
+    with pytest.raises(RuntimeError, match="the layer failed") as raised:
+        model.check_guards(torch.randn(2, 4))
+    assert isinstance(raised.value.__cause__, KeyError)

@@ -459,7 +459,9 @@ def test_pixel_sum_equals_the_matrix_product_mix(layout, with_bias):
     x = x.requires_grad_()
     weight = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(4, dtype=torch.float64, requires_grad=True) if with_bias else None
-    torch.testing.assert_close(ops.pixel_sum(x, weight, bias), ops.pixel_matmul(x, weight, bias))
+    out = ops.pixel_sum(x, weight, bias)
+    torch.testing.assert_close(out, ops.pixel_matmul(x, weight, bias))
+    assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
     inputs = (x, weight) if bias is None else (x, weight, bias)
     assert torch.autograd.gradcheck(lambda *a: ops.pixel_sum(*a), inputs)
     x16, w16 = x.detach().to(torch.bfloat16), weight.detach().to(torch.bfloat16)

@@ -377,6 +377,12 @@ def test_backward_from_output_in_place_checks_its_arguments() -> None:
     shift, raw = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
     with pytest.raises(ValueError, match="grad_y and y_b share memory"):
         C.affine_coupling_backward_from_output_(buffer[:, 0:4], shift, raw, buffer[:, 2:6], None, "sigmoid")
+    with pytest.raises(ValueError, match="grad_y"):
+        C.affine_coupling_backward_from_output_(y, t, r, y[:1].clone(), None, "sigmoid2")
+    with pytest.raises(ValueError, match="scale"):
+        C.affine_coupling_backward_from_output_(y, t, r, y.clone(), None, "tanh")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="raw requires grad"):
+        C.affine_coupling_backward_from_output_(y, t, r.requires_grad_(), y.clone(), None, "sigmoid2")
 
 
 def test_kernel_reads_common_layouts_without_copies(target) -> None:
@@ -960,21 +966,3 @@ def test_empty_in_order_follows_the_memory_order(layout: str) -> None:
     wide = K.empty_in_order(x, torch.float64, (2, 6, *x.shape[2:]))
     assert wide.dtype == torch.float64 and wide.shape == (2, 6, *x.shape[2:])
     assert K._inner_order(wide) == K._inner_order(x)
-
-
-def test_share_elements_is_exact_for_slices_and_halves_of_one_tensor() -> None:
-    """Interleaved halves (the Jet walk's shift and raw, chunks of one output) and disjoint slices share nothing;
-    partly overlapping slices, a tensor and itself, and a view and its base do."""
-    from fastflow.ops.overlap import share_elements
-
-    base = torch.randn(3, 8, 6)
-    first, second = base.chunk(2, dim=-1)
-    assert not share_elements(first, second)
-    assert not share_elements(base[:, :4], base[:, 4:])
-    assert not share_elements(base[:, 0::2], base[:, 1::2])
-    assert not share_elements(base, torch.randn(3, 8, 6))
-    assert share_elements(base[:, 0:4], base[:, 2:6])
-    assert share_elements(base[:, 0::2], base[:, 2::2])
-    assert share_elements(first, first)
-    assert share_elements(base, first)  # other shapes: the ranges meet
-    assert not share_elements(base[:0], base)
