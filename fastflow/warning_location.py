@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import torch
 
-__all__ = ["user_stacklevel"]
+__all__ = ["warn_at_caller"]
 
 _LIBRARY_DIRS = tuple(
     os.path.dirname(os.path.abspath(module.__file__)) + os.sep for module in (sys.modules["fastflow"], torch)
 )
 
 
-def user_stacklevel() -> int:
-    """The ``stacklevel`` for a ``warnings.warn`` in the function calling this one that names the first frame
-    outside fastflow and torch (a module's ``__call__`` is torch's): the user's call."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
+@torch.compiler.disable  # run as Python under torch.compile (Dynamo would warn that it cannot trace the frame walk)
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """``warnings.warn(message, category)`` attributed to the first frame outside fastflow and torch (a module's
+    ``__call__`` is torch's): the user's call. Given as that frame's file and line (``warn_explicit``), not as a
+    ``stacklevel``, which counts frames differently under ``torch.compile`` (Dynamo's resumed frames)."""
+    frame = sys._getframe(1)
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
+        frame = frame.f_back
+    warnings.warn_explicit(
+        message,
+        category,
+        frame.f_code.co_filename,
+        frame.f_lineno,
+        module=frame.f_globals.get("__name__"),
+        registry=frame.f_globals.setdefault("__warningregistry__", {}),
+        module_globals=frame.f_globals,
+    )

@@ -7,7 +7,6 @@ import contextlib
 import math
 import numbers
 import operator
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,7 +21,7 @@ from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.split import Split
 from fastflow.nn.tiling import DEFAULT_TILE_BUDGET_MB, Tiling
 from fastflow.ops._checks import check_bool, int_at_least, logdet_dtype
-from fastflow.warning_location import user_stacklevel
+from fastflow.warning_location import warn_at_caller
 
 __all__ = ["FlowModel", "check_levels", "dequantize", "eval_mode"]
 
@@ -215,12 +214,11 @@ class FlowModel(nn.Module):
             self._range_checked = True
             low, high = x.detach().aminmax()
             if float(low) < -0.5 or float(high) > 0.5:
-                warnings.warn(
+                warn_at_caller(
                     f"x lies in [{float(low):.3g}, {float(high):.3g}], outside [-0.5, 0.5]: models expect "
                     "dequantized pixels, (k + u) / n_bins - 0.5 (fastflow.models.dequantize); images in [0, 1) "
                     "give wrong bits/dim",
                     UserWarning,
-                    stacklevel=user_stacklevel(),
                 )
 
     def _check_context(self, context: object, batch: int) -> None:

@@ -30,8 +30,8 @@ class NSF(FlowModel):
     :class:`~fastflow.nn.MaskedAutoregressiveSpline` (MADE conditioner, two hidden layers of width ``hidden``), the
     feature order reversed between transforms; its density is one network pass per transform but sampling
     ``features`` passes. A MADE keeps every dependency only with ``hidden >= features - 1`` (``>= features`` with a
-    context; a narrower ``hidden`` is a ValueError): ``hidden=None`` (the default) is 64, or that minimum where it
-    is wider for an autoregressive flow. ``config["hidden"]`` holds the width taken.
+    context; a narrower ``hidden`` warns: later features lose dependences): ``hidden=None`` (the default) is 64, or
+    that minimum where it is wider for an autoregressive flow. ``config["hidden"]`` holds the width taken.
 
     Splines have ``bins`` bins (2 to 500) on ``[-bound, bound]`` and are the identity outside: standardise the
     data. Every transform starts at the identity map. API as :class:`~fastflow.models.TabularFlow`: ``log_prob(x,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -13,7 +12,7 @@ from torch import nn
 from fastflow.nn.base import FlowLayer, as_pixels, check_features
 from fastflow.ops._checks import int_at_least
 from fastflow.ops.actnorm import actnorm_inverse_ref, actnorm_ref
-from fastflow.warning_location import user_stacklevel
+from fastflow.warning_location import warn_at_caller
 
 __all__ = ["ActNorm"]
 
@@ -92,12 +91,11 @@ class ActNorm(FlowLayer):
             )
         if bool(degenerate.any()):
             channels = degenerate.nonzero().flatten().tolist()
-            warnings.warn(
+            warn_at_caller(
                 f"{self.name}: channel(s) {channels} hold a single value in the initialisation batch of shape "
                 f"{tuple(x.shape)}; their scale stays 1 (logs = 0) instead of 1/eps. Initialise with a larger "
                 "or more varied first batch.",
                 RuntimeWarning,
-                stacklevel=user_stacklevel(),
             )
         self.bias.copy_(bias.view_as(self.bias))
         self.logs.copy_(logs.view_as(self.logs))

@@ -14,6 +14,7 @@ from fastflow.nn.context import shape_context
 from fastflow.nn.spline_coupling import start_at_identity
 from fastflow.ops._checks import int_at_least
 from fastflow.ops.spline import check_layer_bins, rq_spline, rq_spline_inverse
+from fastflow.warning_location import warn_at_caller
 
 __all__ = ["MADE", "MaskedAutoregressiveSpline", "MaskedLinear", "default_made_hidden", "min_made_hidden"]
 
@@ -56,20 +57,21 @@ class MADE(nn.Sequential):
     degree ``<= m_k``; outputs of feature ``i`` see hidden units of degree ``< i + 1``. ``depth`` masked
     ``Linear -> ReLU`` layers of width ``hidden``, then a zero-initialised masked output layer.
 
-    ``hidden`` must be at least :func:`min_made_hidden` (``features - 1``, or ``features`` with a context), else
-    a ValueError: narrower layers lack the units of the higher degrees, and later features would silently lose
-    their dependence on the inputs beyond ``hidden``.
+    ``hidden`` should be at least :func:`min_made_hidden` (``features - 1``, or ``features`` with a context), else
+    a ``UserWarning``: narrower layers lack the units of the higher degrees, and later features lose their
+    dependence on the inputs beyond ``hidden`` (still a valid flow, as models saved before the warning are).
     """
 
     def __init__(self, features: int, context_features: int, hidden: int, params: int, depth: int = 2) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         minimum = min_made_hidden(features, context_features)
-        if hidden < minimum:
+        if hidden < minimum:  # a warning, not an error: a narrow MADE is a valid flow, and such models were saved
             with_context = " and a context" if context_features > 0 else ""
-            raise ValueError(
-                f"hidden must be >= {minimum} for {features} features{with_context} (a MADE needs a hidden unit of "
-                f"every degree, or later features lose their dependence on earlier ones), got {hidden}"
+            warn_at_caller(
+                f"hidden should be >= {minimum} for {features} features{with_context} (a MADE needs a hidden unit of "
+                f"every degree), got {hidden}: later features lose their dependence on the inputs beyond {hidden}",
+                UserWarning,
             )
         lo = 0 if context_features > 0 else 1
         in_degrees = torch.cat([torch.arange(1, features + 1), torch.zeros(context_features, dtype=torch.int64)])

@@ -465,7 +465,7 @@ def test_switching_reversible_takes_a_bool_only():
 
 def test_warnings_point_at_the_callers_line():
     """The out-of-range input warning and ActNorm's degenerate-channel warning name the line that called the model
-    (through ``log_prob`` or the module's ``__call__``), not fastflow's or torch's frames."""
+    (through ``log_prob``, the module's ``__call__`` or a compiled function), not fastflow's or torch's frames."""
     import inspect
     import warnings
 
@@ -475,8 +475,11 @@ def test_warnings_point_at_the_callers_line():
         first = inspect.currentframe().f_lineno - 1
         Glow(1, 4, levels=1, steps=1, hidden=4)(torch.zeros(2, 1, 4, 4))
         second = inspect.currentframe().f_lineno - 1
+        compiled = torch.compile(Glow(1, 4, levels=1, steps=1, hidden=4).log_prob, backend="eager")
+        compiled(torch.zeros(2, 1, 4, 4) + 0.1)  # ActNorm's warning under torch.compile (Dynamo's frames)
+        third = inspect.currentframe().f_lineno - 1
     where = [(w.filename, w.lineno, str(w.message)[:30]) for w in caught]
-    assert {(f, n) for f, n, _ in where} == {(__file__, first), (__file__, second)}, where
+    assert {(f, n) for f, n, _ in where} == {(__file__, first), (__file__, second), (__file__, third)}, where
 
 
 def test_check_guards_keeps_the_diagnosis_error_s_own_cause(monkeypatch):
