@@ -33,7 +33,8 @@ class NSF(FlowModel):
     context; a narrower ``hidden`` warns: later features lose dependences): ``hidden=None`` (the default) is 64, or
     that minimum where it is wider for an autoregressive flow. ``config["hidden"]`` holds the width taken.
 
-    Splines have ``bins`` bins (2 to 500) on ``[-bound, bound]`` and are the identity outside: standardise the
+    Splines have ``bins`` bins (2 to 500 without a warning, at most 1000)
+    on ``[-bound, bound]`` and are the identity outside: standardise the
     data. Every transform starts at the identity map. API as :class:`~fastflow.models.TabularFlow`: ``log_prob(x,
     context=None)``, ``sample`` / ``rsample(n, context=None)``, ``encode`` / ``decode``; ``reversible=True`` trains
     with memory-saving reversible backprop.

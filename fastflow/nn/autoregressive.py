@@ -96,7 +96,8 @@ class MaskedAutoregressiveSpline(FlowLayer):
     hidden layers of width ``hidden``, at least :func:`min_made_hidden`: ``D - 1``, or ``D`` with a context; by
     default :func:`default_made_hidden`, 64 or that minimum if wider); the spline is
     :func:`~fastflow.ops.spline.rq_spline` with ``bins`` bins (2 to
-    :data:`~fastflow.ops.spline.MAX_LAYER_BINS` = 500) on ``[-bound, bound]``, the identity outside. It starts at
+    :data:`~fastflow.ops.spline.MAX_LAYER_BINS` = 500 without a warning) on ``[-bound, bound]``, the identity
+    outside. It starts at
     the identity map (zero output layer, :func:`~fastflow.nn.spline_coupling.start_at_identity`).
 
     Cost: ``forward`` (density evaluation, training) is one network pass and one spline pass. ``inverse``

@@ -56,7 +56,7 @@ class SplineCoupling(_Coupling):
     """Coupling ``y_b = RQS(x_b; raw)`` with ``raw = net(x_a[, context])``, ``y_a = x_a``; log-det
     ``sum log dy_b/dx_b`` per sample.
 
-    The spline is :func:`~fastflow.ops.spline.rq_spline`: ``bins`` bins (2 to 500,
+    The spline is :func:`~fastflow.ops.spline.rq_spline`: ``bins`` bins (2 to 500 without a warning, at most 1000,
     :data:`~fastflow.ops.spline.MAX_LAYER_BINS`) on ``[-bound, bound]`` (widths and heights by softmax, interior
     knot derivatives by softplus, all with minimums ``1e-3``), the identity outside. The
     channel split, ``parity``, conditioner (``subnet(in_features, out_features)`` or a module, by default an

@@ -60,8 +60,10 @@ from fastflow.ops import spline_eager as eager
 from fastflow.ops._checks import check_float_tensor, check_same_shape, int_at_least, logdet_dtype, upcasts
 from fastflow.ops._registration import TRACEABLE, direct_autograd, kernel_function, registration, use_library_op
 from fastflow.ops.spline_compiled import rq_spline_closed_form
+from fastflow.warning_location import warn_at_caller
 
 __all__ = [
+    "HARD_MAX_LAYER_BINS",
     "MAX_LAYER_BINS",
     "check_layer_bins",
     "rq_spline",
@@ -297,22 +299,29 @@ def _ops() -> _SplineOps:
 
 
 MAX_LAYER_BINS = 500
-"""The most bins a spline layer takes. Layers keep the op's default minimum bin width and height, ``1e-3`` of
-``[-bound, bound]``: ``bins * 1e-3`` of the range is fixed and only the rest, ``1 - bins * 1e-3``, follows the
-softmax of the raw sizes (it scales their gradients). At most 500 bins keeps at least half of the range learnable;
-at 1000 every bin is the minimum and the raw widths and heights get zero gradients."""
+"""The most bins a spline layer takes without a warning. Layers keep the op's default minimum bin width and height,
+``1e-3`` of ``[-bound, bound]``: ``bins * 1e-3`` of the range is fixed and only the rest, ``1 - bins * 1e-3``,
+follows the softmax of the raw sizes (it scales their gradients). At most 500 bins keeps at least half of the range
+learnable; at 1000 every bin is the minimum and the raw widths and heights get zero gradients. Up to
+:data:`HARD_MAX_LAYER_BINS` a layer is still built (with a warning: layers saved before this limit load)."""
+
+HARD_MAX_LAYER_BINS = 1000
+"""The most bins a spline layer takes at all: beyond, the minimum sizes would exceed the range."""
 
 
 def check_layer_bins(bins: object) -> int:
-    """``bins`` of a spline layer, or a TypeError / ValueError naming it: an int in ``[2, MAX_LAYER_BINS]`` (one bin
-    fills ``[-bound, bound]`` with end derivatives 1: the identity, whatever the conditioner says; above
-    :data:`MAX_LAYER_BINS` the minimum sizes fix more than half of the range)."""
+    """``bins`` of a spline layer, or a TypeError / ValueError naming it: an int in ``[2, HARD_MAX_LAYER_BINS]``
+    (one bin fills ``[-bound, bound]`` with end derivatives 1: the identity, whatever the conditioner says), with a
+    ``UserWarning`` above :data:`MAX_LAYER_BINS`, where the minimum sizes fix more than half of the range."""
     int_at_least("bins", bins, 2)
+    if bins > HARD_MAX_LAYER_BINS:  # type: ignore[operator]
+        raise ValueError(f"bins must be <= {HARD_MAX_LAYER_BINS} (each bin is at least 1e-3 of the range), got {bins}")
     if bins > MAX_LAYER_BINS:  # type: ignore[operator]
-        raise ValueError(
-            f"bins must be <= {MAX_LAYER_BINS}: each bin is at least 1e-3 of [-bound, bound] wide and high, and above "
-            f"{MAX_LAYER_BINS} bins those minimums fix more than half of the range (at 1000 all of it, leaving no "
-            f"learnable widths or heights), got {bins}"
+        warn_at_caller(
+            f"bins should be <= {MAX_LAYER_BINS}: each bin is at least 1e-3 of [-bound, bound] wide and high, and "
+            f"above {MAX_LAYER_BINS} bins those minimums fix more than half of the range (at 1000 all of it, leaving "
+            f"no learnable widths or heights), got {bins}",
+            UserWarning,
         )
     return bins  # type: ignore[return-value]
 
