@@ -109,19 +109,19 @@ class PhotoCrops:
 def quantize(pixels: torch.Tensor, n_bins: int) -> torch.Tensor:
     """8-bit ``pixels`` (uint8) to ``n_bins`` integer levels ``floor(p * n_bins / 256)`` as uint8, same shape
     (levels lie below ``n_bins <= 256``); for ``n_bins = 2**n_bits`` this keeps the top ``n_bits`` bits.
-    Computed ``QUANTIZE_CHUNK`` pixels at a time: beyond the result (and a contiguous copy of a non-contiguous
-    input), memory stays small for any size."""
+    Computed about ``QUANTIZE_CHUNK`` pixels at a time (whole images, in the input's own layout, which the result
+    keeps): beyond the result, memory stays small for any size."""
     if pixels.dtype != torch.uint8:
         raise TypeError(f"pixels must be uint8, got {pixels.dtype}")
     int_at_least("n_bins", n_bins, 2)  # an int: a float gave float levels
     if n_bins > 256:
         raise ValueError(f"n_bins must be in [2, 256], got {n_bins}")
-    pixels = pixels.contiguous()
     levels = torch.empty_like(pixels)
-    flat_pixels, flat_levels = pixels.view(-1), levels.view(-1)
-    for start in range(0, flat_pixels.numel(), QUANTIZE_CHUNK):
-        chunk = flat_pixels[start : start + QUANTIZE_CHUNK].to(torch.int32)  # p * n_bins reaches 65280, past int16
-        flat_levels[start : start + QUANTIZE_CHUNK] = (chunk * n_bins) >> 8
+    source, target = (pixels, levels) if pixels.dim() else (pixels[None], levels[None])
+    step = max(QUANTIZE_CHUNK // max(source[0].numel(), 1), 1) if len(source) else 1
+    for start in range(0, len(source), step):
+        chunk = source[start : start + step].to(torch.int32)  # p * n_bins reaches 65280, past int16
+        target[start : start + step] = (chunk * n_bins) >> 8
     return levels
 
 

@@ -88,13 +88,10 @@ class GaussianPrior(TopPrior):
             if not deferred:
                 self.check_labels(y)
             # one-hot by comparison: F.one_hot checks the labels' range on the host (a sync every step)
-            labels = y.to(device).long()
-            classes = torch.arange(self.num_classes, device=device)
-            one_hot = (labels[:, None] == classes).to(self.class_proj.weight.dtype)
-            shift = self.class_proj(one_hot).to(dtype)  # in the prior's dtype, then the one asked for
+            hits = y.to(device).long()[:, None] == torch.arange(self.num_classes, device=device)
+            shift = self.class_proj(hits.to(self.class_proj.weight.dtype)).to(dtype)  # the prior's dtype, then dtype
             if deferred:  # an out-of-range label reads no class: NaN for its sample, which the finite check records
-                valid = (labels >= 0) & (labels < self.num_classes)
-                shift = torch.where(valid[:, None], shift, torch.nan)
+                shift = torch.where(hits.any(1, keepdim=True), shift, torch.nan)
             params = params + shift.reshape(n, 2 * c, *[1] * len(rest))
         mean, logs = params.chunk(2, dim=1)
         return mean, logs

@@ -140,64 +140,54 @@ def _log_slope(s: torch.Tensor, den: torch.Tensor, m: torch.Tensor) -> torch.Ten
 
 def nan_elements(v: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
     """Where ``v`` (``(B, ...)``) or any of its element's raw parameters (``(*v.shape, 3K - 1)``) is NaN: the
-    elements with a NaN log-det, whose gradients are NaN on every path (:func:`nan_gradients_at_nan`)."""
+    elements with a NaN log-det (even where the element reads no NaN: outside the bound, another bin's
+    derivative), whose gradients are NaN on every path (:func:`nan_gradients_at_nan`)."""
     return v.isnan() | raw.isnan().any(-1)
 
 
 class _NanGradientsAtNan(torch.autograd.Function):
-    """Identity on ``(v, raw)`` whose backward sets the gradients of :func:`nan_elements` to NaN (ATen ops both
-    ways: functorch transforms vmap it by its generated rule)."""
+    """Identity on ``(v, raw)`` whose backward sets the gradients of the elements ``nan`` marks to NaN (ATen ops
+    both ways: functorch transforms vmap it by its generated rule)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(v: torch.Tensor, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(v: torch.Tensor, raw: torch.Tensor, nan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return v.view_as(v), raw.view_as(raw)
 
     @staticmethod
     def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
-        ctx.save_for_backward(nan_elements(*inputs))
+        ctx.save_for_backward(inputs[2])
 
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_v: torch.Tensor, grad_raw: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
         (nan,) = ctx.saved_tensors
-        return grad_v.masked_fill(nan, float("nan")), grad_raw.masked_fill(nan.unsqueeze(-1), float("nan"))
+        return grad_v.masked_fill(nan, float("nan")), grad_raw.masked_fill(nan.unsqueeze(-1), float("nan")), None
 
 
-def nan_gradients_at_nan(v: torch.Tensor, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def nan_gradients_at_nan(v: torch.Tensor, raw: torch.Tensor, nan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(v, raw)``, through which autograd gives NaN gradients to the input and to all raw parameters of every
-    element with a NaN among them (:func:`nan_elements`), as the fused and closed-form backwards do. Autograd
-    alone would not: the identity tails pass a finite gradient to a NaN input, and an element's gradients for
-    the parameters it does not read (outside the bound, another bin's derivative) are 0."""
+    element ``nan`` marks (:func:`nan_elements`), as the fused and closed-form backwards do. Autograd alone would
+    not: the identity tails pass a finite gradient to a NaN input, and an element's gradients for the parameters
+    it does not read (outside the bound, another bin's derivative) are 0."""
     if torch.is_grad_enabled() and (v.requires_grad or raw.requires_grad):
-        return _NanGradientsAtNan.apply(v, raw)
+        return _NanGradientsAtNan.apply(v, raw, nan)
     return v, raw
 
 
 def forward(x: torch.Tensor, raw: torch.Tensor, spline: Spline) -> tuple[torch.Tensor, torch.Tensor]:
     """Element-wise ``(y, log dy/dx)`` (:func:`locate`: ``y`` too is measured from the nearer knot); NaN gradients
     for :func:`nan_elements`."""
-    x, raw = nan_gradients_at_nan(x, raw)
+    nan = nan_elements(x, raw)
+    x, raw = nan_gradients_at_nan(x, raw, nan)
     inside, p, s, u, v = locate(x, raw, spline)
     t, den, m = rqs_terms(u, v, s, p)
     from_lo, from_hi = p.h * (s * u * u + p.d0 * t) / den, p.h * (s * v * v + p.d1 * t) / den
     y = _clamp_rounding(torch.where(from_hi < from_lo, p.yr - from_hi, p.yl + from_lo), p.yl, p.yr)
-    log_slope = torch.where(inside, _log_slope(s, den, m), _tail_log_slope(x))
-    return torch.where(inside, y, x), _nan_where_raw_is(log_slope, raw)
-
-
-def _tail_log_slope(v: torch.Tensor) -> torch.Tensor:
-    """The log-slope outside the bound: 0 (identity tails), NaN for a NaN input, which the bound's comparisons
-    send there (so a NaN input gives a NaN log-det, not a finite one)."""
-    return v.where(v.isnan(), 0.0)
-
-
-def _nan_where_raw_is(log_slope: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
-    """``log_slope``, NaN for every element with a NaN among its raw parameters: a NaN conditioner output gives a
-    NaN log-det even where the element reads no NaN (outside the bound, or a derivative of another bin)."""
-    return log_slope.masked_fill(raw.isnan().any(-1), float("nan"))
+    log_slope = torch.where(inside, _log_slope(s, den, m), 0.0)  # identity tails
+    return torch.where(inside, y, x), log_slope.masked_fill(nan, float("nan"))
 
 
 def _root(e: torch.Tensor, h: torch.Tensor, s: torch.Tensor, d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
@@ -223,7 +213,8 @@ def inverse(y: torch.Tensor, raw: torch.Tensor, spline: Spline) -> tuple[torch.T
     """Element-wise ``(x, -log dy/dx)``; from the right knot in a bin's upper half, where the mirrored spline is
     solved for ``1 - u`` (from ``yr - y``, ``d0`` and ``d1`` swapped): the offset stays small and the
     quadratic's coefficients do not cancel. NaN gradients for :func:`nan_elements`."""
-    y, raw = nan_gradients_at_nan(y, raw)
+    nan = nan_elements(y, raw)
+    y, raw = nan_gradients_at_nan(y, raw, nan)
     inside = (y >= -spline.bound) & (y <= spline.bound)
     yc = y.clamp(-spline.bound, spline.bound)
     p = bin_params(yc, raw, spline, inverse=True)
@@ -235,8 +226,8 @@ def inverse(y: torch.Tensor, raw: torch.Tensor, spline: Spline) -> tuple[torch.T
     )
     x = _clamp_rounding(torch.where(u > 0.5, p.xr - v * p.w, p.xl + u * p.w), p.xl, p.xr)
     _, den, m = rqs_terms(u, v, s, p)
-    log_slope = torch.where(inside, -_log_slope(s, den, m), _tail_log_slope(y))
-    return torch.where(inside, x, y), _nan_where_raw_is(log_slope, raw)
+    log_slope = torch.where(inside, -_log_slope(s, den, m), 0.0)  # identity tails
+    return torch.where(inside, x, y), log_slope.masked_fill(nan, float("nan"))
 
 
 def per_sample_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
