@@ -351,8 +351,7 @@ def _write(images: torch.Tensor, path: str, nrow: int | None = None, what: str =
 def _sample(args: argparse.Namespace) -> None:
     _check_output_file(args.out)
     model, _ = _load(args)
-    torch.manual_seed(args.seed)
-    samples = model.sample(args.n, temperature=args.temperature)
+    samples = model.sample(args.n, temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
     _write(samples, args.out, what="samples", hint=f": try a --temperature below {args.temperature:g}")
 
 

@@ -140,7 +140,7 @@ class TrainConfig:
             int_at_least(name, getattr(self, name), low)
         for name in ("save_every", "eval_every", "warmup", "seed"):
             int_at_least(name, getattr(self, name), 0)
-        if self.seed >= 2**64:  # torch.manual_seed's range: the first sample grid would fail, after training
+        if self.seed >= 2**64:  # a torch.Generator seed's range: the first sample grid would fail, after training
             raise ValueError(f"seed must be < 2**64, got {self.seed}")
         for name in ("lr", "clip", "temperature"):
             value = getattr(self, name)
@@ -363,9 +363,9 @@ def _write_outputs(
         num_classes = getattr(model.prior, "num_classes", 0) if model.prior.conditional else 0
         classes = torch.arange(config.samples, device=device) % num_classes if num_classes else None
         try:
-            with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(config.seed)
-                grid = model.sample(config.samples, classes, temperature=config.temperature)
+            generator = torch.Generator().manual_seed(config.seed)  # the same grid every time; global RNGs untouched
+            with eval_mode(model):
+                grid = model.sample(config.samples, classes, temperature=config.temperature, generator=generator)
             path = os.path.join(out, f"samples-{step:06d}.png")
             save_image_grid(grid, path)
             return [checkpoint, path]

@@ -377,12 +377,19 @@ class FlowModel(nn.Module):
         return self.encode_with_log_prob(x, context)[0]
 
     def decode(
-        self, latents: list[torch.Tensor | None], context: torch.Tensor | None = None, temperature: float = 1.0
+        self,
+        latents: list[torch.Tensor | None],
+        context: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        *,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Exact inverse of :meth:`encode`; a ``None`` split latent is drawn from its prior at ``temperature``.
-        Differentiable (the split priors' draws are reparameterised). With ``check_finite``, a non-finite result
-        (from non-finite latents or context) raises ``FloatingPointError`` (one host read; not where guards are
-        deferred, whose step records a non-finite loss instead)."""
+        """Exact inverse of :meth:`encode`; a ``None`` split latent is drawn from its prior at ``temperature`` (from
+        ``generator`` where given: on its device, then moved, so a CPU generator gives the same draws for a model
+        on any device; else from the global RNG). Differentiable (the split priors' draws are reparameterised).
+        With ``check_finite``, a non-finite result (from non-finite latents or context) raises
+        ``FloatingPointError`` (one host read; not where guards are deferred, whose step records a non-finite loss
+        instead)."""
         _check_temperature(temperature)
         if not isinstance(latents, (list, tuple)):
             raise TypeError(
@@ -406,7 +413,7 @@ class FlowModel(nn.Module):
         block_context = self._block_context(context)
         for i in reversed(range(len(self.blocks))):
             if i < len(self.splits):
-                x = self.splits[i].inverse(x, latents[i], temperature)
+                x = self.splits[i].inverse(x, latents[i], temperature, generator)
             x, _ = self.blocks[i].inverse(x, block_context)
         if self.check_finite and not guards_deferred(x):
             if not bool(torch.isfinite(x).all()):
@@ -415,11 +422,20 @@ class FlowModel(nn.Module):
                 )
         return x
 
-    def rsample(self, n: int, context: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+    def rsample(
+        self,
+        n: int,
+        context: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """``n`` reparameterised draws ``x = f^-1(z)`` with ``z = mean + temperature * std * eps``: differentiable
         w.r.t. the parameters (and ``context``), for objectives over samples (variational inference). In the
         model's dtype, on its device. A conditional model takes a ``context`` of batch ``n``, or of batch 1 shared
-        by the ``n`` draws."""
+        by the ``n`` draws. ``eps`` comes from ``generator`` where given (a ``torch.Generator``, on any device:
+        the draws are made on its device, then moved; one seeded CPU generator gives the same samples on the CPU
+        and on a GPU), else from the global RNG."""
         if isinstance(n, bool) or not hasattr(n, "__index__"):
             raise TypeError(f"n must be an int, got {type(n).__name__} {n!r}")
         n = operator.index(n)
@@ -430,15 +446,26 @@ class FlowModel(nn.Module):
             context = context.expand(n, *context.shape[1:])
         self._check_context(context, n)
         parameter = self.floating_parameter()
-        top = self.prior.sample(n, temperature, self._prior_context(context), parameter.device, parameter.dtype)
+        top = self.prior.sample(
+            n, temperature, self._prior_context(context), parameter.device, parameter.dtype, generator
+        )
         latents: list[torch.Tensor | None] = [None] * len(self.splits) + [top]
-        return self.decode(latents, context, temperature)
+        return self.decode(latents, context, temperature, generator=generator)
 
-    def sample(self, n: int, context: torch.Tensor | None = None, temperature: float | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        n: int,
+        context: torch.Tensor | None = None,
+        temperature: float | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """``n`` draws from the model without a graph (:meth:`rsample` under ``torch.no_grad``) at ``temperature``,
-        by default :attr:`default_temperature`: 0.7 for images (1.0 gives noisy samples), 1.0 otherwise."""
+        by default :attr:`default_temperature`: 0.7 for images (1.0 gives noisy samples), 1.0 otherwise; from
+        ``generator`` where given (see :meth:`rsample`)."""
+        temperature = self.default_temperature if temperature is None else temperature
         with torch.no_grad():
-            return self.rsample(n, context, self.default_temperature if temperature is None else temperature)
+            return self.rsample(n, context, temperature, generator=generator)
 
     @property
     def default_temperature(self) -> float:

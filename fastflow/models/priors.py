@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastflow.nn.distributions import gaussian_log_prob, gaussian_sample, standard_gaussian_log_prob
+from fastflow.nn.distributions import draw, gaussian_log_prob, gaussian_sample, standard_gaussian_log_prob
 from fastflow.nn.reversible import guards_deferred
 from fastflow.ops._checks import int_at_least, logdet_dtype
 
@@ -16,8 +16,9 @@ __all__ = ["GaussianPrior", "LogisticPrior", "TopPrior"]
 
 
 class TopPrior(nn.Module):
-    """A density over latents of shape ``(B, *shape)`` with ``log_prob(z, y)`` and ``sample(n, T, y)``; ``y`` are
-    class labels ``(B,)`` for a prior with class conditioning (:attr:`conditional`), else None."""
+    """A density over latents of shape ``(B, *shape)`` with ``log_prob(z, y)`` and ``sample(n, T, y)`` (drawing
+    from ``generator=`` where given: :func:`~fastflow.nn.distributions.draw`); ``y`` are class labels ``(B,)`` for
+    a prior with class conditioning (:attr:`conditional`), else None."""
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -48,6 +49,7 @@ class TopPrior(nn.Module):
         y: torch.Tensor | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -146,13 +148,15 @@ class GaussianPrior(TopPrior):
         y: torch.Tensor | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """``n`` draws at ``temperature`` (the standard deviation is scaled by it), in ``dtype`` on ``device``
-        (default: the learned parameters' dtype, else float32, on the CPU)."""
+        (default: the learned parameters' dtype, else float32, on the CPU), from ``generator`` where given (see
+        :func:`~fastflow.nn.distributions.draw`)."""
         if dtype is None:
             dtype = self.params.dtype if self.params is not None else torch.float32
         mean, logs = self.mean_logs(n, y, device or torch.device("cpu"), dtype)
-        return gaussian_sample(mean, logs, temperature)
+        return gaussian_sample(mean, logs, temperature, generator)
 
 
 class LogisticPrior(TopPrior):
@@ -173,10 +177,12 @@ class LogisticPrior(TopPrior):
         y: torch.Tensor | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """``n`` draws ``temperature * logit(u)`` with ``u ~ U(0, 1)``, in ``dtype`` (default float32)."""
+        """``n`` draws ``temperature * logit(u)`` with ``u ~ U(0, 1)``, in ``dtype`` (default float32), from
+        ``generator`` where given (see :func:`~fastflow.nn.distributions.draw`)."""
         self.check_labels(y)
         dtype = dtype or torch.float32
-        u = torch.rand(n, *self.shape, device=device, dtype=torch.promote_types(dtype, torch.float32))
+        u = draw(torch.rand, (n, *self.shape), device, torch.promote_types(dtype, torch.float32), generator)
         u = u.clamp(1e-6, 1 - 1e-6)
         return (temperature * (torch.log(u) - torch.log1p(-u))).to(dtype)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 
 from fastflow.ops._checks import logdet_dtype
 
-__all__ = ["gaussian_log_prob", "gaussian_sample", "standard_gaussian_log_prob"]
+__all__ = ["draw", "gaussian_log_prob", "gaussian_sample", "standard_gaussian_log_prob"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -29,6 +30,28 @@ def standard_gaussian_log_prob(z: torch.Tensor) -> torch.Tensor:
     return (z * z).sum(dim=1).mul(-0.5).sub(0.5 * z.shape[1] * _LOG_2PI)
 
 
-def gaussian_sample(mean: torch.Tensor, logs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Draw ``mean + temperature * exp(logs) * eps`` with ``eps ~ N(0, I)``."""
-    return mean + temperature * torch.exp(logs) * torch.randn_like(mean)
+def draw(
+    sampler: Callable[..., torch.Tensor],
+    shape: Sequence[int],
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``sampler(shape)`` (``torch.randn``, ``torch.rand``) in ``dtype`` on ``device``, from ``generator`` where
+    given: drawn on the generator's device, then moved (so one CPU generator gives the same draws for a model on
+    any device), else from the global RNG of ``device``. ``TypeError`` naming ``generator`` unless it is a
+    ``torch.Generator``."""
+    if generator is None:
+        return sampler(tuple(shape), device=device, dtype=dtype)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    return sampler(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+def gaussian_sample(
+    mean: torch.Tensor, logs: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Draw ``mean + temperature * exp(logs) * eps`` with ``eps ~ N(0, I)`` (from ``generator`` where given, see
+    :func:`draw`)."""
+    eps = draw(torch.randn, mean.shape, mean.device, mean.dtype, generator)
+    return mean + temperature * torch.exp(logs) * eps

@@ -46,13 +46,18 @@ class Split(nn.Module):
         return z_keep, z_out, gaussian_log_prob(z_out, mean, logs)
 
     def inverse(
-        self, z_keep: torch.Tensor, z_out: torch.Tensor | None = None, temperature: float = 1.0
+        self,
+        z_keep: torch.Tensor,
+        z_out: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Concatenate ``z_keep`` with ``z_out``, drawing ``z_out`` from the prior at ``temperature`` if None."""
+        """Concatenate ``z_keep`` with ``z_out``, drawing ``z_out`` from the prior at ``temperature`` if None (from
+        ``generator`` where given, see :func:`~fastflow.nn.distributions.draw`)."""
         check_image("z_keep", z_keep, self.keep_channels)
         if z_out is None:
             mean, logs = self.prior_params(z_keep)
-            z_out = gaussian_sample(mean, logs, temperature)
+            z_out = gaussian_sample(mean, logs, temperature, generator)
         else:
             check_image("z_out", z_out, self.out_channels)
             if (z_out.shape[0], *z_out.shape[2:]) != (z_keep.shape[0], *z_keep.shape[2:]):

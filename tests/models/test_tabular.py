@@ -77,6 +77,12 @@ def test_sample_has_the_feature_shape_and_unit_temperature_by_default():
     torch.testing.assert_close(samples, model.decode([z], c.expand(6, 2)))
     assert samples.shape == (6, 3) and not samples.requires_grad
     assert model.sample(4, _context(4, 2)).shape == (4, 3)
+    # from a generator: its normal draws, the global RNG untouched
+    z = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    state = torch.get_rng_state()
+    samples = model.sample(6, c, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(samples, model.decode([z], c.expand(6, 2)))
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_rsample_is_reparameterised_and_differentiable():
