@@ -7,7 +7,10 @@ What is timed, per size ``(B, C, H, W)``: forward and backward (gradients of ``x
 one process (:func:`benchmarks.common.interleaved_medians_ms`). The elementwise neighbours stand for the ops
 Inductor fuses with the mix in a flow step. Both formulations' losses and gradients are checked against each
 other first; a mismatch is reported in the size's rows instead of a time. ``path`` says which one compiled
-flow code takes at that width.
+flow code takes at that width. ``gbps`` counts the least any formulation moves, ``x`` read once and its gradient
+written once (``2 * 4`` bytes per element; weights are ``C x C``), over the median time, and
+``pct_of_copy_bandwidth`` puts it against a measured copy. No peak memory: it is measured on CUDA only
+(:func:`benchmarks.common.peak_mib`), and this case is CPU only.
 
 Run it with ``python -m benchmarks --cases pixel_mix`` (CPU only).
 """
@@ -19,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import SKIPPED, Budget, interleaved_medians_ms
+from benchmarks.common import SKIPPED, Budget, copy_bandwidth_gbs, interleaved_medians_ms
 from fastflow.ops.channel_mix import compiles_as_pixel_sum, pixel_matmul, pixel_sum
 
 __all__ = ["SIZES", "pixel_mix_rows"]
@@ -62,8 +65,9 @@ def _mismatch(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> 
 
 
 def pixel_mix_rows(quick: bool, budget: Budget | None = None) -> list[dict[str, Any]]:
-    """One row per size and variant: median ms of the compiled forward+backward, and ``speedup_vs_bmm``."""
+    """One row per size and variant: median ms of the compiled forward+backward, ``speedup_vs_bmm`` and GB/s."""
     rows: list[dict[str, Any]] = []
+    copy_gbps = copy_bandwidth_gbs(torch.device("cpu"))
     for batch, channels, height, width in QUICK_SIZES if quick else SIZES:
         size = {"op": "pixel_mix", "batch": batch, "channels": channels, "height": height, "width": width}
         if budget is not None and budget.expired():
@@ -80,10 +84,22 @@ def pixel_mix_rows(quick: bool, budget: Budget | None = None) -> list[dict[str, 
         timed = {name: lambda s=s, a=args: s(*a) for name, s in steps.items()}
         times = {} if error else interleaved_medians_ms(timed, torch.device("cpu"))
         path = "sum" if compiles_as_pixel_sum(x, weight) else "bmm"
+        n_bytes = 2 * x.numel() * x.element_size()
         for name in VARIANTS:
             ms = times.get(name)
             speedup = None if ms is None else times["bmm"] / ms
+            gbps = None if ms is None else n_bytes / (ms * 1e6)
             rows.append(
-                {**size, "variant": name, "path": path, "median_ms": ms, "speedup_vs_bmm": speedup, "error": error}
+                {
+                    **size,
+                    "variant": name,
+                    "path": path,
+                    "median_ms": ms,
+                    "speedup_vs_bmm": speedup,
+                    "bytes": n_bytes,
+                    "gbps": gbps,
+                    "pct_of_copy_bandwidth": None if gbps is None else 100 * gbps / copy_gbps,
+                    "error": error,
+                }
             )
     return rows

@@ -810,17 +810,23 @@ def test_pixel_mix_times_both_compiled_mixes_and_reports_a_mismatch(monkeypatch)
     from benchmarks import bench_pixel_mix
 
     monkeypatch.setattr(bench_pixel_mix, "QUICK_SIZES", ((2, 3, 4, 4),))
-    monkeypatch.setattr(bench_pixel_mix, "interleaved_medians_ms", lambda fns, device: {n: 1.0 for n in fns})
+    monkeypatch.setattr(bench_pixel_mix, "interleaved_medians_ms", lambda fns, device: {"bmm": 1.0, "sum": 0.5})
+    monkeypatch.setattr(bench_pixel_mix, "copy_bandwidth_gbs", lambda device: 0.002)
     rows = bench_pixel_mix.pixel_mix_rows(quick=True)
-    assert [(r["variant"], r["path"], r["median_ms"], r["error"]) for r in rows] == [
-        ("bmm", "sum", 1.0, None),
-        ("sum", "sum", 1.0, None),
+    assert [(r["variant"], r["path"], r["median_ms"], r["speedup_vs_bmm"], r["error"]) for r in rows] == [
+        ("bmm", "sum", 1.0, 1.0, None),
+        ("sum", "sum", 0.5, 2.0, None),
+    ]
+    # x read once and its gradient written once: 2 * 4 bytes for each of the 96 elements, over the median
+    assert [(r["bytes"], r["gbps"], r["pct_of_copy_bandwidth"]) for r in rows] == [
+        (768, pytest.approx(768e-6), pytest.approx(38.4)),
+        (768, pytest.approx(1536e-6), pytest.approx(76.8)),
     ]
     wrong = dict(
         bench_pixel_mix.VARIANTS, sum=lambda x, weight, bias: bench_pixel_mix.pixel_sum(x, weight, bias) * 1.01
     )
     monkeypatch.setattr(bench_pixel_mix, "VARIANTS", wrong)
     rows = bench_pixel_mix.pixel_mix_rows(quick=True)
-    assert all(r["median_ms"] is None and "differs" in r["error"] for r in rows)
+    assert all(r["median_ms"] is None and r["gbps"] is None and "differs" in r["error"] for r in rows)
     skipped = bench_pixel_mix.pixel_mix_rows(quick=True, budget=_ExpiresAfter(0))
     assert [(r["variant"], r["skipped"]) for r in skipped] == [("bmm", "time"), ("sum", "time")]
