@@ -147,7 +147,7 @@ class TrainStep:
     module). :attr:`skip` (0-dim, the fused Adam's ``found_inf``) is set on the device once a loss or the gradient
     norm is not finite or ``model``'s guards tripped, this step or an earlier one: every later update is then
     skipped, so the weights stay those of the first failing step until the caller reads the guards
-    (``FlowModel.check_guards``) and stops. With a
+    (``FlowModel.check_guards``) and stops, or clears them and then :meth:`clear_skip` to train on. With a
     DistributedDataParallel objective the flag is all-reduced (max) every step, so every rank skips alike (one
     rank's NaN reaches every rank's reduced gradients). The optimizer must be fused (:func:`make_adam`). Under
     fp16 loss scaling (``scaler`` enabled) the scaler hands the optimizer its own ``found_inf`` instead, which covers
@@ -253,6 +253,14 @@ class TrainStep:
         self._static_y: torch.Tensor | None = None
         self._static_loss: torch.Tensor | None = None
         self._static_grad_norm: torch.Tensor | None = None
+
+    def clear_skip(self) -> None:
+        """Let the updates run again after a failure: :attr:`skip` is zeroed in place (no host read; a captured
+        CUDA graph goes on reading the same flag). Read the model's guards first (``check_guards`` clears them),
+        else the next step sets the flag again from the same record. Nothing to clear where :attr:`skip` is None
+        (fp16 loss scaling: the scaler decides each step afresh)."""
+        if self.skip is not None:
+            self.skip.zero_()
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         with _autocast(self.device, self.amp, cache_enabled=self.mode != "cuda-graph"):

@@ -107,6 +107,14 @@ def test_step_sets_the_learning_rate_and_skips_updates_after_a_failure():
     step(x, None, lr=5e-4)  # and every later one, until the caller reads the guards
     assert float(step.skip) == 1.0
     assert all(torch.equal(p, k) for p, k in zip(model.parameters(), kept))
+    step.clear_skip()  # the model's record is still set: the next step sets the flag again, no update
+    step(x, None, lr=5e-4)
+    assert float(step.skip) == 1.0 and all(torch.equal(p, k) for p, k in zip(model.parameters(), kept))
+    with pytest.raises(FloatingPointError):
+        model.check_guards()  # read and cleared
+    step.clear_skip()
+    step(x, None, lr=5e-4)  # trains again
+    assert float(step.skip) == 0.0 and not all(torch.equal(p, k) for p, k in zip(model.parameters(), kept))
 
 
 def test_a_step_with_out_of_range_labels_is_skipped():
