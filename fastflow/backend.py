@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Literal
 
@@ -35,13 +36,32 @@ def _check_name(name: str) -> str:
     return name
 
 
-_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+def _triton_imports() -> bool:
+    """Whether Triton is installed and imports. One that is installed but fails to import (a broken install, a
+    missing driver library) warns once and counts as absent: fastflow then runs its eager ops, where the kernels'
+    first launch would fail (or, where the ops register as triton ops, ``import fastflow`` itself)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401  # torch's own probes import it too: no extra import time
+    except Exception as err:
+        warnings.warn(
+            f"triton is installed but does not import ({type(err).__name__}: {err}): fastflow runs its eager "
+            "(pure PyTorch) ops; repair or uninstall triton for the fused kernels",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
+_TRITON_AVAILABLE = _triton_imports()
 _INTERPRETER_ENABLED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DEFAULT = _check_name(os.environ.get("FASTFLOW_BACKEND", "auto"))
 
 
 def triton_available() -> bool:
-    """True when ``triton`` is installed on this machine."""
+    """True when ``triton`` is installed on this machine and imports."""
     return _TRITON_AVAILABLE
 
 
