@@ -16,6 +16,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from fastflow.models import NICE, FlowModel, Glow, Jet, RealNVP
+from tests.helpers import perturb_parameters
 
 PRESETS: dict[str, Callable[[bool], tuple[FlowModel, torch.Tensor]]] = {
     "glow": lambda reversible: (Glow(3, 8, levels=2, steps=2, hidden=8, reversible=reversible), torch.rand(2, 3, 8, 8)),
@@ -95,10 +96,14 @@ def test_objective_traces_without_graph_breaks(preset, reversible):
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_fullgraph_compile_gives_eager_loss_and_gradients(preset, reversible):
     model, x = _model(preset, reversible)
+    with torch.no_grad():  # off the identity start: zero-initialised conditioner outputs pass no gradient back
+        perturb_parameters(model, 0.05)
     objective = _objective(model)
     want = objective(x)
     want.backward()
     want_grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    zero = [name for (name, _), g in zip(model.named_parameters(), want_grads) if g is None or not g.abs().max() > 0]
+    assert not zero, f"parameters without a gradient to compare: {zero}"
     model.zero_grad(set_to_none=True)
 
     got = torch.compile(objective, backend="aot_eager", fullgraph=True)(x)

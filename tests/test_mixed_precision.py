@@ -12,6 +12,7 @@ from fastflow.models import NICE, Glow, Jet, RealNVP, TabularFlow
 from fastflow.ops.coupling import affine_coupling, affine_coupling_inverse
 from fastflow.step import BitsPerDim, TrainStep, make_adam
 from fastflow.train import TrainConfig, train
+from tests.helpers import perturb_parameters
 
 PRESETS = {
     "glow": lambda: Glow(3, 8, levels=2, steps=2, hidden=8),
@@ -23,15 +24,26 @@ PRESETS = {
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_a_bf16_autocast_step_trains_every_image_preset_near_its_float32_loss(name: str) -> None:
-    """NICE's conditioner output went into the float32 coupling in bfloat16: a TypeError at the first step."""
+    """NICE's conditioner output went into the float32 coupling in bfloat16: a TypeError at the first step. Off the
+    identity start (at it the conditioners output zeros, which autocast cannot change), the step's loss is the
+    float32 one to the bfloat16 rounding of the networks (measured: at most 1.3e-3 relative, Glow), and the
+    log-det under autocast is the float32 one within 0.1 nats (measured: at most 0.035; summed in bfloat16 a
+    log-det of ~230 nats is off by about one)."""
     torch.manual_seed(0)
     model = PRESETS[name]()
     x = torch.rand(4, 3, 8, 8) - 0.5
     with torch.no_grad():
-        float32_loss = float(model.bits_per_dim(x).mean())  # also ActNorm's initialisation
+        model.bits_per_dim(x)  # ActNorm's initialisation
+        perturb_parameters(model, 0.1)
+        float32_loss = float(model.bits_per_dim(x).mean())
+        _, float32_logdet, _ = model.encode_with_logdet(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, logdet, _ = model.encode_with_logdet(x)
+    assert logdet.dtype == torch.float32
+    torch.testing.assert_close(logdet, float32_logdet, atol=0.1, rtol=0)
     step = TrainStep(BitsPerDim(model), model, make_adam(model.parameters(), 1e-3), amp="bf16")
     loss = float(step(x, None, 1e-3))
-    assert math.isfinite(loss) and abs(loss - float32_loss) < 0.05 * abs(float32_loss)
+    assert math.isfinite(loss) and abs(loss - float32_loss) < 5e-3 * abs(float32_loss), (loss, float32_loss)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

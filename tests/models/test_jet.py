@@ -218,10 +218,19 @@ def test_jet_on_the_interpreter_matches_eager_float32() -> None:
     model = Jet(**TINY)  # type: ignore[arg-type]
     perturb_parameters(model, 0.3)
     x = torch.rand(2, 1, 4, 4) - 0.5
-    _, grads, _ = _loss_and_grads(model, x, None, reversible=False, backend="eager")
-    _, grads_fused, _ = _loss_and_grads(model, x, None, reversible=True, backend=backend)
+    loss, grads, _ = _loss_and_grads(model, x, None, reversible=False, backend="eager")
+    loss_fused, grads_fused, _ = _loss_and_grads(model, x, None, reversible=True, backend=backend)
+    # the loss too: a log-det error that no parameter moves (a constant per element) leaves every gradient alone
+    torch.testing.assert_close(loss_fused, loss, atol=0, rtol=1e-5)
     for g, g_f in zip(grads, grads_fused):
         torch.testing.assert_close(g_f, g, atol=1e-5, rtol=1e-4)
+    with torch.no_grad(), fastflow.backend(backend):
+        latents_fused, logdet_fused, _ = model.encode_with_logdet(x)
+    with torch.no_grad():
+        latents, logdet, _ = model.encode_with_logdet(x)
+    torch.testing.assert_close(logdet_fused, logdet, atol=1e-4, rtol=1e-5)
+    for z_f, z in zip(latents_fused, latents):
+        torch.testing.assert_close(z_f, z, atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_autocast_runs_the_vit_low_and_the_flow_in_float32() -> None:

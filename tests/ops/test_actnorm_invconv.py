@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fastflow
+from fastflow.ops import channel_mix as channel_mix_ops
 from fastflow.ops.actnorm_invconv import (
     FoldedMix,
     actnorm_invconv,
@@ -18,6 +19,34 @@ from fastflow.ops.actnorm_invconv import (
 from fastflow.ops.invconv import lu_inverse_weight, lu_weight_and_logdet
 
 BACKENDS = ["eager", "interpret"]
+
+
+@pytest.fixture(autouse=True)
+def _float32_kernel_at_every_width(monkeypatch):
+    """The kernels are under test: float32 runs them up to KERNEL_MAX_CHANNELS too (by default wider float32
+    mixes take the eager convolution, and an "interpret" case wider than 8 channels compared eager with eager)."""
+    monkeypatch.setattr(channel_mix_ops, "KERNEL_MAX_CHANNELS_FLOAT32", channel_mix_ops.KERNEL_MAX_CHANNELS)
+
+
+@pytest.fixture
+def mix_launches(monkeypatch) -> list[str]:
+    """The names of the channel-mix kernel launchers called during the test, in order."""
+    import fastflow.kernels.channel_mix as kernels
+
+    calls: list[str] = []
+
+    def counting(name: str):
+        launch = getattr(kernels, name)
+
+        def counted(*args, **kwargs):
+            calls.append(name)
+            return launch(*args, **kwargs)
+
+        return counted
+
+    for name in ("channel_mix_forward", "channel_mix_backward"):
+        monkeypatch.setattr(kernels, name, counting(name))
+    return calls
 
 
 def _params(channels: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -50,11 +79,12 @@ def _inverse(fn, y, p):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels", [3, 6, 12, 48])
-def test_fold_matches_actnorm_then_conv(channels, backend):
+def test_fold_matches_actnorm_then_conv(channels, backend, mix_launches):
     p = _params(channels)
     x = torch.randn(2, channels, 5, 7)
     with fastflow.backend(backend):
         y, logdet = _forward(actnorm_invconv, x, p)
+    assert mix_launches == (["channel_mix_forward"] if backend == "interpret" else [])
     y_ref, logdet_ref = _forward(actnorm_invconv_ref, x, p)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logdet, logdet_ref)
@@ -63,12 +93,13 @@ def test_fold_matches_actnorm_then_conv(channels, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels", [3, 24])
-def test_inverse_of_forward(channels, backend):
+def test_inverse_of_forward(channels, backend, mix_launches):
     p = _params(channels)
     x = torch.randn(2, channels, 6, 5).to(memory_format=torch.channels_last)
     with fastflow.backend(backend):
         y, logdet = _forward(actnorm_invconv, x, p)
         x_back, inverse_logdet = _inverse(actnorm_invconv_inverse, y, p)
+    assert mix_launches == (["channel_mix_forward"] * 2 if backend == "interpret" else [])
     torch.testing.assert_close(x_back, x, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(inverse_logdet, -logdet)
     x_ref, inverse_logdet_ref = _inverse(actnorm_invconv_inverse_ref, y, p)
@@ -118,7 +149,7 @@ def test_gradcheck_float64():
 
 
 @pytest.mark.parametrize("channels", [6, 24])
-def test_grads_match_reference(channels):
+def test_grads_match_reference(channels, mix_launches):
     p = _params(channels)
     x = torch.randn(2, channels, 5, 7, requires_grad=True)
     leaves = [p[n].clone().requires_grad_() for n in ("bias", "logs", "weight", "weight_logdet")]
@@ -129,6 +160,7 @@ def test_grads_match_reference(channels):
 
     with fastflow.backend("interpret"):
         grads = torch.autograd.grad(loss(actnorm_invconv), (x, *leaves))
+    assert mix_launches == ["channel_mix_forward", "channel_mix_backward"]
     grads_ref = torch.autograd.grad(loss(actnorm_invconv_ref), (x, *leaves))
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
