@@ -24,6 +24,7 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "build_model",
+    "check_extra",
     "load_checkpoint",
     "load_pretrained",
     "save_checkpoint",
@@ -217,6 +218,13 @@ def _check_loadable(value: Any, name: str) -> None:
         )
 
 
+def check_extra(extra: dict[str, Any]) -> None:
+    """``TypeError`` naming the entry unless every value of ``extra`` (:func:`save_checkpoint`'s extra entries) is
+    one a checkpoint holds: for a caller that checks them before the work whose result it saves."""
+    for key, value in extra.items():
+        _check_loadable(value, f"extra {key!r}")
+
+
 def _saved_model(model: Any) -> FlowModel:
     """``model`` without its ``torch.compile`` (``_orig_mod``) and DistributedDataParallel / DataParallel
     (``module``) wrappers, whose class and parameter names would not load back; ``TypeError`` naming ``model``
@@ -261,8 +269,7 @@ def save_checkpoint(
     }
     _check_loadable(payload["config"], "the model config")
     _check_loadable(payload["optimizer"], "the optimizer state")
-    for key, value in extra.items():
-        _check_loadable(value, f"extra {key!r}")
+    check_extra(extra)
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         torch.save(payload, f)
 

@@ -85,7 +85,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _number(cast: type, low: float, strict: bool = False) -> Callable[[str], Any]:
+def number_arg(cast: type, low: float, strict: bool = False) -> Callable[[str], Any]:
     """An argparse type: a finite ``cast`` (int or float) ``>= low`` (``> low`` when ``strict``)."""
     kind = "an integer" if cast is int else "a finite number"
     bound = "" if low == -math.inf else f" {'>' if strict else '>='} {low:g}"
@@ -135,6 +135,14 @@ def _stored_flags(extra: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in renamed.items() if k in TRAIN_DEFAULTS}
 
 
+def _same_flag(name: str, given: object, stored: object) -> bool:
+    """Whether a flag given with --resume says what the run used: a stored --n-bits of None is the default (the
+    embedded digits, where it is None too, refuse any --n-bits later)."""
+    if name == "n_bits" and stored is None:
+        return given == DEFAULT_N_BITS
+    return given == stored
+
+
 def _resolve_train_flags(args: argparse.Namespace) -> int:
     """Fill in the train flags not given, from the checkpoint with --resume (after refusing given flags that
     contradict it, see RESUME_OVERRIDES) and from TRAIN_DEFAULTS otherwise; returns the step to start from."""
@@ -149,7 +157,9 @@ def _resolve_train_flags(args: argparse.Namespace) -> int:
         extra = load_checkpoint(checkpoint)[1].get("extra") or {}
         stored = _stored_flags(extra)
         differ = [
-            n for n in sorted(given) if n not in RESUME_OVERRIDES and n in stored and getattr(args, n) != stored[n]
+            n
+            for n in sorted(given)
+            if n not in RESUME_OVERRIDES and n in stored and not _same_flag(n, getattr(args, n), stored[n])
         ]
         if differ:
             shown = ", ".join(
@@ -449,8 +459,8 @@ def _checkpoint_command(
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    count, positive, at_least_0 = _number(int, 1), _number(float, 0, strict=True), _number(float, 0)
-    steps = _number(int, 0)
+    count, positive, at_least_0 = number_arg(int, 1), number_arg(float, 0, strict=True), number_arg(float, 0)
+    steps = number_arg(int, 0)
 
     t = commands.add_parser("train", help="train a Glow or a Jet; resumable, data-parallel under torchrun")
     t.add_argument("--data", help="folder of PNG/JPEG images, or of class sub-folders of them (default: embedded "
@@ -510,7 +520,7 @@ def _parser() -> argparse.ArgumentParser:
     i = _checkpoint_command(commands, "interpolate", "decode a line between the latents of two images", _interpolate)
     i.add_argument("a", help="first image: a PNG/JPEG file, digits:N or photos:N (N-th held-out image)")
     i.add_argument("b", help="second image, as A")
-    i.add_argument("--steps", type=_number(int, 2), default=8, help="images in the strip, ends included (default 8)")
+    i.add_argument("--steps", type=number_arg(int, 2), default=8, help="images in the strip, ends included (default 8)")
     i.add_argument("--out", type=_image_out, default="interpolation.png",
                    help="PNG or JPEG to write (default interpolation.png)")  # fmt: skip
 
@@ -523,7 +533,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--label-to", help="... to this class")
     m.add_argument("--data", help="with --label-from/--label-to: folder of class sub-folders (default: the one the "
                    "model was trained on, if it was one)")  # fmt: skip
-    m.add_argument("--strengths", type=_number(float, -math.inf), nargs="+", default=[-1.0, -0.5, 0.0, 0.5, 1.0],
+    m.add_argument("--strengths", type=number_arg(float, -math.inf), nargs="+", default=[-1.0, -0.5, 0.0, 0.5, 1.0],
                    help="multiples of the direction to add (default -1 -0.5 0 0.5 1)")  # fmt: skip
     m.add_argument("--out", type=_image_out, default="manipulation.png",
                    help="PNG or JPEG to write (default manipulation.png)")  # fmt: skip

@@ -182,9 +182,11 @@ def load_photo_crops(
 
 
 def batch_at_step(
-    source: ImageSource, step: int, batch: int, n_bins: int, seed: int = 0
+    source: ImageSource, step: int, batch: int, n_bins: int, seed: int = 0, *, check_range: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The dequantized training batch ``(x (batch, C, H, W) float32 on the CPU, labels or None)`` of ``step``.
+    """The dequantized training batch ``(x (batch, C, H, W) float32 on the source's device, labels or None)`` of
+    ``step``; ``check_range=False`` skips the levels' range check (a host read) for a source checked once, whole
+    (see :func:`~fastflow.models.dequantize`).
 
     Images and dequantization noise are a function of ``(seed, step)`` only, never of the global RNG: a run
     resumed at ``step`` sees the batches of an uninterrupted run, and every rank of a distributed run draws
@@ -194,7 +196,7 @@ def batch_at_step(
     # torch's CPU generator keeps 32 bits of a seed: mix (seed, step) into them with numpy's SeedSequence.
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
     levels, labels = source.draw(batch, generator)
-    return dequantize(levels, n_bins, generator), labels  # no global RNG (a CUDA one) reseeded
+    return dequantize(levels, n_bins, generator, check_range=check_range), labels  # no global RNG reseeded
 
 
 def _check_embedded(spec: str, image_shape: tuple[int, ...], n_bins: int, shape: tuple[int, ...], bins: int) -> None:

@@ -10,6 +10,7 @@ import time
 import torch
 
 from fastflow.checkpoint import save_checkpoint
+from fastflow.cli import number_arg
 from fastflow.data import DIGITS_N_BINS, load_digits
 from fastflow.images import check_writable_folder, save_grid
 from fastflow.models import Glow
@@ -21,10 +22,10 @@ __all__ = ["main"]
 def main(argv: list[str] | None = None) -> float:
     """Run the demo; returns the held-out bits/dim. An unwritable ``--out`` exits with status 2 before training."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=number_arg(int, 1), default=1500)
+    parser.add_argument("--batch", type=number_arg(int, 1), default=64)
     parser.add_argument("--out", default="runs/demo", help="folder for samples.png and checkpoint.pt")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=number_arg(int, 0), default=0)
     args = parser.parse_args(argv)
     try:
         check_writable_folder(args.out)  # before the training, which an unwritable --out would waste

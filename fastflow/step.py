@@ -11,6 +11,7 @@ of the batch and one replay. Both need a step without host syncs (fastflow's gua
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import Literal
@@ -344,7 +345,13 @@ class TrainStep:
         return static_loss.clone()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None, lr: float) -> torch.Tensor:
-        """Run one step on the batch ``x`` (labels ``y`` or None) at learning rate ``lr``; the loss, detached."""
+        """Run one step on the batch ``x`` (labels ``y`` or None) at learning rate ``lr`` (a finite number >= 0,
+        checked on the host: a NaN rate would write NaN into every weight, past the skip guard); the loss,
+        detached."""
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+            raise TypeError(f"lr must be a real number, got {type(lr).__name__} {lr!r}")
+        if not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"lr must be finite and >= 0, got {lr}")
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self.lr.fill_(lr)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastflow.checkpoint import load_checkpoint, save_checkpoint
+from fastflow.checkpoint import check_extra, load_checkpoint, save_checkpoint
 from fastflow.data import ImageSource, TensorImages, batch_at_step
 from fastflow.distributed import rank_and_world_size, shard
 from fastflow.images import check_writable_folder, save_grid
@@ -177,7 +177,10 @@ def evaluate_bits_per_dim(
     batch: int = 256,
     seed: int = 1,
 ) -> float:
-    """Mean bits/dim of integer ``levels`` under ``model`` with one fixed-seed uniform dequantization."""
+    """Mean bits/dim of integer ``levels`` (``(N, C, H, W)``, ``N >= 1``) under ``model`` with one fixed-seed
+    uniform dequantization, ``batch`` images at a time."""
+    check_levels("levels", levels, model.image_shape, model.n_bins)
+    int_at_least("batch", batch, 1)
     parameter = model.floating_parameter()
     total = 0.0
     generator = torch.Generator(levels.device).manual_seed(seed)  # the global RNGs untouched
@@ -188,6 +191,14 @@ def evaluate_bits_per_dim(
             y = None if labels is None else labels[start : start + batch].to(parameter.device)
             total += float(model.bits_per_dim(x, y).sum())
     return total / len(levels)
+
+
+def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` on ``device`` (in ``dtype``): from the CPU to a GPU through page-locked memory, asynchronously (a copy
+    from pageable memory makes the host wait until the GPU has run the work queued before it, the previous step)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, dtype, non_blocking=True)
+    return t.to(device, dtype)
 
 
 def _autocast(device: torch.device, amp: str | None) -> AbstractContextManager[None]:
@@ -271,9 +282,23 @@ def _restore(
 ) -> tuple[int, float | None, list[float]]:
     """Load ``path`` (written by :func:`train`) into the model, optimizer and loss scaler after checking that
     ``config`` continues the same run (:data:`RUN_KEYS`); returns ``(steps done, last held-out bits/dim, the last
-    losses read)``; a checkpoint from before the losses were kept gives none."""
+    losses read)``; a checkpoint from before the losses were kept gives none. A resume refused after the weights
+    loaded (other run settings, an optimizer or scaler state that does not fit) gives the model its own weights
+    back (a CPU copy is kept meanwhile)."""
     if not os.path.exists(path):
         raise ValueError(f"cannot resume: no checkpoint {path!r}")
+    own = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    try:
+        return _load_training_state(path, model, optimizer, scaler, config)
+    except BaseException:
+        model.load_state_dict(own)
+        raise
+
+
+def _load_training_state(
+    path: str, model: FlowModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, config: TrainConfig
+) -> tuple[int, float | None, list[float]]:
+    """:func:`_restore`'s loads and checks, which may fail after the weights are in the model."""
     _, payload = load_checkpoint(path, model, map_location=next(model.parameters()).device)
     extra = payload["extra"]
     if payload["optimizer"] is None or "step" not in extra:
@@ -487,6 +512,15 @@ def train(
     Under ``torch.distributed`` (see :mod:`fastflow.distributed`) each rank trains on its shard of every
     batch inside DDP, the reported loss is the mean over ranks, and only rank 0 evaluates, prints and writes.
     """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if isinstance(data, torch.Tensor):
+        check_levels("data", data, model.image_shape, model.n_bins)
+    elif not (callable(getattr(data, "draw", None)) and hasattr(data, "image_shape")):
+        raise TypeError(
+            f"data must be a tensor of integer levels (N, C, H, W) or an ImageSource (draw, image_shape), got "
+            f"{type(data).__name__}"
+        )
     if labels is not None and not isinstance(data, torch.Tensor):
         raise ValueError("labels go with a levels tensor; an ImageSource draws its own labels")
     taken = sorted(set(checkpoint_extra or {}) & {*CHECKPOINT_ENTRIES, "path", "model", "optimizer"})
@@ -495,11 +529,11 @@ def train(
             f"checkpoint_extra may not use {taken}: train() writes those entries itself (path, model and optimizer "
             "are save_checkpoint's arguments)"
         )
+    check_extra(checkpoint_extra or {})  # the values too: a numpy scalar failed the first save
     source = TensorImages(data, labels) if isinstance(data, torch.Tensor) else data
     if tuple(source.image_shape) != tuple(model.image_shape):
         raise ValueError(f"data has images of shape {tuple(source.image_shape)}, the model {model.image_shape}")
     if isinstance(source, TensorImages):  # once, here: the step itself does not read the labels' range
-        check_levels("data", source.levels, model.image_shape, model.n_bins)
         model.prior.check_labels(source.labels)
     if heldout is not None:
         check_levels("heldout", heldout, model.image_shape, model.n_bins)
@@ -526,12 +560,15 @@ def train(
 
     dtype = model.floating_parameter().dtype
 
+    checked = isinstance(source, TensorImages)  # its levels and labels were checked whole, above: not per batch
+
     def local_batch(step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x, y = batch_at_step(source, step, config.batch, model.n_bins, config.seed)
-        if y is not None and not isinstance(source, TensorImages):  # labels drawn on the host: no device read
+        # a per-batch range check of levels on a GPU would read the device every step
+        x, y = batch_at_step(source, step, config.batch, model.n_bins, config.seed, check_range=not checked)
+        if y is not None and not checked:  # labels drawn on the host: no device read
             model.prior.check_labels(y)
-        x = shard(x, rank, world_size).to(device, dtype)  # the model's dtype: float64 and half models train too
-        return x, None if y is None else shard(y, rank, world_size).to(device)
+        x = _to_device(shard(x, rank, world_size), device, dtype)  # the model's dtype: float64 and half models too
+        return x, None if y is None else _to_device(shard(y, rank, world_size), device)
 
     model.train()
     if start < config.steps:

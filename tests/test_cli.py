@@ -364,6 +364,17 @@ def test_resume_restores_the_run_flags_and_refuses_contradictions(tmp_path, caps
     assert ckpt.read_bytes() == before
 
 
+def test_resume_takes_the_default_n_bits_spelled_out(tmp_path, capsys):
+    """A run on the photo crops stores --n-bits None (the default, 5): --resume --n-bits 5 says the same and
+    continues; another value contradicts it."""
+    out = tmp_path / "run"
+    assert main(["train", "--resolution", "4", "--levels", "1", "--steps", "1", "--hidden", "4", "--batch", "4",
+                 "--iterations", "1", "--device", "cpu", "--quiet", "--out", str(out)]) == 0  # fmt: skip
+    _one_line_error(capsys, ["train", "--out", str(out), "--resume", "--n-bits", "4"], 2, ["--n-bits 4", "None"])
+    assert main(["train", "--out", str(out), "--resume", "--n-bits", "5", "--iterations", "2", "--quiet"]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")[1]["extra"]["step"] == 2
+
+
 def test_resume_can_turn_a_step_mode_off_or_swap_it(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--iterations", "2", "--out", str(out), "--quiet"]) == 0

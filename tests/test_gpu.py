@@ -184,3 +184,16 @@ def test_glow_inverse_is_exact_to_float32_with_tf32_off(backend):
     with fastflow.backend(backend), torch.no_grad():
         x_back = model.decode(model.encode(x))
     assert ((x_back - x).abs().max() / x.abs().max()).item() < 1e-4
+
+
+def test_training_batches_reach_the_gpu_through_pinned_memory_unchanged():
+    """The training loop's batches copy to the GPU asynchronously from page-locked memory: the same values and
+    dtype as a plain copy (labels too), whatever is queued on the device."""
+    from fastflow.train import _to_device
+
+    x, y = torch.rand(64, 3, 32, 32), torch.arange(64)
+    busy = torch.randn(4096, 4096, device="cuda")
+    busy @ busy  # work queued ahead of the copies
+    for t, dtype in ((x, torch.float32), (x, torch.float64), (x, torch.bfloat16), (y, None)):
+        got = _to_device(t, torch.device("cuda"), dtype)
+        assert got.device.type == "cuda" and torch.equal(got.cpu(), t.to(dtype or t.dtype))

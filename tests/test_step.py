@@ -117,6 +117,22 @@ def test_step_sets_the_learning_rate_and_skips_updates_after_a_failure():
     assert float(step.skip) == 0.0 and not all(torch.equal(p, k) for p, k in zip(model.parameters(), kept))
 
 
+def test_a_learning_rate_that_is_not_a_finite_number_at_least_0_is_refused_before_the_step():
+    """A NaN rate passed the skip guard (which looks at the loss and gradients) and wrote NaN into every weight."""
+    model = Glow(3, 8, levels=2, steps=1, hidden=8)
+    step = TrainStep(BitsPerDim(model), model, make_adam(model.parameters(), 1e-3))
+    x = torch.rand(2, 3, 8, 8) - 0.5
+    with torch.no_grad():
+        model.bits_per_dim(x)
+    kept = [p.detach().clone() for p in model.parameters()]
+    for lr, error in ((float("nan"), ValueError), (float("inf"), ValueError), (-1e-3, ValueError), (True, TypeError)):
+        with pytest.raises(error, match="lr must be"):
+            step(x, None, lr)
+    assert all(torch.equal(p, k) for p, k in zip(model.parameters(), kept))
+    step(x, None, 0)  # a zero rate (a warm-up's first step) is a rate
+    assert all(torch.equal(p, k) for p, k in zip(model.parameters(), kept))
+
+
 def test_a_step_with_out_of_range_labels_is_skipped():
     """An out-of-range class label inside a step (no host read there) makes the loss NaN: the update is skipped
     and the weights stay, and ``check_guards`` with the batch names the labels."""

@@ -18,6 +18,7 @@ from fastflow.train import (
     TrainConfig,
     TrainingDiverged,
     TrainingInterrupted,
+    evaluate_bits_per_dim,
     initialize_actnorm,
     train,
 )
@@ -198,8 +199,24 @@ def test_actnorm_initialisation_runs_once_on_the_given_batch():
 
 
 def test_data_of_the_wrong_shape_is_refused():
-    with pytest.raises(ValueError, match=r"shape \(1, 8, 8\).*\(1, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"data must have shape \(N, 1, 4, 4\) .*got \(4, 1, 8, 8\)"):
         train(_model(), torch.zeros(4, 1, 8, 8, dtype=torch.long), TrainConfig(steps=1, progress=False))
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda m: train(m, _data().numpy(), TrainConfig(steps=1)), TypeError, "data must be a tensor of integer"),
+        (lambda m: train(m, _data(), {"steps": 1}), TypeError, "config must be a TrainConfig, got dict"),
+        (lambda m: train(m, _data().float(), TrainConfig(steps=1)), TypeError, "data must be an integer tensor"),
+        (lambda m: evaluate_bits_per_dim(m, _data()[:0]), ValueError, r"levels must .*N >= 1"),
+        (lambda m: evaluate_bits_per_dim(m, _data(), batch=0), ValueError, "batch must be >= 1, got 0"),
+    ],
+)
+def test_train_and_evaluate_name_the_bad_argument(call, error, match):
+    """They failed with an AttributeError, a ZeroDivisionError or range()'s message, or named "levels" for data."""
+    with pytest.raises(error, match=match):
+        call(_model())
 
 
 def _interrupt_at(monkeypatch, at_step: int) -> None:
@@ -303,9 +320,15 @@ def test_labels_outside_the_classes_are_refused_before_training():
 
 
 def test_resume_refuses_other_run_settings(tmp_path):
+    """Refused, and the caller's model keeps its own weights (the checkpoint's had been loaded into it first)."""
     train(_model(), _data(), _config(tmp_path, 2))
+    model = _model(seed=1)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"lr=0.5 \(checkpoint: 0.01\), batch|batch=4 \(checkpoint: 8\), .*lr=0.5"):
-        train(_model(), _data(), TrainConfig(steps=4, batch=4, lr=0.5, warmup=2, out=str(tmp_path)), resume=True)
+        train(model, _data(), TrainConfig(steps=4, batch=4, lr=0.5, warmup=2, out=str(tmp_path)), resume=True)
+    assert all(torch.equal(v, own[k]) for k, v in model.state_dict().items())
+    saved = load_checkpoint(tmp_path / CHECKPOINT_NAME)[0].state_dict()
+    assert not all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())  # they differ: a real check
 
 
 @pytest.mark.parametrize(
@@ -483,4 +506,15 @@ def test_checkpoint_extra_may_not_take_the_entries_train_writes(tmp_path, key):
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=rf"checkpoint_extra may not use \['{key}'\]"):
         train(model, _data(), _config(tmp_path, 2), checkpoint_extra={key: "mine"})
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and not os.listdir(tmp_path)
+
+
+def test_a_checkpoint_extra_value_a_checkpoint_cannot_hold_is_refused_before_the_first_step(tmp_path):
+    """A numpy scalar failed the first save, after the steps before it had run, and left no checkpoint."""
+    import numpy as np
+
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"extra 'lr_found' is a numpy.float64, which a checkpoint cannot hold"):
+        train(model, _data(), _config(tmp_path, 2), checkpoint_extra={"lr_found": np.float64(1e-3)})
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and not os.listdir(tmp_path)

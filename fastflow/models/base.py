@@ -39,30 +39,34 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _check_integer_levels(name: str, levels: object, n_bins: int) -> torch.Tensor:
+def _check_integer_levels(name: str, levels: object, n_bins: int | None) -> torch.Tensor:
     """``levels``, or a ``TypeError`` / ``ValueError`` naming ``name`` unless it is an integer tensor with values in
-    ``[0, n_bins)`` (the range check reads two numbers from the device)."""
+    ``[0, n_bins)`` (the range check reads two numbers from the device; none for ``n_bins=None``)."""
     if not isinstance(levels, torch.Tensor) or levels.is_floating_point() or levels.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {getattr(levels, 'dtype', type(levels).__name__)}")
-    if levels.numel():
+    if n_bins is not None and levels.numel():
         low, high = levels.aminmax()
         if int(low) < 0 or int(high) >= n_bins:
             raise ValueError(f"{name} must lie in [0, n_bins) = [0, {n_bins}), got values in [{int(low)}, {int(high)}]")
     return levels
 
 
-def dequantize(levels: torch.Tensor, n_bins: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def dequantize(
+    levels: torch.Tensor, n_bins: int, generator: torch.Generator | None = None, *, check_range: bool = True
+) -> torch.Tensor:
     """Uniform dequantization of integer pixel levels in ``[0, n_bins)`` to ``(k + u) / n_bins - 0.5``, ``u``
     drawn from ``generator`` (on its device, then moved to ``levels``'), else from the global RNG.
 
     This is the input convention of every model: continuous float32 values in ``[-0.5, 0.5)`` (``k + u`` may
     round up to ``k + 1`` in float32, which for the top level would be 0.5: the result is clamped to the largest
     float32 below 0.5).
-    ``ValueError`` for levels outside ``[0, n_bins)`` (a check that reads two numbers back from the device).
+    ``ValueError`` for levels outside ``[0, n_bins)`` (a check that reads two numbers back from the device);
+    ``check_range=False`` skips that read for levels known to be in range (a data set checked once, whole: on a
+    GPU the read is a sync per batch), keeping the integer check.
     """
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 2:
         raise ValueError(f"n_bins must be an int >= 2, got {n_bins!r}")
-    _check_integer_levels("levels", levels, n_bins)
+    _check_integer_levels("levels", levels, n_bins if check_range else None)
     if generator is None:
         u = torch.rand(levels.shape, device=levels.device)
     else:
