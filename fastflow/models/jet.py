@@ -95,6 +95,8 @@ class Jet(FlowModel):
         int_at_least("heads", heads, 1)
         int_at_least("context", context, 0)
         int_at_least("seed", seed, 0)
+        if seed + couplings > 2**64:  # coupling k's permutation is drawn from a generator seeded seed + k < 2**64
+            raise ValueError(f"seed must be at most 2**64 - couplings = {2**64 - couplings}, got {seed}")
         if h % patch_size or w % patch_size:
             raise ValueError(f"image_size {(h, w)} must be divisible by patch_size = {patch_size}")
         if width % heads:

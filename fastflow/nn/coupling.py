@@ -95,6 +95,8 @@ class _Coupling(FlowLayer):
 
     @tiling.setter
     def tiling(self, tiling: Tiling | None) -> None:
+        if tiling is not None and not isinstance(tiling, Tiling):
+            raise TypeError(f"tiling must be a fastflow.nn.tiling.Tiling or None, got {type(tiling).__name__}")
         if tiling is not None:
             check_tileable(self.net, tiling)
         self._tiling = tiling

@@ -436,13 +436,18 @@ class _ReversibleChain(torch.autograd.Function):
             grad_y = torch.zeros_like(y)
         if grad_logdet is None:
             grad_logdet = y.new_zeros(y.shape[0], dtype=torch.float32)
-        # an immediate check commits gradients only once it passed: the walk accumulates into fresh ones; a backward
-        # that does not take them (torch.autograd.grad, backward(inputs=...)) gets none
+        # the walk's gradients accumulate into .grad through autograd, so its hooks (DDP's reducer, post-accumulate
+        # hooks) see the sum with what .grad held (gradient accumulation, no_sync); an immediate check that fails
+        # puts back the .grad it found (a copy, where there was one); a backward that does not take the parameters'
+        # gradients (torch.autograd.grad, backward(inputs=...)) gets none: .grad is set aside for the walk
         taken = _takes_parameter_gradients(ctx.anchor.grad_fn)
         params = _params(ctx.layers) if ctx.immediate or not taken else []
-        grads_before = [p.grad for p in params]
-        for p in params:
-            p.grad = None
+        if taken:
+            grads_before = [None if p.grad is None else p.grad.clone() for p in params]
+        else:
+            grads_before = [p.grad for p in params]
+            for p in params:
+                p.grad = None
         try:
             # the weight cache off: with it, autocast's low-precision copy of every weight of the chain would
             # stay alive until the whole chain's backward ends, memory that grows with depth
@@ -461,14 +466,12 @@ class _ReversibleChain(torch.autograd.Function):
                 else:
                     _raise_if_beyond(float(drift), ctx.tol)
         except BaseException:
-            for p, before in zip(params, grads_before):  # no gradients computed at wrong points reach .grad
+            for p, before in zip(params, grads_before):  # no gradients computed at wrong points stay in .grad
                 p.grad = before
             raise
-        for p, before in zip(params, grads_before):
-            if not taken:
+        if not taken:
+            for p, before in zip(params, grads_before):
                 p.grad = before
-            elif before is not None:
-                p.grad = before if p.grad is None else before.add_(p.grad)
         grad_context = None if context is None else context.grad
         return grad_y, grad_context, None, None, None, None
 
@@ -559,6 +562,11 @@ def reversible_chain(
     records it in the chain's ``record`` on the device when :func:`guards_deferred` holds here (see the module
     docstring)."""
     max_drift = check_max_drift(max_drift)
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            "reversible backprop does not run under torch.func transforms (grad, vjp, jacrev, vmap): its backward "
+            "walks the chain outside autograd; set reversible=False (model.reversible = False) for them"
+        )
     # The outputs require grad (so that the backward runs) when a parameter does, through an empty leaf rather than
     # the parameters themselves: with the parameters as inputs, the outer backward would also run each one's
     # AccumulateGrad (with no gradient) after the walk's nested backward had, and DistributedDataParallel marks a

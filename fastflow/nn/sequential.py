@@ -17,6 +17,7 @@ from fastflow.nn.reversible import (
     check_max_drift,
     reversible_chain,
 )
+from fastflow.ops._checks import check_bool
 
 __all__ = ["FlowSequential"]
 
@@ -40,20 +41,32 @@ class FlowSequential(FlowLayer):
     reentrant checkpointing, parameter gradients reach ``.grad`` through ``backward()`` (nested backward calls);
     ``torch.autograd.grad`` w.r.t. the parameters does not return them (w.r.t. the input and the context it
     does, and leaves ``.grad`` untouched, as ``backward(inputs=...)`` does); no double backward
-    (``create_graph=True`` raises). Reversible training
+    (``create_graph=True`` raises); gradients accumulate into ``.grad`` through autograd, so its hooks (DDP's) see
+    the accumulated gradient. As with ``torch.utils.checkpoint``, the backward runs the conditioners again: in
+    training mode they must be deterministic and stateless (Dropout trips the drift guard; BatchNorm's running
+    statistics would be updated twice). Reversible training
     batches the units' weights too: once for the forward, and in backward once for the rebuild and once (with a
     graph) for the recomputes (:func:`~fastflow.nn.reversible.chain_backward_from_output`).
     """
 
     def __init__(self, *layers: FlowLayer, reversible: bool = False, max_drift: float | None = None) -> None:
         super().__init__()
-        self.reversible = reversible
-        self.max_drift = check_max_drift(max_drift)
+        self.reversible = check_bool("reversible", reversible)
+        self.max_drift = max_drift
         for i, layer in enumerate(layers):
             if not (isinstance(layer, nn.Module) and callable(getattr(layer, "inverse", None))):
                 raise TypeError(f"layers[{i}] ({type(layer).__name__}) is not invertible: it has no inverse()")
         self.layers = nn.ModuleList(layers)
         self.drift_record = DriftRecord()  # the deferred drift guard's device-side record (no state)
+
+    @property
+    def max_drift(self) -> float | None:
+        """The reversible backward's drift tolerance (None: by dtype; ``math.inf``: off), checked when set."""
+        return self._max_drift
+
+    @max_drift.setter
+    def max_drift(self, value: float | None) -> None:
+        self._max_drift = check_max_drift(value)
 
     def __len__(self) -> int:
         return len(self.layers)

@@ -295,6 +295,7 @@ def test_vit_conditioner_shapes_and_zero_head() -> None:
         (lambda: Jet(1, 8, depth=0, context=3), ValueError, "needs depth >= 1"),  # the context would be unread
         (lambda: ViTConditioner(6, 10, 5, width=8, depth=0, heads=2, context_features=3), ValueError, "depth >= 1"),
         (lambda: Jet(1, 8, n_bins=None), TypeError, "n_bins must be an int"),  # would not load from a checkpoint
+        (lambda: Jet(1, 8, couplings=4, seed=2**64 - 3), ValueError, "seed must be at most 2..64 - couplings"),
         (lambda: Patchify(3, 8, 2), ValueError, r"image_size must be \(H, W\)"),
         (lambda: TokenCoupling((2, 2), 4, "diagonal"), ValueError, "split must be"),  # type: ignore[arg-type]
         (lambda: TokenCoupling((2, 2), 4, pattern="rings"), ValueError, "pattern must be"),  # type: ignore[arg-type]

@@ -73,6 +73,34 @@ def test_gradient_accumulation_matches_standard():
         torch.testing.assert_close(g_rev, g_std, rtol=1e-7, atol=1e-10)
 
 
+def test_accumulation_hooks_see_what_standard_backprop_gives_them():
+    """Hooks on the parameters' gradient accumulation (DistributedDataParallel's reducer among them) see the
+    accumulated gradient, as in standard backprop: under DDP's no_sync accumulation the earlier micro-batches'
+    gradients are reduced with the last one's. The walk had set .grad aside and added it back after, so a
+    post-accumulate hook saw the last micro-batch alone (0.17 of a 1.17 mean), and DDP left the rest unreduced."""
+    model = _initialised(Glow(2, 4, levels=2, steps=2, hidden=8))
+    batches = [torch.rand(3, 2, 4, 4, dtype=torch.float64) - 0.5 for _ in range(2)]
+    params = list(model.parameters())
+    seen: dict[bool, dict[int, torch.Tensor]] = {}
+    for reversible in (False, True):
+        model.reversible = reversible
+        model.zero_grad(set_to_none=True)
+        seen[reversible] = {}
+        handles = [
+            p.register_post_accumulate_grad_hook(lambda p, i=i, s=seen[reversible]: s.__setitem__(i, p.grad.clone()))
+            for i, p in enumerate(params)
+        ]
+        for x in batches:
+            model.bits_per_dim(x).mean().backward()
+        for handle in handles:
+            handle.remove()
+        for i, p in enumerate(params):  # the hook's last view is the final .grad
+            torch.testing.assert_close(seen[reversible][i], p.grad, rtol=0, atol=0)
+    assert seen[True].keys() == seen[False].keys() == set(range(len(params)))
+    for i in seen[False]:
+        torch.testing.assert_close(seen[True][i], seen[False][i], rtol=1e-7, atol=1e-10)
+
+
 def _saved_bytes(model, x):
     total = 0
 
@@ -568,3 +596,28 @@ def test_the_drift_guard_keeps_the_input_scale_when_the_chain_enlarges_it():
     y, logdet = chain(x)
     with pytest.raises(ReconstructionError, match="relative drift"):
         (y.sum() + logdet.sum()).backward()
+
+
+def test_settings_that_would_misbehave_later_are_refused_when_made():
+    """``reversible="no"`` was taken as True, a ``max_drift`` of 0 set after construction made every backward raise,
+    a tiling that is no Tiling failed with an AttributeError at the first run, and torch.func's transforms failed
+    with a generic functorch error deep in the walk."""
+    from fastflow.nn.tiling import Tiling
+
+    with pytest.raises(TypeError, match="reversible must be a bool, got str 'no'"):
+        FlowSequential(FlowStep(4, hidden=8), reversible="no")
+    chain = FlowSequential(FlowStep(4, hidden=8), reversible=True)
+    with pytest.raises(ValueError, match="max_drift must be > 0"):
+        chain.max_drift = 0
+    chain.max_drift = 1e-3
+    assert chain.max_drift == 1e-3
+    coupling = chain.layers[0].layers[-1]
+    with pytest.raises(TypeError, match="tiling must be a fastflow.nn.tiling.Tiling or None, got str"):
+        coupling.tiling = "abc"
+    coupling.tiling = Tiling(tile_size=2)
+    x = torch.randn(2, 4, 4, 4)
+    chain(x)  # ActNorm's initialisation
+    with pytest.raises(RuntimeError, match="reversible backprop does not run under torch.func transforms"):
+        torch.func.grad(lambda t: chain(t)[1].sum())(x)
+    chain.reversible = False
+    assert torch.func.grad(lambda t: chain(t)[1].sum())(x).shape == x.shape
