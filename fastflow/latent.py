@@ -47,15 +47,19 @@ def encode_flat(
     batch: int = 256,
     name: str = "levels",
     context: torch.Tensor | None = None,
+    context_name: str = "context",
 ) -> tuple[torch.Tensor, list[torch.Size]]:
     """``(z (N, D), shapes)``: the latents of integer ``levels`` ``(N, C, H, W)`` (``N >= 1``, in ``[0, n_bins)``;
     ``name`` is what errors call them) concatenated per image, in the model's dtype, and the per-image shape of
     each latent for :func:`decode_flat`. ``context``: one row per image for a conditional model (class labels
-    ``(N,)`` for a class-conditional one). Runs the model in eval mode and leaves its mode as it was."""
+    ``(N,)`` for a class-conditional one; ``context_name`` is what errors call it). Runs the model in eval mode
+    and leaves its mode as it was."""
     _check_quantized(model)
     check_levels(name, levels, model.image_shape, model.n_bins)
     int_at_least("batch", batch, 1)
-    context = _check_context_rows("context", context, len(levels))
+    context = _check_context_rows(context_name, context, len(levels))
+    if context is None and model.conditional:
+        raise ValueError(f"{context_name} is required: {type(model).__name__} is conditional (one row per image)")
     parameter = model.floating_parameter()
     flat, shapes = [], []
     with eval_mode(model):
@@ -74,9 +78,16 @@ def decode_flat(
     """Images ``(N, C, H, W)`` in about ``[-0.5, 0.5]`` from flat latents ``z`` ``(N, D)`` (see
     :func:`encode_flat`; ``context`` one row per image), decoded in eval mode (the model's mode is left as it
     was)."""
+    try:
+        shapes = [torch.Size(s) for s in shapes]  # encode_flat's, or sequences of ints (read back from JSON)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"shapes must be a sequence of shapes (sequences of ints), got {shapes!r}") from err
     sizes = [s.numel() for s in shapes]
     if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != sum(sizes):
         raise ValueError(f"z must have shape (N, {sum(sizes)}), got {tuple(getattr(z, 'shape', ()))}")
+    dtype = model.floating_parameter().dtype
+    if z.dtype != dtype:
+        raise TypeError(f"z is {z.dtype} but the model is {dtype}: convert one, e.g. z.to({dtype})")
     context = _check_context_rows("context", context, len(z))
     parts = z.split(sizes, dim=1)
     with eval_mode(model):
@@ -121,8 +132,9 @@ def attribute_direction(
     """Flat latent direction ``(D,)``: mean latent of the images ``with_attribute`` minus the mean latent of
     the images ``without`` (integer levels ``(N, C, H, W)`` each; a conditional model's contexts one row per
     image of each)."""
-    z_with = encode_flat(model, with_attribute, name="with_attribute", context=context_with)[0]
-    return z_with.mean(0) - encode_flat(model, without, name="without", context=context_without)[0].mean(0)
+    z_with, _ = encode_flat(model, with_attribute, 256, "with_attribute", context_with, "context_with")
+    z_without, _ = encode_flat(model, without, 256, "without", context_without, "context_without")
+    return z_with.mean(0) - z_without.mean(0)
 
 
 def manipulate(

@@ -116,6 +116,23 @@ def test_a_class_conditional_model_interpolates_and_edits_at_one_label():
     torch.testing.assert_close(edited[0], _pixels(a)[0], rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match=r"context must have one row per image \(1\)"):
         manipulate(model, a, direction, [1.0], context=torch.tensor([0, 1]))
+    # the direction's two contexts are named apart
+    with pytest.raises(ValueError, match=r"context_without must have one row per image \(2\), got shape \(1,\)"):
+        attribute_direction(model, _levels(2, 3), _levels(2, 4), torch.tensor([0, 1]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="context_without is required: Glow is conditional"):
+        attribute_direction(model, _levels(2, 3), _levels(2, 4), torch.tensor([0, 1]))
+
+
+def test_decode_flat_names_z_and_takes_shapes_read_back_as_lists(model):
+    """A float64 z was blamed on latents[-1] (an internal list), and shapes that went through JSON (lists of
+    ints) failed with an AttributeError."""
+    z, shapes = encode_flat(model, _levels(2, 5))
+    as_lists = [list(s) for s in shapes]
+    torch.testing.assert_close(decode_flat(model, z, as_lists), decode_flat(model, z, shapes), rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"z is torch.float64 but the model is torch.float32"):
+        decode_flat(model, z.double(), shapes)
+    with pytest.raises(TypeError, match="shapes must be a sequence of shapes"):
+        decode_flat(model, z, [3.5])
 
 
 def test_strengths_may_be_a_tensor_and_the_model_keeps_its_mode_and_dtype(model):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from fastflow.models.base import FlowModel
 from fastflow.models.glow import image_hw
 from fastflow.models.priors import LogisticPrior
-from fastflow.nn.base import FlowLayer, check_features
+from fastflow.nn.base import FlowLayer, check_features, check_network_dtype
 from fastflow.nn.coupling_network import mlp_network
 from fastflow.nn.sequential import FlowSequential
 from fastflow.ops._checks import int_at_least, logdet_dtype
@@ -32,6 +34,11 @@ class NICECoupling(FlowLayer):
         self.mlp = mlp_network(num_features // 2, hidden, num_features // 2, depth)
 
     def _couple(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        name = "y" if inverse else "x"
+        x = check_features(name, x)  # a floating tensor, (B, D) or (B, C, H, W)
+        if math.prod(x.shape[1:]) != self.num_features:
+            raise ValueError(f"{name} must hold {self.num_features} values per sample, got shape {tuple(x.shape)}")
+        check_network_dtype(name, x, self.mlp)
         # (B, 2, D/2) view of the even/odd pairs: the op transforms channel 1 - parity and copies the other
         # through in one pass, writing the output in x's own element order (so the reshape back is a view)
         halves = x.reshape(x.shape[0], self.num_features // 2, 2).transpose(1, 2)

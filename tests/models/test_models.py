@@ -430,6 +430,26 @@ def test_priors_refuse_what_they_would_broadcast_or_misread():
     assert prior.sample(2, 1.0, torch.tensor([0, 3]), dtype=torch.float64).dtype == torch.float64
 
 
+@pytest.mark.parametrize(
+    "x, error, match",
+    [
+        (torch.randn(2, 6), ValueError, r"x must hold 4 values per sample, got shape \(2, 6\)"),  # a reshape error
+        (torch.randn(2, 2, 2), ValueError, "x must have shape .B, D. or .B, C, H, W., got rank 3"),  # was accepted
+        (torch.randn(2, 4).double(), TypeError, "x is torch.float64 but the layer's network is torch.float32"),
+        (torch.ones(2, 4).long(), TypeError, "x must be a floating-point tensor, got torch.int64"),
+    ],
+)
+def test_nice_coupling_on_its_own_names_bad_input(x, error, match):
+    """Inside a model the model checks its input; the layer alone failed in a reshape or a matrix product."""
+    from fastflow.models.nice import NICECoupling
+
+    coupling = NICECoupling(4, 8, 1, 0)
+    with pytest.raises(error, match=match):
+        coupling(x)
+    with pytest.raises(error, match=match.replace("x ", "y ", 1)):
+        coupling.inverse(x)
+
+
 def test_layer_constants_are_checked_at_construction():
     from fastflow.models.nice import NICECoupling
     from fastflow.nn import ActNorm
