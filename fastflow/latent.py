@@ -132,8 +132,10 @@ def attribute_direction(
     """Flat latent direction ``(D,)``: mean latent of the images ``with_attribute`` minus the mean latent of
     the images ``without`` (integer levels ``(N, C, H, W)`` each; a conditional model's contexts one row per
     image of each)."""
-    z_with, _ = encode_flat(model, with_attribute, 256, "with_attribute", context_with, "context_with")
-    z_without, _ = encode_flat(model, without, 256, "without", context_without, "context_without")
+    z_with, _ = encode_flat(
+        model, with_attribute, name="with_attribute", context=context_with, context_name="context_with"
+    )
+    z_without, _ = encode_flat(model, without, name="without", context=context_without, context_name="context_without")
     return z_with.mean(0) - z_without.mean(0)
 
 

@@ -533,7 +533,9 @@ def train(
     source = TensorImages(data, labels) if isinstance(data, torch.Tensor) else data
     if tuple(source.image_shape) != tuple(model.image_shape):
         raise ValueError(f"data has images of shape {tuple(source.image_shape)}, the model {model.image_shape}")
-    if isinstance(source, TensorImages):  # once, here: the step itself does not read the labels' range
+    if isinstance(source, TensorImages):  # once, here: the batches are not checked (a host read per step)
+        if source is data:  # a TensorImages given as is (a raw tensor was checked above)
+            check_levels("data.levels", source.levels, model.image_shape, model.n_bins)
         model.prior.check_labels(source.labels)
     if heldout is not None:
         check_levels("heldout", heldout, model.image_shape, model.n_bins)

@@ -518,3 +518,28 @@ def test_a_checkpoint_extra_value_a_checkpoint_cannot_hold_is_refused_before_the
     with pytest.raises(TypeError, match=r"extra 'lr_found' is a numpy.float64, which a checkpoint cannot hold"):
         train(model, _data(), _config(tmp_path, 2), checkpoint_extra={"lr_found": np.float64(1e-3)})
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and not os.listdir(tmp_path)
+
+
+def test_levels_out_of_range_are_refused_before_training_whether_a_tensor_or_tensor_images():
+    """The batches skip the range check (a host read per step): the whole set is checked once, before the first
+    step, also when the caller wraps it in a TensorImages."""
+    bad = _data().clone()
+    bad[0, 0, 0, 0] = N_BINS
+    for data, name in ((bad, "data"), (TensorImages(bad), "data.levels")):
+        with pytest.raises(ValueError, match=rf"{name} must lie in \[0, n_bins\)"):
+            train(_model(), data, _config("unused", 2))
+
+
+def test_batches_go_to_a_gpu_through_page_locked_memory_without_blocking(monkeypatch):
+    """The logic of the copy (the GPU test checks its values): pinned, then non-blocking; no pinning on the CPU."""
+    from fastflow.train import _to_device
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: calls.append("pin") or t)
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: calls.append(("to", a, k)) or t)
+    x = torch.zeros(2)
+    _to_device(x, torch.device("cuda"), torch.float64)
+    assert calls == ["pin", ("to", (torch.device("cuda"), torch.float64), {"non_blocking": True})]
+    calls.clear()
+    _to_device(x, torch.device("cpu"), torch.float64)
+    assert calls == [("to", (torch.device("cpu"), torch.float64), {})]

@@ -16,6 +16,7 @@ from torch import nn
 from fastflow.models.priors import TopPrior
 from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.base import check_image, run_layer
+from fastflow.nn.distributions import check_generator
 from fastflow.nn.reversible import drift_tripped, guards_deferred, moved_record, read_drift_guard
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.split import Split
@@ -395,6 +396,7 @@ class FlowModel(nn.Module):
         ``FloatingPointError`` (one host read; not where guards are deferred, whose step records a non-finite loss
         instead)."""
         _check_temperature(temperature)
+        check_generator(generator)
         if not isinstance(latents, (list, tuple)):
             raise TypeError(
                 f"latents must be a list of {len(self.blocks)} tensors (encode's output), got {type(latents).__name__}"
@@ -446,12 +448,14 @@ class FlowModel(nn.Module):
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         _check_temperature(temperature)
+        check_generator(generator)
         if isinstance(context, torch.Tensor) and context.dim() > 0 and context.shape[0] == 1 and n > 1:
             context = context.expand(n, *context.shape[1:])
         self._check_context(context, n)
         parameter = self.floating_parameter()
+        drawn_from = {} if generator is None else {"generator": generator}  # a prior of the older signature works
         top = self.prior.sample(
-            n, temperature, self._prior_context(context), parameter.device, parameter.dtype, generator
+            n, temperature, self._prior_context(context), parameter.device, parameter.dtype, **drawn_from
         )
         latents: list[torch.Tensor | None] = [None] * len(self.splits) + [top]
         return self.decode(latents, context, temperature, generator=generator)

@@ -9,7 +9,7 @@ import torch
 
 from fastflow.ops._checks import logdet_dtype
 
-__all__ = ["draw", "gaussian_log_prob", "gaussian_sample", "standard_gaussian_log_prob"]
+__all__ = ["check_generator", "draw", "gaussian_log_prob", "gaussian_sample", "standard_gaussian_log_prob"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -30,6 +30,12 @@ def standard_gaussian_log_prob(z: torch.Tensor) -> torch.Tensor:
     return (z * z).sum(dim=1).mul(-0.5).sub(0.5 * z.shape[1] * _LOG_2PI)
 
 
+def check_generator(generator: object) -> None:
+    """``TypeError`` naming ``generator`` unless it is None or a ``torch.Generator``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
 def draw(
     sampler: Callable[..., torch.Tensor],
     shape: Sequence[int],
@@ -43,8 +49,7 @@ def draw(
     ``torch.Generator``."""
     if generator is None:
         return sampler(tuple(shape), device=device, dtype=dtype)
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    check_generator(generator)
     return sampler(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
 
 

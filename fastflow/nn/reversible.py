@@ -29,9 +29,10 @@ beyond it is reported depends on where the forward ran:
 
 - immediately, by default: the backward reads the drift (a host sync) and raises :class:`ReconstructionError`
   instead of returning gradients computed at wrong points, and the chain's parameters keep the ``.grad`` they
-  had before the backward: the walk accumulates into fresh gradients that are added to existing ones (in place)
-  only after the check passes. With ``None`` gradients (``zero_grad()``'s default) that costs nothing;
-  accumulated gradients need one chain's worth of parameter gradients more while its backward runs.
+  had before the backward: the walk accumulates into ``.grad`` through autograd (its hooks, DDP's reducer, see
+  the accumulated gradient), and a failed check writes the values it found back into the same tensors (a copy
+  is kept meanwhile). With ``None`` gradients (``zero_grad()``'s default) that costs nothing; accumulated
+  gradients need one chain's worth of parameter gradients more while its backward runs.
 - deferred, when the forward ran inside :func:`deferred_guards`, under ``torch.compile`` tracing or during CUDA
   graph capture (:func:`guards_deferred`): the backward makes no host read. It keeps the largest
   ``drift / max_drift`` of the chain since the last read in a device tensor (:class:`DriftRecord`) and
@@ -442,10 +443,10 @@ class _ReversibleChain(torch.autograd.Function):
         # gradients (torch.autograd.grad, backward(inputs=...)) gets none: .grad is set aside for the walk
         taken = _takes_parameter_gradients(ctx.anchor.grad_fn)
         params = _params(ctx.layers) if ctx.immediate or not taken else []
-        if taken:
-            grads_before = [None if p.grad is None else p.grad.clone() for p in params]
+        grads_before = [p.grad for p in params]
+        if taken:  # the values to put back, in the same tensors (a .grad may be a view of a flat buffer)
+            saved = [None if g is None else g.clone() for g in grads_before]
         else:
-            grads_before = [p.grad for p in params]
             for p in params:
                 p.grad = None
         try:
@@ -466,7 +467,9 @@ class _ReversibleChain(torch.autograd.Function):
                 else:
                     _raise_if_beyond(float(drift), ctx.tol)
         except BaseException:
-            for p, before in zip(params, grads_before):  # no gradients computed at wrong points stay in .grad
+            for i, (p, before) in enumerate(zip(params, grads_before)):  # no gradient from wrong points stays
+                if taken and before is not None:
+                    before.copy_(saved[i])
                 p.grad = before
             raise
         if not taken:

@@ -51,13 +51,22 @@ class FlowSequential(FlowLayer):
 
     def __init__(self, *layers: FlowLayer, reversible: bool = False, max_drift: float | None = None) -> None:
         super().__init__()
-        self.reversible = check_bool("reversible", reversible)
+        self.reversible = reversible
         self.max_drift = max_drift
         for i, layer in enumerate(layers):
             if not (isinstance(layer, nn.Module) and callable(getattr(layer, "inverse", None))):
                 raise TypeError(f"layers[{i}] ({type(layer).__name__}) is not invertible: it has no inverse()")
         self.layers = nn.ModuleList(layers)
         self.drift_record = DriftRecord()  # the deferred drift guard's device-side record (no state)
+
+    @property
+    def reversible(self) -> bool:
+        """Whether the chain trains with reversible backprop (a bool, checked when set)."""
+        return self._reversible
+
+    @reversible.setter
+    def reversible(self, value: bool) -> None:
+        self._reversible = check_bool("reversible", value)
 
     @property
     def max_drift(self) -> float | None:

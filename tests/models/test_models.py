@@ -114,8 +114,30 @@ def test_sampling_from_a_generator_repeats_and_leaves_the_global_rng_alone(name)
         a, b = (model.decode(latents, labels, 0.7, generator=seeded(s)) for s in (1, 1))
         assert torch.equal(a, b)
         assert not torch.allclose(a, model.decode(latents, labels, 0.7, generator=seeded(2)))
-    with pytest.raises(TypeError, match="generator must be a torch.Generator, got int"):
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
         model.sample(3, labels, generator=7)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got str"):
+        model.decode(model.encode(first, labels), labels, generator="seed")  # nothing to draw: checked all the same
+
+
+def test_a_prior_written_before_generator_samples_without_one():
+    """A TopPrior subclass with the earlier ``sample(n, temperature, y, device, dtype)`` keeps working where no
+    generator is asked for (rsample passed ``generator`` to every prior)."""
+    from fastflow.models.base import FlowModel
+    from fastflow.models.priors import TopPrior
+    from fastflow.nn import ActNorm, FlowSequential
+
+    class OldPrior(TopPrior):
+        def log_prob(self, z, y=None):
+            return standard_gaussian_log_prob(z)
+
+        def sample(self, n, temperature, y=None, device=None, dtype=None):
+            return temperature * torch.randn(n, *self.shape, device=device, dtype=dtype)
+
+    model = FlowModel([FlowSequential(ActNorm(3))], [], OldPrior((3,)), (3,), None, {})
+    assert model.sample(4).shape == (4, 3)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'generator'"):
+        model.sample(4, generator=torch.Generator())  # asked for: the prior must take it
 
 
 def test_dequantize_maps_levels_into_their_bins():
