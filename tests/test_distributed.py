@@ -168,6 +168,44 @@ def _drift_worker(rank: int, world_size: int, port: int, folder: str) -> None:
         distributed.teardown()
 
 
+def _no_sync_worker(rank: int, world_size: int, port: int, folder: str) -> None:
+    """Two micro-batches per rank, the first under DDP's ``no_sync()``: each rank's gradients, standard and
+    reversible (float64)."""
+    _join(rank, world_size, port)
+    try:
+        grads = {}
+        for reversible in (False, True):
+            torch.manual_seed(0)  # the same weights on every rank
+            model = Glow(1, 4, levels=2, steps=2, hidden=8, n_bins=N_BINS).double()
+            with torch.no_grad():
+                model.bits_per_dim(torch.rand(8, 1, 4, 4, dtype=torch.float64) - 0.5)  # ActNorm's initialisation
+                for p in model.parameters():  # off the identity start, so every gradient counts
+                    p.add_(0.05 * torch.randn_like(p))
+            model.reversible = reversible
+            objective = torch.nn.parallel.DistributedDataParallel(BitsPerDim(model))
+            g = torch.Generator().manual_seed(10 + rank)  # each rank its own micro-batches
+            first, second = (torch.rand(4, 1, 4, 4, dtype=torch.float64, generator=g) - 0.5 for _ in range(2))
+            with objective.no_sync():
+                objective(first, None).mean().backward()
+            objective(second, None).mean().backward()
+            grads[reversible] = [p.grad.clone() for p in model.parameters()]
+        torch.save(grads, f"{folder}/nosync{rank}.pt")
+    finally:
+        distributed.teardown()
+
+
+def test_gradient_accumulation_under_no_sync_is_reduced_whole_in_reversible_mode(tmp_path):
+    """The walk had set .grad aside and added it back after DDP's reduction: the micro-batch accumulated under
+    no_sync() was never all-reduced, and the ranks' gradients (so their weights) drifted apart."""
+    mp.spawn(_no_sync_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"nosync{r}.pt") for r in range(2)]
+    for standard, reversible in zip(ranks[0][False], ranks[0][True]):
+        torch.testing.assert_close(reversible, standard, rtol=1e-9, atol=1e-12)
+    for mine, theirs in zip(ranks[0][True], ranks[1][True]):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-14)
+    assert any(g.abs().max() > 0 for g in ranks[0][True])
+
+
 def test_a_drift_on_one_rank_raises_on_every_rank(tmp_path):
     mp.spawn(_drift_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     outcomes = [torch.load(tmp_path / f"drift{r}.pt")["outcome"] for r in range(2)]
