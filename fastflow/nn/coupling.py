@@ -10,6 +10,7 @@ import torch
 from fastflow.nn.base import FlowLayer, check_features, check_network_dtype
 from fastflow.nn.context import shape_context
 from fastflow.nn.coupling_network import Subnet, build_subnet, conv_subnet, mlp_subnet
+from fastflow.nn.recompute_state import running_statistics_kept
 from fastflow.nn.tiling import Tile, Tiling, check_tileable, tiles
 from fastflow.ops._checks import int_at_least
 from fastflow.ops.coupling import (
@@ -233,7 +234,24 @@ class _Coupling(FlowLayer):
         inputs: list[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x, grad_x, grad of the network input a)`` on one tile (the last over the tile's halo window);
-        ``grad_x`` lacks the network input's part. Gradients of ``inputs`` (parameters, context) go to ``.grad``."""
+        ``grad_x`` lacks the network input's part. Gradients of ``inputs`` (parameters, context) go to ``.grad``.
+        The network's batch norms keep the running statistics the forward left (:func:`running_statistics_kept`:
+        put back after the backward, which reads the saved ones)."""
+        with running_statistics_kept(self.net):
+            return self._tile_backward_once(tile, a_full, y, grad_y, grad_logdet, mask, b_start, context, inputs)
+
+    def _tile_backward_once(
+        self,
+        tile: Tile,
+        a_full: torch.Tensor,
+        y: torch.Tensor,
+        grad_y: torch.Tensor,
+        grad_logdet: torch.Tensor,
+        mask: torch.Tensor | None,
+        b_start: int | None,
+        context: torch.Tensor | None,
+        inputs: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         whole = y.dim() == 2
         core = (...,) if whole else (..., *tile.core)
         window = (...,) if whole else (..., *tile.window)

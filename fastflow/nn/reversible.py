@@ -58,6 +58,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fastflow.nn.actnorm_invconv import chain_units, run_units, shared_weights
 from fastflow.nn.base import run_layer
+from fastflow.nn.recompute_state import running_statistics_kept
 
 __all__ = [
     "BackwardWeights",
@@ -292,11 +293,13 @@ def _layer_backward(
         if weights is None:
             return fused(y, grad_y, grad_logdet, context)
         return fused(y, grad_y, grad_logdet, context, weights=weights)
-    if weights is None:
-        return recompute_backward(layer, layer.inverse, list(layer.parameters()), y, grad_y, grad_logdet, context)
-    forward, inverse = partial(layer, weights=weights.forward), partial(layer.inverse, weights=weights.inverse)
-    params = [*layer.parameters(), *_weight_tensors(weights.forward)]
-    return recompute_backward(forward, inverse, params, y, grad_y, grad_logdet, context)
+    with running_statistics_kept(layer):  # the recompute's inverse and forward update no running statistics
+        if weights is None:
+            params = list(layer.parameters())
+            return recompute_backward(layer, layer.inverse, params, y, grad_y, grad_logdet, context)
+        forward, inverse = partial(layer, weights=weights.forward), partial(layer.inverse, weights=weights.inverse)
+        params = [*layer.parameters(), *_weight_tensors(weights.forward)]
+        return recompute_backward(forward, inverse, params, y, grad_y, grad_logdet, context)
 
 
 def chain_backward_from_output(

@@ -43,8 +43,8 @@ class FlowSequential(FlowLayer):
     does, and leaves ``.grad`` untouched, as ``backward(inputs=...)`` does); no double backward
     (``create_graph=True`` raises); gradients accumulate into ``.grad`` through autograd, so its hooks (DDP's) see
     the accumulated gradient. As with ``torch.utils.checkpoint``, the backward runs the conditioners again: in
-    training mode they must be deterministic and stateless (Dropout trips the drift guard; BatchNorm's running
-    statistics would be updated twice). Reversible training
+    training mode they must be deterministic (Dropout trips the drift guard); batch norms' running statistics are
+    put back after the recompute (:mod:`fastflow.nn.recompute_state`). Reversible training
     batches the units' weights too: once for the forward, and in backward once for the rebuild and once (with a
     graph) for the recomputes (:func:`~fastflow.nn.reversible.chain_backward_from_output`).
     """

@@ -9,6 +9,7 @@ import torch
 
 from fastflow.nn.base import FlowLayer, check_network_dtype
 from fastflow.nn.permutation import loaded_permutation_error
+from fastflow.nn.recompute_state import running_statistics_kept
 from fastflow.nn.state_upgrade import drop_inverse_order
 from fastflow.nn.vit import ViTConditioner
 from fastflow.ops.coupling import affine_coupling, affine_coupling_backward_from_output_, affine_coupling_inverse
@@ -221,20 +222,21 @@ class TokenCoupling(FlowLayer):
         y_a, y_b = self._halves(y.detach())  # no graph through y: the halves are written over in place
         grad_y_a, grad_y_b = self._halves(grad_y.detach())
         del y, grad_y
-        with torch.enable_grad():
-            a = y_a.detach().requires_grad_(True)  # y_a = x_a: a new leaf
-            ctx = None if shaped is None else context.to(a.dtype)  # in the graph: its gradient reaches context
-            out = self._net(a, ctx)
-        grad_out = out.detach()
-        with torch.no_grad():
-            shift, raw = (self._op_view(t) for t in grad_out.chunk(2, dim=-1))
-            affine_coupling_backward_from_output_(
-                self._op_view(y_b), shift, raw, self._op_view(grad_y_b), grad_logdet, _SCALE
-            )
-        del shift, raw
-        a.grad = grad_y_a  # accumulated into, in place
-        torch.autograd.backward([out], [grad_out], inputs=[a, *inputs])
-        del grad_out, out
+        with running_statistics_kept(self.net):  # put back after the backward, which reads the saved ones
+            with torch.enable_grad():
+                a = y_a.detach().requires_grad_(True)  # y_a = x_a: a new leaf
+                ctx = None if shaped is None else context.to(a.dtype)  # in the graph: its gradient reaches context
+                out = self._net(a, ctx)
+            grad_out = out.detach()
+            with torch.no_grad():
+                shift, raw = (self._op_view(t) for t in grad_out.chunk(2, dim=-1))
+                affine_coupling_backward_from_output_(
+                    self._op_view(y_b), shift, raw, self._op_view(grad_y_b), grad_logdet, _SCALE
+                )
+            del shift, raw
+            a.grad = grad_y_a  # accumulated into, in place
+            torch.autograd.backward([out], [grad_out], inputs=[a, *inputs])
+            del grad_out, out
         x = self._joined(a.detach(), y_b)
         del y_b
         grad_x_a = a.grad

@@ -627,3 +627,49 @@ def test_settings_that_would_misbehave_later_are_refused_when_made():
         torch.func.grad(lambda t: chain(t)[1].sum())(x)
     chain.reversible = False
     assert torch.func.grad(lambda t: chain(t)[1].sum())(x).shape == x.shape
+
+
+class _BatchNormShift(torch.nn.Module):
+    """``y_b = x_b + f(x_a)`` with a batch norm in ``f``: a layer without a fused backward (recomputed whole)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+
+    def forward(self, x, context=None):
+        return torch.cat([x[:, :2], x[:, 2:] + self.f(x[:, :2])], 1), x.new_zeros(len(x))
+
+    def inverse(self, y, context=None):
+        return torch.cat([y[:, :2], y[:, 2:] - self.f(y[:, :2])], 1), y.new_zeros(len(y))
+
+
+def test_batch_norms_in_conditioners_update_their_running_statistics_once():
+    """The backward's recompute (and a generic layer's inverse) ran the batch norms in training mode again: their
+    running statistics moved twice per step (and the batch count), so eval-mode outputs depended on the backprop
+    mode. Outputs and gradients were and are the standard ones (the recompute sees the forward's batch)."""
+    from fastflow.nn import AffineCoupling, InvertibleLinear
+
+    def subnet(n_in, n_out):
+        return torch.nn.Sequential(torch.nn.Linear(n_in, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                   torch.nn.Linear(16, n_out))  # fmt: skip
+
+    x = torch.randn(32, 4, dtype=torch.float64)
+    results = {}
+    for reversible in (False, True):
+        torch.manual_seed(0)
+        couplings = [AffineCoupling(4, scale="exp", vectors=True, subnet=subnet, parity=i) for i in (0, 1)]
+        chain = FlowSequential(
+            InvertibleLinear(4), couplings[0], _BatchNormShift(), InvertibleLinear(4), couplings[1],
+            reversible=reversible,
+        ).double()  # fmt: skip
+        perturb_parameters(chain, 0.1)
+        y, logdet = chain(x)
+        (y.square().sum() + logdet.sum()).backward()
+        norms = [m for m in chain.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+        stats = [t.clone() for m in norms for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+        results[reversible] = stats, [p.grad.clone() for p in chain.parameters()]
+    assert len(results[True][0]) == 9 and all(int(t) == 1 for t in results[True][0][2::3])
+    for got, want in zip(results[True][0], results[False][0]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+    for got, want in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
