@@ -205,7 +205,7 @@ def _resolve_train_flags(args: argparse.Namespace) -> int:
         raise ValueError("--cuda-graph runs in float32 or under --amp bf16, not --amp fp16 (loss scaling)")
     if args.resolution is None:
         args.resolution = 8 if args.data is None else _infer_resolution(args.data)
-        if args.data is not None and not args.quiet:
+        if args.data is not None and not args.quiet and distributed.launched_as_main():
             print(f"--resolution {args.resolution}: the shorter side of every image in {args.data}")
     if args.model == "jet":
         if args.resolution % args.patch_size:
@@ -261,7 +261,8 @@ def _model(args: argparse.Namespace, in_channels: int, n_bins: int) -> tuple[Flo
 def _train(args: argparse.Namespace) -> int:
     start = _resolve_train_flags(args)
     if args.resume and start >= args.iterations:
-        print(f"already at step {start} of {args.iterations}: nothing to do (a larger --iterations trains further)")
+        if distributed.launched_as_main():  # before the process group: every rank gets here
+            print(f"already at step {start} of {args.iterations}: nothing to do (a larger --iterations trains further)")
         return 0
     config = TrainConfig(
         steps=args.iterations, batch=args.batch, lr=args.lr, warmup=args.warmup, clip=args.clip, seed=args.seed,

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from fastflow.ops._checks import int_at_least
 
-__all__ = ["Context", "rank_and_world_size", "setup", "shard", "teardown"]
+__all__ = ["Context", "launched_as_main", "rank_and_world_size", "setup", "shard", "teardown"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,13 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError as err:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from err
+
+
+def launched_as_main() -> bool:
+    """Whether this process is rank 0 as its launcher set it (``RANK``, torchrun's), before any process group
+    exists: what prints before :func:`setup` prints once. True without a launcher (or with an unreadable
+    ``RANK``, which :func:`setup` then refuses)."""
+    return os.environ.get("RANK", "0").strip() in ("0", "")
 
 
 def setup(device: str | None = None) -> Context:

@@ -342,7 +342,7 @@ def test_ctrl_c_saves_prints_the_resume_command_and_resume_finishes_the_run(tmp_
         torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_resume_restores_the_run_flags_and_refuses_contradictions(tmp_path, capsys):
+def test_resume_restores_the_run_flags_and_refuses_contradictions(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     run = ["--batch", "8", "--lr", "0.01", "--warmup", "3", "--clip", "5", "--seed", "2", "--iterations", "2"]
     assert main(["train", *TINY, *run, "--out", str(out)]) == 0
@@ -362,6 +362,9 @@ def test_resume_restores_the_run_flags_and_refuses_contradictions(tmp_path, caps
     assert main(["train", "--out", str(out), "--resume"]) == 0
     assert "already at step 3 of 3" in capsys.readouterr().out
     assert ckpt.read_bytes() == before
+    monkeypatch.setenv("RANK", "1")  # another rank of a torchrun launch: rank 0 alone says it
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert "already at step" not in capsys.readouterr().out
 
 
 def test_resume_takes_the_default_n_bits_spelled_out(tmp_path, capsys):
