@@ -11,6 +11,7 @@ import queue
 import signal
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -129,6 +130,17 @@ def largest_fitting_batch(fits: Callable[[int], bool], cap: int, budget: Budget)
     }
 
 
+_DIES_WITH_PARENT = (
+    (sys.executable, "-c", "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGKILL); "
+     "os.execvp(sys.argv[1], sys.argv[1:])")
+    if sys.platform.startswith("linux")
+    else ()
+)  # fmt: skip
+"""A prefix that makes a command get SIGKILL when the process that started it dies (Linux ``prctl(PR_SET_PDEATHSIG)``,
+kept across ``exec``): a child in a process group of its own outlives a parent killed by SIGKILL otherwise (a
+``timeout -s KILL`` around ``make gpu-check``), and would go on using the GPU and writing results."""
+
+
 class BoxedProcess:
     """A child process whose output (stdout and stderr merged) is read line by line within a time limit:
     :meth:`lines` kills it when the time is up, so a step that hangs or compiles for too long costs no more than
@@ -137,7 +149,7 @@ class BoxedProcess:
 
     def __init__(self, cmd: Sequence[str], env: dict[str, str] | None = None, own_group: bool = True) -> None:
         self.process = subprocess.Popen(
-            list(cmd),
+            [*_DIES_WITH_PARENT, *cmd],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

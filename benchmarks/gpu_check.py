@@ -20,9 +20,12 @@ use whatever earlier steps left, but never the time reserved for the steps after
 A benchmark step gets ``--deadline`` (its box less :data:`SOFT_MARGIN_S`): it stops starting work and writes
 what it measured, marking the rest ``skipped: time``; at the end of its box it is killed (with its children).
 Results go to ``benchmarks/results/<device>.*`` as each case finishes (``python -m benchmarks`` writes them);
-with ``--out`` (default ``$OUT`` when set) each step's log goes to ``<out>/gpu-check/<n>-<step>.log``, the
-result files are copied to ``<out>/results/`` after every step, and ``<out>/gpu-check/summary.md`` lists each
-step's status and seconds.
+with ``--out`` (default ``$OUT`` when set) the check keeps one file there, ``<out>/gpu-check.tar.gz``, rewritten
+(atomically) after every step and when the check is stopped (SIGTERM, SIGINT): each step's log
+(``gpu-check/<n>-<step>.log``), ``gpu-check/summary.md`` (each step's status and seconds) and copies of the
+result files written since the start (``gpu-check/results/``). One file, because the GPU machine returns only a
+few files from ``$OUT``. A step killed at its time box keeps the rows its case had written and does not fail the
+check (exit status 1 means a step failed).
 
 Budget (``--total-s``, default 460 s, so that with ``make gpu-install`` the whole check stays under 8 minutes
 on a fresh H100): the reserves in :data:`PLAN`, from the last GPU timings (the gpu tests, in one process, 99 s
@@ -42,13 +45,19 @@ import os
 import shutil
 import signal
 import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from benchmarks.common import BoxedProcess
+from fastflow.atomic_file import atomic_file
 
-__all__ = ["PLAN", "SOFT_MARGIN_S", "Step", "deadlines", "main"]
+__all__ = ["ARCHIVE", "PLAN", "SOFT_MARGIN_S", "Step", "deadlines", "main"]
+
+ARCHIVE = "gpu-check.tar.gz"
+"""The one file the check keeps in ``--out``."""
 
 SOFT_MARGIN_S = 15.0
 """Seconds between a benchmark step's soft deadline (stop starting work) and its kill."""
@@ -142,6 +151,16 @@ def _copy_results(results_dir: str, out: str, since: float) -> None:
             shutil.copy2(path, target)
 
 
+def _archive(work: str, out: str, summary: list[str], start: float) -> None:
+    """Write ``summary`` into ``work``, copy the results written since ``start`` there, and pack ``work`` into
+    ``out/gpu-check.tar.gz`` (atomically: an interrupted write leaves the previous archive)."""
+    with open(os.path.join(work, "summary.md"), "w") as f:
+        f.write("\n".join(summary) + "\n")
+    _copy_results("benchmarks/results", work, start)
+    with atomic_file(os.path.join(out, ARCHIVE)) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        tar.add(work, arcname="gpu-check")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run :data:`PLAN` (or ``--steps``) within ``--total-s``; returns 1 if a step failed, else 0."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__)
@@ -162,33 +181,36 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, _stop_running)
     start = time.time()
     ends = deadlines(plan, start, args.total_s)
-    log_dir = os.path.join(args.out, "gpu-check") if args.out else None
-    if log_dir:
-        os.makedirs(log_dir, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="gpu-check-") if args.out and not args.dry_run else None
     summary = ["| step | status | seconds | box ends at (s) |", "|---|---|---|---|"]
     failed = False
-    for n, (step, until) in enumerate(zip(plan, ends), start=1):
-        left = until - time.time()
-        print(f"\n=== gpu-check {n}/{len(plan)}: {step.name} (up to {left:.0f} s) ===", flush=True)
-        if args.dry_run:
-            summary.append(f"| {step.name} | planned | | {until - start:.0f} |")
-            continue
-        step_start = time.time()
-        if left < step.min_s:
-            status = f"skipped: time ({left:.0f} s left, needs {step.min_s:.0f})"
-        else:
-            log_path = os.path.join(log_dir, f"{n}-{step.name}.log") if log_dir else None
-            status = _run(step, until, log_path)
-        failed |= status.startswith(("failed", "killed"))
-        seconds = time.time() - step_start
-        summary.append(f"| {step.name} | {status} | {seconds:.0f} | {until - start:.0f} |")
-        print(f"=== {step.name}: {status}, {seconds:.0f} s ===", flush=True)
-        if args.out:
-            _copy_results("benchmarks/results", args.out, start)
+    try:
+        for n, (step, until) in enumerate(zip(plan, ends), start=1):
+            left = until - time.time()
+            print(f"\n=== gpu-check {n}/{len(plan)}: {step.name} (up to {left:.0f} s) ===", flush=True)
+            if args.dry_run:
+                summary.append(f"| {step.name} | planned | | {until - start:.0f} |")
+                continue
+            step_start = time.time()
+            if left < step.min_s:
+                status = f"skipped: time ({left:.0f} s left, needs {step.min_s:.0f})"
+            else:
+                try:
+                    status = _run(step, until, os.path.join(work, f"{n}-{step.name}.log") if work else None)
+                except SystemExit:  # SIGTERM or SIGINT: the step is killed; the archive below says so
+                    summary.append(f"| {step.name} | stopped by a signal | {time.time() - step_start:.0f} | |")
+                    raise
+            failed |= status.startswith("failed")  # a step killed at its box keeps what it wrote
+            seconds = time.time() - step_start
+            summary.append(f"| {step.name} | {status} | {seconds:.0f} | {until - start:.0f} |")
+            print(f"=== {step.name}: {status}, {seconds:.0f} s ===", flush=True)
+            if work:
+                _archive(work, args.out, summary, start)
+    finally:
+        if work:
+            _archive(work, args.out, summary, start)
+            shutil.rmtree(work, ignore_errors=True)
     print(f"\ngpu-check: {time.time() - start:.0f} s of {args.total_s:.0f}\n" + "\n".join(summary), flush=True)
-    if log_dir:
-        with open(os.path.join(log_dir, "summary.md"), "w") as f:
-            f.write("\n".join(summary) + "\n")
     return 1 if failed else 0
 
 

@@ -265,8 +265,7 @@ def _child_rows(
         if line.startswith(_ROW_TAG):
             mode, index, row = json.loads(line[len(_ROW_TAG) :])
             got[mode, index] = row
-        else:
-            print(line, end="", flush=True)
+        print(line, end="", flush=True)  # rows too: in the log (and a device's output) if the case is cut short
     if child.killed:
         print(f"train_modes: time box over, child stopped after {len(got)} of {len(order)} rows", flush=True)
         return got, dict(SKIPPED)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -830,3 +834,92 @@ def test_pixel_mix_times_both_compiled_mixes_and_reports_a_mismatch(monkeypatch)
     assert all(r["median_ms"] is None and r["gbps"] is None and "differs" in r["error"] for r in rows)
     skipped = bench_pixel_mix.pixel_mix_rows(quick=True, budget=_ExpiresAfter(0))
     assert [(r["variant"], r["skipped"]) for r in skipped] == [("bmm", "time"), ("sum", "time")]
+
+
+WRITES_RESULTS = "import os; os.makedirs('benchmarks/results', exist_ok=True); open('benchmarks/results/dev.json', 'w')"
+
+
+def _gpu_check_in(folder, plan: str, out, timeout_s: float | None = None):
+    """``python -m benchmarks.gpu_check --out out`` with ``plan`` (Python source of a PLAN) in ``folder``; with
+    ``timeout_s``, SIGTERM after that many seconds (a ``timeout`` around make)."""
+    code = (
+        "import sys, benchmarks.gpu_check as g\n"
+        "from benchmarks.gpu_check import Step\n"
+        f"g.PLAN = {plan}\n"
+        f"sys.exit(g.main(['--out', {str(out)!r}, '--total-s', '120']))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])}
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=env, stdout=subprocess.PIPE, text=True)
+    if timeout_s is not None:
+        time.sleep(timeout_s)
+        child.send_signal(signal.SIGTERM)
+    child.communicate(timeout=120)
+    return child.returncode
+
+
+def _archived(out) -> dict[str, str]:
+    with tarfile.open(out / "gpu-check.tar.gz") as tar:
+        return {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
+
+
+def test_gpu_check_keeps_one_archive_in_out_with_logs_summary_and_results(tmp_path):
+    """The GPU machine returns only a few files from $OUT: the check keeps one archive there (it wrote a log per
+    step, a summary and result copies, 10 to 12 files); a step killed at its box does not fail the check."""
+    plan = f"(Step('a', ('-c', 'print(1)'), 0), Step('b', ('-c', {WRITES_RESULTS!r}), 0))"
+    out = tmp_path / "out"
+    assert _gpu_check_in(tmp_path, plan, out) == 0
+    assert os.listdir(out) == ["gpu-check.tar.gz"]
+    files = _archived(out)
+    assert set(files) == {
+        "gpu-check/1-a.log",
+        "gpu-check/2-b.log",
+        "gpu-check/summary.md",
+        "gpu-check/results/dev.json",
+    }
+    assert files["gpu-check/1-a.log"] == "1\n" and "| b | ok |" in files["gpu-check/summary.md"]
+
+
+def test_a_stopped_gpu_check_still_leaves_its_logs_summary_and_results(tmp_path):
+    """SIGTERM (a timeout around make) kills the running step; the archive then holds what was done, the results
+    the finished steps wrote and a summary naming the step that was stopped (before, neither reached $OUT)."""
+    sleeps = "import time; print('waiting', flush=True); time.sleep(60)"
+    plan = f"(Step('b', ('-c', {WRITES_RESULTS!r}), 0), Step('c', ('-c', {sleeps!r}), 0))"
+    out = tmp_path / "out"
+    assert _gpu_check_in(tmp_path, plan, out, timeout_s=8) == 128 + signal.SIGTERM
+    files = _archived(out)
+    assert "gpu-check/results/dev.json" in files and files["gpu-check/2-c.log"] == "waiting\n"
+    assert "| c | stopped by a signal |" in files["gpu-check/summary.md"]
+
+
+def test_a_boxed_step_dies_with_the_process_that_started_it(tmp_path):
+    """A step leads its own process group, so a SIGKILL of gpu-check (which no handler sees) left it running on
+    the GPU; now the kernel kills it when its parent dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    pid_file = tmp_path / "pid"
+    step = tmp_path / "step.py"
+    step.write_text(f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    parent_script = tmp_path / "parent.py"
+    parent_script.write_text(
+        f"import sys, time\nfrom benchmarks.common import BoxedProcess\nBoxedProcess([sys.executable, {str(step)!r}])\n"
+        "time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])}
+    parent = subprocess.Popen([sys.executable, str(parent_script)], env=env)
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    for _ in range(100):
+        try:
+            with open(f"/proc/{pid}/stat") as f:  # a zombie (dead, not yet reaped) counts as gone
+                if f.read().rsplit(") ", 1)[1].startswith("Z"):
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the step outlived its parent")
