@@ -36,6 +36,7 @@ from benchmarks.common import (
 )
 from fastflow.models import Glow
 from fastflow.nn import FlowSequential
+from fastflow.nn.reversible import deferred_guards
 
 __all__ = [
     "LARGEST_BATCH_CAP",
@@ -95,8 +96,11 @@ def _model_and_batch(cfg: dict[str, Any], device: torch.device) -> tuple[Glow, t
 
 
 def _step(model: Glow, x: torch.Tensor) -> None:
+    """The step as training runs it (``fastflow.train``, ``TrainStep``): guards deferred, so a reversible backward
+    keeps no copy of the gradients it accumulates into (an immediate drift check keeps one, to put them back)."""
     model.zero_grad(set_to_none=False)
-    model.bits_per_dim(x).mean().backward()
+    with deferred_guards():
+        model.bits_per_dim(x).mean().backward()
 
 
 def _status_kb(field: str) -> int:
