@@ -28,8 +28,9 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 	touch $(BENCH_STAMP)
 
+# Quick rows go to their own folder: written to benchmarks/results they would replace the committed full runs.
 bench: $(BENCH_STAMP)
-	$(PY) -m benchmarks --device cpu --quick
+	$(PY) -m benchmarks --device cpu --quick --out benchmarks/results/quick
 	$(PY) -m pytest -q benchmarks/test_cpu_timings.py --benchmark-only --benchmark-columns=min,median,max,rounds
 
 # Issue 13's CPU targets measured in one run: the census (eager vs compiled launches and bytes), the
