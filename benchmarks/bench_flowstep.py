@@ -8,12 +8,13 @@ timed."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 import fastflow
-from benchmarks.common import SKIPPED, Budget, MismatchError, check_close, median_ms
+from benchmarks.common import SKIPPED, Budget, MismatchError, check_close, interleaved_medians_ms
 from fastflow.nn import FlowStep
 
 __all__ = ["run"]
@@ -80,6 +81,7 @@ def _time_variants(
             "eager",
         )
     timings: dict[str, tuple[float, float] | str] = {}
+    checked: dict[str, tuple[torch.nn.Module, str]] = {}
     for name, (module, backend) in variants.items():
         with fastflow.backend(backend):
             try:
@@ -87,11 +89,25 @@ def _time_variants(
             except (MismatchError, RuntimeError) as err:  # a wrong result, or a failed compilation
                 timings[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}; not timed"
                 continue
-            timings[name] = (
-                median_ms(lambda m=module: m(x), device),
-                median_ms(lambda m=module: _fwd_bwd(m, x), device),
-            )
-    return timings
+        checked[name] = (module, backend)
+
+    def on_backend(backend: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            with fastflow.backend(backend):
+                return fn()
+
+        return call
+
+    # side by side (interleaved rounds): a slow spell of the machine lands on every variant alike
+    forward = interleaved_medians_ms(
+        {name: on_backend(b, lambda m=m: m(x)) for name, (m, b) in checked.items()}, device
+    )
+    forward_backward = interleaved_medians_ms(
+        {name: on_backend(b, lambda m=m: _fwd_bwd(m, x)) for name, (m, b) in checked.items()}, device
+    )
+    for name in checked:
+        timings[name] = (forward[name], forward_backward[name])
+    return {name: timings[name] for name in variants}
 
 
 def run(

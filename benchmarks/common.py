@@ -257,10 +257,27 @@ def interleaved_medians_ms(
     """Median wall time in milliseconds of each of ``fns``, measured side by side: on the CPU ``rounds`` rounds
     in which every function in turn makes one untimed call (its caches and allocations warm again after the
     others ran) and ``calls`` timed ones (``time.perf_counter``), so that a slow spell of a shared machine lands
-    on all of them rather than on whichever ran then; on CUDA :func:`median_ms` of each (CUDA events, whose
-    times do not depend on the host's load)."""
+    on all of them rather than on whichever ran then. On CUDA one method for all, chosen from the slowest warm
+    call: ``triton.testing.do_bench`` of each where ``rounds`` calls of every one fit its
+    :data:`DO_BENCH_REP_MS`, else ``rounds`` rounds of one CUDA-event-timed call each, in turn (a comparison no
+    longer mixes do_bench's cold-L2 repetitions for the fast providers with warm single calls for the slow)."""
     if device.type == "cuda":
-        return {name: median_ms(fn, device) for name, fn in fns.items()}
+        estimates = {}
+        for name, fn in fns.items():
+            fn()  # warm
+            estimates[name] = _cuda_event_ms(fn)
+        if max(estimates.values(), default=0.0) * rounds <= DO_BENCH_REP_MS:
+            from triton.testing import do_bench
+
+            return {
+                name: float(do_bench(fn, warmup=25, rep=DO_BENCH_REP_MS, return_mode="median"))
+                for name, fn in fns.items()
+            }
+        events: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                events[name].append(_cuda_event_ms(fn))
+        return {name: statistics.median(t) for name, t in events.items()}
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():

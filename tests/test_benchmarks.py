@@ -283,6 +283,25 @@ def test_cuda_median_of_a_long_call_times_every_rep(monkeypatch):
     assert common.median_ms(lambda: None, torch.device("cuda"), reps=20) == 0.5  # short calls: do_bench
 
 
+def test_cuda_side_by_side_timing_uses_one_method_for_every_provider(monkeypatch):
+    """One slow provider makes every provider's time come from CUDA-event rounds, taken in turn; all fast: do_bench
+    for each (before, each provider picked its own method, so one comparison mixed them)."""
+    import triton.testing
+
+    from benchmarks import common
+
+    order = []
+    speed = {"fast": 0.1, "slow": 50.0}
+    monkeypatch.setattr(common, "_cuda_event_ms", lambda fn: (fn(), speed[order[-1]])[1])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda *a, **k: pytest.fail("a method for all: events"))
+    fns = {name: (lambda n=name: order.append(n)) for name in speed}
+    assert common.interleaved_medians_ms(fns, torch.device("cuda"), rounds=3) == {"fast": 0.1, "slow": 50.0}
+    assert order[-6:] == ["fast", "slow"] * 3  # the timed rounds alternate
+    speed["slow"] = 0.2
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **k: (fn(), speed[order[-1]] / 2)[1])
+    assert common.interleaved_medians_ms(fns, torch.device("cuda"), rounds=3) == {"fast": 0.05, "slow": 0.1}
+
+
 def test_flowstep_check_scales_with_dtype_and_a_mismatch_loses_its_time(monkeypatch):
     from benchmarks import bench_flowstep
     from benchmarks.common import MismatchError
