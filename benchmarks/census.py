@@ -24,9 +24,10 @@ have none);
 (issue 13's target for the compiled training step: at most 0.2 and 0.67).
 
 Cases: one FlowStep forward+backward (B=2, C=12, 16x16, hidden 512) and the reference training step (Glow
-L=3, K=8, hidden 64, 32x32, batch 8, with Adam's step, ``fused=True``: one kernel in every mode; in the layout
-:class:`fastflow.step.TrainStep` gives it, :func:`fastflow.step.default_channels_last`: channels-last on the
-CPU), for
+L=3, K=8, hidden 64, 32x32, batch 8, run as :class:`fastflow.step.TrainStep` runs it: guards deferred (no
+host read of the finite check or the drift), the gradient norm clipped at the training default (50), then
+Adam's step, ``fused=True``: one kernel in every mode; in the layout TrainStep gives it,
+:func:`fastflow.step.default_channels_last`: channels-last on the CPU), for
 ``eager`` (standard backprop), ``reversible``, ``compiled`` and ``compiled-reversible`` (``torch.compile`` of
 the loss, whose backward AOTAutograd compiles), on the backend the device gets, so on the CPU through the
 CPU's ops: there eager runs Glow's network's 1x1 convolution as a ``bmm`` (reading the weight once per sample) and
@@ -51,7 +52,9 @@ from benchmarks.common import SKIPPED, Budget, dynamo_counts
 from fastflow.backend import resolve_backend
 from fastflow.models import Glow
 from fastflow.nn import FlowSequential, FlowStep
-from fastflow.step import convolutions_channels_last, default_channels_last
+from fastflow.nn.reversible import deferred_guards
+from fastflow.step import clip_gradients, convolutions_channels_last, default_channels_last
+from fastflow.train import TrainConfig
 
 __all__ = ["MODES", "OpCensus", "census_rows", "count_step", "inductor_kernels_counted"]
 
@@ -251,13 +254,23 @@ def _training_step(mode: str, device: torch.device) -> dict[str, Any]:
     compiled = mode.startswith("compiled")
     loss_fn = torch.compile(objective) if compiled else objective
 
+    # as TrainStep runs a step: guards deferred (no finite-check or drift read), the gradients clipped
+    def forward() -> torch.Tensor:
+        with deferred_guards():
+            return loss_fn(x)
+
     def backward(loss: torch.Tensor) -> None:
-        loss.backward()
+        with deferred_guards():
+            loss.backward()
+        clip_gradients([p.grad for p in model.parameters() if p.grad is not None], TRAINING_CLIP, device)
         optimizer.step()  # fused: one kernel (Dynamo cannot trace it: compiling it would only add graph breaks)
         optimizer.zero_grad(set_to_none=True)
 
-    return count_step(lambda: loss_fn(x), backward, 8 * 32 * 32, compiled)
+    return count_step(forward, backward, 8 * 32 * 32, compiled)
 
+
+TRAINING_CLIP = TrainConfig().clip
+"""The gradient-norm clip of a training run (``fastflow.train``'s default), applied in the counted step."""
 
 CASES: dict[str, Callable[[str, torch.device], dict[str, Any]]] = {
     "flowstep B2 C12 16x16 h512": _flowstep,

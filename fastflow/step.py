@@ -66,6 +66,16 @@ def _scale_to_norm(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: floa
         torch._foreach_mul_([g for g in grads if g.dtype == dtype], factor.to(dtype))
 
 
+def clip_gradients(grads: list[torch.Tensor], max_norm: float, device: torch.device) -> torch.Tensor:
+    """The 2-norm of all of ``grads`` together (a 0-dim device tensor, float32 at least, no host read); with
+    ``max_norm > 0`` the gradients are scaled in place to a norm of at most ``max_norm`` (as ``clip_grad_norm_``).
+    What :class:`TrainStep` does after the backward."""
+    norm = _total_norm(grads, device)
+    if max_norm > 0:
+        _scale_to_norm(grads, norm, max_norm)
+    return norm
+
+
 class BitsPerDim(nn.Module):
     """The training objective, per-sample bits/dim of ``model``, as a module's forward (what :class:`TrainStep`
     calls, so that DDP's gradient hooks see the whole model)."""
@@ -281,10 +291,7 @@ class TrainStep:
     def _clip(self) -> None:
         """:attr:`grad_norm` gets the gradients' norm (float32 for half-precision gradients), and the gradients are
         scaled to a norm of at most :attr:`clip` (0: no clipping)."""
-        grads = [p.grad for p in self.parameters if p.grad is not None]
-        self.grad_norm = _total_norm(grads, self.device)
-        if self.clip > 0:
-            _scale_to_norm(grads, self.grad_norm, self.clip)
+        self.grad_norm = clip_gradients([p.grad for p in self.parameters if p.grad is not None], self.clip, self.device)
 
     def _backward_and_update(self, loss: torch.Tensor) -> None:
         if self.scaler is None:
