@@ -8,9 +8,9 @@ What is timed, per size ``(B, C, H, W)``, forward and forward+backward (gradient
   Triton channel-mix pass; on a CPU the fold runs as one conv2d, i.e. the eager backend);
 - ``compiled``: ``torch.compile`` of the eager twin.
 
-Median times come from :func:`benchmarks.common.median_ms` (``triton.testing.do_bench`` on CUDA);
-speed-ups are against eager in the same run. GB/s is reported against the bytes the fused kernel must
-move, ``B*H*W*2C*e`` forward and ``B*H*W*5C*e`` forward+backward (``e`` the element size: read ``x``,
+Median times come from :func:`benchmarks.common.interleaved_medians_ms`, the variants side by side (one timing
+method for all on CUDA); speed-ups are against eager in the same run. GB/s is reported against the bytes the
+fused kernel must move, ``B*H*W*2C*e`` forward and ``B*H*W*5C*e`` forward+backward (``e`` the element size: read ``x``,
 write ``y``; then read ``x`` and ``grad_y``, write ``grad_x``), for every variant, and as a percentage
 of a measured device-to-device copy. Peak memory is measured on CUDA. The fused outputs and gradients are
 checked against eager before any timing; a mismatch raises instead of reporting. The compiled twin's are checked
@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 import fastflow
-from benchmarks.common import SKIPPED, Budget, MismatchError, copy_bandwidth_gbs, median_ms, peak_mib
+from benchmarks.common import SKIPPED, Budget, MismatchError, copy_bandwidth_gbs, interleaved_medians_ms, peak_mib
 from fastflow.ops import channel_mix as channel_mix_ops
 from fastflow.ops.actnorm_invconv import actnorm_invconv, actnorm_invconv_ref
 from fastflow.ops.invconv import lu_weight_and_logdet
@@ -158,18 +158,20 @@ def run(
                 ("forward", _forward, 2 * pixel_bytes),
                 ("forward+backward", _forward_backward, 5 * pixel_bytes),
             ):
-                times: dict[str, float | None] = {}
-                for name, fn in variants.items():
-                    timed = functools.partial(step, fn, x, params, grad_y)
+                timed = {name: functools.partial(step, fn, x, params, grad_y) for name, fn in variants.items()}
+                errors: dict[str, str] = {}
+                for name, call in timed.items():
                     try:
                         if name == "compiled" and compiled_error is not None:
                             raise compiled_error
-                        timed()  # warm-up, and the compile of the compiled variant
-                        times[name] = median_ms(timed, device)
-                        peak, error = peak_mib(timed, device), None
+                        call()  # warm-up, and the compile of the compiled variant
                     except Exception as err:  # a torch.compile failure or mismatch is reported (no time), not fatal
-                        times[name], peak, error = None, None, repr(err)[:200]
-                    ms, eager_ms = times[name], times.get("eager")
+                        errors[name] = repr(err)[:200]
+                # side by side: a slow spell of a shared machine lands on every variant alike
+                times = interleaved_medians_ms({n: c for n, c in timed.items() if n not in errors}, device)
+                for name in variants:
+                    ms, eager_ms, error = times.get(name), times.get("eager"), errors.get(name)
+                    peak = None if ms is None else peak_mib(timed[name], device)
                     gbps = None if ms is None else n_bytes / (ms * 1e6)
                     results.append(
                         {
