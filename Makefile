@@ -42,7 +42,7 @@ bench-targets: $(BENCH_STAMP)
 # (under 8 minutes with the install), each step time-boxed: the gpu-marked tests (TF32 on), the coupling
 # and FlowStep kernels, the training step eager vs compiled vs CUDA graph, the largest batches that fit,
 # then max-autotune with any time left (benchmarks/gpu_check.py). Results go to benchmarks/results/<device>.*
-# as each case finishes; with OUT set, logs and copies of the results go under $OUT.
+# as each case finishes; with OUT set, $OUT/gpu-check.tar.gz holds the logs, a summary and copies of the results.
 # gpu-test and gpu-bench run the tests or the benchmarks alone: BENCH_ARGS="--cases coupling,flowstep" runs a
 # subset; results of earlier cases stay in the results file, so the suite can be split over commands.
 GPU_PY ?= python3

@@ -168,10 +168,16 @@ def run(
                     except Exception as err:  # a torch.compile failure or mismatch is reported (no time), not fatal
                         errors[name] = repr(err)[:200]
                 # side by side: a slow spell of a shared machine lands on every variant alike
-                times = interleaved_medians_ms({n: c for n, c in timed.items() if n not in errors}, device)
+                try:
+                    times = interleaved_medians_ms({n: c for n, c in timed.items() if n not in errors}, device)
+                except Exception as err:  # an out-of-memory while timing, say: every variant's row says so
+                    times, errors = {}, {name: errors.get(name, f"timing: {err!r}"[:200]) for name in variants}
                 for name in variants:
                     ms, eager_ms, error = times.get(name), times.get("eager"), errors.get(name)
-                    peak = None if ms is None else peak_mib(timed[name], device)
+                    try:
+                        peak = None if ms is None else peak_mib(timed[name], device)
+                    except Exception as err:
+                        peak, error = None, f"peak memory: {err!r}"[:200]
                     gbps = None if ms is None else n_bytes / (ms * 1e6)
                     results.append(
                         {

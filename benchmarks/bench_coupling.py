@@ -35,7 +35,7 @@ _FWD_BYTES = {"sigmoid": 4, "exp": 4, "additive": 3, "sigmoid2": 4}
 _BWD_BYTES = {"sigmoid": 6, "exp": 5, "additive": 0, "sigmoid2": 6}  # kernels/coupling.py's table
 # (atol, rtol) against float32 eager
 _TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 1e-2), torch.bfloat16: (1e-1, 2e-2)}
-_REPS = {True: 5, False: 20}  # CPU repeats for quick / full runs (CUDA uses do_bench's own)
+_REPS = {True: 5, False: 20}  # CPU repeats for quick / full runs (CUDA: common.CUDA_SAMPLES)
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -79,7 +79,7 @@ KNOT_ULPS = 32
 _DEFAULTS = inspect.signature(rq_spline).parameters
 _MINIMUMS = tuple(float(_DEFAULTS[n].default) for n in ("min_width", "min_height", "min_derivative"))
 """``rq_spline``'s default minimum width, height and derivative, which the providers take."""
-_ROUNDS = {True: 5, False: 10}  # CPU rounds of three timed calls for quick / full runs (CUDA: do_bench's own)
+_ROUNDS = {True: 5, False: 10}  # CPU rounds of three timed calls for quick / full runs (CUDA: common.CUDA_SAMPLES)
 
 Spline = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

@@ -26,8 +26,9 @@ have none);
 Cases: one FlowStep forward+backward (B=2, C=12, 16x16, hidden 512) and the reference training step (Glow
 L=3, K=8, hidden 64, 32x32, batch 8, run as :class:`fastflow.step.TrainStep` runs it: guards deferred (no
 host read of the finite check or the drift), the gradient norm clipped at the training default (50), then
-Adam's step, ``fused=True``: one kernel in every mode; in the layout TrainStep gives it,
-:func:`fastflow.step.default_channels_last`: channels-last on the CPU), for
+Adam's step, ``fused=True``: one kernel in every mode (left out: TrainStep's skip-flag update and the fused
+Adam's ``found_inf`` and learning-rate fill, about 16 small launches a step in eager mode); in the layout
+TrainStep gives it, :func:`fastflow.step.default_channels_last`: channels-last on the CPU), for
 ``eager`` (standard backprop), ``reversible``, ``compiled`` and ``compiled-reversible`` (``torch.compile`` of
 the loss, whose backward AOTAutograd compiles), on the backend the device gets, so on the CPU through the
 CPU's ops: there eager runs Glow's network's 1x1 convolution as a ``bmm`` (reading the weight once per sample) and

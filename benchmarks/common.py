@@ -23,6 +23,7 @@ from torch import nn
 __all__ = [
     "BoxedProcess",
     "Budget",
+    "dying_with_this_process",
     "SKIPPED",
     "largest_fitting_batch",
     "step_fits",
@@ -130,15 +131,23 @@ def largest_fitting_batch(fits: Callable[[int], bool], cap: int, budget: Budget)
     }
 
 
-_DIES_WITH_PARENT = (
-    (sys.executable, "-c", "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGKILL); "
-     "os.execvp(sys.argv[1], sys.argv[1:])")
-    if sys.platform.startswith("linux")
-    else ()
-)  # fmt: skip
-"""A prefix that makes a command get SIGKILL when the process that started it dies (Linux ``prctl(PR_SET_PDEATHSIG)``,
-kept across ``exec``): a child in a process group of its own outlives a parent killed by SIGKILL otherwise (a
-``timeout -s KILL`` around ``make gpu-check``), and would go on using the GPU and writing results."""
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]): os._exit(137)  # the parent died before prctl\n"
+    "signal.signal(signal.SIGPIPE, signal.SIG_DFL); signal.signal(signal.SIGXFSZ, signal.SIG_DFL)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])"
+)
+
+
+def dying_with_this_process(cmd: Sequence[str]) -> list[str]:
+    """``cmd`` prefixed so that it gets SIGKILL when this process, which starts it, dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``, kept across ``exec``; SIGPIPE and SIGXFSZ, which the prefix's Python ignores,
+    reset first); elsewhere ``cmd`` as is. A child in a process group of its own outlives a parent killed by
+    SIGKILL otherwise (a ``timeout -s KILL`` around ``make gpu-check``) and goes on using the GPU."""
+    if not sys.platform.startswith("linux"):
+        return list(cmd)
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
 
 
 class BoxedProcess:
@@ -149,7 +158,7 @@ class BoxedProcess:
 
     def __init__(self, cmd: Sequence[str], env: dict[str, str] | None = None, own_group: bool = True) -> None:
         self.process = subprocess.Popen(
-            [*_DIES_WITH_PARENT, *cmd],
+            dying_with_this_process(cmd),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -218,6 +227,11 @@ DO_BENCH_REP_MS = 100
 """``triton.testing.do_bench``'s ``rep``: the milliseconds of calls it times (at least one call)."""
 
 
+CUDA_SAMPLES = 20
+"""Calls per provider of a side-by-side comparison on CUDA: the do_bench cut-off (all fit in
+:data:`DO_BENCH_REP_MS`) and the number of event-timed rounds otherwise, whatever a case's CPU ``rounds``."""
+
+
 def _cuda_event_ms(fn: Callable[[], Any]) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -257,15 +271,17 @@ def interleaved_medians_ms(
     """Median wall time in milliseconds of each of ``fns``, measured side by side: on the CPU ``rounds`` rounds
     in which every function in turn makes one untimed call (its caches and allocations warm again after the
     others ran) and ``calls`` timed ones (``time.perf_counter``), so that a slow spell of a shared machine lands
-    on all of them rather than on whichever ran then. On CUDA one method for all, chosen from the slowest warm
-    call: ``triton.testing.do_bench`` of each where ``rounds`` calls of every one fit its
-    :data:`DO_BENCH_REP_MS`, else ``rounds`` rounds of one CUDA-event-timed call each, in turn (a comparison no
-    longer mixes do_bench's cold-L2 repetitions for the fast providers with warm single calls for the slow)."""
+    on all of them rather than on whichever ran then. On CUDA (``rounds`` and ``calls`` are the CPU's) one method
+    for all, chosen from the slowest warm call: ``triton.testing.do_bench`` of each where
+    :data:`CUDA_SAMPLES` calls of every one fit its :data:`DO_BENCH_REP_MS`, else :data:`CUDA_SAMPLES` rounds of
+    one CUDA-event-timed call each, in turn (a comparison no longer mixes do_bench's cold-L2 repetitions for the
+    fast providers with warm single calls for the slow)."""
     if device.type == "cuda":
         estimates = {}
         for name, fn in fns.items():
             fn()  # warm
             estimates[name] = _cuda_event_ms(fn)
+        rounds = CUDA_SAMPLES
         if max(estimates.values(), default=0.0) * rounds <= DO_BENCH_REP_MS:
             from triton.testing import do_bench
 

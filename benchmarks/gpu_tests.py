@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import pytest
 
+from benchmarks.common import dying_with_this_process
+
 __all__ = ["PYTEST_ENV", "deal", "main", "pytest_addoption", "pytest_collection_modifyitems"]
 
 PYTEST_ENV = {"FASTFLOW_TEST_GPU": "1", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "1", "PYTHONUNBUFFERED": "1"}
@@ -81,11 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     processes = []
     for index in range(args.shards):
         process = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "benchmarks.gpu_tests"),
-                *(f"--gpu-shard={index}", f"--gpu-shards={args.shards}", "--durations=4", "-m", args.marker),
-                *args.paths,
-            ],
+            dying_with_this_process(  # a SIGKILLed gpu-check kills this runner, and the runner its shards
+                [
+                    *(sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "benchmarks.gpu_tests"),
+                    *(f"--gpu-shard={index}", f"--gpu-shards={args.shards}", "--durations=4", "-m", args.marker),
+                    *args.paths,
+                ]
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

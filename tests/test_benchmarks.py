@@ -858,14 +858,14 @@ def test_pixel_mix_times_both_compiled_mixes_and_reports_a_mismatch(monkeypatch)
 WRITES_RESULTS = "import os; os.makedirs('benchmarks/results', exist_ok=True); open('benchmarks/results/dev.json', 'w')"
 
 
-def _gpu_check_in(folder, plan: str, out, timeout_s: float | None = None):
+def _gpu_check_in(folder, plan: str, out, timeout_s: float | None = None, total_s: float = 120):
     """``python -m benchmarks.gpu_check --out out`` with ``plan`` (Python source of a PLAN) in ``folder``; with
     ``timeout_s``, SIGTERM after that many seconds (a ``timeout`` around make)."""
     code = (
         "import sys, benchmarks.gpu_check as g\n"
         "from benchmarks.gpu_check import Step\n"
         f"g.PLAN = {plan}\n"
-        f"sys.exit(g.main(['--out', {str(out)!r}, '--total-s', '120']))\n"
+        f"sys.exit(g.main(['--out', {str(out)!r}, '--total-s', '{total_s}']))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])}
     child = subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=env, stdout=subprocess.PIPE, text=True)
@@ -942,3 +942,50 @@ def test_a_boxed_step_dies_with_the_process_that_started_it(tmp_path):
     else:
         os.kill(pid, signal.SIGKILL)
         pytest.fail("the step outlived its parent")
+
+
+def test_gpu_tests_cut_off_at_their_box_fail_the_check_where_a_benchmark_does_not(tmp_path, monkeypatch):
+    """Benchmark steps write their rows as they go and stop at a soft deadline: killed at the box they keep what
+    they wrote. The gpu tests must finish: killed, the check fails (it passed without them)."""
+    from benchmarks import gpu_check
+
+    sleeps = "import time; time.sleep(60)"
+    out = tmp_path / "out"
+    assert _gpu_check_in(tmp_path, f"(Step('gpu-tests', ('-c', {sleeps!r}), 0, min_s=1),)", out, total_s=4) == 1
+    assert "| gpu-tests | killed at its time box |" in _archived(out)["gpu-check/summary.md"]
+    monkeypatch.setattr(gpu_check, "_run", lambda step, until, log: "killed at its time box")
+    monkeypatch.setattr(gpu_check, "PLAN", (gpu_check.PLAN[1],))  # coupling, a benchmark step
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert gpu_check.main(["--total-s", "60"]) == 0
+    finally:  # main installs its own: pytest's Ctrl-C stays pytest's
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def test_boxed_commands_and_test_shards_start_with_default_signals_and_die_with_their_parent(monkeypatch):
+    """The prefix that sets PR_SET_PDEATHSIG resets the signals its Python ignores (SIGPIPE, SIGXFSZ: inherited
+    by the command otherwise), and the gpu-test runner starts its pytest shards through it too (they outlived a
+    SIGKILLed check)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    from benchmarks import gpu_tests
+    from benchmarks.common import BoxedProcess
+
+    child = BoxedProcess(["grep", "SigIgn", "/proc/self/status"])
+    ignored = int("".join(child.lines(time.time() + 60)).split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1)), hex(ignored)
+    started = []
+
+    class Recorded:
+        def __init__(self, argv, **kwargs):
+            started.append(argv)
+            self.stdout = iter(())
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(gpu_tests.subprocess, "Popen", Recorded)
+    gpu_tests.main(["--shards", "2", "tests/test_gpu.py"])
+    assert len(started) == 2 and all(argv[:2] == [sys.executable, "-c"] and "prctl" in argv[2] for argv in started)
+    assert all(argv[4:7] == [sys.executable, "-m", "pytest"] for argv in started)
