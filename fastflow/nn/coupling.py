@@ -234,24 +234,7 @@ class _Coupling(FlowLayer):
         inputs: list[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x, grad_x, grad of the network input a)`` on one tile (the last over the tile's halo window);
-        ``grad_x`` lacks the network input's part. Gradients of ``inputs`` (parameters, context) go to ``.grad``.
-        The network's batch norms keep the running statistics the forward left (:func:`running_statistics_kept`:
-        put back after the backward, which reads the saved ones)."""
-        with running_statistics_kept(self.net):
-            return self._tile_backward_once(tile, a_full, y, grad_y, grad_logdet, mask, b_start, context, inputs)
-
-    def _tile_backward_once(
-        self,
-        tile: Tile,
-        a_full: torch.Tensor,
-        y: torch.Tensor,
-        grad_y: torch.Tensor,
-        grad_logdet: torch.Tensor,
-        mask: torch.Tensor | None,
-        b_start: int | None,
-        context: torch.Tensor | None,
-        inputs: list[torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ``grad_x`` lacks the network input's part. Gradients of ``inputs`` (parameters, context) go to ``.grad``."""
         whole = y.dim() == 2
         core = (...,) if whole else (..., *tile.core)
         window = (...,) if whole else (..., *tile.window)
@@ -297,19 +280,22 @@ class _Coupling(FlowLayer):
         if self.uses_context and context.requires_grad:
             inputs.append(context)
         parts = self._tiles(y)
-        if len(parts) == 1:
-            x, grad_x, grad_a = self._tile_backward(
-                parts[0], a_full, y, grad_y, grad_logdet, mask, b_start, context, inputs
-            )
-        else:
-            x, grad_x = torch.empty_like(y), torch.empty_like(y)
-            grad_a = torch.zeros_like(a_full)
-            for tile in parts:
-                core = (..., *tile.core)
-                x[core], grad_x[core], grad_window = self._tile_backward(
-                    tile, a_full, y, grad_y, grad_logdet, mask, b_start, context, inputs
+        # the network's batch norms keep the running statistics the forward left: put back after the tiles'
+        # backwards (which read the saved ones)
+        with running_statistics_kept(self.net):
+            if len(parts) == 1:
+                x, grad_x, grad_a = self._tile_backward(
+                    parts[0], a_full, y, grad_y, grad_logdet, mask, b_start, context, inputs
                 )
-                grad_a[(..., *tile.window)] += grad_window
+            else:
+                x, grad_x = torch.empty_like(y), torch.empty_like(y)
+                grad_a = torch.zeros_like(a_full)
+                for tile in parts:
+                    core = (..., *tile.core)
+                    x[core], grad_x[core], grad_window = self._tile_backward(
+                        tile, a_full, y, grad_y, grad_logdet, mask, b_start, context, inputs
+                    )
+                    grad_a[(..., *tile.window)] += grad_window
         if mask is None:
             # grad_x is a new tensor (a shift gradient sharing its memory covers only the transformed channels):
             # the conditioning channels' second path goes in place, not through a torch.cat
