@@ -520,14 +520,14 @@ def test_a_checkpoint_extra_value_a_checkpoint_cannot_hold_is_refused_before_the
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and not os.listdir(tmp_path)
 
 
-def test_levels_out_of_range_are_refused_before_training_whether_a_tensor_or_tensor_images():
+def test_levels_out_of_range_are_refused_before_training_whether_a_tensor_or_tensor_images(tmp_path):
     """The batches skip the range check (a host read per step): the whole set is checked once, before the first
     step, also when the caller wraps it in a TensorImages."""
     bad = _data().clone()
     bad[0, 0, 0, 0] = N_BINS
     for data, name in ((bad, "data"), (TensorImages(bad), "data.levels")):
         with pytest.raises(ValueError, match=rf"{name} must lie in \[0, n_bins\)"):
-            train(_model(), data, _config("unused", 2))
+            train(_model(), data, _config(tmp_path, 2))
 
 
 def test_batches_go_to_a_gpu_through_page_locked_memory_without_blocking(monkeypatch):
