@@ -232,6 +232,13 @@ CUDA_SAMPLES = 20
 :data:`DO_BENCH_REP_MS`) and the number of event-timed rounds otherwise, whatever a case's CPU ``rounds``."""
 
 
+def _do_bench_ms(fn: Callable[[], Any]) -> float:
+    """``triton.testing.do_bench``'s median of ``fn`` over :data:`DO_BENCH_REP_MS` (L2 flushed before each call)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=DO_BENCH_REP_MS, return_mode="median"))
+
+
 def _cuda_event_ms(fn: Callable[[], Any]) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -247,11 +254,9 @@ def median_ms(fn: Callable[[], Any], device: torch.device, reps: int = 20, warmu
     step: do_bench would time a single call) ``reps`` calls timed one by one after ``warmup`` warm ones. On
     the CPU, ``time.perf_counter`` around each of ``reps`` calls after ``warmup``."""
     if device.type == "cuda":
-        from triton.testing import do_bench
-
         fn()  # warm, so that the estimate below is of a warm call
         if _cuda_event_ms(fn) * reps <= DO_BENCH_REP_MS:
-            return float(do_bench(fn, warmup=25, rep=DO_BENCH_REP_MS, return_mode="median"))
+            return _do_bench_ms(fn)
         for _ in range(warmup - 2):
             fn()
         return statistics.median(_cuda_event_ms(fn) for _ in range(reps))
@@ -281,16 +286,10 @@ def interleaved_medians_ms(
         for name, fn in fns.items():
             fn()  # warm
             estimates[name] = _cuda_event_ms(fn)
-        rounds = CUDA_SAMPLES
-        if max(estimates.values(), default=0.0) * rounds <= DO_BENCH_REP_MS:
-            from triton.testing import do_bench
-
-            return {
-                name: float(do_bench(fn, warmup=25, rep=DO_BENCH_REP_MS, return_mode="median"))
-                for name, fn in fns.items()
-            }
+        if max(estimates.values(), default=0.0) * CUDA_SAMPLES <= DO_BENCH_REP_MS:
+            return {name: _do_bench_ms(fn) for name, fn in fns.items()}
         events: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(rounds):
+        for _ in range(CUDA_SAMPLES):
             for name, fn in fns.items():
                 events[name].append(_cuda_event_ms(fn))
         return {name: statistics.median(t) for name, t in events.items()}
