@@ -618,7 +618,7 @@ def affine_coupling_backward_from_output_(
 ) -> None:
     """:func:`affine_coupling_backward_from_output` written over its inputs: ``y_b`` becomes ``x_b``, ``grad_y``
     ``grad_x``, ``shift`` ``grad_shift`` and ``raw`` ``grad_raw`` (four distinct, non-overlapping tensors the caller
-    owns, none requiring grad, such as halves a reversible walk gathered).
+    owns, none requiring grad, such as halves a reversible walk gathered; ``grad_logdet`` must not overlap them).
 
     The eager path (float32 / float64) computes in place with at most three scratch tensors of their size, so the
     results take no new memory, and gives the eager twin's results bit for bit. The Triton backends, and half
@@ -635,6 +635,9 @@ def affine_coupling_backward_from_output_(
         for other, u in named[:i]:
             if share_elements(t, u):
                 raise ValueError(f"{name} and {other} share memory: pass four tensors that do not overlap")
+    for name, t in named if grad_logdet is not None else ():  # read after the first writes
+        if share_elements(grad_logdet, t):
+            raise ValueError(f"grad_logdet and {name} share memory: the in-place backward would overwrite it")
     if not _use_kernel(y_b) and y_b.dtype in (torch.float32, torch.float64):
         _backward_from_output_in_place_ref(y_b, shift, raw, grad_y, grad_logdet, scale)
         return

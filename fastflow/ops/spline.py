@@ -358,6 +358,23 @@ def _check_args(x_name: str, x: torch.Tensor, raw: torch.Tensor, spline: eager.S
         raise TypeError(f"raw must have the dtype of {x_name} ({x.dtype}), got {raw.dtype}")
     if raw.device != x.device:
         raise ValueError(f"raw must be on {x.device} like {x_name}, got {raw.device}")
+    _check_constants_fit(spline, torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def _check_constants_fit(spline: eager.Spline, compute: torch.dtype) -> None:
+    """ValueError naming the constant unless the spline is well defined in ``compute`` (float32 for every input
+    but float64): ``2 * bound`` finite, and the smallest bin (``2 * bound * min_width`` wide, likewise high) at
+    least four rounding steps of ``bound``, so that no knot rounds onto its neighbour (a bin of zero width put
+    ``x = -bound`` in the second bin and mapped it far from ``-bound``)."""
+    info = torch.finfo(compute)
+    if spline.bound > info.max / 4:
+        limit = info.max / 4
+        raise ValueError(f"bound must be <= {limit:.3g} ({compute}: 2 * bound must stay finite), got {spline.bound}")
+    for name, value in (("min_width", spline.min_width), ("min_height", spline.min_height)):
+        if value < 2 * info.eps:
+            raise ValueError(
+                f"{name} must be >= {2 * info.eps:.3g} in {compute} (a smaller bin can round to zero size), got {value}"
+            )
 
 
 def _check_upstream(grad_y: torch.Tensor, grad_logdet: torch.Tensor | None, y: torch.Tensor) -> None:

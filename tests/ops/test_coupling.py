@@ -379,6 +379,10 @@ def test_backward_from_output_in_place_checks_its_arguments() -> None:
         C.affine_coupling_backward_from_output_(buffer[:, 0:4], shift, raw, buffer[:, 2:6], None, "sigmoid")
     with pytest.raises(ValueError, match="grad_y"):
         C.affine_coupling_backward_from_output_(y, t, r, y[:1].clone(), None, "sigmoid2")
+    # grad_logdet is read after y_b is written ("exp": y_b - shift first): a view of y_b gave a wrong raw gradient
+    h, shift, raw = (torch.randn(2, 3, 4) for _ in range(3))
+    with pytest.raises(ValueError, match="grad_logdet and y_b share memory"):
+        C.affine_coupling_backward_from_output_(h, shift, raw, h.clone(), h[:, 0, 0], "exp")
     with pytest.raises(ValueError, match="scale"):
         C.affine_coupling_backward_from_output_(y, t, r, y.clone(), None, "tanh")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="raw requires grad"):

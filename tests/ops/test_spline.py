@@ -685,6 +685,18 @@ def _assert_bad_inputs_raise(device: str) -> None:
         S.rq_spline(x, raw, 3, min_width=0.5)
     with pytest.raises(TypeError, match="min_height must be a float"):
         S.rq_spline_inverse(x, raw, 3, min_height="0.1")  # type: ignore[arg-type]
+    # 2 * bound overflowed float32 (NaN out, or an overflow error on eager); a bin below float32's resolution at the
+    # bound had zero width and sent x = -bound into the next bin (y far from -bound)
+    with pytest.raises(ValueError, match="bound must be <= 8.51e\\+37"):
+        S.rq_spline(x, raw, 3, bound=2e38)
+    with pytest.raises(ValueError, match="min_width must be >= 2.38e-07 in torch.float32"):
+        S.rq_spline(x, raw, 3, min_width=1e-9)
+    with pytest.raises(ValueError, match="min_height must be >= 2.38e-07"):
+        S.rq_spline_inverse(x.half(), raw.half(), 3, min_height=1e-8)
+    edge = torch.full((1, 2), -3.0, dtype=torch.float64, device=device)  # float64 resolves such bins
+    raw64 = torch.zeros(1, 2, 8, dtype=torch.float64, device=device)
+    raw64[..., 0] = -20.0
+    assert torch.equal(S.rq_spline(edge, raw64, 3, min_width=1e-9)[0], edge)
     with pytest.raises(ValueError, match="grad_y must have the shape of y"):
         S.rq_spline_backward_from_output(x, raw, x[:1], None, 3)
     with pytest.raises(ValueError, match="grad_logdet must have shape"):
