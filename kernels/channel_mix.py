@@ -159,7 +159,8 @@ def channel_mix_fwd_kernel(
         w_col = w_ptr + co * stride_wo
         for _ in range(C_IN):
             x_row = tl.load(x_tile + x_pl, mask=p_mask, other=0.0).to(acc_dtype)
-            w_c = tl.load(w_col, mask=co_mask, other=0.0).to(acc_dtype)
+            # W rounded to x's dtype first, as on the tl.dot path and in the eager twin
+            w_c = tl.load(w_col, mask=co_mask, other=0.0).to(x_ptr.dtype.element_ty).to(acc_dtype)
             acc += w_c[:, None] * x_row[None, :]
             x_tile += stride_xc
             w_col += stride_wi
@@ -248,7 +249,7 @@ def channel_mix_bwd_kernel(
             w_row = w_ptr + ci * stride_wi
             for o in range(C_OUT):
                 gy_o = tl.load(gy_tile + gy_pl, mask=p_mask, other=0.0).to(acc_dtype)
-                w_o = tl.load(w_row, mask=ci_mask, other=0.0).to(acc_dtype)
+                w_o = tl.load(w_row, mask=ci_mask, other=0.0).to(gy_ptr.dtype.element_ty).to(acc_dtype)  # as forward
                 gx += w_o[:, None] * gy_o[None, :]
                 gw_o = tl.sum(x * gy_o[None, :], axis=1)
                 gw_acc += tl.where(co[:, None] == o, gw_o[None, :], 0.0)

@@ -210,7 +210,7 @@ def actnorm_invconv_ref(
     upcast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager twin: :func:`~fastflow.ops.actnorm.actnorm_ref` then :func:`channel_mix_ref`, two passes, on
-    ``(B, C, H, W)`` (vectors as ``(B, C, 1, 1)`` pixels).
+    ``(B, C, H, W)`` only (vectors ``(B, C)`` are the caller's to view as ``(B, C, 1, 1)`` pixels).
 
     ``upcast`` computes in float32 (float64 stays float64) and casts ``y`` back to ``x``'s dtype.
     """
@@ -232,7 +232,7 @@ def actnorm_invconv_inverse_ref(
     upcast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager twin of the inverse: :func:`channel_mix_ref` with ``W^-1``, then the ActNorm inverse, on
-    ``(B, C, H, W)`` (vectors as ``(B, C, 1, 1)`` pixels)."""
+    ``(B, C, H, W)`` only (vectors as in :func:`actnorm_invconv_ref`)."""
     out_dtype = y.dtype
     if upcast:
         y = y.to(logdet_dtype(out_dtype))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from fastflow.ops._checks import logdet_dtype
+from fastflow.ops._checks import check_float_tensor, check_same_device, logdet_dtype
 
 __all__ = ["dense_inverse_weight", "dense_logdet", "lu_weight_and_logdet", "lu_inverse_weight"]
 
@@ -62,11 +62,41 @@ def _permuted_rows(a: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return a.reshape(-1, a.shape[-1]).index_select(0, (perm + starts).reshape(-1)).view(a.shape)
 
 
+def _check_factors(
+    perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign_s: torch.Tensor, log_s: torch.Tensor
+) -> None:
+    """TypeError / ValueError naming the factor unless ``lower`` and ``upper`` are floating ``(..., C, C)`` of one
+    shape and dtype, ``sign_s`` and ``log_s`` floating ``(..., C)`` and ``perm`` an integer ``(..., C)``, all on one
+    device. Their values are not read (that would be a host read): ``perm`` must hold a permutation and ``sign_s``
+    signs, +-1 (the log-det ``sum(log_s)`` assumes both)."""
+    check_float_tensor("lower", lower, min_dim=2)
+    if lower.shape[-1] != lower.shape[-2]:
+        raise ValueError(f"lower must be square (..., C, C), got shape {tuple(lower.shape)}")
+    if upper is not lower:
+        check_float_tensor("upper", upper, min_dim=2)
+        if upper.shape != lower.shape:
+            raise ValueError(f"upper must have lower's shape {tuple(lower.shape)}, got {tuple(upper.shape)}")
+        if upper.dtype != lower.dtype:
+            raise TypeError(f"upper must have lower's dtype {lower.dtype}, got {upper.dtype}")
+    rows = tuple(lower.shape[:-1])
+    for name, t in (("sign_s", sign_s), ("log_s", log_s)):
+        if tuple(check_float_tensor(name, t).shape) != rows:
+            raise ValueError(f"{name} must have shape {rows} (lower's but its last dim), got {tuple(t.shape)}")
+    if not isinstance(perm, torch.Tensor) or perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool:
+        raise TypeError(f"perm must be an integer tensor, got {getattr(perm, 'dtype', type(perm).__name__)}")
+    if tuple(perm.shape) != rows:
+        raise ValueError(f"perm must have shape {rows} (lower's but its last dim), got {tuple(perm.shape)}")
+    for name, t in (("upper", upper), ("sign_s", sign_s), ("log_s", log_s), ("perm", perm)):
+        check_same_device(name, t, "lower", lower)
+
+
 def lu_weight_and_logdet(
     perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign_s: torch.Tensor, log_s: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W, log|det W|)`` from the LU factors; ``W`` is ``(..., C, C)`` in ``lower``'s dtype, the log-det
-    ``(...)`` in ``log_s``'s dtype."""
+    ``(...)`` in ``log_s``'s dtype. Shapes and dtypes are checked, values not (:func:`_check_factors`: ``perm``
+    must be a permutation and ``sign_s`` hold +-1)."""
+    _check_factors(perm, lower, upper, sign_s, log_s)
     strict_lower, upper_diag = _lu_factors(lower, upper, sign_s, log_s)
     weight = _permuted_rows(_unit_lower_times(strict_lower, upper_diag), perm)
     return weight.to(lower.dtype), log_s.sum(-1)
@@ -76,7 +106,8 @@ def lu_inverse_weight(
     perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign_s: torch.Tensor, log_s: torch.Tensor
 ) -> torch.Tensor:
     """``W^-1`` (``(..., C, C)`` in ``lower``'s dtype) from two triangular solves against the identity, then
-    the inverse permutation."""
+    the inverse permutation. Factors checked as in :func:`lu_weight_and_logdet`."""
+    _check_factors(perm, lower, upper, sign_s, log_s)
     strict_lower, upper_diag = _lu_factors(lower, upper, sign_s, log_s)
     eye = torch.eye(lower.shape[-1], dtype=upper_diag.dtype, device=lower.device)
     lower_inv = torch.linalg.solve_triangular(strict_lower, eye, upper=False, unitriangular=True)

@@ -83,6 +83,17 @@ def test_rectangular_weight(c_in, c_out):
     torch.testing.assert_close(out, channel_mix_ref(x, weight, bias), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_mix_rounds_the_float32_weight_to_the_input_dtype_on_every_path(dtype):
+    """Below 16 channels the kernel mixes with multiply-adds; it read the float32 weight unrounded there (a
+    1.0004 weight took 1000 to 1000.5 in float16 where eager, the tl.dot path and the docstring round it to 1)."""
+    x = torch.full((1, 2, 1, 2), 1000.0, dtype=dtype)
+    weight = torch.tensor([[1.0004, 0.0], [0.0, 1.0004]])
+    expected = channel_mix_ref(x, weight)
+    assert torch.equal(expected, torch.full_like(x, 1000.0))
+    assert torch.equal(_interpret(channel_mix, x, weight), expected)
+
+
 @pytest.mark.parametrize("programs", [1, 3, 40])
 @pytest.mark.parametrize("c_in, c_out", [(40, 72), (72, 20), (33, 16), (130, 7)])
 def test_backward_rectangular_over_input_channel_blocks(c_in, c_out, programs, monkeypatch):

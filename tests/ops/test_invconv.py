@@ -60,3 +60,24 @@ def test_lu_inverse_weight_inverts_the_weight(batch):
         inverse = lu_inverse_weight(**factors)
     eye = torch.eye(6, dtype=torch.float64).expand_as(weight)
     torch.testing.assert_close(weight @ inverse, eye, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("fn", [lu_weight_and_logdet, lu_inverse_weight], ids=lambda f: f.__name__)
+def test_lu_factors_of_the_wrong_shape_or_dtype_are_refused_naming_the_factor(fn):
+    """A ``log_s`` of one entry broadcast into a wrong log-det (0.5 for 1.5), an integer ``lower`` gave an integer
+    weight, a short ``perm`` an IndexError: each is now an error naming the factor."""
+    good = {k: v.detach() for k, v in _factors((), 3, packed=True).items()}
+    cases = [
+        ({"log_s": good["log_s"][:1]}, ValueError, "log_s must have shape \\(3,\\)"),
+        ({"sign_s": good["sign_s"][None]}, ValueError, "sign_s must have shape"),
+        ({"lower": good["lower"].long(), "upper": good["lower"].long()}, TypeError, "lower must be float16"),
+        ({"upper": good["lower"].float()}, TypeError, "upper must have lower's dtype"),
+        ({"upper": good["lower"][:2]}, ValueError, "upper must have lower's shape"),
+        ({"lower": good["lower"][:2], "upper": good["lower"][:2]}, ValueError, "lower must be square"),
+        ({"perm": good["perm"][:2]}, ValueError, "perm must have shape"),
+        ({"perm": good["perm"].double()}, TypeError, "perm must be an integer tensor"),
+        ({"perm": good["perm"].to("meta")}, ValueError, "perm must be on cpu like lower"),
+    ]
+    for change, error, match in cases:
+        with pytest.raises(error, match=match):
+            fn(**{**good, **change})
