@@ -30,5 +30,4 @@ def warn_at_caller(message: str, category: type[Warning]) -> None:
         frame.f_lineno,
         module=frame.f_globals.get("__name__"),
         registry=frame.f_globals.setdefault("__warningregistry__", {}),
-        module_globals=frame.f_globals,
-    )
+    )  # no module_globals: under `python -c`, `python -` or a REPL, __main__'s loader raises ImportError for source
