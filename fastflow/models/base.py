@@ -209,9 +209,11 @@ class FlowModel(nn.Module):
             raise ValueError(f"x must have shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}): pass at least one sample")
-        dtype = self.floating_parameter().dtype
-        if x.dtype != dtype:  # under autocast too: autocast computes the networks in low precision, not the flow
+        parameter = self.floating_parameter()
+        if x.dtype != parameter.dtype:  # under autocast too: autocast computes the networks in low precision
+            dtype = parameter.dtype
             raise TypeError(f"x is {x.dtype} but the model is {dtype}: convert one, e.g. x.to({dtype})")
+        _check_device("x", x, parameter.device)
         # the first batch only (a check per step would sync with the device), and never where guards defer
         # guards_deferred first: under torch.compile it folds to True, so no guard is put on _range_checked (a
         # resumed run sets it at its first evaluation, which would recompile the step)
@@ -226,9 +228,10 @@ class FlowModel(nn.Module):
                     UserWarning,
                 )
 
-    def _check_context(self, context: object, batch: int) -> None:
+    def _check_context(self, context: object, batch: int, device: torch.device) -> None:
         """``ValueError`` unless ``context`` suits the model: None for an unconditional model, a tensor of batch
-        ``batch`` for a conditional one (the layers and the prior check the rest: features, labels)."""
+        ``batch`` on ``device`` for a conditional one, at least 2-D where layers condition on it (the layers and the
+        prior check the rest: features, labels)."""
         name = type(self).__name__
         if context is None:
             if self._blocks_use_context:
@@ -240,8 +243,14 @@ class FlowModel(nn.Module):
             )
         if not isinstance(context, torch.Tensor):
             raise TypeError(f"context must be a torch.Tensor, got {type(context).__name__}")
+        if self._blocks_use_context and context.dim() == 1:
+            raise ValueError(
+                f"context must have shape ({batch}, F) (one row of context features per sample), got "
+                f"{tuple(context.shape)}: one context vector c of shape (F,) shared by every sample is c[None]"
+            )
         if context.dim() == 0 or context.shape[0] != batch:
             raise ValueError(f"context must have shape ({batch}, ...) (one row per sample), got {tuple(context.shape)}")
+        _check_device("context", context, device)
 
     def _prior_context(self, context: torch.Tensor | None) -> torch.Tensor | None:
         return context if self.prior.conditional else None
@@ -289,7 +298,7 @@ class FlowModel(nn.Module):
         ``check_finite``, a non-finite ``log p(x)`` raises ``FloatingPointError`` naming the layer, or is recorded
         for :meth:`check_guards` where guards are deferred (see the class docstring)."""
         self._check_input(x)
-        self._check_context(context, x.shape[0])
+        self._check_context(context, x.shape[0], x.device)
         latents, logdet, log_prior = self._encode(x, context)
         if self.check_finite:
             finite = torch.isfinite(logdet + log_prior).all()
@@ -409,13 +418,15 @@ class FlowModel(nn.Module):
         if tuple(x.shape[1:]) != self.prior.shape or x.dim() == 0:
             shape = ", ".join(map(str, self.prior.shape))
             raise ValueError(f"latents[-1] (the top latent) must have shape (B, {shape}), got {tuple(x.shape)}")
-        dtype = self.floating_parameter().dtype
-        if x.dtype != dtype:
+        parameter = self.floating_parameter()
+        if x.dtype != parameter.dtype:
+            dtype = parameter.dtype
             raise TypeError(f"latents[-1] is {x.dtype} but the model is {dtype}: convert one, e.g. .to({dtype})")
+        _check_device("latents[-1]", x, parameter.device)
         sizes = {i: z.shape[0] for i, z in enumerate(latents) if isinstance(z, torch.Tensor)}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"latents must share one batch size, got batch sizes {sizes} (index: size)")
-        self._check_context(context, x.shape[0])
+        self._check_context(context, x.shape[0], x.device)
         block_context = self._block_context(context)
         for i in reversed(range(len(self.blocks))):
             if i < len(self.splits):
@@ -449,10 +460,12 @@ class FlowModel(nn.Module):
             raise ValueError(f"n must be >= 1, got {n}")
         _check_temperature(temperature)
         check_generator(generator)
-        if isinstance(context, torch.Tensor) and context.dim() > 0 and context.shape[0] == 1 and n > 1:
+        # a batch-1 context is shared by the draws (a 1-D one only as class labels: features are (1, F))
+        shared = isinstance(context, torch.Tensor) and context.dim() > 0 and context.shape[0] == 1 and n > 1
+        if shared and (context.dim() > 1 or not self._blocks_use_context):
             context = context.expand(n, *context.shape[1:])
-        self._check_context(context, n)
         parameter = self.floating_parameter()
+        self._check_context(context, n, parameter.device)
         drawn_from = {} if generator is None else {"generator": generator}  # a prior of the older signature works
         top = self.prior.sample(
             n, temperature, self._prior_context(context), parameter.device, parameter.dtype, **drawn_from
@@ -520,3 +533,9 @@ def _raise_if_nonfinite(where: str, out: torch.Tensor, log_term: torch.Tensor, w
 def _added(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
     """``total + term``, or ``term`` where there is no total yet."""
     return term if total is None else total + term
+
+
+def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    """``ValueError`` naming ``name`` unless ``t`` is on the model's ``device`` (it failed deep in a layer)."""
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the model is on {device}: move one, e.g. {name}.to('{device}')")

@@ -30,8 +30,10 @@ class ActNorm(FlowLayer):
     ``H * W * sum(logs)`` (``sum(logs)`` for vectors).
 
     On the first forward in training mode, ``bias`` and ``logs`` are set so that the batch's output has zero
-    mean and unit variance per channel (statistics all-reduced across ranks under ``torch.distributed``).
-    The ``initialized`` flag is a buffer, so loading a checkpoint never re-initialises. A channel that holds
+    mean and unit variance per channel (statistics all-reduced across ranks under ``torch.distributed``), if
+    they still hold their construction value 0 (values trained through the inverse, e.g. by an ``rsample``
+    objective, or set by hand are kept). The ``initialized`` flag is a buffer, so loading a checkpoint never
+    re-initialises. A channel that holds
     a single value in that batch (standard deviation <= ``eps``, e.g. batch 1 at a 1x1 level) keeps scale 1
     (``logs = 0``; its bias still centres it) and a ``RuntimeWarning`` names the layer: ``1 / eps`` would
     scale it by 1e6. ``name`` is what warnings call the layer (models set it to the module path).
@@ -103,8 +105,18 @@ class ActNorm(FlowLayer):
         self._initialized = True
 
     def initialize_once(self, x: torch.Tensor) -> None:
-        """:meth:`initialize` from ``x`` if in training mode and not yet initialised (the first batch)."""
-        if self.training and not self.is_initialized:
+        """:meth:`initialize` from ``x`` if in training mode and not yet initialised (the first batch), unless
+        ``bias`` or ``logs`` has left its construction value 0: parameters trained through the inverse alone (an
+        ``rsample`` objective), set by hand or loaded without the flag are kept, and the layer counts as
+        initialised from then on."""
+        if not self.training or self.is_initialized:
+            return
+        with torch.no_grad():  # once per layer, like the initialisation itself: a host read is fine here
+            moved = bool((self.bias != 0).any() | (self.logs != 0).any())
+        if moved:
+            self.initialized.fill_(True)
+            self._initialized = True
+        else:
             self.initialize(x)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,8 @@ def context_features_of(context: torch.Tensor, x: torch.Tensor) -> int:
 def shape_context(context: object, x: torch.Tensor, features: int) -> torch.Tensor:
     """``context`` as the conditioner's extra input next to ``x``: ``(B, features)`` for vectors, a
     ``(B, features, H, W)`` view for images (module docstring). ``ValueError`` naming ``context`` when it is
-    missing or its batch or feature count does not match; ``TypeError`` when it is not a floating tensor."""
+    missing, on another device or its batch or feature count does not match; ``TypeError`` when it is not a floating
+    tensor."""
     if context is None:
         raise ValueError(f"context is required: the layer conditions on {features} context features")
     if not isinstance(context, torch.Tensor):
@@ -34,6 +35,10 @@ def shape_context(context: object, x: torch.Tensor, features: int) -> torch.Tens
     if context.dim() < 2 or context.shape[0] != x.shape[0]:
         raise ValueError(
             f"context must have shape (B, ...) with the batch B = {x.shape[0]} of the input, got {tuple(context.shape)}"
+        )
+    if context.device != x.device:
+        raise ValueError(
+            f"context is on {context.device} but the input is on {x.device}: move it, e.g. context.to('{x.device}')"
         )
     if context_features_of(context, x) != features:
         raise ValueError(

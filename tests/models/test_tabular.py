@@ -105,6 +105,26 @@ def test_rsample_is_reparameterised_and_differentiable():
         torch.testing.assert_close(g, w)
 
 
+def test_a_flow_trained_by_rsample_alone_keeps_its_actnorms_at_its_first_log_prob():
+    """Training through ``rsample`` runs only inverses, so no ActNorm initialised; the first ``log_prob`` in training
+    mode then overwrote the trained ActNorm parameters with statistics of its batch (the flow's samples changed)."""
+    torch.manual_seed(0)
+    model = TabularFlow(2, transforms=2, hidden=8).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        (model.rsample(64) - torch.tensor([3.0, -2.0])).square().mean().backward()
+        optimizer.step()
+    trained = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("initialized")}
+    with torch.no_grad():
+        model.log_prob(torch.randn(32, 2))
+    for key, value in model.state_dict().items():
+        if key.endswith("initialized"):
+            assert bool(value), key
+        else:
+            assert torch.equal(value, trained[key]), key
+
+
 @pytest.mark.parametrize("context", [0, 3])
 def test_reversible_training_gives_standard_gradients(context):
     model = _model(4, context)
@@ -159,6 +179,22 @@ def test_a_conditional_density_is_learned():
         (lambda m: m.bits_per_dim(torch.randn(2, 3, dtype=torch.float64), _context(2, 2)), ValueError, "n_bins"),
         (lambda m: m.set_tiling(tile_size=4), ValueError, "receptive-field halo"),
         (lambda m: m.log_prob(torch.randn(2, 3), _context(2, 2)), TypeError, "x is torch.float32 but"),
+        # another device failed deep in a layer (torch.cat, autocast) without naming the argument
+        (
+            lambda m: m.log_prob(torch.randn(2, 3, dtype=torch.float64), _context(2, 2).to("meta")),
+            ValueError,
+            "context is on meta but the model is on cpu",
+        ),
+        (lambda m: m.log_prob(torch.randn(2, 3, dtype=torch.float64, device="meta")), ValueError, "x is on meta"),
+        (
+            lambda m: m.decode([torch.randn(2, 3, dtype=torch.float64, device="meta")]),
+            ValueError,
+            "latents\\[-1\\] is on",
+        ),
+        (lambda m: m.sample(3, _context(1, 2).to("meta")), ValueError, "context is on meta"),
+        # a 1-D context (zuko's c of shape (F,)) was expanded to (n,) and refused as "(n,)"
+        (lambda m: m.sample(5, _context(1, 2)[0]), ValueError, r"got \(2,\): one context vector .* is c\[None\]"),
+        (lambda m: m.sample(5, _context(1, 1)[0]), ValueError, r"got \(1,\): one context vector"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(call, error, match):

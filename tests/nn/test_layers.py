@@ -162,6 +162,30 @@ def test_actnorm_initialized_flag_survives_state_dict():
     torch.testing.assert_close(fresh(x)[0], trained(x)[0])
 
 
+def test_actnorm_keeps_parameters_moved_before_its_first_forward():
+    """Parameters trained through the inverse alone (an rsample objective) or set by hand were overwritten by the
+    data-dependent initialisation at the first training-mode forward; they are kept, the layer then initialised."""
+    layer = ActNorm(2).train()
+    x, _ = layer.inverse(torch.randn(16, 2))
+    (x.square().mean() + x.mean()).backward()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p -= 0.1 * p.grad
+    moved = [p.detach().clone() for p in layer.parameters()]
+    layer(torch.randn(16, 2) * 5 + 3)
+    assert layer.is_initialized and bool(layer.initialized)
+    for p, before in zip(layer.parameters(), moved):
+        assert torch.equal(p.detach(), before)
+    by_hand = ActNorm(2).train()
+    with torch.no_grad():
+        by_hand.logs[0, 1] = 0.5  # the bias left at 0: one moved parameter is enough
+    by_hand(torch.randn(16, 2) * 5 + 3)
+    assert torch.equal(by_hand.logs.flatten(), torch.tensor([0.0, 0.5])) and not bool(by_hand.bias.any())
+    fresh = ActNorm(2).train()  # construction values: initialised from the batch as before
+    fresh(torch.randn(16, 2) * 5 + 3)
+    assert bool(fresh.bias.any()) and bool(fresh.logs.any())
+
+
 def test_lu_invconv_logdet_is_sum_of_log_s_times_pixels():
     layer = InvConv1x1(6, lu=True)
     perturb_parameters(layer)

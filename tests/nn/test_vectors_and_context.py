@@ -312,6 +312,13 @@ class HaloConvNoWidth(nn.Conv2d):
             ValueError,
             "context is required",
         ),
+        (  # failed in torch.cat without naming the context
+            lambda: AffineCoupling(4, 8, context_features=2, vectors=True),
+            torch.randn(2, 4),
+            torch.randn(2, 2, device="meta"),
+            ValueError,
+            "context is on meta but the input is on cpu",
+        ),
     ],
 )
 def test_bad_inputs_and_contexts_raise_clear_errors(make, x, context, error, match):
