@@ -144,7 +144,16 @@ class _Coupling(FlowLayer):
         unless it is ``(B, outputs_per_channel * out_channels, ...)`` with ``a``'s batch and spatial size (a
         wider one would transform the conditioning channels too: no inverse, a wrong log-det)."""
         # the context joins the network input; without one no torch.cat (a is a view of the coupling input)
-        out = self.net(a if context is None else torch.cat([a, context], dim=1))
+        features = a if context is None else torch.cat([a, context], dim=1)
+        try:
+            out = self.net(features)
+        except RuntimeError as error:  # e.g. a ready module built for another width: a bare matmul error
+            if hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note(
+                    f"(the coupling's subnet was given an input of shape {tuple(features.shape)}: "
+                    f"in_features = {self.cond_channels} kept channels + {self.context_features} context features)"
+                )
+            raise
         expected = (a.shape[0], self.outputs_per_channel * self.out_channels, *a.shape[2:])
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

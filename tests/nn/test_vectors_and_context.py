@@ -3,6 +3,8 @@ inverse, the context reaching the conditioner, custom conditioners, the kernels 
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -442,3 +444,13 @@ def test_vector_layers_on_the_kernels_match_eager(name):
     for fused_part, eager_part in zip(fused, eager):
         for f, e in zip(fused_part, eager_part):
             torch.testing.assert_close(f, e, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python >= 3.11")
+def test_a_ready_subnet_of_the_wrong_width_fails_with_a_note_naming_the_expected_input():
+    """A module built for another input width failed with a bare matmul error that named neither the subnet nor
+    the width it must take."""
+    coupling = AffineCoupling(5, subnet=nn.Linear(2, 6), context_features=3, vectors=True)
+    with pytest.raises(RuntimeError) as caught:
+        coupling(torch.randn(4, 5), torch.randn(4, 3))
+    assert any("in_features = 2 kept channels + 3 context features" in note for note in caught.value.__notes__)
