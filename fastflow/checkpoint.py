@@ -4,6 +4,7 @@ any code from the file; shareable ``model.safetensors`` + ``config.json`` folder
 from __future__ import annotations
 
 import collections
+import errno
 import inspect
 import json
 import os
@@ -16,9 +17,11 @@ from typing import Any
 
 import torch
 
+from fastflow.allocation_budget import AllocationBudget, construction_budget
 from fastflow.atomic_file import atomic_file
 from fastflow.models import NICE, NSF, FlowModel, Glow, Jet, RealNVP, TabularFlow
 from fastflow.nn.state_upgrade import upgraded_state_dict
+from fastflow.ops._checks import FLOAT_DTYPES
 
 __all__ = [
     "CONFIG_NAME",
@@ -113,16 +116,27 @@ def _model_class(name: Any, config: Any, source: str = "") -> type[FlowModel]:
     return cls
 
 
-def build_model(name: str, config: dict[str, Any], source: str = "") -> FlowModel:
+def build_model(name: str, config: dict[str, Any], source: str = "", weight_bytes: int | None = None) -> FlowModel:
     """Construct a model of class ``name`` (a key of ``MODEL_CLASSES``) from its ``config``: only the
     constructor's arguments, each a plain value of its annotated type (a list for a tuple); missing ones take
     the constructor's defaults. A bad class, key or value is a ``ValueError`` naming it, prefixed by ``source``
-    (e.g. the file it came from)."""
+    (e.g. the file it came from). With ``weight_bytes`` (the size of the weights the model is built for), building
+    may allocate at most :func:`~fastflow.allocation_budget.construction_budget` of it, else ``ValueError``."""
     cls = _model_class(name, config, source)
     try:
-        return cls(**config)
+        if weight_bytes is None:
+            return cls(**config)
+        with AllocationBudget(construction_budget(weight_bytes), f"this {name}"):
+            return cls(**config)
     except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: a value no check caught, raised by torch
         raise ValueError(_where(source, f"invalid config for {name}: {err}")) from err
+
+
+def _tensor_bytes(state_dict: object) -> int:
+    """The bytes of the tensors of a loaded ``state_dict`` (0 for anything else: its loading says what is wrong)."""
+    if not isinstance(state_dict, dict):
+        return 0
+    return sum(t.numel() * t.element_size() for t in state_dict.values() if isinstance(t, torch.Tensor))
 
 
 def _config_differences(stored: dict[str, Any], current: dict[str, Any], cls: type[FlowModel]) -> list[str]:
@@ -168,6 +182,11 @@ def _load_weights(model: FlowModel, state_dict: Any, source: str, adopt_dtype: b
         dtypes = {v.dtype for k, v in state_dict.items() if v.is_floating_point() and expected[k].is_floating_point()}
         if len(dtypes) > 1:
             raise ValueError(f"{source}: the floating-point weights have several dtypes ({sorted(map(str, dtypes))})")
+        unsupported = dtypes - set(FLOAT_DTYPES)  # float8: accepted here, the first forward failed deep in an op
+        if unsupported:
+            raise ValueError(
+                f"{source}: the weights are {unsupported.pop()}; models run in float16, bfloat16, float32 or float64"
+            )
         if dtypes:
             model.to(dtypes.pop())
             expected = model.state_dict()
@@ -304,7 +323,7 @@ def _unreadable(path: str, err: BaseException) -> str:
     unsafe = f"{path!r} is not a safe fastflow checkpoint"
     found = re.search(r"GLOBAL (\S+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
     if found:
-        return f"{unsafe}: it would call {found.group(1)}, which is refused without running it"
+        return f"{unsafe}: it would call {found.group(1)!r}, which is refused without running it"  # repr: no escapes
     shared = _shared_format(path)
     if shared is not None:
         return shared
@@ -315,6 +334,9 @@ def _unreadable(path: str, err: BaseException) -> str:
     if isinstance(err, pickle.UnpicklingError):
         return f"{unsafe}: it holds pickle instructions that safe (weights-only) loading refuses"
     message = " ".join(str(err).split())[:300]
+    zip_unread = (isinstance(err, OSError) and err.errno == errno.EINVAL) or "zip archive" in message
+    if head is not None and head.startswith(b"PK") and zip_unread:  # torch's OSError(22): "Invalid argument"
+        return f"cannot read checkpoint {path!r}: it is truncated or corrupt (its zip archive does not read back)"
     if isinstance(err, OSError):
         message = err.strerror or message
     elif len(message) < 40:  # a bare key, index or nothing: the type says what went wrong
@@ -347,7 +369,7 @@ def load_checkpoint(
         raise ValueError(f"{where}: 'extra' must be a dict, got {type(payload['extra']).__name__}")
     name, config = payload["model_class"], payload["config"]
     if model is None:
-        model = build_model(name, config, where)
+        model = build_model(name, config, where, _tensor_bytes(payload["state_dict"]))
         _load_weights(model, payload["state_dict"], where, adopt_dtype=True)
         return model.to(map_location), payload
     cls = _model_class(name, config, where)
@@ -415,10 +437,11 @@ def load_pretrained(
     cls = _model_class(meta["model_class"], meta["config"], repr(config_path))
     if expected_class is not None and not issubclass(cls, expected_class):
         raise ValueError(f"{os.fspath(directory)!r} holds a {meta['model_class']}, not a {expected_class.__name__}")
-    model = build_model(meta["model_class"], meta["config"], repr(config_path))
+    weight_bytes = os.path.getsize(weights_path) if os.path.isfile(weights_path) else 0
+    model = build_model(meta["model_class"], meta["config"], repr(config_path), weight_bytes)
     try:
         state_dict = load_file(weights_path, device=str(map_location))
-    except (OSError, SafetensorError) as err:
+    except (OSError, SafetensorError, RuntimeError) as err:  # RuntimeError: e.g. a map_location this machine lacks
         raise ValueError(f"cannot read {weights_path!r}: {' '.join(str(err).split())[:300]}") from err
     _load_weights(model, state_dict, repr(weights_path), adopt_dtype=True)
     return model.to(map_location)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import json
 import os
 import pickle
 import shlex
@@ -141,6 +142,15 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, how):
     assert marker.exists()
 
 
+def test_a_crafted_global_name_reaches_the_message_escaped(tmp_path):
+    """The name a pickle would call was printed raw: escape codes in it cleared the user's terminal."""
+    path = tmp_path / "esc.pt"
+    path.write_bytes(b"\x80\x02cos\x1b[2J\x1b[31m\nsystem\nq\x00.")
+    with pytest.raises(ValueError, match="esc.pt.* not a safe fastflow checkpoint") as info:
+        load_checkpoint(path)
+    assert "\x1b" not in str(info.value) and "os\\x1b[2J" in str(info.value)
+
+
 def test_cli_sample_of_a_malicious_checkpoint_exits_2_with_one_line(tmp_path, capsys):
     path, marker, out = tmp_path / "evil.pt", tmp_path / "pwned", tmp_path / "samples.png"
     _malicious_file(path, marker, "exec")
@@ -217,6 +227,34 @@ def test_bad_config_names_the_key(tmp_path, config_change, named):
     with pytest.raises(ValueError, match="bad.pt") as info:
         load_checkpoint(path)
     assert named in str(info.value)
+
+
+@pytest.mark.parametrize("fmt", ["checkpoint", "pretrained"])
+def test_a_config_declaring_a_huge_model_is_refused_before_it_is_built(tmp_path, fmt, monkeypatch):
+    """A config of a hundred bytes (hidden 8192 here; steps x hidden^2 at will) built the whole model before its
+    weights were compared with it: gigabytes allocated, or the process killed. Building now stops at a few times
+    the weights' bytes; what it allocated here is counted, and the real model stays far below the cap."""
+    import fastflow.allocation_budget as budget
+
+    seen: list[int] = []
+    original = budget.AllocationBudget._add
+    monkeypatch.setattr(budget.AllocationBudget, "_add", lambda self, n: (seen.append(n), original(self, n))[1])
+    model = Glow(1, 4, levels=1, steps=1, hidden=8)
+    path = tmp_path / ("glow.pt" if fmt == "checkpoint" else "glow")
+    (save_checkpoint if fmt == "checkpoint" else save_pretrained)(path, model)
+    load = load_checkpoint if fmt == "checkpoint" else load_pretrained
+    load(path)  # the real config loads
+    assert 0 < sum(seen) < budget.construction_budget(0)
+    huge = dict(model.config, hidden=8192, steps=64)  # about 17 GB of weights declared
+    if fmt == "checkpoint":
+        _write_payload(path, config=huge)
+    else:
+        meta = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**meta, "config": huge}))
+    seen.clear()
+    with pytest.raises(ValueError, match="building this Glow would allocate more than 64 MiB"):
+        load(path)
+    assert sum(seen) <= budget.construction_budget(0) + 8192 * 8192 * 4  # refused before its first large weight
 
 
 def test_unknown_model_class_is_named(tmp_path):
@@ -342,6 +380,37 @@ def test_weights_of_a_non_float_dtype_are_refused(tmp_path):
     _write_payload(tmp_path / "complex.pt", state_dict=weights)
     with pytest.raises(ValueError, match=rf"complex.pt.*1 of another dtype \({key} torch.complex64 in the file"):
         load_checkpoint(tmp_path / "complex.pt")
+
+
+@pytest.mark.parametrize("fmt", ["checkpoint", "pretrained"])
+def test_float8_weights_are_refused_at_load_naming_the_dtype(tmp_path, fmt):
+    """float8 weights were adopted as the model's dtype; the model then failed in its first op ("add_stub" not
+    implemented for 'Float8_e5m2')."""
+    model = Glow(1, 4, levels=1, steps=1, hidden=8).to(torch.float8_e5m2)
+    path = tmp_path / ("f8.pt" if fmt == "checkpoint" else "f8")
+    if fmt == "checkpoint":
+        _write_payload(path, state_dict=model.state_dict())
+    else:
+        save_pretrained(path, model)
+    with pytest.raises(ValueError, match="f8.*the weights are torch.float8_e5m2; models run in float16, bfloat16"):
+        (load_checkpoint if fmt == "checkpoint" else load_pretrained)(path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_map_location_this_machine_lacks_is_a_value_error_naming_the_file(tmp_path):
+    save_pretrained(tmp_path / "shared", Glow(1, 4, levels=1, steps=1, hidden=8))
+    with pytest.raises(ValueError, match="cannot read .*model.safetensors"):  # was safetensors' RuntimeError
+        load_pretrained(tmp_path / "shared", map_location="cuda")
+
+
+def test_a_truncated_checkpoint_is_called_truncated_or_corrupt(tmp_path):
+    """torch reads a cut-off zip archive as OSError(22): the message was 'Invalid argument'."""
+    save_checkpoint(tmp_path / "full.pt", _trained_glow())
+    data = (tmp_path / "full.pt").read_bytes()
+    for cut in (200, len(data) // 2, len(data) - 100):
+        (tmp_path / "cut.pt").write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="cut.pt': it is truncated or corrupt"):
+            load_checkpoint(tmp_path / "cut.pt")
 
 
 class _MyGlow(Glow):
