@@ -174,7 +174,7 @@ def load_photo_crops(
     strip = max(resolution, round(width * PHOTO_HELDOUT_FRACTION))
     largest = min(photos[0].shape[1], width // 2)  # the held-out strip and the training part both fit a crop
     if resolution < 1 or resolution > largest:
-        raise ValueError(f"--resolution must be in [1, {largest}] for the embedded photos, got {resolution}")
+        raise ValueError(f"resolution must be in [1, {largest}] for the embedded photos, got {resolution}")
     train = PhotoCrops([p[:, :, : width - strip] for p in photos], resolution)
     heldout = PhotoCrops([p[:, :, width - strip :] for p in photos], resolution)
     levels, _ = heldout.draw(heldout_crops * len(photos), torch.Generator().manual_seed(seed))
@@ -221,7 +221,10 @@ def load_image_spec(spec: str, image_shape: tuple[int, int, int], n_bins: int) -
             levels = load_digits()[2]
         else:
             _check_embedded(spec, image_shape, n_bins, (3, image_shape[1], image_shape[1]), n_bins)
-            levels = load_photo_crops(image_shape[1], n_bins)[1].levels
+            try:
+                levels = load_photo_crops(image_shape[1], n_bins)[1].levels
+            except ValueError as err:  # the model's image size, not a flag of the caller's
+                raise ValueError(f"{spec}: the model's images are {image_shape[1]} pixels wide: {err}") from err
         if int(index) >= len(levels):
             raise ValueError(f"{spec}: there are {len(levels)} held-out {kind} (0 to {len(levels) - 1})")
         return levels[int(index)].unsqueeze(0)

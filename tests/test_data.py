@@ -57,7 +57,7 @@ def test_photo_crops_come_from_the_training_part_and_heldout_from_the_strip():
     levels, labels = train.draw(5, torch.Generator().manual_seed(0))
     assert levels.shape == (5, 3, 16, 16) and labels is None
     assert heldout.levels.shape == (8, 3, 16, 16) and int(heldout.levels.max()) < 32
-    with pytest.raises(ValueError, match="--resolution must be in"):
+    with pytest.raises(ValueError, match="^resolution must be in"):
         load_photo_crops(400, 32)
 
 
@@ -81,6 +81,8 @@ def test_image_specs_resolve_embedded_images_and_files(tmp_path):
         load_image_spec(str(tmp_path / "white.png"), (1, 8, 8), 17)
     with pytest.raises(ValueError, match=r"white.png: an image file is cropped square.*\(8, 16\)"):
         load_image_spec(str(tmp_path / "white.png"), (3, 8, 16), 4)  # was an (8, 8) image for an 8x16 model
+    with pytest.raises(ValueError, match="photos:0: the model's images are 512 pixels wide: resolution must be"):
+        load_image_spec("photos:0", (3, 512, 512), 32)  # named --resolution, a flag interpolate does not have
 
 
 def test_digits_of_a_class():
