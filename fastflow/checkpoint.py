@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import re
+import reprlib
 import types
 import typing
 import warnings
@@ -110,9 +111,14 @@ def _model_class(name: Any, config: Any, source: str = "") -> type[FlowModel]:
     for key, value in config.items():
         if key not in params:
             raise ValueError(_where(source, f"config key {key!r} is not an argument of {name} (one of {params})"))
-        if not _matches(value, hints.get(key, Any)):
+        try:
+            matches = _matches(value, hints.get(key, Any))
+        except RecursionError:  # a crafted file's value nested thousands deep
+            matches = False
+        if not matches:
             expected = _hint_name(hints[key]) if key in hints else "a plain JSON value"
-            raise ValueError(_where(source, f"config key {key!r} of {name} must be {expected}, got {value!r}"))
+            got = reprlib.repr(value)  # bounded in depth and length
+            raise ValueError(_where(source, f"config key {key!r} of {name} must be {expected}, got {got}"))
     return cls
 
 
@@ -430,7 +436,7 @@ def load_pretrained(
             meta = json.load(f)
     except OSError as err:
         raise ValueError(f"cannot read {config_path!r}: {err.strerror or err}") from err
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError; nesting thousands deep
         raise ValueError(f"{config_path!r} is not valid JSON: {err}") from err
     if not isinstance(meta, dict) or "model_class" not in meta or "config" not in meta:
         raise ValueError(f"{config_path!r} is not a fastflow config (needs 'model_class' and 'config')")

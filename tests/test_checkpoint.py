@@ -257,6 +257,22 @@ def test_a_config_declaring_a_huge_model_is_refused_before_it_is_built(tmp_path,
     assert sum(seen) <= budget.construction_budget(0) + 8192 * 8192 * 4  # refused before its first large weight
 
 
+def test_config_values_nested_deep_are_named_in_a_short_message(tmp_path):
+    """A crafted value nested hundreds deep went whole into the message; a config.json nested deeper than JSON
+    decodes raised RecursionError (the CLI's exit status 1 instead of 2), now that it is not valid JSON."""
+    deep: object = 8
+    for _ in range(300):  # deeper than torch.save can write
+        deep = [deep]
+    _write_payload(tmp_path / "deep.pt", config=dict(Glow(1, 4, levels=1, steps=1, hidden=8).config, image_size=deep))
+    with pytest.raises(ValueError, match="deep.pt.*config key 'image_size' of Glow must be") as info:
+        load_checkpoint(tmp_path / "deep.pt")
+    assert len(str(info.value)) < 400
+    save_pretrained(tmp_path / "shared", Glow(1, 4, levels=1, steps=1, hidden=8))
+    (tmp_path / "shared" / "config.json").write_text('{"model_class": "Glow", "config": {"lu": ' + "[" * 100000)
+    with pytest.raises(ValueError, match="config.json' is not valid JSON"):
+        load_pretrained(tmp_path / "shared")
+
+
 def test_unknown_model_class_is_named(tmp_path):
     _write_payload(tmp_path / "bad.pt", model_class="os.system")
     with pytest.raises(ValueError, match="bad.pt.*unknown model class 'os.system'"):
