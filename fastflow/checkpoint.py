@@ -429,6 +429,11 @@ def load_pretrained(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if os.path.isfile(directory):
+        raise ValueError(
+            f"{os.fspath(directory)!r} is a file, not a folder of {WEIGHTS_NAME} and {CONFIG_NAME}: a checkpoint file "
+            "loads with fastflow.checkpoint.load_checkpoint"
+        )
     config_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     try:

@@ -273,6 +273,12 @@ def test_config_values_nested_deep_are_named_in_a_short_message(tmp_path):
         load_pretrained(tmp_path / "shared")
 
 
+def test_from_pretrained_of_a_checkpoint_file_points_to_load_checkpoint(tmp_path):
+    save_checkpoint(tmp_path / "ck.pt", Glow(1, 4, levels=1, steps=1, hidden=8))
+    with pytest.raises(ValueError, match="ck.pt' is a file, not a folder.*load_checkpoint"):  # was "Not a directory"
+        Glow.from_pretrained(str(tmp_path / "ck.pt"))
+
+
 def test_unknown_model_class_is_named(tmp_path):
     _write_payload(tmp_path / "bad.pt", model_class="os.system")
     with pytest.raises(ValueError, match="bad.pt.*unknown model class 'os.system'"):
