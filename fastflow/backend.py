@@ -36,18 +36,32 @@ def _check_name(name: str) -> str:
     return name
 
 
+MIN_TRITON = (3, 2)
+"""The oldest Triton the kernels are built and checked for (``make aot-old-tritons``)."""
+
+
 def _triton_imports() -> bool:
-    """Whether Triton is installed and imports. One that is installed but fails to import (a broken install, a
-    missing driver library) warns once and counts as absent: fastflow then runs its eager ops, where the kernels'
-    first launch would fail (or, where the ops register as triton ops, ``import fastflow`` itself)."""
+    """Whether Triton (>= :data:`MIN_TRITON`) is installed and imports. An older one, or one that fails to import
+    (a broken install, a missing driver library), warns once and counts as absent: fastflow then runs its eager
+    ops, where the kernels' first launch would fail (or, where the ops register as triton ops, ``import fastflow``
+    itself)."""
     if importlib.util.find_spec("triton") is None:
         return False
     try:
-        import triton  # noqa: F401  # torch's own probes import it too: no extra import time
+        import triton  # torch's own probes import it too: no extra import time
     except Exception as err:
         warnings.warn(
             f"triton is installed but does not import ({type(err).__name__}: {err}): fastflow runs its eager "
             "(pure PyTorch) ops; repair or uninstall triton for the fused kernels",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    version = str(getattr(triton, "__version__", "0"))
+    if torch.torch_version.TorchVersion(version) < MIN_TRITON:  # e.g. the 3.0 / 3.1 torch 2.4 / 2.5 pin
+        warnings.warn(
+            f"fastflow's kernels need triton >= {'.'.join(map(str, MIN_TRITON))}, found {version}: fastflow runs "
+            "its eager (pure PyTorch) ops",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -70,11 +84,23 @@ def interpreter_enabled() -> bool:
     return _INTERPRETER_ENABLED
 
 
+_DYNAMO_TRACES_FUNCTORCH_QUERY = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+
+
+def functorch_transforms_active() -> bool:
+    """Whether a functorch transform (``vmap``, ``torch.func.grad`` / ``jacrev`` / ``jvp``) is active. While
+    ``torch.compile`` traces on torch < 2.5, whose Dynamo cannot trace that query (every caller broke the graph,
+    ``fullgraph=True`` failed), False: no transform is active inside a region those versions compile."""
+    if not _DYNAMO_TRACES_FUNCTORCH_QUERY and torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active()
+
+
 def resolve_backend(x: torch.Tensor) -> Literal["eager", "triton", "interpret"]:
     """The backend an op runs for input ``x`` under the current override; ``"eager"`` under functorch transforms
     (``vmap``, ``torch.func.grad`` / ``jacrev`` / ``jvp``), whatever the override: they batch and differentiate the
     eager twins natively, while a fused op's autograd wrapper refuses their grad transforms."""
-    if torch._C._are_functorch_transforms_active():
+    if functorch_transforms_active():
         return "eager"
     name = _overrides[-1] if _overrides else _DEFAULT
     if name == "auto":

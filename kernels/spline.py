@@ -309,7 +309,8 @@ def _size_grads(p, j, k, at, g_lo, g_size, SCALE: tl.constexpr, K: tl.constexpr)
     p_k = _pick(p, at)
     p_below = tl.sum(tl.where(below, p, 0.0), axis=1)
     p_from_k = tl.sum(tl.where(above_or_at, p, 0.0), axis=1)
-    p_others = tl.sum(tl.where((j < K)[None, :] & ~at, p, 0.0), axis=1)
+    # no ~at: Triton 3.2's interpreter cannot invert a bool block
+    p_others = tl.sum(tl.where((j < K)[None, :], tl.where(at, 0.0, p), 0.0), axis=1)
     g_below = (g_lo * p_from_k - g_size * p_k)[:, None]
     g_at = (g_size * p_others - g_lo * p_below)[:, None]
     g_above = (-(g_lo * p_below + g_size * p_k))[:, None]

@@ -162,7 +162,10 @@ class ActNormInvConv:
         groups: dict[tuple, list[int]] = {}
         for i, pair in enumerate(pairs):
             logs = pair.actnorm.logs
-            groups.setdefault((pair.actnorm.num_channels, pair.invconv.lu, logs.dtype, logs.device), []).append(i)
+            key = (pair.actnorm.num_channels, pair.invconv.lu, logs.dtype, logs.device)
+            if key not in groups:  # no setdefault: torch < 2.5's Dynamo cannot trace it
+                groups[key] = []
+            groups[key].append(i)
         weights: list[MixWeights | None] = [None] * len(pairs)
         for indices in groups.values():
             group = [pairs[i] for i in indices]
@@ -248,8 +251,10 @@ def shared_weights(units: Sequence[Any], x: torch.Tensor, inverse: bool) -> list
     groups: dict[Callable, list[int]] = {}
     for i, unit in enumerate(units):
         batched = getattr(type(unit), "batched_weights", None)
-        if batched is not None:
-            groups.setdefault(batched, []).append(i)
+        if batched is not None:  # no setdefault: torch < 2.5's Dynamo cannot trace it
+            if batched not in groups:
+                groups[batched] = []
+            groups[batched].append(i)
     for batched, indices in groups.items():
         for i, unit_weights in zip(indices, batched([units[i] for i in indices], x, inverse)):
             weights[i] = unit_weights

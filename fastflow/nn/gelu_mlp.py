@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastflow.backend import functorch_transforms_active
+
 __all__ = ["gelu_mlp"]
 
 
@@ -33,7 +35,7 @@ def _batched(grad: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
     legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
-    return torch._C._are_functorch_transforms_active() or (legacy is not None and legacy(grad))
+    return functorch_transforms_active() or (legacy is not None and legacy(grad))
 
 
 class _GeluMLP(torch.autograd.Function):
@@ -41,9 +43,18 @@ class _GeluMLP(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
     ) -> torch.Tensor:
+        ctx.dtypes = x.dtype, b1.dtype, b2.dtype
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # autocast's casts made by hand, with autocast off: torch < 2.7 cached its casts of the weights made
+            # here (grad off), and later ops on the same weights in the region then had no gradient
+            low = torch.get_autocast_dtype(device)
+            with torch.autocast(device, enabled=False):
+                h = F.linear(x.to(low), w1.to(low), b1.to(low))
+                ctx.save_for_backward(x.to(low), h, w1, w2)
+                return F.linear(F.gelu(h), w2.to(low), b2.to(low))
         h = F.linear(x, w1, b1)
         ctx.save_for_backward(x.to(h.dtype), h, w1, w2)
-        ctx.dtypes = x.dtype, b1.dtype, b2.dtype
         return F.linear(F.gelu(h), w2, b2)
 
     @staticmethod
@@ -78,6 +89,6 @@ def gelu_mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
     ``forward`` (and their hooks) are not called: their parameters are."""
     if fc1.bias is None or fc2.bias is None:
         raise ValueError("gelu_mlp needs linears with biases")
-    if torch._C._are_functorch_transforms_active():
+    if functorch_transforms_active():
         return fc2(F.gelu(fc1(x)))
     return _GeluMLP.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)

@@ -56,6 +56,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from fastflow.backend import functorch_transforms_active
 from fastflow.nn.actnorm_invconv import chain_units, run_units, shared_weights
 from fastflow.nn.base import run_layer
 from fastflow.nn.recompute_state import running_statistics_kept
@@ -167,11 +168,14 @@ def _records(module: nn.Module) -> list[tuple[str, DriftRecord]]:
     names = module.__dict__.get(_CACHE_ATTRIBUTE)
     if names is None:
         names = [name for name, m in module.named_modules() if isinstance(m, DriftRecord)]
-        module.__dict__[_CACHE_ATTRIBUTE] = names
+        if not torch.compiler.is_compiling():  # torch < 2.7's Dynamo cannot write a module's __dict__
+            module.__dict__[_CACHE_ATTRIBUTE] = names
     records = []
     for name in names:
         path, _, attribute = name.rpartition(".")
-        chain = module.get_submodule(path)
+        chain = module
+        for part in path.split(".") if path else ():  # not get_submodule: torch < 2.5's Dynamo cannot trace it
+            chain = getattr(chain, part)
         if getattr(chain, "reversible", False):
             records.append((path, getattr(chain, attribute)))
     return records
@@ -568,7 +572,7 @@ def reversible_chain(
     records it in the chain's ``record`` on the device when :func:`guards_deferred` holds here (see the module
     docstring)."""
     max_drift = check_max_drift(max_drift)
-    if torch._C._are_functorch_transforms_active():
+    if functorch_transforms_active():
         raise RuntimeError(
             "reversible backprop does not run under torch.func transforms (grad, vjp, jacrev, vmap): its backward "
             "walks the chain outside autograd; set reversible=False (model.reversible = False) for them"

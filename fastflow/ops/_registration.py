@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from fastflow.backend import interpreter_enabled, triton_available
+from fastflow.backend import functorch_transforms_active, interpreter_enabled, triton_available
 
 __all__ = ["TRACEABLE", "direct_autograd", "kernel_function", "kernels_traceable", "registration", "use_library_op"]
 
@@ -43,15 +45,40 @@ TRACEABLE = kernels_traceable()
 """:func:`kernels_traceable` for this process, decided at import: the ops register once."""
 
 
+def _typing_form(hint: Any) -> Any:
+    """``hint`` with ``list[X]``, ``tuple[X, ...]`` and ``X | None`` in ``typing``'s spelling, which the schema
+    inference of torch < 2.7 requires (it refused ``-> list[Tensor]``)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        return typing.List[_typing_form(args[0])]  # noqa: UP006 (the point: torch < 2.7 needs this spelling)
+    if origin is tuple:
+        return typing.Tuple[tuple(_typing_form(a) for a in args)]  # noqa: UP006 (likewise)
+    if origin is typing.Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        return typing.Union[tuple(_typing_form(a) for a in args)]
+    return hint
+
+
+def _evaluated_annotations(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with its annotations evaluated (``from __future__ import annotations`` leaves strings, which torch
+    2.4's schema inference does not evaluate) and in :func:`_typing_form`."""
+    fn.__annotations__ = {name: _typing_form(hint) for name, hint in typing.get_type_hints(fn).items()}
+    return fn
+
+
 def registration(traceable: bool) -> tuple[Callable[..., Any], dict[str, Any]]:
     """``(define, launch)``: ``define(name, mutates_args=())`` decorates an op function to register it
     (``triton_op``, whose fake kernel is the function itself run on fake tensors, when ``traceable``, else
-    ``custom_op``, which needs a fake kernel registered), and ``launch`` holds the keyword arguments its body
-    passes to the kernel launchers (``wrap_triton`` for a triton op; none for a custom op, which launches its
-    kernels directly)."""
-    if traceable:
-        return torch.library.triton_op, {"wrap_triton": torch.library.wrap_triton}
-    return torch.library.custom_op, {}
+    ``custom_op``, which needs a fake kernel registered), its annotations evaluated for every supported torch
+    (:func:`_evaluated_annotations`), and ``launch`` holds the keyword arguments its body passes to the kernel
+    launchers (``wrap_triton`` for a triton op; none for a custom op, which launches its kernels directly)."""
+    register = torch.library.triton_op if traceable else torch.library.custom_op
+
+    def define(name: str, **options: Any) -> Callable[[Callable[..., Any]], Any]:
+        decorate = register(name, **options)
+        return lambda fn: decorate(_evaluated_annotations(fn))
+
+    launch = {"wrap_triton": torch.library.wrap_triton} if traceable else {}
+    return define, launch
 
 
 def kernel_function(module: str, name: str) -> Callable[..., Any]:
@@ -76,7 +103,7 @@ def use_library_op() -> bool:
     return (
         torch.compiler.is_compiling()
         or _get_current_dispatch_mode() is not None
-        or torch._C._are_functorch_transforms_active()
+        or functorch_transforms_active()
     )
 
 

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from fastflow.backend import resolve_backend
+from fastflow.backend import functorch_transforms_active, resolve_backend
 from fastflow.ops._checks import check_float_tensor, check_same_device, logdet_dtype
 from fastflow.ops._registration import TRACEABLE, direct_autograd, kernel_function, registration, use_library_op
 
@@ -208,7 +208,7 @@ def _ieee_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     """The op ``fastflow::conv1x1_ieee`` (or its direct twin, :mod:`fastflow.ops._registration`); under functorch
     transforms, which refuse both (their autograd has no functorch rule), the plain convolution under IEEE flags
     (its backward then follows the TF32 flags)."""
-    if torch._C._are_functorch_transforms_active():
+    if functorch_transforms_active():
         return _conv1x1_ieee(x, weight, bias)
     if use_library_op():
         return torch.ops.fastflow.conv1x1_ieee(x, weight, bias)
@@ -288,7 +288,7 @@ def _output_format(x: torch.Tensor) -> torch.memory_format:
     """channels_last for channels_last inputs, else contiguous: the layout of every output built from ``x``
     (the fake kernels use it too, so traced and real strides agree). Contiguous under functorch transforms, where
     ``vmap`` cannot query other layouts."""
-    if torch._C._are_functorch_transforms_active():
+    if functorch_transforms_active():
         return torch.contiguous_format
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import typing
 
 import fastflow.kernels.channel_mix as kernels
 import pytest
@@ -487,14 +488,27 @@ def test_registration_is_traceable_only_where_compiled_kernels_run(monkeypatch):
     """``triton_op`` where torch has it, Triton compiles its kernels and torch is built with CUDA; the
     ``custom_op`` fallback everywhere else (here: the interpreter)."""
     assert not _registration.TRACEABLE
-    assert _registration.registration(False) == (torch.library.custom_op, {})
+    registered = []
+
+    def recorder(kind):
+        return lambda name, **options: lambda fn: registered.append((kind, name, fn.__annotations__["return"]))
+
+    def op(x: torch.Tensor) -> list[torch.Tensor]:  # torch < 2.7 refused this spelling: it is rewritten
+        return [x]
+
+    monkeypatch.setattr(torch.library, "custom_op", recorder("custom_op"))
+    define, launch = _registration.registration(False)
+    define("test::op", mutates_args=())(op)
+    assert launch == {} and registered.pop() == ("custom_op", "test::op", typing.List[torch.Tensor])  # noqa: UP006
     monkeypatch.setattr(_registration, "interpreter_enabled", lambda: False)
     monkeypatch.setattr(_registration, "triton_available", lambda: True)
     monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
     if hasattr(torch.library, "triton_op"):
         assert _registration.kernels_traceable()
+        monkeypatch.setattr(torch.library, "triton_op", recorder("triton_op"))
         define, launch = _registration.registration(True)
-        assert define is torch.library.triton_op and launch == {"wrap_triton": torch.library.wrap_triton}
+        define("test::op", mutates_args=())(op)
+        assert registered.pop()[0] == "triton_op" and launch == {"wrap_triton": torch.library.wrap_triton}
         monkeypatch.delattr(torch.library, "triton_op")  # torch < 2.6
     assert not _registration.kernels_traceable()
 
