@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fastflow.models import FlowModel
+from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.reversible import deferred_guards
 
 __all__ = [
@@ -41,12 +42,15 @@ CAPTURE_WARMUP_STEPS = 3  # eager steps on a side stream before capture: lazy st
 def _norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """The 2-norm of each of ``grads``, half-precision ones accumulated in float32 (an fp16 sum of squares
     overflows at 65504 while every element is finite)."""
-    if not any(g.dtype in (torch.float16, torch.bfloat16) for g in grads):
+    half = [g for g in grads if g.dtype in (torch.float16, torch.bfloat16)]
+    if not half:
         return list(torch._foreach_norm(grads))
+    others = [g for g in grads if g.dtype not in (torch.float16, torch.bfloat16)]  # float64 is not narrowed
     try:
-        return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        half_norms = list(torch._foreach_norm(half, 2, dtype=torch.float32))
     except TypeError:  # a torch whose _foreach_norm takes no dtype
-        return [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+        half_norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in half]
+    return half_norms + (list(torch._foreach_norm(others)) if others else [])
 
 
 def _total_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -64,6 +68,11 @@ def _scale_to_norm(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: floa
     factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for dtype in {g.dtype for g in grads}:
         torch._foreach_mul_([g for g in grads if g.dtype == dtype], factor.to(dtype))
+
+
+def _uninitialised_actnorms(model: nn.Module) -> bool:
+    """Whether some ActNorm of ``model`` would initialise from the next training-mode forward."""
+    return any(isinstance(m, ActNorm) and m.training and not m.is_initialized for m in model.modules())
 
 
 def clip_gradients(grads: list[torch.Tensor], max_norm: float, device: torch.device) -> torch.Tensor:
@@ -198,6 +207,8 @@ class TrainStep:
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (math.isfinite(clip) and clip >= 0):
             raise ValueError(f"clip must be a finite number >= 0 (0: no clipping), got {clip!r}")
         self.parameters = [p for p in model.parameters() if p.requires_grad]
+        if not self.parameters:
+            raise ValueError("model has no parameters that require grad: a training step would update nothing")
         self.device = self.parameters[0].device
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         if mode == "cuda-graph":
@@ -254,6 +265,7 @@ class TrainStep:
             convolutions_channels_last(objective)
         _lay_out_state_like_parameters(optimizer)  # the layout is fixed now: a resumed Adam state follows it
         self._loss_fn = self._loss
+        self._actnorms_ready = False
         if mode == "compile":
             # static shapes: one graph per model; the fused Adam update is one kernel per dtype group already
             # (torch keeps it out of compiled graphs), so only the loss and its backward are compiled
@@ -308,6 +320,14 @@ class TrainStep:
         self.scaler.update()
 
     def _eager_step(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if self.mode == "compile" and not self._actnorms_ready:
+            # ActNorm's data-dependent init reads the batch on the host: inside the compiled step it broke the
+            # graph dozens of times and hit Dynamo's recompile limit (later steps slower than eager). Run it here,
+            # eagerly, on this batch, as fastflow.train does before building the step; checked until none is due.
+            if _uninitialised_actnorms(self.model):
+                with torch.no_grad():
+                    self._loss(x, y)
+            self._actnorms_ready = True
         self.optimizer.zero_grad(set_to_none=True)
         with deferred_guards():  # entered outside the compiled function: a context variable would break its graph
             loss = self._loss_fn(x, y)

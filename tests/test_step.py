@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastflow.models import Glow, Jet
-from fastflow.step import CAPTURE_WARMUP_STEPS, BitsPerDim, TrainStep, make_adam
+from fastflow.step import CAPTURE_WARMUP_STEPS, BitsPerDim, TrainStep, clip_gradients, make_adam
 
 
 def _run(
@@ -17,6 +17,7 @@ def _run(
     steps: int = 3,
     dtype: torch.dtype = torch.float64,
     reversible: bool = False,
+    initialize: bool = True,
     **kwargs,
 ) -> tuple[list[float], torch.Tensor]:
     """Losses of ``steps`` steps of a tiny Glow, and its flattened weights after them. Float64 by default: Adam
@@ -24,12 +25,40 @@ def _run(
     torch.manual_seed(0)
     model = Glow(3, 8, levels=2, steps=2, hidden=16, reversible=reversible).to(device, dtype)
     batches = [torch.rand(4, 3, 8, 8, device=device, dtype=dtype) - 0.5 for _ in range(steps)]
-    with torch.no_grad():
-        model.bits_per_dim(batches[0])  # ActNorm's data-dependent init, outside the step
+    if initialize:
+        with torch.no_grad():
+            model.bits_per_dim(batches[0])  # ActNorm's data-dependent init, outside the step
     optimizer = make_adam(model.parameters(), 1e-3, mode)
     step = TrainStep(BitsPerDim(model), model, optimizer, clip=50.0, mode=mode, **kwargs)
     losses = [float(step(x, None, lr=1e-3 * (i + 1))) for i, x in enumerate(batches)]
     return losses, torch.cat([p.detach().flatten() for p in model.parameters()]).cpu()
+
+
+def test_a_compiled_step_initialises_actnorm_eagerly_before_compiling():
+    """Left to the first compiled step, ActNorm's host-side init broke its graph dozens of times and hit Dynamo's
+    recompile limit (the later steps ran slower than eager); the step now runs it eagerly first."""
+    from torch._dynamo.utils import counters
+
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    compiled_losses, compiled_weights = _run("compile", initialize=False)
+    assert sum(counters["graph_break"].values()) == breaks and counters["stats"]["unique_graphs"] - graphs == 1
+    losses, weights = _run("eager", initialize=False)
+    torch.testing.assert_close(compiled_losses, losses, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(compiled_weights, weights, atol=1e-9, rtol=1e-9)
+
+
+def test_gradient_norms_of_float64_and_half_gradients_together():
+    """A float64 gradient beside half-precision ones was narrowed to float32 by the norm (a RuntimeError)."""
+    grads = [torch.full((3,), 2.0, dtype=torch.float64), torch.full((4,), 1.0, dtype=torch.float16)]
+    norm = clip_gradients(grads, 1.0, torch.device("cpu"))  # sqrt(3 * 4 + 4 * 1) = 4, then scaled to norm 1
+    assert norm.dtype == torch.float64 and abs(float(norm) - 4.0) < 1e-12
+    torch.testing.assert_close(grads[0], torch.full((3,), 0.5, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_a_model_without_trainable_parameters_is_refused():
+    model = Glow(1, 4, levels=1, steps=1, hidden=4).requires_grad_(False)
+    with pytest.raises(ValueError, match="model has no parameters that require grad"):
+        TrainStep(BitsPerDim(model), model, make_adam([torch.nn.Parameter(torch.zeros(1))], 1e-3))
 
 
 def test_compiled_step_matches_eager():
