@@ -231,6 +231,11 @@ class TrainStep:
                 "amp='fp16' needs an enabled loss scaler (scaler=torch.amp.GradScaler(...)): fp16 "
                 "gradients underflow without one; or amp='bf16'"
             )
+        if amp != "fp16" and self.scaler is not None:  # it would take over the skips: the guards' skip flag is gone
+            raise ValueError(
+                f"an enabled loss scaler is for amp='fp16' only, got amp={amp!r}: pass scaler=None (bf16 and float32 "
+                "gradients do not underflow, and without a scaler a tripped guard skips the updates)"
+            )
         rates = {float(group["lr"]) for group in optimizer.param_groups}
         if len(rates) > 1:
             raise ValueError(

@@ -252,6 +252,9 @@ def test_settings_the_step_cannot_honour_are_refused():
     scaler = torch.amp.GradScaler("cpu")
     with pytest.raises(ValueError, match="needs a fused optimizer"):
         TrainStep(BitsPerDim(model), model, torch.optim.Adam(params, 1e-3), amp="fp16", scaler=scaler)
+    for amp in ("bf16", None):  # accepted before: the scaler took the skips over, a tripped guard skipped nothing
+        with pytest.raises(ValueError, match="an enabled loss scaler is for amp='fp16' only"):
+            TrainStep(BitsPerDim(model), model, make_adam(params, 1e-3), amp=amp, scaler=scaler)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
