@@ -230,8 +230,8 @@ class FlowModel(nn.Module):
 
     def _check_context(self, context: object, batch: int, device: torch.device) -> None:
         """``ValueError`` unless ``context`` suits the model: None for an unconditional model, a tensor of batch
-        ``batch`` on ``device`` for a conditional one, at least 2-D where layers condition on it (the layers and the
-        prior check the rest: features, labels)."""
+        ``batch`` for a conditional one, on ``device`` and at least 2-D where layers condition on it (the layers and
+        the prior check the rest: features, labels)."""
         name = type(self).__name__
         if context is None:
             if self._blocks_use_context:
@@ -250,7 +250,8 @@ class FlowModel(nn.Module):
             )
         if context.dim() == 0 or context.shape[0] != batch:
             raise ValueError(f"context must have shape ({batch}, ...) (one row per sample), got {tuple(context.shape)}")
-        _check_device("context", context, device)
+        if self._blocks_use_context:  # the conditioners' input; class labels the prior moves to its device itself
+            _check_device("context", context, device)
 
     def _prior_context(self, context: torch.Tensor | None) -> torch.Tensor | None:
         return context if self.prior.conditional else None
