@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fastflow.models import FlowModel
-from fastflow.nn.actnorm import ActNorm
+from fastflow.nn.actnorm import actnorms_initialized
 from fastflow.nn.reversible import deferred_guards
 
 __all__ = [
@@ -39,13 +39,16 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CAPTURE_WARMUP_STEPS = 3  # eager steps on a side stream before capture: lazy state (Adam moments, cuDNN plans) exists
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """The 2-norm of each of ``grads``, half-precision ones accumulated in float32 (an fp16 sum of squares
     overflows at 65504 while every element is finite)."""
-    half = [g for g in grads if g.dtype in (torch.float16, torch.bfloat16)]
+    half = [g for g in grads if g.dtype in _HALF_DTYPES]
     if not half:
         return list(torch._foreach_norm(grads))
-    others = [g for g in grads if g.dtype not in (torch.float16, torch.bfloat16)]  # float64 is not narrowed
+    others = [g for g in grads if g.dtype not in _HALF_DTYPES]  # float64 is not narrowed
     try:
         half_norms = list(torch._foreach_norm(half, 2, dtype=torch.float32))
     except TypeError:  # a torch whose _foreach_norm takes no dtype
@@ -68,11 +71,6 @@ def _scale_to_norm(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: floa
     factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for dtype in {g.dtype for g in grads}:
         torch._foreach_mul_([g for g in grads if g.dtype == dtype], factor.to(dtype))
-
-
-def _uninitialised_actnorms(model: nn.Module) -> bool:
-    """Whether some ActNorm of ``model`` would initialise from the next training-mode forward."""
-    return any(isinstance(m, ActNorm) and m.training and not m.is_initialized for m in model.modules())
 
 
 def clip_gradients(grads: list[torch.Tensor], max_norm: float, device: torch.device) -> torch.Tensor:
@@ -329,7 +327,7 @@ class TrainStep:
             # ActNorm's data-dependent init reads the batch on the host: inside the compiled step it broke the
             # graph dozens of times and hit Dynamo's recompile limit (later steps slower than eager). Run it here,
             # eagerly, on this batch, as fastflow.train does before building the step; checked until none is due.
-            if _uninitialised_actnorms(self.model):
+            if not actnorms_initialized(self.model):
                 with torch.no_grad():
                     self._loss(x, y)
             self._actnorms_ready = True

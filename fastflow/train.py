@@ -42,7 +42,7 @@ from fastflow.distributed import rank_and_world_size, shard
 from fastflow.images import check_writable_folder, save_grid
 from fastflow.models import FlowModel, dequantize
 from fastflow.models.base import check_levels, eval_mode
-from fastflow.nn import ActNorm
+from fastflow.nn.actnorm import actnorms_initialized
 from fastflow.nn.reversible import ReconstructionError
 from fastflow.ops._checks import check_bool, int_at_least
 from fastflow.progress import Progress
@@ -214,7 +214,7 @@ def initialize_actnorm(
     graph) unless every ActNorm is already initialised (a loaded checkpoint). Under ``torch.distributed`` every
     rank must call it at the same step with its shard: the statistics are all-reduced, so they are those of the
     union of the shards, and the parameters agree on every rank before DDP wraps the model."""
-    if all(m.is_initialized for m in model.modules() if isinstance(m, ActNorm)):
+    if actnorms_initialized(model):
         return
     model.train()
     with torch.no_grad(), _autocast(x.device, amp):

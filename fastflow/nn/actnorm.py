@@ -14,7 +14,7 @@ from fastflow.ops._checks import int_at_least
 from fastflow.ops.actnorm import actnorm_inverse_ref, actnorm_ref
 from fastflow.warning_location import warn_at_caller
 
-__all__ = ["ActNorm"]
+__all__ = ["ActNorm", "actnorms_initialized"]
 
 
 def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -131,3 +131,9 @@ class ActNorm(FlowLayer):
         check_features("y", y, self.num_channels)
         x, logdet = actnorm_inverse_ref(as_pixels(y), self.bias, self.logs)
         return x.view_as(y), logdet
+
+
+def actnorms_initialized(module: nn.Module) -> bool:
+    """Whether every ActNorm in ``module`` has initialised (or loaded its flag): a training-mode forward then
+    reads nothing from its batch on the host."""
+    return all(m.is_initialized for m in module.modules() if isinstance(m, ActNorm))

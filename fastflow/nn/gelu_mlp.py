@@ -17,6 +17,7 @@ by ``vmap`` (``torch.autograd.grad(..., is_grads_batched=True)``, ``jacobian(...
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -45,17 +46,15 @@ class _GeluMLP(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.dtypes = x.dtype, b1.dtype, b2.dtype
         device = x.device.type
-        if torch.is_autocast_enabled(device):
-            # autocast's casts made by hand, with autocast off: torch < 2.7 cached its casts of the weights made
-            # here (grad off), and later ops on the same weights in the region then had no gradient
-            low = torch.get_autocast_dtype(device)
-            with torch.autocast(device, enabled=False):
-                h = F.linear(x.to(low), w1.to(low), b1.to(low))
-                ctx.save_for_backward(x.to(low), h, w1, w2)
-                return F.linear(F.gelu(h), w2.to(low), b2.to(low))
-        h = F.linear(x, w1, b1)
-        ctx.save_for_backward(x.to(h.dtype), h, w1, w2)
-        return F.linear(F.gelu(h), w2, b2)
+        autocast = torch.is_autocast_enabled(device)
+        # under autocast its casts are made by hand, with autocast off: torch < 2.7 cached its casts of the weights
+        # made here (grad off), and later ops on the same weights in the region then had no gradient
+        low = torch.get_autocast_dtype(device) if autocast else None
+        with torch.autocast(device, enabled=False) if autocast else nullcontext():
+            xc, w1c, b1c, w2c, b2c = (t if low is None else t.to(low) for t in (x, w1, b1, w2, b2))
+            h = F.linear(xc, w1c, b1c)
+            ctx.save_for_backward(xc.to(h.dtype), h, w1, w2)
+            return F.linear(F.gelu(h), w2c, b2c)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
