@@ -29,6 +29,13 @@ def _rows(context: torch.Tensor | None, start: int, stop: int) -> torch.Tensor |
     return None if context is None else context[start:stop]
 
 
+def _bin_centres(levels: torch.Tensor, n_bins: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(k + 0.5) / n_bins - 0.5`` of integer ``levels`` in ``dtype``, computed in at least float32 and rounded
+    once: ``k + 0.5`` is not exact in bfloat16 or float16 for large ``k`` (bfloat16 rounds 255.5 to 256, level 255
+    to 0.5, outside ``[-0.5, 0.5)``)."""
+    return ((levels.to(torch.promote_types(dtype, torch.float32)) + 0.5) / n_bins - 0.5).to(dtype)
+
+
 def _check_context_rows(name: str, context: object, rows: int) -> torch.Tensor | None:
     """``context`` (None, or a tensor of one row per image: ``rows`` of them), or a clear error naming ``name``."""
     if context is None:
@@ -64,7 +71,7 @@ def encode_flat(
     flat, shapes = [], []
     with eval_mode(model):
         for start in range(0, len(levels), batch):
-            x = (levels[start : start + batch].to(parameter.dtype) + 0.5) / model.n_bins - 0.5
+            x = _bin_centres(levels[start : start + batch], model.n_bins, parameter.dtype)
             latents = model.encode(x.to(parameter.device), _rows(context, start, start + batch))
             shapes = [z.shape[1:] for z in latents]
             flat.append(torch.cat([z.flatten(1) for z in latents], dim=1))

@@ -153,3 +153,15 @@ def test_strengths_may_be_a_tensor_and_the_model_keeps_its_mode_and_dtype(model)
     strip = interpolate(double, _levels(1, 1), _levels(1, 2), steps=3)
     assert strip.dtype == torch.float64
     torch.testing.assert_close(strip[0], _pixels(_levels(1, 1))[0].double(), rtol=0, atol=1e-9)
+
+
+def test_a_bfloat16_model_sees_the_bin_centres_of_high_levels():
+    """``(k + 0.5)`` was computed in the model's dtype: in bfloat16 level 255 became 0.5 (outside ``[-0.5, 0.5)``)
+    and every level from 128 up a bin edge; the centres themselves are exact in bfloat16."""
+    model = Glow(3, 4, levels=1, steps=1, hidden=8).to(torch.bfloat16).eval()
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    levels = torch.tensor([255, 200, 129, 0]).repeat(12).reshape(1, 3, 4, 4)
+    encode_flat(model, levels)
+    centres = ((levels.double() + 0.5) / 256 - 0.5).to(torch.bfloat16)
+    assert torch.equal(seen[0], centres) and float(seen[0].max()) < 0.5

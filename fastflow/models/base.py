@@ -267,9 +267,7 @@ class FlowModel(nn.Module):
         log_prior: torch.Tensor | None = None
         latents: list[torch.Tensor] = []
         if diagnose:  # non-finite inputs are named as such, not blamed on the first layer they reach
-            _raise_if_nonfinite_input("x", x)
-            if isinstance(context, torch.Tensor) and context.is_floating_point():
-                _raise_if_nonfinite_input("context", context)
+            _raise_if_nonfinite_inputs(x, context)
         block_context = self._block_context(context)
         for i, block in enumerate(self.blocks):
             if diagnose:
@@ -300,7 +298,11 @@ class FlowModel(nn.Module):
         for :meth:`check_guards` where guards are deferred (see the class docstring)."""
         self._check_input(x)
         self._check_context(context, x.shape[0], x.device)
-        latents, logdet, log_prior = self._encode(x, context)
+        try:
+            latents, logdet, log_prior = self._encode(x, context)
+        except ValueError as err:  # an ActNorm initialising from a non-finite batch: the input is named, as later
+            _raise_if_nonfinite_inputs(x, context, cause=err)
+            raise
         if self.check_finite:
             finite = torch.isfinite(logdet + log_prior).all()
             if guards_deferred(x):
@@ -404,7 +406,20 @@ class FlowModel(nn.Module):
         on any device; else from the global RNG). Differentiable (the split priors' draws are reparameterised).
         With ``check_finite``, a non-finite result (from non-finite latents or context) raises
         ``FloatingPointError`` (one host read; not where guards are deferred, whose step records a non-finite loss
-        instead)."""
+        instead). A class-conditional model's labels are checked as :meth:`log_prob` checks them (the prior's
+        shift is not part of the inverse: they do not change the result)."""
+        if self.prior.conditional and not guards_deferred(self.floating_parameter()):
+            self.prior.check_labels(self._prior_context(context))
+        return self._decode(latents, context, temperature, generator)
+
+    def _decode(
+        self,
+        latents: list[torch.Tensor | None],
+        context: torch.Tensor | None,
+        temperature: float,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """:meth:`decode` without the label check (:meth:`rsample`'s prior has made it)."""
         _check_temperature(temperature)
         check_generator(generator)
         if not isinstance(latents, (list, tuple)):
@@ -424,6 +439,11 @@ class FlowModel(nn.Module):
             dtype = parameter.dtype
             raise TypeError(f"latents[-1] is {x.dtype} but the model is {dtype}: convert one, e.g. .to({dtype})")
         _check_device("latents[-1]", x, parameter.device)
+        for i, z in enumerate(latents[:-1]):
+            if z is not None and not isinstance(z, torch.Tensor):
+                raise TypeError(f"latents[{i}] must be None or a tensor (a split latent), got {type(z).__name__}")
+            if z is not None and z.dim() != x.dim():
+                raise ValueError(f"latents[{i}] must be a split latent of rank {x.dim()}, got shape {tuple(z.shape)}")
         sizes = {i: z.shape[0] for i, z in enumerate(latents) if isinstance(z, torch.Tensor)}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"latents must share one batch size, got batch sizes {sizes} (index: size)")
@@ -431,7 +451,10 @@ class FlowModel(nn.Module):
         block_context = self._block_context(context)
         for i in reversed(range(len(self.blocks))):
             if i < len(self.splits):
-                x = self.splits[i].inverse(x, latents[i], temperature, generator)
+                try:
+                    x = self.splits[i].inverse(x, latents[i], temperature, generator)
+                except (TypeError, ValueError) as err:  # the split names z_out (latents[i]) and z_keep (from above)
+                    raise type(err)(f"decoding latents[{i}]: {err}") from err
             x, _ = self.blocks[i].inverse(x, block_context)
         if self.check_finite and not guards_deferred(x):
             if not bool(torch.isfinite(x).all()):
@@ -472,7 +495,7 @@ class FlowModel(nn.Module):
             n, temperature, self._prior_context(context), parameter.device, parameter.dtype, **drawn_from
         )
         latents: list[torch.Tensor | None] = [None] * len(self.splits) + [top]
-        return self.decode(latents, context, temperature, generator=generator)
+        return self._decode(latents, context, temperature, generator)
 
     def sample(
         self,
@@ -518,10 +541,13 @@ def _check_temperature(temperature: object) -> None:
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
 
 
-def _raise_if_nonfinite_input(name: str, value: torch.Tensor) -> None:
-    if not bool(torch.isfinite(value).all()):
-        count = int((~torch.isfinite(value)).sum())
-        raise ValueError(f"{name} holds {count} non-finite values (NaN/Inf): the model needs finite inputs")
+def _raise_if_nonfinite_inputs(x: torch.Tensor, context: object, cause: BaseException | None = None) -> None:
+    """``ValueError`` (from ``cause``) naming ``x``, or a floating-point ``context``, if it holds NaN or Inf."""
+    for name, value in (("x", x), ("context", context)):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            count = int((~torch.isfinite(value)).sum())
+            message = f"{name} holds {count} non-finite values (NaN/Inf): the model needs finite inputs"
+            raise ValueError(message) from cause
 
 
 def _raise_if_nonfinite(where: str, out: torch.Tensor, log_term: torch.Tensor, what: str = "log-det") -> None:

@@ -98,6 +98,11 @@ class NICE(FlowModel):
         int_at_least("hidden", hidden, 1)
         int_at_least("depth", depth, 0)
         d = in_channels * h * w
+        if d % 2:
+            raise ValueError(
+                f"NICE couples halves of the flattened image: in_channels * height * width must be even, got "
+                f"{in_channels} * {h} * {w} = {d}"
+            )
         config = dict(
             in_channels=in_channels,
             image_size=(h, w),

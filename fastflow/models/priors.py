@@ -184,5 +184,6 @@ class LogisticPrior(TopPrior):
         self.check_labels(y)
         dtype = dtype or torch.float32
         u = draw(torch.rand, (n, *self.shape), device, torch.promote_types(dtype, torch.float32), generator)
-        u = u.clamp(1e-6, 1 - 1e-6)
+        half_ulp = torch.finfo(u.dtype).eps / 2  # the finest step of torch.rand: tails cut only where u must be
+        u = u.clamp(half_ulp, 1 - half_ulp)
         return (temperature * (torch.log(u) - torch.log1p(-u))).to(dtype)

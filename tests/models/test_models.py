@@ -228,6 +228,17 @@ def test_nonfinite_input_is_blamed_on_the_input_not_a_layer():
         model.log_prob(x)
 
 
+def test_nonfinite_first_batch_is_blamed_on_the_input_not_actnorm():
+    """The first batch of a fresh model in training mode initialises the ActNorms: the error named the first
+    ActNorm ("cannot initialise from a batch ... not finite"), where every later batch names ``x``."""
+    model = Glow(2, 4, levels=2, steps=1, hidden=8).train()
+    x = torch.rand(2, *model.image_shape) - 0.5
+    x[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="x holds 1 non-finite values") as caught:
+        model.log_prob(x)
+    assert "cannot initialise" in str(caught.value.__cause__)
+
+
 def test_nonfinite_context_is_blamed_on_the_context_not_a_layer():
     """It was ``FloatingPointError: non-finite output at blocks.0...``; non-finite ``x`` was a ``ValueError``."""
     model = TabularFlow(4, context=2, transforms=1, hidden=8)
@@ -308,6 +319,32 @@ def test_conditional_model_requires_valid_labels():
         model.log_prob(x, torch.tensor([[0], [1]]))
 
 
+def test_decode_checks_class_labels_as_log_prob_does():
+    """decode took labels [0, 7], float labels and none for a 3-class model (the labels only shift the top prior,
+    which decoding does not use, so nothing failed)."""
+    model = _model("glow_conditional").float()
+    latents = model.encode(torch.rand(2, *model.image_shape) - 0.5, torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match=r"must be in \[0, 3\), got values in \[0, 7\]"):
+        model.decode(latents, torch.tensor([0, 7]))
+    with pytest.raises(TypeError, match="must be int32 or int64 labels"):
+        model.decode(latents, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="context .class labels. is required"):
+        model.decode(latents)
+    assert model.decode(latents, torch.tensor([0, 2])).shape == (2, *model.image_shape)
+
+
+def test_decode_names_the_latent_that_does_not_fit():
+    """A split latent of the wrong rank was reported as a batch-size mismatch, others as ``z_out`` / ``z_keep``."""
+    model = _model("glow_affine_lu").float()
+    latents = model.encode(torch.rand(2, *model.image_shape) - 0.5)
+    with pytest.raises(ValueError, match=r"latents\[0\] must be a split latent of rank 4, got shape \(4, 2, 2\)"):
+        model.decode([latents[0][0], latents[1]])
+    with pytest.raises(TypeError, match=r"latents\[0\] must be None or a tensor .a split latent., got list"):
+        model.decode([[1.0], latents[1]])
+    with pytest.raises(ValueError, match=r"decoding latents\[0\]: z_out has 3 channels but the layer was built for 4"):
+        model.decode([latents[0][:, :3], latents[1]])
+
+
 def test_out_of_range_labels_under_deferred_guards_are_recorded_not_trained_on():
     """Inside a training step (guards deferred, no host read) an out-of-range label makes its sample's log-density
     NaN, which the deferred finite check records; ``check_guards`` with the batch names the labels. Before, it
@@ -372,7 +409,7 @@ def test_temperature_takes_numpy_scalars():
         (lambda: Glow(1, 8, levels=0), "levels must be >= 1"),
         (lambda: RealNVP(1, 6, scales=3), "divisible by 2\\*\\*\\(scales-1\\)"),
         (lambda: RealNVP(1, 4, coupling="additive"), "coupling must be 'affine' or 'spline'"),
-        (lambda: NICE(1, 3), "even number of dimensions"),
+        (lambda: NICE(1, 3), r"in_channels \* height \* width must be even, got 1 \* 3 \* 3 = 9"),
         (lambda: Glow(1, 8, levels=1, n_bins=1), "n_bins must be >= 2"),
         (lambda: Glow(1, 8, levels=1, n_bins=2.5), "n_bins must be an int, got float 2.5"),
         (lambda: Glow(1, 8, levels=1, reversible="no"), "reversible must be a bool, got str 'no'"),
@@ -493,6 +530,20 @@ def test_nonfinite_context_or_latents_do_not_pass_silently_through_sampling():
         model.decode([torch.full((2, 4), float("inf"))], torch.randn(2, 2))
     model.check_finite = False
     assert bool(torch.isnan(model.sample(3, context)).any())
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 16.63553), (torch.float64, 36.73680056967710)])
+def test_logistic_prior_draws_reach_the_tails_of_its_dtype(monkeypatch, dtype, bound):
+    """``u`` was clamped to ``[1e-6, 1 - 1e-6]`` in every dtype: no draw beyond ``|z| = 13.8`` (0.16% of the
+    samples of a 784-D model had a clipped element); the clamp is now ``torch.rand``'s own step."""
+    from fastflow.models import priors
+
+    def extremes(fn, shape, device, dtype, generator):
+        return torch.tensor([0.0, 1.0 - torch.finfo(dtype).eps / 2], dtype=dtype).expand(shape[0], 2)
+
+    monkeypatch.setattr(priors, "draw", extremes)
+    z = priors.LogisticPrior((2,)).sample(1, 1.0, dtype=dtype)
+    torch.testing.assert_close(z, torch.tensor([[-bound, bound]], dtype=dtype), rtol=1e-6, atol=0)
 
 
 def test_nice_diagonal_scaling_refuses_a_shape_it_would_broadcast():
