@@ -100,11 +100,7 @@ def use_library_op() -> bool:
     active (fake tensors, ``make_fx``, a ``TorchDispatchMode`` census), which must see the op whole, and under
     functorch transforms, which need the registered op's ``setup_context`` (the fused ops themselves run their
     eager twins there: :func:`fastflow.backend.resolve_backend`)."""
-    return (
-        torch.compiler.is_compiling()
-        or _get_current_dispatch_mode() is not None
-        or functorch_transforms_active()
-    )
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or functorch_transforms_active()
 
 
 def direct_autograd(
