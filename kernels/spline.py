@@ -78,7 +78,7 @@ import torch
 import triton
 import triton.language as tl
 from fastflow.kernels.aot import AotSpec
-from fastflow.kernels.launch import cached_on_sizes, cdiv, next_power_of_2
+from fastflow.kernels.launch import cached_on_sizes, cdiv, launch_device, next_power_of_2
 
 __all__ = [
     "FORWARD",
@@ -117,13 +117,15 @@ def _tile(pid, B, N, ROWS: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _raw_tiles(raw_ptr, offs, mask, r_sk, acc_ty, K: tl.constexpr, KP: tl.constexpr):
-    """``[elements, KP]`` tiles of raw widths, heights and interior derivatives (0 in the padding)."""
+    """``[elements, KP]`` tiles of raw widths, heights and interior derivatives (0 in the padding). Offsets in
+    int64: ``2K * r_sk`` passes 2^31 for a parameter stride (int32 when below it) of ``2^31 / 2K``."""
     j = tl.arange(0, KP)
-    ptrs = raw_ptr + offs[:, None] + j.to(tl.int64)[None, :] * r_sk
+    k64 = j.to(tl.int64)[None, :]
+    base = raw_ptr + offs[:, None]
     in_bins = mask[:, None] & (j < K)[None, :]
-    widths = tl.load(ptrs, mask=in_bins, other=0.0).to(acc_ty)
-    heights = tl.load(ptrs + K * r_sk, mask=in_bins, other=0.0).to(acc_ty)
-    derivs = tl.load(ptrs + 2 * K * r_sk, mask=mask[:, None] & (j < K - 1)[None, :], other=0.0).to(acc_ty)
+    widths = tl.load(base + k64 * r_sk, mask=in_bins, other=0.0).to(acc_ty)
+    heights = tl.load(base + (k64 + K) * r_sk, mask=in_bins, other=0.0).to(acc_ty)
+    derivs = tl.load(base + (k64 + 2 * K) * r_sk, mask=mask[:, None] & (j < K - 1)[None, :], other=0.0).to(acc_ty)
     return j, widths, heights, derivs
 
 
@@ -513,11 +515,12 @@ def rq_spline_forward(
     n_col_blocks = cdiv(n, block)
     partial = torch.empty(batch, n_col_blocks, dtype=acc, device=u.device)  # every slot is written
     grid = (cdiv(batch, rows) * n_col_blocks,)
-    wrap_triton(rq_spline_fwd_kernel)[grid](
-        u_arg, raw_arg, out, partial, batch, n, *u_strides, *raw_strides,
-        KP=kp, INVERSE=inverse, ROWS=rows, BLOCK=block, num_warps=NUM_WARPS,
-        **_constexprs(bins, bound, min_width, min_height, min_derivative),
-    )  # fmt: skip
+    with launch_device(u):
+        wrap_triton(rq_spline_fwd_kernel)[grid](
+            u_arg, raw_arg, out, partial, batch, n, *u_strides, *raw_strides,
+            KP=kp, INVERSE=inverse, ROWS=rows, BLOCK=block, num_warps=NUM_WARPS,
+            **_constexprs(bins, bound, min_width, min_height, min_derivative),
+        )  # fmt: skip
     return out, partial.sum(dim=1)
 
 
@@ -558,12 +561,13 @@ def rq_spline_backward(
     grid = (cdiv(batch, rows) * cdiv(n, block),)
     gl = grad_logdet.to(acc)
     # an unused slot gets an input, never another output: a traced launch may take every pointer as written
-    wrap_triton(rq_spline_bwd_kernel)[grid](
-        u_arg, raw_arg, g_arg, gl, grad_u, grad_raw, u_arg if x is None else x,
-        batch, n, *u_strides, *raw_strides, *g_strides, gl.stride(0),
-        KP=kp, MODE=code, ROWS=rows, BLOCK=block, num_warps=NUM_WARPS,
-        **_constexprs(bins, bound, min_width, min_height, min_derivative),
-    )  # fmt: skip
+    with launch_device(u):
+        wrap_triton(rq_spline_bwd_kernel)[grid](
+            u_arg, raw_arg, g_arg, gl, grad_u, grad_raw, u_arg if x is None else x,
+            batch, n, *u_strides, *raw_strides, *g_strides, gl.stride(0),
+            KP=kp, MODE=code, ROWS=rows, BLOCK=block, num_warps=NUM_WARPS,
+            **_constexprs(bins, bound, min_width, min_height, min_derivative),
+        )  # fmt: skip
     return grad_u, grad_raw, x
 
 
@@ -603,15 +607,15 @@ def _tabular_launch(
 def aot_specs() -> list[AotSpec]:
     """Launch configurations to compile ahead of time for a GPU target: a tabular launch (``(256, 16)`` features,
     the default bound and minimums) in every direction and backward mode with 8 bins in float32 and bfloat16 and
-    16 bins (the widest parameter tiles here) in float32; the forward and its backward with 3 bins in float32
-    (padded tiles) and with 8 bins in float64 (gradient checks on GPU), which need only compile. The others must
-    not spill."""
+    with 16 and 32 bins (the most the ops launch: ``fastflow.ops.spline.KERNEL_MAX_BINS``) in float32; the
+    forward and its backward with 3 bins in float32 (padded tiles) and with 8 bins in float64 (gradient checks on
+    GPU), which need only compile. The others must not spill."""
     every_mode = (
         (rq_spline_fwd_kernel, "INVERSE", (False, True)),
         (rq_spline_bwd_kernel, "MODE", tuple(MODES.values())),
     )
     forward_only = ((rq_spline_fwd_kernel, "INVERSE", (False,)), (rq_spline_bwd_kernel, "MODE", (FORWARD.value,)))
-    variants = (("fp32", 8, every_mode), ("bf16", 8, every_mode), ("fp32", 16, every_mode))
+    variants = (("fp32", 8, every_mode), ("bf16", 8, every_mode), ("fp32", 16, every_mode), ("fp32", 32, every_mode))
     variants += (("fp32", 3, forward_only), ("fp64", 8, forward_only))
     specs = []
     for elem, bins, kernels in variants:

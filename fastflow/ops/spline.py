@@ -388,9 +388,11 @@ def _check_upstream(grad_y: torch.Tensor, grad_logdet: torch.Tensor | None, y: t
         raise ValueError(f"grad_logdet must be on {y.device} like y, got {grad_logdet.device}")
 
 
-KERNEL_MAX_BINS = 4096
-"""The most bins the fused kernels take (their per-element tile of bins stays far within Triton's block size
-limit); more bins run the eager twin on every backend."""
+KERNEL_MAX_BINS = 32
+"""The most bins the fused kernels take; more bins run the eager twin on every backend. A kernel holds a tile of
+``next_power_of_2(bins)`` bins per element in registers: up to 32 bins every direction compiles without spilling
+for sm_80 and sm_90 (checked ahead of time, ``kernels/spline.py``'s ``aot_specs``); at 64 the backward of the
+inverse spills, and at 1000 bins one kernel spilled some 24,000 instructions and took minutes to compile."""
 
 
 def _use_kernel(x: torch.Tensor, spline: eager.Spline) -> bool:

@@ -332,6 +332,28 @@ def test_empty_batch(target) -> None:
     assert y.shape == x_back.shape == grad_x.shape == x.shape and logdet.shape == (0,) and grad_raw.shape == raw.shape
 
 
+def test_parameter_offsets_past_2_31_elements_do_not_wrap(target) -> None:
+    """Raw parameters at stride ``2^28`` (a permuted network output of ``2^28`` elements per parameter), 4 bins: the
+    derivatives lie ``2K * 2^28 = 2^31`` elements on, an offset the kernels computed in int32 and wrapped to
+    ``-2^31``. The view starts ``2^31`` elements into a lazily committed storage, so the wrapped read stayed inside
+    it (zeros there): the log-det was -38.94 against eager's -39.09."""
+    backend, device = target
+    bins, stride, n = 4, 2**28, 16
+    params, start = 3 * bins - 1, 2**31
+    try:  # about 10 GB of address space, a few pages written
+        storage = torch.empty(start + (params - 1) * stride + n, dtype=torch.bfloat16, device=device)
+    except (RuntimeError, MemoryError):
+        pytest.skip("needs 10 GB of address space")
+    raw = storage.as_strided((1, n, params), (params * stride, 1, stride), start)
+    raw.copy_(torch.randn(1, n, params, generator=torch.Generator().manual_seed(0)).mul(2).to(raw))
+    x = torch.linspace(-2.5, 2.5, n, dtype=torch.bfloat16, device=device).reshape(1, n)
+    with fastflow.backend(backend):
+        got = forward(x, raw, bins)
+    want = forward(x.float(), raw.float(), bins)
+    torch.testing.assert_close(got[1], want[1], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(got[0].float(), want[0], atol=2e-2, rtol=0)
+
+
 @pytest.mark.parametrize("where", ["x", "width", "height", "derivative"])
 def test_nan_passes_to_the_output_and_the_logdet_on_every_backend(target, where: str) -> None:
     """A NaN input element, or a NaN raw parameter its bin uses (every width and height enter the softmaxes; a
@@ -736,10 +758,10 @@ def test_half_precision_on_the_eager_backend_computes_in_float32(dtype: torch.dt
 
 
 def test_more_bins_than_the_kernels_take_run_the_eager_twin(target, monkeypatch) -> None:
-    """Past :data:`KERNEL_MAX_BINS` (a Triton block-size limit) the op runs eagerly on a kernel backend instead of
-    failing deep in Triton; below it the kernels run."""
+    """Past :data:`KERNEL_MAX_BINS` (the widest tile compiled without spilling) the op runs eagerly on a kernel
+    backend instead of spilling or failing deep in Triton; below it the kernels run."""
     backend, device = target
-    monkeypatch.setattr(S, "KERNEL_MAX_BINS", 4)  # the real limit (4096 bins) is slow on the interpreter
+    monkeypatch.setattr(S, "KERNEL_MAX_BINS", 4)  # the real limit (32 bins) is slow on the interpreter
     launched = []
     ops = S._ops()
     monkeypatch.setattr(S, "_ops", lambda: launched.append(1) or ops)
