@@ -79,7 +79,7 @@ import torch
 import triton
 import triton.language as tl
 from fastflow.kernels.aot import AotSpec
-from fastflow.kernels.launch import cached_on_sizes, cdiv, next_power_of_2
+from fastflow.kernels.launch import cached_on_sizes, cdiv, launch_device, next_power_of_2
 
 __all__ = [
     "channel_mix_fwd_kernel",
@@ -368,26 +368,27 @@ def channel_mix_forward(
     y3 = _output_pixels(out, params["BLOCK_P"], "out")
     # without a bias, b_ptr gets an input, never another output: a traced launch (wrap_triton) may take every
     # pointer as written
-    wrap_triton(channel_mix_fwd_kernel)[(batch * n_pblocks,)](
-        x3,
-        weight,
-        x3 if bias is None else bias.contiguous(),
-        y3,
-        c_in,
-        c_out,
-        hw,
-        n_pblocks,
-        sxb,
-        sxc,
-        sxp,
-        weight.stride(0),
-        weight.stride(1),
-        y3.stride(0),
-        y3.stride(1),
-        y3.stride(2),
-        HAS_BIAS=bias is not None,
-        **params,
-    )
+    with launch_device(x):
+        wrap_triton(channel_mix_fwd_kernel)[(batch * n_pblocks,)](
+            x3,
+            weight,
+            x3 if bias is None else bias.contiguous(),
+            y3,
+            c_in,
+            c_out,
+            hw,
+            n_pblocks,
+            sxb,
+            sxc,
+            sxp,
+            weight.stride(0),
+            weight.stride(1),
+            y3.stride(0),
+            y3.stride(1),
+            y3.stride(2),
+            HAS_BIAS=bias is not None,
+            **params,
+        )
     return out
 
 
@@ -433,31 +434,32 @@ def channel_mix_backward(
     x3, sxb, sxc, sxp = _pixels(x, params["BLOCK_P"], "x")
     gy3, sgb, sgc, sgp = _pixels(grad_y, params["BLOCK_P"], "grad_y")
     gx3 = _output_pixels(grad_x, params["BLOCK_P"], "grad_x")
-    wrap_triton(channel_mix_bwd_kernel)[(n_ci_blocks, n_prog)](
-        x3,
-        gy3,
-        weight,
-        gx3,
-        gw_part,
-        gb_part,
-        c_in,
-        c_out,
-        hw,
-        n_pblocks,
-        n_tiles,
-        sxb,
-        sxc,
-        sxp,
-        sgb,
-        sgc,
-        sgp,
-        weight.stride(0),
-        weight.stride(1),
-        gx3.stride(0),
-        gx3.stride(1),
-        gx3.stride(2),
-        **params,
-    )
+    with launch_device(x):
+        wrap_triton(channel_mix_bwd_kernel)[(n_ci_blocks, n_prog)](
+            x3,
+            gy3,
+            weight,
+            gx3,
+            gw_part,
+            gb_part,
+            c_in,
+            c_out,
+            hw,
+            n_pblocks,
+            n_tiles,
+            sxb,
+            sxc,
+            sxp,
+            sgb,
+            sgc,
+            sgp,
+            weight.stride(0),
+            weight.stride(1),
+            gx3.stride(0),
+            gx3.stride(1),
+            gx3.stride(2),
+            **params,
+        )
     return grad_x, gw_part.sum(0), gb_part.sum(0)
 
 

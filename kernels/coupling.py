@@ -73,7 +73,7 @@ import torch
 import triton
 import triton.language as tl
 from fastflow.kernels.aot import AotSpec
-from fastflow.kernels.launch import cached_on_sizes, cdiv, next_power_of_2
+from fastflow.kernels.launch import cached_on_sizes, cdiv, launch_device, next_power_of_2
 
 __all__ = [
     "SIGMOID",
@@ -494,11 +494,12 @@ def coupling_forward(
         # every (sample, column block) slot is written (module docstring): no zero fill
         partial = torch.empty(batch, n_col_blocks, dtype=acc, device=u.device)
     grid = (cdiv(batch, rows) * n_col_blocks,)
-    wrap_triton(coupling_fwd_kernel)[grid](
-        *inputs, out, partial, *_launch_args(u, runs, b_start, shift.shape[1]),
-        SCALE=scale, INVERSE=inverse, NDIM=runs.ndim, CH=runs.channel, ROWS=rows, BLOCK=block,
-        num_warps=NUM_WARPS,
-    )  # fmt: skip
+    with launch_device(u):
+        wrap_triton(coupling_fwd_kernel)[grid](
+            *inputs, out, partial, *_launch_args(u, runs, b_start, shift.shape[1]),
+            SCALE=scale, INVERSE=inverse, NDIM=runs.ndim, CH=runs.channel, ROWS=rows, BLOCK=block,
+            num_warps=NUM_WARPS,
+        )  # fmt: skip
     return out, partial if scale == ADDITIVE else partial.sum(dim=1)
 
 
@@ -546,12 +547,13 @@ def coupling_backward(
     gl = grad_logdet.to(acc)
     # a slot this launch never stores to gets an input, never another output: a traced launch (wrap_triton)
     # may take every pointer as written
-    wrap_triton(coupling_bwd_kernel)[grid](
-        *inputs, gl, grad_x, u if grad_raw is None else grad_raw, u if x is None else x,
-        *_launch_args(u, runs, b_start, shift.shape[1]), gl.stride(0),
-        SCALE=scale, REBUILD=rebuild, NDIM=runs.ndim, CH=runs.channel, ROWS=rows, BLOCK=block,
-        num_warps=NUM_WARPS,
-    )  # fmt: skip
+    with launch_device(u):
+        wrap_triton(coupling_bwd_kernel)[grid](
+            *inputs, gl, grad_x, u if grad_raw is None else grad_raw, u if x is None else x,
+            *_launch_args(u, runs, b_start, shift.shape[1]), gl.stride(0),
+            SCALE=scale, REBUILD=rebuild, NDIM=runs.ndim, CH=runs.channel, ROWS=rows, BLOCK=block,
+            num_warps=NUM_WARPS,
+        )  # fmt: skip
     return grad_x, grad_raw, x
 
 

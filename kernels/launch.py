@@ -5,13 +5,14 @@ wrapper that unwraps its arguments, a few microseconds per call on a path that r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["cached_on_sizes", "cdiv", "next_power_of_2"]
+__all__ = ["cached_on_sizes", "cdiv", "launch_device", "next_power_of_2"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -50,3 +51,13 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The least power of two ``>= n`` for ``n >= 1`` (0 for 0, as ``triton.next_power_of_2``)."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """A context making ``t``'s CUDA device current for a launch: Triton launches on the current device and its
+    current stream, not on the tensors' (from ``cuda:1`` while ``cuda:0`` is current a launch fails with "cannot be
+    accessed from Triton", or, with peer access, runs on the other device's stream, unordered with ``t``'s work).
+    Entered only where ``t``'s device is not current already; off CUDA nothing."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

@@ -45,6 +45,18 @@ def test_coupling_kernel_on_cuda(dtype, scale):
     torch.testing.assert_close(logdet, logdet_ref, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_launch_on_their_tensors_device_not_the_current_one():
+    """Triton launches on the current device: from ``cuda:1`` while ``cuda:0`` was current the launch failed."""
+    x, t, r = (torch.randn(3, 5, 33, 17, device="cuda:1") for _ in range(3))
+    raw = torch.randn(4, 7, 3 * 8 - 1, device="cuda:1")
+    with torch.cuda.device(0), fastflow.backend("triton"):
+        got = [*affine_coupling(x, t, r, SCALE_KINDS[0]), *rq_spline(raw[..., 0], raw, 8)]
+    want = [*affine_coupling_ref(x, t, r, SCALE_KINDS[0]), *rq_spline_ref(raw[..., 0], raw, 8)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("channels", [6, 12, 48, 96])
 def test_actnorm_invconv_kernel_on_cuda(channels):
     x = torch.randn(2, channels, 31, 9, device="cuda")
