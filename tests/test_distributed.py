@@ -45,11 +45,18 @@ MODELS = {
     "glow": lambda: Glow(1, 4, levels=2, steps=2, hidden=8, n_bins=N_BINS),
     # two reversible chains: each parameter's gradient must reach DDP once ("mark a variable ready only once")
     "glow_reversible": lambda: Glow(1, 4, levels=2, steps=2, hidden=8, n_bins=N_BINS, reversible=True),
+    # coupling networks in 1x1 tiles (4 at the first level): one gradient per parameter for all the tiles
+    "glow_reversible_tiled": lambda: _tiled(Glow(1, 4, levels=2, steps=2, hidden=8, n_bins=N_BINS, reversible=True)),
     # reversible: the walk's nested backward calls accumulate the parameter gradients that DDP reduces
     "jet_reversible": lambda: Jet(
         1, 4, patch_size=2, couplings=3, width=8, depth=1, heads=2, n_bins=N_BINS, reversible=True
     ),
 }
+
+
+def _tiled(model: FlowModel) -> FlowModel:
+    model.set_tiling(tile_size=1)
+    return model
 
 
 def _model(name: str) -> FlowModel:

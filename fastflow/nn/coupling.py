@@ -241,9 +241,12 @@ class _Coupling(FlowLayer):
         b_start: int | None,
         context: torch.Tensor | None,
         inputs: list[torch.Tensor],
+        summed: list[torch.Tensor | None] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x, grad_x, grad of the network input a)`` on one tile (the last over the tile's halo window);
-        ``grad_x`` lacks the network input's part. Gradients of ``inputs`` (parameters, context) go to ``.grad``."""
+        ``grad_x`` lacks the network input's part. Gradients of ``inputs`` (parameters, context) go to ``.grad``
+        or, given ``summed`` (one entry per input), are added into it: one of several tiles, whose caller hands
+        the sums to autograd once (DistributedDataParallel marks each gradient ready once)."""
         whole = y.dim() == 2
         core = (...,) if whole else (..., *tile.core)
         window = (...,) if whole else (..., *tile.window)
@@ -261,9 +264,17 @@ class _Coupling(FlowLayer):
                 y[core], [o.detach() for o in outs], grad_y[core], grad_logdet, b_start
             )
         pairs = [(o, g) for o, g in zip(outs, grad_outs) if o.requires_grad]  # a subnet may ignore its input
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], inputs=[a, *inputs])
-        return x, grad_x, a.grad if a.grad is not None else torch.zeros_like(a)
+        if not pairs:
+            return x, grad_x, torch.zeros_like(a)
+        outputs, grads = [o for o, _ in pairs], [g for _, g in pairs]
+        if summed is None:
+            torch.autograd.backward(outputs, grads, inputs=[a, *inputs])
+            return x, grad_x, a.grad if a.grad is not None else torch.zeros_like(a)
+        grad_a, *found = torch.autograd.grad(outputs, [a, *inputs], grads, allow_unused=True)
+        for i, g in enumerate(found):
+            if g is not None:
+                summed[i] = g if summed[i] is None else summed[i].add_(g)
+        return x, grad_x, grad_a if grad_a is not None else torch.zeros_like(a)
 
     def backward_from_output(
         self,
@@ -294,17 +305,22 @@ class _Coupling(FlowLayer):
         with running_statistics_kept(self.net):
             if len(parts) == 1:
                 x, grad_x, grad_a = self._tile_backward(
-                    parts[0], a_full, y, grad_y, grad_logdet, mask, b_start, context, inputs
+                    parts[0], a_full, y, grad_y, grad_logdet, mask, b_start, context, inputs, None
                 )
             else:
                 x, grad_x = torch.empty_like(y), torch.empty_like(y)
                 grad_a = torch.zeros_like(a_full)
+                summed: list[torch.Tensor | None] = [None] * len(inputs)
                 for tile in parts:
                     core = (..., *tile.core)
                     x[core], grad_x[core], grad_window = self._tile_backward(
-                        tile, a_full, y, grad_y, grad_logdet, mask, b_start, context, inputs
+                        tile, a_full, y, grad_y, grad_logdet, mask, b_start, context, inputs, summed
                     )
                     grad_a[(..., *tile.window)] += grad_window
+                used = [(t, g) for t, g in zip(inputs, summed) if g is not None]
+                if used:  # into .grad through autograd: accumulation and hooks (DistributedDataParallel's) as usual
+                    leaves = [t for t, _ in used]
+                    torch.autograd.backward(leaves, [g for _, g in used], inputs=leaves)
         if mask is None:
             # grad_x is a new tensor (a shift gradient sharing its memory covers only the transformed channels):
             # the conditioning channels' second path goes in place, not through a torch.cat
