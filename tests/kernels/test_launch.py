@@ -7,10 +7,9 @@ import contextlib
 import pkgutil
 from pathlib import Path
 
+import fastflow.kernels
 import pytest
 import torch
-
-import fastflow.kernels
 from fastflow.kernels.launch import launch_device
 
 
