@@ -197,7 +197,8 @@ def _resolve_train_flags(args: argparse.Namespace) -> int:
     if args.compile and args.cuda_graph:
         raise ValueError("choose one of --compile and --cuda-graph")
     if args.cuda_graph and (args.device == "cpu" or not torch.cuda.is_available()):
-        inherited = " (the run was started with it: --no-cuda-graph resumes it without)" if args.resume else ""
+        started_with = args.resume and "cuda_graph" not in given
+        inherited = " (the run was started with it: --no-cuda-graph resumes it without)" if started_with else ""
         raise ValueError(f"--cuda-graph needs a CUDA device{inherited}")
     if "tile_size" in given and "tile_memory_mb" in given:
         raise ValueError("choose one of --tile-size and --tile-memory-mb")
@@ -271,6 +272,9 @@ def _train(args: argparse.Namespace) -> int:
         step_mode="cuda-graph" if args.cuda_graph else "compile" if args.compile else "eager",
         channels_last=args.channels_last,
     )  # fmt: skip
+    ranks = distributed.launched_world_size()
+    if args.batch % ranks:  # before the data, the process group and the model
+        raise ValueError(f"--batch {args.batch} does not split evenly over the {ranks} ranks torchrun launched")
     source, heldout, n_bins, description = _training_data(args)
     check_writable_folder(args.out)
     context = distributed.setup(args.device)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from fastflow.ops._checks import int_at_least
 
-__all__ = ["Context", "launched_as_main", "rank_and_world_size", "setup", "shard", "teardown"]
+__all__ = ["Context", "launched_as_main", "launched_world_size", "rank_and_world_size", "setup", "shard", "teardown"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,12 @@ def launched_as_main() -> bool:
     exists: what prints before :func:`setup` prints once. True without a launcher (or with an unreadable
     ``RANK``, which :func:`setup` then refuses)."""
     return os.environ.get("RANK", "0").strip() in ("0", "")
+
+
+def launched_world_size() -> int:
+    """``WORLD_SIZE`` as the launcher set it (torchrun's), 1 without one: the ranks :func:`setup` will join, known
+    before it joins them (``ValueError`` for an unreadable value)."""
+    return _env_int("WORLD_SIZE", 1)
 
 
 def setup(device: str | None = None) -> Context:

@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
@@ -334,6 +335,49 @@ def _load_training_state(
     return int(extra["step"]), extra.get("heldout_bits_per_dim"), recent[-RECENT_LOSSES:]
 
 
+_SAME_ON_EVERY_RANK = (
+    "steps", "batch", "lr", "warmup", "clip", "seed", "amp", "out", "save_every", "eval_every", "step_mode",
+    "channels_last",
+)  # fmt: skip
+"""The :class:`TrainConfig` fields every rank must share (``out``: whether it is set): ranks that differ call
+collectives at different steps (a hang until the process group's timeout) or train apart."""
+
+
+def _setting_code(value: object) -> float:
+    """One float standing for a setting, equal across ranks where the setting is: strings by their CRC-32,
+    ``None`` as -1, integers modulo ``2^53`` (float64's exact range)."""
+    if value is None:
+        return -1.0
+    if isinstance(value, (str, bytes)):
+        return float(zlib.crc32(value.encode() if isinstance(value, str) else value))
+    if isinstance(value, int):  # bools too
+        return float(value % 2**53)
+    return float(value)  # type: ignore[arg-type]
+
+
+def _agree_across_ranks(config: TrainConfig, resume: bool, device: torch.device) -> bool:
+    """``ValueError`` on every rank naming the settings of :data:`_SAME_ON_EVERY_RANK` (and ``resume``) that differ
+    across the ranks; else whether some rank shows progress (``progress`` and not ``quiet``, which may differ:
+    ``progress=rank == 0`` is natural, and only rank 0 prints). Two all-reduces and a host read, once a run."""
+    names = [*_SAME_ON_EVERY_RANK, "resume"]
+    values = [_setting_code(getattr(config, name)) for name in _SAME_ON_EVERY_RANK] + [float(resume)]
+    if config.out is not None:
+        values[_SAME_ON_EVERY_RANK.index("out")] = 1.0
+    values.append(float(config.progress and not config.quiet))
+    low = torch.tensor(values, dtype=torch.float64, device=device)
+    high = low.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    low_values, high_values = low.tolist(), high.tolist()
+    differ = [name for name, a, b in zip(names, low_values, high_values) if a != b]
+    if differ:
+        raise ValueError(
+            f"the ranks were given different {', '.join(differ)}: give every rank the same TrainConfig and resume "
+            "(out too: rank 0 alone writes there, every rank checks it and resumes from it)"
+        )
+    return bool(high_values[-1])
+
+
 def _check_out(out: str | os.PathLike[str], rank: int, world_size: int, device: torch.device) -> None:
     """Rank 0 creates ``out`` and writes a scratch file in it before the first step, so an unwritable output folder
     fails before the training, not after it: ``ValueError`` naming it, on every rank (a rank left waiting for rank
@@ -546,6 +590,11 @@ def train(
         raise ValueError("heldout_labels go with heldout")
     rank, world_size = rank_and_world_size()
     device = next(model.parameters()).device
+    shows_progress = config.progress and not config.quiet
+    if world_size > 1:
+        shows_progress = _agree_across_ranks(config, resume, device)
+        if config.batch % world_size:  # before the first step, on every rank
+            raise ValueError(f"config.batch = {config.batch} does not split evenly over the {world_size} ranks")
     optimizer = make_adam(model.parameters(), config.lr, config.step_mode)  # type: ignore[arg-type]
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     start, heldout_bpd = 0, None
@@ -573,8 +622,6 @@ def train(
         return x, None if y is None else _to_device(shard(y, rank, world_size), device)
 
     model.train()
-    if start < config.steps:
-        initialize_actnorm(model, *local_batch(start), amp=config.amp)
     channels_last = config.channels_last
     if channels_last is None:
         channels_last = default_channels_last(device, model)
@@ -584,6 +631,8 @@ def train(
     if world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         objective = DistributedDataParallel(objective, device_ids=device_ids)
+    if start < config.steps:  # after DDP has given every rank rank 0's weights: the statistics are of one model
+        initialize_actnorm(model, *local_batch(start), amp=config.amp)
     step_runner = TrainStep(
         objective, model, optimizer, clip=config.clip, amp=config.amp, scaler=scaler,
         mode=config.step_mode, channels_last=channels_last,  # type: ignore[arg-type]
@@ -592,7 +641,7 @@ def train(
     extra = checkpoint_extra or {}
     progress = Progress(config.steps, start) if config.progress and main and not config.quiet else None
     read_every = READ_EVERY
-    if config.progress and not config.quiet:  # the same on every rank, unlike `progress`
+    if shows_progress:  # the same on every rank (some rank shows progress), unlike `progress`
         read_every = min(READ_EVERY, max(1, math.ceil(config.steps / PROGRESS_LINES)))
     history: list[float] = []
     pending: list[torch.Tensor] = []  # the losses of the steps since the last read, on the device

@@ -432,6 +432,22 @@ def test_settings_are_checked_before_the_first_step(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_batch_the_launched_ranks_cannot_split_is_refused_before_the_process_group(tmp_path, capsys, monkeypatch):
+    """It was refused by every rank after the banner and the process group's setup, naming no flag."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    argv = ["train", *TINY, "--batch", "7", "--out", str(tmp_path / "run")]
+    _one_line_error(capsys, argv, 2, ["--batch 7 does not split evenly over the 2 ranks torchrun launched"])
+
+
+def test_resuming_with_cuda_graph_given_does_not_blame_the_first_run(tmp_path, capsys):
+    """The message said the run was started with --cuda-graph whenever --resume was set."""
+    out = ["--out", str(tmp_path / "run")]
+    assert main(["train", *TINY, "--iterations", "2", *out]) == 0
+    err = _one_line_error(capsys, ["train", *out, "--resume", "--iterations", "3", "--cuda-graph"], 2, ["CUDA"])
+    assert "started with it" not in err
+
+
 def test_channels_last_flag_trains_and_is_stored_for_resume(tmp_path):
     # the layout's numerics are tested exactly in tests/test_step.py; here: the flag reaches the run and its checkpoint
     assert main(["train", *TINY, "--out", str(tmp_path / "run"), "--quiet", "--channels-last"]) == 0

@@ -129,6 +129,72 @@ def _worker(rank: int, world_size: int, port: int, folder: str, name: str) -> No
         distributed.teardown()
 
 
+def _settings_worker(rank: int, world_size: int, port: int, folder: str) -> None:
+    """Per-rank ``progress``/``quiet`` train; differing settings raise on every rank (ranks that disagreed on them
+    called collectives at different steps: both waited out the process group's timeout); ActNorm initialises from
+    rank 0's weights when the ranks start from different ones (DDP hands out rank 0's only when it is built)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    context = _join(rank, world_size, port)
+    outcome: dict[str, object] = {}
+    try:
+        import fastflow.train as train_module
+
+        model = _model("glow")
+        torch.manual_seed(10 + rank)  # each rank its own weights
+        perturb = [0.05 * torch.randn_like(p) for p in model.parameters()]
+        with torch.no_grad():
+            for p, d in zip(model.parameters(), perturb):
+                p.add_(d)
+        initialise, states = train_module.initialize_actnorm, []
+
+        def recording(m: FlowModel, *args: object, **kwargs: object) -> None:
+            initialise(m, *args, **kwargs)  # type: ignore[arg-type]
+            states.append(_actnorm_state(m))
+
+        train_module.initialize_actnorm = recording  # type: ignore[assignment]
+        try:
+            config = TrainConfig(steps=2, batch=BATCH, lr=LR, warmup=1, progress=context.rank == 0, quiet=rank == 1)
+            with contextlib.redirect_stdout(open(os.devnull, "w")), contextlib.redirect_stderr(open(os.devnull, "w")):
+                train(model, _source(), config)
+        finally:
+            train_module.initialize_actnorm = initialise
+        outcome["init"] = states[0]
+        for name, config in (
+            ("lr", TrainConfig(steps=2, batch=BATCH, lr=LR * (1 + rank), progress=False)),
+            ("out", TrainConfig(steps=2, batch=BATCH, progress=False, out=folder if rank == 0 else None)),
+            ("batch", TrainConfig(steps=2, batch=BATCH + 1, progress=False)),
+        ):
+            try:
+                train(_model("glow"), _source(), config)
+                outcome[name] = "returned"
+            except ValueError as err:
+                outcome[name] = str(err)
+        torch.save(outcome, f"{folder}/settings{rank}.pt")
+    finally:
+        distributed.teardown()
+
+
+def test_ranks_check_their_settings_agree_and_actnorm_starts_from_rank_0s_weights(tmp_path):
+    mp.spawn(_settings_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"settings{r}.pt") for r in range(2)]
+    for result in ranks:
+        assert "different lr:" in result["lr"] and "different out:" in result["out"], result
+        assert result["batch"] == "config.batch = 9 does not split evenly over the 2 ranks", result
+    rank0 = _model("glow")  # rank 0's weights, initialised on the global batch
+    torch.manual_seed(10)
+    with torch.no_grad():
+        for p in rank0.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    initialize_actnorm(rank0, batch_at_step(_source(), 0, BATCH, N_BINS)[0])
+    for result in ranks:
+        torch.testing.assert_close(result["init"], _actnorm_state(rank0), rtol=1e-5, atol=1e-6)
+
+
 def _skip_worker(rank: int, world_size: int, port: int, folder: str) -> None:
     """A NaN in rank 0's shard only: every rank must skip the update (DDP's reduced gradients are NaN on all)."""
     context = _join(rank, world_size, port)
