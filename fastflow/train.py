@@ -212,14 +212,15 @@ def initialize_actnorm(
     model: FlowModel, x: torch.Tensor, y: torch.Tensor | None = None, amp: str | None = None
 ) -> None:
     """Run ActNorm's data-dependent initialisation on ``x`` now (one forward in training mode, without a
-    graph) unless every ActNorm is already initialised (a loaded checkpoint). Under ``torch.distributed`` every
-    rank must call it at the same step with its shard: the statistics are all-reduced, so they are those of the
-    union of the shards, and the parameters agree on every rank before DDP wraps the model."""
+    graph) unless every ActNorm is already initialised (a loaded checkpoint); any model, images or vectors
+    (``y``: its context). Under ``torch.distributed`` every rank must call it at the same step with its shard: the
+    statistics are all-reduced, so they are those of the union of the shards, and the parameters agree on every
+    rank where the ranks' weights did (:func:`train` calls it once DDP has handed out rank 0's)."""
     if actnorms_initialized(model):
         return
     model.train()
     with torch.no_grad(), _autocast(x.device, amp):
-        model.bits_per_dim(x, y)
+        model.log_prob(x, y)
 
 
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int | None = None) -> None:

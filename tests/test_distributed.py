@@ -110,17 +110,17 @@ def _worker(rank: int, world_size: int, port: int, folder: str, name: str) -> No
         x = distributed.shard(batch_at_step(source, 0, BATCH, N_BINS)[0], context.rank, context.world_size)
         initialised = copy.deepcopy(model)
         initialize_actnorm(initialised, x)
-        seen, bits_per_dim = [], model.bits_per_dim
+        seen, log_prob = [], model.log_prob
 
-        def recording_bits_per_dim(batch: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        def recording_log_prob(batch: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
             seen.append(batch.clone())
-            return bits_per_dim(batch, y)
+            return log_prob(batch, y)
 
-        model.bits_per_dim = recording_bits_per_dim  # what each rank trains on: ActNorm init, then each step
+        model.log_prob = recording_log_prob  # what each rank trains on: ActNorm init, then each step
         with warnings.catch_warnings(record=True) as caught, _recorded_grad_norms() as norms:
             warnings.simplefilter("always")
             history = train(model, source, TrainConfig(steps=STEPS, batch=BATCH, lr=LR, warmup=1, progress=False))
-        del model.bits_per_dim
+        del model.log_prob
         result = {"init": _actnorm_state(initialised), "state": model.state_dict(), "history": history, "seen": seen}
         result["grad_norms"] = norms
         result["warnings"] = [str(w.message) for w in caught]

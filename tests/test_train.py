@@ -198,6 +198,17 @@ def test_actnorm_initialisation_runs_once_on_the_given_batch():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
+def test_actnorm_initialisation_takes_a_vector_flow_and_its_context():
+    """It ran ``bits_per_dim``, which a flow without ``n_bins`` refuses (the README points compile users to it)."""
+    from fastflow.models import TabularFlow
+
+    model = TabularFlow(4, context=2, transforms=2, hidden=16)
+    x = torch.randn(32, 4) * 3 + 1
+    initialize_actnorm(model, x, torch.randn(32, 2))
+    first = next(m for m in model.modules() if type(m).__name__ == "ActNorm")
+    torch.testing.assert_close(first.bias.flatten(), -x.mean(dim=0))
+
+
 def test_data_of_the_wrong_shape_is_refused():
     with pytest.raises(ValueError, match=r"data must have shape \(N, 1, 4, 4\) .*got \(4, 1, 8, 8\)"):
         train(_model(), torch.zeros(4, 1, 8, 8, dtype=torch.long), TrainConfig(steps=1, progress=False))
