@@ -241,7 +241,8 @@ def _write(results: dict[str, list[dict[str, Any]]], env: dict[str, Any], out: s
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default_device, help="cpu or cuda (default: cuda where available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument(
         "--cases", default=None, help=f"comma-separated subset of {CASES} (default: every case the device runs)"
@@ -263,8 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--deadline", type=float, default=None, help="UNIX time by which every case must have stopped (time box)"
     )
-    parser.add_argument("--out", default="benchmarks/results", help="folder for <device>.json/.md/.png")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder for <device>.json/.md/.png (default: benchmarks/results; with --quick benchmarks/results/quick, "
+        "so quick rows never replace a full run's committed ones)",
+    )
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = "benchmarks/results/quick" if args.quick else "benchmarks/results"
 
     try:
         device = torch.device(args.device)

@@ -65,6 +65,15 @@ def test_cpu_run_of_some_channels_keeps_the_other_channels_rows(tmp_path):
     assert "say nothing of KERNEL_MAX_CHANNELS" in (tmp_path / "cpu.md").read_text()
 
 
+def test_a_quick_run_writes_beside_the_committed_results_not_over_them(tmp_path, monkeypatch):
+    """``python -m benchmarks --quick`` (the README's commands) replaced the full run's rows in
+    ``benchmarks/results``; only ``make bench`` passed ``--out benchmarks/results/quick``."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["--device", "cpu", "--quick", "--cases", "actnorm_invconv", "--channels", "6"]) == 0
+    assert (tmp_path / "benchmarks/results/quick/cpu.json").is_file()
+    assert not (tmp_path / "benchmarks/results/cpu.json").exists()
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [
