@@ -14,7 +14,8 @@ __all__ = ["atomic_file"]
 def atomic_file(path: str | os.PathLike[str]) -> Iterator[str]:
     """Yield a new empty temporary file next to ``path`` (mode 0666 less the umask, like any other output);
     after the body writes it, flush it to disk and rename it over ``path``, so the previous file survives a
-    crash or a full disk. On failure the temporary file is removed and an ``OSError`` names ``path``."""
+    crash or a full disk. On failure the temporary file is removed and an ``OSError`` names ``path``. A body that
+    recreates the file with another mode (safetensors' ``save_file`` makes it 0600) gets the mode put back."""
     target = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(target)
     tmp = os.path.join(folder, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
@@ -23,7 +24,10 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[str]:
         os.makedirs(folder, exist_ok=True)
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | binary, 0o666))
         try:
+            mode = os.stat(tmp).st_mode & 0o777
             yield tmp
+            if os.stat(tmp).st_mode & 0o777 != mode:
+                os.chmod(tmp, mode)
             fd = os.open(tmp, os.O_RDWR | binary)
             try:
                 os.fsync(fd)

@@ -319,14 +319,18 @@ def test_state_dict_mismatch_names_only_the_differing_parameters(tmp_path):
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_checkpoint_gets_the_mode_of_other_outputs(tmp_path, umask):
+    """The pretrained folder's weights too: safetensors' ``save_file`` recreates its file 0600 (others could not
+    read a model written to be shared, beside its 0644 config)."""
     old = os.umask(umask)
     try:
         save_checkpoint(tmp_path / "ckpt.pt", _trained_glow())
+        save_pretrained(tmp_path / "shared", _trained_glow())
         (tmp_path / "other.txt").write_text("x")
     finally:
         os.umask(old)
-    assert stat.S_IMODE((tmp_path / "ckpt.pt").stat().st_mode) == 0o666 & ~umask
-    assert (tmp_path / "ckpt.pt").stat().st_mode == (tmp_path / "other.txt").stat().st_mode
+    for written in ("ckpt.pt", "shared/model.safetensors", "shared/config.json"):
+        assert stat.S_IMODE((tmp_path / written).stat().st_mode) == 0o666 & ~umask, written
+        assert (tmp_path / written).stat().st_mode == (tmp_path / "other.txt").stat().st_mode, written
 
 
 def test_disk_full_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
