@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastflow.backend import functorch_transforms_active
 from fastflow.models.priors import TopPrior
 from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.base import check_image, run_layer
@@ -20,7 +21,7 @@ from fastflow.nn.distributions import check_generator
 from fastflow.nn.reversible import drift_tripped, guards_deferred, moved_record, read_drift_guard
 from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.split import Split
-from fastflow.nn.tiling import DEFAULT_TILE_BUDGET_MB, Tiling
+from fastflow.nn.tiling import set_tiling
 from fastflow.ops._checks import check_bool, int_at_least, logdet_dtype
 from fastflow.warning_location import warn_at_caller
 
@@ -150,22 +151,8 @@ class FlowModel(nn.Module):
         return super()._apply(fn, recurse)
 
     def set_tiling(self, tile_size: int | None = None, memory_budget_mb: float | None = None) -> None:
-        """Run every coupling network in spatial tiles (with the halo its convolutions need, exact) when it
-        runs without a graph: in reversible backprop's forward and recompute, in ``inverse``/``sample``, and
-        under ``torch.no_grad``. ``tile_size`` fixes the tile side; otherwise it is the largest side whose
-        network activations fit in ``memory_budget_mb`` per coupling. Both None turns tiling off."""
-        tiling = None
-        if tile_size is not None or memory_budget_mb is not None:
-            budget = DEFAULT_TILE_BUDGET_MB if memory_budget_mb is None else memory_budget_mb
-            tiling = Tiling(tile_size=tile_size, memory_budget_mb=budget)
-        tiled = [module for module in self.modules() if hasattr(module, "tiling")]
-        if tiling is not None and not tiled:
-            raise ValueError(
-                f"{type(self).__name__} has no layer that runs in spatial tiles (only couplings with convolutional "
-                "networks do)"
-            )
-        for module in tiled:
-            module.tiling = tiling
+        """Run every coupling network in spatial tiles: :func:`fastflow.nn.tiling.set_tiling` on this model."""
+        set_tiling(self, tile_size, memory_budget_mb)
 
     @property
     def reversible(self) -> bool:
@@ -307,7 +294,7 @@ class FlowModel(nn.Module):
             finite = torch.isfinite(logdet + log_prior).all()
             if guards_deferred(x):
                 self._record_nonfinite(~finite)
-            elif not bool(finite):
+            elif not _read_check(finite):
                 self._diagnose(x, context)
         return latents, logdet, log_prior
 
@@ -457,7 +444,7 @@ class FlowModel(nn.Module):
                     raise type(err)(f"decoding latents[{i}]: {err}") from err
             x, _ = self.blocks[i].inverse(x, block_context)
         if self.check_finite and not guards_deferred(x):
-            if not bool(torch.isfinite(x).all()):
+            if not _read_check(torch.isfinite(x).all()):
                 raise FloatingPointError(
                     "the decoded samples hold non-finite values (NaN/Inf): check the latents and the context"
                 )
@@ -539,6 +526,20 @@ def _check_temperature(temperature: object) -> None:
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__} {temperature!r}")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+
+
+def _read_check(flag: torch.Tensor) -> bool:
+    """``bool(flag)``, a finite check's host read; under ``torch.func.vmap``, which cannot batch a read, a
+    ``RuntimeError`` saying to switch the check off (vmap's own error asks to file an issue with PyTorch)."""
+    try:
+        return bool(flag)
+    except RuntimeError as err:
+        if not functorch_transforms_active():
+            raise
+        raise RuntimeError(
+            "check_finite reads the device, which torch.func.vmap cannot batch: set model.check_finite = False "
+            "under vmap"
+        ) from err
 
 
 def _raise_if_nonfinite_inputs(x: torch.Tensor, context: object, cause: BaseException | None = None) -> None:

@@ -23,6 +23,7 @@ from fastflow.nn.sequential import FlowSequential
 from fastflow.nn.spline_coupling import SplineCoupling
 from fastflow.nn.split import Split
 from fastflow.nn.squeeze import Squeeze, squeeze2d, unsqueeze2d
+from fastflow.nn.tiling import Tiling, set_tiling
 from fastflow.nn.token_coupling import TokenCoupling
 from fastflow.nn.vit import ViTConditioner
 
@@ -45,6 +46,7 @@ __all__ = [
     "Split",
     "Squeeze",
     "Subnet",
+    "Tiling",
     "TokenCoupling",
     "Unpatchify",
     "ViTConditioner",
@@ -52,6 +54,7 @@ __all__ = [
     "conv_subnet",
     "coupling_network",
     "mlp_subnet",
+    "set_tiling",
     "squeeze2d",
     "unsqueeze2d",
 ]

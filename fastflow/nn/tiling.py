@@ -17,6 +17,8 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from torch import nn
+
 __all__ = [
     "ACTIVE_HIDDEN_TENSORS",
     "DEFAULT_TILE_BUDGET_MB",
@@ -25,6 +27,7 @@ __all__ = [
     "Tiling",
     "check_tileable",
     "choose_tile_size",
+    "set_tiling",
     "tiles",
 ]
 
@@ -60,6 +63,27 @@ class Tiling:
         if self.tile_size is not None:
             return self.tile_size
         return choose_tile_size(batch, hidden, element_size, self.memory_budget_mb, halo)
+
+
+def set_tiling(module: nn.Module, tile_size: int | None = None, memory_budget_mb: float | None = None) -> None:
+    """Run every coupling network in ``module`` (a model, a :class:`~fastflow.nn.FlowSequential` of your own
+    layers, one coupling) in spatial tiles with the halo its convolutions need (exact) when it runs without a
+    graph: in reversible backprop's forward and recompute, in ``inverse``/``sample``, and under ``torch.no_grad``.
+    ``tile_size`` fixes the tile side; otherwise it is the largest side whose network activations fit in
+    ``memory_budget_mb`` per coupling. Both None turns tiling off. ``ValueError`` when ``module`` has no coupling
+    that tiles, or (from the coupling) when a conditioner declares no ``halo``."""
+    tiling = None
+    if tile_size is not None or memory_budget_mb is not None:
+        budget = DEFAULT_TILE_BUDGET_MB if memory_budget_mb is None else memory_budget_mb
+        tiling = Tiling(tile_size=tile_size, memory_budget_mb=budget)
+    tiled = [m for m in module.modules() if hasattr(m, "tiling")]
+    if tiling is not None and not tiled:
+        raise ValueError(
+            f"{type(module).__name__} has no layer that runs in spatial tiles (only couplings with convolutional "
+            "networks do)"
+        )
+    for m in tiled:
+        m.tiling = tiling
 
 
 def choose_tile_size(batch: int, hidden: int, element_size: int, memory_budget_mb: float, halo: int = HALO) -> int:

@@ -546,6 +546,21 @@ def test_logistic_prior_draws_reach_the_tails_of_its_dtype(monkeypatch, dtype, b
     torch.testing.assert_close(z, torch.tensor([[-bound, bound]], dtype=dtype), rtol=1e-6, atol=0)
 
 
+def test_vmap_with_the_finite_check_on_says_to_switch_it_off():
+    """vmap's own error ("data-dependent control flow ... please file an issue") never named ``check_finite``."""
+    model = TabularFlow(3, transforms=1, hidden=8)
+    x = torch.randn(4, 3)
+    want = model.log_prob(x).detach()  # initialises ActNorm
+
+    def per_sample(v: torch.Tensor) -> torch.Tensor:
+        return model.log_prob(v[None])[0]
+
+    with pytest.raises(RuntimeError, match="set model.check_finite = False under vmap"):
+        torch.func.vmap(per_sample)(x)
+    model.check_finite = False
+    torch.testing.assert_close(torch.func.vmap(per_sample)(x), want)
+
+
 def test_nice_diagonal_scaling_refuses_a_shape_it_would_broadcast():
     from fastflow.models.nice import DiagonalScaling
 

@@ -65,6 +65,41 @@ def test_tiled_reversible_gradients_equal_untiled(make, shape, side):
         torch.testing.assert_close(g_tiled, g_full, rtol=1e-4, atol=1e-6)
 
 
+def test_a_chain_of_your_own_layers_tiles_through_fastflow_nn_set_tiling():
+    """``set_tiling`` was a method of the built-in models only, which take no custom conditioners: a chain of
+    one's own couplings had to set each ``coupling.tiling`` by hand, with a ``Tiling`` not exported."""
+    from fastflow.nn import ActNorm, FlowSequential, InvConv1x1, Tiling, conv_subnet, set_tiling
+
+    torch.manual_seed(0)
+    layers = [m for _ in range(2) for m in (ActNorm(4), InvConv1x1(4), AffineCoupling(4, subnet=conv_subnet(8)))]
+    chain = FlowSequential(*layers, reversible=True)
+    x = torch.randn(2, 4, 6, 5)
+    chain(x)  # ActNorm's init
+    perturb_parameters(chain, 0.05)
+
+    def loss_and_grads_of_chain() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        chain.zero_grad(set_to_none=True)
+        z, logdet = chain(x)
+        loss = (0.5 * z.square().sum() - logdet.sum()) / x.numel()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in chain.parameters()]
+
+    loss_full, grads_full = loss_and_grads_of_chain()
+    set_tiling(chain, tile_size=2)
+    couplings = [m for m in chain.modules() if isinstance(m, AffineCoupling)]
+    assert all(m.tiling == Tiling(tile_size=2) for m in couplings)
+    calls = []
+    hook = couplings[0].net.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    loss_tiled, grads_tiled = loss_and_grads_of_chain()
+    hook.remove()
+    assert len(calls) > 2, "the network must run tile by tile in the forward and the backward"
+    torch.testing.assert_close(loss_tiled, loss_full, rtol=1e-6, atol=0)
+    for g_tiled, g_full in zip(grads_tiled, grads_full):
+        torch.testing.assert_close(g_tiled, g_full, rtol=1e-4, atol=1e-6)
+    set_tiling(chain)
+    assert all(m.tiling is None for m in couplings)
+
+
 def test_tile_size_from_memory_budget():
     side = choose_tile_size(batch=4, hidden=512, element_size=4, memory_budget_mb=1024)
     per_pixel = 4 * 512 * 4 * ACTIVE_HIDDEN_TENSORS
