@@ -11,6 +11,7 @@ memory leaves the RSS) and prints ``peak / (batch * hidden * side^2 * element si
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -47,8 +48,9 @@ def measure_isolated(batch: int, hidden: int, side: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Print the hidden-width tensors per pixel at each of :data:`SIZES`."""
+    argparse.ArgumentParser(prog="python -m benchmarks.tile_memory", description=__doc__).parse_args(argv)
     rows = [
         {"batch": b, "hidden": h, "side": s, "hidden_tensors_per_pixel": measure_isolated(b, h, s)} for b, h, s in SIZES
     ]

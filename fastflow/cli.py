@@ -1,11 +1,11 @@
-"""The ``fastflow`` command: ``train``, ``sample``, ``interpolate``, ``manipulate`` and ``export``.
+"""The fastflow command: train, sample, interpolate, manipulate and export.
 
-Every failure is one line on stderr, never a traceback (set ``FASTFLOW_DEBUG=1`` to get one), with a non-zero
+Every failure is one line on stderr, never a traceback (set FASTFLOW_DEBUG=1 to get one), with a non-zero
 exit status: 2 for bad input (a flag out of range, an unreadable or too small image, a wrong channel count, a
 checkpoint of another architecture or of a model the command cannot serve, a missing file, an unwritable
-``--out``), found before anything is written;
+--out), found before anything is written;
 1 when a run fails (training diverged, images that came out NaN/Inf, a full disk); 130 when Ctrl-C interrupts
-(``train`` first saves a checkpoint at the current step and prints the command that resumes it).
+(train first saves a checkpoint at the current step and prints the command that resumes it).
 """
 
 from __future__ import annotations
@@ -189,7 +189,8 @@ def _resolve_train_flags(args: argparse.Namespace) -> int:
             setattr(args, name, value)
     foreign = [_flag(n) for m, names in MODEL_FLAGS.items() if m != args.model for n in names if n in given]
     if foreign:
-        raise ValueError(f"{', '.join(foreign)} do not apply to --model {args.model}")
+        verb = "does" if len(foreign) == 1 else "do"
+        raise ValueError(f"{', '.join(foreign)} {verb} not apply to --model {args.model}")
     if not args.reversible and ("tile_size" in given or "tile_memory_mb" in given):
         raise ValueError("--tile-size and --tile-memory-mb only apply with --reversible")
     if args.model == "jet" and ("tile_size" in given or "tile_memory_mb" in given):
@@ -504,7 +505,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=steps, help="linear learning-rate warm-up steps (default 100)")
     t.add_argument("--clip", type=at_least_0, help="gradient-norm clipping, 0 disables (default 50)")
     t.add_argument("--seed", type=steps, help="seed of the weights and of every batch (default 0)")
-    t.add_argument("--out", default="runs/train", help="folder for checkpoint.pt and samples-STEP.png")
+    t.add_argument(
+        "--out", default="runs/train", help="folder for checkpoint.pt and samples-STEP.png (default runs/train)"
+    )
     overrides = ", ".join(map(_flag, RESUME_OVERRIDES))
     t.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out, with its "
                    f"flags; only {overrides}, --device and --quiet may change")  # fmt: skip

@@ -129,7 +129,11 @@ def plot_samples(model: TabularFlow, data: torch.Tensor, path: str, n: int = 200
 
 def main(argv: list[str] | None = None) -> ToyResult:
     """Run the example; returns the held-out NLL before and after training and the paths written."""
-    parser = argparse.ArgumentParser(prog="python -m fastflow.examples.toy", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m fastflow.examples.toy",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--dataset", choices=TOY_DATASETS, default="moons")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=256)
