@@ -58,15 +58,18 @@ def test_kernels_launch_on_their_tensors_device_not_the_current_one():
 
 
 @pytest.mark.parametrize("channels", [6, 12, 48, 96])
-def test_actnorm_invconv_kernel_on_cuda(channels):
-    x = torch.randn(2, channels, 31, 9, device="cuda")
+@pytest.mark.parametrize("shape", ["image", "vectors"])
+def test_actnorm_invconv_kernel_on_cuda(channels, shape):
+    size = (2, channels, 31, 9) if shape == "image" else (1000, channels)
+    x = torch.randn(size, device="cuda")
     bias, logs = torch.randn(2, 1, channels, 1, 1, device="cuda") * 0.3
     weight = torch.linalg.qr(torch.randn(channels, channels, device="cuda"))[0]
     weight_logdet = torch.zeros((), device="cuda")
     with fastflow.backend("triton"):
         y, logdet = actnorm_invconv(x, bias, logs, weight, weight_logdet)
-    y_ref, logdet_ref = actnorm_invconv_ref(x, bias, logs, weight, weight_logdet)
-    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    pixels = x if shape == "image" else x[:, :, None, None]
+    y_ref, logdet_ref = actnorm_invconv_ref(pixels, bias, logs, weight, weight_logdet)
+    torch.testing.assert_close(y, y_ref.view_as(y), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logdet, logdet_ref)
 
 

@@ -143,11 +143,14 @@ def _per_sample(logdet: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _folded_mix(x: torch.Tensor, folded: FoldedMix) -> torch.Tensor:
     """``folded.weight @ x + folded.bias`` per pixel (per row for vectors): :func:`channel_mix`, except that vectors
     on the eager backend on the CPU (no kernel, no TF32 to keep out) take the one ``linear`` it would run, without
-    the pixel view and checks around it."""
+    the pixel view and checks around it. Elsewhere a vector batch ``(B, C)`` is mixed as the ``B`` pixels of one
+    channels-last image ``(1, C, B, 1)`` (a view, and the output's transpose a view too): as ``B`` images of one
+    pixel each, a kernel program took one sample, 15/16 of its pixel tile masked off, and loaded the whole
+    weight per sample."""
     if x.dim() == 4:
         return channel_mix(x, folded.weight, folded.bias)
     if resolve_backend(x) != "eager" or tf32_applies(x):
-        return channel_mix(x[:, :, None, None], folded.weight, folded.bias).flatten(1)
+        return channel_mix(x.t()[None, :, :, None], folded.weight, folded.bias)[0, :, :, 0].t()
     return F.linear(x, folded.weight.to(x.dtype), folded.bias.to(x.dtype))
 
 

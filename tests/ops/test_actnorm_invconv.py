@@ -218,6 +218,21 @@ def test_vectors_equal_their_pixel_view_forward_inverse_and_gradients(backend):
                 torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
+def test_vectors_reach_the_kernel_as_the_pixels_of_one_image(monkeypatch):
+    """As ``(B, C, 1, 1)`` every kernel program took one sample (15/16 of its pixel tile masked) and loaded the
+    whole weight per sample; as ``(1, C, B, 1)`` (views both ways) the programs take full tiles of samples."""
+    import fastflow.ops.actnorm_invconv as module
+
+    seen, mix = [], module.channel_mix
+    monkeypatch.setattr(module, "channel_mix", lambda x, *args: seen.append(tuple(x.shape)) or mix(x, *args))
+    p = _params(5)
+    x = torch.randn(37, 5)
+    with fastflow.backend("interpret"):
+        y, _ = _forward(actnorm_invconv, x, p)
+    assert seen == [(1, 5, 37, 1)] and y.shape == (37, 5) and y.is_contiguous()
+    torch.testing.assert_close(y, _forward(actnorm_invconv_ref, x[:, :, None, None], p)[0].flatten(1))
+
+
 def test_float64_logdet_dtype():
     p = _params(3, torch.float64)
     _, logdet = _forward(actnorm_invconv, torch.randn(2, 3, 2, 2, dtype=torch.float64), p)
