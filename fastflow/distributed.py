@@ -51,8 +51,11 @@ def launched_as_main() -> bool:
 
 def launched_world_size() -> int:
     """``WORLD_SIZE`` as the launcher set it (torchrun's), 1 without one: the ranks :func:`setup` will join, known
-    before it joins them (``ValueError`` for an unreadable value)."""
-    return _env_int("WORLD_SIZE", 1)
+    before it joins them (``ValueError`` for an unreadable value or one below 1)."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    if world_size < 1:
+        raise ValueError(f"WORLD_SIZE must be >= 1, got {world_size}")
+    return world_size
 
 
 def setup(device: str | None = None) -> Context:

@@ -349,8 +349,8 @@ def _setting_code(value: object) -> float:
     ``None`` as -1, integers modulo ``2^53`` (float64's exact range)."""
     if value is None:
         return -1.0
-    if isinstance(value, (str, bytes)):
-        return float(zlib.crc32(value.encode() if isinstance(value, str) else value))
+    if isinstance(value, str):
+        return float(zlib.crc32(value.encode()))
     if isinstance(value, int):  # bools too
         return float(value % 2**53)
     return float(value)  # type: ignore[arg-type]
@@ -361,9 +361,11 @@ def _agree_across_ranks(config: TrainConfig, resume: bool, device: torch.device)
     across the ranks; else whether some rank shows progress (``progress`` and not ``quiet``, which may differ:
     ``progress=rank == 0`` is natural, and only rank 0 prints). Two all-reduces and a host read, once a run."""
     names = [*_SAME_ON_EVERY_RANK, "resume"]
-    values = [_setting_code(getattr(config, name)) for name in _SAME_ON_EVERY_RANK] + [float(resume)]
-    if config.out is not None:
-        values[_SAME_ON_EVERY_RANK.index("out")] = 1.0
+    values = [
+        float(config.out is not None) if name == "out" else _setting_code(getattr(config, name))
+        for name in _SAME_ON_EVERY_RANK
+    ]
+    values.append(float(resume))
     values.append(float(config.progress and not config.quiet))
     low = torch.tensor(values, dtype=torch.float64, device=device)
     high = low.clone()

@@ -438,6 +438,8 @@ def test_a_batch_the_launched_ranks_cannot_split_is_refused_before_the_process_g
     monkeypatch.setenv("RANK", "1")
     argv = ["train", *TINY, "--batch", "7", "--out", str(tmp_path / "run")]
     _one_line_error(capsys, argv, 2, ["--batch 7 does not split evenly over the 2 ranks torchrun launched"])
+    monkeypatch.setenv("WORLD_SIZE", "0")  # was a ZeroDivisionError (exit 1) in the batch check
+    _one_line_error(capsys, argv, 2, ["WORLD_SIZE must be >= 1, got 0"])
 
 
 def test_resuming_with_cuda_graph_given_does_not_blame_the_first_run(tmp_path, capsys):

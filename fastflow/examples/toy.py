@@ -134,14 +134,14 @@ def main(argv: list[str] | None = None) -> ToyResult:
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--dataset", choices=TOY_DATASETS, default="moons")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--dataset", choices=TOY_DATASETS, default="moons", help="the 2-D data set")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps")
+    parser.add_argument("--batch", type=int, default=256, help="points per step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate")
     parser.add_argument("--transforms", type=int, default=6, help="coupling transforms of the flow")
     parser.add_argument("--hidden", type=int, default=64, help="hidden width of each coupling's MLP")
     parser.add_argument("--out", default="runs/toy", help="folder for density.png and samples.png")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
     parser.add_argument(
         "--threads", type=int, default=1, help="CPU threads (a 2-D flow's matrices are too small to share out)"
     )

@@ -15,7 +15,7 @@ from torch import nn
 
 from fastflow.backend import functorch_transforms_active
 from fastflow.models.priors import TopPrior
-from fastflow.nn.actnorm import ActNorm
+from fastflow.nn.actnorm import ActNorm, ActNormInitError
 from fastflow.nn.base import check_image, run_layer
 from fastflow.nn.distributions import check_generator
 from fastflow.nn.reversible import drift_tripped, guards_deferred, moved_record, read_drift_guard
@@ -287,7 +287,7 @@ class FlowModel(nn.Module):
         self._check_context(context, x.shape[0], x.device)
         try:
             latents, logdet, log_prior = self._encode(x, context)
-        except ValueError as err:  # an ActNorm initialising from a non-finite batch: the input is named, as later
+        except ActNormInitError as err:  # from a non-finite batch (a host read already): named as later batches are
             _raise_if_nonfinite_inputs(x, context, cause=err)
             raise
         if self.check_finite:

@@ -14,7 +14,7 @@ from fastflow.ops._checks import int_at_least
 from fastflow.ops.actnorm import actnorm_inverse_ref, actnorm_ref
 from fastflow.warning_location import warn_at_caller
 
-__all__ = ["ActNorm", "actnorms_initialized"]
+__all__ = ["ActNorm", "ActNormInitError", "actnorms_initialized"]
 
 
 def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -23,6 +23,10 @@ def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+class ActNormInitError(ValueError):
+    """ActNorm's data-dependent initialisation refused its batch (empty, or statistics that are not finite)."""
 
 
 class ActNorm(FlowLayer):
@@ -72,11 +76,11 @@ class ActNorm(FlowLayer):
         Two passes (the mean, then the mean squared deviation from it) in float64: a one-pass
         ``E[x^2] - E[x]^2`` cancels catastrophically when the mean is large against the spread, and float32
         squares overflow from ``|x| ~ 2e19``. A batch whose statistics are not finite (a NaN or an infinity in
-        it) or do not fit the parameters' dtype, or an empty batch, is a ``ValueError`` and the layer stays
-        uninitialised, so the next batch initialises it.
+        it) or do not fit the parameters' dtype, or an empty batch, is an :class:`ActNormInitError` (a
+        ``ValueError``) and the layer stays uninitialised, so the next batch initialises it.
         """
         if x.numel() == 0:
-            raise ValueError(f"{self.name}: cannot initialise from an empty batch (shape {tuple(x.shape)})")
+            raise ActNormInitError(f"{self.name}: cannot initialise from an empty batch (shape {tuple(x.shape)})")
         xf = as_pixels(x).detach().to(torch.float64)
         mean = _mean_over_ranks(xf.mean(dim=(0, 2, 3)))
         var = _mean_over_ranks((xf - mean.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3)))
@@ -86,7 +90,7 @@ class ActNorm(FlowLayer):
         bias, logs = (-mean).to(self.bias.dtype), logs.to(self.logs.dtype)
         # once per layer, at initialisation: host syncs are fine here
         if not bool(torch.isfinite(bias).all() & torch.isfinite(logs).all()):
-            raise ValueError(
+            raise ActNormInitError(
                 f"{self.name}: cannot initialise from a batch of shape {tuple(x.shape)} whose per-channel mean or "
                 f"standard deviation is not finite in {self.bias.dtype} (NaN or infinite values, or values too "
                 "large); the layer stays uninitialised"

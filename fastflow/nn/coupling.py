@@ -273,7 +273,7 @@ class _Coupling(FlowLayer):
         grad_a, *found = torch.autograd.grad(outputs, [a, *inputs], grads, allow_unused=True)
         for i, g in enumerate(found):
             if g is not None:
-                summed[i] = g if summed[i] is None else summed[i].add_(g)
+                summed[i] = g if summed[i] is None else summed[i] + g  # not add_: g may be an expanded view
         return x, grad_x, grad_a if grad_a is not None else torch.zeros_like(a)
 
     def backward_from_output(

@@ -82,6 +82,9 @@ def set_tiling(module: nn.Module, tile_size: int | None = None, memory_budget_mb
             f"{type(module).__name__} has no layer that runs in spatial tiles (only couplings with convolutional "
             "networks do)"
         )
+    if tiling is not None:  # every coupling checked before any is set: a refusal leaves the tiling as it was
+        for m in tiled:
+            check_tileable(m.net, tiling)
     for m in tiled:
         m.tiling = tiling
 

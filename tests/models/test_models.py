@@ -561,6 +561,16 @@ def test_vmap_with_the_finite_check_on_says_to_switch_it_off():
     torch.testing.assert_close(torch.func.vmap(per_sample)(x), want)
 
 
+def test_a_bad_context_under_vmap_is_named_not_hidden_by_a_device_read():
+    """Every ValueError of the forward was followed by a finite check of the input (for ActNorm's init), a device
+    read that vmap refused with its own error instead of the context's."""
+    model = TabularFlow(3, context=2, transforms=1, hidden=8)
+    model.log_prob(torch.randn(4, 3), torch.randn(4, 2))
+    model.check_finite = False
+    with pytest.raises(ValueError, match="context has 5 features"):
+        torch.func.vmap(lambda v, c: model.log_prob(v[None], c[None])[0])(torch.randn(4, 3), torch.randn(4, 5))
+
+
 def test_nice_diagonal_scaling_refuses_a_shape_it_would_broadcast():
     from fastflow.models.nice import DiagonalScaling
 

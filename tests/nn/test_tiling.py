@@ -100,6 +100,49 @@ def test_a_chain_of_your_own_layers_tiles_through_fastflow_nn_set_tiling():
     assert all(m.tiling is None for m in couplings)
 
 
+class _GainedNetwork(torch.nn.Module):
+    """A conv subnet plus a parameter reached through a sum: its gradient comes back as an expanded view."""
+
+    halo = 2
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        from fastflow.nn import conv_subnet
+
+        self.inner = conv_subnet(8)(in_channels, out_channels)
+        self.gain = torch.nn.Parameter(torch.zeros(out_channels))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.inner(h) + 0.01 * self.gain.sum()
+
+
+def test_tiles_sum_a_gradient_that_comes_back_as_an_expanded_view():
+    """The tiles' parameter gradients were summed in place: the second tile's add into an expanded view raised."""
+    from fastflow.nn import FlowSequential, set_tiling
+
+    torch.manual_seed(0)
+    chain = FlowSequential(AffineCoupling(4, subnet=_GainedNetwork), reversible=True)
+    x = torch.randn(2, 4, 6, 6)
+    grads = []
+    for tile_size in (None, 2):
+        set_tiling(chain, tile_size=tile_size)
+        chain.zero_grad(set_to_none=True)
+        z, logdet = chain(x)
+        (z.square().sum() - logdet.sum()).backward()
+        grads.append([p.grad.clone() for p in chain.parameters()])
+    for tiled, whole in zip(*grads):
+        torch.testing.assert_close(tiled, whole, rtol=1e-4, atol=1e-6)
+
+
+def test_set_tiling_refused_by_one_coupling_leaves_every_coupling_as_it_was():
+    from fastflow.nn import FlowSequential, mlp_subnet, set_tiling
+
+    chain = FlowSequential(AffineCoupling(4, subnet=_GainedNetwork), AffineCoupling(4, subnet=mlp_subnet(8)))
+    with pytest.raises(ValueError, match="declares none, so it cannot be tiled exactly"):
+        set_tiling(chain, tile_size=2)
+    assert all(m.tiling is None for m in chain.modules() if isinstance(m, AffineCoupling))
+
+
 def test_tile_size_from_memory_budget():
     side = choose_tile_size(batch=4, hidden=512, element_size=4, memory_budget_mb=1024)
     per_pixel = 4 * 512 * 4 * ACTIVE_HIDDEN_TENSORS
