@@ -558,6 +558,8 @@ def train(
 
     Under ``torch.distributed`` (see :mod:`fastflow.distributed`) each rank trains on its shard of every
     batch inside DDP, the reported loss is the mean over ranks, and only rank 0 evaluates, prints and writes.
+    Every rank must be given the same ``config`` and ``resume`` (``progress`` and ``quiet`` may differ), and
+    ``config.batch`` must split evenly over the ranks: else a ``ValueError`` on every rank before the first step.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
