@@ -180,8 +180,10 @@ class ActNormInvConv:
             weight, weight_logdet = stacked_weights([pair.invconv for pair in pairs], inverse)
             if not actnorm_is_folded(x):
                 return [MixWeights(w, ld, None) for w, ld in zip(unstack_tensor(weight), unstack_tensor(weight_logdet))]
-            bias = stack_tensors([pair.actnorm.bias.reshape(-1) for pair in pairs])
-            logs = stack_tensors([pair.actnorm.logs.reshape(-1) for pair in pairs])
+            # (K, C): the (1, C, 1, 1) parameters stacked whole, then one view (a view per parameter before the
+            # stack cost a node each way, forward and backward)
+            bias = stack_tensors([pair.actnorm.bias for pair in pairs]).reshape(len(pairs), -1)
+            logs = stack_tensors([pair.actnorm.logs for pair in pairs]).reshape(len(pairs), -1)
             fold = fold_actnorm_inverse if inverse else fold_actnorm
             folded = fold(bias, logs, weight, weight_logdet)
             per_pair = zip(unstack_tensor(weight), unstack_tensor(weight_logdet), *map(unstack_tensor, folded))

@@ -45,6 +45,10 @@ def check_same_shape(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tenso
     """Raise ValueError unless ``t`` matches ``ref`` in shape, dtype and device."""
     if t.shape != ref.shape:
         raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+    _check_same_dtype_and_device(name, t, ref_name, ref)
+
+
+def _check_same_dtype_and_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if t.dtype != ref.dtype:
         raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
     check_same_device(name, t, ref_name, ref)
@@ -66,7 +70,9 @@ def check_channel_slice(
             f"{start_name} must put the {t.shape[1]} channels of {name} inside the {ref.shape[1]} of {ref_name},"
             f" got {start}"
         )
-    check_same_shape(name, t, ref_name, ref.narrow(1, start, t.shape[1]))
+    # the two tests above make the shape of ref's channels [start, start + t.shape[1]) t's: dtype and device are
+    # left (a check_same_shape of ref.narrow(...) cost an ATen view per call)
+    _check_same_dtype_and_device(name, t, ref_name, ref)
 
 
 def upcasts(t: torch.Tensor) -> bool:
