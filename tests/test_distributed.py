@@ -28,6 +28,7 @@ from fastflow.nn import ActNorm
 from fastflow.nn.reversible import ReconstructionError
 from fastflow.step import BitsPerDim, TrainStep, make_adam
 from fastflow.train import TrainConfig, initialize_actnorm, train
+from tests.helpers import perturb_parameters
 
 BATCH, N_BINS, STEPS = 8, 17, 3
 # Adam moves a parameter whose gradient is rounding noise by +-lr whatever its size, so the order of a sum
@@ -129,6 +130,13 @@ def _worker(rank: int, world_size: int, port: int, folder: str, name: str) -> No
         distributed.teardown()
 
 
+def _perturbed_glow(seed: int) -> FlowModel:
+    model = _model("glow")
+    torch.manual_seed(seed)
+    perturb_parameters(model, 0.05)
+    return model
+
+
 def _settings_worker(rank: int, world_size: int, port: int, folder: str) -> None:
     """Per-rank ``progress``/``quiet`` train; differing settings raise on every rank (ranks that disagreed on them
     called collectives at different steps: both waited out the process group's timeout); ActNorm initialises from
@@ -144,12 +152,7 @@ def _settings_worker(rank: int, world_size: int, port: int, folder: str) -> None
     try:
         import fastflow.train as train_module
 
-        model = _model("glow")
-        torch.manual_seed(10 + rank)  # each rank its own weights
-        perturb = [0.05 * torch.randn_like(p) for p in model.parameters()]
-        with torch.no_grad():
-            for p, d in zip(model.parameters(), perturb):
-                p.add_(d)
+        model = _perturbed_glow(10 + rank)  # each rank its own weights
         initialise, states = train_module.initialize_actnorm, []
 
         def recording(m: FlowModel, *args: object, **kwargs: object) -> None:
@@ -185,11 +188,7 @@ def test_ranks_check_their_settings_agree_and_actnorm_starts_from_rank_0s_weight
     for result in ranks:
         assert "different lr:" in result["lr"] and "different out:" in result["out"], result
         assert result["batch"] == "config.batch = 9 does not split evenly over the 2 ranks", result
-    rank0 = _model("glow")  # rank 0's weights, initialised on the global batch
-    torch.manual_seed(10)
-    with torch.no_grad():
-        for p in rank0.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    rank0 = _perturbed_glow(10)  # rank 0's weights, initialised on the global batch
     initialize_actnorm(rank0, batch_at_step(_source(), 0, BATCH, N_BINS)[0])
     for result in ranks:
         torch.testing.assert_close(result["init"], _actnorm_state(rank0), rtol=1e-5, atol=1e-6)
