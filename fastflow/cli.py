@@ -351,16 +351,23 @@ def _load(args: argparse.Namespace) -> tuple[FlowModel, dict[str, Any]]:
     return model.eval(), payload
 
 
-def _write(images: torch.Tensor, path: str, nrow: int | None = None, what: str = "images", hint: str = "") -> None:
-    """Write the grid of ``images`` to ``path``, unless some are not finite: then ``FloatingPointError`` saying
-    how many, and nothing is written."""
+def _write(
+    images: torch.Tensor,
+    path: str,
+    n_bins: int | None,
+    nrow: int | None = None,
+    what: str = "images",
+    hint: str = "",
+) -> None:
+    """Write the grid of ``images`` (a model's with ``n_bins`` levels per pixel) to ``path``, unless some are not
+    finite: then ``FloatingPointError`` saying how many, and nothing is written."""
     bad = int((~torch.isfinite(images.detach().flatten(1))).any(dim=1).sum())
     if bad:
         raise FloatingPointError(
             f"{bad} of {len(images)} {what} came out NaN/Inf, so nothing was written to {path!r}{hint}"
         )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_image_grid(images, path, nrow=nrow)
+    save_image_grid(images, path, n_bins, nrow=nrow)
     print(f"wrote {path}")
 
 
@@ -368,14 +375,14 @@ def _sample(args: argparse.Namespace) -> None:
     _check_output_file(args.out)
     model, _ = _load(args)
     samples = model.sample(args.n, temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
-    _write(samples, args.out, what="samples", hint=f": try a --temperature below {args.temperature:g}")
+    _write(samples, args.out, model.n_bins, what="samples", hint=f": try a --temperature below {args.temperature:g}")
 
 
 def _interpolate(args: argparse.Namespace) -> None:
     _check_output_file(args.out)
     model, _ = _load(args)
     a, b = (load_image_spec(spec, model.image_shape, model.n_bins) for spec in (args.a, args.b))
-    _write(interpolate(model, a, b, args.steps), args.out, nrow=args.steps)
+    _write(interpolate(model, a, b, args.steps), args.out, model.n_bins, nrow=args.steps)
 
 
 def _class_index(flag: str, spec: str, classes: list[str], folder: str) -> int:
@@ -436,7 +443,7 @@ def _manipulate(args: argparse.Namespace) -> None:
         without = quantize(load_image_folder(args.without_dir, res, channels), model.n_bins)
     direction = attribute_direction(model, with_attribute, without)
     edits = manipulate(model, image, direction, args.strengths)
-    _write(edits, args.out, nrow=len(args.strengths), hint=": try smaller --strengths")
+    _write(edits, args.out, model.n_bins, nrow=len(args.strengths), hint=": try smaller --strengths")
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> float:
 
     model.eval()
     samples = model.sample(64, temperature=0.7)
-    save_grid(samples, os.path.join(args.out, "samples.png"), nrow=8, scale=4)
+    save_grid(samples, os.path.join(args.out, "samples.png"), nrow=8, scale=4, n_bins=model.n_bins)
     save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, heldout_bits_per_dim=bpd)
     print(f"wrote {args.out}/samples.png (temperature 0.7) and {args.out}/checkpoint.pt")
     return bpd

@@ -36,11 +36,31 @@ def check_writable_folder(folder: str, what: str = "--out", create: bool = True)
         raise ValueError(f"{what} {folder!r} is not a writable folder: {err.strerror or err}") from err
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int | None = None, scale: int = 1) -> None:
+def _display_levels(images: torch.Tensor, n_bins: int | None) -> torch.Tensor:
+    """``images`` in ``[-0.5, 0.5]`` as display intensities in ``[0, 1]``: with ``n_bins``, each pixel's level
+    ``k = floor((x + 0.5) n_bins)`` (the bin a dequantized ``(k + u) / n_bins - 0.5`` falls in, clamped to
+    ``[0, n_bins - 1]``) shown as ``k / (n_bins - 1)``, so level 0 is black and the top level white; without,
+    ``x + 0.5`` clamped."""
+    pixels = images.detach().float().cpu() + 0.5
+    if n_bins is None:
+        return pixels.clamp(0.0, 1.0)
+    return (pixels * n_bins).floor().clamp(0, n_bins - 1) / (n_bins - 1)
+
+
+def save_grid(
+    images: torch.Tensor,
+    path: str | os.PathLike[str],
+    nrow: int | None = None,
+    scale: int = 1,
+    n_bins: int | None = None,
+) -> None:
     """Write ``images`` (``(N, C, H, W)`` in ``[-0.5, 0.5]``, C = 1 or 3) as one grid, each image enlarged
     ``scale`` times with nearest-neighbour upsampling; the file is written atomically, as PNG or JPEG
     (quality 95) by the extension of ``path`` (``ValueError`` for another extension), making missing folders.
-    A failed write leaves no temporary file and raises ``OSError`` naming ``path``."""
+    A failed write leaves no temporary file and raises ``OSError`` naming ``path``. ``n_bins``: the images are
+    a model's with that many levels per pixel, each drawn as its level (0 black, ``n_bins - 1`` white; a
+    level's bin centre ``(k + 0.5) / n_bins - 0.5`` would otherwise never reach either end); None: drawn as
+    ``x + 0.5``."""
     from PIL import Image
 
     image_format = IMAGE_FORMATS.get(os.path.splitext(os.fspath(path))[1].lower())
@@ -57,12 +77,14 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int | No
     if nrow is not None:
         int_at_least("nrow", nrow, 1)
     int_at_least("scale", scale, 1)
+    if n_bins is not None:
+        int_at_least("n_bins", n_bins, 2)
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     ncol = math.ceil(n / nrow)
     pad = 1
     grid = torch.ones(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad)
-    pixels = (images.detach().float().cpu() + 0.5).clamp(0.0, 1.0)
+    pixels = _display_levels(images, n_bins)
     for i in range(n):
         r, col = divmod(i, nrow)
         grid[

@@ -223,9 +223,12 @@ def initialize_actnorm(
         model.log_prob(x, y)
 
 
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int | None = None) -> None:
-    """:func:`fastflow.images.save_grid` with images smaller than 64 pixels enlarged to about 64."""
-    save_grid(images, path, nrow=nrow, scale=max(1, 64 // images.shape[-2]))
+def save_image_grid(
+    images: torch.Tensor, path: str | os.PathLike[str], n_bins: int | None, nrow: int | None = None
+) -> None:
+    """:func:`fastflow.images.save_grid` of a model's images (``n_bins``: its levels per pixel) with images
+    smaller than 64 pixels enlarged to about 64."""
+    save_grid(images, path, nrow=nrow, scale=max(1, 64 // images.shape[-2]), n_bins=n_bins)
 
 
 def _due(done: int, every: int, last: bool) -> bool:
@@ -439,7 +442,7 @@ def _write_outputs(
             with eval_mode(model):
                 grid = model.sample(config.samples, classes, temperature=config.temperature, generator=generator)
             path = os.path.join(out, f"samples-{step:06d}.png")
-            save_image_grid(grid, path)
+            save_image_grid(grid, path, model.n_bins)
             return [checkpoint, path]
         except (FloatingPointError, ValueError) as err:  # non-finite samples: an unstable inverse, too hot a T
             # a pseudo file name, which has no source line to echo: the warning prints as one line

@@ -73,7 +73,10 @@ def test_sample_interpolate_and_manipulate_digits(digits_run, tmp_path):
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.std() > 0, "samples must not be constant"
     assert main(["interpolate", ckpt, "digits:0", "digits:1", "--steps", "5", "--out", str(tmp_path / "i.png")]) == 0
-    assert Image.open(tmp_path / "i.png").size == ((5 * 9 + 1) * SCALE, 10 * SCALE)
+    frames = np.asarray(Image.open(tmp_path / "i.png"))
+    assert frames.shape == (10 * SCALE, (5 * 9 + 1) * SCALE)
+    # each pixel drawn as its level of 17, from black (the digits' background: level 0) to white
+    assert set(np.unique(frames)) <= {round(k * 255 / 16) for k in range(17)} and frames.min() == 0
     out = tmp_path / "sub" / "m.png"
     assert main(["manipulate", ckpt, "digits:2", "--label-from", "1", "--label-to", "7", "--out", str(out)]) == 0
     assert Image.open(out).size == ((5 * 9 + 1) * SCALE, 10 * SCALE)

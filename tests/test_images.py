@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,6 +18,19 @@ def test_a_grid_is_written_with_the_images_in_rows(tmp_path):
     assert grid.getpixel((1, 1)) == 0 and grid.getpixel((7, 4)) == 255
 
 
+@pytest.mark.parametrize("n_bins", [2, 17, 32, 256])
+def test_a_models_levels_are_drawn_from_black_to_white(tmp_path, n_bins):
+    # what the latent API decodes: each level's bin centre, (k + 0.5) / n_bins - 0.5, plus float noise around it
+    levels = torch.arange(n_bins)
+    centres = (levels + 0.5) / n_bins - 0.5
+    images = torch.stack([centres - 1e-4 / n_bins, centres, centres + 1e-4 / n_bins]).view(3, 1, 1, n_bins)
+    save_grid(images, tmp_path / "grid.png", nrow=1, n_bins=n_bins)
+    grid = torch.from_numpy(np.array(Image.open(tmp_path / "grid.png")))
+    expected = (levels * 255 / (n_bins - 1)).round().to(torch.uint8)
+    for row in (1, 3, 5):  # level 0 was drawn as round(127.5 / n_bins), the top level as 255 minus that
+        assert torch.equal(grid[row, 1:-1], expected)
+
+
 @pytest.mark.parametrize(
     ("images", "kwargs", "error", "match"),
     [
@@ -26,6 +40,7 @@ def test_a_grid_is_written_with_the_images_in_rows(tmp_path):
         (torch.zeros(0, 1, 2, 2), {}, ValueError, "N >= 1"),  # was a ZeroDivisionError
         (torch.zeros(2, 1, 2, 2), {"nrow": -1}, ValueError, "nrow must be >= 1"),
         (torch.zeros(2, 1, 2, 2), {"scale": 0}, ValueError, "scale must be >= 1"),
+        (torch.zeros(2, 1, 2, 2), {"n_bins": 1}, ValueError, "n_bins must be >= 2"),
     ],
 )
 def test_what_cannot_be_drawn_is_refused_and_nothing_is_written(tmp_path, images, kwargs, error, match):
