@@ -18,6 +18,8 @@ convention): each non-hidden sub-folder is a class, classes are numbered in sort
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +48,15 @@ GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")  # 16-bit greyscale PNGs open in one of these
 CHANNEL_KINDS = {1: ("grey", "L"), 3: ("RGB", "RGB")}  # channels -> (name, PIL mode to convert to)
 NAMED_FILES = 3  # an error lists at most this many files, then a count
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What Pillow raises for a file it cannot read: OSError (UnidentifiedImageError, truncated data),
+    ValueError, SyntaxError (a broken PNG chunk stream), EOFError, struct and zlib errors (damaged headers and
+    compressed data) and DecompressionBombError. Each is turned into a ValueError naming the file."""
+    from PIL import Image
+
+    return (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
 
 
 def _visible(path: Path) -> bool:
@@ -116,15 +127,17 @@ def _to_8_bit(image: Any, grey: bool) -> Any:
 
 
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """``(width, height)`` of the image at ``path`` after its EXIF orientation, read from the header only;
-    ``ValueError`` naming the file if it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    """``(width, height)`` of the image at ``path`` after its EXIF orientation, read from the header only (for a
+    PNG the orientation of an ``eXIf`` chunk before the image data, where PNG writers put it: Pillow would decode
+    the whole image to look for one after it); ``ValueError`` naming the file if it cannot be read."""
+    from PIL import Image
 
     try:
         with Image.open(path) as image:
             width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)  # 5 to 8 turn the image by 90 degrees
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+            header_only = image.format != "PNG" or "exif" in image.info
+            orientation = image.getexif().get(0x0112, 1) if header_only else 1  # 5 to 8 turn it by 90 degrees
+    except _read_errors() as err:
         raise ValueError(f"cannot read image {os.fspath(path)!r}: {err}") from err
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
@@ -139,19 +152,19 @@ def _check_channels_arg(channels: int | None) -> None:
 def image_channels(path: str | os.PathLike[str]) -> int:
     """The channels (1 or 3, see the module policy) the image at ``path`` loads with, read from the header only;
     ``ValueError`` naming the file if it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as image:
             return 1 if _is_grey(image) else 3
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+    except _read_errors() as err:
         raise ValueError(f"cannot read image {os.fspath(path)!r}: {err}") from err
 
 
 def load_image(path: str | os.PathLike[str], resolution: int, channels: int | None = None) -> torch.Tensor:
     """The image at ``path`` as a uint8 ``(C, resolution, resolution)`` tensor (see the module policy);
     ``ValueError`` naming the file if it cannot be read, is too small, or has not ``channels`` channels."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     int_at_least("resolution", resolution, 1)
     _check_channels_arg(channels)
@@ -161,7 +174,7 @@ def load_image(path: str | os.PathLike[str], resolution: int, channels: int | No
             grey = _is_grey(image)
             image.load()
             image = _to_8_bit(ImageOps.exif_transpose(image), grey)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+    except _read_errors() as err:
         raise ValueError(f"cannot read image {name!r}: {err}") from err
     found = 1 if grey else 3
     if channels is not None and found != channels:

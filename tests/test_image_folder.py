@@ -76,6 +76,43 @@ def test_unreadable_image_names_the_file(tmp_path):
         load_image_folder(tmp_path, 8)
 
 
+def _broken_chunk_stream(path) -> None:
+    """A PNG whose first IDAT length is 100 short: Pillow reads the chunk stream out of step and raises a
+    SyntaxError (not an OSError)."""
+    _save(path, np.random.default_rng(0).integers(0, 256, (16, 16)))  # noise: an IDAT of over 100 bytes
+    data = bytearray(path.read_bytes())
+    at = data.index(b"IDAT") - 4
+    data[at : at + 4] = struct.pack(">I", struct.unpack(">I", data[at : at + 4])[0] - 100)
+    path.write_bytes(bytes(data))
+
+
+def test_a_broken_png_chunk_stream_names_the_file(tmp_path):
+    _save(tmp_path / "fine.png", np.zeros((16, 16)))
+    _broken_chunk_stream(tmp_path / "a.png")
+    with pytest.raises(SyntaxError):  # what Pillow raises, which came through naming no file
+        Image.open(tmp_path / "a.png").load()
+    for load in (lambda: load_image_folder(tmp_path, 8), lambda: load_image(tmp_path / "a.png", 8)):
+        with pytest.raises(ValueError, match="cannot read image .*a.png"):
+            load()
+
+
+def test_image_size_reads_a_png_s_header_only(tmp_path, monkeypatch):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("L", (16, 8)).save(tmp_path / "plain.png")
+    Image.new("L", (16, 8)).save(tmp_path / "turned.png", exif=exif)  # Pillow writes eXIf before the image data
+
+    def no_decoding(self):
+        raise AssertionError("image_size decoded the image")
+
+    monkeypatch.setattr(Image.Image, "load", no_decoding)  # getexif() decoded a PNG without an early eXIf chunk
+    from PIL import PngImagePlugin
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decoding)
+    assert image_size(tmp_path / "plain.png") == (16, 8)
+    assert image_size(tmp_path / "turned.png") == (8, 16)
+
+
 def test_an_image_over_pil_s_pixel_limit_names_the_file(tmp_path, monkeypatch):
     """PIL's decompression-bomb refusal is not an OSError: it came through as PIL's own error, naming no file."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the limit is PIL's, here lowered to a small image's
