@@ -11,6 +11,7 @@ checkpoint of another architecture or of a model the command cannot serve, a mis
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import shlex
@@ -24,6 +25,7 @@ from fastflow import distributed
 from fastflow.checkpoint import load_checkpoint
 from fastflow.data import (
     DIGITS_N_BINS,
+    HELDOUT_FRACTION,
     ImageSource,
     TensorImages,
     digits_of_class,
@@ -143,14 +145,15 @@ def _same_flag(name: str, given: object, stored: object) -> bool:
     return given == stored
 
 
-def _resolve_train_flags(args: argparse.Namespace) -> int:
+def _resolve_train_flags(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     """Fill in the train flags not given, from the checkpoint with --resume (after refusing given flags that
-    contradict it, see RESUME_OVERRIDES) and from TRAIN_DEFAULTS otherwise; returns the step to start from."""
+    contradict it, see RESUME_OVERRIDES) and from TRAIN_DEFAULTS otherwise; returns the step to start from and
+    the resumed checkpoint's extra entries (empty for a new run)."""
     given = {name for name in TRAIN_DEFAULTS if getattr(args, name) is not None}
     if args.data is not None:
         args.data = os.path.abspath(args.data)  # so that --resume finds it from any folder
     checkpoint = os.path.join(args.out, CHECKPOINT_NAME)
-    start = 0
+    start, extra = 0, {}
     if args.resume:
         if not os.path.exists(checkpoint):
             raise ValueError(f"cannot resume: no checkpoint {checkpoint!r}")
@@ -218,28 +221,43 @@ def _resolve_train_flags(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--resolution {args.resolution} must be divisible by 2**levels = {2**args.levels} (--levels {args.levels})"
         )
-    return start
+    return start, extra
 
 
-def _training_data(args: argparse.Namespace) -> tuple[ImageSource, torch.Tensor, int, str]:
-    """``(train source, held-out levels, n_bins, description)`` from ``--data`` or the embedded data."""
+def _levels_digest(levels: torch.Tensor) -> str:
+    """A SHA-256 of quantized images (their shape and every level): the data a run started on, checked on
+    --resume."""
+    digest = hashlib.sha256(repr(tuple(levels.shape)).encode())
+    digest.update(levels.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _training_data(args: argparse.Namespace) -> tuple[ImageSource, torch.Tensor, int, str, str | None]:
+    """``(train source, held-out levels, n_bins, description, digest)`` from ``--data`` or the embedded data; the
+    digest (:func:`_levels_digest`) of a ``--data`` folder's images, None for the embedded data."""
     if args.n_bits is not None and not 1 <= args.n_bits <= 8:
         raise ValueError(f"--n-bits must be in [1, 8], got {args.n_bits}")
     n_bins = 2 ** (args.n_bits or DEFAULT_N_BITS)
     res = args.resolution
     if args.data is not None:
         levels = quantize(load_image_folder(args.data, res), n_bins)
+        if len(levels) < 2:
+            raise ValueError(
+                f"--data {args.data!r} holds {len(levels)} image: training holds {HELDOUT_FRACTION:.0%} of the images "
+                "out (at least one) to measure held-out bits/dim, so it needs at least 2"
+            )
         train_idx, test_idx = split_heldout(len(levels))
         classes = list_classes(args.data)
         labelled = f" ({len(classes)} class folders, labels unused)" if classes else ""
-        return TensorImages(levels[train_idx]), levels[test_idx], n_bins, f"{args.data}{labelled} at {res}x{res}"
+        description = f"{args.data}{labelled} at {res}x{res}"
+        return TensorImages(levels[train_idx]), levels[test_idx], n_bins, description, _levels_digest(levels)
     if res == 8:
         if args.n_bits is not None:
             raise ValueError("--n-bits does not apply to the embedded digits, which have 17 levels per pixel")
         train_levels, _, test_levels, _ = load_digits()
-        return TensorImages(train_levels), test_levels, DIGITS_N_BINS, "the 8x8 digits"
+        return TensorImages(train_levels), test_levels, DIGITS_N_BINS, "the 8x8 digits", None
     source, heldout = load_photo_crops(res, n_bins)
-    return source, heldout.levels, n_bins, f"{res}x{res} crops of the bundled photos"
+    return source, heldout.levels, n_bins, f"{res}x{res} crops of the bundled photos", None
 
 
 def _model(args: argparse.Namespace, in_channels: int, n_bins: int) -> tuple[FlowModel, str]:
@@ -261,7 +279,7 @@ def _model(args: argparse.Namespace, in_channels: int, n_bins: int) -> tuple[Flo
 
 
 def _train(args: argparse.Namespace) -> int:
-    start = _resolve_train_flags(args)
+    start, resumed = _resolve_train_flags(args)
     if args.resume and start >= args.iterations:
         if distributed.launched_as_main():  # before the process group: every rank gets here
             print(f"already at step {start} of {args.iterations}: nothing to do (a larger --iterations trains further)")
@@ -276,7 +294,12 @@ def _train(args: argparse.Namespace) -> int:
     ranks = distributed.launched_world_size()
     if args.batch % ranks:  # before the data, the process group and the model
         raise ValueError(f"--batch {args.batch} does not split evenly over the {ranks} ranks torchrun launched")
-    source, heldout, n_bins, description = _training_data(args)
+    source, heldout, n_bins, description, digest = _training_data(args)
+    if args.resume and digest is not None and resumed.get("data_digest", digest) != digest:
+        raise ValueError(
+            f"the images in --data {args.data!r} are not those the run in {args.out!r} started on (files added, "
+            "removed, renamed or changed): resuming would hold out and draw other images; train into another --out"
+        )
     check_writable_folder(args.out)
     context = distributed.setup(args.device)
     try:
@@ -294,8 +317,8 @@ def _train(args: argparse.Namespace) -> int:
         written: list[str] = []
         try:
             train(
-                model, source, config, heldout=heldout, resume=args.resume, checkpoint_extra={"cli": flags},
-                written=written,
+                model, source, config, heldout=heldout, resume=args.resume,
+                checkpoint_extra={"cli": flags, "data_digest": digest}, written=written,
             )  # fmt: skip
         except TrainingInterrupted as stop:
             if context.is_main:
@@ -476,8 +499,9 @@ def _parser() -> argparse.ArgumentParser:
     steps = number_arg(int, 0)
 
     t = commands.add_parser("train", help="train a Glow or a Jet; resumable, data-parallel under torchrun")
-    t.add_argument("--data", help="folder of PNG/JPEG images, or of class sub-folders of them (default: embedded "
-                   "digits at --resolution 8, else crops of the photos bundled with scikit-learn)")  # fmt: skip
+    t.add_argument("--data", help="folder of PNG/JPEG images, or of class sub-folders of them; 15%% (at least one) "
+                   "held out at random (seed 0) for the held-out bits/dim (default: embedded digits at --resolution 8, "
+                   "else crops of the photos bundled with scikit-learn)")  # fmt: skip
     t.add_argument("--resolution", type=count, help="image side in pixels (default: 8, the digits; with --data the "
                    "shorter side shared by its images)")  # fmt: skip
     t.add_argument("--n-bits", type=int, help=f"bits per colour channel for images (default {DEFAULT_N_BITS})")

@@ -16,6 +16,7 @@ from fastflow.ops._checks import int_at_least
 
 __all__ = [
     "DIGITS_N_BINS",
+    "HELDOUT_FRACTION",
     "ImageSource",
     "PhotoCrops",
     "TensorImages",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 DIGITS_N_BINS = 17
+HELDOUT_FRACTION = 0.15  # of the digits and of an image folder, held out at random (seed 0) to measure bits/dim
 PHOTO_HELDOUT_FRACTION = 1 / 6  # right-hand strip of each photo, never cropped for training
 QUANTIZE_CHUNK = 1 << 20  # pixels quantized at a time: the int32 temporaries stay a few MiB for any data size
 
@@ -126,7 +128,7 @@ def quantize(pixels: torch.Tensor, n_bins: int) -> torch.Tensor:
 
 
 def load_digits(
-    test_fraction: float = 0.15, seed: int = 0
+    test_fraction: float = HELDOUT_FRACTION, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(train_levels, train_labels, test_levels, test_labels)``: uint8 pixel levels in ``[0, 17)`` of
     shape ``(N, 1, 8, 8)`` and int64 digit labels, split at random (fixed ``seed``) with ``test_fraction`` held out."""
@@ -141,7 +143,7 @@ def load_digits(
     return levels[train], labels[train], levels[test], labels[test]
 
 
-def split_heldout(n: int, test_fraction: float = 0.15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def split_heldout(n: int, test_fraction: float = HELDOUT_FRACTION, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(train_indices, test_indices)``: a fixed-``seed`` random split of ``range(n)`` with
     ``round(n * test_fraction)`` (at least one) held out and at least one kept for training."""
     if not 0.0 < test_fraction < 1.0:

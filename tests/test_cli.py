@@ -128,6 +128,34 @@ def test_bad_images_for_training_exit_2_and_write_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_one_image_folder_is_refused_naming_data(tmp_path, capsys):
+    data = _folder(tmp_path / "one", [(8, 8)])
+    out = tmp_path / "out"
+    line = _one_line_error(capsys, ["train", *TINY, "--data", str(data), "--out", str(out)], 2, ["--data", "one"])
+    assert "holds 1 image" in line and "15%" in line
+    assert not out.exists()
+
+
+def test_resume_refuses_a_data_folder_that_changed(tmp_path, capsys):
+    """The held-out split is by position in the sorted file list: with files added, --resume held out images the
+    run had trained on (and drew other batches)."""
+    data = _folder(tmp_path / "data", [(8, 8)] * 6)
+    run = ["train", *TINY, "--levels", "1", "--iterations", "2", "--quiet", "--out", str(tmp_path / "run")]
+    assert main([*run, "--data", str(data), "--resolution", "8"]) == 0
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    resume = [*run, "--resume", "--iterations", "3"]
+    Image.new("RGB", (8, 8)).save(data / "new.png")
+    _expect_error(capsys, resume, "--data", untouched=ckpt)
+    (data / "new.png").unlink()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(data / "img3.png")  # the same names, one image changed
+    _expect_error(capsys, resume, "not those the run", untouched=ckpt)
+    _folder(tmp_path / "again", [(8, 8)] * 6).rename(tmp_path / "data2")
+    data.rename(tmp_path / "changed")
+    (tmp_path / "data2").rename(data)  # the images the run started on
+    assert main(resume) == 0
+    assert load_checkpoint(ckpt)[1]["extra"]["step"] == 3
+
+
 def test_bad_input_for_a_checkpoint_exits_2_and_keeps_the_output(rgb_run, digits_run, tmp_path, capsys):
     ckpt = str(rgb_run / "run" / "checkpoint.pt")
     previous = tmp_path / "m.png"
@@ -495,7 +523,7 @@ def test_an_image_folder_is_held_as_uint8_levels(tmp_path):
     """Folder levels were int64: 8 times the uint8 images resident, about 16 times at the peak."""
     data = _folder(tmp_path / "data", [(8, 8)] * 6)
     args = argparse.Namespace(data=str(data), resolution=8, n_bits=3)
-    source, heldout, n_bins, _ = _training_data(args)
+    source, heldout, n_bins, _, _ = _training_data(args)
     assert n_bins == 8 and source.levels.dtype == torch.uint8 and heldout.dtype == torch.uint8
     before = load_image_folder(data, 8).long() * n_bins // 256  # the int64 levels of before
     train_idx, test_idx = split_heldout(6)
