@@ -67,6 +67,8 @@ def encode_flat(
     context = _check_context_rows(context_name, context, len(levels))
     if context is None and model.conditional:
         raise ValueError(f"{context_name} is required: {type(model).__name__} is conditional (one row per image)")
+    if model.prior.conditional:  # here, so that the message names the argument
+        model.prior.check_labels(context, f"{context_name} (class labels)")
     parameter = model.floating_parameter()
     flat, shapes = [], []
     with eval_mode(model):
@@ -165,6 +167,8 @@ def manipulate(
         raise TypeError(f"direction must be a floating-point torch.Tensor, got {found}")
     if direction.shape != (z.shape[1],):
         raise ValueError(f"direction must have shape ({z.shape[1]},), got {tuple(direction.shape)}")
+    if not bool(torch.isfinite(direction).all()):  # decoded, it failed as non-finite samples, naming the latents
+        raise ValueError("direction holds NaN/Inf values")
     try:
         s = torch.as_tensor(strengths, dtype=z.dtype).to(z.device)  # a list or a tensor of strengths
     except (TypeError, ValueError, RuntimeError) as err:

@@ -588,12 +588,12 @@ def train(
     if isinstance(source, TensorImages):  # once, here: the batches are not checked (a host read per step)
         if source is data:  # a TensorImages given as is (a raw tensor was checked above)
             check_levels("data.levels", source.levels, model.image_shape, model.n_bins)
-        model.prior.check_labels(source.labels)
+        model.prior.check_labels(source.labels, "data.labels" if source is data else "labels")
     if heldout is not None:
         check_levels("heldout", heldout, model.image_shape, model.n_bins)
         if heldout_labels is not None and tuple(heldout_labels.shape) != (len(heldout),):
             raise ValueError(f"heldout_labels must have shape ({len(heldout)},), got {tuple(heldout_labels.shape)}")
-        model.prior.check_labels(heldout_labels)
+        model.prior.check_labels(heldout_labels, "heldout_labels")
     elif heldout_labels is not None:
         raise ValueError("heldout_labels go with heldout")
     rank, world_size = rank_and_world_size()

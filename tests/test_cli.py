@@ -298,6 +298,10 @@ def test_flags_out_of_range_are_one_line_usage_errors(digits_run, tmp_path, caps
     _usage_error(capsys, ["train", *TINY, "--lr", "-0.1", *out], ["--lr", "> 0"])
     _usage_error(capsys, ["train", *TINY, "--clip", "nan", *out], ["--clip", ">= 0"])
     _usage_error(capsys, ["train", *TINY, "--batch", "0", *out], ["--batch", "integer >= 1"])
+    big = str(2**64)  # failed after loading the checkpoint, as "Overflow when unpacking long long"
+    _usage_error(capsys, ["sample", ckpt, "--seed", big], ["--seed", "< 2**64", big])
+    _usage_error(capsys, ["train", *TINY, "--seed", big, *out], ["--seed", "< 2**64"])
+    _usage_error(capsys, ["train", *TINY, "--seed", "-1", *out], ["--seed", ">= 0"])
     _usage_error(capsys, ["train", *TINY, "--iterations", "0", *out], ["--iterations", "integer >= 1"])
     _usage_error(capsys, ["sample", ckpt, "--out", str(tmp_path / "grid.gif")], ["grid.gif", ".jpg"])
     assert not (tmp_path / "run").exists()

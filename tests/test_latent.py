@@ -71,6 +71,8 @@ def test_bad_arguments_are_refused(model):
         encode_flat(model, _pixels(_levels(1, 0)))
     with pytest.raises(ValueError, match=r"direction must have shape \(48,\)"):
         manipulate(model, _levels(1, 0), torch.zeros(3), [1.0])
+    with pytest.raises(ValueError, match="direction holds NaN/Inf"):
+        manipulate(model, _levels(1, 0), torch.full((48,), float("nan")), [1.0])
     out_of_range = _levels(1, 0)
     out_of_range[0, 0, 0, 0] = N_BINS + 3
     with pytest.raises(ValueError, match=r"image must lie in \[0, n_bins\) = \[0, 16\), got values in \[\d+, 19\]"):
@@ -165,3 +167,26 @@ def test_a_bfloat16_model_sees_the_bin_centres_of_high_levels():
     encode_flat(model, levels)
     centres = ((levels.double() + 0.5) / 256 - 0.5).to(torch.bfloat16)
     assert torch.equal(seen[0], centres) and float(seen[0].max()) < 0.5
+
+
+def test_every_module_keeps_its_own_mode(model):
+    """The mode was put back as the model's alone: a block left in eval mode under a training model came back
+    training (and an ActNorm in train mode initialises from the next batch)."""
+    mixed = copy.deepcopy(model).train()
+    mixed.blocks[0].eval()
+    modes = {name: module.training for name, module in mixed.named_modules()}
+    interpolate(mixed, _levels(1, 1), _levels(1, 2), 3)
+    encode_flat(mixed, _levels(2, 3))
+    assert {name: module.training for name, module in mixed.named_modules()} == modes
+
+
+def test_bad_class_labels_are_named_by_their_argument():
+    torch.manual_seed(0)
+    conditional = Glow(3, 4, levels=2, steps=1, hidden=8, n_bins=N_BINS, num_classes=4).eval()
+    good = torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"context_without \(class labels\) must be in \[0, 4\)"):
+        attribute_direction(conditional, _levels(4, 1), _levels(4, 2), good, torch.tensor([0, 1, 2, 9]))
+    with pytest.raises(TypeError, match=r"context_with \(class labels\) must be int32 or int64"):
+        attribute_direction(conditional, _levels(4, 1), _levels(4, 2), good.float(), good)
+    with pytest.raises(ValueError, match=r"context_with \(class labels\) must be integer labels of shape"):
+        attribute_direction(conditional, _levels(4, 1), _levels(4, 2), good.view(4, 1), good)

@@ -325,7 +325,7 @@ def test_labels_outside_the_classes_are_refused_before_training():
     model = Glow(1, 4, levels=1, steps=1, hidden=8, n_bins=N_BINS, num_classes=3)
     labels = torch.arange(len(_data())) % 4
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"context \(class labels\) must be in \[0, 3\), got values in \[0, 3\]"):
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\), got values in \[0, 3\]"):
         train(model, _data(), TrainConfig(steps=2, batch=8, progress=False), labels=labels)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
@@ -388,7 +388,7 @@ def test_a_class_conditional_run_writes_its_grids_and_evaluates_with_heldout_lab
     data = _data()
     labels = torch.arange(len(data)) % 3
     config = TrainConfig(steps=2, batch=8, progress=False, out=str(tmp_path), samples=4, eval_every=1)
-    with pytest.raises(ValueError, match="class labels"):  # held-out data of a conditional model needs its labels
+    with pytest.raises(ValueError, match="heldout_labels is required"):  # a conditional model's held-out data
         train(model, data, config, labels=labels, heldout=data[:6])
     history = train(model, data, config, labels=labels, heldout=data[:6], heldout_labels=labels[:6])
     assert len(history) == 2 and (tmp_path / CHECKPOINT_NAME).exists()

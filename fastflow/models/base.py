@@ -32,13 +32,16 @@ _BELOW_HALF = 0.5 - 2**-25  # the largest float32 below 0.5 (24-bit significand:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run the block with ``model`` in eval mode, then put back the mode it had (train or eval)."""
-    was_training = model.training
+    """Run the block with ``model`` in eval mode, then put back the mode every one of its modules had (train or
+    eval: ``model.train(was_training)`` would set a submodule left in eval mode, or in train mode under an eval
+    model, to the model's)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes:  # parents first (modules() is pre-order): each sets its subtree, then
+            module.train(training)  # every descendant puts back its own
 
 
 def _check_integer_levels(name: str, levels: object, n_bins: int | None) -> torch.Tensor:

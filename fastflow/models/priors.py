@@ -14,6 +14,8 @@ from fastflow.ops._checks import int_at_least, logdet_dtype
 
 __all__ = ["GaussianPrior", "LogisticPrior", "TopPrior"]
 
+LABELS = "context (class labels)"  # what label errors call the labels unless the caller names them
+
 
 class TopPrior(nn.Module):
     """A density over latents of shape ``(B, *shape)`` with ``log_prob(z, y)`` and ``sample(n, T, y)`` (drawing
@@ -37,10 +39,11 @@ class TopPrior(nn.Module):
         if tuple(z.shape[1:]) != self.shape or z.dim() == 0:
             raise ValueError(f"z must have shape (B, {', '.join(map(str, self.shape))}), got {tuple(z.shape)}")
 
-    def check_labels(self, y: torch.Tensor | None) -> None:
-        """``ValueError`` unless ``y`` suits the prior: ``None``, as it has no class conditioning."""
+    def check_labels(self, y: torch.Tensor | None, name: str = LABELS) -> None:
+        """``ValueError`` unless ``y`` (``name`` in the message) suits the prior: ``None``, as it has no class
+        conditioning."""
         if y is not None:
-            raise ValueError(f"labels were given but the {type(self).__name__} has no class conditioning")
+            raise ValueError(f"{name} was given but the {type(self).__name__} has no class conditioning")
 
     def sample(
         self,
@@ -98,39 +101,34 @@ class GaussianPrior(TopPrior):
         mean, logs = params.chunk(2, dim=1)
         return mean, logs
 
-    def _check_label_form(self, y: torch.Tensor | None, n: int | None) -> None:
-        """``ValueError`` unless ``y`` is None without class conditioning, or integer labels of shape ``(n,)``
-        (any length for ``n=None``) with it; reads nothing from the device."""
+    def _check_label_form(self, y: torch.Tensor | None, n: int | None, name: str = LABELS) -> None:
+        """``ValueError`` naming ``name`` unless ``y`` is None without class conditioning, or integer labels of
+        shape ``(n,)`` (any length for ``n=None``) with it; reads nothing from the device."""
         if self.class_proj is None:
             if y is not None:
-                raise ValueError("labels were given but the model has no class conditioning (num_classes=0)")
+                raise ValueError(f"{name} was given but the model has no class conditioning (num_classes=0)")
             return
         if y is None:
-            raise ValueError(
-                f"context (class labels) is required: the model is conditioned on {self.num_classes} classes"
-            )
+            raise ValueError(f"{name} is required: the model is conditioned on {self.num_classes} classes")
         if y.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"context (class labels) must be int32 or int64 labels, got {y.dtype}")
+            raise TypeError(f"{name} must be int32 or int64 labels, got {y.dtype}")
         if y.dim() != 1 or (n is not None and len(y) != n):
             raise ValueError(
-                f"context (class labels) must be integer labels of shape ({'N' if n is None else n},), got "
-                f"{tuple(y.shape)}"
+                f"{name} must be integer labels of shape ({'N' if n is None else n},), got {tuple(y.shape)}"
             )
 
-    def check_labels(self, y: torch.Tensor | None) -> None:
-        """``ValueError`` unless ``y`` suits the prior: integer class labels of shape ``(N,)`` in
+    def check_labels(self, y: torch.Tensor | None, name: str = LABELS) -> None:
+        """``ValueError`` naming ``name`` unless ``y`` suits the prior: integer class labels of shape ``(N,)`` in
         ``[0, num_classes)`` with class conditioning, ``None`` without. The range check reads two numbers from
         ``y``'s device; where guards defer (inside a training step) :meth:`mean_logs` makes the prior NaN for an
         out-of-range label instead, without a host read, so the model's deferred finite check records it
         (``check_guards`` with the batch then names the labels); ``fastflow.train`` also checks its data set's
         labels once before training."""
-        self._check_label_form(y, None)
+        self._check_label_form(y, None, name)
         if y is not None and y.numel():
             low, high = (int(v) for v in y.aminmax())
             if low < 0 or high >= self.num_classes:
-                raise ValueError(
-                    f"context (class labels) must be in [0, {self.num_classes}), got values in [{low}, {high}]"
-                )
+                raise ValueError(f"{name} must be in [0, {self.num_classes}), got values in [{low}, {high}]")
 
     def log_prob(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample log-density, shape ``(B,)``."""
