@@ -8,7 +8,7 @@ takes ``g a W2`` and, in place, ``dL/dh = (g W2) * GELU'(h)``:
     ``dW2 = g^T a``, ``db2 = sum g``, ``dW1 = (dL/dh)^T x``, ``db1 = sum dL/dh``, ``dL/dx = (dL/dh) W1``.
 
 Under autocast the products run in the dtype autocast gave ``h`` (``x`` is saved in it, as autograd saves the
-low-precision copy a linear reads); weight gradients come back in the weights' dtype and the input's gradient in
+low-precision copy a linear reads; float64 tensors stay float64, as autocast leaves them); weight gradients come back in the weights' dtype and the input's gradient in
 the input's. The backward is not differentiable again (``create_graph=True`` raises, never a silent zero); under
 functorch transforms (``torch.func.grad``, ``vmap``) the plain composition runs instead, and a backward batched
 by ``vmap`` (``torch.autograd.grad(..., is_grads_batched=True)``, ``jacobian(..., vectorize=True)``) computes
@@ -48,10 +48,13 @@ class _GeluMLP(torch.autograd.Function):
         device = x.device.type
         autocast = torch.is_autocast_enabled(device)
         # under autocast its casts are made by hand, with autocast off: torch < 2.7 cached its casts of the weights
-        # made here (grad off), and later ops on the same weights in the region then had no gradient
+        # made here (grad off), and later ops on the same weights in the region then had no gradient. Autocast's
+        # rule: float64 tensors are not cast
         low = torch.get_autocast_dtype(device) if autocast else None
         with torch.autocast(device, enabled=False) if autocast else nullcontext():
-            xc, w1c, b1c, w2c, b2c = (t if low is None else t.to(low) for t in (x, w1, b1, w2, b2))
+            xc, w1c, b1c, w2c, b2c = (
+                t if low is None or t.dtype == torch.float64 else t.to(low) for t in (x, w1, b1, w2, b2)
+            )
             h = F.linear(xc, w1c, b1c)
             ctx.save_for_backward(xc.to(h.dtype), h, w1, w2)
             return F.linear(F.gelu(h), w2c, b2c)

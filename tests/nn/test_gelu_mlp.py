@@ -83,6 +83,19 @@ def test_bf16_autocast_computes_low_and_returns_gradients_in_the_parameters_dtyp
         torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)
 
 
+def test_float64_under_autocast_stays_float64_as_the_plain_mlp() -> None:
+    """Autocast casts no float64 tensor; gelu_mlp cast them all, so a float64 model's MLP ran in bfloat16."""
+    mlp = _mlp().double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = gelu_mlp(x, mlp[0], mlp[2]), mlp(x)
+    assert got.dtype == want.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(got.sum(), [x, *mlp.parameters()])
+    for g, w in zip(grads, torch.autograd.grad(want.sum(), [x, *mlp.parameters()])):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
 def test_needs_biases() -> None:
     with pytest.raises(ValueError, match="biases"):
         gelu_mlp(torch.randn(2, 6), nn.Linear(6, 20, bias=False), nn.Linear(20, 5))
