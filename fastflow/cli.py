@@ -308,11 +308,11 @@ def _train(args: argparse.Namespace) -> int:
             f"the images in --data {args.data!r} are not those the run in {args.out!r} started on (files added, "
             "removed, renamed or changed): resuming would hold out and draw other images; train into another --out"
         )
+    torch.manual_seed(args.seed)
+    model, name = _model(args, source.image_shape[0], n_bins)  # before --out: flags it refuses leave no folder
     check_writable_folder(args.out)
     context = distributed.setup(args.device)
     try:
-        torch.manual_seed(args.seed)
-        model, name = _model(args, source.image_shape[0], n_bins)
         model.to(context.device)
         if args.reversible and args.model == "glow":
             model.set_tiling(tile_size=args.tile_size, memory_budget_mb=args.tile_memory_mb)

@@ -551,6 +551,10 @@ def test_train_a_jet_then_resume_and_sample_it(tmp_path, capsys):
     _one_line_error(capsys, ["train", *jet, "--resolution", "9", *out], 2, ["divisible by --patch-size 2"])
     _one_line_error(capsys, ["train", *jet, "--reversible", "--tile-size", "2", *out], 2, ["--tile-size", "Glow"])
     _one_line_error(capsys, ["train", "--couplings", "4", *out], 2, ["--couplings", "--model glow"])
+    # refused by Jet itself (a 1 x 1 token grid has no spatial halves), before --out is made
+    line = _one_line_error(capsys, ["train", *jet, "--patch-size", "8", *out], 2, ["patch_size", "equal halves"])
+    assert "in Python, kinds=" in line
+    assert not (tmp_path / "bad").exists()
 
 
 UNSERVABLE = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from fastflow.models.base import FlowModel
@@ -28,6 +30,17 @@ def _schedule(kinds: tuple[str, ...], couplings: int) -> list[tuple[str, str, in
     return schedule
 
 
+def _checked_kinds(kinds: object) -> tuple[str, ...]:
+    """``kinds`` as a tuple, or a ``TypeError`` / ``ValueError`` naming it unless it is a non-empty sequence (any
+    iterable: a generator is read once) of ``"channel"`` / ``"spatial"``."""
+    if isinstance(kinds, str) or not isinstance(kinds, Iterable):
+        raise TypeError(f"kinds must be a sequence of 'channel' / 'spatial', got {type(kinds).__name__} {kinds!r}")
+    kinds = tuple(kinds)
+    if not kinds or any(k not in _SPLITS for k in kinds):
+        raise ValueError(f"kinds must be a non-empty sequence of 'channel' / 'spatial', got {kinds!r}")
+    return kinds
+
+
 def _check_spatial_patterns(
     grid: tuple[int, int], schedule: list[tuple[str, str, int]], image_size: tuple[int, int], patch_size: int
 ) -> None:
@@ -40,7 +53,7 @@ def _check_spatial_patterns(
         raise ValueError(
             f"image_size {image_size} // patch_size {patch_size} is a {grid[0]} x {grid[1]} grid of tokens, which "
             f"the spatial couplings' {', '.join(odd)} pattern(s) cannot split in equal halves (they need an even "
-            f"number of tokens, of rows and of columns): choose another patch_size, or kinds=('channel',)"
+            f"number of tokens, of rows and of columns): choose another patch_size (or, in Python, kinds=('channel',))"
         )
 
 
@@ -97,15 +110,9 @@ class Jet(FlowModel):
         int_at_least("seed", seed, 0)
         if seed + couplings > 2**64:  # coupling k's permutation is drawn from a generator seeded seed + k < 2**64
             raise ValueError(f"seed must be at most 2**64 - couplings = {2**64 - couplings}, got {seed}")
-        if h % patch_size or w % patch_size:
-            raise ValueError(f"image_size {(h, w)} must be divisible by patch_size = {patch_size}")
-        if width % heads:
-            raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
         if context and not depth:
             raise ValueError(f"context = {context} needs depth >= 1: only the ViT blocks' cross-attention reads it")
-        if isinstance(kinds, str) or not kinds or any(k not in _SPLITS for k in kinds):
-            raise ValueError(f"kinds must be a non-empty sequence of 'channel' / 'spatial', got {kinds!r}")
-        kinds = tuple(kinds)
+        kinds = _checked_kinds(kinds)
         config = dict(
             in_channels=in_channels, image_size=(h, w), patch_size=patch_size, couplings=couplings, width=width,
             depth=depth, heads=heads, kinds=kinds, context=context, n_bins=n_bins, reversible=reversible, seed=seed,
@@ -113,6 +120,11 @@ class Jet(FlowModel):
         patchify = Patchify(in_channels, (h, w), patch_size)
         grid, features = patchify.grid, patchify.features
         schedule = _schedule(kinds, couplings)
+        if features < 2 and any(split == "channel" for split, _, _ in schedule):
+            raise ValueError(
+                f"in_channels * patch_size**2 = {in_channels} * {patch_size}**2 = {features} feature per token, which "
+                "a channel coupling cannot split in two: choose a larger patch_size (or, in Python, kinds=('spatial',))"
+            )
         _check_spatial_patterns(grid, schedule, (h, w), patch_size)
         layers = [
             TokenCoupling(

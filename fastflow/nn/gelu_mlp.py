@@ -8,11 +8,11 @@ takes ``g a W2`` and, in place, ``dL/dh = (g W2) * GELU'(h)``:
     ``dW2 = g^T a``, ``db2 = sum g``, ``dW1 = (dL/dh)^T x``, ``db1 = sum dL/dh``, ``dL/dx = (dL/dh) W1``.
 
 Under autocast the products run in the dtype autocast gave ``h`` (``x`` is saved in it, as autograd saves the
-low-precision copy a linear reads; float64 tensors stay float64, as autocast leaves them); weight gradients come back in the weights' dtype and the input's gradient in
-the input's. The backward is not differentiable again (``create_graph=True`` raises, never a silent zero); under
-functorch transforms (``torch.func.grad``, ``vmap``) the plain composition runs instead, and a backward batched
-by ``vmap`` (``torch.autograd.grad(..., is_grads_batched=True)``, ``jacobian(..., vectorize=True)``) computes
-``dL/dh`` out of place.
+low-precision copy a linear reads; float64 tensors stay float64, as autocast leaves them); weight gradients come
+back in the weights' dtype and the input's gradient in the input's. The backward is not differentiable again
+(``create_graph=True`` raises, never a silent zero); under functorch transforms (``torch.func.grad``, ``vmap``) the
+plain composition runs instead, and a backward batched by ``vmap`` (``torch.autograd.grad(...,
+is_grads_batched=True)``, ``jacobian(..., vectorize=True)``) computes ``dL/dh`` out of place.
 """
 
 from __future__ import annotations

@@ -39,8 +39,7 @@ class Patchify(FlowLayer):
         if not sizes_ok or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in image_size):
             raise ValueError(f"image_size must be (H, W), two ints >= 1, got {image_size!r}")
         h, w = image_size
-        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-            raise ValueError(f"patch_size must be an int >= 1, got {patch_size!r}")
+        int_at_least("patch_size", patch_size, 1)
         if h % patch_size or w % patch_size:
             raise ValueError(f"image_size {(h, w)} must be divisible by patch_size = {patch_size}")
         self.image_shape = (in_channels, h, w)

@@ -12,6 +12,7 @@ from fastflow.nn.permutation import loaded_permutation_error
 from fastflow.nn.recompute_state import running_statistics_kept
 from fastflow.nn.state_upgrade import drop_inverse_order
 from fastflow.nn.vit import ViTConditioner
+from fastflow.ops._checks import int_at_least
 from fastflow.ops.coupling import affine_coupling, affine_coupling_backward_from_output_, affine_coupling_inverse
 
 __all__ = ["TokenCoupling", "TokenSplit", "SpatialPattern", "SPATIAL_PATTERNS"]
@@ -75,8 +76,7 @@ class TokenCoupling(FlowLayer):
             or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid)
         ):
             raise ValueError(f"grid must be two ints >= 1 (token rows, columns), got {grid!r}")
-        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
-            raise ValueError(f"features must be an int >= 1, got {features!r}")
+        int_at_least("features", features, 1)
         if split not in ("channel", "spatial"):
             raise ValueError(f"split must be 'channel' or 'spatial', got {split!r}")
         if pattern not in SPATIAL_PATTERNS:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastflow.nn.gelu_mlp import gelu_mlp
+from fastflow.ops._checks import int_at_least
 
 __all__ = ["ViTConditioner", "ViTBlock"]
 
@@ -88,8 +89,7 @@ class ViTConditioner(nn.Module):
             ("width", width, 1), ("depth", depth, 0), ("heads", heads, 1), ("context_features", context_features, 0),
             ("mlp_ratio", mlp_ratio, 1),
         ):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            int_at_least(name, value, low)
         if width % heads:
             raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
         if context_features and not depth:

@@ -291,7 +291,15 @@ def test_vit_conditioner_shapes_and_zero_head() -> None:
         (lambda: Jet(1, 8, kinds=("channel", "diagonal")), ValueError, "kinds"),
         (lambda: Jet(1, 8, patch_size=2.0), TypeError, "patch_size must be an int"),
         (lambda: Jet(1, 6, patch_size=2, kinds=("spatial",)), ValueError, "equal halves"),
-        (lambda: Jet(1, 4, patch_size=1, kinds=("channel",)), ValueError, "needs features >= 2"),
+        (lambda: Jet(1, 4, patch_size=1, kinds=("channel",)), ValueError, r"in_channels \* patch_size\*\*2 = 1"),
+        (lambda: Jet(1, 4, patch_size=1), ValueError, "choose a larger patch_size"),  # named a layer's "features"
+        (lambda: Jet(1, 4, patch_size=2, kinds=3), TypeError, "kinds must be a sequence"),  # int is not iterable
+        (lambda: Jet(1, 8, kinds="channel"), TypeError, "kinds must be a sequence"),
+        (lambda: Jet(1, 8, width=8.0), TypeError, "width must be an int"),
+        (lambda: ViTConditioner(6, 10, 5, width=8.0), TypeError, "width must be an int"),  # was a ValueError
+        (lambda: Patchify(1, (4, 4), 2.0), TypeError, "patch_size must be an int"),  # was a ValueError
+        (lambda: TokenCoupling((2, 2), 4.0), TypeError, "features must be an int"),  # was a ValueError
+        (lambda: TokenCoupling((2, 2), 1), ValueError, "needs features >= 2"),
         (lambda: Jet(1, 8, depth=0, context=3), ValueError, "needs depth >= 1"),  # the context would be unread
         (lambda: ViTConditioner(6, 10, 5, width=8, depth=0, heads=2, context_features=3), ValueError, "depth >= 1"),
         (lambda: Jet(1, 8, n_bins=None), TypeError, "n_bins must be an int"),  # would not load from a checkpoint
@@ -304,6 +312,17 @@ def test_vit_conditioner_shapes_and_zero_head() -> None:
 def test_bad_arguments_raise(make, error, match) -> None:
     with pytest.raises(error, match=match):
         make()
+
+
+def test_kinds_may_be_any_iterable() -> None:
+    """A generator was used up by the check, leaving no kinds (a ZeroDivisionError)."""
+    torch.manual_seed(0)
+    from_generator = Jet(1, 4, patch_size=2, couplings=3, kinds=(k for k in ("channel", "spatial")))
+    assert from_generator.config["kinds"] == ("channel", "spatial")
+    torch.manual_seed(0)
+    from_tuple = Jet(1, 4, patch_size=2, couplings=3, kinds=("channel", "spatial"))
+    x = torch.rand(2, 1, 4, 4) - 0.5
+    torch.testing.assert_close(from_generator.log_prob(x), from_tuple.log_prob(x), rtol=0, atol=0)
 
 
 def test_bad_inputs_raise() -> None:
