@@ -28,6 +28,7 @@ __all__ = [
     "BitsPerDim",
     "StepMode",
     "TrainStep",
+    "check_step_mode",
     "convolutions_channels_last",
     "default_channels_last",
     "make_adam",
@@ -149,6 +150,23 @@ def default_channels_last(device: torch.device, model: nn.Module) -> bool:
     return device.type == "cpu" and bool(_kernels(model))
 
 
+def check_step_mode(mode: str, device: torch.device, loss_scaling: bool, distributed: bool) -> None:
+    """``ValueError`` unless :class:`TrainStep` can run step ``mode`` for a model on ``device``, with fp16
+    ``loss_scaling`` or not, wrapped in DistributedDataParallel (``distributed``) or not: ``"cuda-graph"`` needs a
+    CUDA device and captures neither a loss scaler's dynamic skips nor DDP's all-reduce. ``fastflow.train`` checks
+    its settings with it before it touches the model or the disk."""
+    if mode not in STEP_MODES:
+        raise ValueError(f"mode must be one of {STEP_MODES}, got {mode!r}")
+    if mode != "cuda-graph":
+        return
+    if device.type != "cuda":
+        raise ValueError(f"mode='cuda-graph' needs a model on a CUDA device, got {device}")
+    if loss_scaling:
+        raise ValueError("mode='cuda-graph' runs in float32 or under bf16 autocast, not fp16 loss scaling")
+    if distributed:
+        raise ValueError("mode='cuda-graph' does not capture DistributedDataParallel's gradient all-reduce")
+
+
 def _autocast(device: torch.device, amp: str | None, cache_enabled: bool = True) -> AbstractContextManager[None]:
     # A captured graph must not keep autocast's weight-cast cache: the casts are recorded, not cached.
     dtype = AMP_DTYPES[amp] if amp is not None else None
@@ -198,8 +216,6 @@ class TrainStep:
         mode: StepMode = "eager",
         channels_last: bool | None = None,
     ) -> None:
-        if mode not in STEP_MODES:
-            raise ValueError(f"mode must be one of {STEP_MODES}, got {mode!r}")
         if amp is not None and amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}")
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (math.isfinite(clip) and clip >= 0):
@@ -209,16 +225,10 @@ class TrainStep:
             raise ValueError("model has no parameters that require grad: a training step would update nothing")
         self.device = self.parameters[0].device
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
-        if mode == "cuda-graph":
-            if self.device.type != "cuda":
-                raise ValueError(f"mode='cuda-graph' needs a model on a CUDA device, got {self.device}")
-            if self.scaler is not None:
-                raise ValueError("mode='cuda-graph' runs in float32 or under bf16 autocast, not fp16 loss scaling")
-            if isinstance(objective, nn.parallel.DistributedDataParallel):
-                raise ValueError("mode='cuda-graph' does not capture DistributedDataParallel's gradient all-reduce")
-            if not all(group.get("capturable", False) for group in optimizer.param_groups):
-                raise ValueError("mode='cuda-graph' needs a capturable optimizer: make_adam(..., mode='cuda-graph')")
         distributed = isinstance(objective, nn.parallel.DistributedDataParallel)
+        check_step_mode(mode, self.device, self.scaler is not None, distributed)
+        if mode == "cuda-graph" and not all(group.get("capturable", False) for group in optimizer.param_groups):
+            raise ValueError("mode='cuda-graph' needs a capturable optimizer: make_adam(..., mode='cuda-graph')")
         if not all(group.get("fused", False) for group in optimizer.param_groups):
             raise ValueError(  # under fp16 scaling too: a foreach or single-tensor Adam reads the lr tensor back
                 "TrainStep needs a fused optimizer, which skips a failed step's update on the device (found_inf): "

@@ -3,8 +3,8 @@ ranks, periodic held-out bits/dim, sample grids and resumable checkpoints.
 
 A training step makes no host sync: its loss stays on the device and fastflow's guards (``check_finite``, the
 reversible drift check) only record there (:func:`~fastflow.nn.reversible.deferred_guards`). The loop reads them
-in one go every :data:`READ_EVERY` steps (with progress shown, every 5% of the run if that is more often, so each
-line of a progress log shows a fresh loss), on the steps that evaluate or save, after the last step and when
+in one go every :data:`READ_EVERY` steps (with progress shown, also every 5% of the run, so each line of a
+progress log shows a fresh loss), on the steps that evaluate or save, after the last step and when
 Ctrl-C asks to stop: one transfer for the losses, two small ones for the guards. Progress shows the mean of the
 last 50 losses read (a checkpoint keeps them, so a resumed run shows the uninterrupted run's).
 
@@ -22,6 +22,7 @@ to the next read, where the ranks agree to stop), saves a checkpoint at it and r
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import signal
 import sys
@@ -51,6 +52,7 @@ from fastflow.step import (
     STEP_MODES,
     BitsPerDim,
     TrainStep,
+    check_step_mode,
     convolutions_channels_last,
     default_channels_last,
     make_adam,
@@ -145,10 +147,11 @@ class TrainConfig:
             raise ValueError(f"seed must be < 2**64, got {self.seed}")
         for name in ("lr", "clip", "temperature"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):  # True was taken as 1.0
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # True was taken as 1.0
                 raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+            setattr(self, name, float(value))  # a numpy number (np.float64 is a float), which no checkpoint holds
         if self.lr == 0:
             raise ValueError("lr must be > 0, got 0")
         for name in ("progress", "quiet"):
@@ -482,10 +485,12 @@ def _read_window(
     all-reduce with the ranks' Ctrl-C requests ``stop``), then the model's guards. Returns ``(losses, whether any
     rank asked to stop)``.
 
-    :class:`TrainingDiverged` names the first step whose loss is not finite; its reason names the layer when
-    ``check_finite`` finds it on that step's batch (``batch_at(step)``, the same batch again) under the weights
-    the skipped updates kept. Then the first step whose gradient norm is not finite at a finite loss.
-    ``ReconstructionError`` names the steps of the window when a reversible backward drifted beyond ``max_drift``.
+    :class:`TrainingDiverged` names the first step whose loss, or gradient norm at a finite loss, is not finite
+    (the step from which the weights were frozen); for a loss, its reason names the layer when ``check_finite``
+    finds it on that step's batch (``batch_at(step)``, the same batch again) under the weights the skipped updates
+    kept. ``ReconstructionError`` names the steps of the window when a reversible backward drifted beyond
+    ``max_drift`` (the drift guard keeps no step: a later non-finite loss in the window is reported as such, the
+    drift chained to it).
     """
     count = len(losses)
     stacked = torch.stack(losses + [norm.to(losses[0]) for norm in grad_norms])
@@ -501,6 +506,12 @@ def _read_window(
         read = stacked.tolist()
     values, norms = read[:count], read[count:]
     bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
+    bad_norm = next((i for i, norm in enumerate(norms) if not math.isfinite(norm)), None)
+    if bad_norm is not None and (bad is None or bad_norm < bad):  # the first failing step froze the weights
+        raise TrainingDiverged(
+            first + bad_norm + 1,
+            f"non-finite gradient norm {norms[bad_norm]} at a finite training loss {values[bad_norm]:.4g}",
+        )
     if bad is not None:
         cause: Exception | None = None
         try:
@@ -510,11 +521,6 @@ def _read_window(
             cause = err
         reason = f"non-finite training loss {values[bad]}" if cause is None else str(cause)
         raise TrainingDiverged(first + bad + 1, reason) from cause
-    bad = next((i for i, norm in enumerate(norms) if not math.isfinite(norm)), None)
-    if bad is not None:
-        raise TrainingDiverged(
-            first + bad + 1, f"non-finite gradient norm {norms[bad]} at a finite training loss {values[bad]:.4g}"
-        )
     try:
         model.check_guards()
     except ReconstructionError as err:
@@ -603,6 +609,8 @@ def train(
         shows_progress = _agree_across_ranks(config, resume, device)
         if config.batch % world_size:  # before the first step, on every rank
             raise ValueError(f"config.batch = {config.batch} does not split evenly over the {world_size} ranks")
+    # what TrainStep would refuse, refused before the checkpoint, the output folder or ActNorm touch anything
+    check_step_mode(config.step_mode, device, config.amp == "fp16", world_size > 1)
     optimizer = make_adam(model.parameters(), config.lr, config.step_mode)  # type: ignore[arg-type]
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     start, heldout_bpd = 0, None
@@ -648,9 +656,9 @@ def train(
     main = rank == 0
     extra = checkpoint_extra or {}
     progress = Progress(config.steps, start) if config.progress and main and not config.quiet else None
-    read_every = READ_EVERY
-    if shows_progress:  # the same on every rank (some rank shows progress), unlike `progress`
-        read_every = min(READ_EVERY, max(1, math.ceil(config.steps / PROGRESS_LINES)))
+    # the same on every rank (some rank shows progress), unlike `progress`: a read every READ_EVERY steps, and on
+    # the steps of a progress log's lines (every 5% of the run), which are not multiples of it past 500 steps
+    line_every = max(1, math.ceil(config.steps / PROGRESS_LINES)) if shows_progress else 0
     history: list[float] = []
     pending: list[torch.Tensor] = []  # the losses of the steps since the last read, on the device
     pending_norms: list[torch.Tensor] = []  # and their gradient norms (none under fp16 loss scaling)
@@ -670,7 +678,8 @@ def train(
             saving, evaluating = _due(done, config.save_every, last), _due(done, config.eval_every, last)
             requested, stop = interrupt_requested(), False
             # ranks read at the same steps (a read all-reduces): a Ctrl-C forces a read only without other ranks
-            if last or done % read_every == 0 or saving or evaluating or (requested and world_size == 1):
+            reading = done % READ_EVERY == 0 or (line_every and done % line_every == 0)
+            if last or reading or saving or evaluating or (requested and world_size == 1):
                 first = done - len(pending)
                 losses, stop = _read_window(
                     model, pending, pending_norms, first, requested, world_size, local_batch, config.amp

@@ -104,6 +104,19 @@ def test_a_resumed_run_shows_the_progress_loss_of_the_uninterrupted_run(tmp_path
     assert len(payload["extra"]["recent_losses"]) == 6
 
 
+def test_every_progress_line_shows_the_loss_up_to_its_step(capsys, monkeypatch):
+    """Past 500 steps a line comes every 5% of the run, which READ_EVERY did not divide: the lines showed the
+    losses of the last read, up to 24 steps before theirs (here scaled down: reads every 3 steps, lines every 5)."""
+    import fastflow.train as train_module
+
+    monkeypatch.setattr(train_module, "READ_EVERY", 3)
+    history = train(_model(), _data(), TrainConfig(steps=100, batch=8, lr=1e-3, progress=True))
+    shown = _progress_losses(capsys.readouterr().err)
+    for step in (5, 10, 25, 50, 100):
+        recent = history[max(0, step - 50) : step]
+        assert shown[f"{step}/100"] == f"loss {sum(recent) / len(recent):.3f} bits/dim"
+
+
 def test_resume_from_a_checkpoint_without_its_recent_losses(tmp_path, capsys):
     """Checkpoints written before the progress losses were kept still resume; progress starts from none."""
     train(_model(), _data(), _config(tmp_path, 2))
@@ -297,6 +310,28 @@ def test_non_finite_gradients_at_a_finite_loss_name_their_step_and_never_reach_t
         train(model, _data(), TrainConfig(steps=6, batch=8, progress=False, clip=clip))
     assert info.value.step == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_first_failing_step_is_named_when_a_later_step_s_loss_is_not_finite(monkeypatch):
+    """A non-finite gradient norm on step 2 (finite loss), then a NaN loss on step 4 in the same read window: the
+    losses were searched first, so step 4 was named though the weights had been frozen from step 2."""
+    import fastflow.train as train_module
+
+    model, fetched = _model(), []
+    real = train_module.batch_at_step
+
+    def fetch(source, step, *args, **kwargs):
+        fetched.append(step)
+        if step == 3:  # the forward of step 4 (1-based) comes out NaN
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return real(source, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "batch_at_step", fetch)
+    next(model.parameters()).register_hook(lambda grad: grad * float("inf") if fetched[-1] == 1 else grad)
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step 2 \(non-finite gradient norm") as info:
+        train(model, _data(), TrainConfig(steps=6, batch=8, progress=False))
+    assert info.value.step == 2
 
 
 def test_resume_from_a_checkpoint_of_a_non_fused_adam(tmp_path):
@@ -554,3 +589,36 @@ def test_batches_go_to_a_gpu_through_page_locked_memory_without_blocking(monkeyp
     calls.clear()
     _to_device(x, torch.device("cpu"), torch.float64)
     assert calls == [("to", (torch.device("cpu"), torch.float64), {})]
+
+
+def test_numpy_numbers_in_the_config_are_stored_as_plain_floats(tmp_path):
+    """np.float64 is a float, so it passed the checks, then failed the first save (after the training)."""
+    import numpy as np
+
+    lr, clip, temperature = np.logspace(-3, -2, 3)[1], np.float32(5.0), np.float64(0.5)
+    config = TrainConfig(steps=2, batch=8, lr=lr, clip=clip, temperature=temperature, out=str(tmp_path), samples=4)
+    assert all(type(getattr(config, name)) is float for name in ("lr", "clip", "temperature"))
+    train(_model(), _data(), config)
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)[1]["extra"]["train_config"]["lr"] == config.lr
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"step_mode": "cuda-graph"}, "needs a model on a CUDA device"),
+        ({"step_mode": "cuda-graph", "amp": "fp16"}, "cuda-graph"),
+    ],
+)
+@pytest.mark.parametrize("resume", [False, True])
+def test_settings_the_step_cannot_run_are_refused_before_anything_changes(tmp_path, settings, match, resume):
+    """They were refused by TrainStep, after train() had loaded the checkpoint into the model (resume), made the
+    output folder and initialised ActNorm."""
+    out = tmp_path / "run"
+    if resume:
+        train(_model(seed=1), _data(), _config(out, 2))
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        train(model, _data(), _config(out, 4, **settings), resume=resume)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert out.exists() == resume
