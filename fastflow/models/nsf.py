@@ -33,11 +33,12 @@ class NSF(FlowModel):
     context; a narrower ``hidden`` warns: later features lose dependences): ``hidden=None`` (the default) is 64, or
     that minimum where it is wider for an autoregressive flow. ``config["hidden"]`` holds the width taken.
 
-    Splines have ``bins`` bins (2 to 500 without a warning, at most 1000)
-    on ``[-bound, bound]`` and are the identity outside: standardise the
-    data. Every transform starts at the identity map. API as :class:`~fastflow.models.TabularFlow`: ``log_prob(x,
-    context=None)``, ``sample`` / ``rsample(n, context=None)``, ``encode`` / ``decode``; ``reversible=True`` trains
-    with memory-saving reversible backprop.
+    ``features >= 2`` for couplings, ``>= 1`` with ``autoregressive=True`` (one feature: a spline conditioned on the
+    context alone, e.g. a 1-D conditional density). Splines have ``bins`` bins (2 to 500 without a warning, at most
+    1000) on ``[-bound, bound]`` and are the identity outside: standardise the data. Every transform starts at the
+    identity map. API as :class:`~fastflow.models.TabularFlow`: ``log_prob(x, context=None)``, ``sample`` /
+    ``rsample(n, context=None)``, ``encode`` / ``decode``; ``reversible=True`` trains with memory-saving reversible
+    backprop.
     """
 
     def __init__(
@@ -52,11 +53,11 @@ class NSF(FlowModel):
         *,
         reversible: bool = False,
     ) -> None:
-        int_at_least("features", features, 2)
+        check_bool("autoregressive", autoregressive)
+        int_at_least("features", features, 1 if autoregressive else 2)  # a coupling splits the features in two
         int_at_least("context", context, 0)
         int_at_least("transforms", transforms, 1)
         check_layer_bins(bins)
-        check_bool("autoregressive", autoregressive)
         if hidden is None:
             hidden = default_made_hidden(features, context) if autoregressive else DEFAULT_HIDDEN
         int_at_least("hidden", hidden, 1)

@@ -85,8 +85,10 @@ class FlowLayer(nn.Module):
     logdet)``.
 
     ``x`` is ``(B, D)`` or ``(B, C, H, W)``; ``logdet`` has shape ``(B,)``, is float32 for half inputs, and the
-    inverse's log-det is the negative of the forward's at the matching point. ``context`` (``(B, ...)``) reaches
-    the layers that condition on it (:attr:`uses_context`); the others ignore it.
+    inverse's log-det is the negative of the forward's at the matching point. A container given a ``context``
+    (``(B, ...)``) passes it to every layer as the second argument: the layers that condition on it
+    (:attr:`uses_context`) read it, the others ignore it. (A layer written as ``forward(x)`` runs only in a chain
+    called without a context.)
     """
 
     @property

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from fastflow.backend import functorch_transforms_active
 from fastflow.nn.base import FlowLayer, check_features, check_network_dtype
 from fastflow.nn.context import shape_context
 from fastflow.nn.coupling_network import Subnet, build_subnet, conv_subnet, mlp_subnet
@@ -142,9 +143,15 @@ class _Coupling(FlowLayer):
     def _net_output(self, a: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """The network's output on ``a`` (and the context), in ``a``'s dtype; ``ValueError`` naming ``subnet``
         unless it is ``(B, outputs_per_channel * out_channels, ...)`` with ``a``'s batch and spatial size (a
-        wider one would transform the conditioning channels too: no inverse, a wrong log-det)."""
+        wider one would transform the conditioning channels too: no inverse, a wrong log-det), ``TypeError`` unless
+        it is floating-point, and ``ValueError`` if the network changed ``a`` (a view of the input) in place."""
         # the context joins the network input; without one no torch.cat (a is a view of the coupling input)
         features = a if context is None else torch.cat([a, context], dim=1)
+        # version counters: not while compiling, under functorch transforms or for inference tensors (none kept)
+        watch = context is None and not (
+            torch.compiler.is_compiling() or functorch_transforms_active() or a.is_inference()
+        )
+        version = a._version if watch else 0
         try:
             out = self.net(features)
         except RuntimeError as error:  # e.g. a ready module built for another width: a bare matmul error
@@ -154,7 +161,15 @@ class _Coupling(FlowLayer):
                     f"in_features = {self.cond_channels} kept channels + {self.context_features} context features)"
                 )
             raise
+        if watch and a._version != version:  # e.g. a first nn.ReLU(inplace=True): x_a is no longer x_a
+            raise ValueError(
+                "the coupling's subnet changed its input in place (it is a view of the layer's input, which changed "
+                "too, and the transform is no longer invertible): make its first operations out of place, e.g. "
+                "nn.ReLU(inplace=False)"
+            )
         expected = (a.shape[0], self.outputs_per_channel * self.out_channels, *a.shape[2:])
+        if isinstance(out, torch.Tensor) and not out.is_floating_point():
+            raise TypeError(f"the coupling's subnet returned a {out.dtype} tensor: it must return floating-point ones")
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(

@@ -7,6 +7,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from fastflow.nn.coupling import MaskKind, _Coupling
 from fastflow.nn.coupling_network import Subnet
@@ -37,14 +38,17 @@ def start_at_identity(net: nn.Module, features: int, bins: int, parameter_major:
     map: 0 for the raw widths and heights, :func:`identity_derivative_raw` for the derivatives; returns whether it
     did.
 
-    The output layer is ``net``'s last ``nn.Linear`` / ``nn.Conv2d``; it qualifies when its weights are all zero
+    The output layer is ``net``'s last ``nn.Linear`` / ``nn.Conv2d``; it qualifies when its weights exist (not
+    lazy) and are all zero
     (as :class:`~fastflow.nn.MLPNetwork`'s and :class:`~fastflow.nn.ConvNetwork`'s are) and it has a bias of
     ``features * (3 bins - 1)`` entries, laid out parameter-major (``(3K - 1, features)``, images) or
     element-major (``(features, 3K - 1)``, vectors). A zero output with any other net gives derivatives
     ``softplus(0) + 1e-3 = 0.69`` at the interior knots: near, not at, the identity."""
     layer = _output_layer(net)
     params = 3 * bins - 1
-    if layer is None or layer.bias is None or layer.bias.numel() != features * params or layer.weight.any():
+    if layer is None or layer.bias is None or any(is_lazy(p) for p in (layer.weight, layer.bias)):
+        return False  # a lazy layer (nn.LazyLinear) has no weights before its first forward: nothing to set
+    if layer.bias.numel() != features * params or layer.weight.any():
         return False
     bias = layer.bias.view(params, features).t() if parameter_major else layer.bias.view(features, params)
     bias.zero_()

@@ -146,7 +146,8 @@ def test_the_conditional_objective_compiles_whole_with_eager_gradients(autoregre
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"features": 1}, ValueError, "features must be >= 2"),
+        ({"features": 1}, ValueError, "features must be >= 2"),  # a coupling splits the features
+        ({"features": 0, "autoregressive": True}, ValueError, "features must be >= 1"),
         ({"features": 3, "context": -1}, ValueError, "context must be >= 0"),
         ({"features": 3, "transforms": 0}, ValueError, "transforms must be >= 1"),
         ({"features": 3, "bins": 1}, ValueError, "bins must be >= 2"),  # one bin is the identity
@@ -204,3 +205,18 @@ def test_a_narrow_autoregressive_nsf_saved_before_the_warning_still_loads(tmp_pa
         loaded = NSF.from_pretrained(str(tmp_path / "narrow"))
     x = torch.randn(3, 10)
     torch.testing.assert_close(loaded.log_prob(x), model.log_prob(x))
+
+
+def test_an_autoregressive_nsf_of_one_feature_is_a_conditional_density():
+    """zuko's NSF(1, context) works; this one was refused (features >= 2, which only couplings need)."""
+    torch.manual_seed(0)
+    model = NSF(1, context=2, transforms=2, hidden=8, autoregressive=True).double()
+    perturb_parameters(model)
+    grid = torch.linspace(-12, 12, 20001, dtype=torch.float64).unsqueeze(1)
+    for context in torch.randn(2, 2, dtype=torch.float64):
+        density = model.log_prob(grid, context.expand(len(grid), 2)).exp()
+        assert abs(torch.trapezoid(density.squeeze(), grid.squeeze()).item() - 1) < 1e-4
+    inside = torch.linspace(-1, 1, 5, dtype=torch.float64).unsqueeze(1)  # within the splines' bound
+    first, second = (model.log_prob(inside, c.expand(5, 2)) for c in torch.randn(2, 2, dtype=torch.float64))
+    assert not torch.allclose(first, second), "the context must shape the density"
+    assert model.sample(3, torch.randn(1, 2, dtype=torch.float64)).shape == (3, 1)

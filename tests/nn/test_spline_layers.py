@@ -92,6 +92,18 @@ def test_start_at_identity_sets_only_zero_output_layers():
     assert not start_at_identity(nn.ReLU(), 2, 2, parameter_major=False)
 
 
+def test_a_conditioner_with_a_lazy_output_layer_is_taken_as_it_is():
+    """start_at_identity read the bias of an nn.LazyLinear before its first forward: an error at construction,
+    where AffineCoupling takes lazy conditioners."""
+    layer = SplineCoupling(
+        6, vectors=True, subnet=lambda i, o: nn.Sequential(nn.Linear(i, 16), nn.ReLU(), nn.LazyLinear(o))
+    )
+    x = torch.randn(5, 6)
+    y, logdet = layer(x)
+    assert y.shape == x.shape and logdet.shape == (5,)
+    torch.testing.assert_close(layer.inverse(y)[0], x)
+
+
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_logdet_matches_the_brute_force_jacobian(name):
     layer, x, context = _perturbed(name, 0.1 if name.startswith("images") else 0.3)

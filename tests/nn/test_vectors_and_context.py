@@ -447,6 +447,39 @@ def test_vector_layers_on_the_kernels_match_eager(name):
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python >= 3.11")
+@pytest.mark.parametrize("reversible", [False, True])
+def test_a_subnet_that_changes_its_input_in_place_is_refused(reversible):
+    """Without a context the conditioner reads a view of the layer's input: a first nn.ReLU(inplace=True)
+    overwrote the caller's x, and the kept half of y was relu(x_a), not x_a (no inverse)."""
+
+    def subnet(in_features, out_features):
+        return nn.Sequential(nn.ReLU(inplace=True), nn.Linear(in_features, out_features))
+
+    layer = FlowSequential(AffineCoupling(4, scale="exp", vectors=True, subnet=subnet), reversible=reversible)
+    x = torch.randn(6, 4)
+    with pytest.raises(ValueError, match="subnet changed its input in place"):
+        layer(x)
+    with torch.no_grad(), pytest.raises(ValueError, match="subnet changed its input in place"):
+        layer.inverse(torch.randn(6, 4))
+    with torch.inference_mode():  # no version counters there: not checked, and the usual layers still run
+        FlowSequential(AffineCoupling(4, scale="exp", vectors=True))(torch.randn(6, 4))
+
+
+def test_a_subnet_returning_integers_is_refused():
+    layer = AffineCoupling(4, scale="exp", vectors=True, subnet=lambda i, o: _IntegerNet(o))
+    with pytest.raises(TypeError, match="subnet returned a torch.int64 tensor"):
+        layer(torch.randn(2, 4))
+
+
+class _IntegerNet(nn.Module):
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.ones(a.shape[0], self.out_features, dtype=torch.long)
+
+
 def test_a_ready_subnet_of_the_wrong_width_fails_with_a_note_naming_the_expected_input():
     """A module built for another input width failed with a bare matmul error that named neither the subnet nor
     the width it must take."""
