@@ -104,7 +104,7 @@ def number_arg(cast: type, low: float, strict: bool = False) -> Callable[[str], 
     return parse
 
 
-def _seed_arg(text: str) -> int:
+def seed_arg(text: str) -> int:
     """An argparse type: a seed, an integer in ``[0, 2**64)`` (a ``torch.Generator`` seed's range)."""
     value = number_arg(int, 0)(text)
     if value >= 2**64:
@@ -236,7 +236,7 @@ def _levels_digest(levels: torch.Tensor) -> str:
     """A SHA-256 of quantized images (their shape and every level): the data a run started on, checked on
     --resume."""
     digest = hashlib.sha256(repr(tuple(levels.shape)).encode())
-    digest.update(levels.contiguous().numpy().tobytes())
+    digest.update(levels.contiguous().numpy())  # read through the buffer protocol: no copy of the data
     return digest.hexdigest()
 
 
@@ -398,7 +398,7 @@ def _write(
             f"{bad} of {len(images)} {what} came out NaN/Inf, so nothing was written to {path!r}{hint}"
         )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_image_grid(images, path, n_bins, nrow=nrow)
+    save_image_grid(images, path, nrow=nrow, n_bins=n_bins)
     print(f"wrote {path}")
 
 
@@ -543,7 +543,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=positive, help="Adam learning rate after warm-up (default 2e-3)")
     t.add_argument("--warmup", type=steps, help="linear learning-rate warm-up steps (default 100)")
     t.add_argument("--clip", type=at_least_0, help="gradient-norm clipping, 0 disables (default 50)")
-    t.add_argument("--seed", type=_seed_arg, help="seed of the weights and of every batch (default 0)")
+    t.add_argument("--seed", type=seed_arg, help="seed of the weights and of every batch (default 0)")
     t.add_argument(
         "--out", default="runs/train", help="folder for checkpoint.pt and samples-STEP.png (default runs/train)"
     )
@@ -561,7 +561,7 @@ def _parser() -> argparse.ArgumentParser:
     s = _checkpoint_command(commands, "sample", "write a grid of samples from a checkpoint", _sample)
     s.add_argument("--n", type=count, default=64, help="number of samples (default 64)")
     s.add_argument("--temperature", type=positive, default=0.7, help="sampling temperature (default 0.7)")
-    s.add_argument("--seed", type=_seed_arg, default=0, help="random seed (default 0)")
+    s.add_argument("--seed", type=seed_arg, default=0, help="random seed (default 0)")
     s.add_argument("--out", type=_image_out, default="samples.png", help="PNG or JPEG to write (default samples.png)")
 
     i = _checkpoint_command(commands, "interpolate", "decode a line between the latents of two images", _interpolate)

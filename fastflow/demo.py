@@ -10,7 +10,7 @@ import time
 import torch
 
 from fastflow.checkpoint import save_checkpoint
-from fastflow.cli import number_arg
+from fastflow.cli import number_arg, seed_arg
 from fastflow.data import DIGITS_N_BINS, load_digits
 from fastflow.images import check_writable_folder, save_grid
 from fastflow.models import Glow
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--steps", type=number_arg(int, 1), default=1500)
     parser.add_argument("--batch", type=number_arg(int, 1), default=64)
     parser.add_argument("--out", default="runs/demo", help="folder for samples.png and checkpoint.pt")
-    parser.add_argument("--seed", type=number_arg(int, 0), default=0)
+    parser.add_argument("--seed", type=seed_arg, default=0)
     args = parser.parse_args(argv)
     try:
         check_writable_folder(args.out)  # before the training, which an unwritable --out would waste

@@ -13,6 +13,7 @@ import torch
 
 from fastflow.models import FlowModel
 from fastflow.models.base import check_levels, eval_mode
+from fastflow.models.priors import check_labels_as
 from fastflow.ops._checks import int_at_least
 
 __all__ = ["attribute_direction", "decode_flat", "encode_flat", "interpolate", "manipulate"]
@@ -68,7 +69,7 @@ def encode_flat(
     if context is None and model.conditional:
         raise ValueError(f"{context_name} is required: {type(model).__name__} is conditional (one row per image)")
     if model.prior.conditional:  # here, so that the message names the argument
-        model.prior.check_labels(context, f"{context_name} (class labels)")
+        check_labels_as(model.prior, context, f"{context_name} (class labels)")
     parameter = model.floating_parameter()
     flat, shapes = [], []
     with eval_mode(model):

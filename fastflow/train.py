@@ -44,6 +44,7 @@ from fastflow.distributed import rank_and_world_size, shard
 from fastflow.images import check_writable_folder, save_grid
 from fastflow.models import FlowModel, dequantize
 from fastflow.models.base import check_levels, eval_mode
+from fastflow.models.priors import check_labels_as
 from fastflow.nn.actnorm import actnorms_initialized
 from fastflow.nn.reversible import ReconstructionError
 from fastflow.ops._checks import check_bool, int_at_least
@@ -184,6 +185,9 @@ def evaluate_bits_per_dim(
     """Mean bits/dim of integer ``levels`` (``(N, C, H, W)``, ``N >= 1``) under ``model`` with one fixed-seed
     uniform dequantization, ``batch`` images at a time."""
     check_levels("levels", levels, model.image_shape, model.n_bins)
+    if labels is not None and tuple(labels.shape) != (len(levels),):
+        raise ValueError(f"labels must have shape ({len(levels)},), one per image, got {tuple(labels.shape)}")
+    check_labels_as(model.prior, labels, "labels")
     int_at_least("batch", batch, 1)
     parameter = model.floating_parameter()
     total = 0.0
@@ -227,10 +231,10 @@ def initialize_actnorm(
 
 
 def save_image_grid(
-    images: torch.Tensor, path: str | os.PathLike[str], n_bins: int | None, nrow: int | None = None
+    images: torch.Tensor, path: str | os.PathLike[str], nrow: int | None = None, *, n_bins: int | None = None
 ) -> None:
-    """:func:`fastflow.images.save_grid` of a model's images (``n_bins``: its levels per pixel) with images
-    smaller than 64 pixels enlarged to about 64."""
+    """:func:`fastflow.images.save_grid` with images smaller than 64 pixels enlarged to about 64; ``n_bins``: the
+    model's levels per pixel, each drawn as its level (see :func:`~fastflow.images.save_grid`)."""
     save_grid(images, path, nrow=nrow, scale=max(1, 64 // images.shape[-2]), n_bins=n_bins)
 
 
@@ -445,7 +449,7 @@ def _write_outputs(
             with eval_mode(model):
                 grid = model.sample(config.samples, classes, temperature=config.temperature, generator=generator)
             path = os.path.join(out, f"samples-{step:06d}.png")
-            save_image_grid(grid, path, model.n_bins)
+            save_image_grid(grid, path, n_bins=model.n_bins)
             return [checkpoint, path]
         except (FloatingPointError, ValueError) as err:  # non-finite samples: an unstable inverse, too hot a T
             # a pseudo file name, which has no source line to echo: the warning prints as one line
@@ -594,12 +598,12 @@ def train(
     if isinstance(source, TensorImages):  # once, here: the batches are not checked (a host read per step)
         if source is data:  # a TensorImages given as is (a raw tensor was checked above)
             check_levels("data.levels", source.levels, model.image_shape, model.n_bins)
-        model.prior.check_labels(source.labels, "data.labels" if source is data else "labels")
+        check_labels_as(model.prior, source.labels, "data.labels" if source is data else "labels")
     if heldout is not None:
         check_levels("heldout", heldout, model.image_shape, model.n_bins)
         if heldout_labels is not None and tuple(heldout_labels.shape) != (len(heldout),):
             raise ValueError(f"heldout_labels must have shape ({len(heldout)},), got {tuple(heldout_labels.shape)}")
-        model.prior.check_labels(heldout_labels, "heldout_labels")
+        check_labels_as(model.prior, heldout_labels, "heldout_labels")
     elif heldout_labels is not None:
         raise ValueError("heldout_labels go with heldout")
     rank, world_size = rank_and_world_size()
@@ -611,6 +615,8 @@ def train(
             raise ValueError(f"config.batch = {config.batch} does not split evenly over the {world_size} ranks")
     # what TrainStep would refuse, refused before the checkpoint, the output folder or ActNorm touch anything
     check_step_mode(config.step_mode, device, config.amp == "fp16", world_size > 1)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model has no parameters that require grad: a training step would update nothing")
     optimizer = make_adam(model.parameters(), config.lr, config.step_mode)  # type: ignore[arg-type]
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     start, heldout_bpd = 0, None
@@ -633,7 +639,7 @@ def train(
         # a per-batch range check of levels on a GPU would read the device every step
         x, y = batch_at_step(source, step, config.batch, model.n_bins, config.seed, check_range=not checked)
         if y is not None and not checked:  # labels drawn on the host: no device read
-            model.prior.check_labels(y)
+            check_labels_as(model.prior, y, "the labels data.draw() returned")
         x = _to_device(shard(x, rank, world_size), device, dtype)  # the model's dtype: float64 and half models too
         return x, None if y is None else _to_device(shard(y, rank, world_size), device)
 

@@ -37,3 +37,11 @@ def test_an_unwritable_out_fails_before_training(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert f"--out '{blocker / 'demo'}' is not a writable folder" in err
     assert blocker.read_text() == "not a folder"
+
+
+def test_a_seed_out_of_a_generator_s_range_is_a_usage_error(tmp_path, capsys):
+    """It overflowed in torch.manual_seed with a traceback, leaving an empty --out."""
+    with pytest.raises(SystemExit) as caught:
+        main(["--steps", "1", "--seed", str(2**64), "--out", str(tmp_path / "demo")])
+    assert caught.value.code == 2
+    assert "--seed" in capsys.readouterr().err and not (tmp_path / "demo").exists()

@@ -66,3 +66,13 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch, failure)
     with pytest.raises(OSError, match="grid.png"):
         save_grid(torch.zeros(2, 1, 2, 2), target)
     assert [p.name for p in tmp_path.iterdir()] == (["grid.png"] if failure != "write" else [])
+
+
+def test_save_image_grid_takes_nrow_third(tmp_path):
+    """n_bins had been put third: a call save_image_grid(images, path, 4) meaning nrow=4 drew 4 levels instead."""
+    from fastflow.train import save_image_grid
+
+    images = torch.linspace(-0.5, 0.5, 8).view(8, 1, 1, 1).expand(8, 1, 64, 64)
+    save_image_grid(images, tmp_path / "grid.png", 4)
+    assert Image.open(tmp_path / "grid.png").size == (4 * 65 + 1, 2 * 65 + 1)
+    assert len(np.unique(np.array(Image.open(tmp_path / "grid.png")))) == 8  # 8 shades (the last white, as the border)

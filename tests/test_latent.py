@@ -9,6 +9,7 @@ import torch
 
 from fastflow.latent import attribute_direction, decode_flat, encode_flat, interpolate, manipulate
 from fastflow.models import Glow, TabularFlow
+from fastflow.models.base import eval_mode
 from tests.helpers import perturb_parameters
 
 N_BINS = 16
@@ -178,6 +179,12 @@ def test_every_module_keeps_its_own_mode(model):
     interpolate(mixed, _levels(1, 1), _levels(1, 2), 3)
     encode_flat(mixed, _levels(2, 3))
     assert {name: module.training for name, module in mixed.named_modules()} == modes
+    shared = torch.nn.Linear(1, 1).eval()  # under a module in eval mode, then one in train mode
+    root = torch.nn.ModuleDict({"a": torch.nn.Sequential(shared).eval(), "b": torch.nn.Sequential(shared).train()})
+    shared.eval()
+    with eval_mode(root):
+        pass
+    assert not shared.training and not root["a"].training and root["b"].training
 
 
 def test_bad_class_labels_are_named_by_their_argument():

@@ -622,3 +622,42 @@ def test_settings_the_step_cannot_run_are_refused_before_anything_changes(tmp_pa
         train(model, _data(), _config(out, 4, **settings), resume=resume)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert out.exists() == resume
+
+
+def test_a_model_with_nothing_to_train_is_refused_before_anything_changes(tmp_path):
+    model = _model().requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="no parameters that require grad"):
+        train(model, _data(), _config(tmp_path / "run", 2))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not (tmp_path / "run").exists()
+
+
+def test_label_errors_name_the_argument_and_a_prior_of_your_own_keeps_its_check():
+    from fastflow.models.priors import GaussianPrior
+    from fastflow.train import evaluate_bits_per_dim
+
+    model = Glow(1, 4, levels=1, steps=1, hidden=8, n_bins=N_BINS, num_classes=3)
+    with pytest.raises(ValueError, match=r"^labels must be in \[0, 3\), got values in \[0, 4\]"):  # said "context"
+        evaluate_bits_per_dim(model, _data()[:8], torch.arange(8) % 5)
+
+    class SevenLabels:
+        image_shape = (1, 4, 4)
+
+        def draw(self, n, generator):
+            return torch.randint(0, N_BINS, (n, 1, 4, 4), generator=generator), torch.full((n,), 7)
+
+    with pytest.raises(ValueError, match=r"^the labels data.draw\(\) returned must be in \[0, 3\)"):
+        train(model, SevenLabels(), TrainConfig(steps=1, batch=8, progress=False))
+
+    class OwnCheck(GaussianPrior):  # written to check_labels(y), before the callers named the labels
+        def check_labels(self, y):
+            super().check_labels(y)
+
+    model = Glow(1, 4, levels=1, steps=1, hidden=8, n_bins=N_BINS, num_classes=3)
+    model.prior.__class__ = OwnCheck
+    labels = torch.arange(len(_data())) % 3
+    train(model, _data(), TrainConfig(steps=1, batch=8, progress=False), labels=labels)
+    with pytest.raises(ValueError, match=r"^heldout_labels must be in"):
+        train(model, _data(), TrainConfig(steps=1, batch=8, progress=False), labels=labels,
+              heldout=_data()[:8], heldout_labels=torch.full((8,), 5))  # fmt: skip

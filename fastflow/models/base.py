@@ -40,8 +40,8 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for module, training in modes:  # parents first (modules() is pre-order): each sets its subtree, then
-            module.train(training)  # every descendant puts back its own
+        for module, training in modes:  # the flag itself: a module's train() would set its whole subtree, and a
+            module.training = training  # module shared by two parents is listed once
 
 
 def _check_integer_levels(name: str, levels: object, n_bins: int | None) -> torch.Tensor:

@@ -12,9 +12,9 @@ from fastflow.nn.distributions import draw, gaussian_log_prob, gaussian_sample, 
 from fastflow.nn.reversible import guards_deferred
 from fastflow.ops._checks import int_at_least, logdet_dtype
 
-__all__ = ["GaussianPrior", "LogisticPrior", "TopPrior"]
+__all__ = ["GaussianPrior", "LogisticPrior", "TopPrior", "check_labels_as"]
 
-LABELS = "context (class labels)"  # what label errors call the labels unless the caller names them
+LABELS = "context (class labels)"  # what the priors' label errors call the labels
 
 
 class TopPrior(nn.Module):
@@ -39,11 +39,10 @@ class TopPrior(nn.Module):
         if tuple(z.shape[1:]) != self.shape or z.dim() == 0:
             raise ValueError(f"z must have shape (B, {', '.join(map(str, self.shape))}), got {tuple(z.shape)}")
 
-    def check_labels(self, y: torch.Tensor | None, name: str = LABELS) -> None:
-        """``ValueError`` unless ``y`` (``name`` in the message) suits the prior: ``None``, as it has no class
-        conditioning."""
+    def check_labels(self, y: torch.Tensor | None) -> None:
+        """``ValueError`` unless ``y`` suits the prior: ``None``, as it has no class conditioning."""
         if y is not None:
-            raise ValueError(f"{name} was given but the {type(self).__name__} has no class conditioning")
+            raise ValueError(f"{LABELS} was given but the {type(self).__name__} has no class conditioning")
 
     def sample(
         self,
@@ -101,34 +100,34 @@ class GaussianPrior(TopPrior):
         mean, logs = params.chunk(2, dim=1)
         return mean, logs
 
-    def _check_label_form(self, y: torch.Tensor | None, n: int | None, name: str = LABELS) -> None:
-        """``ValueError`` naming ``name`` unless ``y`` is None without class conditioning, or integer labels of
-        shape ``(n,)`` (any length for ``n=None``) with it; reads nothing from the device."""
+    def _check_label_form(self, y: torch.Tensor | None, n: int | None) -> None:
+        """``ValueError`` unless ``y`` is None without class conditioning, or integer labels of shape ``(n,)``
+        (any length for ``n=None``) with it; reads nothing from the device."""
         if self.class_proj is None:
             if y is not None:
-                raise ValueError(f"{name} was given but the model has no class conditioning (num_classes=0)")
+                raise ValueError(f"{LABELS} was given but the model has no class conditioning (num_classes=0)")
             return
         if y is None:
-            raise ValueError(f"{name} is required: the model is conditioned on {self.num_classes} classes")
+            raise ValueError(f"{LABELS} is required: the model is conditioned on {self.num_classes} classes")
         if y.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must be int32 or int64 labels, got {y.dtype}")
+            raise TypeError(f"{LABELS} must be int32 or int64 labels, got {y.dtype}")
         if y.dim() != 1 or (n is not None and len(y) != n):
             raise ValueError(
-                f"{name} must be integer labels of shape ({'N' if n is None else n},), got {tuple(y.shape)}"
+                f"{LABELS} must be integer labels of shape ({'N' if n is None else n},), got {tuple(y.shape)}"
             )
 
-    def check_labels(self, y: torch.Tensor | None, name: str = LABELS) -> None:
-        """``ValueError`` naming ``name`` unless ``y`` suits the prior: integer class labels of shape ``(N,)`` in
+    def check_labels(self, y: torch.Tensor | None) -> None:
+        """``ValueError`` unless ``y`` suits the prior: integer class labels of shape ``(N,)`` in
         ``[0, num_classes)`` with class conditioning, ``None`` without. The range check reads two numbers from
         ``y``'s device; where guards defer (inside a training step) :meth:`mean_logs` makes the prior NaN for an
         out-of-range label instead, without a host read, so the model's deferred finite check records it
         (``check_guards`` with the batch then names the labels); ``fastflow.train`` also checks its data set's
         labels once before training."""
-        self._check_label_form(y, None, name)
+        self._check_label_form(y, None)
         if y is not None and y.numel():
             low, high = (int(v) for v in y.aminmax())
             if low < 0 or high >= self.num_classes:
-                raise ValueError(f"{name} must be in [0, {self.num_classes}), got values in [{low}, {high}]")
+                raise ValueError(f"{LABELS} must be in [0, {self.num_classes}), got values in [{low}, {high}]")
 
     def log_prob(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample log-density, shape ``(B,)``."""
@@ -185,3 +184,14 @@ class LogisticPrior(TopPrior):
         half_ulp = torch.finfo(u.dtype).eps / 2  # the finest step of torch.rand: tails cut only where u must be
         u = u.clamp(half_ulp, 1 - half_ulp)
         return (temperature * (torch.log(u) - torch.log1p(-u))).to(dtype)
+
+
+def check_labels_as(prior: TopPrior, y: torch.Tensor | None, name: str) -> None:
+    """``prior.check_labels(y)``, its errors naming ``name`` (the argument the labels came from) where the prior's
+    say :data:`LABELS` (a prior of your own keeps its own messages)."""
+    try:
+        prior.check_labels(y)
+    except (TypeError, ValueError) as err:
+        if LABELS not in str(err):
+            raise
+        raise type(err)(str(err).replace(LABELS, name)) from None

@@ -140,16 +140,19 @@ class _Coupling(FlowLayer):
         mask = self._checkerboard(x)
         return x * mask, mask, None
 
-    def _net_output(self, a: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def _net_output(self, a: torch.Tensor, context: torch.Tensor | None, a_is_input: bool) -> torch.Tensor:
         """The network's output on ``a`` (and the context), in ``a``'s dtype; ``ValueError`` naming ``subnet``
         unless it is ``(B, outputs_per_channel * out_channels, ...)`` with ``a``'s batch and spatial size (a
         wider one would transform the conditioning channels too: no inverse, a wrong log-det), ``TypeError`` unless
-        it is floating-point, and ``ValueError`` if the network changed ``a`` (a view of the input) in place."""
+        it is floating-point, and ``ValueError`` if the network changed ``a`` in place where ``a_is_input`` (a view of
+        the layer's input, the channel mask's conditioning half, which it reads when no context is joined)."""
         # the context joins the network input; without one no torch.cat (a is a view of the coupling input)
         features = a if context is None else torch.cat([a, context], dim=1)
         # version counters: not while compiling, under functorch transforms or for inference tensors (none kept)
-        watch = context is None and not (
-            torch.compiler.is_compiling() or functorch_transforms_active() or a.is_inference()
+        watch = (
+            a_is_input
+            and context is None
+            and not (torch.compiler.is_compiling() or functorch_transforms_active() or a.is_inference())
         )
         version = a._version if watch else 0
         try:
@@ -196,15 +199,17 @@ class _Coupling(FlowLayer):
         side = self.tiling.side(x.shape[0], hidden or 0, x.element_size(), halo)
         return list(tiles(height, width, side, halo))
 
-    def _net_outputs_no_grad(self, a: torch.Tensor, context: torch.Tensor | None) -> list[torch.Tensor]:
+    def _net_outputs_no_grad(
+        self, a: torch.Tensor, context: torch.Tensor | None, a_is_input: bool
+    ) -> list[torch.Tensor]:
         """The network's outputs without a graph, tile by tile under :attr:`tiling` (exact; see tiling)."""
         parts = self._tiles(a)
         if len(parts) == 1:
-            return self._split_outputs(self._net_output(a, context))
+            return self._split_outputs(self._net_output(a, context, a_is_input))
         out = a.new_empty(a.shape[0], self.outputs_per_channel * self.out_channels, *a.shape[2:])
         for tile in parts:
             window_context = None if context is None else context[(..., *tile.window)]
-            window = self._net_output(a[(..., *tile.window)], window_context)
+            window = self._net_output(a[(..., *tile.window)], window_context, a_is_input)
             out[(..., *tile.core)] = window[(..., *tile.core_in_window)]
         return self._split_outputs(out)
 
@@ -215,9 +220,9 @@ class _Coupling(FlowLayer):
         context = self._context(context, x)
         a, mask, b_start = self._network_input(x)
         if torch.is_grad_enabled():
-            outs = self._split_outputs(self._net_output(a, context))
+            outs = self._split_outputs(self._net_output(a, context, mask is None))
         else:
-            outs = self._net_outputs_no_grad(a, context)
+            outs = self._net_outputs_no_grad(a, context, mask is None)
         if mask is not None:
             outs = self._masked_outputs(outs, mask)
         # channel mask: the op writes the whole output, the pass-through channels in the same pass as the transform
@@ -269,7 +274,7 @@ class _Coupling(FlowLayer):
             a = a_full[window].detach().requires_grad_(True)
             # shaped here, inside the graph, per tile: each tile's backward frees the graph it walks
             shaped = self._context(context, y)
-            outs = self._split_outputs(self._net_output(a, None if shaped is None else shaped[window]))
+            outs = self._split_outputs(self._net_output(a, None if shaped is None else shaped[window], mask is None))
             if not whole:
                 outs = [o[(..., *tile.core_in_window)] for o in outs]
             if mask is not None:

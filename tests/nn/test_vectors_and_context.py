@@ -463,6 +463,17 @@ def test_a_subnet_that_changes_its_input_in_place_is_refused(reversible):
         layer.inverse(torch.randn(6, 4))
     with torch.inference_mode():  # no version counters there: not checked, and the usual layers still run
         FlowSequential(AffineCoupling(4, scale="exp", vectors=True))(torch.randn(6, 4))
+    # a checkerboard coupling's network reads x * mask, a new tensor: changing it in place is harmless, not refused
+    checkerboard = AffineCoupling(
+        2,
+        mask="checkerboard",
+        scale="exp",
+        subnet=lambda i, o: nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(i, o, 1)),
+    )
+    perturb_parameters(checkerboard)
+    x = torch.randn(2, 2, 4, 4)
+    y, _ = FlowSequential(checkerboard, reversible=reversible)(x.clone())
+    torch.testing.assert_close(checkerboard.inverse(y.detach())[0], x)
 
 
 def test_a_subnet_returning_integers_is_refused():
