@@ -128,10 +128,10 @@ def _run(step: Step, until: float, log_path: str | None) -> str:
         _RUNNING.append(child)
         try:
             for line in child.lines(until):
-                print(line, end="", flush=True)
-                if log:
+                if log:  # the log first: a signal between the two writes leaves the line in the archive
                     log.write(line)
                     log.flush()
+                print(line, end="", flush=True)
         finally:
             _RUNNING.remove(child)
     if child.killed:

@@ -132,3 +132,15 @@ class HaloConv(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(nn.Conv2d(in_channels, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, out_channels, 3, padding=1))
+
+
+def assert_drawn_as_levels(path: object, n_bins: int) -> bool:
+    """Assert that every pixel of the image file at ``path`` is one of a model's ``n_bins`` levels as the image
+    writers draw them, ``round(k * 255 / (n_bins - 1))`` (a level's bin centre is none of them); returns True."""
+    import numpy as np
+    from PIL import Image
+
+    values = set(np.unique(np.asarray(Image.open(path))).tolist())
+    drawn = {round(k * 255 / (n_bins - 1)) for k in range(n_bins)}
+    assert values <= drawn, f"{path}: values {sorted(values - drawn)[:8]} are no level of {n_bins}"
+    return True

@@ -867,9 +867,10 @@ def test_pixel_mix_times_both_compiled_mixes_and_reports_a_mismatch(monkeypatch)
 WRITES_RESULTS = "import os; os.makedirs('benchmarks/results', exist_ok=True); open('benchmarks/results/dev.json', 'w')"
 
 
-def _gpu_check_in(folder, plan: str, out, timeout_s: float | None = None, total_s: float = 120):
+def _gpu_check_in(folder, plan: str, out, stop_at: str | None = None, total_s: float = 120):
     """``python -m benchmarks.gpu_check --out out`` with ``plan`` (Python source of a PLAN) in ``folder``; with
-    ``timeout_s``, SIGTERM after that many seconds (a ``timeout`` around make)."""
+    ``stop_at``, SIGTERM (a ``timeout`` around make) once a line of its output says that (not after a fixed time,
+    which a loaded machine may not reach it in)."""
     code = (
         "import sys, benchmarks.gpu_check as g\n"
         "from benchmarks.gpu_check import Step\n"
@@ -878,9 +879,11 @@ def _gpu_check_in(folder, plan: str, out, timeout_s: float | None = None, total_
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])}
     child = subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=env, stdout=subprocess.PIPE, text=True)
-    if timeout_s is not None:
-        time.sleep(timeout_s)
-        child.send_signal(signal.SIGTERM)
+    if stop_at is not None:
+        for line in child.stdout:  # the steps' output goes to gpu-check's stdout too
+            if stop_at in line:
+                child.send_signal(signal.SIGTERM)
+                break
     child.communicate(timeout=120)
     return child.returncode
 
@@ -913,7 +916,7 @@ def test_a_stopped_gpu_check_still_leaves_its_logs_summary_and_results(tmp_path)
     sleeps = "import time; print('waiting', flush=True); time.sleep(60)"
     plan = f"(Step('b', ('-c', {WRITES_RESULTS!r}), 0), Step('c', ('-c', {sleeps!r}), 0))"
     out = tmp_path / "out"
-    assert _gpu_check_in(tmp_path, plan, out, timeout_s=8) == 128 + signal.SIGTERM
+    assert _gpu_check_in(tmp_path, plan, out, stop_at="waiting") == 128 + signal.SIGTERM
     files = _archived(out)
     assert "gpu-check/results/dev.json" in files and files["gpu-check/2-c.log"] == "waiting\n"
     assert "| c | stopped by a signal |" in files["gpu-check/summary.md"]

@@ -17,6 +17,7 @@ from fastflow.cli import _training_data, main
 from fastflow.data import split_heldout
 from fastflow.image_folder import load_image_folder
 from fastflow.models import NSF, Glow, Jet, TabularFlow
+from tests.helpers import assert_drawn_as_levels
 
 SCALE = 8  # 8x8 images (plus a 1-pixel border) are enlarged 8 times in the PNGs
 TINY = ["--levels", "2", "--steps", "1", "--hidden", "8", "--batch", "16", "--iterations", "4", "--device", "cpu"]
@@ -76,10 +77,12 @@ def test_sample_interpolate_and_manipulate_digits(digits_run, tmp_path):
     frames = np.asarray(Image.open(tmp_path / "i.png"))
     assert frames.shape == (10 * SCALE, (5 * 9 + 1) * SCALE)
     # each pixel drawn as its level of 17, from black (the digits' background: level 0) to white
-    assert set(np.unique(frames)) <= {round(k * 255 / 16) for k in range(17)} and frames.min() == 0
+    assert_drawn_as_levels(tmp_path / "i.png", 17) and frames.min() == 0
     out = tmp_path / "sub" / "m.png"
     assert main(["manipulate", ckpt, "digits:2", "--label-from", "1", "--label-to", "7", "--out", str(out)]) == 0
     assert Image.open(out).size == ((5 * 9 + 1) * SCALE, 10 * SCALE)
+    for path in (tmp_path / "grid.png", out, digits_run / "samples-000004.png"):
+        assert_drawn_as_levels(path, 17)
 
 
 def test_resume_continues_and_a_fresh_run_refuses_to_overwrite(tmp_path, capsys):

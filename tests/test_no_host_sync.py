@@ -19,13 +19,33 @@ from fastflow.train import TrainConfig, TrainingDiverged, initialize_actnorm, tr
 
 N_BINS = 17
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
-SYNC_OPS = ("_local_scalar_dense", "equal", "is_nonzero", "nonzero", "masked_select", "_unique2", "unique_dim")
+SYNC_OPS = (
+    "_local_scalar_dense", "equal", "allclose", "is_nonzero", "nonzero", "masked_select", "_unique2", "unique_dim",
+)  # fmt: skip
 """ATen ops whose result depends on tensor data read on the host (a device sync on a GPU), whichever Python call
-reached them: ``torch.equal``, boolean-mask indexing, ``nonzero``, ``unique``, and every scalar conversion."""
+reached them: ``torch.equal``, ``torch.allclose``, ``nonzero``, ``unique``, and every scalar conversion; also
+(:func:`_reads_data`) indexing with a boolean mask and ``repeat_interleave`` by a tensor of repeats without an
+``output_size``."""
+
+
+def _reads_data(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether the ATen call ``func(*args, **kwargs)`` reads tensor data on the host (see :data:`SYNC_OPS`): on the
+    CPU a boolean mask reaches ``aten.index`` / ``index_put`` (its ``nonzero`` is inside), which the name alone
+    does not tell."""
+    name = func.overloadpacket.__name__
+    if name in SYNC_OPS:
+        return True
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+    # repeat_interleave(x, repeats) reaches repeat_interleave.Tensor(repeats, output_size=...): the sum of the
+    # repeats is read unless given
+    return name == "repeat_interleave" and func._overloadname == "Tensor" and kwargs.get("output_size") is None
 
 
 class _SyncOps(TorchDispatchMode):
-    """Fails (and records in ``reads``) every op of :data:`SYNC_OPS` while ``reads`` is armed and not allowing."""
+    """Fails (and records in ``reads``) every op that reads data (:func:`_reads_data`) while ``reads`` is armed and
+    not allowing."""
 
     def __init__(self, reads: _HostReads) -> None:
         super().__init__()
@@ -33,7 +53,7 @@ class _SyncOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         name = func.overloadpacket.__name__
-        if name in SYNC_OPS and self.reads.armed and not self.reads.allowed:
+        if self.reads.armed and not self.reads.allowed and _reads_data(func, args, kwargs or {}):
             self.reads.attempts.append(f"aten.{name}")
             raise AssertionError(f"host read aten.{name} inside a training step")
         return func(*args, **(kwargs or {}))
@@ -136,6 +156,30 @@ def test_training_steps_make_no_host_read(monkeypatch, kind, amp):
     assert read_at == [6], "without a progress log the loop reads the device once, after the last step"
     assert len(history) == 6 and all(math.isfinite(v) for v in history)
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before)), "the optimizer stepped"
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda x: x[x > 0],  # a boolean mask: aten.index on the CPU, its nonzero inside
+        lambda x: x.clone().index_put_((x > 0,), torch.tensor(0.0)),
+        lambda x: torch.allclose(x, x),
+        lambda x: torch.repeat_interleave(x, torch.ones(len(x), dtype=torch.long)),
+        lambda x: x.item() if x.numel() == 1 else x.sum().item(),
+    ],
+)
+def test_the_harness_catches_each_kind_of_host_read(monkeypatch, read):
+    """A bool-mask index, allclose and repeat_interleave by a repeats tensor passed unseen through the harness."""
+    reads = _HostReads(monkeypatch)
+    reads.armed = True
+    with pytest.raises(AssertionError, match="host read"), _SyncOps(reads):
+        read(torch.randn(5))
+    reads.attempts.clear()
+    with _SyncOps(reads):  # what reads no data passes, armed
+        x = torch.randn(5)
+        x[torch.tensor([0, 2])]  # an integer index
+        torch.repeat_interleave(x, torch.ones(5, dtype=torch.long), output_size=5)
+    assert reads.attempts == []
 
 
 def test_reads_follow_the_logging_steps(monkeypatch):

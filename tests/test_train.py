@@ -106,15 +106,15 @@ def test_a_resumed_run_shows_the_progress_loss_of_the_uninterrupted_run(tmp_path
 
 def test_every_progress_line_shows_the_loss_up_to_its_step(capsys, monkeypatch):
     """Past 500 steps a line comes every 5% of the run, which READ_EVERY did not divide: the lines showed the
-    losses of the last read, up to 24 steps before theirs (here scaled down: reads every 3 steps, lines every 5)."""
+    losses of the last read, up to 24 steps before theirs (here scaled down: reads every 2 steps, lines every 3)."""
     import fastflow.train as train_module
 
-    monkeypatch.setattr(train_module, "READ_EVERY", 3)
-    history = train(_model(), _data(), TrainConfig(steps=100, batch=8, lr=1e-3, progress=True))
+    monkeypatch.setattr(train_module, "READ_EVERY", 2)
+    history = train(_model(), _data(), TrainConfig(steps=60, batch=8, lr=1e-3, progress=True))
     shown = _progress_losses(capsys.readouterr().err)
-    for step in (5, 10, 25, 50, 100):
+    for step in (3, 9, 15, 30, 60):
         recent = history[max(0, step - 50) : step]
-        assert shown[f"{step}/100"] == f"loss {sum(recent) / len(recent):.3f} bits/dim"
+        assert shown[f"{step}/60"] == f"loss {sum(recent) / len(recent):.3f} bits/dim"
 
 
 def test_resume_from_a_checkpoint_without_its_recent_losses(tmp_path, capsys):

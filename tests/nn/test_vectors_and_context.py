@@ -446,7 +446,6 @@ def test_vector_layers_on_the_kernels_match_eager(name):
             torch.testing.assert_close(f, e, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python >= 3.11")
 @pytest.mark.parametrize("reversible", [False, True])
 def test_a_subnet_that_changes_its_input_in_place_is_refused(reversible):
     """Without a context the conditioner reads a view of the layer's input: a first nn.ReLU(inplace=True)
@@ -491,6 +490,7 @@ class _IntegerNet(nn.Module):
         return torch.ones(a.shape[0], self.out_features, dtype=torch.long)
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python >= 3.11")
 def test_a_ready_subnet_of_the_wrong_width_fails_with_a_note_naming_the_expected_input():
     """A module built for another input width failed with a bare matmul error that named neither the subnet nor
     the width it must take."""

@@ -93,6 +93,14 @@ def test_half_mix_rounds_the_float32_weight_to_the_input_dtype_on_every_path(dty
     expected = channel_mix_ref(x, weight)
     assert torch.equal(expected, torch.full_like(x, 1000.0))
     assert torch.equal(_interpret(channel_mix, x, weight), expected)
+    # the backward's input gradient W^T grad_y rounds the weight too: 1000.5 unrounded
+    x = torch.ones(1, 2, 1, 2, dtype=dtype, requires_grad=True)
+    grad_y = torch.full((1, 2, 1, 2), 1000.0, dtype=dtype)
+    (expected,) = torch.autograd.grad(channel_mix_ref(x, weight), x, grad_y)
+    assert torch.equal(expected, torch.full_like(grad_y, 1000.0))
+    with fastflow.backend("interpret"):
+        (got,) = torch.autograd.grad(channel_mix(x, weight), x, grad_y)
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("programs", [1, 3, 40])
