@@ -185,9 +185,10 @@ def evaluate_bits_per_dim(
     """Mean bits/dim of integer ``levels`` (``(N, C, H, W)``, ``N >= 1``) under ``model`` with one fixed-seed
     uniform dequantization, ``batch`` images at a time."""
     check_levels("levels", levels, model.image_shape, model.n_bins)
-    if labels is not None and tuple(labels.shape) != (len(levels),):
-        raise ValueError(f"labels must have shape ({len(levels)},), one per image, got {tuple(labels.shape)}")
-    check_labels_as(model.prior, labels, "labels")
+    if labels is not None and (labels.dim() == 0 or len(labels) != len(levels)):
+        raise ValueError(f"labels must have one row per image ({len(levels)}), got shape {tuple(labels.shape)}")
+    if model.prior.conditional:  # class labels (else labels is a context for the layers, checked by them)
+        check_labels_as(model.prior, labels, "labels")
     int_at_least("batch", batch, 1)
     parameter = model.floating_parameter()
     total = 0.0

@@ -186,6 +186,16 @@ def test_every_module_keeps_its_own_mode(model):
         pass
     assert not shared.training and not root["a"].training and root["b"].training
 
+    class Cached(torch.nn.Linear):  # a train() of its own: a cache kept in eval mode, dropped in training
+        def train(self, mode: bool = True) -> Cached:
+            self.cache = None if mode else self.weight.detach().clone()
+            return super().train(mode)
+
+    layer = Cached(1, 1).train()
+    with eval_mode(layer):
+        assert layer.cache is not None
+    assert layer.training and layer.cache is None
+
 
 def test_bad_class_labels_are_named_by_their_argument():
     torch.manual_seed(0)

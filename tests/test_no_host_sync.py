@@ -21,6 +21,7 @@ N_BINS = 17
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 SYNC_OPS = (
     "_local_scalar_dense", "equal", "allclose", "is_nonzero", "nonzero", "masked_select", "_unique2", "unique_dim",
+    "unique_consecutive", "bincount",
 )  # fmt: skip
 """ATen ops whose result depends on tensor data read on the host (a device sync on a GPU), whichever Python call
 reached them: ``torch.equal``, ``torch.allclose``, ``nonzero``, ``unique``, and every scalar conversion; also
@@ -37,7 +38,10 @@ def _reads_data(func: Any, args: tuple, kwargs: dict) -> bool:
         return True
     if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
-        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+        mask = any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
+        # a mask put of one value is a masked_fill: nothing read
+        values = args[2] if len(args) > 2 else kwargs.get("values")
+        return mask and not (name != "index" and isinstance(values, torch.Tensor) and values.numel() == 1)
     # repeat_interleave(x, repeats) reaches repeat_interleave.Tensor(repeats, output_size=...): the sum of the
     # repeats is read unless given
     return name == "repeat_interleave" and func._overloadname == "Tensor" and kwargs.get("output_size") is None
@@ -162,7 +166,9 @@ def test_training_steps_make_no_host_read(monkeypatch, kind, amp):
     "read",
     [
         lambda x: x[x > 0],  # a boolean mask: aten.index on the CPU, its nonzero inside
-        lambda x: x.clone().index_put_((x > 0,), torch.tensor(0.0)),
+        lambda x: x.clone().index_put_((torch.tensor([True, False, True, False, True]),), torch.ones(3)),
+        lambda x: x[(x > 0).to(torch.uint8)],
+        lambda x: torch.bincount(torch.tensor([0, 2])),
         lambda x: torch.allclose(x, x),
         lambda x: torch.repeat_interleave(x, torch.ones(len(x), dtype=torch.long)),
         lambda x: x.item() if x.numel() == 1 else x.sum().item(),
@@ -178,6 +184,7 @@ def test_the_harness_catches_each_kind_of_host_read(monkeypatch, read):
     with _SyncOps(reads):  # what reads no data passes, armed
         x = torch.randn(5)
         x[torch.tensor([0, 2])]  # an integer index
+        x.clone()[x > 0] = 0.0  # a masked_fill
         torch.repeat_interleave(x, torch.ones(5, dtype=torch.long), output_size=5)
     assert reads.attempts == []
 

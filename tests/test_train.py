@@ -640,6 +640,10 @@ def test_label_errors_name_the_argument_and_a_prior_of_your_own_keeps_its_check(
     model = Glow(1, 4, levels=1, steps=1, hidden=8, n_bins=N_BINS, num_classes=3)
     with pytest.raises(ValueError, match=r"^labels must be in \[0, 3\), got values in \[0, 4\]"):  # said "context"
         evaluate_bits_per_dim(model, _data()[:8], torch.arange(8) % 5)
+    from fastflow.models import Jet
+
+    with_context = Jet(1, 4, patch_size=2, couplings=2, width=8, depth=1, heads=2, context=3, n_bins=N_BINS)
+    assert math.isfinite(evaluate_bits_per_dim(with_context, _data()[:4], torch.randn(4, 3)))  # a context, not labels
 
     class SevenLabels:
         image_shape = (1, 4, 4)

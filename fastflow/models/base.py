@@ -40,8 +40,11 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for module, training in modes:  # the flag itself: a module's train() would set its whole subtree, and a
-            module.training = training  # module shared by two parents is listed once
+        for module, training in modes:  # a module's own train(), for what else it does
+            if type(module).train is not nn.Module.train:
+                module.train(training)
+        for module, training in modes:  # then the flags themselves: train() sets a whole subtree, and a module
+            module.training = training  # shared by two parents is listed once
 
 
 def _check_integer_levels(name: str, levels: object, n_bins: int | None) -> torch.Tensor:

@@ -12,7 +12,7 @@ from fastflow.nn.base import FlowLayer, check_features, check_network_dtype
 from fastflow.nn.context import shape_context
 from fastflow.nn.coupling_network import Subnet, build_subnet, conv_subnet, mlp_subnet
 from fastflow.nn.recompute_state import running_statistics_kept
-from fastflow.nn.tiling import Tile, Tiling, check_tileable, tiles
+from fastflow.nn.tiling import Tile, Tiling, check_tileable, check_tiles_are_exact, tiles
 from fastflow.ops._checks import int_at_least
 from fastflow.ops.coupling import (
     SCALE_KINDS,
@@ -197,7 +197,10 @@ class _Coupling(FlowLayer):
             return [Tile(0, height, 0, width, 0, height, 0, width)]
         halo, hidden = check_tileable(self.net, self.tiling)
         side = self.tiling.side(x.shape[0], hidden or 0, x.element_size(), halo)
-        return list(tiles(height, width, side, halo))
+        parts = list(tiles(height, width, side, halo))
+        if len(parts) > 1:
+            check_tiles_are_exact(self.net)
+        return parts
 
     def _net_outputs_no_grad(
         self, a: torch.Tensor, context: torch.Tensor | None, a_is_input: bool
@@ -274,7 +277,11 @@ class _Coupling(FlowLayer):
             a = a_full[window].detach().requires_grad_(True)
             # shaped here, inside the graph, per tile: each tile's backward frees the graph it walks
             shaped = self._context(context, y)
-            outs = self._split_outputs(self._net_output(a, None if shaped is None else shaped[window], mask is None))
+            # a checkerboard's network reads x * mask, its own to change in place: given a copy, not the leaf a
+            net_input = a if mask is None else a.clone()
+            outs = self._split_outputs(
+                self._net_output(net_input, None if shaped is None else shaped[window], mask is None)
+            )
             if not whole:
                 outs = [o[(..., *tile.core_in_window)] for o in outs]
             if mask is not None:
@@ -328,6 +335,13 @@ class _Coupling(FlowLayer):
                     parts[0], a_full, y, grad_y, grad_logdet, mask, b_start, context, inputs, None
                 )
             else:
+                hooked = [t for t in inputs if t._backward_hooks]
+                if hooked:  # each tile's autograd.grad runs them, then the one backward of the sums: wrong gradients
+                    raise ValueError(
+                        f"{len(hooked)} parameter(s) of the tiled coupling (or its context) have tensor hooks "
+                        "(register_hook), which the tiled backward would run once per tile and once more on the "
+                        "sum: remove them, use register_post_accumulate_grad_hook, or switch the tiling off"
+                    )
                 x, grad_x = torch.empty_like(y), torch.empty_like(y)
                 grad_a = torch.zeros_like(a_full)
                 summed: list[torch.Tensor | None] = [None] * len(inputs)

@@ -14,6 +14,7 @@ The tile side is ``tile_size`` when given, else the largest side whose network a
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -94,6 +95,13 @@ def choose_tile_size(batch: int, hidden: int, element_size: int, memory_budget_m
     :data:`ACTIVE_HIDDEN_TENSORS` ``<= budget`` (at least 1)."""
     per_pixel = batch * hidden * element_size * ACTIVE_HIDDEN_TENSORS
     side_with_halo = math.isqrt(int(memory_budget_mb * 2**20 / per_pixel))
+    if side_with_halo < 1 + 2 * halo:
+        warnings.warn(
+            f"a tiling memory budget of {memory_budget_mb:g} MB is below what a 1-pixel tile and its halo of {halo} "
+            f"need ({per_pixel * (1 + 2 * halo) ** 2 / 2**20:.3g} MB at batch {batch}): tiles of 1 pixel, over budget",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return max(side_with_halo - 2 * halo, 1)
 
 
@@ -134,6 +142,22 @@ def tiles(height: int, width: int, side: int, halo: int = HALO) -> Iterator[Tile
             h1, w1 = min(h0 + side, height), min(w0 + side, width)
             yield Tile(
                 h0, h1, w0, w1, max(h0 - halo, 0), min(h1 + halo, height), max(w0 - halo, 0), min(w1 + halo, width)
+            )
+
+
+def check_tiles_are_exact(net: nn.Module) -> None:
+    """``ValueError`` naming the module when ``net`` computes statistics over the pixels, so that running it tile by
+    tile is not running it whole: a batch norm in training mode (batch statistics, and its running statistics
+    would be updated once per tile), a group, instance or layer norm (statistics over each image)."""
+    for name, module in net.named_modules():
+        batch_statistics = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+        per_image = isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm))
+        if batch_statistics or per_image:
+            what = "in training mode (batch statistics)" if batch_statistics else "(statistics over each image)"
+            raise ValueError(
+                f"the conditioner's {name or 'net'} ({type(module).__name__}) {what} gives another result on each "
+                "tile than on the whole image: tiling is exact only for per-pixel layers and convolutions (put batch "
+                "norms in eval mode, or switch the tiling off)"
             )
 
 

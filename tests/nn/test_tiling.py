@@ -147,7 +147,8 @@ def test_tile_size_from_memory_budget():
     side = choose_tile_size(batch=4, hidden=512, element_size=4, memory_budget_mb=1024)
     per_pixel = 4 * 512 * 4 * ACTIVE_HIDDEN_TENSORS
     assert (side + 2 * HALO) ** 2 * per_pixel <= 1024 * 2**20 < (side + 2 * HALO + 1) ** 2 * per_pixel
-    assert choose_tile_size(batch=64, hidden=4096, element_size=4, memory_budget_mb=1) == 1
+    with pytest.warns(RuntimeWarning, match="tiles of 1 pixel, over budget"):
+        assert choose_tile_size(batch=64, hidden=4096, element_size=4, memory_budget_mb=1) == 1
     assert Tiling(memory_budget_mb=1024).side(4, 512, 4) == side
     assert Tiling(tile_size=7).side(4, 512, 4) == 7
 
@@ -194,3 +195,56 @@ def test_tile_cost_model_matches_a_measured_peak():
 
     measured = measure_isolated(batch=2, hidden=128, side=48)
     assert ACTIVE_HIDDEN_TENSORS - 1.5 < measured <= ACTIVE_HIDDEN_TENSORS
+
+
+class _NormedHaloConv(torch.nn.Sequential):
+    """A conditioner with a batch norm between its two 3x3 convolutions (halo 2)."""
+
+    halo, hidden = 2, 6
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            torch.nn.Conv2d(in_channels, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.Tanh(),
+            torch.nn.Conv2d(6, out_channels, 3, padding=1),
+        )  # fmt: skip
+
+
+def test_a_conditioner_with_statistics_over_the_pixels_is_not_tiled():
+    """A batch norm in training mode took its statistics per tile (and updated its running ones once per tile):
+    another function, silently. In eval mode it is per-pixel, and tiles exactly."""
+    from fastflow.nn import FlowSequential
+
+    layer = AffineCoupling(4, scale="exp", subnet=_NormedHaloConv)
+    layer.tiling = Tiling(tile_size=3)
+    x = torch.randn(2, 4, 6, 10)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"1 \(BatchNorm2d\) in training mode"):
+        layer(x)  # tiled where the network runs without a graph
+    layer.eval()
+    with torch.no_grad():
+        y_tiled = layer(x)[0]
+        layer.tiling = None
+        torch.testing.assert_close(y_tiled, layer(x)[0])
+    group_normed = AffineCoupling(4, scale="exp", subnet=_NormedHaloConv)
+    group_normed.net[1] = torch.nn.GroupNorm(2, 6)
+    chain = FlowSequential(group_normed, reversible=True)
+    group_normed.tiling = Tiling(tile_size=3)
+    with pytest.raises(ValueError, match=r"GroupNorm\) \(statistics over each image\)"):
+        chain(x)
+
+
+def test_parameter_hooks_are_refused_by_the_tiled_backward():
+    """Each tile's gradient ran the hooks, then the summed one ran them again: a hook doubling its gradient gave 4
+    times the true gradient at 8 tiles, not 2."""
+    from fastflow.nn import FlowSequential
+
+    layer = AffineCoupling(4, hidden=8, scale="exp")
+    perturb_parameters(layer, 0.3)
+    chain = FlowSequential(layer, reversible=True)
+    layer.net[0].weight.register_hook(lambda grad: 2 * grad)
+    x = torch.randn(2, 4, 6, 10)
+    y, logdet = chain(x)
+    (y.square().sum() + logdet.sum()).backward()  # untiled: the hook as usual
+    layer.tiling = Tiling(tile_size=3)
+    y, logdet = chain(x)
+    with pytest.raises(ValueError, match="tensor hooks"):
+        (y.square().sum() + logdet.sum()).backward()

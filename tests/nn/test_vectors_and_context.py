@@ -471,8 +471,9 @@ def test_a_subnet_that_changes_its_input_in_place_is_refused(reversible):
     )
     perturb_parameters(checkerboard)
     x = torch.randn(2, 2, 4, 4)
-    y, _ = FlowSequential(checkerboard, reversible=reversible)(x.clone())
+    y, logdet = FlowSequential(checkerboard, reversible=reversible)(x.clone())
     torch.testing.assert_close(checkerboard.inverse(y.detach())[0], x)
+    (y.square().sum() + logdet.sum()).backward()  # reversible: the network ran on a leaf, which it cannot change
 
 
 def test_a_subnet_returning_integers_is_refused():
