@@ -507,9 +507,10 @@ def _parser() -> argparse.ArgumentParser:
     steps = number_arg(int, 0)
 
     t = commands.add_parser("train", help="train a Glow or a Jet; resumable, data-parallel under torchrun")
-    t.add_argument("--data", help="folder of PNG/JPEG images, or of class sub-folders of them; 15%% (at least one) "
-                   "held out at random (seed 0) for the held-out bits/dim (default: embedded digits at --resolution 8, "
-                   "else crops of the photos bundled with scikit-learn)")  # fmt: skip
+    t.add_argument("--data", help="folder of PNG/JPEG images, or of class sub-folders of them; "
+                   f"{HELDOUT_FRACTION:.0%}% (at least one) held out at random (seed 0) for the held-out bits/dim "
+                   "(default: embedded digits at --resolution 8, else crops of the photos bundled with "
+                   "scikit-learn)")  # fmt: skip
     t.add_argument("--resolution", type=count, help="image side in pixels (default: 8, the digits; with --data the "
                    "shorter side shared by its images)")  # fmt: skip
     t.add_argument("--n-bits", type=int, help=f"bits per colour channel for images (default {DEFAULT_N_BITS})")

@@ -32,6 +32,7 @@ __all__ = [
     "convolutions_channels_last",
     "default_channels_last",
     "make_adam",
+    "trainable_parameters",
 ]
 
 StepMode = Literal["eager", "compile", "cuda-graph"]
@@ -150,6 +151,15 @@ def default_channels_last(device: torch.device, model: nn.Module) -> bool:
     return device.type == "cpu" and bool(_kernels(model))
 
 
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """``model``'s parameters that require grad, or a ``ValueError`` if it has none (a training step would update
+    nothing)."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("model has no parameters that require grad: a training step would update nothing")
+    return parameters
+
+
 def check_step_mode(mode: str, device: torch.device, loss_scaling: bool, distributed: bool) -> None:
     """``ValueError`` unless :class:`TrainStep` can run step ``mode`` for a model on ``device``, with fp16
     ``loss_scaling`` or not, wrapped in DistributedDataParallel (``distributed``) or not: ``"cuda-graph"`` needs a
@@ -220,9 +230,7 @@ class TrainStep:
             raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}")
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (math.isfinite(clip) and clip >= 0):
             raise ValueError(f"clip must be a finite number >= 0 (0: no clipping), got {clip!r}")
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
-        if not self.parameters:
-            raise ValueError("model has no parameters that require grad: a training step would update nothing")
+        self.parameters = trainable_parameters(model)
         self.device = self.parameters[0].device
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         distributed = isinstance(objective, nn.parallel.DistributedDataParallel)

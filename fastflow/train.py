@@ -57,6 +57,7 @@ from fastflow.step import (
     convolutions_channels_last,
     default_channels_last,
     make_adam,
+    trainable_parameters,
 )
 
 __all__ = [
@@ -616,8 +617,7 @@ def train(
             raise ValueError(f"config.batch = {config.batch} does not split evenly over the {world_size} ranks")
     # what TrainStep would refuse, refused before the checkpoint, the output folder or ActNorm touch anything
     check_step_mode(config.step_mode, device, config.amp == "fp16", world_size > 1)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("model has no parameters that require grad: a training step would update nothing")
+    trainable_parameters(model)
     optimizer = make_adam(model.parameters(), config.lr, config.step_mode)  # type: ignore[arg-type]
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     start, heldout_bpd = 0, None

@@ -8,7 +8,7 @@ import torch
 from fastflow.models import Glow, Jet, RealNVP
 from fastflow.nn import AffineCoupling
 from fastflow.nn.tiling import ACTIVE_HIDDEN_TENSORS, HALO, Tiling, choose_tile_size, tiles
-from tests.helpers import loss_and_grads, perturb_parameters
+from tests.helpers import HaloConv, loss_and_grads, perturb_parameters
 
 
 @pytest.mark.parametrize("height, width, side", [(7, 9, 3), (5, 5, 1), (8, 6, 4), (3, 11, 16)])
@@ -197,16 +197,11 @@ def test_tile_cost_model_matches_a_measured_peak():
     assert ACTIVE_HIDDEN_TENSORS - 1.5 < measured <= ACTIVE_HIDDEN_TENSORS
 
 
-class _NormedHaloConv(torch.nn.Sequential):
-    """A conditioner with a batch norm between its two 3x3 convolutions (halo 2)."""
-
-    halo, hidden = 2, 6
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(
-            torch.nn.Conv2d(in_channels, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.Tanh(),
-            torch.nn.Conv2d(6, out_channels, 3, padding=1),
-        )  # fmt: skip
+def _normed_halo_conv(in_channels: int, out_channels: int) -> HaloConv:
+    """:class:`~tests.helpers.HaloConv` with a batch norm after its first convolution (halo 2 still)."""
+    net = HaloConv(in_channels, out_channels)
+    net.insert(1, torch.nn.BatchNorm2d(HaloConv.hidden))
+    return net
 
 
 def test_a_conditioner_with_statistics_over_the_pixels_is_not_tiled():
@@ -214,7 +209,7 @@ def test_a_conditioner_with_statistics_over_the_pixels_is_not_tiled():
     another function, silently. In eval mode it is per-pixel, and tiles exactly."""
     from fastflow.nn import FlowSequential
 
-    layer = AffineCoupling(4, scale="exp", subnet=_NormedHaloConv)
+    layer = AffineCoupling(4, scale="exp", subnet=_normed_halo_conv)
     layer.tiling = Tiling(tile_size=3)
     x = torch.randn(2, 4, 6, 10)
     with torch.no_grad(), pytest.raises(ValueError, match=r"1 \(BatchNorm2d\) in training mode"):
@@ -224,7 +219,7 @@ def test_a_conditioner_with_statistics_over_the_pixels_is_not_tiled():
         y_tiled = layer(x)[0]
         layer.tiling = None
         torch.testing.assert_close(y_tiled, layer(x)[0])
-    group_normed = AffineCoupling(4, scale="exp", subnet=_NormedHaloConv)
+    group_normed = AffineCoupling(4, scale="exp", subnet=_normed_halo_conv)
     group_normed.net[1] = torch.nn.GroupNorm(2, 6)
     chain = FlowSequential(group_normed, reversible=True)
     group_normed.tiling = Tiling(tile_size=3)
