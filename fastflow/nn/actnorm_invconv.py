@@ -269,7 +269,7 @@ def run_units(
     """``(y, sum of log-dets)`` of ``units`` run forward in order from ``x``, each with its entry of ``weights``
     (:func:`shared_weights`; a unit with None computes its own); the log-det is None for no units."""
     total: torch.Tensor | None = None
-    for unit, unit_weights in zip(units, weights, strict=True):
+    for unit, unit_weights in zip(units, weights):  # one entry per unit (shared_weights)
         x, logdet = run_layer(unit, x, context) if unit_weights is None else unit(x, context, weights=unit_weights)
         total = logdet if total is None else total + logdet
     return x, total

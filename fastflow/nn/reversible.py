@@ -344,7 +344,7 @@ def _walk(
     leaves = _as_leaves(forward)
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []
     x, grad_x = _units_backward(units, handed, grad_logdet, context, BackwardWeights(inverse, leaves, pending))
-    weight_leaves = zip(_weight_tensors(forward), _weight_tensors(leaves), strict=True)
+    weight_leaves = zip(_weight_tensors(forward), _weight_tensors(leaves))  # leaves: forward's structure
     used = [(w, leaf.grad) for w, leaf in weight_leaves if leaf.grad is not None] + pending
     if used:
         torch.autograd.backward([w for w, _ in used], [grad for _, grad in used])
