@@ -46,6 +46,7 @@ from fastflow.image_folder import (
 from fastflow.images import IMAGE_FORMATS, check_writable_folder
 from fastflow.latent import attribute_direction, interpolate, manipulate
 from fastflow.models import FlowModel, Glow, Jet
+from fastflow.models.glow import check_halvings
 from fastflow.train import (
     CHECKPOINT_NAME,
     TrainConfig,
@@ -225,10 +226,8 @@ def _resolve_train_flags(args: argparse.Namespace) -> tuple[int, dict[str, Any]]
             raise ValueError(f"--resolution {args.resolution} must be divisible by --patch-size {args.patch_size}")
         if args.width % args.heads:
             raise ValueError(f"--width {args.width} must be divisible by --heads {args.heads}")
-    elif args.resolution % 2**args.levels:
-        raise ValueError(
-            f"--resolution {args.resolution} must be divisible by 2**levels = {2**args.levels} (--levels {args.levels})"
-        )
+    else:
+        check_halvings(args.resolution, args.resolution, args.levels, "levels", f"--resolution {args.resolution}")
     return start, extra
 
 

@@ -25,6 +25,16 @@ def image_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
     return sides[0], sides[1]
 
 
+def check_halvings(h: int, w: int, times: int, name: str, subject: str | None = None) -> None:
+    """``ValueError`` naming ``name`` unless ``H`` and ``W`` are divisible by ``2 ** times`` (``subject``: what
+    has the sides, default ``image_size``); the bound is checked before the power is formed (a config's
+    ``levels`` of 10**9 would take seconds and gigabytes to raise 2 to)."""
+    if times > min(h, w).bit_length() or h % (1 << times) or w % (1 << times):
+        power = 1 << times if times < 64 else f"2**{times}"
+        subject = subject or f"image_size {(h, w)}"
+        raise ValueError(f"{subject} must be divisible by 2**{name} = {power}")
+
+
 class Glow(FlowModel):
     """Glow with ``levels`` levels of (squeeze, ``steps`` flow steps, split); the last level has no split.
 
@@ -65,8 +75,7 @@ class Glow(FlowModel):
         int_at_least("hidden", hidden, 1)
         int_at_least("n_bins", n_bins, 2)
         int_at_least("num_classes", num_classes, 0)
-        if h % 2**levels or w % 2**levels:
-            raise ValueError(f"image_size {(h, w)} must be divisible by 2**levels = {2**levels}")
+        check_halvings(h, w, levels, "levels")
         config = dict(
             in_channels=in_channels, image_size=(h, w), levels=levels, steps=steps, hidden=hidden, lu=lu,
             coupling=coupling, scale=scale, learn_top=learn_top, num_classes=num_classes, n_bins=n_bins,

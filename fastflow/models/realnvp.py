@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastflow.models.base import FlowModel
-from fastflow.models.glow import image_hw
+from fastflow.models.glow import check_halvings, image_hw
 from fastflow.models.priors import GaussianPrior
 from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.base import FlowLayer
@@ -54,8 +54,7 @@ class RealNVP(FlowModel):
         int_at_least("scales", scales, 1)
         int_at_least("n_bins", n_bins, 2)
         int_at_least("hidden", hidden, 1)
-        if h % 2 ** (scales - 1) or w % 2 ** (scales - 1):
-            raise ValueError(f"image_size {(h, w)} must be divisible by 2**(scales-1) = {2 ** (scales - 1)}")
+        check_halvings(h, w, scales - 1, "(scales-1)")
         config = dict(
             in_channels=in_channels,
             image_size=(h, w),

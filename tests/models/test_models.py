@@ -406,6 +406,9 @@ def test_temperature_takes_numpy_scalars():
     "make, match",
     [
         (lambda: Glow(1, 6, levels=2), "divisible by 2\\*\\*levels"),
+        # refused before 2 is raised to it (10**9 levels: seconds and gigabytes)
+        (lambda: Glow(1, 8, levels=10**9), "divisible by 2\\*\\*levels = 2\\*\\*1000000000"),
+        (lambda: RealNVP(1, 8, scales=10**9), "divisible by 2\\*\\*\\(scales-1\\) = 2\\*\\*999999999"),
         (lambda: Glow(1, 8, levels=0), "levels must be >= 1"),
         (lambda: RealNVP(1, 6, scales=3), "divisible by 2\\*\\*\\(scales-1\\)"),
         (lambda: RealNVP(1, 4, coupling="additive"), "coupling must be 'affine' or 'spline'"),
