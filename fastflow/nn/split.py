@@ -8,6 +8,7 @@ from torch import nn
 from fastflow.nn.base import check_image
 from fastflow.nn.coupling_network import ZeroConv2d
 from fastflow.nn.distributions import gaussian_log_prob, gaussian_sample
+from fastflow.ops._checks import check_bool, int_at_least
 
 __all__ = ["Split"]
 
@@ -22,8 +23,8 @@ class Split(nn.Module):
 
     def __init__(self, num_channels: int, learned_prior: bool = True) -> None:
         super().__init__()
-        if num_channels < 2:
-            raise ValueError(f"Split needs num_channels >= 2, got {num_channels}")
+        int_at_least("num_channels", num_channels, 2)
+        check_bool("learned_prior", learned_prior)
         self.num_channels = num_channels
         self.keep_channels = num_channels // 2
         self.out_channels = num_channels - self.keep_channels

@@ -365,6 +365,10 @@ def test_bad_inputs_raise_clear_errors(make, bad, error, match):
         (lambda: AffineCoupling(4, hidden=8.0), "hidden must be an int, got float 8.0"),
         (lambda: InvConv1x1(4, init="orthogonal"), "init must be one of"),
         (lambda: FlowSequential(torch.nn.ReLU()), "not invertible"),
+        (lambda: Split(1), "num_channels must be >= 2"),
+        (lambda: Split(4.0), "num_channels must be an int, got float 4.0"),
+        (lambda: Split("4"), "num_channels must be an int, got str '4'"),
+        (lambda: Split(4, learned_prior="no"), "learned_prior must be a bool, got str 'no'"),
     ],
 )
 def test_bad_constructor_arguments_raise(make, match):
