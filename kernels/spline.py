@@ -201,12 +201,14 @@ def _position_y(v, s, d1, t, num, den, yl, h, yr):
 
 @triton.jit
 def _root(e, h, s, d0, d1):
-    """Root in ``[0, 1]`` of ``a u^2 + b u + c`` for the offset ``e = y - yl`` (module docstring), in its
+    """Root in ``[0, 1]`` of ``a u^2 + b u + c`` for the offset ``e = y - yl`` (module docstring), divided by the
+    bin height ``h`` (coefficients free of the bound's scale: no overflow of ``b * b`` for large bounds), in its
     non-cancelling form; from the right knot, ``e = yr - y`` with ``d0``, ``d1`` swapped gives ``1 - u``; where
     ``a`` and ``b`` both cancel to rounding, the linearised root ``e / h``."""
+    e = e / h
     kappa = d0 + d1 - 2.0 * s
-    a = h * (s - d0) + e * kappa
-    b = h * d0 - e * kappa
+    a = (s - d0) + e * kappa
+    b = d0 - e * kappa
     c = -s * e
     disc = tl.maximum(b * b - 4.0 * a * c, 0.0)
     if disc.dtype == tl.float64:
@@ -217,9 +219,9 @@ def _root(e, h, s, d0, d1):
     numerator = tl.where(pos, 2.0 * c, root - b)
     denominator = tl.where(pos, -b - root, 2.0 * a)
     u = numerator / tl.where(denominator == 0.0, 1.0, denominator)
-    # a and b cancelled to rounding (a flat bin between steep knots): the linearised root e / h (a + b = h s)
+    # a and b cancelled to rounding (a flat bin between steep knots): the linearised root e / h (a + b = s)
     sane = ((denominator != 0.0) & (u >= -0.5) & (u <= 1.5)) | (u != u)  # a NaN parameter stays NaN
-    return tl.where(sane, u, e / h)
+    return tl.where(sane, u, e)
 
 
 @triton.jit

@@ -193,12 +193,15 @@ def forward(x: torch.Tensor, raw: torch.Tensor, spline: Spline) -> tuple[torch.T
 def _root(e: torch.Tensor, h: torch.Tensor, s: torch.Tensor, d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
     """Root in ``[0, 1]`` of the inverse's quadratic for the offset ``e = y - yl`` in its stable form
     (``2c / (-b - sqrt)`` for ``b >= 0``, ``(sqrt - b) / 2a`` for ``b < 0``), with a safe denominator; from the
-    right knot, ``e = yr - y`` with ``d0``, ``d1`` swapped gives ``1 - u``. Where ``a`` and ``b`` both cancel to
-    rounding (a flat bin between steep knots: the chosen denominator 0, the root off ``[0, 1]``), the
-    linearised root ``-c / (a + b) = e / h``, exact there to rounding (``a + b = h s`` does not cancel)."""
+    right knot, ``e = yr - y`` with ``d0``, ``d1`` swapped gives ``1 - u``. The quadratic is divided by the bin
+    height ``h``, so its coefficients are slopes and ``e / h``, free of the bound's scale (with ``h`` in them,
+    ``b * b`` overflowed float32 for a bound near 1e19 and underflowed near 1e-19). Where ``a`` and ``b`` both
+    cancel to rounding (a flat bin between steep knots: the chosen denominator 0, the root off ``[0, 1]``), the
+    linearised root ``-c / (a + b) = e / h``, exact there to rounding (``a + b = s`` does not cancel)."""
+    e = e / h
     kappa = d0 + d1 - 2.0 * s
-    a = h * (s - d0) + e * kappa
-    b = h * d0 - e * kappa
+    a = (s - d0) + e * kappa
+    b = d0 - e * kappa
     c = -s * e
     root = (b * b - 4.0 * a * c).clamp_min(0.0).sqrt()
     pos = b >= 0
@@ -206,7 +209,7 @@ def _root(e: torch.Tensor, h: torch.Tensor, s: torch.Tensor, d0: torch.Tensor, d
     denominator = torch.where(pos, -b - root, 2.0 * a)
     u = numerator / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
     sane = ((denominator != 0) & (u >= -0.5) & (u <= 1.5)) | u.isnan()  # a NaN parameter stays NaN
-    return torch.where(sane, u, e / h)
+    return torch.where(sane, u, e)
 
 
 def inverse(y: torch.Tensor, raw: torch.Tensor, spline: Spline) -> tuple[torch.Tensor, torch.Tensor]:

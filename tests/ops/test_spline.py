@@ -210,6 +210,42 @@ def test_inverse_of_forward_is_identity(target, dtype: torch.dtype) -> None:
     torch.testing.assert_close(neg_logdet, -logdet, atol=atol, rtol=atol)
 
 
+def _round_trip_at_scale(dtype: torch.dtype, device: str, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest relative error of ``inverse(forward(x))`` and of the log-dets' sum, for one spline scaled to
+    ``bound`` (the same ``u = x / bound`` and parameters at every scale)."""
+    gen = torch.Generator().manual_seed(0)
+    u = torch.rand(4, 200, generator=gen, dtype=torch.float64) * 2 - 1
+    raw = torch.randn(4, 200, 3 * 8 - 1, generator=gen, dtype=torch.float64).to(dtype).to(device)
+    x = (u * bound).to(dtype).to(device)
+    y, logdet = S.rq_spline(x, raw, 8, bound)
+    x_back, neg_logdet = S.rq_spline_inverse(y, raw, 8, bound)
+    return ((x_back - x).abs().max() / bound).cpu(), (logdet + neg_logdet).abs().max().cpu()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bound"),
+    [
+        (torch.float32, 1e-20),
+        (torch.float32, 1e20),
+        (torch.float32, 1e30),
+        (torch.float64, 1e-160),
+        (torch.float64, 1e160),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("on", ["eager", "kernels"])
+def test_inverse_is_exact_at_any_accepted_bound(request, on: str, dtype: torch.dtype, bound: float) -> None:
+    """The inverse's quadratic is solved in units of the bin height: at bounds near 1e20 its ``b * b`` overflowed
+    float32 (NaN), near 1e-20 it underflowed (x off by the whole bound); the same spline at bound 3 is the
+    reference."""
+    backend, device = ("eager", "cpu") if on == "eager" else request.getfixturevalue("target")
+    with fastflow.backend(backend):
+        reference = _round_trip_at_scale(dtype, device, 3.0)
+        error, logdet_error = _round_trip_at_scale(dtype, device, bound)
+    assert error <= 10 * reference[0] + 10 * torch.finfo(dtype).eps  # 5x at 1e20 in float32: still 4e-5
+    assert logdet_error <= 10 * reference[1] + 10 * torch.finfo(dtype).eps
+
+
 def _grads(fn: Callable, x: torch.Tensor, raw: torch.Tensor, bins: int, gy: torch.Tensor, gl: torch.Tensor | None):
     inputs = [x.detach().requires_grad_(), raw.detach().requires_grad_()]
     out, logdet = fn(*inputs, bins)
