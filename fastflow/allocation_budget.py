@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["AllocationBudget", "construction_budget"]
+__all__ = ["AllocationBudget", "construction_budget", "construction_ops"]
 
 CONSTRUCTION_FACTOR = 4
 """Building a model allocates about its ``state_dict``'s bytes (1.0-1.4x for every model class, measured on
@@ -18,10 +18,23 @@ weights it is about to load, plus :data:`CONSTRUCTION_SLACK`."""
 
 CONSTRUCTION_SLACK = 64 * 2**20
 
+CONSTRUCTION_OPS_PER_TENSOR = 16
+"""Building a model runs 2-5 tensor operations per tensor of its ``state_dict`` (every model class, measured on
+2026-11-28); a loader lets it run this many per tensor it is about to load, plus :data:`CONSTRUCTION_OPS_SLACK`:
+a config declaring a billion layers of one-element weights allocates few bytes per layer, but each costs time
+and Python objects the byte count does not see."""
+
+CONSTRUCTION_OPS_SLACK = 1024
+
 
 def construction_budget(weight_bytes: int) -> int:
     """The bytes a model built to hold ``weight_bytes`` of weights may allocate while it is constructed."""
     return CONSTRUCTION_FACTOR * weight_bytes + CONSTRUCTION_SLACK
+
+
+def construction_ops(weight_tensors: int) -> int:
+    """The tensor operations constructing a model of ``weight_tensors`` tensors may run."""
+    return CONSTRUCTION_OPS_PER_TENSOR * weight_tensors + CONSTRUCTION_OPS_SLACK
 
 
 def _requested_bytes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
@@ -36,15 +49,18 @@ def _requested_bytes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | Non
 
 class AllocationBudget(TorchDispatchMode):
     """Within the block, ``ValueError`` (saying ``what`` is being built) once the tensors that ops create add up to
-    more than ``limit`` bytes: checked before a factory op allocates (so one huge tensor is never made) and after
-    any other op (views and in-place results are not counted). A config of a hundred bytes could otherwise declare
-    a model of many gigabytes, exhausting the memory before its weights are compared with it."""
+    more than ``limit`` bytes, or more than ``max_ops`` ops run: bytes checked before a factory op allocates (so
+    one huge tensor is never made) and after any other op (views and in-place results are not counted). A config of
+    a hundred bytes could otherwise declare a model of many gigabytes, exhausting the memory before its weights are
+    compared with it, or of a billion tiny layers, building for hours."""
 
-    def __init__(self, limit: int, what: str) -> None:
+    def __init__(self, limit: int, max_ops: int | None, what: str) -> None:
         super().__init__()
         self.limit = limit
+        self.max_ops = max_ops
         self.what = what
         self.allocated = 0
+        self.ops = 0
 
     def _add(self, nbytes: int) -> None:
         self.allocated += nbytes
@@ -56,6 +72,12 @@ class AllocationBudget(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        self.ops += 1
+        if self.max_ops is not None and self.ops > self.max_ops:
+            raise ValueError(
+                f"building {self.what} would run more than {self.max_ops} tensor operations, far more than the "
+                "weights it is built for need: its config does not describe them"
+            )
         requested = _requested_bytes(args, kwargs)
         if requested is not None:
             self._add(requested)

@@ -14,11 +14,12 @@ import reprlib
 import types
 import typing
 import warnings
+import zipfile
 from typing import Any
 
 import torch
 
-from fastflow.allocation_budget import AllocationBudget, construction_budget
+from fastflow.allocation_budget import AllocationBudget, construction_budget, construction_ops
 from fastflow.atomic_file import atomic_file
 from fastflow.models import NICE, NSF, FlowModel, Glow, Jet, RealNVP, TabularFlow
 from fastflow.nn.state_upgrade import upgraded_state_dict
@@ -46,6 +47,8 @@ MODEL_CLASSES: dict[str, type[FlowModel]] = {
 }
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+SAVED_WITH = "fastflow_config"  # the safetensors metadata key of the class and config the weights were saved with
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on a header
 MAX_LISTED = 5  # error messages name at most this many parameters of each kind, then give the count
 
 
@@ -122,36 +125,48 @@ def _model_class(name: Any, config: Any, source: str = "") -> type[FlowModel]:
     return cls
 
 
-def build_model(name: str, config: dict[str, Any], source: str = "", weight_bytes: int | None = None) -> FlowModel:
+def build_model(
+    name: str, config: dict[str, Any], source: str = "", weight_bytes: int | None = None, weight_tensors: int = 0
+) -> FlowModel:
     """Construct a model of class ``name`` (a key of ``MODEL_CLASSES``) from its ``config``: only the
     constructor's arguments, each a plain value of its annotated type (a list for a tuple); missing ones take
     the constructor's defaults. A bad class, key or value is a ``ValueError`` naming it, prefixed by ``source``
-    (e.g. the file it came from). With ``weight_bytes`` (the size of the weights the model is built for), building
-    may allocate at most :func:`~fastflow.allocation_budget.construction_budget` of it, else ``ValueError``."""
+    (e.g. the file it came from). With ``weight_bytes`` and ``weight_tensors`` (the size and number of the tensors
+    the model is built for), building may allocate at most
+    :func:`~fastflow.allocation_budget.construction_budget` bytes and run at most
+    :func:`~fastflow.allocation_budget.construction_ops` tensor operations, else ``ValueError``."""
     cls = _model_class(name, config, source)
     try:
         if weight_bytes is None:
             return cls(**config)
-        with AllocationBudget(construction_budget(weight_bytes), f"this {name}"):
+        limits = construction_budget(weight_bytes), construction_ops(weight_tensors)
+        with AllocationBudget(*limits, f"this {name}"):
             return cls(**config)
     except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: a value no check caught, raised by torch
         raise ValueError(_where(source, f"invalid config for {name}: {err}")) from err
 
 
-def _tensor_bytes(state_dict: object) -> int:
-    """The bytes of the tensors of a loaded ``state_dict`` (0 for anything else: its loading says what is wrong)."""
+def _tensor_sizes(state_dict: object) -> tuple[int, int]:
+    """The bytes and the number of the tensors of a loaded ``state_dict`` (0 for anything else: its loading says
+    what is wrong)."""
     if not isinstance(state_dict, dict):
-        return 0
-    return sum(t.numel() * t.element_size() for t in state_dict.values() if isinstance(t, torch.Tensor))
+        return 0, 0
+    tensors = [t for t in state_dict.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors), len(tensors)
 
 
-def _config_differences(stored: dict[str, Any], current: dict[str, Any], cls: type[FlowModel]) -> list[str]:
-    """``"key: A in the file, B in the model"`` for each architecture key whose values differ (missing keys
-    count as the constructor's default; tuples and lists compare equal)."""
+def _config_differences(
+    stored: dict[str, Any],
+    current: dict[str, Any],
+    cls: type[FlowModel],
+    places: tuple[str, str] = ("in the file", "in the model"),
+) -> list[str]:
+    """``"key: A in the file, B in the model"`` (``places``) for each architecture key whose values differ (missing
+    keys count as the constructor's default; tuples and lists compare equal)."""
     defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if p.default is not p.empty}
     stored, current = {**defaults, **stored}, {**defaults, **current}
     return [
-        f"{key}: {stored.get(key)!r} in the file, {current.get(key)!r} in the model"
+        f"{key}: {stored.get(key)!r} {places[0]}, {current.get(key)!r} {places[1]}"
         for key in sorted(set(stored) | set(current))
         if key not in RUNTIME_OPTIONS and json.dumps(stored.get(key)) != json.dumps(current.get(key))
     ]
@@ -250,18 +265,23 @@ def check_extra(extra: dict[str, Any]) -> None:
         _check_loadable(value, f"extra {key!r}")
 
 
-def _saved_model(model: Any) -> FlowModel:
+def _unwrapped(model: Any) -> Any:
     """``model`` without its ``torch.compile`` (``_orig_mod``) and DistributedDataParallel / DataParallel
-    (``module``) wrappers, whose class and parameter names would not load back; ``TypeError`` naming ``model``
-    unless what is inside is an instance of a class of ``MODEL_CLASSES`` itself, not of a subclass (a file names
-    the class it is rebuilt as)."""
+    (``module``) wrappers, whose class and parameter names are not the model's."""
     while True:
         if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             model = model.module
         elif isinstance(model, torch.nn.Module) and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
             model = model._orig_mod
         else:
-            break
+            return model
+
+
+def _saved_model(model: Any) -> FlowModel:
+    """:func:`_unwrapped` ``model`` (the wrappers' class and parameter names would not load back); ``TypeError``
+    naming ``model`` unless what is inside is an instance of a class of ``MODEL_CLASSES`` itself, not of a subclass
+    (a file names the class it is rebuilt as)."""
+    model = _unwrapped(model)
     if MODEL_CLASSES.get(type(model).__name__) is not type(model):
         raise TypeError(
             f"model must be a {', '.join(sorted(MODEL_CLASSES))} (the class itself, not a subclass: the file is "
@@ -316,7 +336,8 @@ def _shared_format(path: str) -> str | None:
         return f"{path!r} is a folder, not a checkpoint file: {pretrained}"
     head = _head(path)
     header = head is not None and head[8:10] == b'{"'  # safetensors: an 8-byte header length, then JSON
-    if header or path.endswith(".safetensors") or os.path.basename(path) == CONFIG_NAME:
+    named = os.path.isfile(path) and (path.endswith(".safetensors") or os.path.basename(path) == CONFIG_NAME)
+    if header or named:
         return f"{path!r} is not a PyTorch checkpoint but a file of a shared model folder: {pretrained}"
     return None
 
@@ -350,17 +371,38 @@ def _unreadable(path: str, err: BaseException) -> str:
     return f"cannot read checkpoint {path!r}: {message}"
 
 
+def _check_zip_members(path: str) -> None:
+    """``ValueError`` naming ``path`` where its zip archive (torch.save's format) holds a member whose bytes fail
+    their CRC-32: ``torch.load`` does not check them, so a flipped bit in a weight loaded silently. Files that are
+    no zip archive, or whose archive does not read back, are left to ``torch.load`` and :func:`_unreadable`."""
+    head = _head(path)
+    if head is None or not head.startswith(b"PK"):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError):
+        return
+    if bad is not None:
+        raise ValueError(
+            f"cannot read checkpoint {path!r}: it is corrupt (the bytes of its member {bad!r} fail their checksum)"
+        )
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], model: FlowModel | None = None, map_location: str | torch.device = "cpu"
 ) -> tuple[FlowModel, dict[str, Any]]:
     """Load ``path`` with ``torch.load(weights_only=True)``, so a crafted file cannot run code: it fails with a
-    one-line ``ValueError`` naming the file, as does a file that is no PyTorch checkpoint (for a folder or a file
-    of :func:`save_pretrained`'s format, the message points to ``from_pretrained``). Builds the model from the
-    stored (validated) config and moves it to ``map_location``, or loads into ``model`` after checking that its
+    one-line ``ValueError`` naming the file, as do a file that is no PyTorch checkpoint (for a folder or a file
+    of :func:`save_pretrained`'s format, the message points to ``from_pretrained``) and one whose zip member fails
+    its checksum (a flipped bit in a weight). Builds the model from the
+    stored (validated) config and moves it to ``map_location``, or loads into ``model`` (the model inside a
+    ``torch.compile`` or (Distributed)DataParallel wrapper, which is returned) after checking that its
     architecture matches (``ValueError`` naming the config keys that differ, or the missing, unexpected and
     wrongly shaped parameters). Returns ``(model, payload)`` with payload keys ``model_class``, ``config``,
     ``state_dict``, ``optimizer``, ``extra``."""
     where = f"checkpoint {os.fspath(path)!r}"
+    _check_zip_members(os.fspath(path))
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # stderr stays one line
@@ -375,9 +417,10 @@ def load_checkpoint(
         raise ValueError(f"{where}: 'extra' must be a dict, got {type(payload['extra']).__name__}")
     name, config = payload["model_class"], payload["config"]
     if model is None:
-        model = build_model(name, config, where, _tensor_bytes(payload["state_dict"]))
+        model = build_model(name, config, where, *_tensor_sizes(payload["state_dict"]))
         _load_weights(model, payload["state_dict"], where, adopt_dtype=True)
         return model.to(map_location), payload
+    model = _unwrapped(model)  # the weights load into the model a torch.compile or DataParallel wraps
     cls = _model_class(name, config, where)
     if type(model) is not cls:
         raise ValueError(f"{where} holds a {name}, which does not match the {type(model).__name__} model")
@@ -389,9 +432,10 @@ def load_checkpoint(
 
 
 def save_pretrained(directory: str | os.PathLike[str], model: FlowModel) -> None:
-    """Write ``directory/model.safetensors`` (the ``state_dict``, contiguous CPU tensors) and
-    ``directory/config.json`` (``{"model_class", "config", "fastflow_version"}``, tuples as lists), each
-    atomically; the format models are shared in, loaded by :func:`load_pretrained` without running code. Wrappers
+    """Write ``directory/model.safetensors`` (the ``state_dict``, contiguous CPU tensors; its metadata holds the
+    class and config too) and ``directory/config.json`` (``{"model_class", "config", "fastflow_version"}``, tuples
+    as lists), each atomically; the format models are shared in, loaded by :func:`load_pretrained` without running
+    code, which refuses a folder whose two files come from different saves (a save stopped between them). Wrappers
     and subclasses as in :func:`save_checkpoint` (``TypeError`` naming ``model``, before writing)."""
     from safetensors.torch import save_file
 
@@ -411,10 +455,70 @@ def save_pretrained(directory: str | os.PathLike[str], model: FlowModel) -> None
         storages.add(tensor.untyped_storage().data_ptr())
         tensors[key] = tensor
     meta = {"model_class": type(model).__name__, "config": config, "fastflow_version": __version__}
+    saved_with = json.dumps({"model_class": meta["model_class"], "config": config}, sort_keys=True)
     with atomic_file(os.path.join(directory, WEIGHTS_NAME)) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        save_file(tensors, tmp, metadata={"format": "pt", SAVED_WITH: saved_with})
     with atomic_file(os.path.join(directory, CONFIG_NAME)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(json.dumps(meta, indent=2) + "\n")
+
+
+def _safetensors_header(path: str) -> tuple[int, int, dict[str, str]]:
+    """``(bytes of the tensors, number of tensors, metadata)`` from the header of the safetensors file ``path``
+    (an 8-byte little-endian length, then JSON), read before a model is built for it; ``ValueError`` naming the
+    file where it is missing, unreadable or no safetensors file (a Git LFS pointer, left by a clone made without
+    git-lfs, is named as one)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            text = f.read(length) if 0 < length <= min(size - 8, MAX_HEADER_BYTES) else b""
+    except OSError as err:
+        raise ValueError(f"cannot read {path!r}: {err.strerror or err}") from err
+    if head.startswith(b"version "):
+        raise ValueError(f"{path!r} is a Git LFS pointer, not the weights: fetch them (git lfs pull)")
+    try:
+        header = json.loads(text)
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        stored = sum(int(v["data_offsets"][1]) - int(v["data_offsets"][0]) for v in tensors.values())
+        metadata = header.get("__metadata__") or {}
+        if not isinstance(metadata, dict):
+            raise TypeError("__metadata__ is no dict")
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise ValueError(f"{path!r} is not a safetensors file, or is corrupt: its header does not read") from err
+    if stored > size - 8 - length:  # the header's sizes are what the model may be built to
+        raise ValueError(f"{path!r} is truncated: its header declares {stored} bytes of tensors, it holds fewer")
+    return stored, len(tensors), metadata
+
+
+def _check_saved_with(
+    saved_with: object, meta: dict[str, Any], cls: type[FlowModel], weights_path: str, config_path: str
+) -> None:
+    """``ValueError`` naming both files where the class and config stored with the weights (by
+    :func:`save_pretrained`; absent in folders written before it stored them) differ from ``config.json``'s."""
+    if saved_with is None:
+        return
+    try:
+        saved = json.loads(str(saved_with))
+        differences = _config_differences(saved["config"], meta["config"], cls, ("with the weights", "in config.json"))
+        same_class = saved["model_class"] == meta["model_class"]
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{weights_path!r}: its stored config does not read ({err})") from err
+    if not same_class or differences:
+        what = "; ".join(differences) if same_class else f"a {saved['model_class']} with the weights"
+        raise ValueError(
+            f"{config_path!r} does not match the config {weights_path!r} was saved with ({what}): the folder mixes "
+            "two saves (one stopped between its two files) or config.json was edited; save the model again"
+        )
+
+
+def _check_device(map_location: str | torch.device) -> None:
+    """``ValueError`` naming ``map_location`` unless tensors can be made on it here (safetensors' own error for a
+    CUDA device on a machine without one speaks of pinned memory)."""
+    try:
+        torch.empty(0, device=map_location)
+    except (RuntimeError, AssertionError, ValueError) as err:
+        raise ValueError(f"map_location {str(map_location)!r} is not available here: {err}") from err
 
 
 def load_pretrained(
@@ -448,8 +552,10 @@ def load_pretrained(
     cls = _model_class(meta["model_class"], meta["config"], repr(config_path))
     if expected_class is not None and not issubclass(cls, expected_class):
         raise ValueError(f"{os.fspath(directory)!r} holds a {meta['model_class']}, not a {expected_class.__name__}")
-    weight_bytes = os.path.getsize(weights_path) if os.path.isfile(weights_path) else 0
-    model = build_model(meta["model_class"], meta["config"], repr(config_path), weight_bytes)
+    weight_bytes, weight_tensors, metadata = _safetensors_header(weights_path)
+    _check_saved_with(metadata.get(SAVED_WITH), meta, cls, weights_path, config_path)
+    _check_device(map_location)
+    model = build_model(meta["model_class"], meta["config"], repr(config_path), weight_bytes, weight_tensors)
     try:
         state_dict = load_file(weights_path, device=str(map_location))
     except (OSError, SafetensorError, RuntimeError) as err:  # RuntimeError: e.g. a map_location this machine lacks

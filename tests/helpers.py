@@ -144,3 +144,23 @@ def assert_drawn_as_levels(path: object, n_bins: int) -> bool:
     drawn = {round(k * 255 / (n_bins - 1)) for k in range(n_bins)}
     assert values <= drawn, f"{path}: values {sorted(values - drawn)[:8]} are no level of {n_bins}"
     return True
+
+
+def edit_pretrained_config(directory: object, saved_with: bool, **changes: object) -> None:
+    """Change ``config.json``'s config in a ``save_pretrained`` folder; with ``saved_with`` the weights' stored
+    config too (a crafted folder whose two files agree), else the weights keep none (a folder written before
+    the weights stored it)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(str(directory))
+    meta = json.loads((folder / "config.json").read_text())
+    meta["config"].update(changes)
+    (folder / "config.json").write_text(json.dumps(meta))
+    metadata = {"format": "pt"}
+    if saved_with:
+        stored = {"model_class": meta["model_class"], "config": meta["config"]}
+        metadata["fastflow_config"] = json.dumps(stored, sort_keys=True)
+    save_file(load_file(folder / "model.safetensors"), folder / "model.safetensors", metadata=metadata)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import json
 import os
 import pickle
 import shlex
@@ -19,7 +18,7 @@ from fastflow.checkpoint import build_model, load_checkpoint, load_pretrained, s
 from fastflow.cli import main
 from fastflow.models import Glow, RealNVP, TabularFlow
 from fastflow.train import TrainConfig
-from tests.helpers import perturb_parameters
+from tests.helpers import edit_pretrained_config, perturb_parameters
 
 
 def _trained_glow() -> Glow:
@@ -249,8 +248,7 @@ def test_a_config_declaring_a_huge_model_is_refused_before_it_is_built(tmp_path,
     if fmt == "checkpoint":
         _write_payload(path, config=huge)
     else:
-        meta = json.loads((path / "config.json").read_text())
-        (path / "config.json").write_text(json.dumps({**meta, "config": huge}))
+        edit_pretrained_config(path, saved_with=True, **huge)  # both files crafted alike
     seen.clear()
     with pytest.raises(ValueError, match="building this Glow would allocate more than 64 MiB"):
         load(path)
@@ -423,9 +421,10 @@ def test_float8_weights_are_refused_at_load_naming_the_dtype(tmp_path, fmt):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_a_map_location_this_machine_lacks_is_a_value_error_naming_the_file(tmp_path):
+def test_a_map_location_this_machine_lacks_is_a_value_error_naming_it(tmp_path):
+    """safetensors' own error (a RuntimeError, then a ValueError quoting it) spoke of pinned memory."""
     save_pretrained(tmp_path / "shared", Glow(1, 4, levels=1, steps=1, hidden=8))
-    with pytest.raises(ValueError, match="cannot read .*model.safetensors"):  # was safetensors' RuntimeError
+    with pytest.raises(ValueError, match="map_location 'cuda' is not available here"):
         load_pretrained(tmp_path / "shared", map_location="cuda")
 
 
@@ -517,3 +516,86 @@ def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path, name, conten
     with pytest.raises(ValueError, match=named) as info:
         load_checkpoint(path)
     assert name in str(info.value) and "not a safe" not in str(info.value), "a file that is no pickle is not unsafe"
+
+
+def test_a_flipped_bit_in_a_weight_is_refused_as_corrupt(tmp_path):
+    """torch.load does not check the zip members' CRC-32: a flipped bit in a weight loaded silently (a review:
+    log_prob off by 8.3)."""
+    import zipfile
+
+    save_checkpoint(tmp_path / "ckpt.pt", TabularFlow(4, transforms=2, hidden=8))
+    data = bytearray((tmp_path / "ckpt.pt").read_bytes())
+    with zipfile.ZipFile(tmp_path / "ckpt.pt") as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("data/0"))
+    local = info.header_offset  # the member's bytes follow its local header (30 bytes, its name and extra field)
+    start = (
+        local
+        + 30
+        + int.from_bytes(data[local + 26 : local + 28], "little")
+        + int.from_bytes(data[local + 28 : local + 30], "little")
+    )
+    data[start + 3] ^= 0x40
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"flipped.pt': it is corrupt \(the bytes of its member '.*data/0' fail"):
+        load_checkpoint(tmp_path / "flipped.pt")
+
+
+@pytest.mark.parametrize("fmt", ["checkpoint", "pretrained"])
+def test_a_config_declaring_a_billion_tiny_layers_is_refused_at_once(tmp_path, fmt):
+    """A one-element weight per layer: bytes alone tripped the budget after about 81,000 layers (minutes, and
+    gigabytes of Python objects); the tensor operations are counted too."""
+    import fastflow.allocation_budget as budget
+
+    model = TabularFlow(4, transforms=2, hidden=8)
+    huge = dict(model.config, transforms=10**9, hidden=1)
+    path = tmp_path / ("flow.pt" if fmt == "checkpoint" else "flow")
+    if fmt == "checkpoint":
+        save_checkpoint(path, model)
+        _write_payload(path, config=huge, model_class="TabularFlow", state_dict=model.state_dict())
+    else:
+        save_pretrained(path, model)
+        edit_pretrained_config(path, saved_with=True, **huge)
+    with pytest.raises(ValueError, match=r"building this TabularFlow would run more than \d+ tensor operations"):
+        (load_checkpoint if fmt == "checkpoint" else load_pretrained)(path)
+    assert budget.construction_ops(len(model.state_dict())) < 2000
+
+
+def test_ops_allowed_cover_every_model_class_built_for_its_own_weights():
+    """Every class builds within the operations its own weights allow (the real models are far below the cap)."""
+    from fastflow.allocation_budget import AllocationBudget, construction_ops
+    from fastflow.models import NICE, NSF, Jet
+
+    for make in (
+        lambda: Glow(3, 16, levels=2, steps=4, hidden=16, num_classes=10),
+        lambda: RealNVP(3, 16, scales=2, hidden=8),
+        lambda: NICE(1, 8),
+        lambda: TabularFlow(5, context=3, transforms=3, hidden=8),
+        lambda: NSF(3, transforms=2, autoregressive=True),
+        lambda: NSF(4, context=2, transforms=2),
+        lambda: Jet(3, 16, patch_size=4, couplings=2, width=16, depth=1, heads=2),
+    ):
+        tensors = len(make().state_dict())
+        with AllocationBudget(2**40, construction_ops(tensors) // 4, "it") as budget:
+            make()
+        assert 0 < budget.ops
+
+
+def test_loading_into_a_compiled_or_data_parallel_model_loads_the_model_inside(tmp_path):
+    """save_checkpoint took wrapped models; load_checkpoint refused them ('holds a Glow, which does not match the
+    OptimizedModule model')."""
+    model = _trained_glow()
+    save_checkpoint(tmp_path / "ckpt.pt", model)
+    x = torch.rand(3, 1, 4, 4) - 0.5
+    for wrapped in (torch.nn.DataParallel(Glow(1, 4, levels=2, steps=2, hidden=8, n_bins=17)),):
+        load_checkpoint(tmp_path / "ckpt.pt", wrapped)
+        torch.testing.assert_close(wrapped.module.eval().log_prob(x), model.log_prob(x), rtol=0, atol=0)
+    fresh = Glow(1, 4, levels=2, steps=2, hidden=8, n_bins=17)
+    loaded, _ = load_checkpoint(tmp_path / "ckpt.pt", torch.compile(fresh))
+    assert loaded is fresh
+    torch.testing.assert_close(fresh.eval().log_prob(x), model.log_prob(x), rtol=0, atol=0)
+
+
+def test_a_missing_safetensors_path_is_called_missing(tmp_path):
+    """Its name alone made it 'not a PyTorch checkpoint but a file of a shared model folder'."""
+    with pytest.raises(ValueError, match="No such file or directory"):
+        load_checkpoint(tmp_path / "nope" / "model.safetensors")

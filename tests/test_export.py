@@ -15,7 +15,7 @@ import fastflow
 from fastflow.checkpoint import load_pretrained, save_checkpoint, save_pretrained
 from fastflow.cli import main
 from fastflow.models import NICE, FlowModel, Glow, RealNVP
-from tests.helpers import perturb_parameters
+from tests.helpers import edit_pretrained_config, perturb_parameters
 
 MODELS = {
     "Glow": lambda: Glow(1, 4, levels=1, steps=1, hidden=8, n_bins=17),
@@ -93,14 +93,14 @@ def test_unreadable_or_foreign_config_json_names_the_file(tmp_path):
 
 def test_weights_of_another_architecture_name_only_the_differing_keys(tmp_path):
     _trained().save_pretrained(tmp_path)
-    _edit_config(tmp_path, steps=3)
+    edit_pretrained_config(tmp_path, saved_with=False, steps=3)  # weights without a stored config: the old format
     with pytest.raises(ValueError, match="model.safetensors") as info:
         FlowModel.from_pretrained(tmp_path)
     message = str(info.value)
     assert "do not match the Glow architecture" in message and "missing" in message and "more" in message
     assert "unexpected" not in message and len(message) < 700, message
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="cannot read .*model.safetensors"):
+    with pytest.raises(ValueError, match="model.safetensors' is not a safetensors file"):
         FlowModel.from_pretrained(tmp_path)
 
 
@@ -156,3 +156,72 @@ def test_from_pretrained_on_cuda(tmp_path):
     _trained().save_pretrained(tmp_path)
     model = load_pretrained(tmp_path, map_location="cuda")
     assert all(p.is_cuda for p in model.parameters())
+
+
+def test_a_folder_mixing_two_saves_is_refused(tmp_path, monkeypatch):
+    """save_pretrained writes the weights, then config.json: stopped between the two, the folder paired the new
+    weights with the old config, and a model of the same shapes (here another scale and n_bins) loaded silently
+    as the wrong one (a review: 9.6 bits/dim instead of 6.4)."""
+    import fastflow.checkpoint as checkpoint
+
+    old = Glow(1, 8, levels=2, steps=2, hidden=8, n_bins=256)
+    new = Glow(1, 8, levels=2, steps=2, hidden=8, n_bins=32, scale="exp")
+    old.save_pretrained(tmp_path)
+    write = checkpoint.atomic_file
+
+    def stop_before_the_config(path):
+        if str(path).endswith("config.json"):
+            raise KeyboardInterrupt
+        return write(path)
+
+    monkeypatch.setattr(checkpoint, "atomic_file", stop_before_the_config)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError, match="config.json' does not match the config .*model.safetensors' was saved with"
+    ) as info:
+        FlowModel.from_pretrained(tmp_path)
+    assert "n_bins: 32 with the weights, 256 in config.json" in str(info.value)
+    assert "scale: 'exp' with the weights, 'sigmoid' in config.json" in str(info.value)
+    monkeypatch.setattr(checkpoint, "atomic_file", write)
+    new.save_pretrained(tmp_path)  # saved again whole, it loads
+    assert FlowModel.from_pretrained(tmp_path).config == new.config
+
+
+def test_a_folder_whose_weights_store_no_config_still_loads(tmp_path):
+    """Folders written before the weights stored their config load as before."""
+    model = _trained()
+    model.save_pretrained(tmp_path)
+    edit_pretrained_config(tmp_path, saved_with=False)
+    x = torch.rand(3, 1, 4, 4) - 0.5
+    torch.testing.assert_close(FlowModel.from_pretrained(tmp_path).eval().log_prob(x), model.log_prob(x))
+
+
+@pytest.mark.parametrize(
+    ("weights", "named"),
+    [
+        (None, "cannot read .*model.safetensors': No such file or directory"),
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 84097405\n", "is a Git LFS pointer"),
+        ("cut", "model.safetensors' is truncated: its header declares"),
+        (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all", "not a safetensors file, or is corrupt"),
+    ],
+    ids=["missing", "lfs-pointer", "truncated", "bad-header"],
+)
+def test_missing_or_broken_weights_are_named_before_the_model_is_built(tmp_path, monkeypatch, weights, named):
+    """The model was built before the weights were read, with a budget from the file's size: for weights over
+    16 MiB a missing, truncated or Git LFS placeholder file was reported as a bad config.json."""
+    import fastflow.checkpoint as checkpoint
+
+    Glow(1, 4, levels=1, steps=1, hidden=8).save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    if weights is None:
+        path.unlink()
+    elif weights == "cut":
+        path.write_bytes(path.read_bytes()[:-100])
+    else:
+        path.write_bytes(weights)
+    built = []
+    monkeypatch.setattr(checkpoint, "build_model", lambda *args: built.append(args))
+    with pytest.raises(ValueError, match=named):
+        FlowModel.from_pretrained(tmp_path)
+    assert built == []
