@@ -492,6 +492,20 @@ def test_a_corrupt_lu_permutation_or_sign_is_refused(tmp_path, make, suffix, val
         load_checkpoint(path)
 
 
+def test_a_made_mask_other_than_the_configs_is_refused(tmp_path):
+    """A MADE's masks follow from the config; a crafted mask of ones loaded, and the model's log-density was finite
+    and wrong (its Jacobian no longer triangular)."""
+    from fastflow.models import NSF
+
+    make = lambda: NSF(3, transforms=1, hidden=8, autoregressive=True)  # noqa: E731
+    path, key = _corrupt_lu_buffer(tmp_path, make, ".mask", 1.0)
+    with pytest.raises(ValueError, match=rf"ckpt.pt.*{key.replace('.', '[.]')} is not the autoregressive mask"):
+        load_checkpoint(path)
+    model = make()
+    save_checkpoint(path, model)
+    assert torch.equal(load_checkpoint(path)[0].state_dict()[key], model.state_dict()[key])  # its own mask loads
+
+
 @pytest.mark.parametrize(
     ("name", "content", "named"),
     [
