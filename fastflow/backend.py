@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["BackendName", "backend", "resolve_backend", "triton_available", "interpreter_enabled"]
+__all__ = ["BackendName", "backend", "interpreter_enabled", "legacy_batched", "resolve_backend", "triton_available"]
 
 BackendName = Literal["auto", "eager", "triton", "interpret"]
 _NAMES = ("auto", "eager", "triton", "interpret")
@@ -94,6 +94,13 @@ def functorch_transforms_active() -> bool:
     if not _DYNAMO_TRACES_FUNCTORCH_QUERY and torch.compiler.is_compiling():
         return False
     return torch._C._are_functorch_transforms_active()
+
+
+def legacy_batched(t: object) -> bool:
+    """Whether ``t`` is a gradient autograd batches itself (``autograd.grad(..., is_grads_batched=True)``,
+    ``jacobian(..., vectorize=True)``): a tensor whose storage a kernel launch cannot read."""
+    legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return isinstance(t, torch.Tensor) and legacy is not None and legacy(t)
 
 
 def resolve_backend(x: torch.Tensor) -> Literal["eager", "triton", "interpret"]:

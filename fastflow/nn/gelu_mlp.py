@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastflow.backend import functorch_transforms_active
+from fastflow.backend import functorch_transforms_active, legacy_batched
 
 __all__ = ["gelu_mlp"]
 
@@ -35,8 +35,7 @@ def _batched(grad: torch.Tensor) -> bool:
     Never while ``torch.compile`` traces (it traces the backward unbatched)."""
     if torch.compiler.is_compiling():
         return False
-    legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
-    return functorch_transforms_active() or (legacy is not None and legacy(grad))
+    return functorch_transforms_active() or legacy_batched(grad)
 
 
 class _GeluMLP(torch.autograd.Function):

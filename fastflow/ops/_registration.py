@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from fastflow.backend import functorch_transforms_active, interpreter_enabled, triton_available
+from fastflow.backend import functorch_transforms_active, interpreter_enabled, legacy_batched, triton_available
 
 __all__ = ["TRACEABLE", "direct_autograd", "kernel_function", "kernels_traceable", "registration", "use_library_op"]
 
@@ -108,11 +108,14 @@ def direct_autograd(
     setup_context: Callable[..., None],
     backward: Callable[..., Any],
     differentiable_backward: bool = False,
+    name: str | None = None,
 ) -> Callable[..., Any]:
     """``apply`` of an ``autograd.Function`` running ``forward`` (an op's body, launching its kernels directly)
     with the ``setup_context`` and ``backward`` the op registers with ``register_autograd``. Unless
     ``differentiable_backward``, a backward run to be differentiated again (``create_graph=True``) raises, as
-    the op's second backward does (its backward op has no autograd): never a silent zero or constant gradient.
+    the op's second backward does (its backward op has no autograd): never a silent zero or constant gradient;
+    so does one given autograd's batched gradients, which the kernels cannot read (errors name the op ``name``,
+    default ``forward``'s name).
 
     The Function's ``forward`` takes ``ctx`` and calls ``setup_context`` itself, with the positional inputs
     completed by ``forward``'s defaults (bound once here): a Function with its own ``setup_context`` binds
@@ -120,6 +123,7 @@ def direct_autograd(
     parameters = list(inspect.signature(forward).parameters.values())
     if any(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in parameters):
         raise TypeError(f"{forward.__name__}: a direct twin takes positional parameters only")
+    op = name or forward.__name__
     fixed = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     defaults = tuple(p.default for p in fixed)
     required = sum(p.default is p.empty for p in fixed)
@@ -137,10 +141,19 @@ def direct_autograd(
         # incoming gradients are (a loss's constant 1 included)
         if torch.is_grad_enabled() and any(ctx.needs_input_grad):
             raise RuntimeError(
-                f"fastflow's fused {forward.__name__} has no double backward (create_graph=True); "
+                f"fastflow's fused {op} has no double backward (create_graph=True); "
                 "run it on the eager backend: with fastflow.backend('eager'): ..."
             )
-        return backward(ctx, *grads)
+        try:
+            return backward(ctx, *grads)
+        except (NotImplementedError, RuntimeError) as err:  # the kernels cannot take autograd's batched gradients
+            if not any(legacy_batched(g) for g in grads):
+                raise
+            raise RuntimeError(
+                f"fastflow's fused {op} has no batched backward (autograd.grad(..., "
+                "is_grads_batched=True), jacobian(..., vectorize=True)): use torch.func.jacrev or vmap, which run its "
+                "eager twin, or run it on the eager backend: with fastflow.backend('eager'): ..."
+            ) from err
 
     function = type(
         f"Direct_{forward.__name__}",

@@ -393,7 +393,7 @@ def _direct_mix() -> Any:
     def mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return forward(x, weight, bias, _empty_pixels(x, weight.shape[0]))
 
-    return direct_autograd(mix, _setup_context, _mix_backward(_direct_mix_grads))
+    return direct_autograd(mix, _setup_context, _mix_backward(_direct_mix_grads), name="channel_mix")
 
 
 _MIX_BACKWARD_KERNEL = kernel_function("channel_mix", "channel_mix_backward")

@@ -469,8 +469,8 @@ def _direct_ops() -> _CouplingOps:
         return [t for t in coupling_backward(*args) if t is not None]
 
     return _CouplingOps(
-        direct_autograd(fwd, _setup_context, _forward_backward(bwd)),
-        direct_autograd(inv, _setup_context, _inverse_backward),
+        direct_autograd(fwd, _setup_context, _forward_backward(bwd), name="coupling"),
+        direct_autograd(inv, _setup_context, _inverse_backward, name="coupling inverse"),
         bwd,
     )
 

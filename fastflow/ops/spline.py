@@ -279,8 +279,8 @@ def _direct_ops() -> _SplineOps:
         return [t for t in backward(*args) if t is not None]
 
     return _SplineOps(
-        direct_autograd(fwd, _setup_context, _backward("forward", bwd)),
-        direct_autograd(inv, _setup_context, _backward("inverse", bwd)),
+        direct_autograd(fwd, _setup_context, _backward("forward", bwd), name="rq_spline"),
+        direct_autograd(inv, _setup_context, _backward("inverse", bwd), name="rq_spline_inverse"),
         bwd,
     )
 

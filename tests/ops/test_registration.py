@@ -131,6 +131,34 @@ def test_fused_spline_log_det_gradient_is_not_differentiated_again() -> None:
             torch.autograd.grad(logdet.sum(), x, create_graph=True)
 
 
+def _batched_jacobian_cases() -> dict[str, tuple]:
+    gen = torch.Generator().manual_seed(0)
+    x, t, r = (torch.randn(2, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    raw = torch.randn(2, 4, 3 * 4 - 1, generator=gen, dtype=torch.float64)
+    image, weight = torch.randn(2, 3, 2, 2, generator=gen, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    return {
+        "coupling": (lambda v: affine_coupling(v, t, r)[0], x),
+        "rq_spline": (lambda v: rq_spline(v, raw, 4, 3.0)[0], x),
+        "channel_mix": (lambda v: channel_mix(v, weight, None), image),
+    }
+
+
+@pytest.mark.parametrize("op", ["coupling", "rq_spline", "channel_mix"])
+def test_batched_gradients_through_a_fused_op_name_the_way_out(op: str) -> None:
+    """autograd's batched gradients (jacobian(vectorize=True), is_grads_batched=True) reached the kernels, which
+    failed with 'Cannot access storage of BatchedTensorImpl' (or a missing batching rule); now a RuntimeError
+    names the op and what works: torch.func.jacrev (the ops run their eager twins under it) gives the eager
+    Jacobian."""
+    fn, inp = _batched_jacobian_cases()[op]
+    with fastflow.backend("eager"):
+        want = torch.autograd.functional.jacobian(fn, inp, vectorize=True)
+    with fastflow.backend("interpret"):
+        with pytest.raises(RuntimeError, match=f"fused {op} has no batched backward.*torch.func.jacrev"):
+            torch.autograd.functional.jacobian(fn, inp, vectorize=True)
+        torch.testing.assert_close(torch.func.jacrev(fn)(inp), want)
+        torch.testing.assert_close(torch.autograd.functional.jacobian(fn, inp), want)  # unbatched: the kernels
+
+
 def test_compiled_fused_ops_follow_a_new_size(target) -> None:
     """``torch.compile``'s dynamic shapes (a second size marks a dimension dynamic) reach the ops' fake kernels and
     launch geometry as SymInts: they specialise (a guard) instead of failing on the geometry cache."""
