@@ -193,8 +193,19 @@ def test_a_conditional_density_is_learned():
         ),
         (lambda m: m.sample(3, _context(1, 2).to("meta")), ValueError, "context is on meta"),
         # a 1-D context (zuko's c of shape (F,)) was expanded to (n,) and refused as "(n,)"
-        (lambda m: m.sample(5, _context(1, 2)[0]), ValueError, r"got \(2,\): one context vector .* is c\[None\]"),
+        (lambda m: m.sample(5, _context(1, 2)[0]), ValueError, r"got \(2,\): one context vector .* c\.expand\(5, -1\)"),
         (lambda m: m.sample(5, _context(1, 1)[0]), ValueError, r"got \(1,\): one context vector"),
+        # the hint was c[None], which log_prob refuses again (one row per x); (B,) is one feature per sample
+        (
+            lambda m: m.log_prob(torch.randn(4, 3, dtype=torch.float64), _context(1, 2)[0]),
+            ValueError,
+            r"got \(2,\): one context vector c of shape \(F,\) shared by every sample is c\.expand\(4, -1\)",
+        ),
+        (
+            lambda m: m.log_prob(torch.randn(2, 3, dtype=torch.float64), _context(1, 2)[0]),
+            ValueError,
+            r"got \(2,\): one feature per sample is c\[:, None\]; one context vector",
+        ),
     ],
 )
 def test_bad_inputs_raise_clear_errors(call, error, match):
