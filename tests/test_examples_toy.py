@@ -111,3 +111,29 @@ def test_a_missing_matplotlib_is_a_usage_error_before_training(tmp_path, capsys,
         main(["--steps", "5", "--out", str(tmp_path / "out")])
     captured = capsys.readouterr()
     assert exit_info.value.code == 2 and "need matplotlib" in captured.err and "trained" not in captured.out
+
+
+def test_a_seed_past_what_the_data_takes_is_a_usage_error(tmp_path, capsys):
+    """--seed 4294967295 drew the held-out points with seed + 1 = 2**32, which scikit-learn refused with a
+    traceback naming a number the user never passed."""
+    from fastflow.examples.toy import MAX_SEED, main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--seed", str(MAX_SEED + 1), "--steps", "1", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and f"--seed must be <= {MAX_SEED}" in capsys.readouterr().err
+
+
+def test_a_diverged_run_says_so_instead_of_a_traceback(tmp_path, capsys):
+    """At --lr 1 the flow diverges: the example printed the NLL rise without a word, then died in plot_samples
+    with a FloatingPointError traceback (or drew an empty samples panel)."""
+    pytest.importorskip("matplotlib")
+    from fastflow.examples.toy import main
+
+    args = ["--steps", "150", "--lr", "1", "--transforms", "2", "--hidden", "16", "--out", str(tmp_path / "out")]
+    try:
+        result = main(args)
+    except SystemExit as err:  # the trained density or samples are not finite: no plot to draw
+        assert "cannot plot the trained model" in str(err.code) and "try a lower --lr than 1.0" in str(err.code)
+    else:
+        assert not result.nll_trained <= result.nll_untrained, "the run was to diverge"
+    assert "warning: training diverged (the held-out NLL rose): try a lower --lr than 1.0" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ __all__ = ["ToyResult", "heldout_nll", "main", "plot_density", "plot_samples", "
 
 TRAIN_POINTS = 8192
 HELDOUT_POINTS = 2048
+MAX_SEED = 2**32 - 2
+"""The largest --seed: the held-out points are drawn with seed + 1 (scikit-learn takes seeds < 2**32)."""
 
 
 @dataclass
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> ToyResult:
     for flag, low in (("steps", 1), ("batch", 1), ("transforms", 1), ("hidden", 1), ("threads", 1), ("seed", 0)):
         if getattr(args, flag) < low:
             parser.error(f"--{flag} must be >= {low}, got {getattr(args, flag)}")
+    if args.seed > MAX_SEED:
+        parser.error(f"--seed must be <= {MAX_SEED}, got {args.seed}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be a finite number > 0, got {args.lr}")
     try:
@@ -185,10 +190,16 @@ def _run(args: argparse.Namespace) -> ToyResult:
     nll_trained = heldout_nll(model, heldout)
     print(f"trained {args.steps} steps of batch {args.batch} in {seconds:.1f} s")
     print(f"held-out NLL (nats per point): {nll_untrained:.3f} untrained -> {nll_trained:.3f} trained")
+    diverged = f"training diverged (the held-out NLL rose): try a lower --lr than {args.lr}"
+    if not nll_trained <= nll_untrained:  # NaN too
+        print(f"warning: {diverged}", file=sys.stderr)
 
     os.makedirs(args.out, exist_ok=True)
-    density = plot_density(model, train_data, os.path.join(args.out, "density.png"))
-    samples = plot_samples(model, train_data, os.path.join(args.out, "samples.png"))
+    try:
+        density = plot_density(model, train_data, os.path.join(args.out, "density.png"))
+        samples = plot_samples(model, train_data, os.path.join(args.out, "samples.png"))
+    except FloatingPointError as err:  # the trained model's density or samples are not finite
+        raise SystemExit(f"error: cannot plot the trained model ({err}): {diverged}") from err
     print(f"wrote {density} and {samples}")
     return ToyResult(nll_untrained, nll_trained, seconds, density, samples)
 
