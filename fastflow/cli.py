@@ -71,6 +71,12 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "warmup": 100, "clip": 50.0, "seed": 0, "save_every": 500, "eval_every": 250, "samples": 64, "temperature": 0.7,
     "compile": False, "cuda_graph": False, "channels_last": None,
 }  # fmt: skip
+FLAG_TYPES: dict[str, type | tuple[type, ...]] = {
+    **{name: type(value) for name, value in TRAIN_DEFAULTS.items() if value is not None},
+    "data": str, "resolution": int, "n_bits": int, "tile_size": int, "amp": str, "channels_last": bool,
+    "tile_memory_mb": (int, float), "lr": (int, float), "clip": (int, float), "temperature": (int, float),
+}  # fmt: skip
+FLAG_TYPE_NAMES = {str: "string", int: "integer", bool: "bool", (int, float): "number"}
 # Settings that change how a step runs but not what it computes may change on --resume.
 # The flags of one model only: giving one for the other model is an error.
 MODEL_FLAGS = {"glow": ("levels", "steps", "hidden"), "jet": ("patch_size", "couplings", "width", "depth", "heads")}
@@ -137,13 +143,24 @@ def _infer_resolution(folder: str) -> int:
     return sides.pop()
 
 
-def _stored_flags(extra: dict[str, Any]) -> dict[str, Any]:
-    """The train flags a checkpoint was written with (those of an older checkpoint: from its TrainConfig)."""
+def _stored_flags(extra: dict[str, Any], checkpoint: str) -> dict[str, Any]:
+    """The train flags a checkpoint was written with (those of an older checkpoint: from its TrainConfig), each
+    of its flag's type (``ValueError`` naming the checkpoint and the flag otherwise: an edited or corrupt file)."""
     if isinstance(extra.get("cli"), dict):
-        return {k: v for k, v in extra["cli"].items() if k in TRAIN_DEFAULTS}
-    config = extra.get("train_config") or {}
-    renamed = {("iterations" if k == "steps" else k): v for k, v in config.items()}
-    return {k: v for k, v in renamed.items() if k in TRAIN_DEFAULTS}
+        stored = {k: v for k, v in extra["cli"].items() if k in TRAIN_DEFAULTS}
+    else:
+        config = extra.get("train_config") or {}
+        renamed = {("iterations" if k == "steps" else k): v for k, v in config.items()}
+        stored = {k: v for k, v in renamed.items() if k in TRAIN_DEFAULTS}
+    for name, value in stored.items():
+        kind = FLAG_TYPES[name]
+        fits = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if not (fits or (value is None and TRAIN_DEFAULTS[name] is None)):
+            raise ValueError(
+                f"{checkpoint!r} stores {_flag(name)} = {value!r}, which is no {FLAG_TYPE_NAMES[kind]}: the file was "
+                "edited or is corrupt"
+            )
+    return stored
 
 
 def _same_flag(name: str, given: object, stored: object) -> bool:
@@ -167,7 +184,7 @@ def _resolve_train_flags(args: argparse.Namespace) -> tuple[int, dict[str, Any]]
         if not os.path.exists(checkpoint):
             raise ValueError(f"cannot resume: no checkpoint {checkpoint!r}")
         extra = load_checkpoint(checkpoint)[1].get("extra") or {}
-        stored = _stored_flags(extra)
+        stored = _stored_flags(extra, checkpoint)
         differ = [
             n
             for n in sorted(given)
@@ -193,7 +210,11 @@ def _resolve_train_flags(args: argparse.Namespace) -> tuple[int, dict[str, Any]]
         for tiling, other in (("tile_size", "tile_memory_mb"), ("tile_memory_mb", "tile_size")):
             if tiling in given and other not in given:
                 setattr(args, other, None)  # one tiling given on --resume replaces the run's (its default below)
-        start = int(extra.get("step", 0))
+        start = extra.get("step", 0)
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(
+                f"{checkpoint!r} stores step {start!r}, which is no int >= 0: the file was edited or is corrupt"
+            )
     elif os.path.exists(checkpoint):
         raise ValueError(f"{checkpoint!r} exists: pass --resume to continue that run, or choose another --out")
     for name, value in TRAIN_DEFAULTS.items():

@@ -405,6 +405,31 @@ def test_resume_restores_the_run_flags_and_refuses_contradictions(tmp_path, caps
     assert "already at step" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("entry", "value", "named"),
+    [
+        ("step", "abc", "stores step 'abc', which is no int >= 0"),
+        ("iterations", "10", "stores --iterations = '10', which is no integer"),
+        ("hidden", "8", "stores --hidden = '8', which is no integer"),
+        ("reversible", 1, "stores --reversible = 1, which is no bool"),
+        ("lr", None, "stores --lr = None, which is no number"),
+    ],
+)
+def test_resume_names_an_edited_checkpoint_and_its_entry(tmp_path, capsys, entry, value, named):
+    """An edited checkpoint's stored flags and step failed as 'invalid literal for int()', a bare TypeError from a
+    comparison, or 'hidden must be an int' (a flag the user never passed), naming neither the file nor the entry."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--iterations", "2", "--out", str(out)]) == 0
+    ckpt = out / "checkpoint.pt"
+    payload = torch.load(ckpt, weights_only=True)
+    if entry == "step":
+        payload["extra"]["step"] = value
+    else:
+        payload["extra"]["cli"][entry] = value
+    torch.save(payload, ckpt)
+    _one_line_error(capsys, ["train", "--out", str(out), "--resume", "--device", "cpu"], 2, ["checkpoint.pt", named])
+
+
 def test_resume_takes_the_default_n_bits_spelled_out(tmp_path, capsys):
     """A run on the photo crops stores --n-bits None (the default, 5): --resume --n-bits 5 says the same and
     continues; another value contradicts it."""
