@@ -24,6 +24,7 @@ from fastflow.atomic_file import atomic_file
 from fastflow.models import NICE, NSF, FlowModel, Glow, Jet, RealNVP, TabularFlow
 from fastflow.nn.state_upgrade import upgraded_state_dict
 from fastflow.ops._checks import FLOAT_DTYPES
+from fastflow.warning_location import warn_at_caller
 
 __all__ = [
     "CONFIG_NAME",
@@ -371,6 +372,12 @@ def _unreadable(path: str, err: BaseException) -> str:
     return f"cannot read checkpoint {path!r}: {message}"
 
 
+def weights_only_loader_patched() -> bool:
+    """Whether the installed torch has the fixes of the published escapes from ``torch.load(weights_only=True)``
+    (torch >= 2.10): below, a crafted ``.pt`` can corrupt memory (< 2.10) or run code (< 2.6)."""
+    return torch.torch_version.TorchVersion(torch.__version__) >= (2, 10)
+
+
 def _check_zip_members(path: str) -> None:
     """``ValueError`` naming ``path`` where its zip archive (torch.save's format) holds a member whose bytes fail
     their CRC-32: ``torch.load`` does not check them, so a flipped bit in a weight loaded silently. Files that are
@@ -402,6 +409,13 @@ def load_checkpoint(
     wrongly shaped parameters). Returns ``(model, payload)`` with payload keys ``model_class``, ``config``,
     ``state_dict``, ``optimizer``, ``extra``."""
     where = f"checkpoint {os.fspath(path)!r}"
+    if not weights_only_loader_patched():
+        warn_at_caller(
+            f"torch {torch.__version__}'s weights-only loader has published escapes (CVE-2025-32434 below 2.6: code "
+            "execution; CVE-2026-24747 below 2.10: memory corruption): load only checkpoints you wrote or trust, "
+            "upgrade torch to 2.10 or later, or share models as save_pretrained folders (safetensors)",
+            UserWarning,
+        )
     _check_zip_members(os.fspath(path))
     try:
         with warnings.catch_warnings():

@@ -8,6 +8,7 @@ import os
 import pickle
 import shlex
 import stat
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -631,3 +632,22 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
         path.write_bytes(b"partial")
     save_checkpoint(tmp_path / "ckpt.pt", TabularFlow(2, transforms=1, hidden=4))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt.pt", live.name, other.name])
+
+
+def test_loading_a_checkpoint_on_a_torch_with_weights_only_escapes_warns(tmp_path, monkeypatch):
+    """torch < 2.6 (code execution) and < 2.10 (memory corruption) have published escapes from the weights-only
+    loader, which the package's torch >= 2.4 admits: the README's 'a crafted file cannot run code' needs the fixes."""
+    import fastflow.checkpoint as checkpoint
+
+    save_checkpoint(tmp_path / "ckpt.pt", TabularFlow(2, transforms=1, hidden=4))
+    assert checkpoint.weights_only_loader_patched() == (torch.torch_version.TorchVersion(torch.__version__) >= (2, 10))
+    monkeypatch.setattr(checkpoint, "weights_only_loader_patched", lambda: False)
+    with pytest.warns(
+        UserWarning, match=r"CVE-2025-32434 below 2\.6.*load only checkpoints you wrote or trust"
+    ) as seen:
+        load_checkpoint(tmp_path / "ckpt.pt")
+    assert seen[0].filename == __file__
+    monkeypatch.setattr(checkpoint, "weights_only_loader_patched", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(tmp_path / "ckpt.pt")
