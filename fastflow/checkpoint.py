@@ -127,21 +127,25 @@ def _model_class(name: Any, config: Any, source: str = "") -> type[FlowModel]:
 
 
 def build_model(
-    name: str, config: dict[str, Any], source: str = "", weight_bytes: int | None = None, weight_tensors: int = 0
+    name: str,
+    config: dict[str, Any],
+    source: str = "",
+    weight_bytes: int | None = None,
+    weight_tensors: int | None = None,
 ) -> FlowModel:
     """Construct a model of class ``name`` (a key of ``MODEL_CLASSES``) from its ``config``: only the
     constructor's arguments, each a plain value of its annotated type (a list for a tuple); missing ones take
     the constructor's defaults. A bad class, key or value is a ``ValueError`` naming it, prefixed by ``source``
-    (e.g. the file it came from). With ``weight_bytes`` and ``weight_tensors`` (the size and number of the tensors
-    the model is built for), building may allocate at most
-    :func:`~fastflow.allocation_budget.construction_budget` bytes and run at most
-    :func:`~fastflow.allocation_budget.construction_ops` tensor operations, else ``ValueError``."""
+    (e.g. the file it came from). With ``weight_bytes`` (the size of the weights the model is built for), building
+    may allocate at most :func:`~fastflow.allocation_budget.construction_budget` bytes, and with
+    ``weight_tensors`` (their number) run at most :func:`~fastflow.allocation_budget.construction_ops` tensor
+    operations, else ``ValueError``."""
     cls = _model_class(name, config, source)
     try:
         if weight_bytes is None:
             return cls(**config)
-        limits = construction_budget(weight_bytes), construction_ops(weight_tensors)
-        with AllocationBudget(*limits, f"this {name}"):
+        max_ops = None if weight_tensors is None else construction_ops(weight_tensors)
+        with AllocationBudget(construction_budget(weight_bytes), max_ops, f"this {name}"):
             return cls(**config)
     except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: a value no check caught, raised by torch
         raise ValueError(_where(source, f"invalid config for {name}: {err}")) from err
@@ -163,13 +167,14 @@ def _config_differences(
     places: tuple[str, str] = ("in the file", "in the model"),
 ) -> list[str]:
     """``"key: A in the file, B in the model"`` (``places``) for each architecture key whose values differ (missing
-    keys count as the constructor's default; tuples and lists compare equal)."""
+    keys count as the constructor's default; tuples and lists compare equal, numbers by value: 3 and 3.0)."""
     defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if p.default is not p.empty}
     stored, current = {**defaults, **stored}, {**defaults, **current}
     return [
         f"{key}: {stored.get(key)!r} {places[0]}, {current.get(key)!r} {places[1]}"
         for key in sorted(set(stored) | set(current))
-        if key not in RUNTIME_OPTIONS and json.dumps(stored.get(key)) != json.dumps(current.get(key))
+        if key not in RUNTIME_OPTIONS
+        and json.loads(json.dumps(stored.get(key))) != json.loads(json.dumps(current.get(key)))
     ]
 
 
@@ -380,14 +385,25 @@ def weights_only_loader_patched() -> bool:
 
 def _check_zip_members(path: str) -> None:
     """``ValueError`` naming ``path`` where its zip archive (torch.save's format) holds a member whose bytes fail
-    their CRC-32: ``torch.load`` does not check them, so a flipped bit in a weight loaded silently. Files that are
-    no zip archive, or whose archive does not read back, are left to ``torch.load`` and :func:`_unreadable`."""
+    their CRC-32: ``torch.load`` does not check them, so a flipped bit in a weight loaded silently. Members saved
+    without one (CRC 0: ``torch.serialization.set_crc32_options(False)``) are not checked; files that are no zip
+    archive, or whose archive does not read back, are left to ``torch.load`` and :func:`_unreadable`."""
     head = _head(path)
     if head is None or not head.startswith(b"PK"):
         return
+    bad = None
     try:
         with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
+            for member in archive.infolist():
+                if member.CRC == 0:  # torch.serialization.set_crc32_options(False) stores none
+                    continue
+                try:
+                    with archive.open(member) as f:
+                        while f.read(2**24):  # the reader compares the CRC at the end
+                            pass
+                except zipfile.BadZipFile:
+                    bad = member.filename
+                    break
     except (OSError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError):
         return
     if bad is not None:
@@ -505,17 +521,17 @@ def _safetensors_header(path: str) -> tuple[int, int, dict[str, str]]:
     return stored, len(tensors), metadata
 
 
-def _check_saved_with(
-    saved_with: object, meta: dict[str, Any], cls: type[FlowModel], weights_path: str, config_path: str
-) -> None:
+def _check_saved_with(saved_with: object, model: FlowModel, weights_path: str, config_path: str) -> None:
     """``ValueError`` naming both files where the class and config stored with the weights (by
-    :func:`save_pretrained`; absent in folders written before it stored them) differ from ``config.json``'s."""
+    :func:`save_pretrained`; absent in folders written before it stored them) differ from those of ``model``,
+    built from ``config.json`` (so a key left to its default, or ``32`` for ``[32, 32]``, is no difference)."""
     if saved_with is None:
         return
     try:
         saved = json.loads(str(saved_with))
-        differences = _config_differences(saved["config"], meta["config"], cls, ("with the weights", "in config.json"))
-        same_class = saved["model_class"] == meta["model_class"]
+        places = ("with the weights", "in config.json")
+        differences = _config_differences(saved["config"], model.config, type(model), places)
+        same_class = saved["model_class"] == type(model).__name__
     except (ValueError, TypeError, KeyError) as err:
         raise ValueError(f"{weights_path!r}: its stored config does not read ({err})") from err
     if not same_class or differences:
@@ -567,9 +583,9 @@ def load_pretrained(
     if expected_class is not None and not issubclass(cls, expected_class):
         raise ValueError(f"{os.fspath(directory)!r} holds a {meta['model_class']}, not a {expected_class.__name__}")
     weight_bytes, weight_tensors, metadata = _safetensors_header(weights_path)
-    _check_saved_with(metadata.get(SAVED_WITH), meta, cls, weights_path, config_path)
     _check_device(map_location)
     model = build_model(meta["model_class"], meta["config"], repr(config_path), weight_bytes, weight_tensors)
+    _check_saved_with(metadata.get(SAVED_WITH), model, weights_path, config_path)
     try:
         state_dict = load_file(weights_path, device=str(map_location))
     except (OSError, SafetensorError, RuntimeError) as err:  # RuntimeError: e.g. a map_location this machine lacks

@@ -555,6 +555,27 @@ def test_a_flipped_bit_in_a_weight_is_refused_as_corrupt(tmp_path):
         load_checkpoint(tmp_path / "flipped.pt")
 
 
+def test_a_checkpoint_saved_without_checksums_loads(tmp_path):
+    """torch.serialization.set_crc32_options(False) (documented: torch.load still reads the file) stores CRC 0 for
+    every member: the checksum check called such a file corrupt."""
+    if not hasattr(torch.serialization, "set_crc32_options"):
+        pytest.skip("this torch always writes checksums")
+    torch.serialization.set_crc32_options(False)
+    try:
+        save_checkpoint(tmp_path / "nocrc.pt", TabularFlow(4, transforms=2, hidden=8))
+    finally:
+        torch.serialization.set_crc32_options(True)
+    load_checkpoint(tmp_path / "nocrc.pt")
+
+
+def test_build_model_without_a_tensor_count_counts_no_operations():
+    """build_model(name, config, source, weight_bytes), the call before the op count was added, built a Glow of
+    32 steps; a default of 0 tensors capped it at 1,024 operations and refused it, blaming the config."""
+    model = Glow(3, 32, levels=3, steps=32, hidden=8)
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert isinstance(build_model("Glow", dict(model.config), "my.json", nbytes), Glow)
+
+
 @pytest.mark.parametrize("fmt", ["checkpoint", "pretrained"])
 def test_a_config_declaring_a_billion_tiny_layers_is_refused_at_once(tmp_path, fmt):
     """A one-element weight per layer: bytes alone tripped the budget after about 81,000 layers (minutes, and
@@ -623,15 +644,20 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     import subprocess
     import sys
 
+    from fastflow.atomic_file import _host
+
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(done.stdout)
-    orphan = tmp_path / f".ckpt.pt.{dead}-0123456789ab.tmp"
-    live = tmp_path / f".ckpt.pt.{os.getppid()}-0123456789ab.tmp"
-    other = tmp_path / f".other.pt.{dead}-0123456789ab.tmp"
-    for path in (orphan, live, other):
+    orphan = tmp_path / f".ckpt.pt.{_host()}-{dead}-0123456789ab.tmp"
+    live = tmp_path / f".ckpt.pt.{_host()}-{os.getppid()}-0123456789ab.tmp"
+    other_file = tmp_path / f".other.pt.{_host()}-{dead}-0123456789ab.tmp"
+    other_host = tmp_path / f".ckpt.pt.{_host()}x-{dead}-0123456789ab.tmp"  # its pids mean nothing here
+    for path in (orphan, live, other_file, other_host):
         path.write_bytes(b"partial")
     save_checkpoint(tmp_path / "ckpt.pt", TabularFlow(2, transforms=1, hidden=4))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt.pt", live.name, other.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["ckpt.pt", live.name, other_file.name, other_host.name]
+    )
 
 
 def test_loading_a_checkpoint_on_a_torch_with_weights_only_escapes_warns(tmp_path, monkeypatch):

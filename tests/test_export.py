@@ -14,7 +14,7 @@ import torch
 import fastflow
 from fastflow.checkpoint import load_pretrained, save_checkpoint, save_pretrained
 from fastflow.cli import main
-from fastflow.models import NICE, FlowModel, Glow, RealNVP
+from fastflow.models import NICE, NSF, FlowModel, Glow, RealNVP
 from tests.helpers import edit_pretrained_config, perturb_parameters
 
 MODELS = {
@@ -225,3 +225,23 @@ def test_missing_or_broken_weights_are_named_before_the_model_is_built(tmp_path,
     with pytest.raises(ValueError, match=named):
         FlowModel.from_pretrained(tmp_path)
     assert built == []
+
+
+@pytest.mark.parametrize(
+    ("make", "edit"),
+    [
+        (lambda: Glow(1, 32, levels=2, steps=1, hidden=8), lambda config: config.pop("image_size")),  # the default
+        (lambda: Glow(1, 4, levels=1, steps=1, hidden=8), lambda config: config.update(image_size=4)),  # [4, 4]
+        (lambda: NSF(3, transforms=1, hidden=8), lambda config: config.update(bound=int(config["bound"]))),  # 3.0
+    ],
+    ids=["default-left-out", "int-for-pair", "int-for-float"],
+)
+def test_a_config_json_edited_to_the_same_model_still_loads(tmp_path, make, edit):
+    """The weights' stored config is compared with the model config.json builds, not with its text: a key left
+    to its default, 4 for [4, 4] or 3 for 3.0 are the same model (they were refused as 'two saves')."""
+    model = make()
+    model.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    edit(meta["config"])
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    assert FlowModel.from_pretrained(tmp_path).config == model.config
