@@ -21,7 +21,6 @@ def _library_frame(filename: str) -> bool:
     return path.startswith(_LIBRARY_DIRS) and not path.startswith(_EXAMPLES_DIR)
 
 
-
 @torch.compiler.disable  # run as Python under torch.compile (Dynamo would warn that it cannot trace the frame walk)
 def warn_at_caller(message: str, category: type[Warning]) -> None:
     """``warnings.warn(message, category)`` attributed to the first frame outside fastflow and torch (a module's

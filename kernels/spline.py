@@ -13,12 +13,12 @@ float32 (float64 for float64 inputs) whatever the storage dtype:
   ``y = yl + H (s u^2 + d0 t) / D`` with ``D = s + (d0 + d1 - 2 s) t``, and
   ``log dy/dx = 2 log(s / D) + log M`` with ``M = d1 u^2 + 2 s t + d0 (1 - u)^2``.
   Outside ``[-BOUND, BOUND]`` the map is the identity with log-det 0 (continuous: the end slopes are 1).
-- inverse: ``u`` is the root in ``[0, 1]`` of ``a u^2 + b u + c`` with ``a = H (s - d0) + dy kappa``,
-  ``b = H d0 - dy kappa``, ``c = -s dy`` (``dy = y - yl``, ``kappa = d0 + d1 - 2 s``), taken as
-  ``2 c / (-b - sqrt(b^2 - 4 a c))`` for ``b >= 0`` and ``(sqrt(b^2 - 4 a c) - b) / (2 a)`` for ``b < 0`` (then
-  ``a > s H > 0``): neither form cancels. In a bin's upper half ``v = 1 - u`` is solved for, from ``yr - y``
-  with ``d0`` and ``d1`` swapped (the spline mirrored: the same rational function), so the offset stays small
-  and ``a`` does not cancel. ``x = xl + u W``, log-det ``-log dy/dx``.
+- inverse: ``u`` is the root in ``[0, 1]`` of ``a u^2 + b u + c`` with ``a = (s - d0) + e kappa``,
+  ``b = d0 - e kappa``, ``c = -s e`` (``e = (y - yl) / H``, ``kappa = d0 + d1 - 2 s``: the quadratic divided by
+  ``H``, free of the bound's scale), taken as ``2 c / (-b - sqrt(b^2 - 4 a c))`` for ``b >= 0`` and
+  ``(sqrt(b^2 - 4 a c) - b) / (2 a)`` for ``b < 0`` (then ``a > s > 0``): neither form cancels. In a bin's upper
+  half ``v = 1 - u`` is solved for, from ``yr - y`` with ``d0`` and ``d1`` swapped (the spline mirrored: the same
+  rational function), so the offset stays small and ``a`` does not cancel. ``x = xl + u W``, log-det ``-log dy/dx``.
 - positions are measured from the nearer knot (``v = 1 - u = (xr - x) / W`` in the upper half of the bin in
   ``x``, ``y = yr - H (s v^2 + d1 t) / D`` in its upper half in ``y``, and likewise in the inverse), so knots
   and the bound map to knots and the bound exactly and a round trip measures ``y`` from the same knot both

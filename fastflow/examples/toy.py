@@ -185,14 +185,17 @@ def _run(args: argparse.Namespace) -> ToyResult:
     nll_untrained = heldout_nll(model, heldout)
 
     start = time.perf_counter()
-    train_flow(model, train_data, args.steps, args.batch, args.lr, args.seed)
+    diverged = f"training diverged: try a lower --lr than {args.lr}"
+    try:
+        train_flow(model, train_data, args.steps, args.batch, args.lr, args.seed)
+        nll_trained = heldout_nll(model, heldout)
+    except FloatingPointError as err:  # the model's log-density went non-finite during training
+        raise SystemExit(f"error: {err}: {diverged}") from err
     seconds = time.perf_counter() - start
-    nll_trained = heldout_nll(model, heldout)
     print(f"trained {args.steps} steps of batch {args.batch} in {seconds:.1f} s")
     print(f"held-out NLL (nats per point): {nll_untrained:.3f} untrained -> {nll_trained:.3f} trained")
-    diverged = f"training diverged (the held-out NLL rose): try a lower --lr than {args.lr}"
     if not nll_trained <= nll_untrained:  # NaN too
-        print(f"warning: {diverged}", file=sys.stderr)
+        print(f"warning: {diverged} (the held-out NLL rose)", file=sys.stderr)
 
     os.makedirs(args.out, exist_ok=True)
     try:

@@ -237,11 +237,13 @@ class FlowModel(nn.Module):
         if not isinstance(context, torch.Tensor):
             raise TypeError(f"context must be a torch.Tensor, got {type(context).__name__}")
         if self._blocks_use_context and context.dim() == 1:
-            per_sample = "one feature per sample is c[:, None]; " if context.shape[0] == batch else ""
+            features = self.config.get("context")  # the vector presets' context width; "F" where unknown
+            width = features if isinstance(features, int) and features > 0 else "F"
+            per_sample = "one feature per sample is c[:, None]; " if width == 1 and len(context) == batch else ""
             raise ValueError(
-                f"context must have shape ({batch}, F) (one row of context features per sample), got "
-                f"{tuple(context.shape)}: {per_sample}one context vector c of shape (F,) shared by every sample is "
-                f"c.expand({batch}, -1)"
+                f"context must have shape ({batch}, {width}) (one row of context features per sample), got "
+                f"{tuple(context.shape)}: {per_sample}one context vector c of shape ({width},) shared by every sample "
+                f"is c.expand({batch}, -1)"
             )
         if context.dim() == 0 or context.shape[0] != batch:
             raise ValueError(f"context must have shape ({batch}, ...) (one row per sample), got {tuple(context.shape)}")

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from fastflow.backend import functorch_transforms_active
+from fastflow.backend import functorch_transforms_active, legacy_batched
 from fastflow.nn.actnorm_invconv import chain_units, run_units, shared_weights
 from fastflow.nn.base import run_layer
 from fastflow.nn.recompute_state import running_statistics_kept
@@ -435,6 +435,11 @@ class _ReversibleChain(torch.autograd.Function):
             raise RuntimeError(
                 "a reversible chain has no double backward (create_graph=True): its walk records no graph, so the "
                 "gradients it returns could not be differentiated again; set reversible=False for this"
+            )
+        if legacy_batched(grad_y) or legacy_batched(grad_logdet):
+            raise RuntimeError(
+                "a reversible chain has no batched backward (autograd.grad(..., is_grads_batched=True), "
+                "jacobian(..., vectorize=True)): its walk calls autograd per layer; set reversible=False for this"
             )
         x_in, context = ctx.saved_tensors
         y = ctx.output.take()

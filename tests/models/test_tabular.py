@@ -193,24 +193,37 @@ def test_a_conditional_density_is_learned():
         ),
         (lambda m: m.sample(3, _context(1, 2).to("meta")), ValueError, "context is on meta"),
         # a 1-D context (zuko's c of shape (F,)) was expanded to (n,) and refused as "(n,)"
-        (lambda m: m.sample(5, _context(1, 2)[0]), ValueError, r"got \(2,\): one context vector .* c\.expand\(5, -1\)"),
+        (
+            lambda m: m.sample(5, _context(1, 2)[0]),
+            ValueError,
+            r"got \(2,\): one context vector c of shape \(2,\) .* c\.expand\(5, -1\)",
+        ),
         (lambda m: m.sample(5, _context(1, 1)[0]), ValueError, r"got \(1,\): one context vector"),
         # the hint was c[None], which log_prob refuses again (one row per x); (B,) is one feature per sample
         (
             lambda m: m.log_prob(torch.randn(4, 3, dtype=torch.float64), _context(1, 2)[0]),
             ValueError,
-            r"got \(2,\): one context vector c of shape \(F,\) shared by every sample is c\.expand\(4, -1\)",
-        ),
-        (
-            lambda m: m.log_prob(torch.randn(2, 3, dtype=torch.float64), _context(1, 2)[0]),
-            ValueError,
-            r"got \(2,\): one feature per sample is c\[:, None\]; one context vector",
+            r"must have shape \(4, 2\) .* got \(2,\): one context vector c of shape \(2,\) shared by every sample is "
+            r"c\.expand\(4, -1\)",
         ),
     ],
 )
 def test_bad_inputs_raise_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call(_model(3, 2))
+
+
+def test_a_one_feature_context_of_one_entry_per_sample_is_hinted_as_a_column():
+    """(B,) for a one-feature context is one column: c[:, None] (offered only where the context is one feature
+    wide; for two it would be refused again)."""
+    model = TabularFlow(3, context=1, transforms=1, hidden=4).double()
+    x, c = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"one feature per sample is c\[:, None\]; one context vector"):
+        model.log_prob(x, c)
+    model.log_prob(x, c[:, None])  # the hint works
+    with pytest.raises(ValueError) as info:
+        _model(3, 2).log_prob(torch.randn(2, 3, dtype=torch.float64), _context(1, 2)[0])
+    assert "c[:, None]" not in str(info.value)
 
 
 def test_a_context_for_an_unconditional_flow_is_refused():

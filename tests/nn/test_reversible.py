@@ -501,6 +501,18 @@ def test_a_double_backward_through_a_reversible_chain_raises_instead_of_dropping
         torch.autograd.grad((y.square().sum() - logdet.sum()), x, create_graph=True)
 
 
+def test_batched_gradients_through_a_reversible_chain_name_the_way_out():
+    """jacobian(vectorize=True) failed inside the walk with 'Batching rule not implemented for aten::alias' (on
+    every backend); the same chain without reversible backprop gives the Jacobian."""
+    chain = _vector_chain()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="reversible chain has no batched backward.*set reversible=False"):
+        torch.autograd.functional.jacobian(lambda v: chain(v)[0], x, vectorize=True)
+    chain.reversible = False
+    batched = torch.autograd.functional.jacobian(lambda v: chain(v)[0], x, vectorize=True)
+    torch.testing.assert_close(batched, torch.autograd.functional.jacobian(lambda v: chain(v)[0], x))
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_autograd_grad_leaves_the_parameters_gradients_alone(compiled):
     """As in standard mode: ``torch.autograd.grad(loss, x)`` gives x's gradient and writes no parameter's ``.grad``
