@@ -488,6 +488,9 @@ def test_settings_are_checked_before_the_first_step(tmp_path, capsys):
     _one_line_error(
         capsys, ["train", *TINY, "--resolution", "12", "--levels", "3", *out], 2, ["divisible by 2**levels = 8"]
     )
+    _one_line_error(  # refused before 2 is raised to it (a config's 10**9 took seconds and gigabytes)
+        capsys, ["train", *TINY, "--levels", "1000000000", *out], 2, ["divisible by 2**levels = 2**1000000000"]
+    )
     data = _folder(tmp_path / "mixed", [(8, 8), (16, 16)])
     _one_line_error(capsys, ["train", *TINY, "--data", str(data), *out], 2, ["several sizes", "--resolution"])
     _one_line_error(capsys, ["train", *TINY, "--compile", "--cuda-graph", *out], 2, ["--compile", "--cuda-graph"])

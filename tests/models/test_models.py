@@ -402,6 +402,21 @@ def test_temperature_takes_numpy_scalars():
     torch.testing.assert_close(model.sample(2, temperature=np.float32(0.5)), want)
 
 
+@pytest.mark.parametrize("make", [lambda: Glow(1, 8, levels=10**9), lambda: RealNVP(1, 8, scales=10**9)])
+def test_a_huge_level_count_is_refused_without_raising_2_to_it(make):
+    """The same error either way: only the memory (and time) of forming 2**(10**9) tell the bound check ran first."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="must be divisible by 2"):
+            make()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"{peak} bytes traced: 2 was raised to the exponent"
+
+
 @pytest.mark.parametrize(
     "make, match",
     [

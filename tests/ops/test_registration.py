@@ -15,7 +15,7 @@ from fastflow.ops import channel_mix as channel_mix_module
 from fastflow.ops._registration import direct_autograd, use_library_op
 from fastflow.ops.channel_mix import channel_mix, channel_mix_ref
 from fastflow.ops.coupling import affine_coupling
-from fastflow.ops.spline import rq_spline
+from fastflow.ops.spline import rq_spline, rq_spline_inverse
 
 
 class _OpNames(TorchDispatchMode):
@@ -140,10 +140,11 @@ def _batched_jacobian_cases() -> dict[str, tuple]:
         "coupling": (lambda v: affine_coupling(v, t, r)[0], x),
         "rq_spline": (lambda v: rq_spline(v, raw, 4, 3.0)[0], x),
         "channel_mix": (lambda v: channel_mix(v, weight, None), image),
+        "rq_spline_inverse": (lambda v: rq_spline_inverse(v, raw, 4, 3.0)[0], x),  # a fused backward too
     }
 
 
-@pytest.mark.parametrize("op", ["coupling", "rq_spline", "channel_mix"])
+@pytest.mark.parametrize("op", ["coupling", "rq_spline", "rq_spline_inverse", "channel_mix"])
 def test_batched_gradients_through_a_fused_op_name_the_way_out(op: str) -> None:
     """autograd's batched gradients (jacobian(vectorize=True), is_grads_batched=True) reached the kernels, which
     failed with 'Cannot access storage of BatchedTensorImpl' (or a missing batching rule); now a RuntimeError
@@ -157,6 +158,18 @@ def test_batched_gradients_through_a_fused_op_name_the_way_out(op: str) -> None:
             torch.autograd.functional.jacobian(fn, inp, vectorize=True)
         torch.testing.assert_close(torch.func.jacrev(fn)(inp), want)
         torch.testing.assert_close(torch.autograd.functional.jacobian(fn, inp), want)  # unbatched: the kernels
+
+
+def test_an_unbatched_backward_error_is_not_blamed_on_batching() -> None:
+    """The batched-gradient message is for batched gradients only: any other backward error passes unchanged."""
+
+    def backward(ctx, grad):
+        raise RuntimeError("boom from the kernel")
+
+    apply = direct_autograd(lambda x: x * 2, lambda ctx, inputs, output: None, backward, name="toy")
+    x = torch.ones(2, requires_grad=True)
+    with pytest.raises(RuntimeError, match="^boom from the kernel$"):
+        torch.autograd.grad(apply(x).sum(), x)
 
 
 def test_compiled_fused_ops_follow_a_new_size(target) -> None:
