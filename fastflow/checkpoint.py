@@ -415,15 +415,15 @@ def _check_zip_members(path: str) -> None:
 def load_checkpoint(
     path: str | os.PathLike[str], model: FlowModel | None = None, map_location: str | torch.device = "cpu"
 ) -> tuple[FlowModel, dict[str, Any]]:
-    """Load ``path`` with ``torch.load(weights_only=True)``, so a crafted file cannot run code: it fails with a
-    one-line ``ValueError`` naming the file, as do a file that is no PyTorch checkpoint (for a folder or a file
+    """Load ``path`` with ``torch.load(weights_only=True)``, so a crafted file cannot run code (on torch >= 2.10;
+    older releases have published escapes, and a warning says so): it fails with a one-line ``ValueError`` naming
+    the file, as do a file that is no PyTorch checkpoint (for a folder or a file
     of :func:`save_pretrained`'s format, the message points to ``from_pretrained``) and one whose zip member fails
-    its checksum (a flipped bit in a weight). Builds the model from the
-    stored (validated) config and moves it to ``map_location``, or loads into ``model`` (the model inside a
-    ``torch.compile`` or (Distributed)DataParallel wrapper, which is returned) after checking that its
-    architecture matches (``ValueError`` naming the config keys that differ, or the missing, unexpected and
-    wrongly shaped parameters). Returns ``(model, payload)`` with payload keys ``model_class``, ``config``,
-    ``state_dict``, ``optimizer``, ``extra``."""
+    its checksum (a flipped bit in a weight). Builds the model from the stored (validated) config and moves it to
+    ``map_location``, or loads into ``model`` (the model inside a ``torch.compile`` or (Distributed)DataParallel
+    wrapper, which is returned) after checking that its architecture matches (``ValueError`` naming the config
+    keys that differ, or the missing, unexpected and wrongly shaped parameters). Returns ``(model, payload)`` with
+    payload keys ``model_class``, ``config``, ``state_dict``, ``optimizer``, ``extra``."""
     where = f"checkpoint {os.fspath(path)!r}"
     if not weights_only_loader_patched():
         warn_at_caller(
@@ -588,7 +588,7 @@ def load_pretrained(
     _check_saved_with(metadata.get(SAVED_WITH), model, weights_path, config_path)
     try:
         state_dict = load_file(weights_path, device=str(map_location))
-    except (OSError, SafetensorError, RuntimeError) as err:  # RuntimeError: e.g. a map_location this machine lacks
+    except (OSError, SafetensorError, RuntimeError) as err:  # untrusted bytes: one line naming the file
         raise ValueError(f"cannot read {weights_path!r}: {' '.join(str(err).split())[:300]}") from err
     _load_weights(model, state_dict, repr(weights_path), adopt_dtype=True)
     return model.to(map_location)
