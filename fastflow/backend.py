@@ -107,6 +107,8 @@ def resolve_backend(x: torch.Tensor) -> Literal["eager", "triton", "interpret"]:
     """The backend an op runs for input ``x`` under the current override; ``"eager"`` under functorch transforms
     (``vmap``, ``torch.func.grad`` / ``jacrev`` / ``jvp``), whatever the override: they batch and differentiate the
     eager twins natively, while a fused op's autograd wrapper refuses their grad transforms."""
+    if not _overrides and _DEFAULT == "auto" and not x.is_cuda:  # eager either way: the query is not needed
+        return "eager"
     if functorch_transforms_active():
         return "eager"
     name = _overrides[-1] if _overrides else _DEFAULT

@@ -16,7 +16,7 @@ from torch import nn
 from fastflow.backend import functorch_transforms_active
 from fastflow.models.priors import TopPrior
 from fastflow.nn.actnorm import ActNorm, ActNormInitError
-from fastflow.nn.base import check_image, run_layer
+from fastflow.nn.base import check_image, first_floating_parameter, run_layer
 from fastflow.nn.distributions import check_generator
 from fastflow.nn.reversible import drift_tripped, guards_deferred, moved_record, read_drift_guard
 from fastflow.nn.sequential import FlowSequential
@@ -174,9 +174,9 @@ class FlowModel(nn.Module):
 
     def floating_parameter(self) -> torch.Tensor:
         """A floating-point parameter of the model: its dtype and device are the model's."""
-        for parameter in self.parameters():
-            if parameter.is_floating_point():
-                return parameter
+        parameter = first_floating_parameter(self)
+        if parameter is not None:
+            return parameter
         raise RuntimeError(f"{type(self).__name__} has no floating-point parameters")
 
     @property

@@ -10,7 +10,7 @@ from torch import nn
 
 from fastflow.nn.distributions import draw, gaussian_log_prob, gaussian_sample, standard_gaussian_log_prob
 from fastflow.nn.reversible import guards_deferred
-from fastflow.ops._checks import int_at_least, logdet_dtype
+from fastflow.ops._checks import cast, int_at_least, logdet_dtype
 
 __all__ = ["GaussianPrior", "LogisticPrior", "TopPrior", "check_labels_as"]
 
@@ -86,7 +86,7 @@ class GaussianPrior(TopPrior):
         c, rest = self.shape[0], self.shape[1:]
         params = torch.zeros(n, 2 * c, *rest, device=device, dtype=dtype)
         if self.params is not None:
-            params = params + self.params.to(dtype)
+            params = params + cast(self.params, dtype)
         if self.class_proj is not None and y is not None:
             deferred = guards_deferred(y)
             if not deferred:
@@ -164,7 +164,7 @@ class LogisticPrior(TopPrior):
         self._check_latent(z)
         self.check_labels(y)
         dtype = logdet_dtype(z.dtype)
-        zf = z.to(dtype)
+        zf = cast(z, dtype)
         return -(F.softplus(zf) + F.softplus(-zf)).reshape(z.shape[0], math.prod(z.shape[1:])).sum(dim=1)
 
     def sample(
@@ -183,7 +183,7 @@ class LogisticPrior(TopPrior):
         u = draw(torch.rand, (n, *self.shape), device, torch.promote_types(dtype, torch.float32), generator)
         half_ulp = torch.finfo(u.dtype).eps / 2  # the finest step of torch.rand: tails cut only where u must be
         u = u.clamp(half_ulp, 1 - half_ulp)
-        return (temperature * (torch.log(u) - torch.log1p(-u))).to(dtype)
+        return cast(temperature * (torch.log(u) - torch.log1p(-u)), dtype)
 
 
 def check_labels_as(prior: TopPrior, y: torch.Tensor | None, name: str) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.base import as_pixels, check_features, run_layer
 from fastflow.nn.invconv import InvConv1x1, exact_dtype, stack_tensors, stacked_weights, unstack_tensor
-from fastflow.ops._checks import logdet_dtype
+from fastflow.ops._checks import cast, logdet_dtype
 from fastflow.ops.actnorm_invconv import (
     FoldedMix,
     actnorm_invconv,
@@ -118,7 +118,7 @@ class ActNormInvConv:
         else:
             inverse, forward = weights.inverse, weights.forward
         out, grad_out = as_pixels(y), as_pixels(grad_y)
-        logdet_grad = grad_logdet.to(logdet_dtype(y.dtype)).sum() * (out.shape[2] * out.shape[3])
+        logdet_grad = cast(grad_logdet, logdet_dtype(y.dtype)).sum() * (out.shape[2] * out.shape[3])
         with torch.no_grad(), exact_dtype(y):
             if forward.folded is not None:
                 x = channel_mix(out, inverse.folded.weight, inverse.folded.bias)
@@ -132,9 +132,9 @@ class ActNormInvConv:
             else:
                 a = channel_mix(out, inverse.weight)
                 grad_a, grad_weight, _ = channel_mix_grads(grad_out, a, forward.weight)
-                scale = torch.exp(actnorm.logs).to(a.dtype)
+                scale = cast(torch.exp(actnorm.logs), a.dtype)
                 grad_logs = (grad_a * a).sum((0, 2, 3), keepdim=True) + logdet_grad
-                x = a.mul_(torch.exp(-actnorm.logs).to(a.dtype)).sub_(actnorm.bias.to(a.dtype))
+                x = a.mul_(cast(torch.exp(-actnorm.logs), a.dtype)).sub_(cast(actnorm.bias, a.dtype))
                 grad_x = grad_a.mul_(scale)
                 pairs = [(forward.weight, grad_weight), (forward.weight_logdet, logdet_grad)]
                 params = [(actnorm.bias, grad_x.sum((0, 2, 3), keepdim=True)), (actnorm.logs, grad_logs)]
@@ -202,7 +202,7 @@ def _take_gradients(
     parameters' appended to ``pending``, for the walk's own backward (parameters keep autograd's accumulation and
     hooks: DistributedDataParallel's)."""
     weights, params = (
-        [(t, g.to(t.dtype).reshape(t.shape)) for t, g in pairs if t.requires_grad] for pairs in (weights, params)
+        [(t, cast(g, t.dtype).reshape(t.shape)) for t, g in pairs if t.requires_grad] for pairs in (weights, params)
     )
     if pending is None:
         used = weights + params
@@ -217,9 +217,11 @@ def _take_gradients(
 def _runs_as_written(module: nn.Module, kind: type[nn.Module]) -> bool:
     """Whether ``module`` computes ``kind``'s own forward and inverse and has no hooks: then fusing it with its
     neighbour changes nothing (the fused op reads its parameters, it does not call it)."""
+    if not isinstance(module, kind):
+        return False
     hooks = (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks)
     own = type(module).forward is kind.forward and type(module).inverse is kind.inverse  # type: ignore[attr-defined]
-    return isinstance(module, kind) and own and not any(hooks)
+    return own and not any(hooks)
 
 
 def _is_pair(first: nn.Module, second: nn.Module) -> bool:
@@ -238,7 +240,7 @@ def chain_units(layers: Iterable[nn.Module]) -> list[nn.Module | ActNormInvConv]
     units: list[nn.Module | ActNormInvConv] = []
     for layer in layers:
         previous = units[-1] if units else None
-        if isinstance(previous, nn.Module) and _is_pair(previous, layer):
+        if isinstance(layer, InvConv1x1) and isinstance(previous, ActNorm) and _is_pair(previous, layer):
             units[-1] = ActNormInvConv(previous, layer)  # type: ignore[arg-type]
         else:
             units.append(layer)

@@ -10,7 +10,16 @@ from torch import nn
 
 from fastflow.ops._checks import logdet_dtype
 
-__all__ = ["FlowLayer", "as_pixels", "check_features", "check_image", "check_network_dtype", "run_layer", "zero_logdet"]
+__all__ = [
+    "FlowLayer",
+    "as_pixels",
+    "check_features",
+    "check_image",
+    "check_network_dtype",
+    "first_floating_parameter",
+    "run_layer",
+    "zero_logdet",
+]
 
 
 def _check_floating(name: str, x: object) -> torch.Tensor:
@@ -39,11 +48,36 @@ def check_image(name: str, x: object, channels: int | None = None) -> torch.Tens
 def check_features(name: str, x: object, features: int | None = None) -> torch.Tensor:
     """Raise a clear error unless ``x`` is a floating vector batch ``(B, D)`` with ``D = features`` or an image
     batch ``(B, C, H, W)`` with ``C = features``: dim 1 is what layers mix, normalise and split."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() in (2, 4):  # the common case, one call
+        if features is None or x.shape[1] == features:
+            return x
     x = _check_floating(name, x)
     if x.dim() not in (2, 4):
         raise ValueError(f"{name} must have shape (B, D) or (B, C, H, W), got rank {x.dim()} shape {tuple(x.shape)}")
     _check_count(name, x, features)
     return x
+
+
+def first_floating_parameter(module: nn.Module) -> nn.Parameter | None:
+    """The first floating-point parameter of ``module.parameters()``, or None: for a module that does not override
+    ``parameters()``, a walk of the module tree's dicts in its order (the module's own parameters, then its
+    submodules' depth first, each module once), where ``parameters()`` builds a generator over every submodule and
+    a memo set, a cost each layer call would pay for one dtype."""
+    if type(module).parameters is not nn.Module.parameters:  # the module says itself which are its parameters
+        return next((p for p in module.parameters() if p.is_floating_point()), None)
+    return _first_floating(module, set())
+
+
+def _first_floating(module: nn.Module, seen: set[int]) -> nn.Parameter | None:
+    seen.add(id(module))
+    for parameter in module._parameters.values():
+        if parameter is not None and parameter.is_floating_point():
+            return parameter
+    for child in module._modules.values():
+        found = None if child is None or id(child) in seen else _first_floating(child, seen)
+        if found is not None:
+            return found
+    return None
 
 
 def check_network_dtype(name: str, x: torch.Tensor, net: nn.Module) -> None:
@@ -53,7 +87,7 @@ def check_network_dtype(name: str, x: torch.Tensor, net: nn.Module) -> None:
     ``torch.compile`` traces."""
     if torch.compiler.is_compiling():
         return
-    reference = next((p for p in net.parameters() if p.is_floating_point()), None)
+    reference = first_floating_parameter(net)
     if reference is not None and x.dtype != reference.dtype:
         raise TypeError(
             f"{name} is {x.dtype} but the layer's network is {reference.dtype}: convert one, e.g. "

@@ -13,7 +13,7 @@ from fastflow.nn.context import shape_context
 from fastflow.nn.coupling_network import Subnet, build_subnet, conv_subnet, mlp_subnet
 from fastflow.nn.recompute_state import running_statistics_kept
 from fastflow.nn.tiling import Tile, Tiling, check_tileable, check_tiles_are_exact, tiles
-from fastflow.ops._checks import int_at_least
+from fastflow.ops._checks import cast, int_at_least
 from fastflow.ops.coupling import (
     SCALE_KINDS,
     ScaleKind,
@@ -130,7 +130,7 @@ class _Coupling(FlowLayer):
     def _checkerboard(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.arange(x.shape[2], device=x.device).view(-1, 1)
         w = torch.arange(x.shape[3], device=x.device).view(1, -1)
-        return ((h + w + self.parity) % 2 == 0).to(x.dtype).view(1, 1, x.shape[2], x.shape[3])
+        return cast((h + w + self.parity) % 2 == 0, x.dtype).view(1, 1, x.shape[2], x.shape[3])
 
     def _network_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
         """``(a, mask, b_start)``: what the network sees of ``x``, the checkerboard (None for the channel mask)
@@ -181,7 +181,7 @@ class _Coupling(FlowLayer):
                 f"{self.outputs_per_channel} x {self.out_channels}"
             )
         # Under autocast the network may answer in another dtype; the transform runs in the input's dtype.
-        return out.to(a.dtype)
+        return cast(out, a.dtype)
 
     def _split_outputs(self, out: torch.Tensor) -> list[torch.Tensor]:
         if self.outputs_per_channel == 1:

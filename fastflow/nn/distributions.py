@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from fastflow.ops._checks import logdet_dtype
+from fastflow.ops._checks import cast, logdet_dtype
 
 __all__ = ["check_generator", "draw", "gaussian_log_prob", "gaussian_sample", "standard_gaussian_log_prob"]
 
@@ -17,7 +17,7 @@ _LOG_2PI = math.log(2.0 * math.pi)
 def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, logs: torch.Tensor) -> torch.Tensor:
     """Per-sample ``sum log N(z; mean, exp(logs)^2)`` in float32 (float64 for float64 ``z``), shape ``(B,)``."""
     dtype = logdet_dtype(z.dtype)
-    z, mean, logs = z.to(dtype), mean.to(dtype), logs.to(dtype)
+    z, mean, logs = cast(z, dtype), cast(mean, dtype), cast(logs, dtype)
     log_p = -0.5 * (_LOG_2PI + 2.0 * logs + (z - mean) ** 2 * torch.exp(-2.0 * logs))
     return log_p.reshape(z.shape[0], math.prod(z.shape[1:])).sum(dim=1)
 
@@ -26,7 +26,7 @@ def standard_gaussian_log_prob(z: torch.Tensor) -> torch.Tensor:
     """Per-sample ``sum log N(z; 0, 1) = -(sum z^2 + D log(2 pi)) / 2`` over the ``D`` elements of a sample, in
     float32 (float64 for float64 ``z``), shape ``(B,)``: :func:`gaussian_log_prob` at ``mean = logs = 0`` without
     materialising them."""
-    z = z.to(logdet_dtype(z.dtype)).reshape(z.shape[0], math.prod(z.shape[1:]))
+    z = cast(z, logdet_dtype(z.dtype)).reshape(z.shape[0], math.prod(z.shape[1:]))
     return (z * z).sum(dim=1).mul(-0.5).sub(0.5 * z.shape[1] * _LOG_2PI)
 
 

@@ -28,11 +28,14 @@ __all__ = [
 ]
 
 
+_AS_IS = contextlib.nullcontext()  # stateless, so one serves every call
+
+
 def exact_dtype(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """Autocast off: the mix must run in the input's dtype to stay invertible to its rounding. Where autocast is
     off already, a null context (entering ``torch.autocast`` costs host time every layer would pay)."""
     if not torch.is_autocast_enabled(x.device.type):
-        return contextlib.nullcontext()
+        return _AS_IS
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 

@@ -83,7 +83,10 @@ class FlowSequential(FlowLayer):
     @property
     def uses_context(self) -> bool:
         """Whether some layer of the chain conditions on ``context``."""
-        return any(getattr(layer, "uses_context", False) for layer in self.layers)
+        for layer in self.layers:  # a loop, not any() over a generator: asked on every model call
+            if getattr(layer, "uses_context", False):
+                return True
+        return False
 
     def _trains_reversibly(self) -> bool:
         return self.reversible and torch.is_grad_enabled() and len(self.layers) > 0

@@ -35,6 +35,21 @@ def check_float_tensor(name: str, t: object, min_dim: int = 1) -> torch.Tensor:
     return t
 
 
+def float_tensors_on_one_device(*tensors: object) -> bool:
+    """Whether every argument is a tensor of a supported floating dtype and all are on one device: the common
+    case of an op's argument checks in one call, which then need not run one by one (they run otherwise, to name
+    what is wrong)."""
+    device = None
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+            return False
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            return False
+    return True
+
+
 def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     """Raise ValueError unless ``t`` is on ``ref``'s device."""
     if t.device != ref.device:
@@ -80,6 +95,13 @@ def upcasts(t: torch.Tensor) -> bool:
     kernels do in their registers, so that both backends round once (a bfloat16 ``log 2`` rounds; a half-precision
     spline's knot sums are not even monotone)."""
     return t.dtype in (torch.float16, torch.bfloat16)
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``: ``t`` itself where it has that dtype already, without the call (``Tensor.to`` parses its
+    overloads even when it has nothing to do, about ten times the cost of this test; the hot paths make dozens of
+    such calls per forward)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def logdet_dtype(dtype: torch.dtype) -> torch.dtype:

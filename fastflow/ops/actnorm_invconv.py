@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fastflow.backend import resolve_backend
-from fastflow.ops._checks import check_float_tensor, check_same_device, logdet_dtype
+from fastflow.ops._checks import cast, check_float_tensor, check_same_device, float_tensors_on_one_device, logdet_dtype
 from fastflow.ops.actnorm import actnorm_inverse_ref, actnorm_ref
 from fastflow.ops.channel_mix import channel_mix, channel_mix_ref, tf32_applies
 
@@ -74,7 +74,7 @@ def actnorm_is_folded(x: torch.Tensor) -> bool:
 def _logdet_per_pixel(logs: torch.Tensor, weight_logdet: torch.Tensor) -> torch.Tensor:
     """``sum(logs) + log|det W|`` over the last dimension of ``logs``, in float32 (float64 for float64)."""
     dtype = logdet_dtype(logs.dtype)
-    return logs.to(dtype).sum(-1) + weight_logdet.to(dtype)
+    return cast(logs, dtype).sum(-1) + cast(weight_logdet, dtype)
 
 
 def fold_actnorm(
@@ -85,8 +85,8 @@ def fold_actnorm(
     ``bias`` and ``logs`` ``(..., C)``, ``weight`` ``(..., C, C)``, ``weight_logdet`` ``(...)``: any leading
     dimensions, shared by all four. ``W'`` and ``b'`` are in ``weight``'s dtype.
     """
-    weight_folded = weight * torch.exp(logs.to(weight.dtype)).unsqueeze(-2)
-    bias_folded = (weight_folded * bias.to(weight.dtype).unsqueeze(-2)).sum(-1)
+    weight_folded = weight * torch.exp(cast(logs, weight.dtype)).unsqueeze(-2)
+    bias_folded = (weight_folded * cast(bias, weight.dtype).unsqueeze(-2)).sum(-1)
     return FoldedMix(weight_folded, bias_folded, _logdet_per_pixel(logs, weight_logdet))
 
 
@@ -97,8 +97,8 @@ def fold_actnorm_inverse(
 
     Shapes as in :func:`fold_actnorm`; ``weight_logdet`` is ``log|det W|`` (of ``W``, not of its inverse).
     """
-    inverse_folded = torch.exp(-logs.to(weight_inverse.dtype)).unsqueeze(-1) * weight_inverse
-    return FoldedMix(inverse_folded, -bias.to(weight_inverse.dtype), -_logdet_per_pixel(logs, weight_logdet))
+    inverse_folded = torch.exp(-cast(logs, weight_inverse.dtype)).unsqueeze(-1) * weight_inverse
+    return FoldedMix(inverse_folded, -cast(bias, weight_inverse.dtype), -_logdet_per_pixel(logs, weight_logdet))
 
 
 def _check_args(
@@ -110,6 +110,12 @@ def _check_args(
     weight: torch.Tensor,
     weight_logdet: torch.Tensor,
 ) -> None:
+    if float_tensors_on_one_device(x, bias, logs, weight, weight_logdet):  # then the shapes alone, in one test
+        channels = x.shape[1] if x.dim() in (2, 4) else -1
+        pixel = (1, channels, 1, 1)
+        if bias.shape == pixel and logs.shape == pixel and weight.shape == (channels, channels):
+            if weight_logdet.numel() == 1:
+                return
     check_float_tensor(x_name, x)
     if x.dim() not in (2, 4):
         raise ValueError(f"{x_name} must have shape (B, C, H, W) or (B, C), got {tuple(x.shape)}")
@@ -134,7 +140,7 @@ def _check_args(
 def _per_sample(logdet: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A per-pixel log-det times ``H * W`` (1 for vectors), expanded to ``(B,)``, float32 (float64 for float64
     ``x``)."""
-    logdet = logdet.to(logdet_dtype(x.dtype))
+    logdet = cast(logdet, logdet_dtype(x.dtype))
     if x.dim() == 4 and x.shape[2] * x.shape[3] != 1:
         logdet = logdet * (x.shape[2] * x.shape[3])
     return logdet.expand(x.shape[0])
@@ -151,7 +157,7 @@ def _folded_mix(x: torch.Tensor, folded: FoldedMix) -> torch.Tensor:
         return channel_mix(x, folded.weight, folded.bias)
     if resolve_backend(x) != "eager" or tf32_applies(x):
         return channel_mix(x.t()[None, :, :, None], folded.weight, folded.bias)[0, :, :, 0].t()
-    return F.linear(x, folded.weight.to(x.dtype), folded.bias.to(x.dtype))
+    return F.linear(x, cast(folded.weight, x.dtype), cast(folded.bias, x.dtype))
 
 
 def _channels(t: torch.Tensor) -> torch.Tensor:
@@ -219,11 +225,11 @@ def actnorm_invconv_ref(
     """
     out_dtype = x.dtype
     if upcast:
-        x = x.to(logdet_dtype(out_dtype))
+        x = cast(x, logdet_dtype(out_dtype))
     y, actnorm_logdet = actnorm_ref(x, bias, logs)
     y = channel_mix_ref(y, weight)
     pixels = x.shape[2] * x.shape[3]
-    return y.to(out_dtype), actnorm_logdet + weight_logdet.to(actnorm_logdet.dtype).reshape(()) * pixels
+    return cast(y, out_dtype), actnorm_logdet + cast(weight_logdet, actnorm_logdet.dtype).reshape(()) * pixels
 
 
 def actnorm_invconv_inverse_ref(
@@ -238,8 +244,8 @@ def actnorm_invconv_inverse_ref(
     ``(B, C, H, W)`` only (vectors as in :func:`actnorm_invconv_ref`)."""
     out_dtype = y.dtype
     if upcast:
-        y = y.to(logdet_dtype(out_dtype))
+        y = cast(y, logdet_dtype(out_dtype))
     x = channel_mix_ref(y, weight_inverse)
     x, actnorm_logdet = actnorm_inverse_ref(x, bias, logs)
     pixels = y.shape[2] * y.shape[3]
-    return x.to(out_dtype), actnorm_logdet - weight_logdet.to(actnorm_logdet.dtype).reshape(()) * pixels
+    return cast(x, out_dtype), actnorm_logdet - cast(weight_logdet, actnorm_logdet.dtype).reshape(()) * pixels

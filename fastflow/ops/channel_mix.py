@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from fastflow.backend import functorch_transforms_active, resolve_backend
-from fastflow.ops._checks import check_float_tensor, check_same_device, logdet_dtype
+from fastflow.ops._checks import cast, check_float_tensor, check_same_device, logdet_dtype
 from fastflow.ops._registration import TRACEABLE, direct_autograd, kernel_function, registration, use_library_op
 
 __all__ = [
@@ -97,11 +97,11 @@ def channel_mix_ref(
     """
     out_dtype = x.dtype
     compute = logdet_dtype(out_dtype) if upcast else out_dtype
-    x = x.to(compute)
-    b = None if bias is None else bias.to(compute)
+    x = cast(x, compute)
+    b = None if bias is None else cast(bias, compute)
     if not tf32_applies(x):
-        return _mix(x, weight.to(compute), b).to(out_dtype)
-    return _ieee_mix(x, weight.to(compute), b).to(out_dtype)
+        return cast(_mix(x, cast(weight, compute), b), out_dtype)
+    return cast(_ieee_mix(x, cast(weight, compute), b), out_dtype)
 
 
 def tf32_applies(x: torch.Tensor) -> bool:
@@ -154,8 +154,8 @@ def pixel_sum(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     Eagerly it would materialise ``(B, C_out, C_in, H, W)``: only ``torch.compile`` calls it (:func:`_mix`).
     Shapes and the output's layout as in :func:`pixel_matmul`."""
     acc = logdet_dtype(x.dtype)  # half-precision products summed in float32, as the matmul accumulates
-    out = (weight.to(acc)[None, :, :, None, None] * x.to(acc)[:, None]).sum(2)
-    out = (out if bias is None else out + bias.to(acc)[:, None, None]).to(x.dtype)
+    out = (cast(weight, acc)[None, :, :, None, None] * cast(x, acc)[:, None]).sum(2)
+    out = cast(out if bias is None else out + cast(bias, acc)[:, None, None], x.dtype)
     return out.contiguous(memory_format=_output_format(x))  # x's layout, as pixel_matmul's
 
 
@@ -380,8 +380,8 @@ def _mix_backward(backward: Any) -> Any:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         x, weight = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = backward(grad_y, x, weight)
-        grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
-        return grad_x, grad_weight.to(weight.dtype), grad_bias
+        grad_bias = None if ctx.bias_dtype is None else cast(grad_bias, ctx.bias_dtype)
+        return grad_x, cast(grad_weight, weight.dtype), grad_bias
 
     return mix_backward
 
@@ -453,7 +453,7 @@ def channel_mix_grads(
     check_same_device("grad_y", grad_y, "x", x)
     too_wide = max(weight.shape) > kernel_max_channels(x.dtype)
     if resolve_backend(x) == "eager" or too_wide or not _fits_int32(x, weight):
-        grad_y = grad_y.to(x.dtype)
+        grad_y = cast(grad_y, x.dtype)
         return channel_mix_ref(grad_y, weight.t()), _ieee_grad_weight(grad_y, x), grad_y.sum((0, 2, 3))
     if use_library_op():
         return torch.ops.fastflow.channel_mix_backward(grad_y, x, weight)

@@ -51,7 +51,15 @@ import torch
 import torch.nn.functional as F
 
 from fastflow.backend import resolve_backend
-from fastflow.ops._checks import check_channel_slice, check_float_tensor, check_same_shape, logdet_dtype, upcasts
+from fastflow.ops._checks import (
+    cast,
+    check_channel_slice,
+    check_float_tensor,
+    check_same_shape,
+    float_tensors_on_one_device,
+    logdet_dtype,
+    upcasts,
+)
 from fastflow.ops._registration import TRACEABLE, direct_autograd, kernel_function, registration, use_library_op
 from fastflow.ops.overlap import share_elements
 
@@ -121,7 +129,7 @@ def _log_scale_and_slope(raw: torch.Tensor, scale: str) -> tuple[torch.Tensor, t
 
 
 def _per_sample_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype).reshape(t.shape[0], math.prod(t.shape[1:])).sum(dim=1)
+    return cast(t, dtype).reshape(t.shape[0], math.prod(t.shape[1:])).sum(dim=1)
 
 
 def affine_coupling_ref(
@@ -140,10 +148,10 @@ def affine_coupling_ref(
         return _joined(before, y_b, after), logdet
     out_dtype = x_b.dtype
     if upcast:
-        x_b, shift, raw = (t.to(logdet_dtype(out_dtype)) for t in (x_b, shift, raw))
+        x_b, shift, raw = (cast(t, logdet_dtype(out_dtype)) for t in (x_b, shift, raw))
     log_s = _log_scale(raw, scale)
     y_b = x_b * torch.exp(log_s) + shift if scale == "exp" else (x_b + shift) * torch.exp(log_s)
-    return y_b.to(out_dtype), _per_sample_sum(log_s, logdet_dtype(out_dtype))
+    return cast(y_b, out_dtype), _per_sample_sum(log_s, logdet_dtype(out_dtype))
 
 
 def affine_coupling_inverse_ref(
@@ -161,10 +169,10 @@ def affine_coupling_inverse_ref(
         return _joined(before, x_b, after), neg_logdet
     out_dtype = y_b.dtype
     if upcast:
-        y_b, shift, raw = (t.to(logdet_dtype(out_dtype)) for t in (y_b, shift, raw))
+        y_b, shift, raw = (cast(t, logdet_dtype(out_dtype)) for t in (y_b, shift, raw))
     log_s = _log_scale(raw, scale)
     x_b = (y_b - shift) * torch.exp(-log_s) if scale == "exp" else y_b * torch.exp(-log_s) - shift
-    return x_b.to(out_dtype), -_per_sample_sum(log_s, logdet_dtype(out_dtype))
+    return cast(x_b, out_dtype), -_per_sample_sum(log_s, logdet_dtype(out_dtype))
 
 
 def additive_coupling_ref(
@@ -223,17 +231,17 @@ def affine_coupling_backward_from_output_ref(
         return _with_channels(y_b, x_b, b_start), grad_x, grad_shift, grad_raw
     out_dtype = y_b.dtype
     if upcast:
-        y_b, shift, raw, grad_y = (t.to(logdet_dtype(out_dtype)) for t in (y_b, shift, raw, grad_y))
+        y_b, shift, raw, grad_y = (cast(t, logdet_dtype(out_dtype)) for t in (y_b, shift, raw, grad_y))
     x_b, _ = affine_coupling_inverse_ref(y_b, shift, raw, scale)
-    gl = 0.0 if grad_logdet is None else _per_sample(grad_logdet.to(y_b.dtype), y_b)
+    gl = 0.0 if grad_logdet is None else _per_sample(cast(grad_logdet, y_b.dtype), y_b)
     log_s, slope = _log_scale_and_slope(raw, scale)
     grad_x = (grad_y * log_s.exp_()).to(out_dtype)  # s in place of log s: one temporary fewer
     del log_s
     if scale == "exp":  # y = x * s + t
-        grad_shift, grad_raw = grad_y.to(out_dtype), (grad_y * (y_b - shift)).add_(gl).mul_(slope)
+        grad_shift, grad_raw = cast(grad_y, out_dtype), (grad_y * (y_b - shift)).add_(gl).mul_(slope)
     else:  # y = (x + t) * s
         grad_shift, grad_raw = grad_x, (grad_y * y_b).add_(gl).mul_(slope)
-    return x_b.to(out_dtype), grad_x, grad_shift, grad_raw.to(out_dtype)
+    return cast(x_b, out_dtype), grad_x, grad_shift, cast(grad_raw, out_dtype)
 
 
 def _backward_from_output_in_place_ref(
@@ -247,7 +255,7 @@ def _backward_from_output_in_place_ref(
     """:func:`affine_coupling_backward_from_output_ref` (float32 / float64, no ``b_start``) written over its
     inputs, with the same operations in the same order (bit-identical results) and at most three scratch
     tensors of their size alive at once."""
-    gl = 0.0 if grad_logdet is None else _per_sample(grad_logdet.to(y_b.dtype), y_b)
+    gl = 0.0 if grad_logdet is None else _per_sample(cast(grad_logdet, y_b.dtype), y_b)
     log_s, grad_raw = _log_scale_and_slope(raw, scale)
     if scale == "exp":  # y = x * s + t: x = (y - t) / s, the raw gradient reads y - t
         y_b.sub_(shift)
@@ -295,15 +303,15 @@ def _inverse_grads(
     """
     dtype = y_b.dtype
     acc = logdet_dtype(dtype)
-    y_b, shift, raw, grad_x = (t.to(acc) for t in (y_b, shift, raw, grad_x))
-    gl = 0.0 if grad_neg_logdet is None else _per_sample(grad_neg_logdet.to(acc), y_b)
+    y_b, shift, raw, grad_x = (cast(t, acc) for t in (y_b, shift, raw, grad_x))
+    gl = 0.0 if grad_neg_logdet is None else _per_sample(cast(grad_neg_logdet, acc), y_b)
     log_s, slope = _log_scale_and_slope(raw, kind)
     grad_y = grad_x * torch.exp(-log_s)
     if kind == "exp":  # x = (y - t) / s
         grad_shift, grad_raw = -grad_y, -slope * (grad_y * (y_b - shift) + gl)
     else:  # x = y / s - t
         grad_shift, grad_raw = -grad_x, -slope * (grad_y * y_b + gl)
-    return grad_y.to(dtype), grad_shift.to(dtype), grad_raw.to(dtype)
+    return cast(grad_y, dtype), cast(grad_shift, dtype), cast(grad_raw, dtype)
 
 
 class _CouplingOps(NamedTuple):
@@ -501,9 +509,30 @@ def _check_shift(x_name: str, x: torch.Tensor, shift: torch.Tensor, b_start: int
         check_channel_slice("shift", shift, x_name, x, "b_start", b_start)
 
 
+def _affine_args_fit(x: object, shift: object, raw: object, scale: object, b_start: object) -> bool:
+    """Whether :func:`_check_affine_args` passes, tested in one call (a layer's every forward): float tensors of one
+    dtype and device, ``raw`` shaped as ``shift``, ``shift`` as ``x`` or as its channels from ``b_start``."""
+    if not (scale in SCALE_KINDS and float_tensors_on_one_device(x, shift, raw)):
+        return False
+    x_shape, shift_shape = x.shape, shift.shape  # type: ignore[attr-defined]
+    if not (x.dtype == shift.dtype == raw.dtype and raw.shape == shift_shape and len(x_shape) >= 2):  # type: ignore
+        return False
+    if b_start is None:
+        return shift_shape == x_shape
+    return (
+        type(b_start) is int
+        and len(shift_shape) == len(x_shape)
+        and shift_shape[0] == x_shape[0]
+        and shift_shape[2:] == x_shape[2:]
+        and 0 <= b_start <= b_start + shift_shape[1] <= x_shape[1]
+    )
+
+
 def _check_affine_args(
     x_name: str, x: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor, scale: str, b_start: int | None
 ) -> None:
+    if _affine_args_fit(x, shift, raw, scale, b_start):
+        return
     _check_shift(x_name, x, shift, b_start)
     check_same_shape("raw", check_float_tensor("raw", raw), "shift", shift)
     if scale not in SCALE_KINDS:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from fastflow.ops._checks import check_float_tensor, check_same_device, logdet_dtype
+from fastflow.ops._checks import cast, check_float_tensor, check_same_device, logdet_dtype
 
 __all__ = ["dense_inverse_weight", "dense_logdet", "lu_weight_and_logdet", "lu_inverse_weight"]
 
@@ -40,9 +40,9 @@ def _lu_factors(
     strictly lower part of ``L`` (its unit diagonal left implicit: :func:`_unit_lower_times` adds ``U``, the
     triangular solve takes ``unitriangular=True``) and the upper factor."""
     dtype = _algebra_dtype(lower.device)
-    lower_exact = lower.to(dtype)
+    lower_exact = cast(lower, dtype)
     upper_exact = lower_exact if upper is lower else upper.to(dtype)  # one cast for a packed matrix
-    diag = torch.diag_embed(sign_s.to(dtype) * torch.exp(log_s.to(dtype)))
+    diag = torch.diag_embed(cast(sign_s, dtype) * torch.exp(cast(log_s, dtype)))
     return torch.tril(lower_exact, diagonal=-1), torch.triu(upper_exact, diagonal=1) + diag
 
 
@@ -99,7 +99,7 @@ def lu_weight_and_logdet(
     _check_factors(perm, lower, upper, sign_s, log_s)
     strict_lower, upper_diag = _lu_factors(lower, upper, sign_s, log_s)
     weight = _permuted_rows(_unit_lower_times(strict_lower, upper_diag), perm)
-    return weight.to(lower.dtype), log_s.sum(-1)
+    return cast(weight, lower.dtype), log_s.sum(-1)
 
 
 def lu_inverse_weight(
@@ -118,9 +118,9 @@ def lu_inverse_weight(
 def dense_logdet(weight: torch.Tensor) -> torch.Tensor:
     """``log|det W|`` ``(...)`` of plain (not LU) ``(..., C, C)`` weights, by ``slogdet`` in the algebra dtype (it has
     no half-precision kernel), in float32 for half weights (float64 for float64)."""
-    return torch.linalg.slogdet(weight.to(_algebra_dtype(weight.device)))[1].to(logdet_dtype(weight.dtype))
+    return cast(torch.linalg.slogdet(weight.to(_algebra_dtype(weight.device)))[1], logdet_dtype(weight.dtype))
 
 
 def dense_inverse_weight(weight: torch.Tensor) -> torch.Tensor:
     """``W^-1`` of plain (not LU) ``(..., C, C)`` weights, by ``torch.linalg.inv`` in the algebra dtype."""
-    return torch.linalg.inv(weight.to(_algebra_dtype(weight.device))).to(weight.dtype)
+    return cast(torch.linalg.inv(weight.to(_algebra_dtype(weight.device))), weight.dtype)

@@ -196,3 +196,20 @@ def test_pair_backward_from_output_is_the_autograd_backward(kind, backend):
     torch.testing.assert_close(rebuilt, x.detach(), atol=1e-12, rtol=1e-12)
     for got, expected in zip([grad_x, *(p.grad for p in pair.parameters())], want, strict=True):
         torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+
+def test_fused_pair_calls_a_subclass_initialize_once_every_forward():
+    """A subclass that keeps ActNorm's forward is fused with its 1x1 convolution; its own ``initialize_once`` still
+    runs on every forward, as ActNorm's forward would call it."""
+    calls = []
+
+    class CountingActNorm(ActNorm):
+        def initialize_once(self, x: torch.Tensor) -> None:
+            calls.append(x.shape[0])
+            super().initialize_once(x)
+
+    chain = FlowSequential(CountingActNorm(3), InvertibleLinear(3))
+    assert isinstance(chain_units(chain.layers)[0], ActNormInvConv)
+    for batch in (8, 5, 4):
+        chain(torch.randn(batch, 3))
+    assert calls == [8, 5, 4]
