@@ -10,9 +10,11 @@ one training step, eager and compiled, :mod:`benchmarks.census`). CPU only: ``tr
 reference step eager, compiled, reversible; :mod:`benchmarks.step_modes`), ``peers_glow`` (the digits demo
 against normflows' Glow, :mod:`benchmarks.peers`), ``tabular`` (TabularFlow against zuko's RealNVP and NSF on
 vector data, held-out NLL and training-step time, and a conditional flow against one flow per condition;
-:mod:`benchmarks.tabular`), ``jet_memory`` (a Jet training step at 32 and 64 couplings, per-coupling
-checkpointing vs reversible, peak memory and time; :mod:`benchmarks.bench_jet`), ``pixel_mix`` (the compiled
-CPU channel mix as a summed product against ``bmm``, :mod:`benchmarks.bench_pixel_mix`). CUDA only: ``train_modes``
+:mod:`benchmarks.tabular`), ``tabular_instructions`` (CPU instructions per TabularFlow and zuko RealNVP training
+step under callgrind, noise-free; :mod:`benchmarks.host_instructions`), ``jet_memory`` (a Jet training step at
+32 and 64 couplings, per-coupling checkpointing vs reversible, peak memory and time; :mod:`benchmarks.bench_jet`),
+``pixel_mix`` (the compiled CPU channel mix as a summed product against ``bmm``, :mod:`benchmarks.bench_pixel_mix`).
+CUDA only: ``train_modes``
 (the step eager vs compiled vs CUDA graph in bf16, :mod:`benchmarks.step_modes`), ``largest_batch`` (the
 largest batch that fits at 256, 512 and 1024 pixels per backprop mode), ``jet_largest_batch`` (the same for a
 Jet at 256x256, standard, checkpoint and reversible; :mod:`benchmarks.bench_jet`), ``flowstep_max_autotune``
@@ -45,6 +47,7 @@ from benchmarks import (
     bench_pixel_mix,
     bench_spline,
     census,
+    host_instructions,
     peers,
     step_modes,
     tabular,
@@ -72,6 +75,7 @@ CASES = (
     "train_step_cpu",
     "peers_glow",
     "tabular",
+    "tabular_instructions",
     "jet_memory",
     "pixel_mix",
     "train_modes",
@@ -79,7 +83,7 @@ CASES = (
     "jet_largest_batch",
     "flowstep_max_autotune",
 )
-CPU_ONLY = ("train_step_cpu", "peers_glow", "tabular", "jet_memory", "pixel_mix")
+CPU_ONLY = ("train_step_cpu", "peers_glow", "tabular", "tabular_instructions", "jet_memory", "pixel_mix")
 RESOLUTION_CASES = ("train_resolution", "largest_batch", "train_modes")
 """The cases ``--resolutions`` restricts (the rows of other resolutions already in the results file are kept)."""
 CUDA_ONLY = ("train_modes", "largest_batch", "jet_largest_batch", "flowstep_max_autotune")
@@ -120,6 +124,8 @@ def _run_case(
         return peers.peers_rows(quick, budget)
     if name == "tabular":
         return tabular.tabular_rows(quick, budget)
+    if name == "tabular_instructions":
+        return host_instructions.instruction_rows(quick, budget)
     if name == "jet_memory":
         return bench_jet.jet_memory_rows(device, quick, budget)
     if name == "pixel_mix":

@@ -1001,3 +1001,55 @@ def test_boxed_commands_and_test_shards_start_with_default_signals_and_die_with_
     gpu_tests.main(["--shards", "2", "tests/test_gpu.py"])
     assert len(started) == 2 and all(argv[:2] == [sys.executable, "-c"] and "prctl" in argv[2] for argv in started)
     assert all(argv[4:7] == [sys.executable, "-m", "pytest"] for argv in started)
+
+
+def test_tabular_instructions_rows_pair_each_model_with_zuko(monkeypatch):
+    """``tabular_instructions`` without valgrind's four minutes per process: the child runs its steps inside the
+    ``qsort`` callback and reports the parameter tensors; the rows are the ratios of stand-in counts to zuko's of the
+    same phase and width; past the time box a pair is skipped; without valgrind every row says so."""
+    from benchmarks import host_instructions
+
+    child = subprocess.run(
+        [sys.executable, "-m", "benchmarks.host_instructions", "fastflow", "step", "2"],
+        capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert child.stdout.split()[-1] == "45"  # 5 x (ActNorm 2 + LU 1 + MLP 6)
+
+    counts = {("fastflow", "forward", 2): 9.0, ("zuko_realnvp", "forward", 2): 6.0}
+    counts.update({("fastflow", "step", 2): 25.0, ("zuko_realnvp", "step", 2): 20.0})
+    monkeypatch.setattr(host_instructions.shutil, "which", lambda name: "/usr/bin/valgrind")
+    monkeypatch.setattr(
+        host_instructions,
+        "_count",
+        lambda m, p, d: {"model": m, "phase": p, "features": d, "instructions_per_step": counts[m, p, d]},
+    )
+    rows = host_instructions.instruction_rows(quick=True)
+    assert [(r["model"], r["phase"], r["vs_zuko_realnvp"]) for r in rows] == [
+        ("fastflow", "forward", 1.5), ("zuko_realnvp", "forward", 1.0),
+        ("fastflow", "step", 1.25), ("zuko_realnvp", "step", 1.0),
+    ]  # fmt: skip
+    cut = host_instructions.instruction_rows(quick=True, budget=_ExpiresAfter(1))
+    assert [r.get("skipped") for r in cut] == [None, None, "time", "time"]
+    monkeypatch.setattr(host_instructions.shutil, "which", lambda name: None)
+    assert {r["skipped"] for r in host_instructions.instruction_rows(quick=True)} == {"valgrind not installed"}
+
+
+def test_tabular_instructions_reads_callgrind_totals(monkeypatch, tmp_path):
+    """A callgrind file's ``totals`` line over :data:`STEPS` steps, in millions per step; a failed run's error row."""
+    from benchmarks import host_instructions
+
+    def fake_run(cmd, **kwargs):
+        out = next(a.split("=", 1)[1] for a in cmd if a.startswith("--callgrind-out-file="))
+        with open(out, "w") as f:
+            f.write("events: Ir\nsummary: 1230000000\n")  # 123M per step over 10 steps
+        return subprocess.CompletedProcess(cmd, 0, stdout="45\n", stderr="")
+
+    monkeypatch.setattr(host_instructions.subprocess, "run", fake_run)
+    row = host_instructions._count("fastflow", "step", 2)
+    assert (row["instructions_per_step"], row["parameter_tensors"]) == (123.0, 45)
+    monkeypatch.setattr(host_instructions, "STEPS", 10**9)  # the same total over many more steps: not plausible
+    assert "not the steps" in host_instructions._count("fastflow", "step", 2)["error"]
+    monkeypatch.setattr(
+        host_instructions.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "boom\n")
+    )
+    assert host_instructions._count("fastflow", "step", 2)["error"] == "boom"
