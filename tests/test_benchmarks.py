@@ -1038,18 +1038,92 @@ def test_tabular_instructions_reads_callgrind_totals(monkeypatch, tmp_path):
     """A callgrind file's ``totals`` line over :data:`STEPS` steps, in millions per step; a failed run's error row."""
     from benchmarks import host_instructions
 
+    calls = []
+
     def fake_run(cmd, **kwargs):
+        calls.append(cmd)
         out = next(a.split("=", 1)[1] for a in cmd if a.startswith("--callgrind-out-file="))
         with open(out, "w") as f:
-            f.write("events: Ir\nsummary: 1230000000\n")  # 123M per step over 10 steps
+            f.write("events: Ir\nsummary: 5\ntotals: 1230000000\n")  # the last one: 123M per step over 10 steps
         return subprocess.CompletedProcess(cmd, 0, stdout="45\n", stderr="")
 
     monkeypatch.setattr(host_instructions.subprocess, "run", fake_run)
     row = host_instructions._count("fastflow", "step", 2)
     assert (row["instructions_per_step"], row["parameter_tensors"]) == (123.0, 45)
+    assert {"--collect-atstart=no", "--toggle-collect=qsort*"} <= set(calls[0])
+    assert calls[0][-3:] == ["fastflow", "step", "2"]
+    failed = lambda cmd, **kw: (fake_run(cmd), subprocess.CompletedProcess(cmd, 1, "", "child failed\n"))[1]  # noqa: E731
+    monkeypatch.setattr(host_instructions.subprocess, "run", failed)  # totals written, but the child failed
+    assert host_instructions._count("fastflow", "step", 2)["error"] == "child failed"
+    no_file = lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, "45\n", "")  # noqa: E731
+    monkeypatch.setattr(host_instructions.subprocess, "run", no_file)
+    assert host_instructions._count("fastflow", "step", 2)["error"] == "no callgrind totals"
+    monkeypatch.setattr(host_instructions.subprocess, "run", fake_run)
     monkeypatch.setattr(host_instructions, "STEPS", 10**9)  # the same total over many more steps: not plausible
     assert "not the steps" in host_instructions._count("fastflow", "step", 2)["error"]
     monkeypatch.setattr(
         host_instructions.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "boom\n")
     )
     assert host_instructions._count("fastflow", "step", 2)["error"] == "boom"
+
+
+def test_tabular_instructions_ratio_is_to_zuko_at_the_same_width(monkeypatch):
+    from benchmarks import host_instructions
+
+    counts = {("fastflow", "forward", 2): 9.0, ("zuko_realnvp", "forward", 2): 6.0, ("fastflow", "step", 2): 25.0}
+    counts.update({("zuko_realnvp", "step", 2): 20.0, ("fastflow", "forward", 64): 30.0})
+    counts.update({("zuko_realnvp", "forward", 64): 40.0, ("fastflow", "step", 64): 50.0})
+    counts[("zuko_realnvp", "step", 64)] = 100.0
+    monkeypatch.setattr(host_instructions.shutil, "which", lambda name: "/usr/bin/valgrind")
+    monkeypatch.setattr(
+        host_instructions,
+        "_count",
+        lambda m, p, d: {"model": m, "phase": p, "features": d, "instructions_per_step": counts[m, p, d]},
+    )
+    rows = host_instructions.instruction_rows(quick=False)
+    ratios = {(r["model"], r["phase"], r["features"]): r["vs_zuko_realnvp"] for r in rows}
+    assert ratios["fastflow", "forward", 64] == 0.75 and ratios["fastflow", "step", 64] == 0.5
+    assert ratios["fastflow", "step", 2] == 1.25
+
+
+def _counted_child(monkeypatch, qsort_calls: int) -> tuple[list[int], list[int]]:
+    """``host_instructions`` with a tiny model whose NLL counts its calls, an Adam that counts its steps and a
+    stand-in libc whose ``qsort`` calls the comparison ``qsort_calls`` times."""
+    from benchmarks import host_instructions
+
+    linear, forwards, steps = torch.nn.Linear(2, 1), [], []
+
+    def nll(x):
+        forwards.append(1)
+        return linear(x).squeeze(-1)
+
+    class CountingAdam(torch.optim.Adam):
+        def step(self, *args, **kwargs):
+            steps.append(1)
+            return super().step(*args, **kwargs)
+
+    class Libc:
+        def qsort(self, base, count, size, compare):
+            for _ in range(qsort_calls):
+                compare(None, None)
+
+    monkeypatch.setattr(host_instructions, "_model", lambda name, features: (linear, nll))
+    monkeypatch.setattr(host_instructions.ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(host_instructions.torch.optim, "Adam", CountingAdam)
+    monkeypatch.setattr(host_instructions.torch, "set_num_threads", lambda n: None)  # this process keeps its threads
+    return forwards, steps
+
+
+def test_tabular_instructions_child_runs_its_steps_once_inside_the_callback(monkeypatch):
+    from benchmarks import host_instructions
+
+    total = host_instructions.WARMUP + host_instructions.STEPS
+    forwards, steps = _counted_child(monkeypatch, qsort_calls=3)  # the steps run at the first comparison only
+    host_instructions._child("fastflow", "step", 2)
+    assert len(forwards) == len(steps) == total
+    forwards, steps = _counted_child(monkeypatch, qsort_calls=1)
+    host_instructions._child("fastflow", "forward", 2)
+    assert len(forwards) == total and steps == []  # the forward phase does not train
+    _counted_child(monkeypatch, qsort_calls=0)
+    with pytest.raises(SystemExit, match="never called"):
+        host_instructions._child("fastflow", "step", 2)

@@ -3,11 +3,14 @@ common case, and the first-parameter lookup, each against what it stands in for.
 
 from __future__ import annotations
 
+import importlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
 
-from fastflow.nn.base import first_floating_parameter
+from fastflow.nn.base import check_features, first_floating_parameter
 from fastflow.ops import actnorm_invconv, coupling
 from fastflow.ops._checks import cast, float_tensors_on_one_device
 from fastflow.ops.actnorm_invconv import _check_args
@@ -26,6 +29,7 @@ def test_float_tensors_on_one_device():
     assert float_tensors_on_one_device(a, b)
     assert not float_tensors_on_one_device(a, torch.zeros(2, dtype=torch.long))
     assert not float_tensors_on_one_device(a, torch.zeros(2, dtype=torch.complex64))
+    assert not float_tensors_on_one_device(a, torch.zeros(2, dtype=torch.float8_e4m3fn))  # floating, not supported
     assert not float_tensors_on_one_device(a, 1.0)
     assert not float_tensors_on_one_device(a, torch.randn(2, device="meta"))
 
@@ -74,6 +78,48 @@ def test_first_floating_parameter_honours_an_overridden_parameters_and_ends_on_c
     assert first_floating_parameter(looped) is None is _first_by_parameters(looped)
 
 
+def test_first_floating_parameter_asks_an_overridden_parameters_in_its_order():
+    class Listed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = nn.Parameter(torch.zeros(1, dtype=torch.long), requires_grad=False)
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def parameters(self, recurse: bool = True):
+            return iter([self.count, self.w])
+
+    listed = Listed()
+    assert first_floating_parameter(listed) is listed.w
+
+
+def test_first_floating_parameter_passes_an_unset_submodule():
+    holder = nn.Module()
+    holder.register_module("gone", None)
+    holder.lin = nn.Linear(2, 2)
+    assert first_floating_parameter(holder) is holder.lin.weight
+
+
+def test_check_features_refuses_what_its_fast_test_does_not_take():
+    x = torch.randn(2, 3)
+    assert check_features("x", x, 3) is x and check_features("x", x) is x
+    with pytest.raises(ValueError, match="channel mismatch|feature mismatch"):
+        check_features("x", torch.randn(2, 4), 3)
+    with pytest.raises(TypeError, match="floating-point"):
+        check_features("x", torch.zeros(2, 3, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="rank 3"):
+        check_features("x", torch.randn(2, 3, 4), 3)
+
+
+def test_resolve_backend_shortcut_only_for_cpu_tensors_under_auto(monkeypatch):
+    backend = importlib.import_module("fastflow.backend")  # fastflow.backend the attribute is the context manager
+    monkeypatch.setattr(backend, "_TRITON_AVAILABLE", True)
+    monkeypatch.setattr(backend, "_INTERPRETER_ENABLED", False)
+    assert backend.resolve_backend(SimpleNamespace(is_cuda=True, device="cuda:0")) == "triton"
+    monkeypatch.setattr(backend, "_DEFAULT", "triton")  # FASTFLOW_BACKEND=triton: a CPU tensor is refused
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        backend.resolve_backend(torch.zeros(1))
+
+
 def test_first_floating_parameter_without_floating_parameters():
     holder = nn.Module()
     holder.count = nn.Parameter(torch.zeros(1, dtype=torch.long), requires_grad=False)
@@ -97,6 +143,11 @@ def _affine_cases():
     yield (x[0, 0], x[0, 0].clone(), x[0, 0].clone(), "exp", None), False  # rank 1
     yield (x, x.to("meta"), x.to("meta"), "exp", None), False
     yield (x.long(), x.long(), x.long(), "exp", None), False
+    yield (x, x[:, :2].double(), x[:, :2].double(), "exp", 0), False  # shift and raw agree, x does not
+    yield (x, x.double(), x.double(), "exp", None), False
+    yield (x, torch.randn(1, 2, 3), torch.randn(1, 2, 3), "exp", 0), False  # another batch
+    yield (x[:, :, 0], torch.randn(2), torch.randn(2), "exp", 0), False  # rank-1 shift for a rank-2 x
+    yield (x, x[:, :2].clone(), x[:, :2].clone(), "exp", None), False  # a part of x's channels, no b_start
 
 
 @pytest.mark.parametrize(("args", "fits"), list(_affine_cases()))
@@ -108,6 +159,17 @@ def test_affine_fast_check_accepts_exactly_what_the_full_checks_accept(args, fit
     else:
         with pytest.raises((TypeError, ValueError)):
             _check_affine_args("x_b", *args)
+
+
+@pytest.mark.parametrize(
+    ("which", "dtype_or_device", "error"),
+    [(0, torch.long, TypeError), (4, torch.long, TypeError), (1, "meta", ValueError), (4, "meta", ValueError)],
+)
+def test_actnorm_invconv_checks_refuse_a_dtype_or_device_the_fast_test_does_not_take(which, dtype_or_device, error):
+    tensors = [torch.randn(4, 3), torch.randn(1, 3, 1, 1), torch.randn(1, 3, 1, 1), torch.randn(3, 3), torch.randn(())]
+    tensors[which] = tensors[which].to(dtype_or_device)
+    with pytest.raises(error):
+        _check_args("x", tensors[0], *tensors[1:3], "weight", *tensors[3:])
 
 
 @pytest.mark.parametrize(
