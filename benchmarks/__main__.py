@@ -11,8 +11,9 @@ reference step eager, compiled, reversible; :mod:`benchmarks.step_modes`), ``pee
 against normflows' Glow, :mod:`benchmarks.peers`), ``tabular`` (TabularFlow against zuko's RealNVP and NSF on
 vector data, held-out NLL and training-step time, and a conditional flow against one flow per condition;
 :mod:`benchmarks.tabular`), ``tabular_instructions`` (CPU instructions per TabularFlow and zuko RealNVP training
-step under callgrind, noise-free; :mod:`benchmarks.host_instructions`), ``jet_memory`` (a Jet training step at
-32 and 64 couplings, per-coupling checkpointing vs reversible, peak memory and time; :mod:`benchmarks.bench_jet`),
+step under callgrind, noise-free; :mod:`benchmarks.host_instructions`; only when ``--cases`` names it),
+``jet_memory`` (a Jet training step at 32 and 64 couplings, per-coupling checkpointing vs reversible, peak memory
+and time; :mod:`benchmarks.bench_jet`),
 ``pixel_mix`` (the compiled CPU channel mix as a summed product against ``bmm``, :mod:`benchmarks.bench_pixel_mix`).
 CUDA only: ``train_modes``
 (the step eager vs compiled vs CUDA graph in bf16, :mod:`benchmarks.step_modes`), ``largest_batch`` (the
@@ -87,13 +88,20 @@ CPU_ONLY = ("train_step_cpu", "peers_glow", "tabular", "tabular_instructions", "
 RESOLUTION_CASES = ("train_resolution", "largest_batch", "train_modes")
 """The cases ``--resolutions`` restricts (the rows of other resolutions already in the results file are kept)."""
 CUDA_ONLY = ("train_modes", "largest_batch", "jet_largest_batch", "flowstep_max_autotune")
+NAMED_ONLY = ("tabular_instructions",)
+"""Cases a run takes only when ``--cases`` names them: about 10 (``--quick``) to 20 minutes under valgrind."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def default_cases(device_type: str) -> tuple[str, ...]:
+def device_cases(device_type: str) -> tuple[str, ...]:
     """Every case that runs on ``device_type`` (``"cpu"`` or ``"cuda"``)."""
     other = CUDA_ONLY if device_type == "cpu" else CPU_ONLY
     return tuple(c for c in CASES if c not in other)
+
+
+def default_cases(device_type: str) -> tuple[str, ...]:
+    """The cases a run without ``--cases`` takes on ``device_type``: those of the device but :data:`NAMED_ONLY`."""
+    return tuple(c for c in device_cases(device_type) if c not in NAMED_ONLY)
 
 
 def _run_case(
@@ -297,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         parser.error(f"unknown cases {unknown}; choose from {CASES}")
-    wrong_device = sorted(set(cases) - set(default_cases(device.type)))
+    wrong_device = sorted(set(cases) - set(device_cases(device.type)))
     if wrong_device:
         parser.error(f"cases {wrong_device} do not run on {device.type}")
     if args.channels and "actnorm_invconv" not in cases:

@@ -205,10 +205,12 @@ def test_a_run_past_its_deadline_starts_nothing_and_keeps_earlier_rows(tmp_path,
 
 
 def test_case_registry_by_device(capsys):
-    from benchmarks.__main__ import CASES, CPU_ONLY, CUDA_ONLY, default_cases
+    from benchmarks.__main__ import CASES, CPU_ONLY, CUDA_ONLY, NAMED_ONLY, default_cases, device_cases
 
-    assert set(default_cases("cpu")) == set(CASES) - set(CUDA_ONLY)
-    assert set(default_cases("cuda")) == set(CASES) - set(CPU_ONLY)
+    assert set(device_cases("cpu")) == set(CASES) - set(CUDA_ONLY)
+    assert set(device_cases("cuda")) == set(CASES) - set(CPU_ONLY)
+    assert set(default_cases("cpu")) == set(device_cases("cpu")) - {"tabular_instructions"}  # named only
+    assert set(default_cases("cuda")) == set(device_cases("cuda")) and set(NAMED_ONLY) <= set(CPU_ONLY)
     assert {"census", "train_step_cpu", "peers_glow"} <= set(default_cases("cpu"))
     assert {"coupling", "flowstep", "train_modes", "largest_batch"} <= set(default_cases("cuda"))
     with pytest.raises(SystemExit):
