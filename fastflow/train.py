@@ -246,10 +246,11 @@ def _due(done: int, every: int, last: bool) -> bool:
 
 
 @contextmanager
-def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
+def _deferred_interrupt(saves: bool) -> Iterator[Callable[[], bool]]:
     """Within the block the first Ctrl-C (SIGINT) only sets a flag, read by the function it yields, so the loop
-    can finish its step and save; a second Ctrl-C raises ``KeyboardInterrupt`` at once. Outside the main thread
-    (where Python runs no signal handlers) nothing is deferred."""
+    can finish its step and save (``saves``: whether it writes a checkpoint then, as the message says); a second
+    Ctrl-C raises ``KeyboardInterrupt`` at once. Outside the main thread (where Python runs no signal handlers)
+    nothing is deferred."""
     requested: list[bool] = []
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
@@ -259,7 +260,8 @@ def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
         if requested:
             raise KeyboardInterrupt
         requested.append(True)
-        print("\nstopping after this step to save a checkpoint (Ctrl-C again stops at once)", file=sys.stderr)
+        then = " to save a checkpoint" if saves else ""
+        print(f"\nstopping after this step{then} (Ctrl-C again stops at once)", file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -670,7 +672,7 @@ def train(
     pending: list[torch.Tensor] = []  # the losses of the steps since the last read, on the device
     pending_norms: list[torch.Tensor] = []  # and their gradient norms (none under fp16 loss scaling)
     loss_text = _loss_text(recent)
-    with _deferred_interrupt() as interrupt_requested, _closing(progress):
+    with _deferred_interrupt(config.out is not None) as interrupt_requested, _closing(progress):
         for step in range(start, config.steps):
             try:
                 x, y = local_batch(step)

@@ -268,7 +268,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_to_the_same_curve(tmp_path, 
     assert info.value.step == 3 and info.value.checkpoint == str(out / CHECKPOINT_NAME)
     assert isinstance(info.value, KeyboardInterrupt)
     assert load_checkpoint(out / CHECKPOINT_NAME)[1]["extra"]["step"] == 3
-    assert "Ctrl-C again" in capsys.readouterr().err
+    assert "stopping after this step to save a checkpoint (Ctrl-C again" in capsys.readouterr().err
     monkeypatch.undo()
     rest = train(_model(seed=1), _data(), _config(out, 6, save_every=5), resume=True)
     assert len(rest) == 3
