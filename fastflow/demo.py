@@ -53,13 +53,13 @@ def main(argv: list[str] | None = None) -> float:
     model.eval()
     checkpoint, grid = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "samples.png")
     save_checkpoint(checkpoint, model, heldout_bits_per_dim=bpd)  # first: a grid that cannot be drawn costs the grid
+    written = [checkpoint]
     try:
         save_grid(model.sample(64, temperature=0.7), grid, nrow=8, scale=4, n_bins=model.n_bins)
+        written.append(f"{grid} (temperature 0.7)")
     except (FloatingPointError, ValueError) as err:  # non-finite samples
         warnings.warn(f"no sample grid: {err}", RuntimeWarning, stacklevel=1)
-        print(f"wrote {checkpoint}")
-        return bpd
-    print(f"wrote {checkpoint} and {grid} (temperature 0.7)")
+    print(f"wrote {' and '.join(written)}")
     return bpd
 
 

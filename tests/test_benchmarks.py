@@ -1005,6 +1005,18 @@ def test_boxed_commands_and_test_shards_start_with_default_signals_and_die_with_
     assert all(argv[4:7] == [sys.executable, "-m", "pytest"] for argv in started)
 
 
+def _stand_in_counts(monkeypatch, counts: dict[tuple[str, str, int], float]) -> None:
+    """``host_instructions`` with valgrind "installed" and ``counts[model, phase, features]`` as its counts."""
+    from benchmarks import host_instructions
+
+    monkeypatch.setattr(host_instructions.shutil, "which", lambda name: "/usr/bin/valgrind")
+    monkeypatch.setattr(
+        host_instructions,
+        "_count",
+        lambda m, p, d: {"model": m, "phase": p, "features": d, "instructions_per_step": counts[m, p, d]},
+    )
+
+
 def test_tabular_instructions_rows_pair_each_model_with_zuko(monkeypatch):
     """``tabular_instructions`` without valgrind's four minutes per process: the child runs its steps inside the
     ``qsort`` callback and reports the parameter tensors; the rows are the ratios of stand-in counts to zuko's of the
@@ -1019,12 +1031,7 @@ def test_tabular_instructions_rows_pair_each_model_with_zuko(monkeypatch):
 
     counts = {("fastflow", "forward", 2): 9.0, ("zuko_realnvp", "forward", 2): 6.0}
     counts.update({("fastflow", "step", 2): 25.0, ("zuko_realnvp", "step", 2): 20.0})
-    monkeypatch.setattr(host_instructions.shutil, "which", lambda name: "/usr/bin/valgrind")
-    monkeypatch.setattr(
-        host_instructions,
-        "_count",
-        lambda m, p, d: {"model": m, "phase": p, "features": d, "instructions_per_step": counts[m, p, d]},
-    )
+    _stand_in_counts(monkeypatch, counts)
     rows = host_instructions.instruction_rows(quick=True)
     assert [(r["model"], r["phase"], r["vs_zuko_realnvp"]) for r in rows] == [
         ("fastflow", "forward", 1.5), ("zuko_realnvp", "forward", 1.0),
@@ -1076,12 +1083,7 @@ def test_tabular_instructions_ratio_is_to_zuko_at_the_same_width(monkeypatch):
     counts.update({("zuko_realnvp", "step", 2): 20.0, ("fastflow", "forward", 64): 30.0})
     counts.update({("zuko_realnvp", "forward", 64): 40.0, ("fastflow", "step", 64): 50.0})
     counts[("zuko_realnvp", "step", 64)] = 100.0
-    monkeypatch.setattr(host_instructions.shutil, "which", lambda name: "/usr/bin/valgrind")
-    monkeypatch.setattr(
-        host_instructions,
-        "_count",
-        lambda m, p, d: {"model": m, "phase": p, "features": d, "instructions_per_step": counts[m, p, d]},
-    )
+    _stand_in_counts(monkeypatch, counts)
     rows = host_instructions.instruction_rows(quick=False)
     ratios = {(r["model"], r["phase"], r["features"]): r["vs_zuko_realnvp"] for r in rows}
     assert ratios["fastflow", "forward", 64] == 0.75 and ratios["fastflow", "step", 64] == 0.5

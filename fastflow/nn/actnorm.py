@@ -113,7 +113,7 @@ class ActNorm(FlowLayer):
         ``bias`` or ``logs`` has left its construction value 0: parameters trained through the inverse alone (an
         ``rsample`` objective), set by hand or loaded without the flag are kept, and the layer counts as
         initialised from then on."""
-        if not self.training or self._initialized:
+        if not self.training or self.is_initialized:
             return
         with torch.no_grad():  # once per layer, like the initialisation itself: a host read is fine here
             moved = bool((self.bias != 0).any() | (self.logs != 0).any())

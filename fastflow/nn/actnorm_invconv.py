@@ -217,11 +217,9 @@ def _take_gradients(
 def _runs_as_written(module: nn.Module, kind: type[nn.Module]) -> bool:
     """Whether ``module`` computes ``kind``'s own forward and inverse and has no hooks: then fusing it with its
     neighbour changes nothing (the fused op reads its parameters, it does not call it)."""
-    if not isinstance(module, kind):
-        return False
     hooks = (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks)
     own = type(module).forward is kind.forward and type(module).inverse is kind.inverse  # type: ignore[attr-defined]
-    return own and not any(hooks)
+    return isinstance(module, kind) and own and not any(hooks)
 
 
 def _is_pair(first: nn.Module, second: nn.Module) -> bool:
