@@ -122,7 +122,7 @@ def _log_scale_and_slope(raw: torch.Tensor, scale: str) -> tuple[torch.Tensor, t
     ``1 - tanh(raw) ** 2`` (RealNVP) or ``1 - sigmoid(raw) = sigmoid(-raw)`` (Jet)."""
     log_s = _log_scale(raw, scale)
     if scale == "sigmoid":
-        return log_s, torch.sigmoid(-(raw + 2.0))
+        return log_s, torch.sigmoid(-2.0 - raw)  # -(raw + 2) to the bit, one op
     if scale == "sigmoid2":
         return log_s, torch.sigmoid(-raw)
     return log_s, 1.0 - log_s * log_s
@@ -232,15 +232,17 @@ def affine_coupling_backward_from_output_ref(
     out_dtype = y_b.dtype
     if upcast:
         y_b, shift, raw, grad_y = (cast(t, logdet_dtype(out_dtype)) for t in (y_b, shift, raw, grad_y))
-    x_b, _ = affine_coupling_inverse_ref(y_b, shift, raw, scale)
     gl = 0.0 if grad_logdet is None else _per_sample(cast(grad_logdet, y_b.dtype), y_b)
     log_s, slope = _log_scale_and_slope(raw, scale)
-    grad_x = (grad_y * log_s.exp_()).to(out_dtype)  # s in place of log s: one temporary fewer
-    del log_s
-    if scale == "exp":  # y = x * s + t
-        grad_shift, grad_raw = cast(grad_y, out_dtype), (grad_y * (y_b - shift)).add_(gl).mul_(slope)
-    else:  # y = (x + t) * s
-        grad_shift, grad_raw = grad_x, (grad_y * y_b).add_(gl).mul_(slope)
+    s = log_s.exp_()  # s in place of log s: one temporary fewer
+    if scale == "exp":  # y = x * s + t: x = (y - t) / s, the raw gradient reads y - t
+        y_b = y_b - shift
+        x_b = y_b / s
+    else:  # y = (x + t) * s: x = y / s - t
+        x_b = (y_b / s).sub_(shift)
+    grad_raw = (grad_y * y_b).add_(gl).mul_(slope)
+    grad_x = cast(grad_y * s, out_dtype)
+    grad_shift = cast(grad_y, out_dtype) if scale == "exp" else grad_x
     return cast(x_b, out_dtype), grad_x, grad_shift, cast(grad_raw, out_dtype)
 
 
@@ -257,19 +259,20 @@ def _backward_from_output_in_place_ref(
     tensors of their size alive at once."""
     gl = 0.0 if grad_logdet is None else _per_sample(cast(grad_logdet, y_b.dtype), y_b)
     log_s, grad_raw = _log_scale_and_slope(raw, scale)
+    s = log_s.exp_()
     if scale == "exp":  # y = x * s + t: x = (y - t) / s, the raw gradient reads y - t
         y_b.sub_(shift)
     grad_raw.mul_(torch.mul(grad_y, y_b).add_(gl))
     raw.copy_(grad_raw)
     del grad_raw
-    y_b.mul_(torch.exp(-log_s))
+    y_b.div_(s)
     if scale == "exp":
         shift.copy_(grad_y)  # grad_shift = grad_y
-        grad_y.mul_(log_s.exp_())
-    else:  # y = (x + t) * s: x = y / s - t, grad_shift = grad_x
+    else:  # y = (x + t) * s: x = y / s - t
         y_b.sub_(shift)
-        grad_y.mul_(log_s.exp_())
-        shift.copy_(grad_y)
+    grad_y.mul_(s)
+    if scale != "exp":
+        shift.copy_(grad_y)  # grad_shift = grad_x
 
 
 def additive_coupling_backward_from_output_ref(
