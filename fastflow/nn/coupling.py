@@ -255,7 +255,7 @@ class _Coupling(FlowLayer):
 
     def _tile_backward(
         self,
-        tile: Tile,
+        tile: Tile | None,
         a_full: torch.Tensor,
         y: torch.Tensor,
         grad_y: torch.Tensor,
@@ -266,29 +266,30 @@ class _Coupling(FlowLayer):
         inputs: list[torch.Tensor],
         summed: list[torch.Tensor | None] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x, grad_x, grad of the network input a)`` on one tile (the last over the tile's halo window);
-        ``grad_x`` lacks the network input's part. Gradients of ``inputs`` (parameters, context) go to ``.grad``
-        or, given ``summed`` (one entry per input), are added into it: one of several tiles, whose caller hands
-        the sums to autograd once (DistributedDataParallel marks each gradient ready once)."""
-        whole = y.dim() == 2
-        core = (...,) if whole else (..., *tile.core)
-        window = (...,) if whole else (..., *tile.window)
+        """``(x, grad_x, grad of the network input a)`` on one tile (the last over the tile's halo window), or on
+        the whole input where ``tile`` is None (no indexing); ``grad_x`` lacks the network input's part. Gradients
+        of ``inputs`` (parameters, context) go to ``.grad`` or, given ``summed`` (one entry per input), are added
+        into it: one of several tiles, whose caller hands the sums to autograd once (DistributedDataParallel marks
+        each gradient ready once)."""
         with torch.enable_grad():
-            a = a_full[window].detach().requires_grad_(True)
+            a = (a_full if tile is None else a_full[(..., *tile.window)]).detach().requires_grad_(True)
             # shaped here, inside the graph, per tile: each tile's backward frees the graph it walks
             shaped = self._context(context, y)
+            if shaped is not None and tile is not None:
+                shaped = shaped[(..., *tile.window)]
             # a checkerboard's network reads x * mask, its own to change in place: given a copy, not the leaf a
             net_input = a if mask is None else a.clone()
-            outs = self._split_outputs(
-                self._net_output(net_input, None if shaped is None else shaped[window], mask is None)
-            )
-            if not whole:
+            outs = self._split_outputs(self._net_output(net_input, shaped, mask is None))
+            if tile is not None:
+                core = (..., *tile.core)
                 outs = [o[(..., *tile.core_in_window)] for o in outs]
+                y, grad_y = y[core], grad_y[core]
+                mask = None if mask is None else mask[core]
             if mask is not None:
-                outs = self._masked_outputs(outs, mask[core])
+                outs = self._masked_outputs(outs, mask)
         with torch.no_grad():
             x, grad_x, grad_outs = self._transform_backward_from_output(
-                y[core], [o.detach() for o in outs], grad_y[core], grad_logdet, b_start
+                y, [o.detach() for o in outs], grad_y, grad_logdet, b_start
             )
         pairs = [(o, g) for o, g in zip(outs, grad_outs) if o.requires_grad]  # a subnet may ignore its input
         if not pairs:
@@ -330,9 +331,9 @@ class _Coupling(FlowLayer):
         # the network's batch norms keep the running statistics the forward left: put back after the tiles'
         # backwards (which read the saved ones)
         with running_statistics_kept(self.net):
-            if len(parts) == 1:
+            if len(parts) == 1:  # the whole input: no tile to cut out
                 x, grad_x, grad_a = self._tile_backward(
-                    parts[0], a_full, y, grad_y, grad_logdet, mask, b_start, context, inputs, None
+                    None, a_full, y, grad_y, grad_logdet, mask, b_start, context, inputs, None
                 )
             else:
                 hooked = [t for t in inputs if t._backward_hooks]
