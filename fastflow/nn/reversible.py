@@ -262,18 +262,45 @@ class BackwardWeights(NamedTuple):
     pending: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
+def _walked(weights: Any) -> bool:
+    """Whether :func:`_tensors` and :func:`_as_leaves` walk ``weights`` themselves: a plain list or tuple or a named
+    tuple, which torch's pytree would flatten alike (it keeps list and tuple subclasses whole, as leaves)."""
+    kind = type(weights)
+    return kind is list or kind is tuple or (issubclass(kind, tuple) and hasattr(kind, "_fields"))
+
+
+def _tensors(weights: Any) -> Iterator[torch.Tensor]:
+    """The tensors in ``weights`` in the order of torch's pytree leaves: plain lists and tuples and named tuples
+    walked here (the pytree costs host time on every backward), other containers flattened by the pytree."""
+    if isinstance(weights, torch.Tensor):
+        yield weights
+    elif _walked(weights):
+        for entry in weights:
+            yield from _tensors(entry)
+    elif weights is not None:
+        yield from (leaf for leaf in tree_flatten(weights)[0] if isinstance(leaf, torch.Tensor))
+
+
 def _weight_tensors(weights: Any) -> list[torch.Tensor]:
-    return [leaf for leaf in tree_flatten(weights)[0] if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+    return [t for t in _tensors(weights) if t.requires_grad]
+
+
+def _leaf(t: Any) -> Any:
+    return t.detach().requires_grad_(True) if isinstance(t, torch.Tensor) and t.requires_grad else t
 
 
 def _as_leaves(weights: Any) -> Any:
-    """``weights`` with every tensor that requires grad replaced by a detached leaf that requires grad."""
+    """``weights`` with every tensor that requires grad replaced by a detached leaf that requires grad, in the
+    structure and order :func:`_tensors` walks."""
+    if weights is None or isinstance(weights, torch.Tensor):
+        return _leaf(weights)
+    if _walked(weights):
+        entries = [_as_leaves(entry) for entry in weights]
+        if type(weights) is list:
+            return entries
+        return tuple(entries) if type(weights) is tuple else type(weights)(*entries)  # a named tuple
     leaves, spec = tree_flatten(weights)
-    detached = [
-        leaf.detach().requires_grad_(True) if isinstance(leaf, torch.Tensor) and leaf.requires_grad else leaf
-        for leaf in leaves
-    ]
-    return tree_unflatten(detached, spec)
+    return tree_unflatten([_leaf(leaf) for leaf in leaves], spec)
 
 
 def _layer_backward(

@@ -14,7 +14,9 @@ from fastflow.nn import FlowSequential, FlowStep
 from fastflow.nn.actnorm_invconv import ActNormInvConv
 from fastflow.nn.reversible import (
     ReconstructionError,
+    _as_leaves,
     _relative_drift,
+    _weight_tensors,
     deferred_guards,
     drift_tripped,
     read_drift_guard,
@@ -685,3 +687,42 @@ def test_batch_norms_in_conditioners_update_their_running_statistics_once():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
     for got, want in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_weight_leaves_keep_the_structure_and_order_of_any_batched_weights():
+    """The walk's leaves of a chain's batched weights: every tensor that requires grad becomes a detached leaf that
+    requires grad, in place, where torch's pytree would find it (plain lists and tuples, named tuples, and through
+    the pytree other containers such as dicts); list and tuple subclasses, which the pytree keeps whole, stay as
+    they are, tensors and all, at the top as inside a dict; non-tensor entries stay; and the tensors that require
+    grad are listed in the same order on both sides (the walk pairs each leaf's gradient with its tensor)."""
+    from fastflow.nn.actnorm_invconv import MixWeights
+    from fastflow.ops.actnorm_invconv import FoldedMix
+
+    class Pack(list):
+        pass
+
+    class Pair(tuple):
+        def __new__(cls, first, second):
+            return super().__new__(cls, (first, second))
+
+    parameter = torch.randn(3, requires_grad=True)
+    computed, frozen = parameter * 2, torch.randn(3)
+    packed, paired = Pack([computed * 5]), Pair(computed * 6, 1)
+    weights = [
+        MixWeights(computed, parameter, None),
+        None,
+        [MixWeights(computed + 1, frozen, FoldedMix(computed * 3, parameter, frozen))],
+        {"mix": computed - 1, "count": 3, "packed": packed, "nested": [computed * 4]},
+        (computed / 2, "name"),
+        7,
+        paired,
+    ]
+    leaves = _as_leaves(weights)
+    assert type(leaves[0]) is MixWeights and type(leaves[2][0].folded) is FoldedMix and leaves[1] is None
+    assert leaves[2][0].weight_logdet is frozen and leaves[3]["count"] == 3
+    assert leaves[3]["packed"] is packed and leaves[6] is paired and _as_leaves(paired) is paired
+    assert type(leaves[4]) is tuple and leaves[4][1] == "name" and leaves[5] == 7
+    before, after = _weight_tensors(weights), _weight_tensors(leaves)
+    assert len(before) == len(after) == 8
+    for tensor, leaf in zip(before, after):
+        assert leaf.is_leaf and leaf.requires_grad and leaf is not tensor and torch.equal(leaf, tensor)
