@@ -11,7 +11,7 @@ from torch import nn
 from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.base import as_pixels, check_features, run_layer
 from fastflow.nn.invconv import InvConv1x1, exact_dtype, stack_tensors, stacked_weights, unstack_tensor
-from fastflow.ops._checks import cast, logdet_dtype
+from fastflow.ops._checks import cast, check_float_tensor, check_same_device, logdet_dtype
 from fastflow.ops.actnorm_invconv import (
     FoldedMix,
     actnorm_invconv,
@@ -20,7 +20,7 @@ from fastflow.ops.actnorm_invconv import (
     fold_actnorm,
     fold_actnorm_inverse,
 )
-from fastflow.ops.channel_mix import channel_mix, channel_mix_grads
+from fastflow.ops.channel_mix import channel_mix, channel_mix_grads, channel_mix_grads_ref, channel_mix_ref
 
 if TYPE_CHECKING:
     from fastflow.nn.reversible import BackwardWeights
@@ -102,7 +102,8 @@ class ActNormInvConv:
         mix ``y = M a + c`` per pixel (``M = W`` and ``a`` ActNorm's output on images on the eager backend;
         ``M = W diag(exp(logs))``, ``c = M bias`` and ``a = x`` where ActNorm is folded) is undone with the
         inverse weights, ``grad_a = M^T grad_y``, ``grad_M = sum grad_y a^T``, ``grad_c = sum grad_y``; unfolded,
-        ActNorm's ``grad_x = grad_a exp(logs)``, ``grad_bias = sum grad_x``, ``grad_logs = sum grad_a a``; and the
+        ActNorm's ``grad_x = grad_a exp(logs)``, ``grad_bias = sum grad_x``, ``grad_logs = sum grad_a a`` (read off
+        ``W`` and ``grad_M``: the column sums of their elementwise product); and the
         log-det ``H W (sum(logs) + log|det W|)`` adds ``H W sum_b grad_logdet`` to the gradients of ``logs`` and
         ``log|det W|`` (of the folded log-det). ``weights``: the pair's share of its chain's
         (:class:`~fastflow.nn.reversible.BackwardWeights`, whose forward leaves take their gradients), computed
@@ -111,6 +112,10 @@ class ActNormInvConv:
         for the chain's one backward (no nested backward here)."""
         actnorm = self.actnorm
         check_features("y", y, actnorm.num_channels)
+        check_float_tensor("grad_y", grad_y)
+        if grad_y.shape != y.shape:
+            raise ValueError(f"grad_y must have the shape of y {tuple(y.shape)}, got {tuple(grad_y.shape)}")
+        check_same_device("grad_y", grad_y, "y", y)
         if weights is None:
             with torch.no_grad():
                 (inverse,) = self._compute_weights([self], y, inverse=True)
@@ -130,10 +135,12 @@ class ActNormInvConv:
                 ]
                 params: list[tuple[torch.Tensor, torch.Tensor]] = []
             else:
-                a = channel_mix(out, inverse.weight)
-                grad_a, grad_weight, _ = channel_mix_grads(grad_out, a, forward.weight)
+                # unfolded only on the eager backend: its twins directly (the layer's own tensors, no checks)
+                a = channel_mix_ref(out, inverse.weight)
+                grad_a, grad_weight, _ = channel_mix_grads_ref(grad_out, a, forward.weight, bias_grad=False)
                 scale = cast(torch.exp(actnorm.logs), a.dtype)
-                grad_logs = (grad_a * a).sum((0, 2, 3), keepdim=True) + logdet_grad
+                # sum_{b,p} grad_a a = sum_o W[o, c] grad_W[o, c] (grad_a = W^T grad_y): C x C work, no pass over pixels
+                grad_logs = (cast(forward.weight, a.dtype) * grad_weight).sum(0) + logdet_grad
                 x = a.mul_(cast(torch.exp(-actnorm.logs), a.dtype)).sub_(cast(actnorm.bias, a.dtype))
                 grad_x = grad_a.mul_(scale)
                 pairs = [(forward.weight, grad_weight), (forward.weight_logdet, logdet_grad)]

@@ -44,6 +44,7 @@ __all__ = [
     "PIXEL_SUM_MAX_PRODUCTS",
     "channel_mix",
     "channel_mix_grads",
+    "channel_mix_grads_ref",
     "channel_mix_ref",
     "compiles_as_pixel_sum",
     "ieee_float32",
@@ -442,9 +443,9 @@ def channel_mix_grads(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_x, grad_weight, grad_bias)`` of :func:`channel_mix` at ``(x, weight)`` for the upstream ``grad_y``,
     without autograd (for a caller that has them in closed form, such as a reversible backward): the fused
-    backward op on the Triton backends (one pass), else an IEEE mix for ``grad_x``, one ``bmm`` for
-    ``grad_weight`` and a sum for ``grad_bias``. ``grad_x`` is in ``x``'s dtype; the other two in float32
-    (float64 for float64 ``x``) on the fused path and in ``x``'s dtype on the eager one."""
+    backward op on the Triton backends (one pass), else :func:`channel_mix_grads_ref`. ``grad_x`` is in ``x``'s
+    dtype; the other two in float32 (float64 for float64 ``x``) on the fused path and in ``x``'s dtype on the
+    eager one."""
     _check_args(x, weight, None)
     check_float_tensor("grad_y", grad_y)
     want = (x.shape[0], weight.shape[0], *x.shape[2:])
@@ -453,11 +454,24 @@ def channel_mix_grads(
     check_same_device("grad_y", grad_y, "x", x)
     too_wide = max(weight.shape) > kernel_max_channels(x.dtype)
     if resolve_backend(x) == "eager" or too_wide or not _fits_int32(x, weight):
-        grad_y = cast(grad_y, x.dtype)
-        return channel_mix_ref(grad_y, weight.t()), _ieee_grad_weight(grad_y, x), grad_y.sum((0, 2, 3))
+        grad_x, grad_weight, grad_bias = channel_mix_grads_ref(grad_y, x, weight)
+        assert grad_bias is not None
+        return grad_x, grad_weight, grad_bias
     if use_library_op():
         return torch.ops.fastflow.channel_mix_backward(grad_y, x, weight)
     return _direct_mix_grads(grad_y, x, weight)
+
+
+def channel_mix_grads_ref(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *, bias_grad: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Eager twin of :func:`channel_mix_grads`, without its argument checks (for a caller whose tensors are known
+    good): ``grad_y`` cast to ``x``'s dtype, then ``grad_x = weight^T @ grad_y`` per pixel (an IEEE mix),
+    ``grad_weight = sum grad_y x^T`` (one ``bmm``) and ``grad_bias = sum grad_y`` (None with ``bias_grad=False``),
+    all in ``x``'s dtype."""
+    grad_y = cast(grad_y, x.dtype)
+    grad_bias = grad_y.sum((0, 2, 3)) if bias_grad else None
+    return channel_mix_ref(grad_y, weight.t()), _ieee_grad_weight(grad_y, x), grad_bias
 
 
 def channel_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

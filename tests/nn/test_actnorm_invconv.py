@@ -198,6 +198,21 @@ def test_pair_backward_from_output_is_the_autograd_backward(kind, backend):
         torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pair_backward_from_output_checks_grad_y(backend):
+    """The closed-form backward refuses an upstream gradient that does not fit the output, on the unfolded eager
+    path (which runs the mixes' unchecked twins) as on the folded one: a transposed one would give wrong values."""
+    pair = ActNormInvConv(ActNorm(4), InvConv1x1(4))
+    y = torch.randn(2, 4, 3, 5)
+    with fastflow.backend(backend):
+        pair(y)  # ActNorm init
+        for bad in (y.transpose(2, 3), y[:1], y[:, :3]):
+            with pytest.raises(ValueError, match="grad_y must have the shape of y"):
+                pair.backward_from_output(y, bad, torch.zeros(2))
+        with pytest.raises(TypeError, match="grad_y must be float16"):
+            pair.backward_from_output(y, y.long(), torch.zeros(2))
+
+
 def test_fused_pair_calls_a_subclass_initialize_once_every_forward():
     """A subclass that keeps ActNorm's forward is fused with its 1x1 convolution; its own ``initialize_once`` still
     runs on every forward, as ActNorm's forward would call it."""

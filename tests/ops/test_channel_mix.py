@@ -650,6 +650,11 @@ def test_channel_mix_grads_are_the_autograd_gradients(backend, c_in, c_out):
         got = ops.channel_mix_grads(grad_y, x.detach(), weight.detach())
     for g, want in zip(got, (x.grad, weight.grad, bias.grad), strict=True):
         torch.testing.assert_close(g, want, atol=1e-12, rtol=1e-12)
+    if backend == "eager":  # the twin, also without the bias gradient: the same two gradients, no sum
+        *without, none = ops.channel_mix_grads_ref(grad_y, x.detach(), weight.detach(), bias_grad=False)
+        assert none is None
+        for g, want in zip(without, got, strict=False):
+            assert torch.equal(g, want)
     with pytest.raises(ValueError, match="grad_y must have shape"):
         ops.channel_mix_grads(grad_y[:, :1], x.detach(), weight.detach())
 
