@@ -211,6 +211,8 @@ def test_pair_backward_from_output_checks_grad_y(backend):
                 pair.backward_from_output(y, bad, torch.zeros(2))
         with pytest.raises(TypeError, match="grad_y must be float16"):
             pair.backward_from_output(y, y.long(), torch.zeros(2))
+        with pytest.raises(ValueError, match="grad_y must be on cpu"):
+            pair.backward_from_output(y, y.to("meta"), torch.zeros(2))
 
 
 def test_fused_pair_calls_a_subclass_initialize_once_every_forward():
