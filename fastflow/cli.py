@@ -329,8 +329,8 @@ def _train(args: argparse.Namespace) -> int:
             "removed, renamed or changed): resuming would hold out and draw other images; train into another --out"
         )
     torch.manual_seed(args.seed)
-    model, name = _model(args, source.image_shape[0], n_bins)  # before --out: flags it refuses leave no folder
-    check_writable_folder(args.out)
+    model, name = _model(args, source.image_shape[0], n_bins)
+    check_writable_folder(args.out, create=False)  # made at the first save: a run failing before leaves no folder
     context = distributed.setup(args.device)
     try:
         model.to(context.device)
@@ -622,20 +622,27 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {message}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``fastflow`` command line; returns the exit status (0, or 1, 2, 130: see the module docstring)."""
-    args = _parser().parse_args(argv)
+def run_reporting_errors(run: Callable[[], int | None], prog: str) -> int:
+    """``run()``'s exit status (None: 0), or, where it fails, the status a failure gets after one line on stderr
+    (see the module docstring; ``FASTFLOW_DEBUG=1`` re-raises instead): 130 for Ctrl-C, 2 for a ``ValueError``
+    (bad input), 1 for any other error."""
     try:
-        status = args.run(args)
+        status = run()
     except KeyboardInterrupt:
-        print(f"fastflow {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
         if os.environ.get("FASTFLOW_DEBUG"):
             raise
-        print(f"fastflow {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT if isinstance(err, ValueError) else EXIT_FAILED
     return status or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``fastflow`` command line; returns the exit status (0, or 1, 2, 130: see the module docstring)."""
+    args = _parser().parse_args(argv)
+    return run_reporting_errors(lambda: args.run(args), f"fastflow {args.command}")
 
 
 if __name__ == "__main__":

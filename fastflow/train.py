@@ -396,13 +396,14 @@ def _agree_across_ranks(config: TrainConfig, resume: bool, device: torch.device)
 
 
 def _check_out(out: str | os.PathLike[str], rank: int, world_size: int, device: torch.device) -> None:
-    """Rank 0 creates ``out`` and writes a scratch file in it before the first step, so an unwritable output folder
-    fails before the training, not after it: ``ValueError`` naming it, on every rank (a rank left waiting for rank
-    0 would hang)."""
+    """Rank 0 writes a scratch file in ``out`` (or in the nearest existing folder above it, where the missing ones
+    would be made) before the first step, so an unwritable output folder fails before the training, not after it:
+    ``ValueError`` naming it, on every rank (a rank left waiting for rank 0 would hang). No folder is made here:
+    the first save makes it, so a run that fails before that leaves nothing behind."""
     error: ValueError | None = None
     if rank == 0:
         try:
-            check_writable_folder(os.fspath(out), "config.out")
+            check_writable_folder(os.fspath(out), "config.out", create=False)
         except ValueError as err:
             error = err
     if world_size > 1:

@@ -280,6 +280,19 @@ def test_samples_that_come_out_nan_exit_1_and_write_nothing(digits_run, tmp_path
     assert "nothing was written" in line and not out.exists()
 
 
+def test_a_train_run_that_fails_before_its_first_save_leaves_no_out_folder(tmp_path, capsys, monkeypatch):
+    """--out was made before the first step: a run that failed then (a batch too large to allocate) left it empty."""
+    import fastflow.train as train_module
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(train_module, "batch_at_step", fail)
+    out = tmp_path / "new" / "run"
+    _one_line_error(capsys, ["train", *TINY, "--out", str(out)], 1, ["RuntimeError", "can't allocate memory"])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_checkpoint_with_a_nan_weight_is_refused(digits_run, tmp_path, capsys):
     import torch
 

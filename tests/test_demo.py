@@ -8,16 +8,50 @@ import pytest
 import torch
 
 from fastflow.checkpoint import load_checkpoint
+from fastflow.cli import main as cli_main
 from fastflow.demo import main
 from tests.helpers import assert_drawn_as_levels
 
 
-def test_short_demo_writes_samples_and_checkpoint(tmp_path):
+def test_short_demo_writes_samples_and_a_checkpoint_that_fastflow_train_resumes(tmp_path, capsys):
+    """The demo's checkpoint held no training state: `fastflow train --resume` refused it."""
     bpd = main(["--steps", "5", "--batch", "16", "--out", str(tmp_path)])
     assert math.isfinite(bpd)
-    assert assert_drawn_as_levels(tmp_path / "samples.png", 17)  # the digits' 17 levels, black to white
+    assert assert_drawn_as_levels(tmp_path / "samples-000005.png", 17)  # the digits' 17 levels, black to white
     model, payload = load_checkpoint(tmp_path / "checkpoint.pt")
     assert payload["extra"]["heldout_bits_per_dim"] == pytest.approx(bpd)
+    assert f"wrote {tmp_path / 'checkpoint.pt'} and {tmp_path / 'samples-000005.png'}\n" in capsys.readouterr().out
+    assert cli_main(["train", "--out", str(tmp_path), "--resume", "--iterations", "7", "--quiet"]) == 0
+    resumed, payload = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert payload["extra"]["step"] == 7 and payload["extra"]["cli"]["batch"] == 16
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_help_names_the_module_and_says_what_every_flag_is(capsys):
+    """It showed `usage: demo.py` and nothing for --steps, --batch and --seed."""
+    with pytest.raises(SystemExit) as caught:
+        main(["--help"])
+    assert caught.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m fastflow.demo")
+    for flag, what in [("--steps", "training steps"), ("--batch", "images per step"), ("--seed", "seed of")]:
+        assert what in text.split(flag)[-1].splitlines()[0]
+
+
+def test_a_run_that_fails_is_one_line_and_leaves_no_out_folder(tmp_path, capsys, monkeypatch):
+    """A batch too large to allocate gave a traceback and left an empty --out (made before the training)."""
+    import fastflow.train as train_module
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(train_module, "batch_at_step", fail)
+    with pytest.raises(SystemExit) as caught:
+        main(["--steps", "5", "--batch", "16", "--out", str(tmp_path / "demo")])
+    assert caught.value.code == 1
+    err = capsys.readouterr().err
+    assert err.endswith("python -m fastflow.demo: error: RuntimeError: DefaultCPUAllocator: can't allocate memory\n")
+    assert err.count("\n") == 1 and not (tmp_path / "demo").exists()
 
 
 @pytest.mark.slow
@@ -48,8 +82,8 @@ def test_a_seed_out_of_a_generator_s_range_is_a_usage_error(tmp_path, capsys):
     assert "--seed" in capsys.readouterr().err and not (tmp_path / "demo").exists()
 
 
-def test_ctrl_c_stops_the_demo_with_one_line_and_no_promise_of_a_checkpoint(tmp_path, capsys, monkeypatch):
-    """The handler promised a checkpoint the demo never saves, then a TrainingInterrupted traceback followed."""
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes_it(tmp_path, capsys, monkeypatch):
+    """The demo kept nothing on Ctrl-C (a run of minutes lost); now it saves where it stopped, as train does."""
     from tests.test_train import _interrupt_at
 
     _interrupt_at(monkeypatch, 1)
@@ -57,9 +91,9 @@ def test_ctrl_c_stops_the_demo_with_one_line_and_no_promise_of_a_checkpoint(tmp_
         main(["--steps", "5", "--batch", "16", "--out", str(tmp_path)])
     assert caught.value.code == 130
     err = capsys.readouterr().err
-    assert "stopping after this step (Ctrl-C again stops at once)" in err and "to save a checkpoint" not in err
-    assert "interrupted at step 2: nothing written" in err
-    assert list(tmp_path.iterdir()) == []
+    assert "stopping after this step to save a checkpoint" in err
+    assert f"interrupted at step 2; resume with: fastflow train --out {tmp_path} --resume" in err
+    assert load_checkpoint(tmp_path / "checkpoint.pt")[1]["extra"]["step"] == 2
 
 
 def test_samples_that_cannot_be_drawn_cost_the_grid_not_the_checkpoint(tmp_path, capsys, monkeypatch):
@@ -74,8 +108,8 @@ def test_samples_that_cannot_be_drawn_cost_the_grid_not_the_checkpoint(tmp_path,
         return samples
 
     monkeypatch.setattr(Glow, "sample", non_finite)
-    with pytest.warns(RuntimeWarning, match="no sample grid"):
+    with pytest.warns(RuntimeWarning, match="no sample grid at step 2"):
         bpd = main(["--steps", "2", "--batch", "16", "--out", str(tmp_path)])
     assert load_checkpoint(tmp_path / "checkpoint.pt")[1]["extra"]["heldout_bits_per_dim"] == pytest.approx(bpd)
-    assert not (tmp_path / "samples.png").exists()
+    assert not list(tmp_path.glob("samples*"))
     assert f"wrote {tmp_path / 'checkpoint.pt'}\n" in capsys.readouterr().out
