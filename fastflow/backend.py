@@ -98,7 +98,10 @@ def functorch_transforms_active() -> bool:
 
 def legacy_batched(t: object) -> bool:
     """Whether ``t`` is a gradient autograd batches itself (``autograd.grad(..., is_grads_batched=True)``,
-    ``jacobian(..., vectorize=True)``): a tensor whose storage a kernel launch cannot read."""
+    ``jacobian(..., vectorize=True)``): a tensor whose storage a kernel launch cannot read. Never while
+    compiling: Dynamo traces no such tensor, and cannot trace the query (a graph break at every call)."""
+    if torch.compiler.is_compiling():
+        return False
     legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
     return isinstance(t, torch.Tensor) and legacy is not None and legacy(t)
 
