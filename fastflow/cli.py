@@ -86,7 +86,7 @@ RESUME_OVERRIDES = (
 )  # fmt: skip
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line on stderr with status 2, like every other failure."""
 
     def error(self, message: str) -> NoReturn:
@@ -521,7 +521,9 @@ def _checkpoint_command(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(
+        prog="fastflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     count, positive, at_least_0 = number_arg(int, 1), number_arg(float, 0, strict=True), number_arg(float, 0)
     steps = number_arg(int, 0)
@@ -613,19 +615,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(err: BaseException) -> str:
+DIVERGED_HINT = "try a lower --lr or a longer --warmup"
+
+
+def _one_line(err: BaseException, diverged_hint: str) -> str:
     message = " ".join(str(err).split())
     if isinstance(err, TrainingDiverged):
-        return f"{message}: try a lower --lr or a longer --warmup"
+        return f"{message}: {diverged_hint}"
     if isinstance(err, (ValueError, OSError, FloatingPointError)):
         return message
     return f"{type(err).__name__}: {message}"
 
 
-def run_reporting_errors(run: Callable[[], int | None], prog: str) -> int:
+def run_reporting_errors(run: Callable[[], int | None], prog: str, diverged_hint: str = DIVERGED_HINT) -> int:
     """``run()``'s exit status (None: 0), or, where it fails, the status a failure gets after one line on stderr
     (see the module docstring; ``FASTFLOW_DEBUG=1`` re-raises instead): 130 for Ctrl-C, 2 for a ``ValueError``
-    (bad input), 1 for any other error."""
+    (bad input), 1 for any other error; a diverged run's line ends with ``diverged_hint``."""
     try:
         status = run()
     except KeyboardInterrupt:
@@ -634,7 +639,7 @@ def run_reporting_errors(run: Callable[[], int | None], prog: str) -> int:
     except Exception as err:
         if os.environ.get("FASTFLOW_DEBUG"):
             raise
-        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(err, diverged_hint)}", file=sys.stderr)
         return EXIT_BAD_INPUT if isinstance(err, ValueError) else EXIT_FAILED
     return status or 0
 

@@ -20,20 +20,32 @@ JPEG_QUALITY = 95
 
 def check_writable_folder(folder: str, what: str = "--out", create: bool = True) -> None:
     """Create ``folder`` and write a scratch file in it, so an unwritable output fails before the work:
-    ``ValueError`` naming it as ``what``. Without ``create``, nothing is created: the scratch file goes to the
-    nearest existing folder at or above ``folder`` (where the missing ones would be made)."""
+    ``ValueError`` naming it as ``what``. Without ``create`` the same check leaves nothing behind: the folders it
+    had to make are removed again (a run that fails before its first save leaves no empty folder; a path that
+    cannot be made, under a dangling link or with too long a name, is refused now, not at the first save)."""
+    made: list[str] = []  # the missing folders, deepest first
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path):
+        made.append(path)
+        path = os.path.dirname(path)
     try:
-        if create:
+        if made or create:
             os.makedirs(folder, exist_ok=True)
-        existing = os.path.abspath(folder)
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        if not os.path.isdir(existing):
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), existing)
-        with tempfile.TemporaryFile(dir=existing):
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
         raise ValueError(f"{what} {folder!r} is not a writable folder: {err.strerror or err}") from err
+    finally:
+        if not create:
+            for path in made:
+                try:
+                    os.rmdir(path)
+                except FileNotFoundError:  # not made: makedirs failed above it
+                    continue
+                except OSError:  # something was put there meanwhile: it and the folders above it stay
+                    break
 
 
 def _display_levels(images: torch.Tensor, n_bins: int | None) -> torch.Tensor:

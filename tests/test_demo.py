@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -21,7 +22,8 @@ def test_short_demo_writes_samples_and_a_checkpoint_that_fastflow_train_resumes(
     model, payload = load_checkpoint(tmp_path / "checkpoint.pt")
     assert payload["extra"]["heldout_bits_per_dim"] == pytest.approx(bpd)
     assert f"wrote {tmp_path / 'checkpoint.pt'} and {tmp_path / 'samples-000005.png'}\n" in capsys.readouterr().out
-    assert cli_main(["train", "--out", str(tmp_path), "--resume", "--iterations", "7", "--quiet"]) == 0
+    resume = ["train", "--out", str(tmp_path), "--resume", "--iterations", "7", "--quiet"]
+    assert cli_main([*resume, "--resolution", "8"]) == 0  # the flags stored as fastflow train stores them
     resumed, payload = load_checkpoint(tmp_path / "checkpoint.pt")
     assert payload["extra"]["step"] == 7 and payload["extra"]["cli"]["batch"] == 16
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
@@ -36,6 +38,30 @@ def test_help_names_the_module_and_says_what_every_flag_is(capsys):
     assert text.startswith("usage: python -m fastflow.demo")
     for flag, what in [("--steps", "training steps"), ("--batch", "images per step"), ("--seed", "seed of")]:
         assert what in text.split(flag)[-1].splitlines()[0]
+
+
+def test_usage_errors_and_a_diverged_run_are_one_line_naming_what_to_do(tmp_path, capsys, monkeypatch):
+    """argparse printed its usage too; a diverged run's hint named --lr and --warmup, which the demo lacks."""
+    from fastflow.train import TrainingDiverged
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--steps", "0", "--out", str(tmp_path / "demo")])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m fastflow.demo: error: argument --steps: must be an integer >= 1, got '0' "
+        "(see python -m fastflow.demo --help)"
+    ]
+
+    def diverge(*args, **kwargs):
+        raise TrainingDiverged(3, "non-finite loss")
+
+    monkeypatch.setattr("fastflow.demo.train", diverge)
+    with pytest.raises(SystemExit) as caught:
+        main(["--steps", "5", "--out", str(tmp_path / "demo")])
+    assert caught.value.code == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.endswith("try fastflow train with a lower --lr or a longer --warmup") and "step 3" in line
+    assert not (tmp_path / "demo").exists()
 
 
 def test_a_run_that_fails_is_one_line_and_leaves_no_out_folder(tmp_path, capsys, monkeypatch):
@@ -92,7 +118,7 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes_it(tmp_pa
     assert caught.value.code == 130
     err = capsys.readouterr().err
     assert "stopping after this step to save a checkpoint" in err
-    assert f"interrupted at step 2; resume with: fastflow train --out {tmp_path} --resume" in err
+    assert f"interrupted at step 2; resume with: {sys.executable} -m fastflow train --out {tmp_path} --resume" in err
     assert load_checkpoint(tmp_path / "checkpoint.pt")[1]["extra"]["step"] == 2
 
 

@@ -1,4 +1,4 @@
-"""The image grid writer (fastflow/images.py): what it refuses instead of drawing."""
+"""The image grid writer (fastflow/images.py): what it refuses instead of drawing; the output folder check."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastflow.images import save_grid
+from fastflow.images import check_writable_folder, save_grid
 
 
 def test_a_grid_is_written_with_the_images_in_rows(tmp_path):
@@ -76,3 +76,18 @@ def test_save_image_grid_takes_nrow_third(tmp_path):
     save_image_grid(images, tmp_path / "grid.png", 4)
     assert Image.open(tmp_path / "grid.png").size == (4 * 65 + 1, 2 * 65 + 1)
     assert len(np.unique(np.array(Image.open(tmp_path / "grid.png")))) == 8  # 8 shades (the last white, as the border)
+
+
+def test_checking_a_folder_without_create_leaves_nothing_and_refuses_what_cannot_be_made(tmp_path):
+    """Without create the check wrote to the nearest existing folder only: a path under a dangling link or with too
+    long a name passed, and the run failed at its first save, after the training."""
+    check_writable_folder(str(tmp_path / "new" / "deeper"), create=False)
+    assert list(tmp_path.iterdir()) == []  # made for the check, removed again
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("")
+    for bad in ("dangling", "dangling/sub", "file", "file/sub", "x" * 300 + "/sub"):
+        with pytest.raises(ValueError, match="is not a writable folder"):
+            check_writable_folder(str(tmp_path / bad), "--out", create=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "file"]
+    check_writable_folder(str(tmp_path / "made"))  # create: made and kept
+    assert (tmp_path / "made").is_dir()
