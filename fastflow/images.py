@@ -23,10 +23,11 @@ def check_writable_folder(folder: str, what: str = "--out", create: bool = True)
     ``ValueError`` naming it as ``what``. Without ``create`` the same check leaves nothing behind: the folders it
     had to make are removed again (a run that fails before its first save leaves no empty folder; a path that
     cannot be made, under a dangling link or with too long a name, is refused now, not at the first save)."""
-    made: list[str] = []  # the missing folders, deepest first
-    path = os.path.abspath(folder)
+    made: list[str] = []  # the missing folders, deepest first, as the OS will walk the path (no lexical "..")
+    path = os.path.join(os.getcwd(), folder)
     while not os.path.lexists(path):
-        made.append(path)
+        if os.path.basename(path) not in (os.curdir, os.pardir):
+            made.append(path)
         path = os.path.dirname(path)
     try:
         if made or create:
@@ -39,13 +40,18 @@ def check_writable_folder(folder: str, what: str = "--out", create: bool = True)
         raise ValueError(f"{what} {folder!r} is not a writable folder: {err.strerror or err}") from err
     finally:
         if not create:
-            for path in made:
-                try:
-                    os.rmdir(path)
-                except FileNotFoundError:  # not made: makedirs failed above it
-                    continue
-                except OSError:  # something was put there meanwhile: it and the folders above it stay
-                    break
+            _remove_made(made)
+
+
+def _remove_made(made: list[str]) -> None:
+    """Remove the folders of ``made`` (deepest first) that exist and are empty, up to the first that is not."""
+    for path in made:
+        try:
+            os.rmdir(path)
+        except OSError as err:
+            if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EBUSY):  # something was put there meanwhile
+                break  # it and the folders above it stay
+            # else never made (makedirs failed above it, or the name cannot be made): the next one may have been
 
 
 def _display_levels(images: torch.Tensor, n_bins: int | None) -> torch.Tensor:

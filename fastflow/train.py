@@ -396,10 +396,10 @@ def _agree_across_ranks(config: TrainConfig, resume: bool, device: torch.device)
 
 
 def _check_out(out: str | os.PathLike[str], rank: int, world_size: int, device: torch.device) -> None:
-    """Rank 0 writes a scratch file in ``out`` (or in the nearest existing folder above it, where the missing ones
-    would be made) before the first step, so an unwritable output folder fails before the training, not after it:
-    ``ValueError`` naming it, on every rank (a rank left waiting for rank 0 would hang). No folder is made here:
-    the first save makes it, so a run that fails before that leaves nothing behind."""
+    """Rank 0 checks that ``out`` can be made and written before the first step (a scratch file in it; the folders
+    made for the check are removed again), so an unwritable output folder fails before the training, not after it:
+    ``ValueError`` naming it, on every rank (a rank left waiting for rank 0 would hang). The first save makes the
+    folder, so a run that fails before that leaves nothing behind."""
     error: ValueError | None = None
     if rank == 0:
         try:

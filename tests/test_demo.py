@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastflow.checkpoint import load_checkpoint
+from fastflow.cli import TRAIN_DEFAULTS
 from fastflow.cli import main as cli_main
 from fastflow.demo import main
 from tests.helpers import assert_drawn_as_levels
@@ -27,6 +28,37 @@ def test_short_demo_writes_samples_and_a_checkpoint_that_fastflow_train_resumes(
     resumed, payload = load_checkpoint(tmp_path / "checkpoint.pt")
     assert payload["extra"]["step"] == 7 and payload["extra"]["cli"]["batch"] == 16
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_the_checkpoint_stores_train_s_flags_so_resume_refuses_a_contradiction(tmp_path):
+    """Without them --resume fell back to the stored TrainConfig, which has no model flags: --levels 3 passed."""
+    main(["--steps", "2", "--batch", "16", "--out", str(tmp_path)])
+    flags = load_checkpoint(tmp_path / "checkpoint.pt")[1]["extra"]["cli"]
+    want = {**TRAIN_DEFAULTS, "resolution": 8, "iterations": 2, "batch": 16, "save_every": 0, "eval_every": 0}
+    assert flags == want
+    assert cli_main(["train", "--out", str(tmp_path), "--resume", "--levels", "3", "--quiet"]) == 2
+
+
+def test_a_replaced_checkpoint_is_said(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("fastflow.demo.train", lambda *args, **kwargs: None)
+    monkeypatch.setattr("fastflow.demo.evaluate_bits_per_dim", lambda *args, **kwargs: 3.0)
+    main(["--steps", "1", "--out", str(tmp_path)])
+    assert "replacing" not in capsys.readouterr().out
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    main(["--steps", "1", "--out", str(tmp_path)])
+    assert f"replacing the checkpoint of an earlier run in {tmp_path}\n" in capsys.readouterr().out
+
+
+def test_ctrl_c_before_the_training_exits_130_with_one_line(tmp_path, capsys, monkeypatch):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fastflow.demo.load_digits", interrupted)
+    with pytest.raises(SystemExit) as caught:
+        main(["--steps", "1", "--out", str(tmp_path / "demo")])
+    assert caught.value.code == 130
+    assert capsys.readouterr().err == "python -m fastflow.demo: interrupted\n"
+    assert not (tmp_path / "demo").exists()
 
 
 def test_help_names_the_module_and_says_what_every_flag_is(capsys):

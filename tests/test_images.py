@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -91,3 +94,21 @@ def test_checking_a_folder_without_create_leaves_nothing_and_refuses_what_cannot
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "file"]
     check_writable_folder(str(tmp_path / "made"))  # create: made and kept
     assert (tmp_path / "made").is_dir()
+
+
+def test_the_folder_check_removes_what_it_made_when_the_path_fails_below_it(tmp_path, monkeypatch):
+    """A name too long at the end of the path, a full disk below a folder already made, and ".." (which the OS
+    walks through a folder it makes): each left a made folder behind."""
+    with pytest.raises(ValueError, match="is not a writable folder"):
+        check_writable_folder(str(tmp_path / "new" / ("y" * 300)), create=False)
+    check_writable_folder(str(tmp_path / "a" / ".." / "b"), create=False)
+    assert list(tmp_path.iterdir()) == []
+
+    def full_disk(path, exist_ok=False):
+        os.mkdir(os.path.dirname(path))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr("fastflow.images.os.makedirs", full_disk)
+    with pytest.raises(ValueError, match="No space left"):
+        check_writable_folder(str(tmp_path / "new" / "sub"), create=False)
+    assert list(tmp_path.iterdir()) == []
