@@ -288,8 +288,20 @@ def _training_data(args: argparse.Namespace) -> tuple[ImageSource, torch.Tensor,
     return source, heldout.levels, n_bins, f"{res}x{res} crops of the bundled photos", None
 
 
-def _model(args: argparse.Namespace, in_channels: int, n_bins: int) -> tuple[FlowModel, str]:
-    """The ``--model`` to train, built from the train flags, and its one-line description."""
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`~fastflow.train.TrainConfig` of the train flags in ``args`` (every name of
+    :data:`TRAIN_DEFAULTS`, with ``out`` and ``quiet``)."""
+    return TrainConfig(
+        steps=args.iterations, batch=args.batch, lr=args.lr, warmup=args.warmup, clip=args.clip, seed=args.seed,
+        amp=args.amp, out=args.out, save_every=args.save_every, eval_every=args.eval_every,
+        samples=args.samples, temperature=args.temperature, progress=not args.quiet, quiet=args.quiet,
+        step_mode="cuda-graph" if args.cuda_graph else "compile" if args.compile else "eager",
+        channels_last=args.channels_last,
+    )  # fmt: skip
+
+
+def train_model(args: argparse.Namespace, in_channels: int, n_bins: int) -> tuple[FlowModel, str]:
+    """The ``--model`` to train, built from the train flags in ``args``, and its one-line description."""
     if args.model == "jet":
         jet = Jet(
             in_channels, args.resolution, patch_size=args.patch_size, couplings=args.couplings, width=args.width,
@@ -312,13 +324,7 @@ def _train(args: argparse.Namespace) -> int:
         if distributed.launched_as_main():  # before the process group: every rank gets here
             print(f"already at step {start} of {args.iterations}: nothing to do (a larger --iterations trains further)")
         return 0
-    config = TrainConfig(
-        steps=args.iterations, batch=args.batch, lr=args.lr, warmup=args.warmup, clip=args.clip, seed=args.seed,
-        amp=args.amp, out=args.out, save_every=args.save_every, eval_every=args.eval_every,
-        samples=args.samples, temperature=args.temperature, progress=not args.quiet, quiet=args.quiet,
-        step_mode="cuda-graph" if args.cuda_graph else "compile" if args.compile else "eager",
-        channels_last=args.channels_last,
-    )  # fmt: skip
+    config = train_config(args)
     ranks = distributed.launched_world_size()
     if args.batch % ranks:  # before the data, the process group and the model
         raise ValueError(f"--batch {args.batch} does not split evenly over the {ranks} ranks torchrun launched")
@@ -329,7 +335,7 @@ def _train(args: argparse.Namespace) -> int:
             "removed, renamed or changed): resuming would hold out and draw other images; train into another --out"
         )
     torch.manual_seed(args.seed)
-    model, name = _model(args, source.image_shape[0], n_bins)
+    model, name = train_model(args, source.image_shape[0], n_bins)
     check_writable_folder(args.out, create=False)  # made at the first save: a run failing before leaves no folder
     context = distributed.setup(args.device)
     try:

@@ -25,11 +25,12 @@ from fastflow.cli import (
     number_arg,
     run_reporting_errors,
     seed_arg,
+    train_config,
+    train_model,
 )
 from fastflow.data import DIGITS_N_BINS, load_digits
 from fastflow.images import check_writable_folder
-from fastflow.models import Glow
-from fastflow.train import CHECKPOINT_NAME, TrainConfig, TrainingInterrupted, evaluate_bits_per_dim, train
+from fastflow.train import CHECKPOINT_NAME, TrainingInterrupted, evaluate_bits_per_dim, train
 
 __all__ = ["main"]
 
@@ -70,26 +71,18 @@ def main(argv: list[str] | None = None) -> float:
 
 def _run(args: argparse.Namespace) -> tuple[int, float]:
     """Train and report: ``(exit status, held-out bits/dim)`` (NaN where the run was interrupted)."""
-    # the flags `fastflow train` stores for the same run: --resume reads the model and the schedule from them
+    # the flags `fastflow train` stores for the same run (--resume reads the model and the schedule from them),
+    # and the model and TrainConfig it builds from them
     flags = {**TRAIN_DEFAULTS, "resolution": 8, "iterations": args.steps, "batch": args.batch, "seed": args.seed,
              "save_every": 0, "eval_every": 0}  # fmt: skip
+    train_args = argparse.Namespace(**flags, out=args.out, quiet=False)
     torch.manual_seed(args.seed)
     train_levels, _, test_levels, _ = load_digits()
-    model = Glow(
-        in_channels=1, image_size=flags["resolution"], levels=flags["levels"], steps=flags["steps"],
-        hidden=flags["hidden"], n_bins=DIGITS_N_BINS,
-    )  # fmt: skip
-    print(
-        f"Glow L={flags['levels']} K={flags['steps']} hidden={flags['hidden']} on 8x8 digits: "
-        f"{len(train_levels)} train / {len(test_levels)} held-out images"
-    )
+    model, name = train_model(train_args, 1, DIGITS_N_BINS)
+    print(f"{name} on 8x8 digits: {len(train_levels)} train / {len(test_levels)} held-out images")
     if os.path.exists(os.path.join(args.out, CHECKPOINT_NAME)):
         print(f"replacing the checkpoint of an earlier run in {args.out}")
-    config = TrainConfig(
-        steps=args.steps, batch=args.batch, lr=flags["lr"], warmup=flags["warmup"], clip=flags["clip"],
-        seed=args.seed, out=args.out, save_every=0, eval_every=0, samples=flags["samples"],
-        temperature=flags["temperature"],
-    )  # fmt: skip
+    config = train_config(train_args)
     written: list[str] = []
     start = time.perf_counter()
     try:
