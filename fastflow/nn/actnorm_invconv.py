@@ -11,6 +11,7 @@ from torch import nn
 from fastflow.nn.actnorm import ActNorm
 from fastflow.nn.base import as_pixels, check_features, run_layer
 from fastflow.nn.invconv import InvConv1x1, exact_dtype, stack_tensors, stacked_weights, unstack_tensor
+from fastflow.nn.nested_backward import nested_backward
 from fastflow.ops._checks import cast, check_float_tensor, check_same_device, logdet_dtype
 from fastflow.ops.actnorm_invconv import (
     FoldedMix,
@@ -214,7 +215,7 @@ def _take_gradients(
     if pending is None:
         used = weights + params
         if used:
-            torch.autograd.backward([t for t, _ in used], [g for _, g in used])
+            nested_backward([t for t, _ in used], [g for _, g in used])
         return
     for t, g in weights:
         t.grad = g if t.grad is None else t.grad + g

@@ -11,6 +11,8 @@ from fastflow.backend import functorch_transforms_active
 from fastflow.nn.base import FlowLayer, check_features, check_network_dtype
 from fastflow.nn.context import shape_context
 from fastflow.nn.coupling_network import Subnet, build_subnet, conv_subnet, mlp_subnet
+from fastflow.nn.module_walk import trainable_parameters
+from fastflow.nn.nested_backward import nested_backward
 from fastflow.nn.recompute_state import running_statistics_kept
 from fastflow.nn.tiling import Tile, Tiling, check_tileable, check_tiles_are_exact, tiles
 from fastflow.ops._checks import cast, int_at_least
@@ -296,7 +298,7 @@ class _Coupling(FlowLayer):
             return x, grad_x, torch.zeros_like(a)
         outputs, grads = [o for o, _ in pairs], [g for _, g in pairs]
         if summed is None:
-            torch.autograd.backward(outputs, grads, inputs=[a, *inputs])
+            nested_backward(outputs, grads, inputs=[a, *inputs])
             return x, grad_x, a.grad if a.grad is not None else torch.zeros_like(a)
         grad_a, *found = torch.autograd.grad(outputs, [a, *inputs], grads, allow_unused=True)
         for i, g in enumerate(found):
@@ -324,7 +326,7 @@ class _Coupling(FlowLayer):
         y = self._check_input("y", y)
         self._context(context, y)  # the checks, before any work
         a_full, mask, b_start = self._network_input(y)
-        inputs = [p for p in self.parameters() if p.requires_grad]
+        inputs = trainable_parameters(self)
         if self.uses_context and context.requires_grad:
             inputs.append(context)
         parts = self._tiles(y)
@@ -355,7 +357,7 @@ class _Coupling(FlowLayer):
                 used = [(t, g) for t, g in zip(inputs, summed) if g is not None]
                 if used:  # into .grad through autograd: accumulation and hooks (DistributedDataParallel's) as usual
                     leaves = [t for t, _ in used]
-                    torch.autograd.backward(leaves, [g for _, g in used], inputs=leaves)
+                    nested_backward(leaves, [g for _, g in used], inputs=leaves)
         if mask is None:
             # grad_x is a new tensor (a shift gradient sharing its memory covers only the transformed channels):
             # the conditioning channels' second path goes in place, not through a torch.cat

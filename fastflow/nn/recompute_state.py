@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from fastflow.nn.module_walk import submodules
+
 __all__ = ["running_statistics_kept"]
 
 
@@ -19,7 +21,7 @@ def running_statistics_kept(module: nn.Module) -> Iterator[None]:
     are the forward's.) Nothing is copied for a module without such a batch norm."""
     kept = [
         (buffer, buffer.clone())
-        for m in module.modules()
+        for m in submodules(module)
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
         for buffer in (m.running_mean, m.running_var, m.num_batches_tracked)
         if buffer is not None

@@ -59,6 +59,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from fastflow.backend import functorch_transforms_active, legacy_batched
 from fastflow.nn.actnorm_invconv import chain_units, run_units, shared_weights
 from fastflow.nn.base import run_layer
+from fastflow.nn.module_walk import trainable_parameters
+from fastflow.nn.nested_backward import nested_backward
 from fastflow.nn.recompute_state import running_statistics_kept
 
 __all__ = [
@@ -244,7 +246,7 @@ def recompute_backward(
         inputs = [x, *(p for p in params if p.requires_grad)]
         if context is not None and context.requires_grad:
             inputs.append(context)
-        torch.autograd.backward(outputs, grads, inputs=inputs)
+        nested_backward(outputs, grads, inputs=inputs)
     return x.detach(), x.grad
 
 
@@ -326,10 +328,10 @@ def _layer_backward(
         return fused(y, grad_y, grad_logdet, context, weights=weights)
     with running_statistics_kept(layer):  # the recompute's inverse and forward update no running statistics
         if weights is None:
-            params = list(layer.parameters())
+            params = trainable_parameters(layer)
             return recompute_backward(layer, layer.inverse, params, y, grad_y, grad_logdet, context)
         forward, inverse = partial(layer, weights=weights.forward), partial(layer.inverse, weights=weights.inverse)
-        params = [*layer.parameters(), *_weight_tensors(weights.forward)]
+        params = [*trainable_parameters(layer), *_weight_tensors(weights.forward)]
         return recompute_backward(forward, inverse, params, y, grad_y, grad_logdet, context)
 
 
@@ -374,7 +376,7 @@ def _walk(
     weight_leaves = zip(_weight_tensors(forward), _weight_tensors(leaves))  # leaves: forward's structure
     used = [(w, leaf.grad) for w, leaf in weight_leaves if leaf.grad is not None] + pending
     if used:
-        torch.autograd.backward([w for w, _ in used], [grad for _, grad in used])
+        nested_backward([w for w, _ in used], [grad for _, grad in used])
     return x, grad_x
 
 
@@ -535,7 +537,7 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
 
 
 def _params(layers: nn.ModuleList) -> list[nn.Parameter]:
-    return [p for p in layers.parameters() if p.requires_grad]
+    return trainable_parameters(layers)
 
 
 def default_max_drift(x: torch.Tensor) -> float:

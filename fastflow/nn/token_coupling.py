@@ -8,6 +8,8 @@ from typing import Any, Literal
 import torch
 
 from fastflow.nn.base import FlowLayer, check_network_dtype
+from fastflow.nn.module_walk import trainable_parameters
+from fastflow.nn.nested_backward import nested_backward
 from fastflow.nn.permutation import loaded_permutation_error
 from fastflow.nn.recompute_state import running_statistics_kept
 from fastflow.nn.state_upgrade import drop_inverse_order
@@ -216,7 +218,7 @@ class TokenCoupling(FlowLayer):
         if grad_y.shape != y.shape:
             raise ValueError(f"grad_y must have y's shape {tuple(y.shape)}, got {tuple(grad_y.shape)}")
         shaped = self._check_context(context, y)
-        inputs = [p for p in self.parameters() if p.requires_grad]
+        inputs = trainable_parameters(self)
         if shaped is not None and context.requires_grad:
             inputs.append(context)
         y_a, y_b = self._halves(y.detach())  # no graph through y: the halves are written over in place
@@ -235,7 +237,7 @@ class TokenCoupling(FlowLayer):
                 )
             del shift, raw
             a.grad = grad_y_a  # accumulated into, in place
-            torch.autograd.backward([out], [grad_out], inputs=[a, *inputs])
+            nested_backward([out], [grad_out], inputs=[a, *inputs])
             del grad_out, out
         x = self._joined(a.detach(), y_b)
         del y_b
