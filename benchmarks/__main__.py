@@ -12,6 +12,8 @@ against normflows' Glow, :mod:`benchmarks.peers`), ``tabular`` (TabularFlow agai
 vector data, held-out NLL and training-step time, and a conditional flow against one flow per condition;
 :mod:`benchmarks.tabular`), ``tabular_instructions`` (CPU instructions per TabularFlow and zuko RealNVP training
 step under callgrind, noise-free; :mod:`benchmarks.host_instructions`; only when ``--cases`` names it),
+``reversible_instructions`` (the same count for the reference step's structure with tiny tensors, standard against
+reversible backprop: the walk's host work; :mod:`benchmarks.reversible_instructions`; only when named),
 ``jet_memory`` (a Jet training step at 32 and 64 couplings, per-coupling checkpointing vs reversible, peak memory
 and time; :mod:`benchmarks.bench_jet`),
 ``pixel_mix`` (the compiled CPU channel mix as a summed product against ``bmm``, :mod:`benchmarks.bench_pixel_mix`).
@@ -50,6 +52,7 @@ from benchmarks import (
     census,
     host_instructions,
     peers,
+    reversible_instructions,
     step_modes,
     tabular,
     train_step,
@@ -77,6 +80,7 @@ CASES = (
     "peers_glow",
     "tabular",
     "tabular_instructions",
+    "reversible_instructions",
     "jet_memory",
     "pixel_mix",
     "train_modes",
@@ -84,12 +88,20 @@ CASES = (
     "jet_largest_batch",
     "flowstep_max_autotune",
 )
-CPU_ONLY = ("train_step_cpu", "peers_glow", "tabular", "tabular_instructions", "jet_memory", "pixel_mix")
+CPU_ONLY = (
+    "train_step_cpu",
+    "peers_glow",
+    "tabular",
+    "tabular_instructions",
+    "reversible_instructions",
+    "jet_memory",
+    "pixel_mix",
+)
 RESOLUTION_CASES = ("train_resolution", "largest_batch", "train_modes")
 """The cases ``--resolutions`` restricts (the rows of other resolutions already in the results file are kept)."""
 CUDA_ONLY = ("train_modes", "largest_batch", "jet_largest_batch", "flowstep_max_autotune")
-NAMED_ONLY = ("tabular_instructions",)
-"""Cases a run takes only when ``--cases`` names them: about 10 (``--quick``) to 20 minutes under valgrind."""
+NAMED_ONLY = ("tabular_instructions", "reversible_instructions")
+"""Cases a run takes only when ``--cases`` names them: 5 to 20 minutes under valgrind."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -134,6 +146,8 @@ def _run_case(
         return tabular.tabular_rows(quick, budget)
     if name == "tabular_instructions":
         return host_instructions.instruction_rows(quick, budget)
+    if name == "reversible_instructions":
+        return reversible_instructions.instruction_rows(budget)
     if name == "jet_memory":
         return bench_jet.jet_memory_rows(device, quick, budget)
     if name == "pixel_mix":

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,7 +34,7 @@ import torch
 
 from benchmarks.common import SKIPPED, Budget
 
-__all__ = ["MODELS", "PHASES", "instruction_rows"]
+__all__ = ["MODELS", "PHASES", "count_instructions", "instruction_rows", "run_counted"]
 
 MODELS = ("fastflow", "zuko_realnvp")
 PHASES = ("forward", "step")
@@ -81,13 +82,18 @@ def _child(name: str, phase: str, features: int) -> None:
 
     for _ in range(WARMUP):
         step()
+    run_counted(lambda: [step() for _ in range(STEPS)])
+    print(len(list(model.parameters())))  # the parameter tensors, for the row
+
+
+def run_counted(steps: Callable[[], Any]) -> None:
+    """Run ``steps()`` once inside ``qsort``'s comparison callback: the only code ``--toggle-collect=qsort*`` counts."""
     ran = []
 
     def compare(_a: int, _b: int) -> int:
         if not ran:  # the callback may be called more than once: the steps run at the first call
             ran.append(True)
-            for _ in range(STEPS):
-                step()
+            steps()
         return 0
 
     callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)(compare)
@@ -95,35 +101,42 @@ def _child(name: str, phase: str, features: int) -> None:
     ctypes.CDLL(None).qsort(pair, 2, ctypes.sizeof(ctypes.c_int), callback)
     if not ran:
         raise SystemExit("qsort never called the comparison: no step ran where callgrind counts")
-    print(len(list(model.parameters())))  # the parameter tensors, for the row
 
 
-def _count(name: str, phase: str, features: int) -> dict[str, Any]:
-    row: dict[str, Any] = {"model": name, "phase": phase, "features": features}
+def count_instructions(child: list[str], steps: int) -> tuple[float | None, str, str | None]:
+    """Run ``python -m <child...>`` (one thread) under callgrind, counting only what :func:`run_counted` runs:
+    ``(millions of instructions per step over steps, the child's stdout, None)``, or ``(None, stdout, error)``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "callgrind.out")
         cmd = [
             "valgrind", "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=qsort*",
             f"--log-file={os.path.join(tmp, 'valgrind.log')}",  # stderr keeps the child's own errors only
-            f"--callgrind-out-file={out}", sys.executable, "-m", "benchmarks.host_instructions",
-            name, phase, str(features),
+            f"--callgrind-out-file={out}", sys.executable, "-m", *child,
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            return {**row, "error": f"no result within {TIMEOUT_S} s"}
+            return None, "", f"no result within {TIMEOUT_S} s"
         totals = []
         if os.path.exists(out):
             with open(out) as counts:
                 totals = _TOTALS.findall(counts.read())
         if done.returncode != 0 or not totals:
-            return {**row, "error": (done.stderr.strip().splitlines() or ["no callgrind totals"])[-1][:200]}
-    per_step = int(totals[-1]) / STEPS
+            return None, done.stdout, (done.stderr.strip().splitlines() or ["no callgrind totals"])[-1][:200]
+    per_step = int(totals[-1]) / steps
     if per_step < PLAUSIBLE:
-        return {**row, "error": f"{per_step:.0f} instructions per step counted: not the steps"}
-    row["parameter_tensors"] = int(done.stdout.split()[-1])
-    row["instructions_per_step"] = round(per_step / 1e6, 3)
+        return None, done.stdout, f"{per_step:.0f} instructions per step counted: not the steps"
+    return round(per_step / 1e6, 3), done.stdout, None
+
+
+def _count(name: str, phase: str, features: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": name, "phase": phase, "features": features}
+    per_step, stdout, error = count_instructions(["benchmarks.host_instructions", name, phase, str(features)], STEPS)
+    if error is not None:
+        return {**row, "error": error}
+    row["parameter_tensors"] = int(stdout.split()[-1])
+    row["instructions_per_step"] = per_step
     return row
 
 

@@ -209,7 +209,8 @@ def test_case_registry_by_device(capsys):
 
     assert set(device_cases("cpu")) == set(CASES) - set(CUDA_ONLY)
     assert set(device_cases("cuda")) == set(CASES) - set(CPU_ONLY)
-    assert set(default_cases("cpu")) == set(device_cases("cpu")) - {"tabular_instructions"}  # named only
+    named = {"tabular_instructions", "reversible_instructions"}
+    assert set(default_cases("cpu")) == set(device_cases("cpu")) - named
     assert set(default_cases("cuda")) == set(device_cases("cuda")) and set(NAMED_ONLY) <= set(CPU_ONLY)
     assert {"census", "train_step_cpu", "peers_glow"} <= set(default_cases("cpu"))
     assert {"coupling", "flowstep", "train_modes", "largest_batch"} <= set(default_cases("cuda"))
@@ -1131,3 +1132,52 @@ def test_tabular_instructions_child_runs_its_steps_once_inside_the_callback(monk
     _counted_child(monkeypatch, qsort_calls=0)
     with pytest.raises(SystemExit, match="never called"):
         host_instructions._child("fastflow", "step", 2)
+
+
+def test_reversible_instructions_child_counts_the_train_step_of_its_mode(monkeypatch):
+    """The child builds ``train_step_cpu``'s step at the tiny config in its mode and runs :data:`STEPS` of them in
+    the counted callback (here a stand-in that calls it directly)."""
+    from benchmarks import reversible_instructions, step_modes
+
+    built, counted = [], []
+
+    class Variant:
+        def __init__(self, cfg, mode, reversible, device):
+            built.append((cfg, mode, reversible, device.type))
+
+        def block(self, n):
+            counted.append(n)
+
+    monkeypatch.setattr(step_modes, "_Variant", Variant)
+    monkeypatch.setattr(reversible_instructions, "run_counted", lambda steps: steps())
+    monkeypatch.setattr(reversible_instructions.torch, "set_num_threads", lambda n: None)
+    reversible_instructions._child("reversible")
+    reversible_instructions._child("standard")
+    config = reversible_instructions.CONFIG
+    assert built == [(config, "eager", True, "cpu"), (config, "eager", False, "cpu")]
+    assert counted == [reversible_instructions.STEPS] * 2
+
+
+def test_reversible_instructions_rows_are_ratios_to_standard(monkeypatch):
+    from benchmarks import reversible_instructions
+
+    seen = []
+
+    def count(child, steps):
+        seen.append((child, steps))
+        per_step = {"standard": 100.0, "reversible": 141.0}[child[-1]]
+        return per_step, "", None
+
+    monkeypatch.setattr(reversible_instructions.shutil, "which", lambda name: "/usr/bin/valgrind")
+    monkeypatch.setattr(reversible_instructions, "count_instructions", count)
+    rows = reversible_instructions.instruction_rows()
+    assert [(r["mode"], r["instructions_per_step"], r["vs_standard"]) for r in rows] == [
+        ("standard", 100.0, 1.0), ("reversible", 141.0, 1.41)
+    ]  # fmt: skip
+    assert sorted(seen) == [(["benchmarks.reversible_instructions", m], 3) for m in ("reversible", "standard")]
+    assert all(r["resolution"] == 8 and r["batch"] == 1 for r in rows)
+    monkeypatch.setattr(reversible_instructions, "count_instructions", lambda child, steps: (None, "", "boom"))
+    assert [r.get("error") for r in reversible_instructions.instruction_rows()] == ["boom", "boom"]
+    assert [r.get("skipped") for r in reversible_instructions.instruction_rows(_ExpiresAfter(0))] == ["time"] * 2
+    monkeypatch.setattr(reversible_instructions.shutil, "which", lambda name: None)
+    assert {r["skipped"] for r in reversible_instructions.instruction_rows()} == {"valgrind not installed"}
