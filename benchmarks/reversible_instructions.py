@@ -6,9 +6,10 @@ Python, dispatch and nested autograd calls, not its arithmetic. At the reference
 8 steps) with tensors too small to compute anything (:data:`CONFIG`: 8x8 images, batch 1, hidden width 8) a step is
 host work only, and its instruction count under callgrind (one thread, counted inside the steps only, as
 :mod:`benchmarks.host_instructions` counts) does not move with the load of this shared machine, whose wall clock
-varies by more than the changes being measured. Rows, per mode: ``instructions_per_step`` in millions (the
-:class:`~fastflow.step.TrainStep` of ``train_step_cpu``, optimizer included) and ``vs_standard``. About 5 minutes
-(two processes at a time).
+varies by more than the changes being measured. Rows, per mode: the configuration (``steps`` is Glow's steps per
+level; :data:`STEPS` training steps are counted), ``instructions_per_step`` in millions (the
+:class:`~fastflow.step.TrainStep` of ``train_step_cpu``, optimizer included) and ``vs_standard``. 5 to 15 minutes
+(two processes at a time, longer on a loaded machine).
 """
 
 from __future__ import annotations

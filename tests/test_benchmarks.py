@@ -1177,7 +1177,39 @@ def test_reversible_instructions_rows_are_ratios_to_standard(monkeypatch):
     assert sorted(seen) == [(["benchmarks.reversible_instructions", m], 3) for m in ("reversible", "standard")]
     assert all(r["resolution"] == 8 and r["batch"] == 1 for r in rows)
     monkeypatch.setattr(reversible_instructions, "count_instructions", lambda child, steps: (None, "", "boom"))
-    assert [r.get("error") for r in reversible_instructions.instruction_rows()] == ["boom", "boom"]
+    failed = reversible_instructions.instruction_rows()
+    assert [r.get("error") for r in failed] == ["boom", "boom"] and all(r["resolution"] == 8 for r in failed)
+    half = lambda child, steps: (None, "", "boom") if child[-1] == "standard" else (141.0, "", None)  # noqa: E731
+    monkeypatch.setattr(reversible_instructions, "count_instructions", half)
+    rows = reversible_instructions.instruction_rows()  # no ratio without the standard count
+    assert rows[0]["error"] == "boom" and rows[1]["instructions_per_step"] == 141.0
+    assert not any("vs_standard" in r for r in rows)
     assert [r.get("skipped") for r in reversible_instructions.instruction_rows(_ExpiresAfter(0))] == ["time"] * 2
     monkeypatch.setattr(reversible_instructions.shutil, "which", lambda name: None)
     assert {r["skipped"] for r in reversible_instructions.instruction_rows()} == {"valgrind not installed"}
+
+
+def test_count_instructions_divides_by_its_own_steps(monkeypatch):
+    from benchmarks import host_instructions
+
+    def fake_run(cmd, **kwargs):
+        out = next(a.split("=", 1)[1] for a in cmd if a.startswith("--callgrind-out-file="))
+        with open(out, "w") as f:
+            f.write("events: Ir\ntotals: 300000000\n")
+        return subprocess.CompletedProcess(cmd, 0, stdout="standard\n", stderr="")
+
+    monkeypatch.setattr(host_instructions.subprocess, "run", fake_run)
+    child = ["benchmarks.reversible_instructions", "standard"]
+    per_step, stdout, error = host_instructions.count_instructions(child, 3)  # not host_instructions.STEPS (10)
+    assert (per_step, stdout.split()[-1], error) == (100.0, "standard", None)
+
+
+def test_the_runner_hands_reversible_instructions_its_budget(monkeypatch):
+    from benchmarks import __main__ as runner
+    from benchmarks import reversible_instructions
+
+    got = []
+    monkeypatch.setattr(reversible_instructions, "instruction_rows", lambda budget=None: got.append(budget) or [])
+    budget = Budget()
+    runner._run_case("reversible_instructions", torch.device("cpu"), torch.float32, True, None, None, budget)
+    assert got == [budget]

@@ -8,10 +8,12 @@ from copy import deepcopy
 
 import pytest
 import torch
+from torch import nn
 
 from fastflow.models import Glow, RealNVP
 from fastflow.nn import FlowSequential, FlowStep
 from fastflow.nn.actnorm_invconv import ActNormInvConv
+from fastflow.nn.base import FlowLayer
 from fastflow.nn.reversible import (
     ReconstructionError,
     _as_leaves,
@@ -726,3 +728,42 @@ def test_weight_leaves_keep_the_structure_and_order_of_any_batched_weights():
     assert len(before) == len(after) == 8
     for tensor, leaf in zip(before, after):
         assert leaf.is_leaf and leaf.requires_grad and leaf is not tensor and torch.equal(leaf, tensor)
+
+
+class _ScaledWithSharedWork(FlowLayer):
+    """``y = x exp(log_scale) + shift`` whose ``log_scale`` comes batched from its chain (``batched_weights``) while
+    ``shift`` is its own, and no fused backward: the walk recomputes it with its share of the weights."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.randn(features, dtype=torch.float64) * 0.1)
+        self.shift = nn.Parameter(torch.randn(features, dtype=torch.float64) * 0.1)
+
+    @staticmethod
+    def batched_weights(units, x, inverse=False):  # type: ignore[no-untyped-def]
+        return list(torch.stack([u.log_scale for u in units]).unbind(0))
+
+    def forward(self, x, context=None, weights=None):  # type: ignore[no-untyped-def]
+        log_scale = self.log_scale if weights is None else weights
+        return x * log_scale.exp() + self.shift, log_scale.sum().expand(x.shape[0])
+
+    def inverse(self, y, context=None, weights=None):  # type: ignore[no-untyped-def]
+        log_scale = self.log_scale if weights is None else weights
+        return (y - self.shift) * (-log_scale).exp(), -log_scale.sum().expand(y.shape[0])
+
+
+def test_a_unit_with_batched_weights_and_no_fused_backward_gets_all_its_gradients() -> None:
+    """The walk's recompute with a share of batched weights takes both the share's gradients (to the parameters it
+    came from) and the unit's own parameters' gradients."""
+    torch.manual_seed(0)
+    chain = FlowSequential(_ScaledWithSharedWork(4), _ScaledWithSharedWork(4))
+    x = torch.randn(5, 4, dtype=torch.float64)
+    grads = []
+    for reversible in (False, True):
+        chain.reversible = reversible
+        chain.zero_grad(set_to_none=True)
+        y, logdet = chain(x)
+        (y.square().sum() - logdet.sum()).backward()
+        grads.append([p.grad.clone() for p in chain.parameters()])
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want)

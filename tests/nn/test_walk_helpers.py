@@ -75,18 +75,124 @@ def test_nested_backward_refuses_a_gradient_of_another_shape() -> None:
 class _Logged(torch.Tensor):
     """A tensor subclass that overrides torch functions: nested_backward hands it to torch.autograd.backward."""
 
-    calls: list[str] = []
-
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        cls.calls.append(getattr(func, "__name__", str(func)))
         return super().__torch_function__(func, types, args, kwargs or {})
 
 
-def test_nested_backward_hands_subclasses_to_the_public_function() -> None:
+def _spied(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the calls of the engine entry point and of the public function, both still doing their work."""
+    from fastflow.nn import nested_backward as module
+
+    calls = {"engine": 0, "public": 0}
+    engine, public = module._ENGINE_RUN_BACKWARD, torch.autograd.backward
+
+    def counted(name, fn):  # type: ignore[no-untyped-def]
+        def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(module, "_ENGINE_RUN_BACKWARD", counted("engine", engine))
+    monkeypatch.setattr(torch.autograd, "backward", counted("public", public))
+    return calls
+
+
+def test_nested_backward_calls_the_engine_for_tensors_and_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _spied(monkeypatch)
+    weight = nn.Parameter(torch.randn(3))
     x = torch.randn(3, requires_grad=True)
-    out = (x * 2).as_subclass(_Logged)
-    _Logged.calls.clear()
-    nested_backward([out], [torch.ones(3)])
-    assert "backward" in _Logged.calls
+    nested_backward([x * 2], [torch.ones(3)], [x])
+    nested_backward([weight], [torch.ones(3)])  # the walk hands parameters their gradients as outputs
+    assert calls == {"engine": 2, "public": 0}
     torch.testing.assert_close(x.grad, torch.full((3,), 2.0))
+    torch.testing.assert_close(weight.grad, torch.ones(3))
+
+
+def test_nested_backward_hands_subclasses_and_non_tensor_gradients_to_the_public_function(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _spied(monkeypatch)
+    x = torch.randn(3, requires_grad=True)
+    nested_backward([(x * 2).as_subclass(_Logged)], [torch.ones(3)])
+    # once, or twice where torch's backward dispatches to __torch_function__ itself (newer torch), which calls it again
+    assert calls["engine"] == 0 and calls["public"] >= 1
+    torch.testing.assert_close(x.grad, torch.full((3,), 2.0))
+    public = calls["public"]
+    nested_backward([(x * 3).sum()], [None])  # type: ignore[list-item]  # a scalar's None: torch's ones
+    assert calls == {"engine": 0, "public": public + 1}
+    torch.testing.assert_close(x.grad, torch.full((3,), 5.0))
+
+
+def test_nested_backward_refuses_empty_inputs_as_torch_does() -> None:
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inputs"):
+        torch.autograd.backward([x * 2], [torch.ones(3)], inputs=[])
+    with pytest.raises(RuntimeError, match="must not be empty"):
+        nested_backward([x * 2], [torch.ones(3)], [])
+    assert x.grad is None
+
+
+class _OwnParameters(nn.Module):
+    """A module that says itself which tensors are its parameters (and its modules)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 2)
+        self.extra = torch.zeros(2, requires_grad=True)  # no registered parameter
+
+    def parameters(self, recurse: bool = True):  # type: ignore[no-untyped-def]
+        yield from super().parameters(recurse)
+        yield self.extra
+
+    def modules(self):  # type: ignore[no-untyped-def]
+        yield self
+
+
+def test_walks_take_a_module_s_own_parameters_and_modules() -> None:
+    own = _OwnParameters()
+    assert trainable_parameters(own)[-1] is own.extra
+    assert [id(p) for p in trainable_parameters(own)] == [id(p) for p in own.parameters()]
+    assert submodules(own) == [own]
+
+
+def test_nested_backward_hands_a_subclass_among_the_inputs_to_the_public_function(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _spied(monkeypatch)
+    x = torch.randn(3).as_subclass(_Logged).requires_grad_()
+    nested_backward([x.as_subclass(torch.Tensor) * 2], [torch.ones(3)], [x])
+    assert calls["engine"] == 0 and calls["public"] >= 1
+    torch.testing.assert_close(x.grad.as_subclass(torch.Tensor), torch.full((3,), 2.0))
+
+
+def test_nested_backward_under_a_torch_func_transform_raises_as_torch_does() -> None:
+    def f(w: torch.Tensor) -> torch.Tensor:  # the private engine would run here and free the graph
+        y = w * 2
+        nested_backward([y], [torch.ones(3)])
+        return y.sum()
+
+    with pytest.raises(RuntimeError, match="functorch transform"):
+        torch.func.grad(f)(torch.randn(3))
+
+
+def test_nested_backward_frees_the_graph_as_backward_does() -> None:
+    x = torch.randn(4, requires_grad=True)
+    y = x.exp()
+    nested_backward([y], [torch.ones(4)])
+    with pytest.raises(RuntimeError, match="second time"):
+        nested_backward([y], [torch.ones(4)])
+
+
+def test_nested_backward_refuses_a_gradient_the_engine_would_sum_down() -> None:
+    x = torch.randn(4, 1, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"gradient 0 has shape \(4, 2\), its output \(4, 1\)"):
+        nested_backward([x * 3], [torch.ones(4, 2)])  # the engine alone would sum (4, 2) down to (4, 1)
+    assert x.grad is None
+
+
+def test_nested_backward_counts_gradients_against_outputs() -> None:
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="2 outputs but 1 gradients"):
+        nested_backward([x * 2, x * 3], [torch.ones(3)])
