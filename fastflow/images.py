@@ -51,7 +51,8 @@ def _remove_made(made: list[str]) -> None:
         except OSError as err:
             if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EBUSY):  # something was put there meanwhile
                 break  # it and the folders above it stay
-            # else never made (makedirs failed above it, or the name cannot be made): the next one may have been
+            # else it was never made (makedirs failed above it, or the name cannot be made): the folders above
+            # it may have been, so go on
 
 
 def _display_levels(images: torch.Tensor, n_bins: int | None) -> torch.Tensor:

@@ -483,7 +483,7 @@ class _ReversibleChain(torch.autograd.Function):
         # puts back the .grad it found (a copy, where there was one); a backward that does not take the parameters'
         # gradients (torch.autograd.grad, backward(inputs=...)) gets none: .grad is set aside for the walk
         taken = _takes_parameter_gradients(ctx.anchor.grad_fn)
-        params = _params(ctx.layers) if ctx.immediate or not taken else []
+        params = trainable_parameters(ctx.layers) if ctx.immediate or not taken else []
         grads_before = [p.grad for p in params]
         if taken:  # the values to put back, in the same tensors (a .grad may be a view of a flat buffer)
             saved = [None if g is None else g.clone() for g in grads_before]
@@ -534,10 +534,6 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
     """Whether autocast is on for ``device_type`` and its dtype, to replay the forward's mode in backward."""
     enabled = torch.is_autocast_enabled(device_type)
     return enabled, (torch.get_autocast_dtype(device_type) if enabled else None)
-
-
-def _params(layers: nn.ModuleList) -> list[nn.Parameter]:
-    return trainable_parameters(layers)
 
 
 def default_max_drift(x: torch.Tensor) -> float:
