@@ -9,8 +9,15 @@ import torch
 from torch import nn
 
 from fastflow.nn.actnorm import ActNorm
-from fastflow.nn.base import as_pixels, check_features, run_layer
-from fastflow.nn.invconv import InvConv1x1, exact_dtype, stack_tensors, stacked_weights, unstack_tensor
+from fastflow.nn.base import as_pixels, check_features, run_layer, runs_as_written
+from fastflow.nn.invconv import (
+    InvConv1x1,
+    assembles_as_written,
+    exact_dtype,
+    stack_tensors,
+    stacked_weights,
+    unstack_tensor,
+)
 from fastflow.nn.nested_backward import nested_backward
 from fastflow.ops._checks import cast, check_float_tensor, check_same_device, logdet_dtype
 from fastflow.ops.actnorm_invconv import (
@@ -222,27 +229,17 @@ def _take_gradients(
     pending.extend(params)
 
 
-def _runs_as_written(module: nn.Module, kind: type[nn.Module]) -> bool:
-    """Whether ``module`` computes ``kind``'s own forward and inverse and has no hooks: then fusing it with its
-    neighbour changes nothing (the fused op reads its parameters, it does not call it)."""
-    hooks = (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks)
-    own = type(module).forward is kind.forward and type(module).inverse is kind.inverse  # type: ignore[attr-defined]
-    return isinstance(module, kind) and own and not any(hooks)
-
-
-def _is_pair(first: nn.Module, second: nn.Module) -> bool:
-    return (
-        _runs_as_written(first, ActNorm)
-        and _runs_as_written(second, InvConv1x1)
-        and first.num_channels == second.num_channels  # type: ignore[union-attr]
-    )
+def _is_pair(first: ActNorm, second: InvConv1x1) -> bool:
+    same_width = first.num_channels == second.num_channels
+    return same_width and runs_as_written(first, ActNorm) and assembles_as_written(second)
 
 
 def chain_units(layers: Iterable[nn.Module]) -> list[nn.Module | ActNormInvConv]:
     """What a container runs for ``layers``, in order: the layers, except that an :class:`ActNorm` directly
     followed by an :class:`InvConv1x1` of its width (or :class:`~fastflow.nn.InvertibleLinear`) becomes one
-    :class:`ActNormInvConv`, unless either has hooks or a subclass's own ``forward`` or ``inverse`` (those run
-    as the layers they are)."""
+    :class:`ActNormInvConv`, unless either has hooks or a subclass's own ``forward`` or ``inverse``, or the
+    convolution its own weight methods (:func:`~fastflow.nn.invconv.assembles_as_written`): those run as the layers
+    they are."""
     units: list[nn.Module | ActNormInvConv] = []
     for layer in layers:
         previous = units[-1] if units else None

@@ -18,6 +18,7 @@ __all__ = [
     "check_network_dtype",
     "first_floating_parameter",
     "run_layer",
+    "runs_as_written",
     "zero_logdet",
 ]
 
@@ -107,6 +108,15 @@ def run_layer(
     """``fn(x, context, **kwargs)`` (a layer's forward or inverse), or ``fn(x, **kwargs)`` without a context: a
     layer written before contexts existed, ``forward(x)``, still runs in an unconditional chain."""
     return fn(x, **kwargs) if context is None else fn(x, context, **kwargs)
+
+
+def runs_as_written(module: nn.Module, kind: type[nn.Module]) -> bool:
+    """Whether ``module`` is a ``kind`` that computes ``kind``'s own forward and inverse and has no hooks: then a
+    container may compute its parameter-only work for it (a batched weight, a fused neighbour) instead of calling it
+    as it would be called alone, and nothing changes."""
+    hooks = (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks)
+    own = type(module).forward is kind.forward and type(module).inverse is kind.inverse  # type: ignore[attr-defined]
+    return isinstance(module, kind) and own and not any(hooks)
 
 
 def zero_logdet(x: torch.Tensor) -> torch.Tensor:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
 
-from fastflow.nn.base import FlowLayer, as_pixels, check_features
+from fastflow.nn.base import FlowLayer, as_pixels, check_features, runs_as_written
 from fastflow.nn.permutation import loaded_permutation_error
 from fastflow.nn.state_upgrade import pack_lu_factors
 from fastflow.ops._checks import check_bool, int_at_least, logdet_dtype
@@ -20,7 +20,9 @@ __all__ = [
     "INVCONV_INITS",
     "InvConv1x1",
     "InvConvInit",
+    "InvConvWeights",
     "InvertibleLinear",
+    "assembles_as_written",
     "exact_dtype",
     "stack_tensors",
     "stacked_weights",
@@ -50,6 +52,14 @@ def _initial_weight(num_channels: int, init: str) -> torch.Tensor:
         return q
     eye = torch.eye(num_channels)
     return eye if init == "identity" else eye.flip(0)
+
+
+class InvConvWeights(NamedTuple):
+    """A convolution's weights in one direction: ``weight`` is ``W`` (forward) or ``W^-1`` (inverse),
+    ``weight_logdet`` is ``log|det W|`` (a scalar) in both."""
+
+    weight: torch.Tensor
+    weight_logdet: torch.Tensor
 
 
 class InvConv1x1(FlowLayer):
@@ -127,19 +137,55 @@ class InvConv1x1(FlowLayer):
         total = weight_logdet.to(logdet_dtype(pixels.dtype)) * (pixels.shape[2] * pixels.shape[3])
         return total.expand(pixels.shape[0])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W x, H * W * log|det W|)`` for ``x`` of shape ``(B, C, H, W)`` or ``(B, C)``; ``context`` is ignored."""
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, weights: InvConvWeights | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W x, H * W * log|det W|)`` for ``x`` of shape ``(B, C, H, W)`` or ``(B, C)``; ``context`` is ignored.
+        ``weights``: the convolution's share of its container's :meth:`batched_weights`, computed here when None."""
         pixels = as_pixels(check_features("x", x, self.num_channels))
         with exact_dtype(x):
-            weight, weight_logdet = self.weight_and_logdet()
+            weight, weight_logdet = self.weight_and_logdet() if weights is None else weights
             return channel_mix(pixels, weight).view_as(x), self._layer_logdet(weight_logdet, pixels)
 
-    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W^-1 y, -H * W * log|det W|)``."""
+    def inverse(
+        self, y: torch.Tensor, context: torch.Tensor | None = None, weights: InvConvWeights | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W^-1 y, -H * W * log|det W|)``; ``weights`` as in :meth:`forward`, inverse direction."""
         pixels = as_pixels(check_features("y", y, self.num_channels))
         with exact_dtype(y):
-            x = channel_mix(pixels, self.inverse_weight()).view_as(y)
-            return x, -self._layer_logdet(self.weight_logdet(), pixels)
+            weight, weight_logdet = (self.inverse_weight(), self.weight_logdet()) if weights is None else weights
+            return channel_mix(pixels, weight).view_as(y), -self._layer_logdet(weight_logdet, pixels)
+
+    @staticmethod
+    def batched_weights(
+        convs: Sequence[InvConv1x1], x: torch.Tensor, inverse: bool = False
+    ) -> list[InvConvWeights | None]:
+        """The :class:`InvConvWeights` of the convolutions ``convs`` of a container, computed together: those of one
+        width, ``lu`` setting, dtype and device are stacked and assembled (``inverse``: inverted) in one batched
+        computation (:func:`stacked_weights`: one launch per operation instead of one per convolution), and
+        gradients reach each one's parameters as if it had computed its own. None (the convolution computes its
+        own, as alone) for one that does not :func:`assemble as written <assembles_as_written>` and for a group of
+        one, which has nothing to share. ``x`` is the container's input (``inverse``: its output)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{'y' if inverse else 'x'} must be a torch.Tensor, got {type(x).__name__}")
+        groups: dict[tuple, list[int]] = {}
+        for i, conv in enumerate(convs):
+            if not assembles_as_written(conv):
+                continue
+            param = conv.lu_packed if conv.lu else conv.weight
+            key = (conv.num_channels, conv.lu, param.dtype, param.device)
+            if key not in groups:  # no setdefault: torch < 2.5's Dynamo cannot trace it
+                groups[key] = []
+            groups[key].append(i)
+        weights: list[InvConvWeights | None] = [None] * len(convs)
+        for indices in groups.values():
+            if len(indices) == 1:
+                continue
+            with exact_dtype(x):
+                weight, weight_logdet = stacked_weights([convs[i] for i in indices], inverse)
+            for i, w, logdet in zip(indices, unstack_tensor(weight), unstack_tensor(weight_logdet)):
+                weights[i] = InvConvWeights(w, logdet)
+        return weights
 
 
 class InvertibleLinear(InvConv1x1):
@@ -150,6 +196,19 @@ class InvertibleLinear(InvConv1x1):
     def __init__(self, features: int, lu: bool = True, *, init: InvConvInit = "rotation") -> None:
         int_at_least("features", features, 1)
         super().__init__(features, lu=lu, init=init)
+
+
+def assembles_as_written(conv: nn.Module) -> bool:
+    """Whether ``conv`` is an :class:`InvConv1x1` that runs as written (:func:`~fastflow.nn.base.runs_as_written`)
+    and computes its weights with :class:`InvConv1x1`'s own methods: then :func:`stacked_weights` of its parameters
+    gives what it would compute itself."""
+    kind = type(conv)
+    return (
+        runs_as_written(conv, InvConv1x1)
+        and kind.weight_and_logdet is InvConv1x1.weight_and_logdet
+        and kind.inverse_weight is InvConv1x1.inverse_weight
+        and kind.weight_logdet is InvConv1x1.weight_logdet
+    )
 
 
 def stack_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -31,9 +31,10 @@ class FlowSequential(FlowLayer):
     is folded into the 1x1 weight, one pass over memory), whoever built the chain. The parameter-only ``C x C`` work
     of those pairs (the LU weight or its inverse, the log-det, the fold) runs once for all the pairs of the chain
     and of the chains nested in it (a Glow level of :class:`~fastflow.nn.FlowStep`: one launch per operation, not
-    one per step): units that share such work define a static ``batched_weights(units, x, inverse)`` returning one
-    entry per unit, and take theirs as ``forward(x, context, weights=...)`` / ``inverse(y, context, weights=...)``,
-    as the chain itself does for its parent.
+    one per step), and so does a standalone :class:`~fastflow.nn.InvConv1x1` (or linear map) for those of its width
+    (:meth:`~fastflow.nn.InvConv1x1.batched_weights`): units that share such work define a static
+    ``batched_weights(units, x, inverse)`` returning one entry per unit, and take theirs as ``forward(x, context,
+    weights=...)`` / ``inverse(y, context, weights=...)``, as the chain itself does for its parent.
 
     ``reversible=True`` trains with memory-saving reversible backprop (:mod:`fastflow.nn.reversible`):
     only the chain's input and output are kept, each unit's input is rebuilt by its inverse during

@@ -1,0 +1,149 @@
+"""Tests for InvConv1x1.batched_weights: the standalone invertible 1x1 convolutions and linear maps of a chain (those
+not paired with an ActNorm) assemble their weights together, and give what each gives alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastflow.nn.invconv as invconv_module
+from fastflow.models import NSF
+from fastflow.nn import AffineCoupling, FlowSequential, InvConv1x1, InvertibleLinear
+from fastflow.nn.invconv import InvConvWeights, assembles_as_written
+from tests.helpers import perturb_parameters
+
+
+def _chain(vectors: bool, lu: bool = True, reversible: bool = False) -> FlowSequential:
+    """Three 4-wide convolutions between couplings, all LU or (``lu`` False) the middle one plain."""
+    conv = InvertibleLinear if vectors else InvConv1x1
+    layers = [
+        conv(4),
+        AffineCoupling(4, hidden=8, scale="exp", vectors=vectors),
+        conv(4, lu=lu),
+        AffineCoupling(4, hidden=8, scale="exp", vectors=vectors),
+        conv(4),
+    ]
+    torch.manual_seed(0)
+    chain = FlowSequential(*layers, reversible=reversible).double()
+    with torch.no_grad():
+        perturb_parameters(chain, 0.1)
+    return chain
+
+
+def _alone(chain: FlowSequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    total = None
+    for layer in chain.layers:
+        x, logdet = layer(x)
+        total = logdet if total is None else total + logdet
+    return x, total
+
+
+def _outputs_and_gradients(chain: FlowSequential, run, x: torch.Tensor) -> list[torch.Tensor]:
+    chain.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    y, logdet = run(chain, x)
+    (y.square().sum() + (logdet * torch.arange(1.0, x.shape[0] + 1, dtype=x.dtype)).sum()).backward()
+    return [y, logdet, x.grad, *(p.grad for p in chain.parameters())]
+
+
+SHAPES = {"vector": (3, 4), "image": (2, 4, 3, 5)}
+
+
+@pytest.mark.parametrize("reversible", [False, True], ids=["standard", "reversible"])
+@pytest.mark.parametrize("lu", [True, False], ids=["lu", "plain"])
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_a_chain_batching_its_convolutions_equals_each_run_alone(kind, lu, reversible):
+    chain = _chain(kind == "vector", lu, reversible)
+    x = torch.randn(SHAPES[kind], dtype=torch.float64)
+    got = _outputs_and_gradients(chain, lambda c, v: c(v), x)
+    want = _outputs_and_gradients(chain, _alone, x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        x_back, inverse_logdet = chain.inverse(got[0])
+    torch.testing.assert_close(x_back, x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(inverse_logdet, -got[1], rtol=1e-12, atol=1e-12)
+
+
+def test_convolutions_of_one_configuration_assemble_in_one_call(monkeypatch):
+    """One stacked computation per group of two or more (width, lu, dtype, device); a group of one (here the plain
+    convolution) and a convolution that does not assemble as written compute their own."""
+    calls = []
+    stacked = invconv_module.stacked_weights
+    monkeypatch.setattr(
+        invconv_module,
+        "stacked_weights",
+        lambda convs, inverse=False: calls.append(len(convs)) or stacked(convs, inverse),
+    )
+    chain = _chain(vectors=True, lu=False).eval()
+    y, _ = chain(torch.randn(3, 4, dtype=torch.float64))
+    chain.inverse(y)
+    assert calls == [2, 2]
+    convs = [chain.layers[i] for i in (0, 2, 4)]
+    weights = InvConv1x1.batched_weights(convs, y)
+    assert [type(w) for w in weights] == [InvConvWeights, type(None), InvConvWeights]
+    for conv, w in zip(convs[::2], weights[::2]):
+        want_weight, want_logdet = conv.weight_and_logdet()
+        torch.testing.assert_close(w.weight, want_weight, rtol=0, atol=0)
+        torch.testing.assert_close(w.weight_logdet, want_logdet, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="y must be a torch.Tensor"):
+        InvConv1x1.batched_weights(convs, [1.0], inverse=True)
+
+
+class _Scaled(InvertibleLinear):
+    """A subclass with its own weight: twice the LU one (log-det + D log 2), inverse to match."""
+
+    def weight_and_logdet(self):
+        weight, logdet = super().weight_and_logdet()
+        return 2 * weight, logdet + self.num_channels * torch.log(torch.tensor(2.0, dtype=logdet.dtype))
+
+    def weight_logdet(self):
+        return self.weight_and_logdet()[1]
+
+    def inverse_weight(self):
+        return super().inverse_weight() / 2
+
+
+@pytest.mark.parametrize("with_actnorm", [False, True], ids=["standalone", "after-actnorm"])
+def test_a_convolution_with_its_own_weights_or_hooks_computes_them_itself(with_actnorm):
+    """Batched (or fused with an ActNorm), a subclass's own weight methods would be skipped: a wrong answer. Such a
+    convolution, and one with a hook, run as they are."""
+    from fastflow.nn import ActNorm
+
+    torch.manual_seed(0)
+    scaled, plain, hooked = _Scaled(4), InvertibleLinear(4), InvertibleLinear(4)
+    seen = []
+    hooked.register_forward_hook(lambda module, args, out: seen.append(True))
+    assert not assembles_as_written(scaled) and not assembles_as_written(hooked) and assembles_as_written(plain)
+    layers = [ActNorm(4), scaled] if with_actnorm else [scaled]
+    chain = FlowSequential(*layers, plain, InvertibleLinear(4), hooked).double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    y, logdet = chain(x)
+    assert seen == [True]
+    want_y, want_logdet = _alone(chain, x)
+    torch.testing.assert_close(y, want_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logdet, want_logdet, rtol=1e-12, atol=1e-12)
+    x_back, _ = chain.inverse(y)
+    torch.testing.assert_close(x_back, x, rtol=1e-10, atol=1e-10)
+
+
+def test_nsf_assembles_its_linear_maps_in_one_call(monkeypatch):
+    """NSF's coupling form puts an LU linear map before each spline coupling: all of them assemble at once."""
+    calls = []
+    stacked = invconv_module.stacked_weights
+    monkeypatch.setattr(
+        invconv_module,
+        "stacked_weights",
+        lambda convs, inverse=False: calls.append(len(convs)) or stacked(convs, inverse),
+    )
+    model = NSF(3, transforms=4)
+    model.log_prob(torch.randn(5, 3))
+    model.sample(2)
+    assert calls == [4, 4]
+
+
+def test_a_chain_of_convolutions_compiles_without_graph_breaks():
+    chain = _chain(vectors=True).float()
+    explanation = torch._dynamo.explain(lambda x: chain(x)[1].sum())(torch.randn(3, 4))
+    assert explanation.graph_break_count == 0
+    torch._dynamo.reset()
