@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fastflow.nn.actnorm import ActNorm
-from fastflow.nn.base import as_pixels, check_features, run_layer, runs_as_written
+from fastflow.nn.base import as_pixels, check_features, group_indices, run_layer, runs_as_written
 from fastflow.nn.invconv import (
     InvConv1x1,
     assembles_as_written,
@@ -170,19 +170,12 @@ class ActNormInvConv:
         None (each pair computes its own) while some ActNorm still has to initialise from this batch: its
         data-dependent init runs on the pair's input, and the fold needs the initialised parameters.
         """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{'y' if inverse else 'x'} must be a torch.Tensor, got {type(x).__name__}")
+        keys = [(p.actnorm.num_channels, p.invconv.lu, p.actnorm.logs.dtype, p.actnorm.logs.device) for p in pairs]
+        groups = group_indices(keys, x, inverse)
         if not inverse and any(pair.actnorm.training and not pair.actnorm.is_initialized for pair in pairs):
             return [None] * len(pairs)
-        groups: dict[tuple, list[int]] = {}
-        for i, pair in enumerate(pairs):
-            logs = pair.actnorm.logs
-            key = (pair.actnorm.num_channels, pair.invconv.lu, logs.dtype, logs.device)
-            if key not in groups:  # no setdefault: torch < 2.5's Dynamo cannot trace it
-                groups[key] = []
-            groups[key].append(i)
         weights: list[MixWeights | None] = [None] * len(pairs)
-        for indices in groups.values():
+        for indices in groups:
             group = [pairs[i] for i in indices]
             for i, pair_weights in zip(indices, ActNormInvConv._compute_weights(group, x, inverse)):
                 weights[i] = pair_weights

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ __all__ = [
     "check_image",
     "check_network_dtype",
     "first_floating_parameter",
+    "group_indices",
     "run_layer",
     "runs_as_written",
     "zero_logdet",
@@ -108,6 +109,22 @@ def run_layer(
     """``fn(x, context, **kwargs)`` (a layer's forward or inverse), or ``fn(x, **kwargs)`` without a context: a
     layer written before contexts existed, ``forward(x)``, still runs in an unconditional chain."""
     return fn(x, **kwargs) if context is None else fn(x, context, **kwargs)
+
+
+def group_indices(keys: Sequence[Hashable | None], x: object, inverse: bool) -> list[list[int]]:
+    """The positions of ``keys`` grouped by equal key, in first-seen order, None keys left out: how a container's
+    units that batch their weights (``batched_weights(units, x, inverse)``) split into the groups computed together.
+    ``TypeError`` unless ``x``, the container's input (``inverse``: its output), is a tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{'y' if inverse else 'x'} must be a torch.Tensor, got {type(x).__name__}")
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        if key is None:
+            continue
+        if key not in groups:  # no setdefault: torch < 2.5's Dynamo cannot trace it
+            groups[key] = []
+        groups[key].append(i)
+    return list(groups.values())
 
 
 def runs_as_written(module: nn.Module, kind: type[nn.Module]) -> bool:

@@ -9,7 +9,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from fastflow.nn.base import FlowLayer, as_pixels, check_features, runs_as_written
+from fastflow.nn.base import FlowLayer, as_pixels, check_features, group_indices, runs_as_written
 from fastflow.nn.permutation import loaded_permutation_error
 from fastflow.nn.state_upgrade import pack_lu_factors
 from fastflow.ops._checks import check_bool, int_at_least, logdet_dtype
@@ -166,19 +166,9 @@ class InvConv1x1(FlowLayer):
         gradients reach each one's parameters as if it had computed its own. None (the convolution computes its
         own, as alone) for one that does not :func:`assemble as written <assembles_as_written>` and for a group of
         one, which has nothing to share. ``x`` is the container's input (``inverse``: its output)."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{'y' if inverse else 'x'} must be a torch.Tensor, got {type(x).__name__}")
-        groups: dict[tuple, list[int]] = {}
-        for i, conv in enumerate(convs):
-            if not assembles_as_written(conv):
-                continue
-            param = conv.lu_packed if conv.lu else conv.weight
-            key = (conv.num_channels, conv.lu, param.dtype, param.device)
-            if key not in groups:  # no setdefault: torch < 2.5's Dynamo cannot trace it
-                groups[key] = []
-            groups[key].append(i)
+        keys = [_batch_key(conv) if assembles_as_written(conv) else None for conv in convs]
         weights: list[InvConvWeights | None] = [None] * len(convs)
-        for indices in groups.values():
+        for indices in group_indices(keys, x, inverse):
             if len(indices) == 1:
                 continue
             with exact_dtype(x):
@@ -198,16 +188,22 @@ class InvertibleLinear(InvConv1x1):
         super().__init__(features, lu=lu, init=init)
 
 
+def _batch_key(conv: InvConv1x1) -> tuple:
+    param = conv.lu_packed if conv.lu else conv.weight
+    return (conv.num_channels, conv.lu, param.dtype, param.device)
+
+
 def assembles_as_written(conv: nn.Module) -> bool:
     """Whether ``conv`` is an :class:`InvConv1x1` that runs as written (:func:`~fastflow.nn.base.runs_as_written`)
-    and computes its weights with :class:`InvConv1x1`'s own methods: then :func:`stacked_weights` of its parameters
-    gives what it would compute itself."""
+    and computes its weights with :class:`InvConv1x1`'s own methods and ``log_s``: then :func:`stacked_weights` of
+    its parameters gives what it would compute itself."""
     kind = type(conv)
     return (
         runs_as_written(conv, InvConv1x1)
         and kind.weight_and_logdet is InvConv1x1.weight_and_logdet
         and kind.inverse_weight is InvConv1x1.inverse_weight
         and kind.weight_logdet is InvConv1x1.weight_logdet
+        and kind.log_s is InvConv1x1.log_s
     )
 
 

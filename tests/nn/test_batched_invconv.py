@@ -104,19 +104,32 @@ class _Scaled(InvertibleLinear):
         return super().inverse_weight() / 2
 
 
+class _SoftLogS(InvertibleLinear):
+    """A subclass with its own ``log_s`` (which the weight methods read): ``tanh`` of the packed diagonal."""
+
+    @property
+    def log_s(self):
+        return torch.tanh(torch.diagonal(self.lu_packed))
+
+
+@pytest.mark.parametrize("own", [_Scaled, _SoftLogS], ids=["weight-methods", "log_s"])
 @pytest.mark.parametrize("with_actnorm", [False, True], ids=["standalone", "after-actnorm"])
-def test_a_convolution_with_its_own_weights_or_hooks_computes_them_itself(with_actnorm):
-    """Batched (or fused with an ActNorm), a subclass's own weight methods would be skipped: a wrong answer. Such a
-    convolution, and one with a hook, run as they are."""
+def test_a_convolution_with_its_own_weights_or_hooks_computes_them_itself(with_actnorm, own):
+    """Batched (or fused with an ActNorm), a subclass's own weight methods or ``log_s`` would be skipped: a wrong
+    answer. Such a convolution (two of them: a group), and one with a hook, run as they are."""
     from fastflow.nn import ActNorm
 
     torch.manual_seed(0)
-    scaled, plain, hooked = _Scaled(4), InvertibleLinear(4), InvertibleLinear(4)
+    first, second, hooked = own(4), own(4), InvertibleLinear(4)
+    with torch.no_grad():
+        for conv in (first, second):
+            conv.lu_packed.diagonal().fill_(2.0)
     seen = []
     hooked.register_forward_hook(lambda module, args, out: seen.append(True))
-    assert not assembles_as_written(scaled) and not assembles_as_written(hooked) and assembles_as_written(plain)
-    layers = [ActNorm(4), scaled] if with_actnorm else [scaled]
-    chain = FlowSequential(*layers, plain, InvertibleLinear(4), hooked).double().eval()
+    assert not any(assembles_as_written(conv) for conv in (first, second, hooked))
+    assert assembles_as_written(InvertibleLinear(4))
+    layers = [ActNorm(4), first] if with_actnorm else [first]
+    chain = FlowSequential(*layers, second, InvertibleLinear(4), hooked).double().eval()
     x = torch.randn(3, 4, dtype=torch.float64)
     y, logdet = chain(x)
     assert seen == [True]
@@ -144,6 +157,8 @@ def test_nsf_assembles_its_linear_maps_in_one_call(monkeypatch):
 
 def test_a_chain_of_convolutions_compiles_without_graph_breaks():
     chain = _chain(vectors=True).float()
-    explanation = torch._dynamo.explain(lambda x: chain(x)[1].sum())(torch.randn(3, 4))
+    try:
+        explanation = torch._dynamo.explain(lambda x: chain(x)[1].sum())(torch.randn(3, 4))
+    finally:
+        torch._dynamo.reset()
     assert explanation.graph_break_count == 0
-    torch._dynamo.reset()
