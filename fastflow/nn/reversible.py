@@ -11,9 +11,10 @@ frees them as soon as it is done with them (Jet's couplings drop them once their
 chain's own ``grad_y`` is held by autograd for the whole backward, so only the walk's later ones are freed. The
 walk is over :func:`~fastflow.nn.actnorm_invconv.chain_units`: an ActNorm directly followed by an InvConv1x1 is one
 unit, run and recomputed as the one fused op. Units that share parameter-only work (``batched_weights``: the
-``C x C`` weights of a Glow level's pairs) get it batched as in standard mode: once for the forward, and in
-backward once for the rebuild and once with a graph for the recomputes, which take the weights as detached
-leaves; one backward through that graph at the end of the walk takes the leaves' gradients to the parameters.
+``C x C`` weights of a Glow level's pairs, or of a chain's standalone 1x1 convolutions) get it batched as in
+standard mode: once for the forward, and in backward once for the rebuild and once with a graph for the
+recomputes, which take the weights as detached leaves; one backward through that graph at the end of the walk
+takes the leaves' gradients to the parameters.
 Parameter gradients are accumulated into ``.grad`` by nested backward calls, as reentrant checkpointing does:
 ``loss.backward()`` (and DDP) see them. ``torch.autograd.grad`` and ``loss.backward(inputs=[...])`` leave them
 as they were, whatever they name (the parameters are no inputs of the chain's autograd node, so which ones a
