@@ -183,7 +183,8 @@ def test_convolutions_of_different_dtypes_or_widths_assemble_apart(lu, inverse):
     for conv, w in zip(convs, weights):
         want = conv.inverse_weight() if inverse else conv.weight_and_logdet()[0]
         assert w.weight.dtype == want.dtype and w.weight.shape == want.shape
-        torch.testing.assert_close(w.weight, want, rtol=0, atol=0)
+        tol = 1e-12 if want.dtype == torch.float64 else 1e-6  # a batched inverse may differ by an ulp (torch 2.4)
+        torch.testing.assert_close(w.weight, want, rtol=tol, atol=tol)
         want_logdet = conv.weight_logdet()
         assert w.weight_logdet.dtype == want_logdet.dtype
         torch.testing.assert_close(w.weight_logdet, want_logdet, rtol=1e-12, atol=1e-12)  # slogdet: an ulp apart
