@@ -68,16 +68,22 @@ def test_a_chain_batching_its_convolutions_equals_each_run_alone(kind, lu, rever
     torch.testing.assert_close(inverse_logdet, -got[1], rtol=1e-12, atol=1e-12)
 
 
-def test_convolutions_of_one_configuration_assemble_in_one_call(monkeypatch):
-    """One stacked computation per group of two or more (width, lu, dtype, device); a group of one (here the plain
-    convolution) and a convolution that does not assemble as written compute their own."""
-    calls = []
+def _counted_stacked_weights(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the groups :func:`~fastflow.nn.invconv.stacked_weights` is called with, from now on."""
+    calls: list[int] = []
     stacked = invconv_module.stacked_weights
     monkeypatch.setattr(
         invconv_module,
         "stacked_weights",
         lambda convs, inverse=False: calls.append(len(convs)) or stacked(convs, inverse),
     )
+    return calls
+
+
+def test_convolutions_of_one_configuration_assemble_in_one_call(monkeypatch):
+    """One stacked computation per group of two or more (width, lu, dtype, device); a group of one (here the plain
+    convolution) and a convolution that does not assemble as written compute their own."""
+    calls = _counted_stacked_weights(monkeypatch)
     chain = _chain(vectors=True, lu=False).eval()
     y, _ = chain(torch.randn(3, 4, dtype=torch.float64))
     chain.inverse(y)
@@ -93,18 +99,27 @@ def test_convolutions_of_one_configuration_assemble_in_one_call(monkeypatch):
         InvConv1x1.batched_weights(convs, [1.0], inverse=True)
 
 
-class _Scaled(InvertibleLinear):
-    """A subclass with its own weight: twice the LU one (log-det + D log 2), inverse to match."""
+_LOG2 = math.log(2.0)
 
+
+class _OwnWeightAndLogdet(InvertibleLinear):
     def weight_and_logdet(self):
         weight, logdet = super().weight_and_logdet()
-        return 2 * weight, logdet + self.num_channels * torch.log(torch.tensor(2.0, dtype=logdet.dtype))
+        return 2 * weight, logdet + self.num_channels * _LOG2
 
-    def weight_logdet(self):
-        return self.weight_and_logdet()[1]
 
+class _OwnInverseWeight(InvertibleLinear):
     def inverse_weight(self):
         return super().inverse_weight() / 2
+
+
+class _OwnWeightLogdet(InvertibleLinear):
+    def weight_logdet(self):
+        return super().weight_logdet() + self.num_channels * _LOG2
+
+
+class _Scaled(_OwnWeightAndLogdet, _OwnInverseWeight, _OwnWeightLogdet):
+    """All three weight methods its own: twice the LU weight (log-det + D log 2), inverse to match."""
 
 
 class _SoftLogS(InvertibleLinear):
@@ -143,13 +158,7 @@ def test_a_convolution_with_its_own_weights_or_hooks_computes_them_itself(with_a
 
 def test_nsf_assembles_its_linear_maps_in_one_call(monkeypatch):
     """NSF's coupling form puts an LU linear map before each spline coupling: all of them assemble at once."""
-    calls = []
-    stacked = invconv_module.stacked_weights
-    monkeypatch.setattr(
-        invconv_module,
-        "stacked_weights",
-        lambda convs, inverse=False: calls.append(len(convs)) or stacked(convs, inverse),
-    )
+    calls = _counted_stacked_weights(monkeypatch)
     model = NSF(3, transforms=4)
     model.log_prob(torch.randn(5, 3))
     model.sample(2)
@@ -206,25 +215,6 @@ def test_a_multiscale_chain_built_by_hand_batches_each_width():
     torch.testing.assert_close(y, want_y, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(logdet, want_logdet, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(chain.inverse(y)[0], x, rtol=1e-10, atol=1e-10)
-
-
-_LOG2 = math.log(2.0)
-
-
-class _OwnWeightAndLogdet(InvertibleLinear):
-    def weight_and_logdet(self):
-        weight, logdet = super().weight_and_logdet()
-        return 2 * weight, logdet + self.num_channels * _LOG2
-
-
-class _OwnInverseWeight(InvertibleLinear):
-    def inverse_weight(self):
-        return super().inverse_weight() / 2
-
-
-class _OwnWeightLogdet(InvertibleLinear):
-    def weight_logdet(self):
-        return super().weight_logdet() + self.num_channels * _LOG2
 
 
 @pytest.mark.parametrize("own", [_OwnWeightAndLogdet, _OwnInverseWeight, _OwnWeightLogdet])
